@@ -1,0 +1,33 @@
+# `make test` and `make demo` build .venv from pinned versions on a fresh clone.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: venv test lint demo bench clean
+
+$(STAMP): pyproject.toml requirements.lock requirements-torch.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip==25.3
+	# torch first, from its exact pin: that pin takes the local CPU wheel.
+	$(PY) -m pip install -q -r requirements-torch.txt
+	$(PY) -m pip install -q -r requirements-torch.txt -r requirements.lock
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+lint: venv
+	$(VENV)/bin/ruff check .
+
+test: venv lint
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VENV)/bin/pytest -q
+
+demo: venv
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m synth_agent.demo
+
+bench: venv
+	for b in bench/*.py; do HF_HUB_OFFLINE=1 $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,0 +1,44 @@
+"""Configuration from environment variables (and CLI flags, which override them).
+
+| variable | meaning | default |
+|---|---|---|
+| ``SYNTH_AGENT_HOME`` | directory for the embedded Chroma store, checkpoints, caches | ``./.synth-agent`` |
+| ``CHROMA_HOST`` / ``CHROMA_PORT`` | use a Chroma server over HTTP instead of the embedded store | unset |
+| ``OPENAI_BASE_URL`` | OpenAI-compatible endpoint (OpenAI, vLLM, SGLang, Ollama, the simulator) | simulator ``http://127.0.0.1:8765/v1`` |
+| ``OPENAI_API_KEY`` | key for that endpoint | ``sim`` |
+| ``SYNTH_AGENT_MODEL`` | model name for judge/persona calls | ``sim-judge`` |
+| ``SYNTH_AGENT_MAX_CONCURRENCY`` | max requests in flight per endpoint | ``16`` |
+| ``SYNTH_AGENT_RATE_LIMIT`` | max requests per second per endpoint (0 = unlimited) | ``0`` |
+| ``SYNTH_AGENT_MAX_CONTENT_CHARS`` | largest accepted message/response | ``32000`` |
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_SIM_URL = "http://127.0.0.1:8765/v1"
+
+
+class Settings(BaseSettings):
+    """Process settings. Construct explicitly (``Settings(home=...)``) or let env vars fill it."""
+
+    model_config = SettingsConfigDict(env_prefix="SYNTH_AGENT_", extra="ignore", populate_by_name=True)
+
+    home: Path = Field(default=Path(".synth-agent"))
+    chroma_host: str | None = Field(default=None, validation_alias="CHROMA_HOST")
+    chroma_port: int = Field(default=8000, validation_alias="CHROMA_PORT")
+    base_url: str = Field(default=DEFAULT_SIM_URL, validation_alias="OPENAI_BASE_URL")
+    api_key: str = Field(default="sim", validation_alias="OPENAI_API_KEY")
+    model: str = "sim-judge"
+    max_concurrency: int = 16
+    rate_limit: float = 0.0
+    request_timeout: float = 60.0
+    max_retries: int = 6
+    max_content_chars: int = 32_000
+
+    @property
+    def uses_simulator(self) -> bool:
+        return self.base_url.rstrip("/") == DEFAULT_SIM_URL.rstrip("/") or self.api_key == "sim"

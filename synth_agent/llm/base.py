@@ -1,0 +1,110 @@
+"""The LLM interface the engine, judge and graphs program against.
+
+Anything that can answer chat messages implements :class:`ChatBackend`: a single
+endpoint client (:class:`synth_agent.llm.client.LLMClient`) or a pool of them.
+Retries, throttling, caching and accounting live behind this interface, never at
+call sites; call sites only name themselves (``call_site="bootstrap"``) so the
+counters can say where requests and tokens went.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar, runtime_checkable
+
+from pydantic import BaseModel
+
+ChatMessage = dict[str, str]
+T = TypeVar("T", bound=BaseModel)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token: str
+    logprob: float
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One model answer plus what it cost."""
+
+    text: str
+    model: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached: bool = False
+    top_logprobs: list[list[TokenLogprob]] | None = None
+    """Per generated token, the alternatives with their log-probabilities (when requested and supported)."""
+
+
+@dataclass
+class CallSiteStats:
+    requests: int = 0
+    retries: int = 0
+    cache_hits: int = 0
+    errors: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def add(self, other: CallSiteStats) -> None:
+        for f in ("requests", "retries", "cache_hits", "errors", "prompt_tokens", "completion_tokens"):
+            setattr(self, f, getattr(self, f) + getattr(other, f))
+
+
+@dataclass
+class LLMStats:
+    """Counters per call site. ``requests`` counts HTTP attempts that reached the endpoint (retries included)."""
+
+    by_site: dict[str, CallSiteStats] = field(default_factory=dict)
+
+    def site(self, name: str) -> CallSiteStats:
+        return self.by_site.setdefault(name, CallSiteStats())
+
+    def total(self) -> CallSiteStats:
+        t = CallSiteStats()
+        for s in self.by_site.values():
+            t.add(s)
+        return t
+
+    def as_dict(self) -> dict[str, dict[str, int]]:
+        out = {k: vars(v).copy() for k, v in sorted(self.by_site.items())}
+        out["total"] = vars(self.total()).copy()
+        return out
+
+
+@runtime_checkable
+class ChatBackend(Protocol):
+    """What the engine needs from an LLM endpoint (or a pool of endpoints)."""
+
+    model: str
+    stats: LLMStats
+
+    async def complete(
+        self,
+        messages: Sequence[ChatMessage],
+        *,
+        call_site: str = "default",
+        temperature: float = 0.0,
+        max_tokens: int | None = None,
+        json_mode: bool = False,
+        logprobs: int | None = None,
+        seed: int | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> Completion:
+        """Answer ``messages``. Temperature-0 answers may be served from the cache."""
+        ...
+
+    async def structured(
+        self,
+        messages: Sequence[ChatMessage],
+        schema: type[T],
+        *,
+        call_site: str = "default",
+        temperature: float = 0.0,
+        max_tokens: int | None = None,
+    ) -> T:
+        """Answer ``messages`` as an instance of ``schema`` (JSON mode + tolerant parsing, retried on garbage)."""
+        ...
+
+    async def aclose(self) -> None: ...

@@ -1,0 +1,371 @@
+"""Public data types: messages, votes, personas, judgments.
+
+Every type here is a pydantic v2 model. Validation is strict on purpose: a vote
+that is ambiguous (empty, identical answers, unknown roles, oversize content,
+unusable user id) is rejected with a message that says what to fix, so nothing
+half-valid ever reaches the store.
+
+Size limits are configurable per call through pydantic's validation context::
+
+    >>> Vote.model_validate(
+    ...     {"user_id": "ana@example.com", "context": [{"role": "user", "content": "hi"}],
+    ...      "chosen": "Hello!", "rejected": "Go away."},
+    ...     context={"max_content_chars": 10_000},
+    ... ).chosen
+    'Hello!'
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import unicodedata
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+Role = Literal["system", "user", "assistant"]
+"""Roles we accept. ``model`` (PersonalRewardBench) and ``bot`` are aliases of ``assistant``."""
+
+ROLE_ALIASES: dict[str, str] = {"model": "assistant", "bot": "assistant", "human": "user"}
+
+DEFAULT_MAX_CONTENT_CHARS = 32_000
+"""Default upper bound on one message's content; override with validation context ``max_content_chars``."""
+
+MAX_USER_ID_CHARS = 256
+MAX_CONTEXT_MESSAGES = 200
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _max_chars(info: ValidationInfo | None) -> int:
+    ctx = info.context if info is not None and info.context else {}
+    return int(ctx.get("max_content_chars", DEFAULT_MAX_CONTENT_CHARS))
+
+
+def validate_user_id(user_id: Any) -> str:
+    """Return ``user_id`` unchanged if usable, else raise ``ValueError`` saying why.
+
+    User ids are opaque (emails, UUIDs, unicode names are all fine). We only refuse
+    ids that cannot be stored faithfully or displayed: empty, surrounding
+    whitespace, control characters, or longer than 256 characters.
+    """
+    if not isinstance(user_id, str):
+        raise ValueError(f"user_id must be a string, got {type(user_id).__name__}")
+    if not user_id:
+        raise ValueError("user_id must not be empty")
+    if user_id.strip() != user_id:
+        raise ValueError("user_id must not start or end with whitespace")
+    if len(user_id) > MAX_USER_ID_CHARS:
+        raise ValueError(f"user_id is {len(user_id)} characters; the limit is {MAX_USER_ID_CHARS}")
+    if any(unicodedata.category(ch) in ("Cc", "Cs") for ch in user_id):
+        raise ValueError("user_id must not contain control characters")
+    return user_id
+
+
+class Message(BaseModel):
+    """One chat message. ``model``/``bot`` roles are read as ``assistant``."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    role: Role
+    content: str
+
+    @field_validator("role", mode="before")
+    @classmethod
+    def _alias_role(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            low = v.strip().lower()
+            low = ROLE_ALIASES.get(low, low)
+            if low not in ("system", "user", "assistant"):
+                raise ValueError(
+                    f"unknown role {v!r}; use one of 'system', 'user', 'assistant' (or 'model' for assistant)"
+                )
+            return low
+        return v
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _content(cls, v: Any, info: ValidationInfo) -> Any:
+        if v is None:
+            raise ValueError("message content is missing")
+        if not isinstance(v, str):
+            raise ValueError(f"message content must be a string, got {type(v).__name__}")
+        limit = _max_chars(info)
+        if len(v) > limit:
+            raise ValueError(f"message content is {len(v)} characters; the limit is {limit}")
+        return v
+
+
+def _response_text(v: Any, field: str, info: ValidationInfo) -> str:
+    """Accept a response as str, a {role, content} dict, or a list of messages (PersonalRewardBench)."""
+    if v is None:
+        raise ValueError(f"{field} is missing")
+    if isinstance(v, Message):
+        text = v.content
+    elif isinstance(v, dict):
+        if "content" not in v:
+            raise ValueError(f"{field} must be a string or a {{role, content}} message")
+        msg = Message.model_validate(v, context=info.context)
+        if msg.role != "assistant":
+            raise ValueError(f"{field} must be an assistant/model message, got role {msg.role!r}")
+        text = msg.content
+    elif isinstance(v, list):
+        msgs = [Message.model_validate(m, context=info.context) for m in v]
+        replies = [m.content for m in msgs if m.role == "assistant"]
+        if not replies:
+            raise ValueError(f"{field} as a list must contain at least one assistant/model message")
+        text = "\n\n".join(replies)
+    elif isinstance(v, str):
+        text = v
+    else:
+        raise ValueError(f"{field} must be a string or a message, got {type(v).__name__}")
+    if not text.strip():
+        raise ValueError(f"{field} is empty")
+    limit = _max_chars(info)
+    if len(text) > limit:
+        raise ValueError(f"{field} is {len(text)} characters; the limit is {limit}")
+    return text
+
+
+def _timestamp(v: Any) -> datetime | None:
+    if v is None or v == "":
+        return None
+    if isinstance(v, datetime):
+        return v if v.tzinfo else v.replace(tzinfo=UTC)
+    if isinstance(v, bool):
+        raise ValueError("timestamp must be ISO-8601 text or a number of seconds since the epoch")
+    if isinstance(v, int | float):
+        if not math.isfinite(v):
+            raise ValueError("timestamp must be finite")
+        seconds = v / 1000.0 if v > 1e11 else float(v)  # milliseconds are common in exports
+        return datetime.fromtimestamp(seconds, UTC)
+    if isinstance(v, str):
+        try:
+            dt = datetime.fromisoformat(v.replace("Z", "+00:00"))
+        except ValueError as exc:
+            raise ValueError(f"timestamp {v!r} is not ISO-8601") from exc
+        return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
+    raise ValueError("timestamp must be ISO-8601 text or a number of seconds since the epoch")
+
+
+def vote_fingerprint(
+    user_id: str, context: list[Message], chosen: str, rejected: str, timestamp: datetime | None
+) -> str:
+    """Content address of a vote, used as its id when the input gives none (makes re-ingest idempotent)."""
+    payload = json.dumps(
+        {
+            "u": user_id,
+            "c": [[m.role, m.content] for m in context],
+            "a": chosen,
+            "b": rejected,
+            "t": timestamp.isoformat() if timestamp else None,
+        },
+        ensure_ascii=False,
+        sort_keys=True,
+    )
+    return "v_" + hashlib.sha256(payload.encode()).hexdigest()[:24]
+
+
+class Vote(BaseModel):
+    """One pairwise preference: in ``context`` the user preferred ``chosen`` over ``rejected``.
+
+    ``id`` defaults to a content hash, so ingesting the same file twice adds nothing.
+    ``timestamp`` orders a user's votes; votes without one keep their arrival order.
+    """
+
+    model_config = ConfigDict(extra="ignore")
+
+    id: str = ""
+    user_id: str
+    context: list[Message] = Field(min_length=1)
+    chosen: str
+    rejected: str
+    timestamp: datetime | None = None
+    split: Literal["train", "val", "test"] | None = None
+
+    @field_validator("user_id", mode="before")
+    @classmethod
+    def _uid(cls, v: Any) -> str:
+        return validate_user_id(v)
+
+    @field_validator("context", mode="before")
+    @classmethod
+    def _ctx(cls, v: Any) -> Any:
+        if v is None:
+            raise ValueError("context is missing: give the conversation as a list of {role, content} messages")
+        if isinstance(v, str):
+            v = [{"role": "user", "content": v}]
+        if not isinstance(v, list):
+            raise ValueError("context must be a list of {role, content} messages")
+        if not v:
+            raise ValueError("context is empty: it needs at least the user's message")
+        if len(v) > MAX_CONTEXT_MESSAGES:
+            raise ValueError(f"context has {len(v)} messages; the limit is {MAX_CONTEXT_MESSAGES}")
+        return v
+
+    @field_validator("chosen", mode="before")
+    @classmethod
+    def _chosen(cls, v: Any, info: ValidationInfo) -> str:
+        return _response_text(v, "chosen", info)
+
+    @field_validator("rejected", mode="before")
+    @classmethod
+    def _rejected(cls, v: Any, info: ValidationInfo) -> str:
+        return _response_text(v, "rejected", info)
+
+    @field_validator("timestamp", mode="before")
+    @classmethod
+    def _ts(cls, v: Any) -> datetime | None:
+        return _timestamp(v)
+
+    @field_validator("id", mode="before")
+    @classmethod
+    def _id(cls, v: Any) -> str:
+        if v is None:
+            return ""
+        if isinstance(v, int):
+            v = str(v)
+        if not isinstance(v, str):
+            raise ValueError("id must be a string")
+        if len(v) > 256:
+            raise ValueError("id is longer than 256 characters")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> Vote:
+        if self.chosen.strip() == self.rejected.strip():
+            raise ValueError("chosen and rejected are identical; a vote needs two different responses")
+        if not any(m.content.strip() for m in self.context):
+            raise ValueError("context has no non-empty message")
+        if not self.id:
+            self.id = vote_fingerprint(self.user_id, self.context, self.chosen, self.rejected, self.timestamp)
+        return self
+
+    @property
+    def query_text(self) -> str:
+        """The last user turn: what we embed to find a user's relevant past votes."""
+        for m in reversed(self.context):
+            if m.role == "user" and m.content.strip():
+                return m.content
+        return self.context[-1].content
+
+
+class Demo(BaseModel):
+    """A few-shot example for the judge: a past vote shown in a fixed presentation order.
+
+    ``chosen_first`` says whether the chosen response is shown as A. A demo with
+    ``reasoning=None`` is a *label-only* demo.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    vote_id: str
+    context: list[Message]
+    chosen: str
+    rejected: str
+    chosen_first: bool = True
+    reasoning: str | None = None
+
+    @property
+    def first(self) -> str:
+        return self.chosen if self.chosen_first else self.rejected
+
+    @property
+    def second(self) -> str:
+        return self.rejected if self.chosen_first else self.chosen
+
+    @property
+    def label(self) -> Literal["A", "B"]:
+        return "A" if self.chosen_first else "B"
+
+
+class Trace(BaseModel):
+    """A bootstrapped chain-of-thought judgment of one train vote, by a judge without user info.
+
+    ``verified`` is True when the judge's prediction matched the user's real vote.
+    Traces are kept per user so that a refit reuses them instead of paying again.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    vote_id: str
+    chosen_first: bool
+    reasoning: str
+    predicted: Literal["A", "B"]
+    verified: bool
+    model: str = ""
+
+
+class PersonaProfile(BaseModel):
+    """What SynthesizeMe learned about one user: a persona and the judge's demos.
+
+    Saved as a new version on every fit; earlier versions are kept as history.
+    """
+
+    user_id: str
+    persona: str
+    demos: list[Demo] = Field(default_factory=list)
+    version: int = 0
+    val_accuracy: float | None = None
+    model: str = ""
+    prompt_version: str = ""
+    vote_ids: list[str] = Field(default_factory=list)
+    created_at: datetime = Field(default_factory=utcnow)
+    meta: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("user_id", mode="before")
+    @classmethod
+    def _uid(cls, v: Any) -> str:
+        return validate_user_id(v)
+
+    @field_validator("persona")
+    @classmethod
+    def _persona(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("persona text is empty")
+        return v
+
+
+Preference = Literal["A", "B", "tie"]
+
+
+class OrderJudgment(BaseModel):
+    """The judge's verdict in one presentation order, mapped back to the caller's A/B."""
+
+    swapped: bool
+    preferred: Literal["A", "B"]
+    reasoning: str = ""
+    p_a: float | None = None
+    """P(caller's A preferred) when the judge exposes probabilities (log-prob mode)."""
+
+
+class Judgment(BaseModel):
+    """A judge's decision between the caller's responses A and B, both orders combined.
+
+    ``confidence`` is in [0, 1]; the two orders disagreeing gives ``preferred='tie'``.
+    """
+
+    preferred: Preference
+    confidence: float = Field(ge=0.0, le=1.0)
+    reasoning: str = ""
+    p_a: float = Field(default=0.5, ge=0.0, le=1.0)
+    orders: list[OrderJudgment] = Field(default_factory=list)
+
+
+class ValidationIssue(BaseModel):
+    """One rejected input line: where, and why."""
+
+    line: int
+    error: str
