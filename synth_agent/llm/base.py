@@ -36,6 +36,8 @@ class Completion:
     cached: bool = False
     top_logprobs: list[list[TokenLogprob]] | None = None
     """Per generated token, the alternatives with their log-probabilities (when requested and supported)."""
+    attempts: int = 1
+    """HTTP attempts this answer took (retries included); 0 when served from the cache."""
 
 
 @dataclass

@@ -1,0 +1,526 @@
+"""Chat middleware: wrap any LangGraph agent or LangChain chat model so it speaks to each user's persona.
+
+Per turn the graph loads the user's current persona (a cached store read, never an
+LLM call), injects it as a system message built by
+:func:`synth_agent.prompts.generation_system_prompt` (replacing an earlier injected
+one, never stacking; the user's own system messages stay), runs the wrapped agent
+and returns its answer. Modes, chosen per call with ``configurable["mode"]``:
+
+* ``plain`` — persona injection only: exactly the wrapped agent's LLM calls.
+* ``ab`` — two candidates (with vs without persona once one exists, before that
+  two seeds of the wrapped agent) and a vote token; the pending pair is stored
+  under the tenant/user, so it survives restarts and only that user can redeem it,
+  once (:meth:`Personalizer.submit_vote`, or invoke the graph with ``{"vote": ...}``).
+  A vote notifies the :class:`~synth_agent.scheduler.SynthesisScheduler`.
+* ``rerank`` — n persona-injected candidates (``Send`` fan-out), ranked by the
+  user's personalized judge; the best one is returned, with scores.
+
+Users are identified by ``configurable["user_id"]`` / ``["tenant_id"]``; the store
+comes from ``compile(store=...)`` and reaches the nodes through ``Runtime``.
+
+    >>> from graphs.chat import personalize  # doctest: +SKIP
+    >>> app = personalize(ChatOpenAI(...), store=store)  # doctest: +SKIP
+    >>> await app.ainvoke({"messages": [("user", "hi")]},
+    ...                   {"configurable": {"user_id": "ana@example.com"}})  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal, TypedDict
+
+from langchain_core.language_models import BaseChatModel
+from langchain_core.messages import AnyMessage, BaseMessage
+from langchain_core.runnables import Runnable, RunnableConfig
+from langgraph.graph import END, START, StateGraph
+from langgraph.graph.message import add_messages
+from langgraph.graph.state import CompiledStateGraph
+from langgraph.runtime import Runtime
+from langgraph.store.base import BaseStore
+from langgraph.types import Checkpointer, Send
+
+from graphs._common import (
+    MemoryFactory,
+    PersonaCache,
+    TenantMemories,
+    configurable,
+    final_answer,
+    identity,
+    is_persona_message,
+    persona_message,
+    text_of,
+    to_context,
+    with_persona,
+)
+from store.memory import ROOT, PreferenceMemory, encode_label
+from synth_agent import prompts
+from synth_agent.engine.judge import Judge
+from synth_agent.engine.rerank import Strategy, rank
+from synth_agent.llm.base import ChatBackend
+from synth_agent.models import Message, PersonaProfile, Vote
+from synth_agent.scheduler import SynthesisScheduler
+
+__all__ = [
+    "ChatState",
+    "Mode",
+    "Personalizer",
+    "TenantMemories",
+    "VoteError",
+    "VoteReceipt",
+    "graph",
+    "pending_namespace",
+    "personalize",
+    "submit_vote",
+]
+
+log = logging.getLogger("synth_agent.graphs.chat")
+
+Mode = Literal["plain", "ab", "rerank"]
+MODES: tuple[str, ...] = ("plain", "ab", "rerank")
+VARIANT_KEY = "synth_agent_variant"
+"""``configurable`` key a wrapped graph may read to vary its output between A/B or rerank candidates."""
+
+
+def _candidates(old: list[dict[str, Any]] | None, new: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
+    """Append candidates from parallel ``generate`` tasks; ``None`` resets (start of a turn)."""
+    if new is None:
+        return []
+    return [*(old or []), *new]
+
+
+class ChatState(TypedDict, total=False):
+    """Input: ``messages`` (a turn), or ``vote`` = ``{"token", "choice"}`` to record an A/B vote."""
+
+    messages: Annotated[list[AnyMessage], add_messages]
+    candidates: Annotated[list[dict[str, Any]], _candidates]
+    mode: Mode
+    persona_version: int | None
+    persona_prompt: str | None
+    ab: dict[str, Any] | None
+    rerank: dict[str, Any] | None
+    vote: dict[str, Any] | None
+    vote_result: dict[str, Any] | None
+
+
+class GenerateTask(TypedDict):
+    """What one ``Send`` to ``generate`` carries."""
+
+    messages: list[AnyMessage]
+    system_prompt: str | None
+    persona_version: int
+    index: int
+    variant: int
+    personalized: bool
+
+
+class VoteError(ValueError):
+    """A vote could not be recorded (unknown, foreign, expired or already used token; bad choice)."""
+
+
+@dataclass(frozen=True)
+class VoteReceipt:
+    """A recorded A/B vote. ``chose_personalized`` is None when neither candidate had the persona."""
+
+    vote_id: str
+    tenant_id: str
+    user_id: str
+    choice: Literal["a", "b"]
+    chose_personalized: bool | None
+    persona_version: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "ok": True, "vote_id": self.vote_id, "choice": self.choice,
+            "chose_personalized": self.chose_personalized, "persona_version": self.persona_version,
+        }
+
+
+def _choice(choice: Any) -> Literal["a", "b"]:
+    c = str(choice).strip().lower() if choice is not None else ""
+    mapped = {"a": "a", "b": "b", "0": "a", "1": "b", "first": "a", "second": "b"}.get(c)
+    if mapped is None:
+        raise VoteError(f"choice must be 'a' or 'b' (or 0/1), got {choice!r}")
+    return mapped  # type: ignore[return-value]
+
+
+class Personalizer:
+    """Builds and serves the personalized chat graph; holds the persona cache and the vote API.
+
+    ``agent``: a compiled LangGraph graph with a ``messages`` state (e.g. a prebuilt
+    ReAct agent) or a LangChain chat model. ``llm``: the judge backend for ``rerank``
+    (an ``LLMClient``; from the environment when omitted). ``store``: the LangGraph
+    store, passed to ``compile(store=...)``. ``memory_for``: tenant → ``PreferenceMemory``
+    (default: one per tenant over the run's store). ``scheduler``: notified of votes;
+    its saves refresh the persona cache. ``rng``: A/B presentation order (seed it for
+    reproducible tests; default: system randomness).
+    """
+
+    def __init__(
+        self,
+        agent: Runnable[Any, Any],
+        *,
+        llm: ChatBackend | None = None,
+        store: BaseStore | None = None,
+        memory_for: MemoryFactory | None = None,
+        scheduler: SynthesisScheduler | None = None,
+        checkpointer: Checkpointer = None,
+        default_mode: Mode = "plain",
+        n_candidates: int = 4,
+        rank_strategy: Strategy = "knockout",
+        persona_ttl: float | None = 300.0,
+        ab_alternative: Runnable[Any, Any] | None = None,
+        vote_ttl: float | None = 7 * 24 * 3600.0,
+        rng: random.Random | None = None,
+        name: str = "personalized_agent",
+    ) -> None:
+        if default_mode not in MODES:
+            raise ValueError(f"default_mode must be one of {MODES}, got {default_mode!r}")
+        if n_candidates < 2:
+            raise ValueError("n_candidates must be at least 2 (rerank picks the best of n)")
+        if not isinstance(agent, Runnable):
+            raise TypeError(
+                f"personalize() wraps a compiled LangGraph graph or a LangChain chat model, got {type(agent).__name__}"
+            )
+        self.agent = agent
+        self.is_model = isinstance(agent, BaseChatModel)
+        self.llm = llm
+        self.store = store
+        self.scheduler = scheduler
+        self.default_mode: Mode = default_mode
+        self.n_candidates = n_candidates
+        self.rank_strategy: Strategy = rank_strategy
+        self.ab_alternative = ab_alternative
+        self.vote_ttl = vote_ttl
+        self._rng = rng or random.SystemRandom()
+        self.personas = PersonaCache(persona_ttl)
+        self._memory_for = memory_for
+        self._memories: dict[int, TenantMemories] = {}
+        self._cache_memories = persona_ttl != 0
+        self._vote_locks: dict[tuple[str, str], asyncio.Lock] = {}
+        if scheduler is not None:
+            scheduler.add_listener(self.on_persona_saved)
+        self.graph: CompiledStateGraph[Any, Any, Any, Any] = self._build(checkpointer, name)
+
+    # ------------------------------------------------------------------ public API
+
+    def on_persona_saved(self, tenant_id: str, user_id: str, profile: PersonaProfile) -> None:
+        """Scheduler hook: the next turn uses ``profile`` without reading the store."""
+        self.personas.put(tenant_id, user_id, profile)
+
+    def invalidate(self, tenant_id: str, user_id: str | None = None) -> None:
+        """Forget cached personas (after a persona was changed or deleted elsewhere)."""
+        self.personas.invalidate(tenant_id, user_id)
+
+    def memory(self, tenant_id: str, store: BaseStore | None = None) -> PreferenceMemory:
+        if self._memory_for is not None:
+            return self._memory_for(tenant_id)
+        store = store or self.store
+        if store is None:
+            raise ValueError("no store: pass personalize(..., store=...) or memory_for=")
+        if not self._cache_memories:
+            return PreferenceMemory(store, tenant_id)
+        mems = self._memories.get(id(store))
+        if mems is None:
+            mems = self._memories[id(store)] = TenantMemories(store)
+        return mems(tenant_id)
+
+    async def persona(self, tenant_id: str, user_id: str, store: BaseStore | None = None) -> PersonaProfile | None:
+        return await self.personas.get(self.memory(tenant_id, store), tenant_id, user_id)
+
+    async def submit_vote(
+        self,
+        token: str,
+        choice: Literal["a", "b"] | str | int,
+        *,
+        config: RunnableConfig | None = None,
+        tenant_id: str | None = None,
+        user_id: str | None = None,
+        store: BaseStore | None = None,
+    ) -> VoteReceipt:
+        """Record the user's pick for the A/B pair behind ``token``; then notify the scheduler.
+
+        The user comes from ``config["configurable"]`` (or ``tenant_id``/``user_id``). A token
+        belongs to one tenant/user and is redeemed once; anything else raises :class:`VoteError`.
+        """
+        if config is not None:
+            tenant_id, user_id = identity(config)
+        if not user_id:
+            raise ValueError("submit_vote needs the user: config={'configurable': {'user_id': ...}} or user_id=")
+        tenant_id = tenant_id or "default"
+        picked = _choice(choice)
+        if not isinstance(token, str) or not token:
+            raise VoteError("vote token must be a non-empty string")
+        memory = self.memory(tenant_id, store)
+        ns = pending_namespace(tenant_id, user_id)
+        key = (tenant_id, user_id)
+        lock = self._vote_locks.setdefault(key, asyncio.Lock())
+        async with lock:
+            item = await memory.store.aget(ns, token)
+            if item is None:
+                raise VoteError(
+                    "unknown vote token for this user: it was already used, expired, or belongs to another user"
+                )
+            pending = item.value
+            if self.vote_ttl is not None and _age(pending.get("created_at")) > self.vote_ttl:
+                await memory.store.adelete(ns, token)
+                raise VoteError("this vote token has expired")
+            a, b = pending["a"], pending["b"]
+            chosen, rejected = (a, b) if picked == "a" else (b, a)
+            vote = Vote(
+                id=f"ab-{token}",
+                user_id=user_id,
+                context=pending["context"],
+                chosen=chosen,
+                rejected=rejected,
+                timestamp=datetime.now(UTC),
+            )
+            added = await memory.add_vote(vote)
+            await memory.store.adelete(ns, token)
+        if not added:
+            raise VoteError("this vote was already recorded")
+        if self.scheduler is not None:
+            self.scheduler.notify_vote(tenant_id, user_id)
+        side = pending.get("personalized")
+        return VoteReceipt(
+            vote_id=vote.id,
+            tenant_id=tenant_id,
+            user_id=user_id,
+            choice=picked,
+            chose_personalized=None if side is None else side == picked,
+            persona_version=int(pending.get("persona_version") or 0),
+        )
+
+    # ------------------------------------------------------------------ generation
+
+    async def _generate(
+        self, messages: list[BaseMessage], variant: int, personalized: bool
+    ) -> list[BaseMessage]:
+        """Run the wrapped agent once; returns the messages it added (the answer last)."""
+        agent = self.agent
+        if not personalized and variant and self.ab_alternative is not None:
+            agent, variant = self.ab_alternative, 0
+        if isinstance(agent, BaseChatModel):
+            model = agent.bind(seed=variant) if variant else agent
+            answer = await model.ainvoke(messages)
+            return [answer]
+        conf: RunnableConfig = {"configurable": {VARIANT_KEY: variant}} if variant else {}
+        out = await agent.ainvoke({"messages": messages}, conf)
+        produced = out.get("messages", []) if isinstance(out, dict) else [out]
+        seen = {m.id for m in messages if m.id}
+        new = [m for m in produced if not (m.id and m.id in seen) and not is_persona_message(m)]
+        return new or [final_answer(produced)]
+
+    @asynccontextmanager
+    async def _judge_llm(self) -> AsyncIterator[ChatBackend]:
+        if self.llm is not None:
+            yield self.llm
+            return
+        from synth_agent.config import Settings
+        from synth_agent.services import open_llm
+
+        client = open_llm(Settings())
+        try:
+            yield client
+        finally:
+            await client.aclose()
+
+    # ------------------------------------------------------------------ graph
+
+    def _build(self, checkpointer: Checkpointer, name: str) -> CompiledStateGraph[Any, Any, Any, Any]:
+        def route(state: ChatState) -> str:
+            return "record_vote" if state.get("vote") else "prepare"
+
+        async def record_vote(state: ChatState, config: RunnableConfig, runtime: Runtime) -> dict[str, Any]:
+            vote = state.get("vote") or {}
+            try:
+                receipt = await self.submit_vote(
+                    vote.get("token", ""), vote.get("choice"), config=config, store=runtime.store
+                )
+                result: dict[str, Any] = receipt.as_dict()
+            except VoteError as exc:
+                result = {"ok": False, "error": str(exc)}
+            return {"vote": None, "vote_result": result}
+
+        async def prepare(state: ChatState, config: RunnableConfig, runtime: Runtime) -> dict[str, Any]:
+            tenant, user = identity(config)
+            mode = configurable(config, "mode") or self.default_mode
+            if mode not in MODES:
+                raise ValueError(f"configurable mode must be one of {MODES}, got {mode!r}")
+            to_context(state.get("messages", []))  # fail fast: nothing to answer
+            profile = await self.persona(tenant, user, runtime.store)
+            return {
+                "mode": mode,
+                "persona_version": profile.version if profile else None,
+                "persona_prompt": prompts.generation_system_prompt(profile.persona) if profile else None,
+                "candidates": None,
+                "ab": None,
+                "rerank": None,
+                "vote_result": None,
+            }
+
+        def fan_out(state: ChatState, config: RunnableConfig) -> list[Send]:
+            tasks = self._tasks(
+                state["mode"], state["messages"], state.get("persona_prompt"), state.get("persona_version") or 0, config
+            )
+            return [Send("generate", t) for t in tasks]
+
+        async def generate(task: GenerateTask) -> dict[str, Any]:
+            sys_msg = (
+                persona_message(task["system_prompt"], task["persona_version"])
+                if task["personalized"] and task["system_prompt"]
+                else None
+            )
+            new = await self._generate(with_persona(task["messages"], sys_msg), task["variant"], task["personalized"])
+            answer = final_answer(new)
+            return {
+                "candidates": [
+                    {
+                        "index": task["index"],
+                        "text": text_of(answer),
+                        "personalized": bool(sys_msg),
+                        "variant": task["variant"],
+                        "messages": new,
+                    }
+                ]
+            }
+
+        async def finalize(state: ChatState, config: RunnableConfig, runtime: Runtime) -> dict[str, Any]:
+            tenant, user = identity(config)
+            cands = sorted(state.get("candidates", []), key=lambda c: c["index"])
+            mode = state["mode"]
+            public = [{k: v for k, v in c.items() if k != "messages"} for c in cands]
+            if mode == "plain":
+                return {"messages": cands[0]["messages"]}
+            context = to_context(state["messages"])
+            if mode == "ab":
+                ab = await self._open_vote(tenant, user, context, cands, state.get("persona_version"), runtime.store)
+                return {"ab": ab, "candidates": None}
+            profile = await self.persona(tenant, user, runtime.store)
+            strategy = configurable(config, "strategy") or self.rank_strategy
+            async with self._judge_llm() as llm:
+                judge = Judge.from_profile(llm, profile, call_site="rerank")
+                result = await rank(judge, context, [c["text"] for c in cands], strategy=strategy)
+            best = cands[result.winner]
+            info = {
+                "winner": result.winner,
+                "scores": result.scores,
+                "order": result.order,
+                "strategy": result.strategy,
+                "personalized_judge": profile is not None,
+                "candidates": public,
+            }
+            return {"messages": best["messages"], "rerank": info}
+
+        builder = StateGraph(ChatState)
+        builder.add_node("record_vote", record_vote)
+        builder.add_node("prepare", prepare)
+        builder.add_node("generate", generate)
+        builder.add_node("finalize", finalize)
+        builder.add_conditional_edges(START, route, ["record_vote", "prepare"])
+        builder.add_edge("record_vote", END)
+        builder.add_conditional_edges("prepare", fan_out, ["generate"])
+        builder.add_edge("generate", "finalize")
+        builder.add_edge("finalize", END)
+        return builder.compile(checkpointer=checkpointer, store=self.store, name=name)
+
+    def _tasks(
+        self, mode: str, messages: list[AnyMessage], system: str | None, version: int, config: RunnableConfig
+    ) -> list[GenerateTask]:
+        def task(index: int, variant: int, personalized: bool) -> GenerateTask:
+            return GenerateTask(
+                messages=messages, system_prompt=system, persona_version=version,
+                index=index, variant=variant, personalized=personalized and system is not None,
+            )
+
+        if mode == "plain":
+            return [task(0, 0, True)]
+        if mode == "ab":
+            if system is not None:
+                return [task(0, 0, True), task(1, 0, False)]
+            return [task(0, 0, False), task(1, 1, False)]
+        n = int(configurable(config, "n") or self.n_candidates)
+        if n < 1:
+            raise ValueError("configurable n (rerank candidates) must be at least 1")
+        return [task(i, i, True) for i in range(n)]
+
+    async def _open_vote(
+        self,
+        tenant: str,
+        user: str,
+        context: list[Message],
+        cands: list[dict[str, Any]],
+        version: int | None,
+        store: BaseStore | None,
+    ) -> dict[str, Any]:
+        first, second = cands[0], cands[1]
+        if self._rng.random() < 0.5:  # random presentation order: the user's position bias must not look like taste
+            first, second = second, first
+        personalized = "a" if first["personalized"] else "b" if second["personalized"] else None
+        public = {
+            "a": first["text"], "b": second["text"], "personalized": personalized, "persona_version": version or 0,
+        }
+        if first["text"].strip() == second["text"].strip():
+            return {**public, "token": None, "reason": "both candidates are identical; nothing to vote on"}
+        token = secrets.token_urlsafe(18)
+        memory = self.memory(tenant, store)
+        value = {
+            **public,
+            "context": [m.model_dump() for m in context],
+            "created_at": datetime.now(UTC).isoformat(),
+        }
+        await memory.store.aput(pending_namespace(tenant, user), token, value, index=False)
+        return {**public, "token": token}
+
+
+def pending_namespace(tenant_id: str, user_id: str) -> tuple[str, ...]:
+    """Where open A/B pairs wait for their vote (next to the user's votes in PreferenceMemory's layout)."""
+    return (ROOT, encode_label(tenant_id), "user", encode_label(user_id), "pending_votes")
+
+
+def _age(created_at: Any) -> float:
+    try:
+        return (datetime.now(UTC) - datetime.fromisoformat(str(created_at))).total_seconds()
+    except (TypeError, ValueError):
+        return 0.0
+
+
+def personalize(agent: Runnable[Any, Any], **kwargs: Any) -> CompiledStateGraph[Any, Any, Any, Any]:
+    """Wrap ``agent`` (compiled graph or chat model) in the personalization graph; see :class:`Personalizer`.
+
+    Record A/B votes by invoking the returned graph with ``{"vote": {"token": ..., "choice": "a"}}``
+    (or :func:`submit_vote`), or build a :class:`Personalizer` to call ``submit_vote`` directly.
+    """
+    return Personalizer(agent, **kwargs).graph
+
+
+async def submit_vote(
+    graph: CompiledStateGraph[Any, Any, Any, Any], token: str, choice: str, config: RunnableConfig
+) -> dict[str, Any]:
+    """Record a vote through a personalized graph; returns ``vote_result`` (``ok`` False with ``error`` if refused)."""
+    out = await graph.ainvoke({"vote": {"token": token, "choice": choice}}, config)
+    return out["vote_result"]
+
+
+def _studio_graph() -> CompiledStateGraph[Any, Any, Any, Any]:
+    """For langgraph.json: a chat model from the environment, no caches (no per-user state at module level)."""
+    from langchain_openai import ChatOpenAI
+
+    from synth_agent.config import Settings
+
+    s = Settings()
+    return personalize(
+        ChatOpenAI(model=s.model, base_url=s.base_url, api_key=s.api_key),  # type: ignore[arg-type]
+        persona_ttl=0,
+        name="chat",
+    )
+
+
+graph = _studio_graph()
+

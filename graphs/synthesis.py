@@ -1,0 +1,378 @@
+"""The synthesis graph: load_votes → bootstrap → persona → demos → save, one node per SynthesizeMe step.
+
+Each node calls the matching :class:`~synth_agent.engine.synthesize.Synthesizer`
+step and returns JSON-ready state (votes, traces and demos as dicts), so any
+checkpointer can persist it. With a checkpointer a crashed run resumes from the
+last finished node: rerunning thread ``synth:{tenant}:{user}:{run_id}`` does not
+pay again for finished LLM work. :class:`SynthesisRunner` picks the thread (one
+per persona version to be produced, ``run_id = "v<N>"``), so resuming needs no
+bookkeeping beyond the checkpointer itself.
+
+``graph`` (module level, no checkpointer) is what ``langgraph.json`` loads; LangGraph
+Studio / ``langgraph dev`` supply their own checkpointer and store. It reads the
+LLM endpoint from the environment (``OPENAI_BASE_URL`` ...) per node and holds no
+per-user state. Code builds its own with :func:`build_synthesis_graph`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import fields, replace
+from typing import Any, Literal, TypedDict
+
+from langchain_core.runnables import RunnableConfig
+from langgraph.graph import END, START, StateGraph
+from langgraph.graph.state import CompiledStateGraph
+from langgraph.runtime import Runtime
+from langgraph.store.base import BaseStore
+from langgraph.types import Checkpointer, Durability
+
+from graphs._common import MemoryFactory, configurable, identity, open_checkpointer
+from store.memory import PreferenceMemory
+from synth_agent.engine.synthesize import CountingBackend, FitConfig, Synthesizer, split_votes
+from synth_agent.llm.base import ChatBackend
+from synth_agent.models import Demo, PersonaProfile, Trace, Vote, validate_user_id
+
+__all__ = [
+    "NODES",
+    "SynthesisRunner",
+    "SynthesisState",
+    "build_synthesis_graph",
+    "graph",
+    "open_checkpointer",
+    "synthesis_thread_id",
+]
+
+log = logging.getLogger("synth_agent.graphs.synthesis")
+
+NODES = ("load_votes", "bootstrap", "persona", "demos", "save")
+
+NodeEvent = Callable[[str, Literal["start", "end"], dict[str, Any]], Any]
+"""``on_event(node, phase, info)``: observability hook (node-entry logs, progress, tests)."""
+
+LLMProvider = Callable[[], Any]
+"""Returns an async context manager yielding a :class:`ChatBackend` for one node."""
+
+
+class SynthesisState(TypedDict, total=False):
+    """Everything here is plain JSON: votes, traces and demos are stored as dicts."""
+
+    tenant_id: str
+    user_id: str
+    run_id: str
+    status: Literal["loaded", "not_enough_votes", "fitted"]
+    message: str
+    votes: list[dict[str, Any]]
+    train_ids: list[str]
+    val_ids: list[str]
+    traces: list[dict[str, Any]]
+    persona_trace_ids: list[str]
+    bootstrap_demos: list[dict[str, Any]]
+    bootstrap_accuracy: float
+    reused_traces: int
+    persona: str
+    demos: list[dict[str, Any]]
+    val_accuracy: float
+    profile: dict[str, Any] | None
+    usage: dict[str, dict[str, int]]
+
+
+def synthesis_thread_id(tenant_id: str, user_id: str, run_id: str) -> str:
+    return f"synth:{tenant_id}:{user_id}:{run_id}"
+
+
+_FIT_FIELDS = {f.name for f in fields(FitConfig)}
+
+
+class _Deps:
+    """What the nodes need that cannot live in state: the LLM, the tenant memories, the fit budget."""
+
+    def __init__(
+        self,
+        llm: ChatBackend | LLMProvider | None,
+        memory_for: MemoryFactory | None,
+        fit_config: FitConfig | None,
+        on_event: NodeEvent | None,
+    ) -> None:
+        self._llm = llm
+        self.memory_for = memory_for
+        self.fit_config = fit_config or FitConfig()
+        self.on_event = on_event
+
+    @asynccontextmanager
+    async def llm(self) -> AsyncIterator[ChatBackend]:
+        if self._llm is None:
+            # Studio / langgraph dev: a client from the environment per node, closed after it,
+            # so the module-level graph keeps no connections or cached answers between runs.
+            from synth_agent.config import Settings
+            from synth_agent.services import open_llm
+
+            client = open_llm(Settings())
+            try:
+                yield client
+            finally:
+                await client.aclose()
+        elif callable(self._llm) and not hasattr(self._llm, "complete"):
+            async with self._llm() as client:
+                yield client
+        else:
+            yield self._llm  # type: ignore[misc]
+
+    def memory(self, tenant: str, store: BaseStore | None) -> PreferenceMemory:
+        if self.memory_for is not None:
+            return self.memory_for(tenant)
+        if store is None:
+            raise ValueError(
+                "the synthesis graph needs a store: compile(store=...) / build_synthesis_graph(store=...), "
+                "or pass memory_for="
+            )
+        return PreferenceMemory(store, tenant)
+
+    def config(self, config: RunnableConfig | None) -> FitConfig:
+        over = configurable(config, "fit_config")
+        if not over:
+            return self.fit_config
+        if isinstance(over, FitConfig):
+            return over
+        if not isinstance(over, dict) or set(over) - _FIT_FIELDS:
+            raise ValueError(f"configurable fit_config must be a FitConfig or a dict of {sorted(_FIT_FIELDS)}")
+        return replace(self.fit_config, **over)
+
+
+def _who(state: SynthesisState, config: RunnableConfig | None) -> tuple[str, str]:
+    tenant = state.get("tenant_id") or identity(config, required=False)[0]
+    user = state.get("user_id") or identity(config, required=False)[1]
+    if not user:
+        raise ValueError('the synthesis graph needs a user: input {"user_id": ..., "tenant_id": ...}')
+    validate_user_id(user)
+    return tenant, user
+
+
+def _votes(state: SynthesisState) -> tuple[list[Vote], list[Vote]]:
+    by_id = {v["id"]: Vote.model_validate(v) for v in state.get("votes", [])}
+    return [by_id[i] for i in state.get("train_ids", [])], [by_id[i] for i in state.get("val_ids", [])]
+
+
+def _traces(state: SynthesisState) -> list[Trace]:
+    return [Trace.model_validate(t) for t in state.get("traces", [])]
+
+
+def _usage(state: SynthesisState, node: str, llm: CountingBackend) -> dict[str, dict[str, int]]:
+    return {**state.get("usage", {}), node: llm.usage()}
+
+
+def build_synthesis_graph(
+    *,
+    llm: ChatBackend | LLMProvider | None = None,
+    memory_for: MemoryFactory | None = None,
+    fit_config: FitConfig | None = None,
+    checkpointer: Checkpointer = None,
+    store: BaseStore | None = None,
+    on_event: NodeEvent | None = None,
+    name: str = "synthesis",
+) -> CompiledStateGraph[Any, Any, Any, Any]:
+    """Compile the synthesis graph.
+
+    ``llm``: the judge/persona backend (an ``LLMClient``), or a zero-argument callable
+    returning an async context manager of one; default: from the environment per node.
+    ``memory_for(tenant)``: the tenant's ``PreferenceMemory`` (use :class:`graphs.chat.TenantMemories`
+    so there is one per tenant); default: one over the graph's store per node.
+    ``fit_config``: budgets; a run can override fields via ``configurable["fit_config"]``.
+    ``checkpointer``: makes runs resumable (see :func:`open_checkpointer`).
+    """
+    deps = _Deps(llm, memory_for, fit_config, on_event)
+
+    def node(name: str, fn: Callable[..., Awaitable[dict[str, Any]]]) -> Callable[..., Awaitable[dict[str, Any]]]:
+        async def run(state: SynthesisState, config: RunnableConfig, runtime: Runtime) -> dict[str, Any]:
+            info = {"tenant_id": state.get("tenant_id"), "user_id": state.get("user_id"), "run_id": state.get("run_id")}
+            if deps.on_event:
+                deps.on_event(name, "start", info)
+            log.debug("synthesis node %s start %s", name, info)
+            out = await fn(state, config, runtime)
+            if deps.on_event:
+                deps.on_event(name, "end", info)
+            return out
+
+        run.__name__ = name
+        return run
+
+    async def load_votes(state: SynthesisState, config: RunnableConfig, runtime: Runtime) -> dict[str, Any]:
+        tenant, user = _who(state, config)
+        cfg = deps.config(config)
+        votes = await deps.memory(tenant, runtime.store).list_votes(user)
+        train, val = split_votes(votes, cfg.train_fraction)
+        n = len(train) + len(val)
+        fresh: dict[str, Any] = {
+            "tenant_id": tenant, "user_id": user, "run_id": state.get("run_id", ""),
+            "votes": [v.model_dump(mode="json") for v in (*train, *val)],
+            "train_ids": [v.id for v in train], "val_ids": [v.id for v in val],
+            "traces": [], "persona_trace_ids": [], "bootstrap_demos": [], "bootstrap_accuracy": 0.0,
+            "reused_traces": 0, "persona": "", "demos": [], "val_accuracy": 0.0, "profile": None, "usage": {},
+        }
+        if n < cfg.min_votes or not val:
+            return {
+                **fresh, "status": "not_enough_votes",
+                "message": f"{user!r} has {n} context vote(s); a persona needs at least {cfg.min_votes}",
+            }
+        return {**fresh, "status": "loaded", "message": f"{n} votes ({len(train)} train, {len(val)} validation)"}
+
+    def after_load(state: SynthesisState) -> str:
+        return "bootstrap" if state.get("status") == "loaded" else END
+
+    async def bootstrap(state: SynthesisState, config: RunnableConfig, runtime: Runtime) -> dict[str, Any]:
+        tenant, user = _who(state, config)
+        train, val = _votes(state)
+        async with deps.llm() as backend:
+            llm = CountingBackend(backend)
+            synth = Synthesizer(backend, deps.memory(tenant, runtime.store), deps.config(config))
+            out = await synth.bootstrap(user, train, val, llm=llm)
+        return {
+            "traces": [t.model_dump(mode="json") for t in out.traces],
+            "persona_trace_ids": out.persona_trace_ids,
+            "bootstrap_demos": [d.model_dump(mode="json") for d in out.demos],
+            "bootstrap_accuracy": out.accuracy,
+            "reused_traces": out.reused_traces,
+            "usage": _usage(state, "bootstrap", llm),
+        }
+
+    async def persona(state: SynthesisState, config: RunnableConfig, runtime: Runtime) -> dict[str, Any]:
+        train, _ = _votes(state)
+        async with deps.llm() as backend:
+            llm = CountingBackend(backend)
+            synth = Synthesizer(backend, None, deps.config(config))
+            text = await synth.write_persona(train, _traces(state), state.get("persona_trace_ids", []), llm=llm)
+        return {"persona": text, "usage": _usage(state, "persona", llm)}
+
+    async def demos(state: SynthesisState, config: RunnableConfig, runtime: Runtime) -> dict[str, Any]:
+        _, user = _who(state, config)
+        train, val = _votes(state)
+        seed = [Demo.model_validate(d) for d in state.get("bootstrap_demos", [])]
+        async with deps.llm() as backend:
+            llm = CountingBackend(backend)
+            synth = Synthesizer(backend, None, deps.config(config))
+            out = await synth.select_demos(user, state["persona"], train, val, _traces(state), seed_demos=seed, llm=llm)
+        return {
+            "demos": [d.model_dump(mode="json") for d in out.demos],
+            "val_accuracy": out.accuracy,
+            "usage": _usage(state, "demos", llm),
+        }
+
+    async def save(state: SynthesisState, config: RunnableConfig, runtime: Runtime) -> dict[str, Any]:
+        tenant, user = _who(state, config)
+        cfg = deps.config(config)
+        memory = deps.memory(tenant, runtime.store)
+        thread = (config.get("configurable") or {}).get("thread_id")
+        current = await memory.current_persona(user)
+        if thread and current is not None and current.meta.get("synthesis_thread") == thread:
+            saved = current  # this node already saved before a crash: never save twice
+        else:
+            traces = _traces(state)
+            async with deps.llm() as backend:
+                model = backend.model
+            profile = PersonaProfile(
+                user_id=user,
+                persona=state["persona"],
+                demos=[Demo.model_validate(d) for d in state.get("demos", [])],
+                val_accuracy=state.get("val_accuracy"),
+                model=model,
+                prompt_version=cfg.persona_prompt_version,
+                vote_ids=[*state.get("train_ids", []), *state.get("val_ids", [])],
+                meta={
+                    "train_ids": state.get("train_ids", []),
+                    "val_ids": state.get("val_ids", []),
+                    "bootstrap_accuracy": state.get("bootstrap_accuracy"),
+                    "n_traces": len(traces),
+                    "n_verified": sum(t.verified for t in traces),
+                    "reused_traces": state.get("reused_traces", 0),
+                    "persona_trace_ids": state.get("persona_trace_ids", []),
+                    "verify": cfg.verify,
+                    "seed": cfg.seed,
+                    "usage": _total_usage(state.get("usage", {})),
+                    "synthesis_thread": thread,
+                    "run_id": state.get("run_id", ""),
+                },
+            )
+            saved = await memory.save_persona(profile)
+        return {
+            "status": "fitted",
+            "profile": saved.model_dump(mode="json"),
+            "message": f"persona v{saved.version} for {user!r} (validation accuracy {saved.val_accuracy or 0:.0%})",
+        }
+
+    builder = StateGraph(SynthesisState)
+    builder.add_node("load_votes", node("load_votes", load_votes))
+    builder.add_node("bootstrap", node("bootstrap", bootstrap))
+    builder.add_node("persona", node("persona", persona))
+    builder.add_node("demos", node("demos", demos))
+    builder.add_node("save", node("save", save))
+    builder.add_edge(START, "load_votes")
+    builder.add_conditional_edges("load_votes", after_load, ["bootstrap", END])
+    builder.add_edge("bootstrap", "persona")
+    builder.add_edge("persona", "demos")
+    builder.add_edge("demos", "save")
+    builder.add_edge("save", END)
+    return builder.compile(checkpointer=checkpointer, store=store, name=name)
+
+
+def _total_usage(usage: dict[str, dict[str, int]]) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for per_node in usage.values():
+        for k, v in per_node.items():
+            total[k] = total.get(k, 0) + int(v)
+    return total
+
+
+class SynthesisRunner:
+    """Runs the synthesis graph for one user, resuming an interrupted run instead of starting over.
+
+    The thread is ``synth:{tenant}:{user}:v<N>`` where N is the persona version the
+    run will produce, so after a crash the next run for that user lands on the same
+    thread and continues from its last checkpoint. Implements
+    :class:`synth_agent.scheduler.SynthesisRunner`.
+    """
+
+    def __init__(
+        self,
+        graph: CompiledStateGraph[Any, Any, Any, Any],
+        memory_for: MemoryFactory,
+        *,
+        durability: Durability = "sync",
+        config: RunnableConfig | None = None,
+    ) -> None:
+        self.graph = graph
+        self.memory_for = memory_for
+        self.durability = durability
+        self.base_config = config or {}
+
+    async def run(self, tenant_id: str, user_id: str, *, run_id: str | None = None) -> PersonaProfile | None:
+        """Fit (or resume fitting) ``user_id``; the saved profile, or None when there were too few votes."""
+        state = await self.run_state(tenant_id, user_id, run_id=run_id)
+        if state.get("status") == "fitted" and state.get("profile"):
+            return PersonaProfile.model_validate(state["profile"])
+        return None
+
+    async def run_state(self, tenant_id: str, user_id: str, *, run_id: str | None = None) -> dict[str, Any]:
+        """Like :meth:`run` but returns the final graph state (usage per node, accuracies, message)."""
+        validate_user_id(user_id)
+        if run_id is None:
+            current = await self.memory_for(tenant_id).current_persona(user_id)
+            run_id = f"v{(current.version if current else 0) + 1}"
+        conf = dict(self.base_config.get("configurable") or {})
+        conf.update(
+            thread_id=synthesis_thread_id(tenant_id, user_id, run_id), tenant_id=tenant_id, user_id=user_id
+        )
+        config: RunnableConfig = {**self.base_config, "configurable": conf}
+        inputs: SynthesisState = {"tenant_id": tenant_id, "user_id": user_id, "run_id": run_id}
+        if not self.graph.checkpointer:  # not resumable; (langgraph rejects durability without a checkpointer)
+            return await self.graph.ainvoke(inputs, config)
+        snap = await self.graph.aget_state(config)
+        if snap.next:
+            log.info("resuming synthesis %s at %s", conf["thread_id"], snap.next)
+            return await self.graph.ainvoke(None, config, durability=self.durability)
+        return await self.graph.ainvoke(inputs, config, durability=self.durability)
+
+
+graph = build_synthesis_graph()
+"""For ``langgraph.json``: no checkpointer (the platform brings one), LLM from the environment."""

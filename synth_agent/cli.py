@@ -1,0 +1,473 @@
+"""The ``synth-agent`` command line.
+
+Every command works offline against the bundled simulator by default and
+against a real OpenAI-compatible endpoint with ``--base-url/--model/--api-key``
+(or ``OPENAI_BASE_URL``/``SYNTH_AGENT_MODEL``/``OPENAI_API_KEY``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from synth_agent.config import Settings
+
+T = TypeVar("T")
+
+app = typer.Typer(
+    name="synth-agent",
+    help=(
+        "Personalize chat agents from their users' A/B votes.\n\n"
+        "Learns a persona per user (SynthesizeMe), stores votes and personas in Chroma, "
+        "and uses them to judge, rerank and prompt. Runs offline against a bundled simulator "
+        "unless you point it at a real OpenAI-compatible endpoint."
+    ),
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+)
+
+out = Console()
+err = Console(stderr=True)
+
+
+@dataclass
+class CLIState:
+    settings: Settings
+    tenant: str
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coro)
+
+
+def _fail(msg: str, code: int = 1) -> None:
+    err.print(f"[bold red]error:[/] {msg}")
+    raise typer.Exit(code)
+
+
+@app.callback()
+def main_options(
+    ctx: typer.Context,
+    home: Annotated[Path | None, typer.Option(help="Data directory (env SYNTH_AGENT_HOME).")] = None,
+    tenant: Annotated[str, typer.Option(help="Tenant namespace for votes and personas.")] = "default",
+    base_url: Annotated[str | None, typer.Option(help="OpenAI-compatible endpoint (env OPENAI_BASE_URL).")] = None,
+    model: Annotated[str | None, typer.Option(help="Model name (env SYNTH_AGENT_MODEL).")] = None,
+    api_key: Annotated[str | None, typer.Option(help="API key (env OPENAI_API_KEY).")] = None,
+) -> None:
+    """Global options apply to every command."""
+    overrides: dict[str, Any] = {}
+    if home is not None:
+        overrides["home"] = home
+    if base_url is not None:
+        overrides["base_url"] = base_url
+    if model is not None:
+        overrides["model"] = model
+    if api_key is not None:
+        overrides["api_key"] = api_key
+    settings = Settings().model_copy(update=overrides)
+    ctx.obj = CLIState(settings, tenant)
+
+
+def _state(ctx: typer.Context) -> CLIState:
+    assert isinstance(ctx.obj, CLIState)
+    return ctx.obj
+
+
+# ---------------------------------------------------------------- votes
+
+
+@app.command()
+def ingest(
+    ctx: typer.Context,
+    file: Annotated[Path, typer.Argument(help="Votes as JSONL, one vote per line.", exists=False)],
+) -> None:
+    """Validate and store votes from a JSONL file. Invalid lines are reported and skipped."""
+    from synth_agent.ingest import read_jsonl
+    from synth_agent.services import open_memory
+
+    st = _state(ctx)
+    try:
+        parsed = read_jsonl(file, max_content_chars=st.settings.max_content_chars)
+    except FileNotFoundError as exc:
+        _fail(str(exc))
+    for issue in parsed.issues:
+        err.print(f"[yellow]{file}:{issue.line}:[/] {issue.error}")
+    if not parsed.votes:
+        _fail(f"no valid votes in {file} ({len(parsed.issues)} invalid line(s))")
+
+    async def go() -> tuple[int, int, dict[str, int]]:
+        memory = open_memory(st.settings, st.tenant)
+        res = await memory.add_votes(parsed.votes)
+        users = sorted({v.user_id for v in parsed.votes})
+        counts = {u: await memory.count_votes(u) for u in users}
+        return res.added, res.duplicates, counts
+
+    added, dups, counts = _run(go())
+    out.print(
+        f"[green]ingested[/] {added} new vote(s), {dups} already stored, "
+        f"{len(parsed.issues)} invalid line(s) skipped, {len(counts)} user(s)."
+    )
+    table = Table("user", "votes stored")
+    for u, n in counts.items():
+        table.add_row(u, str(n))
+    out.print(table)
+    if parsed.issues:
+        raise typer.Exit(2)
+
+
+@app.command()
+def votes(
+    ctx: typer.Context,
+    user: Annotated[str, typer.Option("--user", "-u", help="User id.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSONL.")] = False,
+) -> None:
+    """List a user's votes in time order."""
+    from synth_agent.services import open_memory
+
+    st = _state(ctx)
+    vs = _run(open_memory(st.settings, st.tenant).list_votes(user))
+    if as_json:
+        for v in vs:
+            print(v.model_dump_json())
+        return
+    table = Table("#", "id", "time", "prompt", "chosen", title=f"{len(vs)} vote(s) of {user}")
+    for i, v in enumerate(vs, 1):
+        table.add_row(
+            str(i), v.id, v.timestamp.isoformat() if v.timestamp else "-",
+            v.query_text[:50], v.chosen[:50].replace("\n", " "),
+        )
+    out.print(table)
+
+
+@app.command()
+def forget(
+    ctx: typer.Context,
+    user: Annotated[str, typer.Option("--user", "-u", help="User id.")],
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
+) -> None:
+    """Delete everything stored about a user: votes, personas, history, cached judgments."""
+    from synth_agent.services import open_memory
+
+    st = _state(ctx)
+    if not yes and sys.stdin.isatty() and not typer.confirm(f"Forget everything about {user!r}?"):
+        raise typer.Exit(1)
+    counts = _run(open_memory(st.settings, st.tenant).forget_user(user))
+    out.print(f"forgot {user!r}: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
+
+
+# ---------------------------------------------------------------- simulator
+
+
+@app.command("sim-endpoint")
+def sim_endpoint(
+    host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8765,
+    latency_ms: Annotated[float, typer.Option(help="Added latency per request.")] = 0.0,
+    per_token_latency_ms: Annotated[float, typer.Option(help="Added latency per generated token.")] = 0.0,
+    fault_rate: Annotated[float, typer.Option(help="Share of requests that fail (500/429/timeout/malformed).")] = 0.0,
+    seed: Annotated[int, typer.Option(help="Seed of the simulated LLM and of fault injection.")] = 0,
+) -> None:
+    """Run the offline simulated LLM as an OpenAI-compatible endpoint (stats at /stats)."""
+    from synth_agent.sim.server import serve_sim
+
+    err.print(f"simulator on http://{host}:{port}/v1 — point OPENAI_BASE_URL there; Ctrl-C stops it")
+    serve_sim(
+        host=host, port=port, latency_ms=latency_ms, per_token_latency_ms=per_token_latency_ms,
+        fault_rate=fault_rate, seed=seed,
+    )
+
+
+@app.command("sim-population")
+def sim_population(
+    users: Annotated[int, typer.Option(help="Number of simulated users.")] = 20,
+    votes_per_user: Annotated[int, typer.Option("--votes", help="Votes per user.")] = 15,
+    seed: Annotated[int, typer.Option(help="Population seed.")] = 0,
+    out_path: Annotated[Path, typer.Option("--out", help="Output JSONL file.")] = Path("votes.jsonl"),
+) -> None:
+    """Write a seeded simulated population's votes as JSONL."""
+    from synth_agent.sim.population import write_population_jsonl
+
+    if users < 1 or votes_per_user < 1:
+        _fail("--users and --votes must be at least 1")
+    write_population_jsonl(out_path, users, votes_per_user, seed)
+    out.print(f"wrote {users * votes_per_user} votes of {users} users to {out_path}")
+
+
+# ---------------------------------------------------------------- engine
+
+
+def _fit_config(**kw: Any) -> Any:
+    from synth_agent.engine import FitConfig
+
+    try:
+        return FitConfig(**kw)
+    except ValueError as exc:
+        _fail(str(exc))
+
+
+@app.command()
+def fit(
+    ctx: typer.Context,
+    user: Annotated[list[str] | None, typer.Option("--user", "-u", help="User id (repeatable).")] = None,
+    all_users: Annotated[bool, typer.Option("--all", help="Fit every user with enough votes.")] = False,
+    trials: Annotated[int, typer.Option(help="Bootstrap trials (step 1).")] = 10,
+    candidates: Annotated[int, typer.Option(help="Demo-set candidates (step 3).")] = 10,
+    seed: Annotated[int, typer.Option(help="Seed for splits and random search.")] = 0,
+    concurrency: Annotated[int, typer.Option(help="Users fitted at once.")] = 8,
+) -> None:
+    """Learn a persona + demos for users from their stored votes (saved as a new version)."""
+    from synth_agent.engine import Synthesizer
+    from synth_agent.services import open_services, simulator_if_needed
+
+    st = _state(ctx)
+    if not user and not all_users:
+        _fail("say which users: --user U (repeatable) or --all")
+    cfg = _fit_config(n_trials=trials, n_demo_candidates=candidates, seed=seed)
+    with simulator_if_needed(st.settings) as settings:
+
+        async def go() -> list[Any]:
+            async with open_services(settings, st.tenant) as svc:
+                users = list(user or []) or await svc.memory.list_users()
+                synth = Synthesizer(svc.llm, svc.memory, cfg)
+                sem = asyncio.Semaphore(concurrency)
+                with Progress(
+                    TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=err,
+                ) as prog:
+                    task = prog.add_task("fitting users", total=len(users))
+
+                    async def one(u: str) -> Any:
+                        async with sem:
+                            r = await synth.fit(u)
+                        prog.advance(task)
+                        return r
+
+                    results = await asyncio.gather(*(one(u) for u in users), return_exceptions=True)
+                return list(zip(users, results, strict=True))
+
+        results = _run(go())
+    table = Table("user", "result", "val acc", "LLM requests")
+    failed = 0
+    for u, r in results:
+        if isinstance(r, BaseException):
+            failed += 1
+            table.add_row(u, f"[red]failed: {r}[/]", "-", "-")
+        elif r.profile is None:
+            table.add_row(u, f"[yellow]{r.message}[/]", "-", "-")
+        else:
+            table.add_row(u, f"persona v{r.profile.version}", f"{r.profile.val_accuracy:.0%}",
+                          str(r.usage.get("llm_requests", 0)))
+    out.print(table)
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def persona(
+    ctx: typer.Context,
+    user: Annotated[str, typer.Option("--user", "-u", help="User id.")],
+    history: Annotated[bool, typer.Option(help="Show every version, oldest first.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Show a user's current persona (or its history)."""
+    from synth_agent.services import open_memory
+
+    st = _state(ctx)
+    memory = open_memory(st.settings, st.tenant)
+    profiles = _run(memory.persona_history(user)) if history else [p for p in [_run(memory.current_persona(user))] if p]
+    if not profiles:
+        _fail(f"no persona for {user!r} yet: ingest votes, then run `synth-agent fit --user {user}`")
+    if as_json:
+        print(json.dumps([json.loads(p.model_dump_json()) for p in profiles], indent=2, ensure_ascii=False)
+              if history else profiles[0].model_dump_json(indent=2))
+        return
+    for p in profiles:
+        acc = f"{p.val_accuracy:.0%}" if p.val_accuracy is not None else "-"
+        out.rule(f"{p.user_id} · v{p.version} · {p.created_at:%Y-%m-%d %H:%M} · val acc {acc} · {len(p.demos)} demos")
+        out.print(p.persona)
+
+
+def _current_profile(st: CLIState, user: str) -> Any:
+    from synth_agent.services import open_memory
+
+    return _run(open_memory(st.settings, st.tenant).current_persona(user))
+
+
+@app.command()
+def judge(
+    ctx: typer.Context,
+    user: Annotated[str, typer.Option("--user", "-u", help="User id (default judge if no persona).")],
+    prompt: Annotated[str, typer.Option(help="The user's message both responses answer.")],
+    a: Annotated[str, typer.Option("--a", help="Response A.")],
+    b: Annotated[str, typer.Option("--b", help="Response B.")],
+    mode: Annotated[str, typer.Option(help="cot or logprob.")] = "cot",
+) -> None:
+    """Which of two responses would this user prefer? (judged in both orders)"""
+    from synth_agent.engine import Judge
+    from synth_agent.models import Message
+    from synth_agent.services import open_llm, simulator_if_needed
+
+    st = _state(ctx)
+    if mode not in ("cot", "logprob"):
+        _fail("--mode must be 'cot' or 'logprob'")
+    profile = _current_profile(st, user)
+    with simulator_if_needed(st.settings) as settings:
+
+        async def go() -> Any:
+            llm = open_llm(settings)
+            try:
+                j = Judge.from_profile(llm, profile, mode=mode)
+                return await j.compare([Message(role="user", content=prompt)], a, b)
+            finally:
+                await llm.aclose()
+
+        res = _run(go())
+    who = f"persona v{profile.version}" if profile else "default judge (no persona yet)"
+    out.print(f"[bold]{res.preferred}[/] (confidence {res.confidence:.2f}, P(A)={res.p_a:.2f}) — {who}")
+    if res.reasoning:
+        out.print(res.reasoning)
+
+
+@app.command()
+def rerank(
+    ctx: typer.Context,
+    user: Annotated[str, typer.Option("--user", "-u", help="User id.")],
+    prompt: Annotated[str, typer.Option(help="The user's message the candidates answer.")],
+    candidate: Annotated[list[str], typer.Option("--candidate", "-c", help="A candidate (repeat, at least 2).")],
+    strategy: Annotated[str, typer.Option(help="knockout or round_robin.")] = "knockout",
+) -> None:
+    """Rank candidate responses for a user with their personalized judge."""
+    from synth_agent.engine import Judge, rank
+    from synth_agent.models import Message
+    from synth_agent.services import open_llm, simulator_if_needed
+
+    st = _state(ctx)
+    if len(candidate) < 2:
+        _fail("give at least two --candidate values")
+    if strategy not in ("knockout", "round_robin"):
+        _fail("--strategy must be 'knockout' or 'round_robin'")
+    profile = _current_profile(st, user)
+    with simulator_if_needed(st.settings) as settings:
+
+        async def go() -> Any:
+            llm = open_llm(settings)
+            try:
+                return await rank(
+                    Judge.from_profile(llm, profile), [Message(role="user", content=prompt)], candidate,
+                    strategy=strategy,  # type: ignore[arg-type]
+                )
+            finally:
+                await llm.aclose()
+
+        res = _run(go())
+    table = Table("rank", "candidate", "score", title=f"winner: candidate {res.winner + 1}")
+    for r, i in enumerate(res.order, 1):
+        table.add_row(str(r), f"{i + 1}: {candidate[i][:60]}", f"{res.scores[i]:.3f}")
+    out.print(table)
+
+
+@app.command("export-prompt")
+def export_prompt(
+    ctx: typer.Context,
+    user: Annotated[str, typer.Option("--user", "-u", help="User id.")],
+    fmt: Annotated[str, typer.Option("--format", help="system | messages | json")] = "system",
+) -> None:
+    """Export a user's persona as a system prompt, a judge message list, or JSON."""
+    from synth_agent.export import export_profile
+
+    st = _state(ctx)
+    if fmt not in ("system", "messages", "json"):
+        _fail("--format must be one of: system, messages, json")
+    profile = _current_profile(st, user)
+    if profile is None:
+        _fail(f"no persona for {user!r} yet: run `synth-agent fit --user {user}` first")
+    print(export_profile(profile, fmt))  # type: ignore[arg-type]
+
+
+@app.command("eval")
+def eval_cmd(
+    ctx: typer.Context,
+    file: Annotated[Path, typer.Argument(help="Votes JSONL (uses `split` when present).")],
+    methods: Annotated[str, typer.Option(help="Comma-separated methods.")] = "default,persona,demos,persona_demos,unverified,memory",
+    out_dir: Annotated[Path, typer.Option("--out", help="Directory for report.json and plots.")] = Path("eval-out"),
+    curve: Annotated[str, typer.Option(help="Context sizes for the accuracy-vs-votes curve, e.g. 5,7,10 ('' = off).")] = "5,7,10",
+    seed: Annotated[int, typer.Option(help="Seed for splits and random search.")] = 0,
+    concurrency: Annotated[int, typer.Option(help="Users evaluated at once.")] = 8,
+    trials: Annotated[int, typer.Option(help="Bootstrap trials.")] = 10,
+    candidates: Annotated[int, typer.Option(help="Demo-set candidates.")] = 10,
+) -> None:
+    """Evaluate judges on held-out votes: accuracy per method with 95% CIs, per-user table, plots."""
+    from synth_agent.evaluate import evaluate, write_plots
+    from synth_agent.ingest import read_jsonl
+    from synth_agent.services import open_llm, simulator_if_needed
+
+    st = _state(ctx)
+    try:
+        parsed = read_jsonl(file, max_content_chars=st.settings.max_content_chars)
+    except FileNotFoundError as exc:
+        _fail(str(exc))
+    for issue in parsed.issues:
+        err.print(f"[yellow]{file}:{issue.line}:[/] {issue.error}")
+    method_list = [m.strip() for m in methods.split(",") if m.strip()]
+    sizes = [int(x) for x in curve.split(",") if x.strip()] if curve else []
+    cfg = _fit_config(seed=seed, n_trials=trials, n_demo_candidates=candidates)
+    n_users = len({v.user_id for v in parsed.votes})
+    with simulator_if_needed(st.settings) as settings:
+
+        async def go() -> Any:
+            llm = open_llm(settings)
+            try:
+                with Progress(
+                    TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=err,
+                ) as prog:
+                    task = prog.add_task("evaluating users", total=n_users)
+                    return await evaluate(
+                        llm, parsed.votes, methods=method_list, config=cfg, concurrency=concurrency,
+                        curve_sizes=sizes, on_user_done=lambda _u: prog.advance(task),
+                    )
+            finally:
+                await llm.aclose()
+
+        try:
+            report = _run(go())
+        except ValueError as exc:
+            _fail(str(exc))
+    print_report(report)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "report.json").write_text(report.to_json())
+    plots = write_plots(report, out_dir)
+    out.print(f"report: {out_dir / 'report.json'}; plots: {', '.join(str(p) for p in plots)}")
+
+
+def print_report(report: Any) -> None:
+    table = Table("method", "accuracy", "95% CI", "users", "judgments", title="Accuracy on held-out votes (both orders)")
+    for m, s in report.methods.items():
+        table.add_row(m, f"{s.accuracy:.1%}", f"{s.ci_low:.1%} – {s.ci_high:.1%}", str(s.n_users), str(s.n_judgments))
+    out.print(table)
+    if report.curve:
+        slope = f"{report.curve_slope * 100:+.2f} points per vote" if report.curve_slope is not None else "-"
+        out.print("accuracy vs context votes: " + ", ".join(
+            f"{c.n_context}: {c.accuracy:.1%}" for c in report.curve) + f" (slope {slope})")
+    if report.skipped_users:
+        out.print(f"[yellow]{len(report.skipped_users)} user(s) skipped[/] (e.g. "
+                  + "; ".join(f"{u}: {r}" for u, r in list(report.skipped_users.items())[:3]) + ")")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

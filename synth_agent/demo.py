@@ -1,0 +1,130 @@
+"""`make demo`: the product's main job end to end, offline by default.
+
+Simulated population → votes JSONL → Chroma store → concurrent SynthesizeMe fits
+(saved as persona versions) → evaluation of default vs personalized judges on
+held-out votes → personas, accuracy table, LLM cost, plots.
+
+Set OPENAI_BASE_URL / OPENAI_API_KEY / SYNTH_AGENT_MODEL to run the same job on a
+real model (the votes are still simulated).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from synth_agent.cli import print_report
+from synth_agent.config import Settings
+from synth_agent.engine import FitConfig, Synthesizer
+from synth_agent.evaluate import evaluate, split_for_eval, write_plots
+from synth_agent.ingest import read_jsonl
+from synth_agent.services import open_llm, open_memory, simulator_if_needed
+from synth_agent.sim.population import write_population_jsonl
+
+console = Console()
+
+
+async def run(settings: Settings, users: int, votes: int, seed: int, out: Path) -> None:
+    t0 = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    raw = out / "population.jsonl"
+    population = write_population_jsonl(raw, users, votes, seed)
+    parsed = read_jsonl(raw)
+    # Label each user's votes 50/20/30 (context-train / context-val / held-out target) in time order.
+    by_user: dict[str, list] = {}
+    for v in parsed.votes:
+        by_user.setdefault(v.user_id, []).append(v)
+    labelled = []
+    for vs in by_user.values():
+        context, target = split_for_eval(vs)
+        labelled += context + [v.model_copy(update={"split": "test"}) for v in target]
+    data = out / "votes.jsonl"
+    data.write_text("".join(v.model_dump_json() + "\n" for v in labelled))
+    console.print(f"[bold]1.[/] simulated {users} users × {votes} votes → {data}")
+
+    memory = open_memory(settings)
+    res = await memory.add_votes(labelled)
+    console.print(f"[bold]2.[/] stored {res.added} votes in Chroma at {settings.home} ({res.duplicates} duplicates)")
+
+    llm = open_llm(settings, disk_cache=False)
+    try:
+        synth = Synthesizer(llm, memory, FitConfig(seed=seed))
+        with Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+        ) as prog:
+            task = prog.add_task("[bold]3.[/] fitting personas (all users concurrently)", total=len(by_user))
+
+            async def fit_one(uid: str):
+                r = await synth.fit(uid)
+                prog.advance(task)
+                return r
+
+            fits = await asyncio.gather(*(fit_one(u) for u in by_user))
+        fit_requests = llm.stats.total().requests
+        fitted = [f for f in fits if f.profile is not None]
+        console.print(f"    {len(fitted)}/{len(fits)} personas saved; {fit_requests} LLM requests for all fits")
+
+        with Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+        ) as prog:
+            task = prog.add_task("[bold]4.[/] evaluating judges on held-out votes", total=len(by_user))
+            report = await evaluate(
+                llm, labelled, config=FitConfig(seed=seed), curve_sizes=(5, 7, 10),
+                on_user_done=lambda _u: prog.advance(task),
+            )
+        for f in fitted[:2]:
+            assert f.profile is not None
+            hidden = population.user(f.user_id).describe() if hasattr(population, "user") else ""
+            console.rule(f"persona of {f.user_id} (v{f.profile.version}, {len(f.profile.demos)} demos)")
+            console.print(f.profile.persona)
+            if hidden:
+                console.print(f"[dim]simulator ground truth (never shown to the model): {hidden}[/]")
+        console.rule("results")
+        print_report(report)
+        total = llm.stats.total()
+        cost = Table("", "requests", "retries", "cache hits", "prompt tokens", "completion tokens", title="LLM usage")
+        cost.add_row("all", str(total.requests), str(total.retries), str(total.cache_hits),
+                     str(total.prompt_tokens), str(total.completion_tokens))
+        console.print(cost)
+        (out / "report.json").write_text(report.to_json())
+        plots = write_plots(report, out)
+        console.print(f"report: {out / 'report.json'}   plots: {', '.join(map(str, plots))}")
+        (out / "summary.json").write_text(json.dumps({
+            m: round(s.accuracy, 4) for m, s in report.methods.items()}, indent=2))
+    finally:
+        await llm.aclose()
+    console.print(f"done in {time.perf_counter() - t0:.1f}s")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="synth-agent end-to-end demo (offline simulator by default)")
+    ap.add_argument("--users", type=int, default=20)
+    ap.add_argument("--votes", type=int, default=15)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=Path("out/demo"))
+    ap.add_argument("--home", type=Path, default=Path(".synth-agent/demo"), help="store directory (wiped first)")
+    args = ap.parse_args()
+    settings = Settings().model_copy(update={"home": args.home})
+    if settings.chroma_host is None and args.home.exists():
+        shutil.rmtree(args.home)
+    with simulator_if_needed(settings, quiet=True) as live:
+        if live.base_url != settings.base_url:
+            console.print(
+                "[bold yellow]Running against the offline simulator[/] (a simulated LLM; no real model). "
+                "To use a real model: OPENAI_BASE_URL=... OPENAI_API_KEY=... SYNTH_AGENT_MODEL=... make demo"
+            )
+        else:
+            console.print(f"[bold]Using endpoint {live.base_url} (model {live.model})[/]")
+        asyncio.run(run(live, args.users, args.votes, args.seed, args.out))
+
+
+if __name__ == "__main__":
+    main()

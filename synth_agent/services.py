@@ -1,0 +1,96 @@
+"""Wiring: settings → store, preference memory and LLM client, for the CLI, demo and server.
+
+Library users can build these pieces themselves; this module is the one place
+that decides the defaults (embedded Chroma under ``SYNTH_AGENT_HOME``, a Chroma
+server when ``CHROMA_HOST`` is set, the offline simulator when no real endpoint
+is configured).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from synth_agent.config import DEFAULT_SIM_URL, Settings
+from synth_agent.llm.cache import SqliteCache
+from synth_agent.llm.client import EndpointConfig, LLMClient
+
+
+def open_store(settings: Settings) -> Any:
+    """The configured LangGraph BaseStore: embedded Chroma, or a Chroma server over HTTP."""
+    from store.chroma import ChromaStore
+    from store.embeddings import chroma_embedding_function
+
+    ef = chroma_embedding_function()
+    if settings.chroma_host:
+        return ChromaStore(host=settings.chroma_host, port=settings.chroma_port, embedding_function=ef)
+    settings.home.mkdir(parents=True, exist_ok=True)
+    return ChromaStore(path=str(settings.home / "chroma"), embedding_function=ef)
+
+
+def open_memory(settings: Settings, tenant: str = "default") -> Any:
+    from store.memory import PreferenceMemory
+
+    return PreferenceMemory(open_store(settings), tenant=tenant)
+
+
+def open_llm(settings: Settings, *, disk_cache: bool = True) -> LLMClient:
+    """An LLM client for the configured endpoint, with an on-disk cache under the home directory."""
+    cache: Any = True
+    if disk_cache:
+        settings.home.mkdir(parents=True, exist_ok=True)
+        cache = SqliteCache(settings.home / "llm-cache.sqlite")
+    return LLMClient(EndpointConfig.from_settings(settings), cache=cache)
+
+
+def endpoint_alive(base_url: str, timeout: float = 0.5) -> bool:
+    try:
+        r = httpx.get(base_url.rstrip("/") + "/models", timeout=timeout)
+        return r.status_code < 500
+    except httpx.HTTPError:
+        return False
+
+
+@contextlib.contextmanager
+def simulator_if_needed(settings: Settings, *, quiet: bool = False, **sim_kw: Any) -> Iterator[Settings]:
+    """Yield settings that point at a live endpoint.
+
+    When the configured endpoint is the default simulator URL and nothing listens
+    there, start an in-process simulator on a free port for the duration. A real
+    endpoint is never replaced.
+    """
+    if settings.base_url.rstrip("/") != DEFAULT_SIM_URL.rstrip("/") or endpoint_alive(settings.base_url):
+        yield settings
+        return
+    from synth_agent.sim.server import SimEndpoint
+
+    with SimEndpoint(**sim_kw) as ep:
+        if not quiet:
+            print(
+                f"[synth-agent] no LLM endpoint configured: using the offline simulator at {ep.base_url}. "
+                "Set OPENAI_BASE_URL / OPENAI_API_KEY / SYNTH_AGENT_MODEL (or --base-url/--api-key/--model) "
+                "for a real model.",
+                file=sys.stderr,
+            )
+        yield settings.model_copy(update={"base_url": ep.base_url})
+
+
+@dataclass
+class Services:
+    settings: Settings
+    memory: Any
+    llm: LLMClient
+
+
+@contextlib.asynccontextmanager
+async def open_services(settings: Settings, tenant: str = "default") -> AsyncIterator[Services]:
+    llm = open_llm(settings)
+    try:
+        yield Services(settings, open_memory(settings, tenant), llm)
+    finally:
+        await llm.aclose()

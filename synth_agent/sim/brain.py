@@ -1,0 +1,541 @@
+"""The simulated LLM: answers every prompt the project sends, deterministically, from the prompt text alone.
+
+:class:`SimBrain` recognises the task from the system message (CoT judge, label judge,
+persona writer, insight extractor; anything else is chat generation), reads the tagged
+blocks the templates in :mod:`synth_agent.prompts` produce, measures response traits
+(:mod:`synth_agent.sim.traits`) and answers in the shared phrase vocabulary. It never
+sees a simulated user's hidden weights: a persona helps it only if the persona's text
+carries correct information, and demos help only through their labels.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from synth_agent.sim.generator import random_levels, render_response, style_from_text
+from synth_agent.sim.traits import (
+    OPPOSITE_PHRASES,
+    PHRASES,
+    TRAITS,
+    describe_preference,
+    join_phrases,
+    parse_preferences,
+    trait_vector,
+)
+
+LogprobRow = list[tuple[str, float]]
+
+GENERIC_TASTE: dict[str, float] = {
+    "length": 0.5,
+    "bullets": 0.35,
+    "headings": 0.25,
+    "code": 0.1,
+    "examples": 0.25,
+    "emoji": -0.3,
+    "hedging": -0.2,
+    "questions": 0.0,
+    "formality": 0.15,
+}
+"""What the judge likes when it knows nothing about the user: mildly longer, structured, plain answers."""
+
+NOTICE = 0.2
+"""A trait difference the judge notices and writes about."""
+MAX_NOTICED = 5
+"""At most this many differences are written about per pair (largest first)."""
+MEASURED_WEIGHT = 0.35
+"""Persona writer: weight of the measured trait difference next to a reasoning claim (weight 1)."""
+CONTRADICTED_CLAIM = 0.5
+"""Persona writer: a claim the measured difference contradicts counts this much (agreeing claims count 1)."""
+DEFAULT_QUIRK = 0.22
+"""Default judge: scale of its idiosyncratic (hash-keyed) taste for one response of a pair."""
+PERSONA_WEIGHT = 0.7
+INSIGHT_TRAITS = 1
+PERSONA_RAW = 0.0
+PERSONA_SHRINK = 0.0
+"""Judge: weight of the (unit) persona estimate next to the (unit) demo estimate."""
+DEMO_PRIOR = 1.0
+"""Judge: persona vs demos blend; demos weigh ``n / (n + DEMO_PRIOR)`` relative to the persona."""
+
+
+@dataclass(frozen=True)
+class BrainReply:
+    """What the simulated model answers: text, and for each generated token its top alternatives."""
+
+    text: str
+    top_logprobs: list[LogprobRow] | None = None
+
+
+@dataclass(frozen=True)
+class _Pair:
+    conversation: str
+    a: str
+    b: str
+
+
+@dataclass(frozen=True)
+class _Decision:
+    margin: float  # > 0 favours A
+    reasoning: str
+
+    @property
+    def preferred(self) -> str:
+        return "A" if self.margin >= 0 else "B"
+
+
+_BLOCK = {
+    name: re.compile(rf"<{name}>\n?(.*?)\n?</{name}>", re.S)
+    for name in ("conversation", "response_a", "response_b", "reasoning", "preferred", "persona", "example")
+}
+_PREF_JSON = re.compile(r'"preferred"\s*:\s*"\s*(?:response[ _])?([AB])\b', re.I)
+_BARE_LABEL = re.compile(r"^\W*(?:response\s*)?([AB])\W*$", re.I)
+_CLAIM_SKIP = re.compile(r"^\s*(?:response\s+[ab]\b|prediction\b|[ab]\s+(?:is|has)\b)", re.I)
+_SENT = re.compile(r"(?<=[.!?;])\s+|\n+")
+_USER_TURN = re.compile(r"^\[user\]:\s*(.*)$", re.M)
+
+
+def _sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
+
+
+def _hash_int(*parts: object) -> int:
+    h = hashlib.blake2b(digest_size=8)
+    for p in parts:
+        h.update(repr(p).encode("utf-8", "replace"))
+        h.update(b"\x1f")
+    return int.from_bytes(h.digest(), "big")
+
+
+def _gauss(*parts: object) -> float:
+    """A deterministic standard-normal draw keyed by ``parts``."""
+    return float(np.random.default_rng(_hash_int(*parts)).standard_normal())
+
+
+def _content(msg: Any) -> str:
+    c = msg.get("content", "") if isinstance(msg, dict) else getattr(msg, "content", "")
+    if isinstance(c, str):
+        return c
+    if isinstance(c, list):  # OpenAI content parts
+        return "\n".join(
+            str(p.get("text", "")) if isinstance(p, dict) else str(p) for p in c if p is not None
+        )
+    return "" if c is None else str(c)
+
+
+def _role(msg: Any) -> str:
+    r = msg.get("role", "") if isinstance(msg, dict) else getattr(msg, "role", "")
+    r = str(r or "").strip().lower()
+    return {"model": "assistant", "bot": "assistant", "human": "user", "developer": "system"}.get(r, r)
+
+
+def _block(name: str, text: str) -> str | None:
+    m = _BLOCK[name].search(text)
+    return m.group(1) if m else None
+
+
+def _parse_pair(text: str) -> _Pair | None:
+    a, b = _block("response_a", text), _block("response_b", text)
+    if a is None or b is None:
+        return None
+    return _Pair(_block("conversation", text) or "", a, b)
+
+
+def _parse_label(text: str) -> str | None:
+    m = _PREF_JSON.search(text)
+    if m:
+        return m.group(1).upper()
+    m = _BARE_LABEL.match(text.strip())
+    return m.group(1).upper() if m else None
+
+
+def _vec(weights: dict[str, float]) -> np.ndarray:
+    return np.array([weights.get(t, 0.0) for t in TRAITS], dtype=float)
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    n = float(np.linalg.norm(v))
+    return v / n if n > 1e-9 else np.zeros_like(v)
+
+
+_GENERIC = _unit(_vec(GENERIC_TASTE))
+
+_MORE = {
+    "length": "is longer and more detailed",
+    "bullets": "has more bullet lists",
+    "headings": "has more headings",
+    "code": "has more code blocks",
+    "examples": "has more worked examples",
+    "emoji": "has more emoji",
+    "hedging": "hedges more",
+    "questions": "asks more questions back to the user",
+    "formality": "has a more formal tone",
+}
+
+
+def _value_phrase(trait: str, positive: bool) -> tuple[str, bool]:
+    """(phrase, is_value) for attributing a trait difference: liking its presence or its absence."""
+    if positive:
+        return PHRASES[trait], True
+    if trait in OPPOSITE_PHRASES:
+        return OPPOSITE_PHRASES[trait], True
+    return PHRASES[trait], False
+
+
+def _claims(reasoning: str) -> dict[str, float]:
+    """Preference claims in a judge's reasoning, skipping sentences that only describe the responses."""
+    keep = [s for s in _SENT.split(reasoning) if s.strip() and not _CLAIM_SKIP.match(s)]
+    return parse_preferences(". ".join(keep))
+
+
+class SimBrain:
+    """Deterministic stand-in for an LLM; see the module docstring.
+
+    ``respond`` never raises on odd input: anything it cannot read as a known task is
+    answered as chat. State is per instance (a bounded cache of measured traits only).
+    """
+
+    def __init__(self, seed: int = 0, *, cache_size: int = 20_000) -> None:
+        self.seed = int(seed)
+        self._cache_size = cache_size
+        self._tv: dict[str, np.ndarray] = {}
+
+    # ------------------------------------------------------------------ entry point
+
+    def respond(
+        self,
+        messages: Sequence[Any],
+        *,
+        temperature: float = 0.0,
+        max_tokens: int | None = None,
+        seed: int | None = None,
+        json_mode: bool = False,
+        top_logprobs: int | None = None,
+    ) -> BrainReply:
+        """Answer ``messages`` (OpenAI chat format); same input and parameters give the same reply."""
+        try:
+            msgs = [
+                (_role(m), _content(m)) for m in (messages or []) if isinstance(m, dict) or hasattr(m, "role")
+            ]
+        except Exception:  # noqa: BLE001 - never raise on odd input
+            msgs = []
+        try:
+            temperature = float(temperature or 0.0)
+            if not math.isfinite(temperature):
+                temperature = 0.0
+        except (TypeError, ValueError):
+            temperature = 0.0
+        system = "\n\n".join(c for r, c in msgs if r == "system").strip()
+        try:
+            if system.startswith("You are a preference judge"):
+                if "single letter" in system:
+                    reply = self._label_judge(system, msgs, temperature, seed, top_logprobs)
+                else:
+                    reply = self._cot_judge(system, msgs, temperature, seed)
+                if reply is not None:
+                    return reply
+            elif system.startswith("You write user personas"):
+                reply = self._persona_writer(msgs)
+                if reply is not None:
+                    return reply
+            elif system.startswith("You extract insights"):
+                reply = self._insight(msgs)
+                if reply is not None:
+                    return reply
+        except Exception:  # noqa: BLE001 - fall back to chat on anything unexpected
+            pass
+        try:
+            return self._chat(system, msgs, temperature, seed, max_tokens, json_mode)
+        except Exception:  # noqa: BLE001
+            return BrainReply("I'm sorry, I could not process that request.")
+
+    # ------------------------------------------------------------------ measuring
+
+    def traits(self, text: str) -> np.ndarray:
+        """Measured trait vector of ``text`` (cached per instance)."""
+        v = self._tv.get(text)
+        if v is None:
+            if len(self._tv) >= self._cache_size:
+                self._tv.clear()
+            v = trait_vector(text)
+            self._tv[text] = v
+        return v
+
+    def _delta(self, pair: _Pair) -> np.ndarray:
+        return self.traits(pair.a) - self.traits(pair.b)
+
+    # ------------------------------------------------------------------ judging
+
+    def _judge_inputs(
+        self, system: str, msgs: list[tuple[str, str]]
+    ) -> tuple[_Pair, dict[str, float], list[tuple[_Pair, str, str]]] | None:
+        """(pair to judge, persona weights, demos as (pair, label, reasoning)) or None if no pair."""
+        turns = [(r, c) for r, c in msgs if r != "system"]
+        last_user = next((i for i in range(len(turns) - 1, -1, -1) if turns[i][0] == "user"), None)
+        if last_user is None:
+            return None
+        pair = _parse_pair(turns[last_user][1])
+        if pair is None:
+            return None
+        persona_text = _block("persona", system)
+        persona = parse_preferences(persona_text) if persona_text else {}
+        demos: list[tuple[_Pair, str, str]] = []
+        for i in range(last_user - 1):
+            if turns[i][0] == "user" and turns[i + 1][0] == "assistant":
+                dp = _parse_pair(turns[i][1])
+                label = _parse_label(turns[i + 1][1])
+                if dp is not None and label is not None:
+                    reasoning = ""
+                    try:
+                        obj = json.loads(turns[i + 1][1])
+                        reasoning = str(obj.get("reasoning", "")) if isinstance(obj, dict) else ""
+                    except (json.JSONDecodeError, TypeError, ValueError):
+                        pass
+                    demos.append((dp, label, reasoning))
+        return pair, persona, demos
+
+    def _decide(
+        self,
+        pair: _Pair,
+        persona: dict[str, float],
+        demos: list[tuple[_Pair, str, str]],
+        temperature: float,
+        seed: int | None,
+    ) -> _Decision:
+        delta = self._delta(pair)
+        p_vec = _vec(persona)
+        d_vec = np.zeros(len(TRAITS))
+        if demos:
+            d_vec = np.mean([(1.0 if lab == "A" else -1.0) * self._delta(dp) for dp, lab, _ in demos], axis=0)
+        personalized = bool(np.any(p_vec)) or bool(np.any(d_vec))
+        # judge quirks: a fixed taste for one of the two texts (same in both orders), a little
+        # order-specific noise, a slight first-position bias, and sampling noise when temperature > 0
+        lo, hi = sorted((pair.a, pair.b))
+        quirk = _gauss(self.seed, "pair", lo, hi) * (1.0 if pair.a == lo else -1.0)
+        order_noise = _gauss(self.seed, "order", pair.a, pair.b)
+        sample = _gauss(self.seed, "sample", seed, temperature, pair.a, pair.b) * min(temperature, 2.0)
+        if personalized:
+            n = len(demos)
+            lam = n / (n + DEMO_PRIOR) if np.any(p_vec) else 1.0
+            p_part = _unit(p_vec) if PERSONA_RAW <= 0 else p_vec / PERSONA_RAW
+            w = PERSONA_WEIGHT * p_part + lam * _unit(d_vec) + 0.15 * _GENERIC
+            base = float(w @ delta)
+            margin = base + 0.06 * quirk + 0.03 * order_noise + 0.01 + 0.1 * sample
+        else:
+            w = _GENERIC
+            base = float(w @ delta)
+            margin = base + DEFAULT_QUIRK * quirk + 0.06 * order_noise + 0.02 + 0.3 * sample
+        return _Decision(margin, self._reasoning(delta, margin >= 0, persona, d_vec, len(demos)))
+
+    def _reasoning(
+        self, delta: np.ndarray, pick_a: bool, persona: dict[str, float], d_vec: np.ndarray, n_demos: int
+    ) -> str:
+        pick, other = ("A", "B") if pick_a else ("B", "A")
+        order = np.argsort(-np.abs(delta), kind="stable")
+        noticed = [int(i) for i in order if abs(delta[i]) >= NOTICE][:MAX_NOTICED]
+        parts: list[str] = []
+        if persona:
+            named = [t for t in (TRAITS[i] for i in noticed) if t in persona] or sorted(
+                persona, key=lambda t: -abs(persona[t])
+            )[:2]
+            cited = [describe_preference(t, persona[t]) for t in named]
+            parts.append(f"The persona says the user {join_phrases(cited)}.")
+        if n_demos and np.any(d_vec):
+            top = [int(i) for i in np.argsort(-np.abs(d_vec), kind="stable")[:2] if abs(d_vec[i]) >= 0.1]
+            more = [PHRASES[TRAITS[i]] for i in top if d_vec[i] > 0]
+            fewer = [PHRASES[TRAITS[i]] for i in top if d_vec[i] < 0]
+            if more or fewer:
+                bits = []
+                if more:
+                    bits.append(f"more {join_phrases(more)}")
+                if fewer:
+                    bits.append(f"fewer {join_phrases(fewer)}")
+                parts.append(f"In the earlier examples this user chose responses with {' and '.join(bits)}.")
+        if not noticed:
+            parts.append("The two responses are very similar in length, structure and tone.")
+            parts.append(f"Response {pick} reads slightly better overall.")
+            parts.append(f"Prediction: {pick}")
+            return " ".join(parts)
+        by = {"A": [], "B": []}
+        for i in noticed:
+            by["A" if delta[i] > 0 else "B"].append(_MORE[TRAITS[i]])
+        desc = [f"Response {x} {join_phrases(by[x])}" for x in ("A", "B") if by[x]]
+        parts.append("; ".join(desc) + ".")
+        values: list[str] = []
+        dislikes: list[str] = []
+        for i in noticed:
+            favours_pick = (delta[i] > 0) == pick_a
+            phrase, is_value = _value_phrase(TRAITS[i], favours_pick)
+            (values if is_value else dislikes).append(phrase)
+        claim = []
+        if values:
+            claim.append(f"likely values {join_phrases(values)}")
+        if dislikes:
+            claim.append(f"likely dislikes {join_phrases(dislikes)}")
+        parts.append(f"This user {' and '.join(claim)}, which favours Response {pick} over Response {other}.")
+        parts.append(f"Prediction: {pick}")
+        return " ".join(parts)
+
+    def rationale(self, a: str, b: str, preferred: str) -> str:
+        """The reasoning this judge writes when it predicts ``preferred`` ("A"/"B") for the pair (a, b):
+        noticed differences, attributed to the user in that direction. Useful to build traces."""
+        return self._reasoning(
+            self.traits(a) - self.traits(b), str(preferred).upper() == "A", {}, np.zeros(len(TRAITS)), 0
+        )
+
+    def _cot_judge(
+        self, system: str, msgs: list[tuple[str, str]], temperature: float, seed: int | None
+    ) -> BrainReply | None:
+        inputs = self._judge_inputs(system, msgs)
+        if inputs is None:
+            return None
+        d = self._decide(*inputs, temperature, seed)
+        return BrainReply(
+            json.dumps({"reasoning": d.reasoning, "preferred": d.preferred}, ensure_ascii=False)
+        )
+
+    def _label_judge(
+        self,
+        system: str,
+        msgs: list[tuple[str, str]],
+        temperature: float,
+        seed: int | None,
+        top_logprobs: int | None,
+    ) -> BrainReply | None:
+        inputs = self._judge_inputs(system, msgs)
+        if inputs is None:
+            return None
+        d = self._decide(*inputs, temperature, seed)
+        rows = None
+        if top_logprobs:
+            p_a = min(max(_sigmoid(d.margin / 0.15), 1e-4), 1 - 1e-4)
+            eps = 0.002
+            alts = [
+                ("A", math.log(p_a * (1 - eps))),
+                ("B", math.log((1 - p_a) * (1 - eps))),
+                (" A", math.log(eps * 0.6)),
+                (" B", math.log(eps * 0.4)),
+            ]
+            alts.sort(key=lambda x: -x[1])
+            rows = [alts[: max(1, int(top_logprobs))]]
+        return BrainReply(d.preferred, rows)
+
+    # ------------------------------------------------------------------ persona writer and insights
+
+    def estimate_from_examples(self, examples: list[tuple[_Pair, str, str]]) -> np.ndarray:
+        """Per-trait evidence from ``(pair, preferred, reasoning)`` examples: mainly the reasoning's
+        claims, cross-checked with the preferred response's measured trait differences."""
+        total = np.zeros(len(TRAITS))
+        for pair, pref, reasoning in examples:
+            measured = (1.0 if pref == "A" else -1.0) * self._delta(pair)
+            claims = _vec({t: max(-2.0, min(2.0, w)) for t, w in _claims(reasoning).items()})
+            agree = np.where(
+                np.abs(measured) < 0.1, 0.7, np.where(claims * measured > 0, 1.0, CONTRADICTED_CLAIM)
+            )
+            total += claims * agree + MEASURED_WEIGHT * measured
+        return total / (len(examples) + PERSONA_SHRINK)
+
+    def _persona_writer(self, msgs: list[tuple[str, str]]) -> BrainReply | None:
+        body = "\n".join(c for r, c in msgs if r == "user")
+        examples: list[tuple[_Pair, str, str]] = []
+        for m in _BLOCK["example"].finditer(body):
+            ex = m.group(1)
+            pair = _parse_pair(ex)
+            pref = (_block("preferred", ex) or "").strip().upper()[:1]
+            if pair is None or pref not in ("A", "B"):
+                continue
+            examples.append((pair, pref, _block("reasoning", ex) or ""))
+        if not examples:
+            return BrainReply(f"<persona>\n{write_persona(np.zeros(len(TRAITS)))}\n</persona>")
+        score = self.estimate_from_examples(examples)
+        return BrainReply(f"<persona>\n{write_persona(score)}\n</persona>")
+
+    def _insight(self, msgs: list[tuple[str, str]]) -> BrainReply | None:
+        body = "\n".join(c for r, c in msgs if r == "user")
+        pair = _parse_pair(body)
+        pref = (_block("preferred", body) or "").strip().upper()[:1]
+        if pair is None or pref not in ("A", "B"):
+            return None
+        measured = (1.0 if pref == "A" else -1.0) * self._delta(pair)
+        # what the preferred response *has* that the other lacks: its single most salient surplus
+        # (a shorter or more casual answer counts as having concision / a casual tone)
+        has = [
+            int(i)
+            for i in np.argsort(-np.abs(measured), kind="stable")
+            if abs(measured[i]) >= NOTICE and (measured[i] > 0 or TRAITS[int(i)] in OPPOSITE_PHRASES)
+        ][:INSIGHT_TRAITS]
+        if not has:
+            return BrainReply("This choice does not reveal a clear style preference.")
+        phrases = [_value_phrase(TRAITS[i], measured[i] > 0)[0] for i in has]
+        return BrainReply(f"The user prefers {join_phrases(phrases)}.")
+
+    # ------------------------------------------------------------------ chat
+
+    def _chat(
+        self,
+        system: str,
+        msgs: list[tuple[str, str]],
+        temperature: float,
+        seed: int | None,
+        max_tokens: int | None,
+        json_mode: bool,
+    ) -> BrainReply:
+        prompt = next((c for r, c in reversed(msgs) if r == "user" and c.strip()), "")
+        if not prompt and msgs:
+            prompt = msgs[-1][1]
+        key = seed if seed is not None else _hash_int(tuple(msgs))
+        t_key = 0 if temperature <= 0 else round(temperature, 4)
+        rng = np.random.default_rng([self.seed % (2**32), _hash_int("chat", key, t_key) % (2**63)])
+        levels = random_levels(rng)
+        if system:
+            levels.update(style_from_text(system))
+        text = render_response(prompt, levels, rng)
+        if max_tokens is not None and max_tokens > 0:
+            words = text.split(" ")
+            limit = max(1, int(max_tokens * 0.75))
+            if len(words) > limit:
+                text = " ".join(words[:limit])
+        if json_mode:
+            text = json.dumps({"response": text}, ensure_ascii=False)
+        return BrainReply(text)
+
+
+PERSONA_MIN_EVIDENCE = 0.15
+"""Smallest per-example evidence for a trait to be named in a persona."""
+PERSONA_STRONG = 0.55
+PERSONA_PLAIN = 0.3
+"""Evidence needed for "strongly" / plain wording (below PERSONA_PLAIN: "somewhat")."""
+
+
+def write_persona(score: np.ndarray, *, max_traits: int = 6) -> str:
+    """Turn per-trait evidence (see :meth:`SimBrain.estimate_from_examples`) into persona text."""
+    order = [
+        int(i) for i in np.argsort(-np.abs(score), kind="stable") if abs(score[i]) >= PERSONA_MIN_EVIDENCE
+    ]
+    order = order[:max_traits]
+    if not order:
+        return (
+            "The evidence shows no consistent preference about the form of responses; "
+            "judge on how well each response answers the question."
+        )
+    groups: dict[tuple[str, str], list[str]] = {}
+    for i in order:
+        mag = abs(score[i])
+        adverb = "strongly " if mag >= PERSONA_STRONG else "" if mag >= PERSONA_PLAIN else "somewhat "
+        phrase, is_value = _value_phrase(TRAITS[i], score[i] > 0)
+        verb = "prefers" if is_value else "dislikes"
+        groups.setdefault((adverb, verb), []).append(phrase)
+    rank = {"strongly ": 0, "": 1, "somewhat ": 2}
+    sentences = [
+        f"The user {adverb}{verb} {join_phrases(items)}."
+        for (adverb, verb), items in sorted(
+            groups.items(), key=lambda kv: (rank[kv[0][0]], kv[0][1] != "prefers")
+        )
+    ]
+    return " ".join(sentences)

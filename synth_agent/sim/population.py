@@ -1,0 +1,238 @@
+"""Simulated users with hidden preferences over response traits, and their A/B votes.
+
+A :class:`SimUser` prefers responses by a Bradley-Terry choice on trait-score
+differences, ``P(a) = sigmoid(w . (t(a) - t(b)) / noise)``. Weights are sparse
+(2-4 strong traits) and their signs vary across users, so no single generic
+taste predicts the population well. The hidden weights never leave this module
+except through :meth:`Population.user` (for oracle/ceiling accuracy in tests and
+evaluation); the simulated LLM sees only prompt text.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+
+from synth_agent.models import Message, Vote
+from synth_agent.sim.generator import PROMPT_POOL, random_levels, render_response
+from synth_agent.sim.traits import TRAITS, trait_vector
+
+BASE_NOISE = 0.5
+"""Choice temperature; calibrated so an oracle knowing the weights gets ~85% of a user's votes."""
+
+EPOCH = datetime(2025, 1, 6, 9, 0, tzinfo=UTC)
+
+
+def _sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
+
+
+@dataclass(frozen=True)
+class SimUser:
+    """A simulated user: opaque id, hidden trait weights, choice noise."""
+
+    user_id: str
+    weights: dict[str, float]
+    noise: float = BASE_NOISE
+
+    @property
+    def weight_vector(self) -> np.ndarray:
+        return np.array([self.weights.get(t, 0.0) for t in TRAITS], dtype=float)
+
+    def utility_margin(self, a_text: str, b_text: str) -> float:
+        """``w . (t(a) - t(b))``: positive when this user leans to ``a``."""
+        return float(self.weight_vector @ (trait_vector(a_text) - trait_vector(b_text)))
+
+    def p_choose_a(self, a_text: str, b_text: str) -> float:
+        return _sigmoid(self.utility_margin(a_text, b_text) / self.noise)
+
+    def choose(self, a_text: str, b_text: str, rng: np.random.Generator) -> bool:
+        """Sample the user's vote: True if ``a`` is chosen."""
+        return bool(rng.random() < self.p_choose_a(a_text, b_text))
+
+    def oracle_prefers_a(self, a_text: str, b_text: str) -> bool:
+        """What an oracle that knows the hidden weights predicts (ties go to ``a``)."""
+        return self.utility_margin(a_text, b_text) >= 0.0
+
+
+POPULATION_TILT: dict[str, float] = {
+    "length": 0.7,
+    "bullets": 0.7,
+    "headings": 0.7,
+    "examples": 0.7,
+    "emoji": 0.3,
+    "hedging": 0.3,
+}
+"""P(a strong weight on this trait is positive); 0.5 elsewhere. A weak population-wide taste."""
+STRONG_TRAITS = (2, 4)
+"""A user has between 2 and 3 strong traits (upper bound exclusive)."""
+
+
+def random_weights(rng: np.random.Generator) -> dict[str, float]:
+    """2-3 strong traits (|w| in 1.5-3, mostly random sign), small weights elsewhere."""
+    k = int(rng.integers(*STRONG_TRAITS))
+    strong = set(rng.choice(len(TRAITS), size=k, replace=False).tolist())
+    out: dict[str, float] = {}
+    for i, t in enumerate(TRAITS):
+        if i in strong:
+            sign = 1 if rng.random() < POPULATION_TILT.get(t, 0.5) else -1
+            out[t] = float(rng.uniform(1.5, 3.0) * sign)
+        else:
+            out[t] = float(rng.normal(0.0, 0.15))
+    return out
+
+
+_NAMES = (
+    "Zoë Müller",
+    "李雷",
+    "Ана Петрова",
+    "José Ñúñez",
+    "O'Brien, Siobhán",
+    "محمد علي",
+    "Søren Kierkegaard-Ås",
+    "Ngozi Okonjo 🙂",
+    "Dvořák Antonín",
+    "山田 花子",
+    "Łukasz Żółć",
+    "Renée D'Arcy",
+    "Ελένη Παππά",
+    "user #42 (test)",
+)
+_EMAIL_LOCAL = (
+    "ana",
+    "li.wei",
+    "zoë",
+    "j.o'neil+votes",
+    "marta_k",
+    "ömer",
+    "sam.smith",
+    "kim-jisoo",
+    "raj",
+    "élodie",
+)
+_EMAIL_DOMAIN = ("example.com", "example.org", "mail.example.net", "bücher.example")
+
+
+def _user_id(i: int, rng: np.random.Generator) -> str:
+    kind = i % 3
+    if kind == 0:
+        local = _EMAIL_LOCAL[int(rng.integers(len(_EMAIL_LOCAL)))]
+        dom = _EMAIL_DOMAIN[int(rng.integers(len(_EMAIL_DOMAIN)))]
+        return f"{local}{i}@{dom}"
+    if kind == 1:
+        return str(uuid.UUID(bytes=rng.bytes(16), version=4))
+    return f"{_NAMES[int(rng.integers(len(_NAMES)))]} {i}"
+
+
+def simulate_votes(
+    user: SimUser,
+    n_votes: int,
+    rng: np.random.Generator,
+    start_time: datetime = EPOCH,
+    *,
+    prompts: Sequence[str] = PROMPT_POOL,
+) -> list[Vote]:
+    """``n_votes`` votes by ``user``: a pool prompt as context, two random-style candidates,
+    chosen/rejected by :meth:`SimUser.choose`, increasing timestamps, distinct ids."""
+    votes: list[Vote] = []
+    t = start_time
+    for _ in range(n_votes):
+        prompt = prompts[int(rng.integers(len(prompts)))]
+        a = render_response(prompt, random_levels(rng), rng)
+        b = render_response(prompt, random_levels(rng), rng)
+        while b.strip() == a.strip():
+            b = render_response(prompt, random_levels(rng), rng)
+        chosen, rejected = (a, b) if user.choose(a, b, rng) else (b, a)
+        t = t + timedelta(minutes=int(rng.integers(5, 60 * 24)))
+        votes.append(
+            Vote(
+                id="sim-" + rng.bytes(8).hex(),
+                user_id=user.user_id,
+                context=[Message(role="user", content=prompt)],
+                chosen=chosen,
+                rejected=rejected,
+                timestamp=t,
+            )
+        )
+    return votes
+
+
+def oracle_accuracy(user: SimUser, votes: Sequence[Vote]) -> float:
+    """Share of ``votes`` an oracle knowing ``user``'s hidden weights predicts correctly."""
+    if not votes:
+        return float("nan")
+    return sum(user.oracle_prefers_a(v.chosen, v.rejected) for v in votes) / len(votes)
+
+
+class Population:
+    """A seeded population of simulated users; everything derived from it is deterministic."""
+
+    def __init__(self, n_users: int, seed: int = 0) -> None:
+        self.seed = int(seed)
+        rng = np.random.default_rng([self.seed, 7919])
+        users: list[SimUser] = []
+        seen: set[str] = set()
+        for i in range(n_users):
+            uid = _user_id(i, rng)
+            while uid in seen:
+                uid += "'"
+            seen.add(uid)
+            weights = random_weights(rng)
+            noise = BASE_NOISE * float(rng.uniform(0.85, 1.15))
+            users.append(SimUser(uid, weights, noise))
+        self.users: list[SimUser] = users
+        self._by_id = {u.user_id: (i, u) for i, u in enumerate(users)}
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+    @property
+    def user_ids(self) -> list[str]:
+        return [u.user_id for u in self.users]
+
+    def user(self, user_id: str) -> SimUser:
+        """The hidden user behind ``user_id`` (for oracle accuracy; never give it to the judge)."""
+        try:
+            return self._by_id[user_id][1]
+        except KeyError:
+            raise KeyError(f"no simulated user {user_id!r} in this population") from None
+
+    def votes(self, user_id: str, n_votes: int, *, salt: int = 0) -> list[Vote]:
+        """``n_votes`` deterministic votes of one user; another ``salt`` gives fresh (e.g. held-out) votes."""
+        index, user = self._by_id[user_id]
+        rng = np.random.default_rng([self.seed, index, salt])
+        start = EPOCH + timedelta(days=index) + timedelta(days=400 * salt)
+        return simulate_votes(user, n_votes, rng, start)
+
+    def all_votes(self, n_votes: int, *, salt: int = 0) -> list[Vote]:
+        return [v for u in self.users for v in self.votes(u.user_id, n_votes, salt=salt)]
+
+
+def vote_to_json(v: Vote) -> dict[str, object]:
+    """A vote in the JSONL data format of the design brief."""
+    return {
+        "id": v.id,
+        "user_id": v.user_id,
+        "context": [{"role": m.role, "content": m.content} for m in v.context],
+        "chosen": v.chosen,
+        "rejected": v.rejected,
+        "timestamp": v.timestamp.isoformat() if v.timestamp else None,
+    }
+
+
+def write_population_jsonl(path: str | Path, n_users: int, n_votes: int, seed: int = 0) -> Population:
+    """Write ``n_users`` x ``n_votes`` votes, one JSON object a line; return the population."""
+    pop = Population(n_users, seed)
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    with p.open("w", encoding="utf-8") as fh:
+        for v in pop.all_votes(n_votes):
+            fh.write(json.dumps(vote_to_json(v), ensure_ascii=False) + "\n")
+    return pop

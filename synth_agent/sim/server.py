@@ -1,0 +1,673 @@
+"""The simulator's OpenAI-compatible HTTP endpoint.
+
+It plays the LLM for every prompt the project sends, so the real client stack
+(ChatOpenAI, retries, throttling, caching) is exercised end to end offline. It
+can also misbehave on purpose -- latency, 500s, 429s with ``Retry-After``,
+answers that never arrive in time, truncated JSON -- from a seeded RNG, and it
+counts what it served so tests can check concurrency bounds and cache hits.
+
+All state lives on the app (``app.state.sim``); several endpoints can run in one
+process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import logging
+import math
+import random
+import socket
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+import httpx
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+logger = logging.getLogger(__name__)
+
+FaultKind = Literal["500", "429", "timeout", "malformed"]
+ALL_FAULTS: tuple[FaultKind, ...] = ("500", "429", "timeout", "malformed")
+
+__all__ = [
+    "ALL_FAULTS",
+    "Brain",
+    "BrainReply",
+    "SimEndpoint",
+    "SimState",
+    "create_sim_app",
+    "serve_sim",
+]
+
+
+class BrainReply(Protocol):
+    text: str
+    top_logprobs: list[list[tuple[str, float]]] | None
+
+
+class Brain(Protocol):
+    """What plays the model: a deterministic function of the prompt (sync or async ``respond``)."""
+
+    def respond(
+        self,
+        messages: list[dict[str, str]],
+        *,
+        temperature: float,
+        max_tokens: int | None,
+        seed: int | None,
+        json_mode: bool,
+        top_logprobs: int | None,
+    ) -> Any: ...
+
+
+# ------------------------------------------------------------------ request schema
+
+
+class _TextPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str = "text"
+    text: str = ""
+
+
+class ChatMessageIn(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "developer", "user", "assistant", "tool", "model"]
+    content: str | list[_TextPart] | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content)
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["text", "json_object", "json_schema"]
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    include_usage: bool = False
+
+
+class ChatRequest(BaseModel):
+    """The Chat Completions body; unknown fields are accepted and ignored, like real servers do."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str = Field(min_length=1)
+    messages: list[ChatMessageIn] = Field(min_length=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    response_format: ResponseFormat | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    seed: int | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    n: int | None = Field(default=1, ge=1, le=1, description="only n=1 is supported")
+
+
+class AdminConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    latency_ms: float | None = Field(default=None, ge=0)
+    per_token_latency_ms: float | None = Field(default=None, ge=0)
+    fault_rate: float | None = Field(default=None, ge=0, le=1)
+    fault_kinds: list[FaultKind] | None = None
+    slow_ms: float | None = Field(default=None, ge=0)
+    retry_after: float | None = Field(default=None, ge=0)
+    fail_next: list[FaultKind] | None = None
+    seed: int | None = None
+    logprobs_supported: bool | None = None
+
+
+# ------------------------------------------------------------------ state
+
+
+@dataclass
+class SimState:
+    """Config knobs and counters of one simulated endpoint (mutable at runtime via /admin/config)."""
+
+    brain: Any
+    model_name: str = "sim"
+    latency_ms: float = 0.0
+    per_token_latency_ms: float = 0.0
+    fault_rate: float = 0.0
+    fault_kinds: tuple[FaultKind, ...] = ALL_FAULTS
+    slow_ms: float = 2000.0
+    retry_after: float = 0.05
+    fail_next: list[FaultKind] = field(default_factory=list)
+    """Faults forced on the next requests, in order, before random faults apply (deterministic tests)."""
+    seed: int = 0
+    logprobs_supported: bool = True
+    """False: ignore ``logprobs`` requests like endpoints without log-probability support (body has none)."""
+    rng: random.Random = field(default_factory=random.Random)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    requests_total: int = 0
+    by_path: Counter[str] = field(default_factory=Counter)
+    completions: int = 0
+    faults: Counter[str] = field(default_factory=Counter)
+    in_flight: int = 0
+    max_in_flight: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        self.rng.seed(self.seed)
+
+    def configure(self, **changes: Any) -> dict[str, Any]:
+        with self.lock:
+            for k, v in changes.items():
+                if v is None:
+                    continue
+                if k == "fault_kinds":
+                    v = tuple(v)
+                    if not v:
+                        raise ValueError("fault_kinds must name at least one fault")
+                elif k == "fail_next":
+                    v = list(v)
+                elif k == "seed":
+                    self.rng.seed(v)
+                if not hasattr(self, k) or k in {"brain", "rng", "lock"}:
+                    raise ValueError(f"unknown simulator setting {k!r}")
+                setattr(self, k, v)
+            return self.config()
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "model_name": self.model_name,
+            "latency_ms": self.latency_ms,
+            "per_token_latency_ms": self.per_token_latency_ms,
+            "fault_rate": self.fault_rate,
+            "fault_kinds": list(self.fault_kinds),
+            "slow_ms": self.slow_ms,
+            "retry_after": self.retry_after,
+            "fail_next": list(self.fail_next),
+            "seed": self.seed,
+            "logprobs_supported": self.logprobs_supported,
+        }
+
+    def snapshot(self) -> dict[str, Any]:
+        with self.lock:
+            return {
+                "requests_total": self.requests_total,
+                "by_path": dict(self.by_path),
+                "completions": self.completions,
+                "faults": dict(self.faults),
+                "faults_total": sum(self.faults.values()),
+                "in_flight": self.in_flight,
+                "max_in_flight": self.max_in_flight,
+                "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": self.completion_tokens,
+            }
+
+    def reset(self) -> None:
+        with self.lock:
+            self.requests_total = self.completions = 0
+            self.by_path.clear()
+            self.faults.clear()
+            self.max_in_flight = self.in_flight
+            self.prompt_tokens = self.completion_tokens = 0
+
+    def draw_fault(self) -> FaultKind | None:
+        with self.lock:
+            if self.fail_next:
+                return self.fail_next.pop(0)
+            if self.fault_rate > 0 and self.rng.random() < self.fault_rate:
+                return self.rng.choice(self.fault_kinds)
+            return None
+
+    def enter(self) -> None:
+        with self.lock:
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+
+    def leave(self) -> None:
+        with self.lock:
+            self.in_flight -= 1
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def _tokens(text: str) -> int:
+    return max(1, math.ceil(len(text) / 4)) if text else 0
+
+
+def _error(
+    status: int,
+    message: str,
+    *,
+    type_: str,
+    code: str | None = None,
+    param: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _logprob_entry(token: str, logprob: float) -> dict[str, Any]:
+    return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+
+
+def _logprobs_content(text: str, top: list[list[tuple[str, float]]] | None, k: int) -> list[dict[str, Any]]:
+    """OpenAI ``logprobs.content``: the generated token (first alternative) plus its top-k alternatives."""
+    if top is None:  # brain gave none: report the text in 4-char tokens, certain
+        top = [[(text[i : i + 4], 0.0)] for i in range(0, len(text), 4)]
+    out = []
+    for alts in top:
+        if not alts:
+            continue
+        tok, lp = alts[0]
+        entry = _logprob_entry(tok, float(lp))
+        entry["top_logprobs"] = [_logprob_entry(t, float(p)) for t, p in alts[:k]]
+        out.append(entry)
+    return out
+
+
+def _malformed(text: str) -> str:
+    """A truncated JSON answer with no balanced object left, so no tolerant parser can rescue it."""
+    cut = text[: max(1, len(text) // 2)].replace("}", "")
+    return cut if cut.strip() else '{"'
+
+
+async def _sleep_unless_gone(request: Request, seconds: float) -> bool:
+    """Sleep; stop early (returning False) if the client hung up, so abandoned requests stop counting."""
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        await asyncio.sleep(min(0.05, left))
+        if await request.is_disconnected():
+            return False
+    return True
+
+
+# ------------------------------------------------------------------ app
+
+
+class _CountRequests:
+    """Pure ASGI middleware (not BaseHTTPMiddleware, which hides client disconnects from handlers)."""
+
+    def __init__(self, app: Any, state: SimState) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            with self.state.lock:
+                self.state.requests_total += 1
+                self.state.by_path[scope["path"]] += 1
+        await self.app(scope, receive, send)
+
+
+def create_sim_app(
+    *,
+    brain: Any = None,
+    latency_ms: float = 0.0,
+    per_token_latency_ms: float = 0.0,
+    fault_rate: float = 0.0,
+    fault_kinds: Sequence[FaultKind] = ALL_FAULTS,
+    seed: int = 0,
+    slow_ms: float = 2000.0,
+    retry_after: float = 0.05,
+    model_name: str = "sim",
+    logprobs_supported: bool = True,
+) -> FastAPI:
+    """Build the simulated endpoint. ``brain`` defaults to ``SimBrain(seed=seed)``."""
+    if brain is None:
+        from synth_agent.sim.brain import SimBrain  # lazy: the server is usable with any brain
+
+        brain = SimBrain(seed=seed)
+    if not 0 <= fault_rate <= 1:
+        raise ValueError(f"fault_rate must be within [0, 1], got {fault_rate}")
+    unknown = set(fault_kinds) - set(ALL_FAULTS)
+    if unknown or not fault_kinds:
+        raise ValueError(f"fault_kinds must be a non-empty subset of {ALL_FAULTS}, got {tuple(fault_kinds)}")
+    state = SimState(
+        brain=brain,
+        model_name=model_name,
+        latency_ms=latency_ms,
+        per_token_latency_ms=per_token_latency_ms,
+        fault_rate=fault_rate,
+        fault_kinds=tuple(fault_kinds),
+        slow_ms=slow_ms,
+        retry_after=retry_after,
+        seed=seed,
+        logprobs_supported=logprobs_supported,
+    )
+    app = FastAPI(title="synth-agent simulated LLM", version="1")
+    app.state.sim = state
+
+    app.add_middleware(_CountRequests, state=state)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errs = exc.errors()
+        first = errs[0] if errs else {}
+        loc = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
+        msg = "; ".join(
+            f"{'.'.join(str(x) for x in e.get('loc', ()) if x != 'body') or 'body'}: {e.get('msg')}"
+            for e in errs
+        )
+        return _error(
+            400,
+            f"Invalid request: {msg}",
+            type_="invalid_request_error",
+            param=loc or None,
+            code="invalid_request",
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _error(exc.status_code, str(exc.detail), type_="invalid_request_error")
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {
+            "object": "list",
+            "data": [
+                {"id": state.model_name, "object": "model", "created": 0, "owned_by": "synth-agent-sim"}
+            ],
+        }
+
+    @app.get("/stats")
+    async def stats() -> dict[str, Any]:
+        return state.snapshot()
+
+    @app.post("/stats/reset")
+    async def reset_stats() -> dict[str, Any]:
+        state.reset()
+        return state.snapshot()
+
+    @app.get("/admin/config")
+    async def get_config() -> dict[str, Any]:
+        return state.config()
+
+    @app.post("/admin/config")
+    async def set_config(body: AdminConfig) -> Any:
+        try:
+            return state.configure(**body.model_dump(exclude_none=True))
+        except ValueError as e:
+            return _error(400, str(e), type_="invalid_request_error")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatRequest, request: Request) -> Any:
+        state.enter()
+        streaming = False
+        try:
+            fault = state.draw_fault()
+            if fault is not None:
+                with state.lock:
+                    state.faults[fault] += 1
+            json_mode = body.response_format is not None and body.response_format.type != "text"
+            if fault == "500" or (fault == "malformed" and not json_mode):
+                return _error(
+                    500,
+                    "The simulated server had an error while processing your request.",
+                    type_="server_error",
+                    code="simulated_fault",
+                )
+            if fault == "429":
+                return _error(
+                    429,
+                    "Rate limit reached (simulated). Retry after the indicated delay.",
+                    type_="rate_limit_error",
+                    code="rate_limit_exceeded",
+                    headers={"Retry-After": f"{state.retry_after:g}"},
+                )
+            if fault == "timeout" and not await _sleep_unless_gone(request, state.slow_ms / 1000):
+                return _error(499, "client closed request", type_="client_closed")
+
+            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+            k = (body.top_logprobs or 1) if body.logprobs else None
+            try:
+                reply = state.brain.respond(
+                    messages,
+                    temperature=body.temperature if body.temperature is not None else 1.0,
+                    max_tokens=body.max_completion_tokens or body.max_tokens,
+                    seed=body.seed,
+                    json_mode=json_mode,
+                    top_logprobs=k,
+                )
+                if inspect.isawaitable(reply):
+                    reply = await reply
+            except Exception as e:  # a brain bug should look like a server error, not kill the connection
+                logger.exception("simulated brain failed")
+                return _error(500, f"simulated brain failed: {e!r}", type_="server_error", code="brain_error")
+            text: str = reply.text
+            top = getattr(reply, "top_logprobs", None)
+            if fault == "malformed":
+                text, top = _malformed(text), None
+            prompt_tokens = _tokens("".join(m["content"] for m in messages))
+            completion_tokens = _tokens(text)
+            with state.lock:
+                state.prompt_tokens += prompt_tokens
+                state.completion_tokens += completion_tokens
+            logprobs = (
+                {"content": _logprobs_content(text, top, k), "refusal": None}
+                if k and state.logprobs_supported
+                else None
+            )
+            created = int(time.time())
+            cid = f"chatcmpl-sim-{uuid.uuid4().hex[:24]}"
+            usage = {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            }
+            if body.stream:
+                streaming = True
+                include_usage = bool(body.stream_options and body.stream_options.include_usage)
+                return StreamingResponse(
+                    _stream(state, request, cid, created, body.model, text, logprobs, usage, include_usage),
+                    media_type="text/event-stream",
+                    headers={"Cache-Control": "no-cache"},
+                )
+            delay = state.latency_ms + state.per_token_latency_ms * completion_tokens
+            if delay > 0 and not await _sleep_unless_gone(request, delay / 1000):
+                return _error(499, "client closed request", type_="client_closed")
+            with state.lock:
+                state.completions += 1
+            return {
+                "id": cid,
+                "object": "chat.completion",
+                "created": created,
+                "model": body.model,
+                "system_fingerprint": "sim",
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": text, "refusal": None},
+                        "logprobs": logprobs,
+                        "finish_reason": "stop",
+                    }
+                ],
+                "usage": usage,
+            }
+        finally:
+            if not streaming:
+                state.leave()
+
+    return app
+
+
+async def _stream(
+    state: SimState,
+    request: Request,
+    cid: str,
+    created: int,
+    model: str,
+    text: str,
+    logprobs: dict[str, Any] | None,
+    usage: dict[str, int],
+    include_usage: bool,
+) -> AsyncIterator[str]:
+    """SSE chunks in the OpenAI format; in-flight accounting ends when the stream does."""
+
+    def chunk(delta: dict[str, Any], finish: str | None = None, lp: Any = None) -> str:
+        payload = {
+            "id": cid,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "system_fingerprint": "sim",
+            "choices": [{"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish}],
+        }
+        return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+    try:
+        if state.latency_ms > 0:
+            await asyncio.sleep(state.latency_ms / 1000)
+        yield chunk({"role": "assistant", "content": ""})
+        if (
+            logprobs is not None
+            and logprobs["content"]
+            and "".join(e["token"] for e in logprobs["content"]) == text
+        ):
+            pieces = [(e["token"], {"content": [e], "refusal": None}) for e in logprobs["content"]]
+        else:
+            pieces = [(text[i : i + 16], None) for i in range(0, len(text), 16)]
+            if logprobs is not None and pieces:  # tokens do not line up with text: attach them all once
+                pieces[0] = (pieces[0][0], logprobs)
+        per_piece = state.per_token_latency_ms * usage["completion_tokens"] / max(1, len(pieces)) / 1000
+        for piece, lp in pieces:
+            if per_piece > 0:
+                await asyncio.sleep(per_piece)
+            if await request.is_disconnected():
+                return
+            yield chunk({"content": piece}, lp=lp)
+        yield chunk({}, finish="stop")
+        if include_usage:
+            payload = {
+                "id": cid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model,
+                "choices": [],
+                "usage": usage,
+            }
+            yield f"data: {json.dumps(payload)}\n\n"
+        yield "data: [DONE]\n\n"
+        with state.lock:
+            state.completions += 1
+    finally:
+        state.leave()
+
+
+# ------------------------------------------------------------------ running it
+
+
+def serve_sim(host: str = "127.0.0.1", port: int = 8765, *, log_level: str = "info", **kwargs: Any) -> None:
+    """Run the simulated endpoint in the foreground (``synth-agent sim-endpoint``); kwargs go to create_sim_app."""
+    uvicorn.run(create_sim_app(**kwargs), host=host, port=port, log_level=log_level)
+
+
+class SimEndpoint:
+    """Run a simulated endpoint on 127.0.0.1 and a free port in a background thread.
+
+    ``with SimEndpoint(fault_rate=0.3) as ep:`` (or ``async with``) yields an
+    endpoint whose ``base_url`` ends in ``/v1``. ``stats()``, ``reset_stats()``
+    and ``configure()`` act on the app directly (same process), so they work
+    from sync and async code alike without blocking on HTTP.
+    """
+
+    def __init__(
+        self, *, host: str = "127.0.0.1", port: int = 0, startup_timeout: float = 15.0, **kwargs: Any
+    ):
+        self.app = create_sim_app(**kwargs)
+        self.state: SimState = self.app.state.sim
+        self.host = host
+        self._port = port
+        self._startup_timeout = startup_timeout
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.url}/v1"
+
+    def stats(self) -> dict[str, Any]:
+        return self.state.snapshot()
+
+    def reset_stats(self) -> None:
+        self.state.reset()
+
+    def configure(self, **changes: Any) -> dict[str, Any]:
+        """Change latency/fault settings live (same keys as ``POST /admin/config``)."""
+        return self.state.configure(**AdminConfig(**changes).model_dump(exclude_none=True))
+
+    def start(self) -> SimEndpoint:
+        if self._thread is not None:
+            raise RuntimeError("SimEndpoint is already running")
+        # IPPROTO_TCP explicitly: asyncio only sets TCP_NODELAY when proto says TCP (else ~40 ms per request)
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((self.host, self._port))
+        self.port = sock.getsockname()[1]
+        config = uvicorn.Config(
+            self.app, log_level="warning", lifespan="off", loop="asyncio", timeout_graceful_shutdown=1
+        )
+        server = uvicorn.Server(config)
+        self._server = server
+        self._thread = threading.Thread(
+            target=server.run, kwargs={"sockets": [sock]}, name=f"sim-endpoint-{self.port}", daemon=True
+        )
+        self._thread.start()
+        deadline = time.monotonic() + self._startup_timeout
+        while True:
+            try:
+                if server.started and httpx.get(f"{self.url}/healthz", timeout=1.0).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"simulated endpoint did not come up on {self.url}")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        server, thread = self._server, self._thread
+        self._server = self._thread = None
+        if server is not None:
+            server.should_exit = True
+        if thread is not None:
+            thread.join(timeout=5)
+            if thread.is_alive() and server is not None:
+                server.force_exit = True
+                thread.join(timeout=5)
+
+    def __enter__(self) -> SimEndpoint:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    async def __aenter__(self) -> SimEndpoint:
+        return await asyncio.to_thread(self.start)
+
+    async def __aexit__(self, *exc: object) -> None:
+        await asyncio.to_thread(self.stop)

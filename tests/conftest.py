@@ -1,0 +1,7 @@
+"""Shared test setup. Keep it small: fixtures live next to the tests that use them."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -1,0 +1,252 @@
+"""The synthesis graph: node order, serializable state, resumability (in-process and after SIGKILL)."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from langgraph.checkpoint.memory import InMemorySaver
+from langgraph.store.memory import InMemoryStore
+
+from graphs._common import TenantMemories, open_checkpointer
+from graphs.synthesis import NODES, SynthesisRunner, build_synthesis_graph, synthesis_thread_id
+from synth_agent.engine.synthesize import FitConfig
+from synth_agent.llm.client import EndpointConfig, LLMClient
+from synth_agent.sim.population import Population
+from synth_agent.sim.server import SimEndpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = FitConfig(n_trials=2, n_demo_candidates=2)
+USER = "ana.o'neil+votes@bücher.example"
+
+
+@pytest.fixture(scope="module")
+def sim() -> Iterator[SimEndpoint]:
+    with SimEndpoint(seed=3) as ep:
+        yield ep
+
+
+@pytest.fixture
+async def llm(sim: SimEndpoint) -> AsyncIterator[LLMClient]:
+    client = LLMClient(EndpointConfig(base_url=sim.base_url))
+    yield client
+    await client.aclose()
+
+
+def _votes(n: int, user: str = USER) -> list[Any]:
+    pop = Population(1, seed=11)
+    return [v.model_copy(update={"user_id": user}) for v in pop.votes(pop.user_ids[0], n)]
+
+
+async def test_full_run_saves_persona_with_json_state(llm: LLMClient) -> None:
+    store = InMemoryStore()
+    mems = TenantMemories(store)
+    await mems("acme").add_votes(_votes(8))
+    events: list[str] = []
+    g = build_synthesis_graph(
+        llm=llm, memory_for=mems, fit_config=SMALL, checkpointer=InMemorySaver(),
+        on_event=lambda node, phase, info: events.append(f"{node}:{phase}"),
+    )
+    state = await SynthesisRunner(g, mems).run_state("acme", USER)
+    assert events == [f"{n}:{p}" for n in NODES for p in ("start", "end")]
+    assert state["status"] == "fitted" and state["run_id"] == "v1"
+    json.dumps(state)  # everything in the state is plain JSON
+    assert set(state["usage"]) == {"bootstrap", "persona", "demos"}
+    assert state["usage"]["persona"]["llm_calls"] == 1
+    saved = await mems("acme").current_persona(USER)
+    assert saved is not None and saved.version == 1 and saved.persona == state["persona"]
+    assert saved.meta["synthesis_thread"] == synthesis_thread_id("acme", USER, "v1")
+    assert len(saved.vote_ids) == 8 and saved.demos
+    # the next run targets the next version, on a new thread
+    prof = await SynthesisRunner(g, mems).run("acme", USER)
+    assert prof is not None and prof.version == 2 and prof.meta["run_id"] == "v2"
+    assert await mems("other").current_persona(USER) is None  # tenants never mix
+
+
+async def test_not_enough_votes_ends_after_load(llm: LLMClient) -> None:
+    mems = TenantMemories(InMemoryStore())
+    await mems("t").add_votes(_votes(3))
+    events: list[str] = []
+    g = build_synthesis_graph(
+        llm=llm, memory_for=mems, fit_config=SMALL, checkpointer=InMemorySaver(),
+        on_event=lambda node, phase, info: events.append(node),
+    )
+    runner = SynthesisRunner(g, mems)
+    assert await runner.run("t", USER) is None
+    assert set(events) == {"load_votes"}
+    state = await runner.run_state("t", USER)  # a finished thread is simply run again
+    assert state["status"] == "not_enough_votes" and "at least 5" in state["message"]
+
+
+class FlakyPersona:
+    """Delegates to a real client but fails the first persona-writer call, like a crash mid-run."""
+
+    def __init__(self, inner: LLMClient) -> None:
+        self.inner = inner
+        self.model = inner.model
+        self.stats = inner.stats
+        self.sites: list[str] = []
+        self.fail = True
+
+    async def complete(self, messages: Any, **kw: Any) -> Any:
+        self.sites.append(kw.get("call_site", ""))
+        if kw.get("call_site") == "persona" and self.fail:
+            self.fail = False
+            raise ConnectionError("simulated crash in the persona node")
+        return await self.inner.complete(messages, **kw)
+
+    async def structured(self, messages: Any, schema: Any, **kw: Any) -> Any:
+        return await self.inner.structured(messages, schema, **kw)
+
+    async def aclose(self) -> None:
+        return None
+
+
+async def test_failed_node_resumes_without_redoing_bootstrap(llm: LLMClient, tmp_path: Path) -> None:
+    mems = TenantMemories(InMemoryStore())
+    await mems("t").add_votes(_votes(8))
+    flaky = FlakyPersona(llm)
+    events: list[str] = []
+    async with open_checkpointer(tmp_path) as cp:
+        g = build_synthesis_graph(
+            llm=flaky, memory_for=mems, fit_config=SMALL, checkpointer=cp,
+            on_event=lambda node, phase, info: events.append(f"{node}:{phase}"),
+        )
+        runner = SynthesisRunner(g, mems)
+        with pytest.raises(ConnectionError):
+            await runner.run("t", USER)
+        boot_calls = flaky.sites.count("bootstrap") + flaky.sites.count("bootstrap_score")
+        assert boot_calls > 0 and (tmp_path / "checkpoints.sqlite").exists()
+        flaky.sites.clear()
+        prof = await runner.run("t", USER)
+    assert prof is not None and prof.version == 1
+    assert events.count("bootstrap:start") == 1 and events.count("load_votes:start") == 1
+    assert events.count("persona:start") == 2 and events.count("save:start") == 1
+    assert "bootstrap" not in flaky.sites and "bootstrap_score" not in flaky.sites
+    assert len(await mems("t").persona_history(USER)) == 1
+
+
+CHILD = r"""
+import asyncio, json, sys
+import httpx
+from store.chroma import ChromaStore
+from graphs._common import TenantMemories, open_checkpointer
+from graphs.synthesis import SynthesisRunner, build_synthesis_graph
+from synth_agent.engine.synthesize import FitConfig
+from synth_agent.llm.client import EndpointConfig, LLMClient
+from synth_agent.models import Vote
+
+base_url, home, log_path, votes_path = sys.argv[1:5]
+sim_url = base_url.removesuffix("/v1")
+
+def on_event(node, phase, info):
+    with open(log_path, "a") as fh:
+        fh.write(f"{node}:{phase}\n")
+    if node == "bootstrap" and phase == "end" and "--slow-after-bootstrap" in sys.argv:
+        httpx.post(sim_url + "/admin/config", json={"latency_ms": 30000})  # the persona call now hangs
+
+async def main():
+    mems = TenantMemories(ChromaStore(path=home + "/chroma"))
+    memory = mems("acme")
+    votes = [Vote.model_validate(v) for v in json.load(open(votes_path))]
+    await memory.add_votes(votes)  # idempotent: the rerun adds nothing
+    llm = LLMClient(EndpointConfig(base_url=base_url, max_concurrency=4), cache=False)
+    async with open_checkpointer(home) as cp:
+        g = build_synthesis_graph(llm=llm, memory_for=mems, checkpointer=cp, on_event=on_event,
+                                  fit_config=FitConfig(n_trials=2, n_demo_candidates=2))
+        prof = await SynthesisRunner(g, mems).run("acme", votes[0].user_id)
+    history = await memory.persona_history(votes[0].user_id)
+    print(json.dumps({"version": prof.version, "history": len(history)}))
+
+asyncio.run(main())
+"""
+
+
+def test_sigkill_during_synthesis_resumes_from_checkpoint(tmp_path: Path) -> None:
+    """A process killed in the persona node is rerun: bootstrap is not redone, the persona is saved once."""
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    votes_path = tmp_path / "votes.json"
+    votes_path.write_text(json.dumps([v.model_dump(mode="json") for v in _votes(8)]))
+    log = tmp_path / "nodes.log"
+    home = tmp_path / "home"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "ANONYMIZED_TELEMETRY": "False"}
+    with SimEndpoint(seed=5) as ep:
+        args = [sys.executable, str(script), ep.base_url, str(home), str(log), str(votes_path)]
+        proc = subprocess.Popen([*args, "--slow-after-bootstrap"], env=env, cwd=ROOT,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            for _ in range(6000):  # poll the node log (up to ~60 s; no timing is asserted)
+                if log.exists() and "persona:start" in log.read_text():
+                    break
+                if proc.poll() is not None:
+                    pytest.fail(f"child ended early: {proc.communicate()[1].decode()[-2000:]}")
+                time.sleep(0.01)
+            else:
+                pytest.fail("the child never reached the persona node")
+            while ep.stats()["in_flight"] == 0:  # the persona request is hanging at the endpoint
+                time.sleep(0.01)
+            first_run = ep.stats()["completions"]
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        assert proc.returncode == -signal.SIGKILL
+        assert first_run >= 6  # at least one bootstrap judgment per train vote was paid for
+        ep.configure(latency_ms=0)
+        ep.reset_stats()
+        done = subprocess.run(args, env=env, cwd=ROOT, capture_output=True, timeout=120)
+        assert done.returncode == 0, done.stderr.decode()[-3000:]
+        second_run = ep.stats()["completions"]
+    result = json.loads(done.stdout.decode().strip().splitlines()[-1])
+    entries = [line.split(":")[0] for line in log.read_text().split() if line.endswith(":start")]
+    assert entries.count("load_votes") == 1 and entries.count("bootstrap") == 1
+    assert entries.count("persona") == 2 and entries.count("save") == 1
+    assert result == {"version": 1, "history": 1}
+    # the rerun paid only for the persona and the demo search: 1 + 2 candidates x 2 validation votes
+    assert 1 <= second_run <= 1 + 2 * 2
+
+
+async def test_postgres_without_package_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "langgraph.checkpoint.postgres.aio", None)
+    with pytest.raises(RuntimeError, match="synth-agent\\[postgres\\]"):
+        async with open_checkpointer(postgres_dsn="postgresql://nobody@localhost/none"):
+            pass
+
+
+def test_langgraph_json_graphs_import() -> None:
+    spec = json.loads((ROOT / "langgraph.json").read_text())
+    assert set(spec["graphs"]) == {"chat", "synthesis", "rerank"}
+    for target in spec["graphs"].values():
+        path, attr = target.split(":")
+        module = importlib.import_module(path.removeprefix("./").removesuffix(".py").replace("/", "."))
+        compiled = getattr(module, attr)
+        assert compiled.checkpointer is None  # the platform supplies persistence
+        assert compiled.get_graph().nodes
+
+
+async def test_synthesis_graph_reads_store_from_runtime(llm: LLMClient) -> None:
+    """Without memory_for, nodes use the store given at compile time (injected through Runtime)."""
+    store = InMemoryStore()
+    await TenantMemories(store)("t").add_votes(_votes(6))
+    g = build_synthesis_graph(llm=llm, fit_config=SMALL, store=store)
+    state = await g.ainvoke({"tenant_id": "t", "user_id": USER, "run_id": "manual"})
+    assert state["status"] == "fitted" and state["profile"]["version"] == 1
+    with pytest.raises(ValueError, match="needs a user"):
+        await g.ainvoke({"tenant_id": "t"})
+
+
+def test_thread_id_format() -> None:
+    assert synthesis_thread_id("acme", "ana", "v3") == "synth:acme:ana:v3"
+    assert asyncio.iscoroutinefunction(SynthesisRunner.run)

@@ -1,0 +1,358 @@
+"""LLMClient against the simulated endpoint: retries, limits, caching, structured output, logprobs."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from pydantic import BaseModel
+
+from synth_agent.config import Settings
+from synth_agent.llm import ChatBackend, Completion
+from synth_agent.llm.cache import MemoryCache, SqliteCache, cache_key
+from synth_agent.llm.client import EndpointConfig, LLMClient, LLMError, parse_structured
+from synth_agent.sim.server import SimEndpoint
+
+
+@dataclass
+class Reply:
+    text: str
+    top_logprobs: list[list[tuple[str, float]]] | None = None
+
+
+def digest(prompt: str) -> str:
+    return hashlib.sha256(prompt.encode()).hexdigest()[:10]
+
+
+class HashBrain:
+    """Answers are a deterministic function of the prompt, so every result can be checked."""
+
+    def respond(self, messages, *, temperature, max_tokens, seed, json_mode, top_logprobs):
+        prompt = messages[-1]["content"]
+        if "garbage" in prompt:
+            return Reply("I refuse to answer in JSON.")
+        if top_logprobs:
+            return Reply("B", [[("B", -0.2), ("A", -1.7)][:top_logprobs]])
+        if json_mode:
+            return Reply(json.dumps({"Digest": digest(prompt), "Length": len(prompt)}))
+        return Reply(f"answer:{digest(prompt)}")
+
+
+class Answer(BaseModel):
+    digest: str
+    length: int
+
+
+def msgs(prompt: str) -> list[dict[str, str]]:
+    return [{"role": "system", "content": "be terse"}, {"role": "user", "content": prompt}]
+
+
+@pytest.fixture(scope="module")
+def sim() -> Iterator[SimEndpoint]:
+    with SimEndpoint(brain=HashBrain(), seed=11) as ep:
+        yield ep
+
+
+@pytest.fixture
+def ep(sim: SimEndpoint) -> SimEndpoint:
+    deadline = time.monotonic() + 5  # let requests abandoned by earlier tests notice the hang-up
+    while sim.stats()["in_flight"] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    sim.configure(
+        latency_ms=0,
+        per_token_latency_ms=0,
+        fault_rate=0,
+        slow_ms=2000,
+        retry_after=0.05,
+        fault_kinds=["500", "429", "timeout", "malformed"],
+        fail_next=[],
+    )
+    sim.reset_stats()
+    return sim
+
+
+def client(ep: SimEndpoint, **kw) -> LLMClient:
+    cache = kw.pop("cache", True)
+    cfg = {
+        "base_url": ep.base_url,
+        "model": "sim-judge",
+        "timeout": 0.5,
+        "max_retries": 3,
+        "backoff_initial": 0.01,
+        "backoff_max": 0.1,
+        **kw,
+    }
+    return LLMClient(EndpointConfig(**cfg), cache=cache, rng_seed=0)
+
+
+def chat_requests(ep: SimEndpoint) -> int:
+    return ep.stats()["by_path"].get("/v1/chat/completions", 0)
+
+
+async def test_fault_storm_all_calls_complete_correctly(ep: SimEndpoint) -> None:
+    ep.configure(fault_rate=0.3)
+    c = client(ep, max_retries=8, structured_retries=4)
+    assert isinstance(c, ChatBackend)
+
+    async def one(i: int) -> None:
+        prompt = f"question number {i}"
+        if i % 2:
+            ans = await c.structured(msgs(prompt), Answer, call_site="structured")
+            assert ans == Answer(digest=digest(prompt), length=len(prompt))
+        else:
+            comp = await c.complete(msgs(prompt), call_site="complete")
+            assert comp.text == f"answer:{digest(prompt)}"
+            assert 1 <= comp.attempts <= 9
+
+    await asyncio.gather(*(one(i) for i in range(100)))
+    await c.aclose()
+    served = ep.stats()
+    total = c.stats.total()
+    assert served["faults_total"] > 0 and set(served["faults"]) <= {"500", "429", "timeout", "malformed"}
+    assert total.retries > 0 and total.errors == 0
+    assert total.requests == served["by_path"]["/v1/chat/completions"]
+    assert all(ev.attempt <= 8 for ev in c.retry_log)  # attempt numbers never pass max_retries + 1
+    per_call: dict[int, int] = {}
+    for ev in c.retry_log:
+        per_call[ev.call_id] = max(per_call.get(ev.call_id, 0), ev.attempt)
+    assert max(per_call.values()) + 1 <= 9
+    # transport retries are in the log; structured re-asks (after malformed JSON) are counted on top
+    assert total.retries >= len(c.retry_log) and total.prompt_tokens > 0 and total.completion_tokens > 0
+
+
+async def test_max_concurrency_bounds_in_flight(ep: SimEndpoint) -> None:
+    ep.configure(latency_ms=40)
+    c = client(ep, max_concurrency=4)
+    results = await asyncio.gather(*(c.complete(msgs(f"p{i}")) for i in range(24)))
+    await c.aclose()
+    assert [r.text for r in results] == [f"answer:{digest(f'p{i}')}" for i in range(24)]
+    assert 1 < ep.stats()["max_in_flight"] <= 4
+
+
+async def test_rate_limit_is_applied() -> None:
+    cfg = EndpointConfig(base_url="http://x/v1", rate_limit=2.5)
+    c = LLMClient(cfg)
+    res = c._resources()
+    assert res.throttler is not None and res.throttler.rate_limit / res.throttler.period == pytest.approx(2.5)
+
+
+async def test_temperature_zero_is_cached_and_single_flight(ep: SimEndpoint) -> None:
+    c = client(ep)
+    first = await c.complete(msgs("cache me"), call_site="judge")
+    before = chat_requests(ep)
+    again = await c.complete(msgs("cache me"), call_site="judge")
+    assert chat_requests(ep) == before
+    assert again.cached and not first.cached and again.text == first.text and again.attempts == 0
+    assert c.stats.site("judge").cache_hits == 1
+
+    ep.configure(latency_ms=150)
+    same = await asyncio.gather(*(c.complete(msgs("together"), call_site="sf") for _ in range(10)))
+    assert {r.text for r in same} == {f"answer:{digest('together')}"}
+    assert chat_requests(ep) == before + 1
+    assert c.stats.site("sf").cache_hits == 9 and c.stats.site("sf").requests == 1
+
+    # different parameters are different keys
+    await c.complete(msgs("cache me"), call_site="judge", max_tokens=7)
+    assert chat_requests(ep) == before + 2
+    await c.aclose()
+
+
+async def test_nonzero_temperature_not_cached(ep: SimEndpoint) -> None:
+    c = client(ep)
+    for _ in range(3):
+        r = await c.complete(msgs("warm"), temperature=0.7, call_site="gen")
+        assert not r.cached
+    assert chat_requests(ep) == 3 and c.stats.site("gen").cache_hits == 0
+    no_cache = client(ep, cache=False)
+    await no_cache.complete(msgs("cold"))
+    await no_cache.complete(msgs("cold"))
+    assert chat_requests(ep) == 5
+    await c.aclose()
+    await no_cache.aclose()
+
+
+async def test_sqlite_cache_survives_reopening(ep: SimEndpoint, tmp_path: Path) -> None:
+    path = tmp_path / "cache" / "llm.sqlite"
+    cache = SqliteCache(path)
+    c = client(ep, cache=cache)
+    first = await c.complete(msgs("persist"), logprobs=2)
+    await c.aclose()
+    cache.close()
+    assert chat_requests(ep) == 1
+
+    reopened = SqliteCache(path)
+    assert len(reopened) == 1
+    c2 = client(ep, cache=reopened)
+    second = await c2.complete(msgs("persist"), logprobs=2)
+    assert second.cached and second.text == first.text and second.top_logprobs == first.top_logprobs
+    assert chat_requests(ep) == 1 and c2.stats.total().cache_hits == 1
+    await c2.aclose()
+    reopened.close()
+
+
+async def test_retry_after_is_honoured_and_capped(ep: SimEndpoint) -> None:
+    c = client(ep, backoff_initial=0.001, backoff_max=8.0)
+    ep.configure(retry_after=0.3, fail_next=["429"])
+    r = await c.complete(msgs("patience"), call_site="ra")
+    assert r.text == f"answer:{digest('patience')}" and r.attempts == 2
+    (ev,) = c.retry_log
+    assert ev.retry_after == pytest.approx(0.3) and ev.wait == pytest.approx(0.3)
+    assert "429" in ev.cause and c.stats.site("ra").retries == 1 and c.stats.site("ra").requests == 2
+
+    capped = client(ep, backoff_max=0.05)
+    ep.configure(retry_after=30, fail_next=["429"])
+    await capped.complete(msgs("impatient"))
+    assert capped.retry_log[-1].wait == pytest.approx(0.05)
+    await c.aclose()
+    await capped.aclose()
+
+
+async def test_retries_are_bounded_then_llm_error(ep: SimEndpoint) -> None:
+    ep.configure(fault_rate=1.0, fault_kinds=["500"])
+    c = client(ep, max_retries=2)
+    with pytest.raises(LLMError, match="after 3 attempts") as info:
+        await c.complete(msgs("doomed"), call_site="x")
+    assert ep.base_url in str(info.value) and "HTTP 500" in str(info.value)
+    s = c.stats.site("x")
+    assert (s.requests, s.retries, s.errors, s.cache_hits) == (3, 2, 1, 0)
+    assert ep.stats()["faults"] == {"500": 3}
+    # a failure is never cached: once the endpoint heals, the same call goes through
+    ep.configure(fault_rate=0)
+    assert (await c.complete(msgs("doomed"), call_site="x")).text == f"answer:{digest('doomed')}"
+    await c.aclose()
+
+
+async def test_timeouts_are_retried(ep: SimEndpoint) -> None:
+    ep.configure(fail_next=["timeout"], slow_ms=2000)
+    c = client(ep, timeout=0.3)
+    r = await c.complete(msgs("slowly"))
+    assert r.attempts == 2 and "Timeout" in c.retry_log[0].cause
+    await c.aclose()
+
+
+async def test_non_retryable_400_is_not_retried(ep: SimEndpoint) -> None:
+    c = client(ep)
+    with pytest.raises(LLMError, match="not retried") as info:
+        await c.complete(msgs("bad"), extra={"n": 2}, call_site="bad")
+    assert "400" in str(info.value)
+    s = c.stats.site("bad")
+    assert (s.requests, s.retries, s.errors) == (1, 0, 1)
+    assert chat_requests(ep) == 1
+    with pytest.raises(ValueError, match="unsupported role"):
+        await c.complete([{"role": "wizard", "content": "x"}])
+    await c.aclose()
+
+
+async def test_logprobs_returned(ep: SimEndpoint) -> None:
+    c = client(ep)
+    r = await c.complete(msgs("A or B?"), logprobs=2, max_tokens=1)
+    assert r.text == "B"
+    assert r.top_logprobs is not None and len(r.top_logprobs) == 1
+    assert [(t.token, t.logprob) for t in r.top_logprobs[0]] == [("B", -0.2), ("A", -1.7)]
+    plain = await c.complete(msgs("A or B?"))
+    assert plain.top_logprobs is None
+    await c.aclose()
+
+
+async def test_structured_reasks_on_malformed_and_caches_only_good_answers(ep: SimEndpoint) -> None:
+    c = client(ep)
+    ep.configure(fail_next=["malformed"])
+    ans = await c.structured(msgs("fix me"), Answer, call_site="s")
+    assert ans == Answer(digest=digest("fix me"), length=len("fix me"))
+    assert c.stats.site("s").retries == 1 and chat_requests(ep) == 2
+    again = await c.structured(msgs("fix me"), Answer, call_site="s")
+    assert again == ans and chat_requests(ep) == 2 and c.stats.site("s").cache_hits == 1
+
+    with pytest.raises(LLMError, match="Answer"):
+        await c.structured(msgs("garbage please"), Answer, call_site="g")
+    g = c.stats.site("g")
+    assert g.requests == 3 and g.retries == 2 and g.errors == 1 and g.cache_hits == 0
+    await c.aclose()
+
+
+def test_tolerant_parser() -> None:
+    want = Answer(digest="d", length=3)
+    assert parse_structured('{"digest": "d", "length": 3}', Answer) == want
+    assert parse_structured('Sure!\n```json\n{"DIGEST": "d", "Length": 3}\n```\nDone.', Answer) == want
+    assert parse_structured('I think {"note": 1} then {"digest": "d", "length": 3} ok', Answer) == want
+    with pytest.raises(ValueError, match="Answer"):
+        parse_structured('{"digest": "d", "length"', Answer)
+
+
+def test_cache_key_and_memory_cache() -> None:
+    base = {
+        "model": "m",
+        "base_url": "u/",
+        "messages": [{"role": "user", "content": "x"}],
+        "temperature": 0,
+        "max_tokens": None,
+        "json_mode": False,
+        "logprobs": None,
+        "seed": None,
+        "extra": None,
+    }
+    assert cache_key(**base) == cache_key(**{**base, "base_url": "u"})
+    assert cache_key(**base) != cache_key(**{**base, "seed": 1})
+    assert cache_key(**base) != cache_key(**{**base, "extra": {"stop": ["\n"]}})
+    mem = MemoryCache(max_entries=2)
+
+    async def fill() -> None:
+        for k in "abc":
+            await mem.set(k, {"text": k})
+        assert await mem.get("a") is None and (await mem.get("c")) == {"text": "c"}
+
+    asyncio.run(fill())
+    assert len(mem) == 2
+
+
+async def test_clients_are_independent(ep: SimEndpoint) -> None:
+    a, b = client(ep, model="judge-a"), client(ep, model="judge-b")
+    ra, rb = await asyncio.gather(a.complete(msgs("same")), b.complete(msgs("same")))
+    assert isinstance(ra, Completion) and ra.model == "judge-a" and rb.model == "judge-b"
+    assert a.stats.total().requests == 1 and b.stats.total().requests == 1 and chat_requests(ep) == 2
+    await a.aclose()
+    await b.aclose()
+
+
+def test_endpoint_config_from_settings() -> None:
+    s = Settings(
+        base_url="http://h:1/v1",
+        api_key="k",
+        model="m",
+        max_concurrency=3,
+        rate_limit=2,
+        request_timeout=9,
+        max_retries=1,
+    )
+    cfg = EndpointConfig.from_settings(s, backoff_max=1.0)
+    assert (
+        cfg.base_url,
+        cfg.api_key,
+        cfg.model,
+        cfg.max_concurrency,
+        cfg.rate_limit,
+        cfg.timeout,
+        cfg.max_retries,
+        cfg.backoff_max,
+    ) == ("http://h:1/v1", "k", "m", 3, 2.0, 9.0, 1, 1.0)
+    assert LLMClient.from_settings(s).model == "m"
+
+
+def test_client_usable_from_successive_event_loops(sim: SimEndpoint) -> None:
+    """Sync wrappers call asyncio.run repeatedly; loop-bound resources are rebuilt per loop."""
+    c = client(sim)
+
+    async def ask(prompt: str) -> str:
+        try:
+            return (await c.complete(msgs(prompt))).text
+        finally:
+            await c.aclose()
+
+    assert asyncio.run(ask("loop one")) == f"answer:{digest('loop one')}"
+    assert asyncio.run(ask("loop two")) == f"answer:{digest('loop two')}"
