@@ -26,7 +26,6 @@ comes from ``compile(store=...)`` and reaches the nodes through ``Runtime``.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import random
 import secrets
@@ -47,6 +46,7 @@ from langgraph.store.base import BaseStore
 from langgraph.types import Checkpointer, Send
 
 from graphs._common import (
+    KeyedLocks,
     MemoryFactory,
     PersonaCache,
     TenantMemories,
@@ -158,8 +158,8 @@ class Personalizer:
     (an ``LLMClient``; from the environment when omitted). ``store``: the LangGraph
     store, passed to ``compile(store=...)``. ``memory_for``: tenant → ``PreferenceMemory``
     (default: one per tenant over the run's store). ``scheduler``: notified of votes;
-    its saves refresh the persona cache. ``rng``: A/B presentation order (seed it for
-    reproducible tests; default: system randomness).
+    its saves refresh the persona cache. ``rng``: A/B presentation order and vote tokens
+    (default: system randomness; pass a seeded ``random.Random`` only for reproducible tests).
     """
 
     def __init__(
@@ -189,7 +189,6 @@ class Personalizer:
                 f"personalize() wraps a compiled LangGraph graph or a LangChain chat model, got {type(agent).__name__}"
             )
         self.agent = agent
-        self.is_model = isinstance(agent, BaseChatModel)
         self.llm = llm
         self.store = store
         self.scheduler = scheduler
@@ -199,11 +198,12 @@ class Personalizer:
         self.ab_alternative = ab_alternative
         self.vote_ttl = vote_ttl
         self._rng = rng or random.SystemRandom()
+        self._seeded = rng is not None
         self.personas = PersonaCache(persona_ttl)
         self._memory_for = memory_for
         self._memories: dict[int, TenantMemories] = {}
         self._cache_memories = persona_ttl != 0
-        self._vote_locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self._vote_locks = KeyedLocks()
         if scheduler is not None:
             scheduler.add_listener(self.on_persona_saved)
         self.graph: CompiledStateGraph[Any, Any, Any, Any] = self._build(checkpointer, name)
@@ -259,9 +259,7 @@ class Personalizer:
             raise VoteError("vote token must be a non-empty string")
         memory = self.memory(tenant_id, store)
         ns = pending_namespace(tenant_id, user_id)
-        key = (tenant_id, user_id)
-        lock = self._vote_locks.setdefault(key, asyncio.Lock())
-        async with lock:
+        async with self._vote_locks.hold((tenant_id, user_id)):
             item = await memory.store.aget(ns, token)
             if item is None:
                 raise VoteError(
@@ -334,8 +332,37 @@ class Personalizer:
     # ------------------------------------------------------------------ graph
 
     def _build(self, checkpointer: Checkpointer, name: str) -> CompiledStateGraph[Any, Any, Any, Any]:
-        def route(state: ChatState) -> str:
-            return "record_vote" if state.get("vote") else "prepare"
+        def route(state: ChatState, config: RunnableConfig) -> str:
+            if state.get("vote"):
+                return "record_vote"
+            mode = configurable(config, "mode") or self.default_mode
+            if mode not in MODES:
+                raise ValueError(f"configurable mode must be one of {MODES}, got {mode!r}")
+            return "respond" if mode == "plain" else "prepare"
+
+        async def respond(state: ChatState, config: RunnableConfig, runtime: Runtime) -> dict[str, Any]:
+            # Plain mode in one node: one store read at most (cached), the wrapped agent's calls, nothing else.
+            tenant, user = identity(config)
+            messages = state.get("messages", [])
+            if not any(m.type == "human" for m in messages):
+                raise ValueError("the conversation has no user message to answer")
+            profile = await self.persona(tenant, user, runtime.store)
+            sys_msg = (
+                persona_message(prompts.generation_system_prompt(profile.persona), profile.version)
+                if profile is not None
+                else None
+            )
+            new = await self._generate(with_persona(messages, sys_msg), 0, True)
+            final_answer(new)
+            out: dict[str, Any] = {"messages": new, "persona_version": profile.version if profile else None}
+            if state.get("mode") != "plain":
+                out["mode"] = "plain"
+            for stale in ("ab", "rerank", "vote_result"):  # left by an earlier turn on this thread
+                if state.get(stale) is not None:
+                    out[stale] = None
+            if state.get("candidates"):
+                out["candidates"] = None
+            return out
 
         async def record_vote(state: ChatState, config: RunnableConfig, runtime: Runtime) -> dict[str, Any]:
             vote = state.get("vote") or {}
@@ -351,8 +378,6 @@ class Personalizer:
         async def prepare(state: ChatState, config: RunnableConfig, runtime: Runtime) -> dict[str, Any]:
             tenant, user = identity(config)
             mode = configurable(config, "mode") or self.default_mode
-            if mode not in MODES:
-                raise ValueError(f"configurable mode must be one of {MODES}, got {mode!r}")
             to_context(state.get("messages", []))  # fail fast: nothing to answer
             profile = await self.persona(tenant, user, runtime.store)
             return {
@@ -396,8 +421,6 @@ class Personalizer:
             cands = sorted(state.get("candidates", []), key=lambda c: c["index"])
             mode = state["mode"]
             public = [{k: v for k, v in c.items() if k != "messages"} for c in cands]
-            if mode == "plain":
-                return {"messages": cands[0]["messages"]}
             context = to_context(state["messages"])
             if mode == "ab":
                 ab = await self._open_vote(tenant, user, context, cands, state.get("persona_version"), runtime.store)
@@ -420,11 +443,13 @@ class Personalizer:
 
         builder = StateGraph(ChatState)
         builder.add_node("record_vote", record_vote)
+        builder.add_node("respond", respond)
         builder.add_node("prepare", prepare)
         builder.add_node("generate", generate)
         builder.add_node("finalize", finalize)
-        builder.add_conditional_edges(START, route, ["record_vote", "prepare"])
+        builder.add_conditional_edges(START, route, ["record_vote", "respond", "prepare"])
         builder.add_edge("record_vote", END)
+        builder.add_edge("respond", END)
         builder.add_conditional_edges("prepare", fan_out, ["generate"])
         builder.add_edge("generate", "finalize")
         builder.add_edge("finalize", END)
@@ -439,8 +464,6 @@ class Personalizer:
                 index=index, variant=variant, personalized=personalized and system is not None,
             )
 
-        if mode == "plain":
-            return [task(0, 0, True)]
         if mode == "ab":
             if system is not None:
                 return [task(0, 0, True), task(1, 0, False)]
@@ -468,7 +491,9 @@ class Personalizer:
         }
         if first["text"].strip() == second["text"].strip():
             return {**public, "token": None, "reason": "both candidates are identical; nothing to vote on"}
-        token = secrets.token_urlsafe(18)
+        # A token only works for its own tenant/user (it is looked up in their namespace); a seeded rng
+        # makes tokens, and so vote ids, reproducible for tests: never share a seed between instances.
+        token = f"{self._rng.getrandbits(128):032x}" if self._seeded else secrets.token_urlsafe(18)
         memory = self.memory(tenant, store)
         value = {
             **public,

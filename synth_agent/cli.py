@@ -465,6 +465,15 @@ def print_report(report: Any) -> None:
                   + "; ".join(f"{u}: {r}" for u, r in list(report.skipped_users.items())[:3]) + ")")
 
 
+def _register_subcommands() -> None:
+    from synth_agent.judge_server import judge_server_app
+
+    app.add_typer(judge_server_app, name="judge-server")
+
+
+_register_subcommands()
+
+
 def main() -> None:
     app()
 

@@ -9,6 +9,7 @@ is configured).
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from typing import Any
 import httpx
 
 from synth_agent.config import DEFAULT_SIM_URL, Settings
+from synth_agent.llm.base import ChatBackend
 from synth_agent.llm.cache import SqliteCache
 from synth_agent.llm.client import EndpointConfig, LLMClient
 
@@ -39,8 +41,16 @@ def open_memory(settings: Settings, tenant: str = "default") -> Any:
     return PreferenceMemory(open_store(settings), tenant=tenant)
 
 
-def open_llm(settings: Settings, *, disk_cache: bool = True) -> LLMClient:
-    """An LLM client for the configured endpoint, with an on-disk cache under the home directory."""
+def open_llm(settings: Settings, *, disk_cache: bool = True) -> ChatBackend:
+    """An LLM backend for the configured endpoint(s), with an on-disk cache under the home directory.
+
+    ``SYNTH_AGENT_JUDGE_ENDPOINTS`` (several self-hosted servers) gives an :class:`EndpointPool`;
+    otherwise one :class:`LLMClient` for ``OPENAI_BASE_URL``.
+    """
+    if os.environ.get("SYNTH_AGENT_JUDGE_ENDPOINTS"):
+        from synth_agent.llm.pool import EndpointPool
+
+        return EndpointPool.from_env()
     cache: Any = True
     if disk_cache:
         settings.home.mkdir(parents=True, exist_ok=True)
@@ -84,7 +94,7 @@ def simulator_if_needed(settings: Settings, *, quiet: bool = False, **sim_kw: An
 class Services:
     settings: Settings
     memory: Any
-    llm: LLMClient
+    llm: ChatBackend
 
 
 @contextlib.asynccontextmanager

@@ -182,6 +182,18 @@ async def test_ab_votes_are_per_user_single_use_and_survive_restarts() -> None:
     assert res["ok"] and res["choice"] == "a"
     res = await submit_vote(p.graph, out["ab"]["token"], "a", USER)
     assert res == {"ok": False, "error": res["error"]} and "unknown vote token" in res["error"]
+    assert len(p._vote_locks) == 0  # no per-user lock is kept once a vote is recorded
+
+
+async def test_concurrent_double_submit_records_one_vote() -> None:
+    store = InMemoryStore()
+    mems = TenantMemories(store)
+    p = Personalizer(RecordingModel(), store=store, memory_for=mems, default_mode="ab")
+    token = (await p.graph.ainvoke({"messages": [("user", "hi")]}, USER))["ab"]["token"]
+    results = await asyncio.gather(*(p.submit_vote(token, "a", config=USER) for _ in range(5)), return_exceptions=True)
+    assert sum(not isinstance(r, Exception) for r in results) == 1
+    assert all(isinstance(r, VoteError) for r in results if isinstance(r, Exception))
+    assert await mems("acme").count_votes("zoë@example.com") == 1
 
 
 async def test_ab_with_persona_is_personalized_vs_plain() -> None:
@@ -252,17 +264,24 @@ async def test_end_to_end_users_prefer_the_personalized_agent(sim: SimEndpoint, 
         llm=llm, memory_for=mems, fit_config=FitConfig(n_trials=4, n_demo_candidates=4), checkpointer=InMemorySaver()
     )
     sched = SynthesisScheduler(SynthesisRunner(synth, mems), mems, SynthesisPolicy(debounce=0.0))
-    p = Personalizer(chat_model(sim), llm=llm, store=store, memory_for=mems, scheduler=sched, rng=random.Random(7))
+    model = chat_model(sim)
     users = Population(2, seed=0).users
+    # one Personalizer per user (same store, scheduler, model) so each user's A/B order rng is its own
+    bots = [
+        Personalizer(model, llm=llm, store=store, memory_for=mems, scheduler=sched, rng=random.Random(7 + i))
+        for i in range(len(users))
+    ]
 
-    await asyncio.gather(*(_chat_user(p, sched, u, i, 30, measure=False) for i, u in enumerate(users)))
+    await asyncio.gather(*(_chat_user(bots[i], sched, u, i, 30, measure=False) for i, u in enumerate(users)))
     await sched.wait_idle()
     for u in users:
         history = await mems("acme").persona_history(u.user_id)
         assert [len(h.vote_ids) for h in history] == [5, 10, 20]  # fitted at the policy's thresholds
     assert sched.stats.failures == 0 and sched.stats.max_in_flight_per_user == 1
 
-    results = await asyncio.gather(*(_chat_user(p, sched, u, 100 + i, 30, measure=True) for i, u in enumerate(users)))
+    results = await asyncio.gather(
+        *(_chat_user(bots[i], sched, u, 100 + i, 30, measure=True) for i, u in enumerate(users))
+    )
     await sched.aclose()
     wins, n = sum(w for w, _ in results), sum(k for _, k in results)
     rate = wins / n

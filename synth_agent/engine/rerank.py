@@ -38,11 +38,11 @@ class RankResult:
 
 
 def _a_wins(j: Judgment) -> float:
-    """Share of the win credited to A: 1, 0, or the judge's P(A) on a tie."""
-    if j.preferred == "A":
-        return 1.0
-    if j.preferred == "B":
-        return 0.0
+    """Share of the win credited to A: the judge's P(A) over both orders.
+
+    Chain-of-thought verdicts give 1, 0 or ½ (orders disagree); log-probability
+    verdicts give a calibrated probability, so close calls count as close.
+    """
     return j.p_a
 
 

@@ -20,6 +20,7 @@ from synth_agent.llm.base import (
 if TYPE_CHECKING:
     from synth_agent.llm.cache import MemoryCache, ResponseCache, SqliteCache
     from synth_agent.llm.client import EndpointConfig, LLMClient, LLMError, RetryEvent, parse_structured
+    from synth_agent.llm.pool import EndpointPool, PoolConfig
 
 _LAZY = {
     "EndpointConfig": "synth_agent.llm.client",
@@ -30,9 +31,13 @@ _LAZY = {
     "MemoryCache": "synth_agent.llm.cache",
     "ResponseCache": "synth_agent.llm.cache",
     "SqliteCache": "synth_agent.llm.cache",
+    "EndpointPool": "synth_agent.llm.pool",
+    "PoolConfig": "synth_agent.llm.pool",
 }
 
 __all__ = [
+    "EndpointPool",
+    "PoolConfig",
     "CallSiteStats",
     "ChatBackend",
     "ChatMessage",

@@ -409,12 +409,12 @@ class EndpointPool:
         res = self._resources()
         if self.health_interval > 0 and (res.health_task is None or res.health_task.done()):
             await self.check_health()
-            res.health_task = asyncio.create_task(self._health_loop(), name="endpoint-pool-health")
+            res.health_task = asyncio.create_task(self._health_loop(checked=True), name="endpoint-pool-health")
         return self
 
     def _ensure_health_task(self, res: _LoopBound) -> None:
         if self.health_interval > 0 and res.health_task is None:
-            res.health_task = asyncio.create_task(self._health_loop(), name="endpoint-pool-health")
+            res.health_task = asyncio.create_task(self._health_loop(checked=False), name="endpoint-pool-health")
 
     async def aclose(self) -> None:
         bound, self._bound = self._bound, None
@@ -461,7 +461,9 @@ class EndpointPool:
             m.state = "half_open"  # the next request is the probe that closes it
         return ok
 
-    async def _health_loop(self) -> None:
+    async def _health_loop(self, *, checked: bool) -> None:
+        if checked:
+            await asyncio.sleep(self.health_interval)
         while True:
             try:
                 await self.check_health()

@@ -48,7 +48,7 @@ GENERIC_TASTE: dict[str, float] = {
 
 NOTICE = 0.2
 """A trait difference the judge notices and writes about."""
-MAX_NOTICED = 5
+MAX_NOTICED = 4
 """At most this many differences are written about per pair (largest first)."""
 MEASURED_WEIGHT = 0.35
 """Persona writer: weight of the measured trait difference next to a reasoning claim (weight 1)."""
@@ -57,10 +57,13 @@ CONTRADICTED_CLAIM = 0.5
 DEFAULT_QUIRK = 0.22
 """Default judge: scale of its idiosyncratic (hash-keyed) taste for one response of a pair."""
 PERSONA_WEIGHT = 0.7
+"""Judge: weight of the persona estimate next to the (unit) demo estimate."""
+PERSONA_RAW = 2.0
+"""Persona weights are divided by this ("strongly" = 1); 0 means normalise the persona vector instead."""
+PERSONA_SHRINK = 1.0
+"""Persona writer: evidence is averaged over ``n + PERSONA_SHRINK`` examples, so thin evidence reads weaker."""
 INSIGHT_TRAITS = 1
-PERSONA_RAW = 0.0
-PERSONA_SHRINK = 0.0
-"""Judge: weight of the (unit) persona estimate next to the (unit) demo estimate."""
+"""Insight extractor: how many of the preferred response's surplus traits one insight names."""
 DEMO_PRIOR = 1.0
 """Judge: persona vs demos blend; demos weigh ``n / (n + DEMO_PRIOR)`` relative to the persona."""
 
@@ -98,7 +101,6 @@ _PREF_JSON = re.compile(r'"preferred"\s*:\s*"\s*(?:response[ _])?([AB])\b', re.I
 _BARE_LABEL = re.compile(r"^\W*(?:response\s*)?([AB])\W*$", re.I)
 _CLAIM_SKIP = re.compile(r"^\s*(?:response\s+[ab]\b|prediction\b|[ab]\s+(?:is|has)\b)", re.I)
 _SENT = re.compile(r"(?<=[.!?;])\s+|\n+")
-_USER_TURN = re.compile(r"^\[user\]:\s*(.*)$", re.M)
 
 
 def _sigmoid(x: float) -> float:
