@@ -29,7 +29,8 @@ from langgraph.store.base import BaseStore, GetOp, PutOp, SearchItem
 from synth_agent.models import PersonaProfile, Trace, Vote, validate_user_id
 
 ROOT = "synth_agent"
-_KINDS = ("votes", "personas", "traces", "judgments")
+_KINDS = ("votes", "personas", "traces", "judgments", "pending_votes")
+"""Everything kept per user; forget_user deletes each kind (pending_votes: A/B pairs awaiting a vote)."""
 
 
 def encode_label(text: str) -> str:

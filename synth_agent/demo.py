@@ -26,30 +26,44 @@ from synth_agent.config import Settings
 from synth_agent.engine import FitConfig, Synthesizer
 from synth_agent.evaluate import evaluate, split_for_eval, write_plots
 from synth_agent.ingest import read_jsonl
+from synth_agent.models import Vote
 from synth_agent.services import open_llm, open_memory, simulator_if_needed
-from synth_agent.sim.population import write_population_jsonl
+from synth_agent.sim.population import Population, write_population_jsonl
+from synth_agent.sim.traits import PHRASES
 
 console = Console()
 
 
-async def run(settings: Settings, users: int, votes: int, seed: int, out: Path) -> None:
-    t0 = time.perf_counter()
+def prepare(users: int, votes: int, seed: int, out: Path) -> tuple[Population, list[Vote]]:
+    """Simulate the population and label each user's votes 50/20/30 (train / val / held-out test)."""
     out.mkdir(parents=True, exist_ok=True)
     raw = out / "population.jsonl"
     population = write_population_jsonl(raw, users, votes, seed)
-    parsed = read_jsonl(raw)
-    # Label each user's votes 50/20/30 (context-train / context-val / held-out target) in time order.
-    by_user: dict[str, list] = {}
-    for v in parsed.votes:
+    by_user: dict[str, list[Vote]] = {}
+    for v in read_jsonl(raw).votes:
         by_user.setdefault(v.user_id, []).append(v)
-    labelled = []
+    labelled: list[Vote] = []
     for vs in by_user.values():
         context, target = split_for_eval(vs)
         labelled += context + [v.model_copy(update={"split": "test"}) for v in target]
     data = out / "votes.jsonl"
     data.write_text("".join(v.model_dump_json() + "\n" for v in labelled))
-    console.print(f"[bold]1.[/] simulated {users} users × {votes} votes → {data}")
+    console.print(f"[bold]1.[/] simulated {users} users × {votes} votes → {data} (50/20/30 train/val/test)")
+    return population, labelled
 
+
+def hidden_taste(population: Population, user_id: str) -> str:
+    """The simulator's ground truth for a user, in words (never shown to any model)."""
+    w = population.user(user_id).weights
+    top = sorted(w, key=lambda t: -abs(w[t]))[:3]
+    return ", ".join(f"{'likes' if w[t] > 0 else 'dislikes'} {PHRASES[t]} ({w[t]:+.1f})" for t in top)
+
+
+async def run(settings: Settings, population: Population, labelled: list[Vote], seed: int, out: Path) -> None:
+    t0 = time.perf_counter()
+    by_user: dict[str, list[Vote]] = {}
+    for v in labelled:
+        by_user.setdefault(v.user_id, []).append(v)
     memory = open_memory(settings)
     res = await memory.add_votes(labelled)
     console.print(f"[bold]2.[/] stored {res.added} votes in Chroma at {settings.home} ({res.duplicates} duplicates)")
@@ -82,7 +96,7 @@ async def run(settings: Settings, users: int, votes: int, seed: int, out: Path) 
             )
         for f in fitted[:2]:
             assert f.profile is not None
-            hidden = population.user(f.user_id).describe() if hasattr(population, "user") else ""
+            hidden = hidden_taste(population, f.user_id)
             console.rule(f"persona of {f.user_id} (v{f.profile.version}, {len(f.profile.demos)} demos)")
             console.print(f.profile.persona)
             if hidden:
@@ -123,7 +137,8 @@ def main() -> None:
             )
         else:
             console.print(f"[bold]Using endpoint {live.base_url} (model {live.model})[/]")
-        asyncio.run(run(live, args.users, args.votes, args.seed, args.out))
+        population, labelled = prepare(args.users, args.votes, args.seed, args.out)
+        asyncio.run(run(live, population, labelled, args.seed, args.out))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,81 @@
+"""Proxy settings: upstream, auth, limits and background synthesis, from env vars or CLI flags.
+
+| variable | meaning | default |
+|---|---|---|
+| ``SYNTH_AGENT_UPSTREAM_BASE_URL`` | where chat completions are forwarded | ``OPENAI_BASE_URL`` |
+| ``SYNTH_AGENT_UPSTREAM_API_KEY`` | key sent upstream (clients' keys are never forwarded) | ``OPENAI_API_KEY`` |
+| ``SYNTH_AGENT_MODEL_MAP`` | ``client-model=upstream-model,...``; ``*`` matches any model | forward as is |
+| ``SYNTH_AGENT_API_KEYS`` | ``tenantA:key1,tenantB:key2`` | unset |
+| ``SYNTH_AGENT_KEYS_FILE`` | JSON or TOML key file (see :mod:`synth_agent.proxy.auth`) | unset |
+| ``SYNTH_AGENT_NO_AUTH`` | dev mode: no keys, everything is tenant ``default`` | ``false`` |
+| ``SYNTH_AGENT_KEY_RATE_LIMIT`` / ``_KEY_BURST`` | requests per second / bucket size per API key | ``20`` / ``40`` |
+| ``SYNTH_AGENT_SYNTHESIS`` | ``inline`` (in this process) or ``off`` (a ``synth-agent worker`` does it) | ``inline`` |
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+def parse_model_map(spec: str | dict[str, str] | None) -> dict[str, str]:
+    """``"gpt-4o=llama3,*=qwen"`` → ``{"gpt-4o": "llama3", "*": "qwen"}``; raises ValueError on a bad entry."""
+    if spec is None or spec == "":
+        return {}
+    if isinstance(spec, dict):
+        return {str(k): str(v) for k, v in spec.items()}
+    out: dict[str, str] = {}
+    for part in spec.split(","):
+        if not part.strip():
+            continue
+        src, sep, dst = part.partition("=")
+        if not sep or not src.strip() or not dst.strip():
+            raise ValueError(f"model map entry {part!r} must look like client-model=upstream-model")
+        out[src.strip()] = dst.strip()
+    return out
+
+
+class ProxySettings(BaseSettings):
+    """What ``synth-agent serve`` needs beyond the core :class:`~synth_agent.config.Settings`."""
+
+    model_config = SettingsConfigDict(env_prefix="SYNTH_AGENT_", extra="ignore", populate_by_name=True)
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    upstream_base_url: str | None = None
+    upstream_api_key: str | None = None
+    model_map: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
+    upstream_timeout: float = Field(default=60.0, gt=0)
+    upstream_retries: int = Field(default=3, ge=0)
+    upstream_backoff: float = Field(default=0.05, ge=0, description="first retry delay, doubled per attempt")
+    upstream_backoff_max: float = Field(default=2.0, ge=0)
+
+    api_keys: str | None = None
+    keys_file: Path | None = None
+    no_auth: bool = False
+    key_rate_limit: float = Field(default=20.0, ge=0, description="requests/second per key; 0 = unlimited")
+    key_burst: int = Field(default=40, ge=1)
+
+    max_body_bytes: int = Field(default=1_048_576, ge=1024)
+    max_messages: int = Field(default=256, ge=1)
+    max_batch_votes: int = Field(default=1000, ge=1)
+    max_candidates: int = Field(default=8, ge=2)
+
+    persona_ttl: float = Field(default=30.0, ge=0, description="seconds a cached persona is trusted")
+    synthesis: Literal["inline", "off"] = "inline"
+    poll_interval: float | None = Field(
+        default=None, description="inline mode: also poll the store every N seconds (other writers)"
+    )
+
+    @field_validator("model_map", mode="before")
+    @classmethod
+    def _model_map(cls, v: object) -> dict[str, str]:
+        if v is None or isinstance(v, str | dict):
+            return parse_model_map(v)
+        raise ValueError("model_map must be 'a=b,c=d' or a mapping")
+
+    def upstream_model(self, model: str) -> str:
+        return self.model_map.get(model) or self.model_map.get("*") or model
