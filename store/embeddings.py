@@ -95,3 +95,29 @@ def chroma_embedding_function(model_path: str | None = None) -> SentenceTransfor
     return SentenceTransformerEmbeddingFunction(
         model_name=model_path or minilm_path(), device="cpu", normalize_embeddings=True
     )
+
+
+class LazyMiniLMEmbeddings(Embeddings):
+    """:class:`MiniLMEmbeddings` that loads the model on first use.
+
+    Opening a store is then instant; commands that only read by key (show a
+    persona, list votes) never pay the ~10 s model load.
+    """
+
+    def __init__(self, model_path: str | None = None, **kw: Any) -> None:
+        self._args = (model_path, kw)
+        self._inner: MiniLMEmbeddings | None = None
+        self._lock = threading.Lock()
+
+    def _get(self) -> MiniLMEmbeddings:
+        with self._lock:
+            if self._inner is None:
+                path, kw = self._args
+                self._inner = MiniLMEmbeddings(path, **kw)
+            return self._inner
+
+    def embed_documents(self, texts: list[str]) -> list[list[float]]:
+        return self._get().embed_documents(texts)
+
+    def embed_query(self, text: str) -> list[float]:
+        return self._get().embed_query(text)

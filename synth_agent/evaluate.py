@@ -317,7 +317,7 @@ def write_plots(report: EvalReport, out_dir: str | Path) -> list[Path]:
     colors = ["#9aa5b1" if m.startswith("default") else "#3b82f6" for m in names]
     ax.bar(names, accs, yerr=[err_lo, err_hi], capsize=4, color=colors)
     for i, a in enumerate(accs):
-        ax.text(i, a + 1, f"{a:.1f}", ha="center", fontsize=9)
+        ax.text(i + 0.08, a + err_hi[i] + 1.5, f"{a:.1f}", ha="center", fontsize=9)
     ax.axhline(50, color="black", lw=0.8, ls="--")
     ax.set_ylabel("accuracy on held-out votes (%)")
     ax.set_ylim(0, 105)

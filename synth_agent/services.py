@@ -26,9 +26,9 @@ from synth_agent.llm.client import EndpointConfig, LLMClient
 def open_store(settings: Settings) -> Any:
     """The configured LangGraph BaseStore: embedded Chroma, or a Chroma server over HTTP."""
     from store.chroma import ChromaStore
-    from store.embeddings import chroma_embedding_function
+    from store.embeddings import LazyMiniLMEmbeddings
 
-    ef = chroma_embedding_function()
+    ef = LazyMiniLMEmbeddings()
     if settings.chroma_host:
         return ChromaStore(host=settings.chroma_host, port=settings.chroma_port, embedding_function=ef)
     settings.home.mkdir(parents=True, exist_ok=True)

@@ -48,6 +48,7 @@ class ProxySettings(BaseSettings):
     upstream_base_url: str | None = None
     upstream_api_key: str | None = None
     model_map: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
+    default_model: str | None = Field(default=None, description="for /v1/ab and /v1/rerank bodies without one")
     upstream_timeout: float = Field(default=60.0, gt=0)
     upstream_retries: int = Field(default=3, ge=0)
     upstream_backoff: float = Field(default=0.05, ge=0, description="first retry delay, doubled per attempt")
@@ -66,6 +67,7 @@ class ProxySettings(BaseSettings):
 
     persona_ttl: float = Field(default=30.0, ge=0, description="seconds a cached persona is trusted")
     synthesis: Literal["inline", "off"] = "inline"
+    drain_timeout: float = Field(default=10.0, ge=0, description="shutdown: let running syntheses finish")
     poll_interval: float | None = Field(
         default=None, description="inline mode: also poll the store every N seconds (other writers)"
     )

@@ -64,8 +64,18 @@ PERSONA_SHRINK = 1.0
 """Persona writer: evidence is averaged over ``n + PERSONA_SHRINK`` examples, so thin evidence reads weaker."""
 INSIGHT_TRAITS = 1
 """Insight extractor: how many of the preferred response's surplus traits one insight names."""
-DEMO_PRIOR = 1.0
-"""Judge: persona vs demos blend; demos weigh ``n / (n + DEMO_PRIOR)`` relative to the persona."""
+PRIOR_SCALE = 1.0
+"""Judge: persona strength words ("strongly" 2, plain 1, "somewhat" 0.5) times this = prior trait weight."""
+PRIOR_SD = 1.0
+"""Judge: how far (in trait-weight units) the demos may move a trait from the persona's prior."""
+DEMO_TEMP = 0.5
+"""Judge: how deterministic it assumes the user's choices are (Bradley-Terry temperature)."""
+NEWTON_STEPS = 6
+CONFLICT_MIN = 0.1
+"""Judge: mean demo evidence against a persona statement above which the statement counts less."""
+CONFLICT_KEEP = 0.5
+GENERIC_RESIDUAL = 0.15
+"""Judge: a personalized judge keeps this much of its generic taste."""
 
 
 @dataclass(frozen=True)
@@ -323,10 +333,7 @@ class SimBrain:
         order_noise = _gauss(self.seed, "order", pair.a, pair.b)
         sample = _gauss(self.seed, "sample", seed, temperature, pair.a, pair.b) * min(temperature, 2.0)
         if personalized:
-            n = len(demos)
-            lam = n / (n + DEMO_PRIOR) if np.any(p_vec) else 1.0
-            p_part = _unit(p_vec) if PERSONA_RAW <= 0 else p_vec / PERSONA_RAW
-            w = PERSONA_WEIGHT * p_part + lam * _unit(d_vec) + 0.15 * _GENERIC
+            w = self.user_model(p_vec, [(1.0 if lab == "A" else -1.0) * self._delta(dp) for dp, lab, _ in demos])
             base = float(w @ delta)
             margin = base + 0.06 * quirk + 0.03 * order_noise + 0.01 + 0.1 * sample
         else:
@@ -334,6 +341,36 @@ class SimBrain:
             base = float(w @ delta)
             margin = base + DEFAULT_QUIRK * quirk + 0.06 * order_noise + 0.02 + 0.3 * sample
         return _Decision(margin, self._reasoning(delta, margin >= 0, persona, d_vec, len(demos)))
+
+    @staticmethod
+    def user_model(p_vec: np.ndarray, evidence: list[np.ndarray]) -> np.ndarray:
+        """What this user weighs, read from a persona (a prior) and demos (evidence).
+
+        ``p_vec`` holds the persona's stated preferences (``strongly`` 2, plain 1, ``somewhat`` 0.5)
+        and ``evidence`` each demo's preferred-minus-other measured traits. The persona is taken as a
+        prior over the user's trait weights; the demos' choices update it like a Bradley-Terry
+        likelihood (a few Newton steps on the posterior mode). A persona statement the demos
+        contradict loses weight; more demos move the estimate further from the persona.
+        """
+        n = len(evidence)
+        prior = PRIOR_SCALE * p_vec
+        if n == 0:
+            w = prior
+        else:
+            X = np.array(evidence)
+            prec = np.full(len(TRAITS), 1.0 / PRIOR_SD**2)
+            if np.any(p_vec):
+                d_mean = X.mean(axis=0)
+                conflict = (p_vec * d_mean < 0) & (np.abs(d_mean) >= CONFLICT_MIN)
+                prior = np.where(conflict, prior * CONFLICT_KEEP, prior)
+            w = prior.copy()
+            for _ in range(NEWTON_STEPS):
+                z = (X @ w) / DEMO_TEMP
+                p = 1.0 / (1.0 + np.exp(-np.clip(z, -30, 30)))
+                grad = X.T @ (1.0 - p) / DEMO_TEMP - prec * (w - prior)
+                hess = (X * (p * (1 - p))[:, None]).T @ X / DEMO_TEMP**2 + np.diag(prec)
+                w = w + np.linalg.solve(hess, grad)
+        return _unit(w) + GENERIC_RESIDUAL * _GENERIC
 
     def _reasoning(
         self, delta: np.ndarray, pick_a: bool, persona: dict[str, float], d_vec: np.ndarray, n_demos: int

@@ -1,0 +1,191 @@
+"""SynthesizeMe engine against the simulator: accuracy effects, budgets, faults, cancellation, refits."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from langgraph.store.memory import InMemoryStore
+
+from store.memory import PreferenceMemory
+from synth_agent.engine import FitConfig, Judge, Synthesizer, rank
+from synth_agent.evaluate import evaluate
+from synth_agent.llm.client import EndpointConfig, LLMClient
+from synth_agent.sim.backend import SimBackend
+from synth_agent.sim.population import Population
+from synth_agent.sim.server import SimEndpoint
+
+POP_SEED = 0
+
+
+@pytest.fixture(scope="module")
+def population() -> Population:
+    return Population(24, seed=POP_SEED)
+
+
+@pytest.fixture(scope="module")
+async def accuracy_report(population):
+    """One seeded evaluation shared by the accuracy assertions (in-process simulator: exact, fast)."""
+    llm = SimBackend(POP_SEED)
+    report = await evaluate(
+        llm, population.all_votes(25), methods=("default", "persona_demos", "unverified"),
+        config=FitConfig(seed=POP_SEED),
+    )
+    for m, s in report.methods.items():
+        print(f"{m:15s} {s.accuracy:.3f} [{s.ci_low:.3f}, {s.ci_high:.3f}] n={s.n_judgments}")
+    return report
+
+
+async def test_persona_demos_beats_default_judge_by_ten_points(accuracy_report):
+    acc = {m: s.accuracy for m, s in accuracy_report.methods.items()}
+    assert len(accuracy_report.users) == 24
+    assert acc["persona_demos"] >= acc["default"] + 0.10, acc
+
+
+async def test_unverified_traces_make_a_worse_persona(accuracy_report):
+    acc = {m: s.accuracy for m, s in accuracy_report.methods.items()}
+    assert acc["unverified"] < acc["persona_demos"], acc
+
+
+def memory() -> PreferenceMemory:
+    return PreferenceMemory(InMemoryStore(), tenant="t1")
+
+
+async def test_fit_saves_versioned_profile_within_budget(population):
+    uid = population.user_ids[0]
+    votes = population.votes(uid, 12)
+    mem = memory()
+    await mem.add_votes(votes)
+    res = await Synthesizer(SimBackend(), mem, FitConfig(seed=1)).fit(uid)
+    assert res.status == "fitted" and res.profile is not None
+    assert res.profile.version == 1 and res.profile.persona.strip()
+    assert res.profile.prompt_version == "persona_writer.v1"
+    assert 0 < len(res.profile.demos) <= 8
+    assert set(res.profile.vote_ids) == {v.id for v in votes}
+    # Budget of the issue: at most 100 LLM requests for a 12-vote user at 10 trials / 10 candidates.
+    assert res.usage["llm_requests"] <= 100, res.usage
+    current = await mem.current_persona(uid)
+    assert current is not None and current.persona == res.profile.persona
+
+
+async def test_not_enough_votes_is_a_result_not_an_error(population):
+    uid = population.user_ids[1]
+    res = await Synthesizer(SimBackend(), None).fit(uid, population.votes(uid, 4))
+    assert res.status == "not_enough_votes" and res.profile is None
+    assert "at least 5" in res.message
+
+
+async def test_fit_rejects_votes_of_other_users(population):
+    a, b = population.user_ids[:2]
+    with pytest.raises(ValueError, match="belong to other users"):
+        await Synthesizer(SimBackend(), None).fit(a, population.votes(b, 6))
+
+
+async def test_fit_is_deterministic_for_a_seed(population):
+    uid = population.user_ids[2]
+    votes = population.votes(uid, 12)
+    r1 = await Synthesizer(SimBackend(), None, FitConfig(seed=3)).fit(uid, votes)
+    r2 = await Synthesizer(SimBackend(), None, FitConfig(seed=3)).fit(uid, votes)
+    assert r1.profile and r2.profile
+    assert r1.profile.persona == r2.profile.persona and r1.profile.demos == r2.profile.demos
+
+
+async def test_incremental_refit_reuses_traces(population):
+    uid = population.user_ids[3]
+    votes = population.votes(uid, 20)
+    mem = memory()
+    llm = SimBackend()
+    synth = Synthesizer(llm, mem, FitConfig(seed=0))
+    await mem.add_votes(votes[:12])
+    first = await synth.fit(uid)
+    boot_first = llm.stats.site("bootstrap").requests
+    await mem.add_votes(votes[12:])
+    second = await synth.fit(uid)
+    boot_second = llm.stats.site("bootstrap").requests - boot_first
+    assert first.profile and second.profile and second.profile.version == 2
+    n_train_first = len(first.profile.meta["train_ids"])
+    n_train_second = len(second.profile.meta["train_ids"])
+    assert second.profile.meta["reused_traces"] == n_train_first
+    # Only the newly added train votes were judged again.
+    assert boot_second == n_train_second - n_train_first
+    history = await mem.persona_history(uid)
+    assert [p.version for p in history] == [1, 2]
+
+
+async def test_cancelled_fit_leaves_no_persona(population):
+    uid = population.user_ids[4]
+    mem = memory()
+    await mem.add_votes(population.votes(uid, 12))
+    with SimEndpoint(latency_ms=40) as ep:
+        llm = LLMClient(EndpointConfig(base_url=ep.base_url, max_concurrency=4))
+        task = asyncio.create_task(Synthesizer(llm, mem).fit(uid))
+        # Let it get going (some requests answered), then cancel mid-run.
+        for _ in range(200):
+            await asyncio.sleep(0.02)
+            if ep.stats()["completions"] >= 5:
+                break
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await llm.aclose()
+    assert await mem.current_persona(uid) is None
+    assert await mem.persona_history(uid) == []
+
+
+async def test_faults_change_no_result_of_a_seeded_fit(population):
+    uid = population.user_ids[5]
+    votes = population.votes(uid, 12)
+    profiles = []
+    for fault_rate in (0.0, 0.3):
+        with SimEndpoint(fault_rate=fault_rate, seed=7, slow_ms=1500) as ep:
+            cfg = EndpointConfig(base_url=ep.base_url, timeout=0.5, max_retries=10, backoff_max=0.1)
+            async with LLMClient(cfg) as llm:
+                res = await Synthesizer(llm, None, FitConfig(seed=5)).fit(uid, votes)
+                if fault_rate:
+                    assert llm.stats.total().retries > 0
+            assert res.profile is not None
+            profiles.append(res.profile)
+    clean, faulty = profiles
+    assert faulty.persona == clean.persona
+    assert faulty.demos == clean.demos
+    assert faulty.val_accuracy == clean.val_accuracy
+
+
+async def test_users_fit_concurrently_on_different_backends(population):
+    a, b = population.user_ids[6:8]
+    llm_a, llm_b = SimBackend(model="judge-a"), SimBackend(model="judge-b")
+    mem = memory()
+    await mem.add_votes(population.votes(a, 10) + population.votes(b, 10))
+    ra, rb = await asyncio.gather(
+        Synthesizer(llm_a, mem).fit(a), Synthesizer(llm_b, mem).fit(b)
+    )
+    assert ra.profile and rb.profile
+    assert ra.profile.model == "judge-a" and rb.profile.model == "judge-b"
+    assert (await mem.current_persona(a)).user_id == a
+    assert (await mem.current_persona(b)).user_id == b
+
+
+async def test_compare_judges_both_orders_and_rank_strategies(population):
+    uid = population.user_ids[8]
+    votes = population.votes(uid, 15)
+    llm = SimBackend()
+    res = await Synthesizer(llm, None).fit(uid, votes[:12])
+    judge = Judge.from_profile(llm, res.profile)
+    v = votes[12]
+    j = await judge.compare(v.context, v.chosen, v.rejected)
+    assert len(j.orders) == 2 and {o.swapped for o in j.orders} == {False, True}
+    assert j.preferred in ("A", "B", "tie")
+    if j.preferred == "tie":
+        assert j.confidence == 0.0
+    else:
+        assert j.confidence == 1.0
+    candidates = [votes[i].chosen for i in range(12, 15)] + [votes[i].rejected for i in range(12, 15)]
+    ko = await rank(judge, v.context, candidates, strategy="knockout")
+    rr = await rank(judge, v.context, candidates, strategy="round_robin")
+    assert len(ko.comparisons) == len(candidates) - 1
+    assert len(rr.comparisons) == len(candidates) * (len(candidates) - 1) // 2
+    assert ko.scores[ko.winner] == max(ko.scores)
+    assert rr.scores[rr.winner] == max(rr.scores)
+    assert sum(rr.scores) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="strategy"):
+        await rank(judge, v.context, candidates, strategy="swiss")  # type: ignore[arg-type]
