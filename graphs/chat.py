@@ -59,7 +59,7 @@ from graphs._common import (
     to_context,
     with_persona,
 )
-from store.memory import ROOT, PreferenceMemory, encode_label
+from store.memory import PreferenceMemory, user_namespace
 from synth_agent import prompts
 from synth_agent.engine.judge import Judge
 from synth_agent.engine.rerank import Strategy, rank
@@ -506,7 +506,7 @@ class Personalizer:
 
 def pending_namespace(tenant_id: str, user_id: str) -> tuple[str, ...]:
     """Where open A/B pairs wait for their vote (next to the user's votes in PreferenceMemory's layout)."""
-    return (ROOT, encode_label(tenant_id), "user", encode_label(user_id), "pending_votes")
+    return user_namespace(tenant_id, user_id, "pending_votes")
 
 
 def _age(created_at: Any) -> float:

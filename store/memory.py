@@ -42,6 +42,12 @@ def decode_label(label: str) -> str:
     return label.replace("%2F", "/").replace("%2E", ".").replace("%25", "%")
 
 
+def user_namespace(tenant: str, user_id: str, kind: str | None = None) -> tuple[str, ...]:
+    """The layout of per-user data: ``(ROOT, tenant, "user", user[, kind])``, labels encoded."""
+    base = (ROOT, encode_label(tenant), "user", encode_label(validate_user_id(user_id)))
+    return (*base, kind) if kind else base
+
+
 @dataclass(frozen=True)
 class AddVotesResult:
     """Outcome of :meth:`PreferenceMemory.add_votes`: how many votes were new vs already stored."""
@@ -91,9 +97,18 @@ class PreferenceMemory:
     def _users_ns(self) -> tuple[str, ...]:
         return (ROOT, self._tenant_label, "users")
 
+    def namespace(self, user_id: str, kind: str) -> tuple[str, ...]:
+        """The BaseStore namespace holding one kind of this user's data (see ``_KINDS``).
+
+        Public so that layers storing extra per-user data (e.g. pending A/B pairs) put it
+        where ``forget_user`` will find it.
+        """
+        if kind not in _KINDS:
+            raise ValueError(f"unknown kind {kind!r}; use one of {', '.join(_KINDS)}")
+        return self._user_ns(user_id, kind)
+
     def _user_ns(self, user_id: str, kind: str | None = None) -> tuple[str, ...]:
-        base = (ROOT, self._tenant_label, "user", encode_label(validate_user_id(user_id)))
-        return (*base, kind) if kind else base
+        return user_namespace(self.tenant, user_id, kind)
 
     def _lock(self, user_id: str) -> asyncio.Lock:
         lock = self._locks.get(user_id)

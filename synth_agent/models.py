@@ -262,6 +262,13 @@ class Vote(BaseModel):
         return self.context[-1].content
 
 
+def as_messages(context: Any) -> list[Message]:
+    """Accept a context as Message objects, ``{"role", "content"}`` dicts or a bare user string."""
+    if isinstance(context, str):
+        return [Message(role="user", content=context)]
+    return [m if isinstance(m, Message) else Message.model_validate(m) for m in context]
+
+
 class Demo(BaseModel):
     """A few-shot example for the judge: a past vote shown in a fixed presentation order.
 

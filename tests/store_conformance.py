@@ -286,15 +286,19 @@ class MemoryConformance:
             await mem.put_traces(user, [Trace(vote_id="v", chosen_first=True, reasoning="r", predicted="A",
                                               verified=True)])
             await mem.put_cached_judgment(user, "key", {"x": 1})
+            await store.aput(mem.namespace(user, "pending_votes"), "tok", {"a": "x", "b": "y"}, index=False)
         counts = await mem.forget_user("gone")
-        assert counts == {"votes": 3, "personas": 2, "traces": 1, "judgments": 1}
+        assert counts == {"votes": 3, "personas": 2, "traces": 1, "judgments": 1, "pending_votes": 1}
+        assert await store.aget(mem.namespace("gone", "pending_votes"), "tok") is None
+        assert await store.aget(mem.namespace("stays", "pending_votes"), "tok") is not None
         assert await mem.list_votes("gone") == [] and await mem.current_persona("gone") is None
         assert await mem.get_traces("gone") == [] and await mem.get_cached_judgment("gone", "key") is None
         assert await mem.relevant_votes("gone", "q1") == []
         assert await mem.list_users() == ["stays"]
         assert await mem.count_votes("stays") == 3 and len(await mem.persona_history("stays")) == 2
         assert await mem.get_cached_judgment("stays", "key") == {"x": 1}
-        assert await mem.forget_user("gone") == {"votes": 0, "personas": 0, "traces": 0, "judgments": 0}
+        assert await mem.forget_user("gone") == {
+            "votes": 0, "personas": 0, "traces": 0, "judgments": 0, "pending_votes": 0}
 
     async def test_tenant_isolation(self, store: BaseStore) -> None:
         a, b = PreferenceMemory(store, "tenant.a"), PreferenceMemory(store, "tenant-b")

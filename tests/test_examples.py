@@ -28,7 +28,7 @@ def offline(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_every_example_is_tested() -> None:
-    assert {p.stem for p in EXAMPLES.glob("*.py")} == {"react_agent", "ab_voting", "best_of_n", "export_persona"}
+    assert {p.stem for p in EXAMPLES.glob("*.py")} == {"quickstart", "react_agent", "ab_voting", "best_of_n", "export_persona"}
 
 
 def test_react_agent(capsys: pytest.CaptureFixture[str]) -> None:
@@ -55,3 +55,9 @@ def test_export_persona(capsys: pytest.CaptureFixture[str]) -> None:
     prompt = load("export_persona").main()
     assert "<persona>" in prompt
     assert "answer with the exported persona" in capsys.readouterr().out
+
+
+def test_quickstart(capsys: pytest.CaptureFixture[str]) -> None:
+    persona = load("quickstart").main()
+    out = capsys.readouterr().out
+    assert persona.strip() and "persona v1" in out and "prefers " in out

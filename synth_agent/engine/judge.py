@@ -22,7 +22,7 @@ from typing import Literal
 
 from synth_agent import prompts
 from synth_agent.llm.base import ChatBackend, Completion
-from synth_agent.models import Demo, Judgment, Message, OrderJudgment, PersonaProfile
+from synth_agent.models import Demo, Judgment, Message, OrderJudgment, PersonaProfile, as_messages
 from synth_agent.prompts import ParseError
 
 JudgeMode = Literal["cot", "logprob"]
@@ -99,7 +99,11 @@ class Judge:
     async def compare(
         self, context: Sequence[Message], a: str, b: str, *, extra_demos: Sequence[Demo] = ()
     ) -> Judgment:
-        """Which of ``a`` and ``b`` this judge's user prefers, judged in both orders."""
+        """Which of ``a`` and ``b`` this judge's user prefers, judged in both orders.
+
+        ``context`` may be Message objects, role/content dicts, or the user's message as a string.
+        """
+        context = as_messages(context)
         (l1, r1, p1), (l2, r2, p2) = await asyncio.gather(
             self.judge_order(context, a, b, extra_demos=extra_demos),
             self.judge_order(context, b, a, extra_demos=extra_demos),

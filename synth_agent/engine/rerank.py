@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from synth_agent.engine.judge import Judge
-from synth_agent.models import Judgment, Message
+from synth_agent.models import Judgment, Message, as_messages
 
 Strategy = Literal["knockout", "round_robin"]
 
@@ -90,6 +90,7 @@ async def rank(
     strategy: Strategy = "knockout",
 ) -> RankResult:
     """Rank ``candidates`` (answers to ``context``) for the judge's user."""
+    context = as_messages(context)
     n = len(candidates)
     if n == 0:
         raise ValueError("rank() needs at least one candidate")

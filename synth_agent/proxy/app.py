@@ -17,8 +17,9 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
+from urllib.parse import unquote
 
 import httpx
 from fastapi import Body, Depends, FastAPI, Query, Request
@@ -30,7 +31,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field
 
 from graphs.chat import Personalizer, TenantMemories, VoteError
-from graphs.synthesis import SynthesisRunner, build_synthesis_graph, open_checkpointer
+from graphs.synthesis import SynthesisRunner, build_synthesis_graph, open_checkpointer, synthesis_thread_id
 from synth_agent import prompts
 from synth_agent.config import Settings
 from synth_agent.engine.judge import Judge
@@ -88,6 +89,8 @@ class ProxyState:
     personalizer: Personalizer | None = None
     scheduler: SynthesisScheduler | None = None
     poller: StorePoller | None = None
+    checkpointer: Any = None
+    background: set[asyncio.Task[Any]] = field(default_factory=set)
 
     def ready(self) -> tuple[TenantMemories, Personalizer, Upstream, ChatBackend]:
         if self.memories is None or self.personalizer is None or self.upstream is None or self.llm is None:
@@ -222,9 +225,23 @@ def _user(raw: Any, *, param: str = "user") -> str:
                          code="invalid_user") from None
 
 
+def _header_user(request: Request) -> str | None:
+    raw = request.headers.get(USER_HEADER)
+    if raw is None:
+        return None
+    try:
+        return unquote(raw, errors="strict")
+    except UnicodeDecodeError:
+        raise ProxyError(400, "X-Synth-User must be percent-encoded UTF-8", param=USER_HEADER,
+                         code="invalid_user") from None
+
+
 def _user_of(request: Request, body_user: Any, *, required: bool) -> str | None:
-    """The header wins over the body field: a gateway can pin the user without touching bodies."""
-    header = request.headers.get(USER_HEADER)
+    """The header wins over the body field: a gateway can pin the user without touching bodies.
+
+    Header values are ASCII, so the header is percent-decoded (UTF-8): send ``quote(user_id, safe="")``.
+    """
+    header = _header_user(request)
     if header is not None:
         return _user(header, param=USER_HEADER)
     if body_user is None:
@@ -460,6 +477,7 @@ def create_app(
                 cp = checkpointer
                 if cp is None:
                     cp = await stack.enter_async_context(open_checkpointer(settings.home))
+                state.checkpointer = cp
                 graph = build_synthesis_graph(llm=state.llm, memory_for=memories, fit_config=fit_config,
                                               checkpointer=cp)
                 state.scheduler = SynthesisScheduler(SynthesisRunner(graph, memories), memories, policy)
@@ -570,7 +588,7 @@ def _routes(app: FastAPI, st: ProxyState) -> None:  # noqa: C901 - one flat list
         if len(items) > p.max_batch_votes:
             raise ProxyError(400, f"{len(items)} votes in one request; the limit is {p.max_batch_votes}",
                              param="votes", code="too_many_votes")
-        header_user = request.headers.get(USER_HEADER)
+        header_user = _header_user(request)
         votes, errors = [], []
         for i, item in enumerate(items):
             if isinstance(item, dict) and header_user is not None and "user_id" not in item:
@@ -719,9 +737,23 @@ def _routes(app: FastAPI, st: ProxyState) -> None:  # noqa: C901 - one flat list
     async def forget(user: str, caller: AuthCaller) -> dict[str, Any]:
         """Forget everything stored for this user in the caller's tenant (votes, personas, pending pairs)."""
         memories, personalizer, _, _ = st.ready()
-        uid = _user(user)
-        counts = await memories(caller.tenant).forget_user(uid)
-        personalizer.invalidate(caller.tenant, uid)
+        uid, tenant = _user(user), caller.tenant
+        versions = len(await memories(tenant).persona_history(uid))
+        counts = await memories(tenant).forget_user(uid)
+        personalizer.invalidate(tenant, uid)
+        await _forget_checkpoints(st, tenant, uid, versions)
+        sched = st.scheduler
+        if sched is not None and sched.is_busy(tenant, uid):
+            # A fit already running would save a persona after this delete: forget again once it ends.
+            async def again() -> None:
+                await sched.wait_user_idle(tenant, uid)
+                await memories(tenant).forget_user(uid)
+                personalizer.invalidate(tenant, uid)
+                await _forget_checkpoints(st, tenant, uid, versions + 1)
+
+            task = asyncio.get_running_loop().create_task(again())
+            st.background.add(task)
+            task.add_done_callback(st.background.discard)
         return {"object": "user.deleted", "deleted": counts}
 
     # -------------------------------------------------------------- operations
@@ -746,6 +778,18 @@ def _routes(app: FastAPI, st: ProxyState) -> None:  # noqa: C901 - one flat list
     async def metrics() -> Response:
         """Prometheus exposition (no tenant or user labels)."""
         return Response(st.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+async def _forget_checkpoints(st: ProxyState, tenant: str, user: str, versions: int) -> None:
+    """Synthesis checkpoints hold the user's votes too: drop the threads of every version fitted or pending."""
+    cp = st.checkpointer
+    if cp is None or not hasattr(cp, "adelete_thread"):
+        return
+    for v in range(1, versions + 2):
+        try:
+            await cp.adelete_thread(synthesis_thread_id(tenant, user, f"v{v}"))
+        except Exception:
+            log.exception("could not delete a synthesis checkpoint of a forgotten user")
 
 
 async def _judging(coro: Any) -> Any:

@@ -43,6 +43,8 @@ class StorePoller:
         self.sweeps = 0
         self._seen: dict[tuple[str, str], int] = {}
         self._task: asyncio.Task[None] | None = None
+        self.swept = asyncio.Event()
+        """Set after the first sweep (tests and readiness probes wait on it)."""
 
     async def tenants(self) -> list[str]:
         out: list[str] = []
@@ -65,6 +67,7 @@ class StorePoller:
                     self.scheduler.notify_vote(tenant, user)
                     notified += 1
         self.sweeps += 1
+        self.swept.set()
         return notified
 
     def start(self, interval: float | None) -> None:
@@ -79,6 +82,7 @@ class StorePoller:
                     log.info("store sweep: %d user(s) to check for synthesis", n)
             except Exception:
                 log.exception("store sweep failed; will retry")
+                self.swept.set()  # do not block waiters forever on a broken store
             if interval is None:
                 return
             await asyncio.sleep(interval)

@@ -42,3 +42,16 @@ __all__ = [
     "trait_vector",
     "write_population_jsonl",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # The HTTP endpoint and in-process backend pull in FastAPI/LLM-layer imports; load on demand.
+    if name == "SimEndpoint":
+        from synth_agent.sim.server import SimEndpoint
+
+        return SimEndpoint
+    if name == "SimBackend":
+        from synth_agent.sim.backend import SimBackend
+
+        return SimBackend
+    raise AttributeError(f"module 'synth_agent.sim' has no attribute {name!r}")

@@ -64,13 +64,8 @@ PERSONA_SHRINK = 1.0
 """Persona writer: evidence is averaged over ``n + PERSONA_SHRINK`` examples, so thin evidence reads weaker."""
 INSIGHT_TRAITS = 1
 """Insight extractor: how many of the preferred response's surplus traits one insight names."""
-PRIOR_SCALE = 1.0
-"""Judge: persona strength words ("strongly" 2, plain 1, "somewhat" 0.5) times this = prior trait weight."""
-PRIOR_SD = 1.0
-"""Judge: how far (in trait-weight units) the demos may move a trait from the persona's prior."""
-DEMO_TEMP = 0.5
-"""Judge: how deterministic it assumes the user's choices are (Bradley-Terry temperature)."""
-NEWTON_STEPS = 6
+PRIOR_WEIGHT = 0.5
+"""Judge: one unit of persona strength counts as this many demos' worth of evidence."""
 CONFLICT_MIN = 0.1
 """Judge: mean demo evidence against a persona statement above which the statement counts less."""
 CONFLICT_KEEP = 0.5
@@ -344,32 +339,23 @@ class SimBrain:
 
     @staticmethod
     def user_model(p_vec: np.ndarray, evidence: list[np.ndarray]) -> np.ndarray:
-        """What this user weighs, read from a persona (a prior) and demos (evidence).
+        """The direction this user's taste points, read from a persona (a prior) and demos (evidence).
 
-        ``p_vec`` holds the persona's stated preferences (``strongly`` 2, plain 1, ``somewhat`` 0.5)
-        and ``evidence`` each demo's preferred-minus-other measured traits. The persona is taken as a
-        prior over the user's trait weights; the demos' choices update it like a Bradley-Terry
-        likelihood (a few Newton steps on the posterior mode). A persona statement the demos
-        contradict loses weight; more demos move the estimate further from the persona.
+        ``p_vec`` holds the persona's stated preferences ("strongly" 2, plain 1, "somewhat" 0.5) and
+        ``evidence`` each demo's preferred-minus-other measured traits. The persona counts as
+        ``PRIOR_WEIGHT`` demos' worth of evidence per unit of stated strength, so confident wording
+        counts more and every extra demo moves the estimate further from the persona; a persona
+        statement the demos clearly contradict counts only ``CONFLICT_KEEP`` as much.
         """
-        n = len(evidence)
-        prior = PRIOR_SCALE * p_vec
-        if n == 0:
-            w = prior
-        else:
+        prior = PRIOR_WEIGHT * p_vec
+        if evidence:
             X = np.array(evidence)
-            prec = np.full(len(TRAITS), 1.0 / PRIOR_SD**2)
-            if np.any(p_vec):
-                d_mean = X.mean(axis=0)
-                conflict = (p_vec * d_mean < 0) & (np.abs(d_mean) >= CONFLICT_MIN)
-                prior = np.where(conflict, prior * CONFLICT_KEEP, prior)
-            w = prior.copy()
-            for _ in range(NEWTON_STEPS):
-                z = (X @ w) / DEMO_TEMP
-                p = 1.0 / (1.0 + np.exp(-np.clip(z, -30, 30)))
-                grad = X.T @ (1.0 - p) / DEMO_TEMP - prec * (w - prior)
-                hess = (X * (p * (1 - p))[:, None]).T @ X / DEMO_TEMP**2 + np.diag(prec)
-                w = w + np.linalg.solve(hess, grad)
+            d_mean = X.mean(axis=0)
+            conflict = (p_vec * d_mean < 0) & (np.abs(d_mean) >= CONFLICT_MIN)
+            prior = np.where(conflict, CONFLICT_KEEP * prior, prior)
+            w = prior + X.sum(axis=0)
+        else:
+            w = prior
         return _unit(w) + GENERIC_RESIDUAL * _GENERIC
 
     def _reasoning(

@@ -1,0 +1,110 @@
+"""``synth-agent serve`` and ``synth-agent worker``; the main CLI calls :func:`register`.
+
+Flags override environment variables (see :mod:`synth_agent.proxy.settings`); the
+global ``--home/--base-url/--model/--api-key`` options of ``synth-agent`` set the
+store home and the judge/synthesis endpoint, as for every other command.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+__all__ = ["register"]
+
+
+def _settings(ctx: typer.Context, chroma_host: str | None, chroma_port: int | None) -> Any:
+    from synth_agent.config import Settings
+
+    settings = getattr(ctx.obj, "settings", None) or Settings()
+    update: dict[str, Any] = {}
+    if chroma_host is not None:
+        update["chroma_host"] = chroma_host
+    if chroma_port is not None:
+        update["chroma_port"] = chroma_port
+    return settings.model_copy(update=update) if update else settings
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``serve`` and ``worker`` to ``app``."""
+
+    @app.command()
+    def serve(
+        ctx: typer.Context,
+        host: Annotated[str | None, typer.Option(help="Bind address (env SYNTH_AGENT_HOST; default 127.0.0.1).")] = None,
+        port: Annotated[int | None, typer.Option(help="Port (env SYNTH_AGENT_PORT; default 8080).")] = None,
+        upstream_base_url: Annotated[str | None, typer.Option(
+            help="Where chat completions go (env SYNTH_AGENT_UPSTREAM_BASE_URL; default OPENAI_BASE_URL).")] = None,
+        upstream_api_key: Annotated[str | None, typer.Option(
+            help="Key for the upstream (env SYNTH_AGENT_UPSTREAM_API_KEY; default OPENAI_API_KEY).")] = None,
+        model_map: Annotated[str | None, typer.Option(
+            help="client=upstream model names, comma separated; '*' matches any (env SYNTH_AGENT_MODEL_MAP).")] = None,
+        default_model: Annotated[str | None, typer.Option(help="Model for /v1/ab and /v1/rerank bodies without one.")] = None,
+        keys_file: Annotated[Path | None, typer.Option(help="JSON/TOML API key file (env SYNTH_AGENT_KEYS_FILE).")] = None,
+        no_auth: Annotated[bool, typer.Option("--no-auth", help="Development only: no API keys, tenant 'default'.")] = False,
+        rate_limit: Annotated[float | None, typer.Option(help="Requests/second per API key (0 = unlimited).")] = None,
+        burst: Annotated[int | None, typer.Option(help="Burst size per API key.")] = None,
+        synthesis: Annotated[str | None, typer.Option(
+            help="'inline': fit personas in this process; 'off': a `synth-agent worker` does it.")] = None,
+        poll_interval: Annotated[float | None, typer.Option(help="Inline mode: re-scan the store every N seconds.")] = None,
+        chroma_host: Annotated[str | None, typer.Option(help="Chroma server host (env CHROMA_HOST).")] = None,
+        chroma_port: Annotated[int | None, typer.Option(help="Chroma server port (env CHROMA_PORT).")] = None,
+        log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+    ) -> None:
+        """Serve the OpenAI-compatible personalization proxy (point any OpenAI client's base_url at /v1)."""
+        import uvicorn
+
+        from synth_agent.proxy.app import create_app
+        from synth_agent.proxy.settings import ProxySettings
+        from synth_agent.services import simulator_if_needed
+
+        flags = {
+            "host": host, "port": port, "upstream_base_url": upstream_base_url,
+            "upstream_api_key": upstream_api_key, "model_map": model_map, "default_model": default_model,
+            "keys_file": keys_file, "key_rate_limit": rate_limit, "key_burst": burst, "synthesis": synthesis,
+            "poll_interval": poll_interval,
+        }
+        try:
+            proxy = ProxySettings(**{k: v for k, v in flags.items() if v is not None})
+            if no_auth:
+                proxy = proxy.model_copy(update={"no_auth": True})
+            settings = _settings(ctx, chroma_host, chroma_port)
+            with simulator_if_needed(settings) as live:
+                app = create_app(live, proxy)
+                auth = "OFF (--no-auth, tenant 'default')" if proxy.no_auth else "API keys"
+                typer.echo(f"synth-agent proxy on http://{proxy.host}:{proxy.port}/v1 -> "
+                           f"{proxy.upstream_base_url or live.base_url}; auth: {auth}; synthesis: {proxy.synthesis}; "
+                           f"docs: http://{proxy.host}:{proxy.port}/docs", err=True)
+                uvicorn.run(app, host=proxy.host, port=proxy.port, log_level=log_level)
+        except (ValueError, FileNotFoundError) as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+
+    @app.command()
+    def worker(
+        ctx: typer.Context,
+        poll_interval: Annotated[float, typer.Option(help="Seconds between store scans.")] = 5.0,
+        chroma_host: Annotated[str | None, typer.Option(help="Chroma server host (env CHROMA_HOST).")] = None,
+        chroma_port: Annotated[int | None, typer.Option(help="Chroma server port (env CHROMA_PORT).")] = None,
+    ) -> None:
+        """Fit personas in the background for a proxy running with --synthesis off (same store and home)."""
+        from synth_agent.proxy.worker import open_worker
+        from synth_agent.services import simulator_if_needed
+
+        settings = _settings(ctx, chroma_host, chroma_port)
+
+        async def main(live: Any) -> None:
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stop.set)
+            async with open_worker(live, poll_interval=poll_interval) as w:
+                typer.echo(f"synth-agent worker: scanning the store every {poll_interval:g}s; Ctrl-C to stop", err=True)
+                await w.run(stop)
+
+        with simulator_if_needed(settings) as live:
+            asyncio.run(main(live))
