@@ -423,7 +423,7 @@ class Personalizer:
             public = [{k: v for k, v in c.items() if k != "messages"} for c in cands]
             context = to_context(state["messages"])
             if mode == "ab":
-                ab = await self._open_vote(tenant, user, context, cands, state.get("persona_version"), runtime.store)
+                ab = await self.open_vote(tenant, user, context, cands, state.get("persona_version"), runtime.store)
                 return {"ab": ab, "candidates": None}
             profile = await self.persona(tenant, user, runtime.store)
             strategy = configurable(config, "strategy") or self.rank_strategy
@@ -473,7 +473,7 @@ class Personalizer:
             raise ValueError("configurable n (rerank candidates) must be at least 1")
         return [task(i, i, True) for i in range(n)]
 
-    async def _open_vote(
+    async def open_vote(
         self,
         tenant: str,
         user: str,
@@ -482,6 +482,11 @@ class Personalizer:
         version: int | None,
         store: BaseStore | None,
     ) -> dict[str, Any]:
+        """Store an A/B pair awaiting the user's vote and return its public view with the vote token.
+
+        Shared by the chat graph's A/B mode and the proxy's ``/v1/ab``: the pair is kept under the
+        user's namespace, so only that tenant/user can redeem it, once.
+        """
         first, second = cands[0], cands[1]
         if self._rng.random() < 0.5:  # random presentation order: the user's position bias must not look like taste
             first, second = second, first

@@ -444,11 +444,23 @@ def eval_cmd(
             report = _run(go())
         except ValueError as exc:
             _fail(str(exc))
+    print_user_table(report)
     print_report(report)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "report.json").write_text(report.to_json())
     plots = write_plots(report, out_dir)
     out.print(f"report: {out_dir / 'report.json'}; plots: {', '.join(str(p) for p in plots)}")
+
+
+def print_user_table(report: Any, limit: int = 50) -> None:
+    methods = list(report.methods)
+    table = Table("user", "context", "target", *methods, title="Per-user accuracy (both orders)")
+    for u in report.users[:limit]:
+        cells = [f"{a:.0%}" if (a := u.accuracy(m)) is not None else "-" for m in methods]
+        table.add_row(u.user_id, str(u.n_context), str(u.n_target), *cells)
+    out.print(table)
+    if len(report.users) > limit:
+        out.print(f"... {len(report.users) - limit} more user(s) in report.json")
 
 
 def print_report(report: Any) -> None:
@@ -467,8 +479,10 @@ def print_report(report: Any) -> None:
 
 def _register_subcommands() -> None:
     from synth_agent.judge_server import judge_server_app
+    from synth_agent.proxy.cli import register as register_proxy
 
     app.add_typer(judge_server_app, name="judge-server")
+    register_proxy(app)
 
 
 _register_subcommands()

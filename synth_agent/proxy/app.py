@@ -627,7 +627,7 @@ def _routes(app: FastAPI, st: ProxyState) -> None:  # noqa: C901 - one flat list
             flags = [False, False]
         texts = await asyncio.gather(*(upstream.chat_text(b) for b in bodies))
         cands = [{"index": i, "text": t, "personalized": f} for i, (t, f) in enumerate(zip(texts, flags, strict=True))]
-        opened = await personalizer._open_vote(  # noqa: SLF001 - the A/B pending-pair logic lives there
+        opened = await personalizer.open_vote(
             caller.tenant, user, context, cands, profile.version if profile else None, None
         )
         return {"object": "ab.pair", **opened}

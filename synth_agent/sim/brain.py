@@ -64,11 +64,15 @@ PERSONA_SHRINK = 1.0
 """Persona writer: evidence is averaged over ``n + PERSONA_SHRINK`` examples, so thin evidence reads weaker."""
 INSIGHT_TRAITS = 1
 """Insight extractor: how many of the preferred response's surplus traits one insight names."""
-PRIOR_WEIGHT = 0.5
+PRIOR_WEIGHT = 1.0
 """Judge: one unit of persona strength counts as this many demos' worth of evidence."""
 CONFLICT_MIN = 0.1
 """Judge: mean demo evidence against a persona statement above which the statement counts less."""
 CONFLICT_KEEP = 0.5
+DEMO_NOTICE = 0.3
+DEMO_NOTICED = 3
+"""Judge: from each demo it picks up at most this many differences of at least ``DEMO_NOTICE`` (the
+most salient), plus any trait the persona names: a persona tells the judge what to look for."""
 GENERIC_RESIDUAL = 0.15
 """Judge: a personalized judge keeps this much of its generic taste."""
 
@@ -193,6 +197,15 @@ def _value_phrase(trait: str, positive: bool) -> tuple[str, bool]:
     if trait in OPPOSITE_PHRASES:
         return OPPOSITE_PHRASES[trait], True
     return PHRASES[trait], False
+
+
+def _salient(x: np.ndarray, attend: np.ndarray) -> np.ndarray:
+    """What a judge takes from one demo: its ``DEMO_NOTICED`` most salient differences (at least
+    ``DEMO_NOTICE``), plus every trait it was told to look at (``attend``: the persona's traits)."""
+    idx = [int(i) for i in np.argsort(-np.abs(x), kind="stable") if abs(x[i]) >= DEMO_NOTICE][:DEMO_NOTICED]
+    keep = attend.copy()
+    keep[idx] = True
+    return np.where(keep, x, 0.0)
 
 
 def _claims(reasoning: str) -> dict[str, float]:
@@ -328,7 +341,11 @@ class SimBrain:
         order_noise = _gauss(self.seed, "order", pair.a, pair.b)
         sample = _gauss(self.seed, "sample", seed, temperature, pair.a, pair.b) * min(temperature, 2.0)
         if personalized:
-            w = self.user_model(p_vec, [(1.0 if lab == "A" else -1.0) * self._delta(dp) for dp, lab, _ in demos])
+            attend = p_vec != 0
+            evidence = [
+                _salient((1.0 if lab == "A" else -1.0) * self._delta(dp), attend) for dp, lab, _ in demos
+            ]
+            w = self.user_model(p_vec, evidence)
             base = float(w @ delta)
             margin = base + 0.06 * quirk + 0.03 * order_noise + 0.01 + 0.1 * sample
         else:

@@ -19,6 +19,8 @@ import logging
 import math
 import random
 import socket
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -671,3 +673,74 @@ class SimEndpoint:
 
     async def __aexit__(self, *exc: object) -> None:
         await asyncio.to_thread(self.stop)
+
+
+class SimProcess:
+    """The simulator in its own process (``synth-agent sim-endpoint``), like a real remote endpoint.
+
+    Benchmarks use it so the simulated server does not share the client's GIL.
+    Same surface as :class:`SimEndpoint` (``base_url``, ``stats()``, ``configure()``), over HTTP.
+    """
+
+    def __init__(self, *, host: str = "127.0.0.1", port: int = 0, startup_timeout: float = 30.0,
+                 latency_ms: float = 0.0, per_token_latency_ms: float = 0.0, fault_rate: float = 0.0,
+                 seed: int = 0) -> None:
+        self.host = host
+        self.port = port or _free_port(host)
+        self._timeout = startup_timeout
+        self._args = [
+            "--host", host, "--port", str(self.port), "--latency-ms", str(latency_ms),
+            "--per-token-latency-ms", str(per_token_latency_ms), "--fault-rate", str(fault_rate),
+            "--seed", str(seed),
+        ]
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}/v1"
+
+    def start(self) -> SimProcess:
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "synth_agent.cli", "sim-endpoint", *self._args],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + self._timeout
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise RuntimeError(f"simulator process exited with code {self._proc.returncode}")
+            try:
+                if httpx.get(f"http://{self.host}:{self.port}/healthz", timeout=0.5).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"simulator process did not become healthy within {self._timeout:.0f} s")
+
+    def stop(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        self._proc = None
+
+    def stats(self) -> dict[str, Any]:
+        return httpx.get(f"http://{self.host}:{self.port}/stats", timeout=5).json()
+
+    def configure(self, **changes: Any) -> None:
+        httpx.post(f"http://{self.host}:{self.port}/admin/config", json=changes, timeout=5).raise_for_status()
+
+    def __enter__(self) -> SimProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
