@@ -56,10 +56,6 @@ CONTRADICTED_CLAIM = 0.5
 """Persona writer: a claim the measured difference contradicts counts this much (agreeing claims count 1)."""
 DEFAULT_QUIRK = 0.22
 """Default judge: scale of its idiosyncratic (hash-keyed) taste for one response of a pair."""
-PERSONA_WEIGHT = 0.7
-"""Judge: weight of the persona estimate next to the (unit) demo estimate."""
-PERSONA_RAW = 2.0
-"""Persona weights are divided by this ("strongly" = 1); 0 means normalise the persona vector instead."""
 PERSONA_SHRINK = 1.0
 """Persona writer: evidence is averaged over ``n + PERSONA_SHRINK`` examples, so thin evidence reads weaker."""
 INSIGHT_TRAITS = 1
@@ -69,6 +65,7 @@ PRIOR_WEIGHT = 1.0
 CONFLICT_MIN = 0.1
 """Judge: mean demo evidence against a persona statement above which the statement counts less."""
 CONFLICT_KEEP = 0.5
+"""Judge: how much a persona statement the demos contradict still counts."""
 DEMO_NOTICE = 0.3
 DEMO_NOTICED = 3
 """Judge: from each demo it picks up at most this many differences of at least ``DEMO_NOTICE`` (the
