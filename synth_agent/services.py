@@ -71,15 +71,16 @@ def simulator_if_needed(settings: Settings, *, quiet: bool = False, **sim_kw: An
     """Yield settings that point at a live endpoint.
 
     When the configured endpoint is the default simulator URL and nothing listens
-    there, start an in-process simulator on a free port for the duration. A real
+    there, start the simulator in a child process on a free port for the duration
+    (its own process, so it does not compete with this one for the GIL). A real
     endpoint is never replaced.
     """
     if settings.base_url.rstrip("/") != DEFAULT_SIM_URL.rstrip("/") or endpoint_alive(settings.base_url):
         yield settings
         return
-    from synth_agent.sim.server import SimEndpoint
+    from synth_agent.sim.server import SimProcess
 
-    with SimEndpoint(**sim_kw) as ep:
+    with SimProcess(**sim_kw) as ep:
         if not quiet:
             print(
                 f"[synth-agent] no LLM endpoint configured: using the offline simulator at {ep.base_url}. "
