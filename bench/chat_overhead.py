@@ -27,7 +27,7 @@ from langgraph.store.memory import InMemoryStore
 from graphs.chat import Personalizer, TenantMemories
 from synth_agent import prompts
 from synth_agent.models import PersonaProfile
-from synth_agent.sim.server import SimEndpoint
+from synth_agent.sim.server import SimProcess
 
 PERSONA = "The user strongly prefers bullet lists and short, concise answers. The user dislikes emoji."
 QUESTION = "How do I start learning Python?"
@@ -103,14 +103,14 @@ def report(title: str, rows: list[tuple[int, dict[str, list[float]]]]) -> None:
 
 
 async def main_async(requests: int) -> None:
-    async with SimEndpoint(latency_ms=0) as ep:
+    with SimProcess(latency_ms=0) as ep:  # own process: the server does not share our GIL
         model = ChatOpenAI(
             model="sim", base_url=ep.base_url, api_key="sim",  # type: ignore[arg-type]
             http_async_client=httpx.AsyncClient(limits=httpx.Limits(max_connections=64)),
         )
         sim_rows = [(c, await measure(model, requests, c)) for c in (1, 32)]
     echo_rows = [(c, await measure(EchoModel(), requests, c)) for c in (1, 32)]
-    report("against the simulator (zero latency), plain mode, persona present:", sim_rows)
+    report("against the simulator (zero latency, own process), plain mode, persona present:", sim_rows)
     report("framework cost only (in-process model, no HTTP):", echo_rows)
 
 

@@ -18,7 +18,7 @@ import random
 import re
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
@@ -459,45 +459,11 @@ class LLMClient:
             seed=seed,
             extra=extra,
         )
-        if not bypass_cache:
-            hit = await self.cache.get(key)
-            if hit is not None:
-                site.cache_hits += 1
-                return _from_cache(hit)
-            while (pending := res.inflight.get(key)) is not None:
-                try:
-                    shared = await asyncio.shield(pending)
-                except asyncio.CancelledError:
-                    if pending.cancelled() and not _current_task_cancelling():
-                        continue  # the leader was cancelled, not us: try again ourselves
-                    raise
-                site.cache_hits += 1
-                return replace(shared, cached=True, attempts=0)
-
-        future: asyncio.Future[Completion] | None = None
-        if key not in res.inflight:
-            future = res.loop.create_future()
-            res.inflight[key] = future
-        try:
-            completion = await fetch()
-        except asyncio.CancelledError:
-            if future is not None:
-                future.cancel()
-            raise
-        except BaseException as e:
-            if future is not None:
-                future.set_exception(e)
-                future.exception()  # mark retrieved: nobody may be waiting
-            raise
-        else:
-            if validate is None or validate(completion.text):
-                await self.cache.set(key, _to_cache(completion))
-            if future is not None:
-                future.set_result(completion)
-            return completion
-        finally:
-            if future is not None and res.inflight.get(key) is future:
-                del res.inflight[key]
+        return await cached_single_flight(
+            self.cache, res.inflight, key, fetch,
+            on_hit=lambda: setattr(site, "cache_hits", site.cache_hits + 1),
+            validate=validate, bypass_cache=bypass_cache,
+        )
 
     async def _request(
         self, lc_messages: list[BaseMessage], kwargs: dict[str, Any], call_site: str, *, want_logprobs: bool
@@ -589,6 +555,63 @@ class LLMClient:
             site.completion_tokens += int(usage.get("output_tokens", 0))
         return message
 
+
+
+async def cached_single_flight(
+    cache: ResponseCache,
+    inflight: dict[str, asyncio.Future[Completion]],
+    key: str,
+    fetch: Callable[[], Awaitable[Completion]],
+    *,
+    on_hit: Callable[[], None],
+    validate: Callable[[str], bool] | None = None,
+    bypass_cache: bool = False,
+) -> Completion:
+    """Serve ``key`` from the cache, or join an identical call in flight, or fetch and cache it.
+
+    Shared by :class:`LLMClient` and the endpoint pool, so both count a joined call as a
+    cache hit, never cache failures or answers ``validate`` rejects, and survive the leader
+    being cancelled (a waiter then asks itself).
+    """
+    if not bypass_cache:
+        hit = await cache.get(key)
+        if hit is not None:
+            on_hit()
+            return _from_cache(hit)
+        while (pending := inflight.get(key)) is not None:
+            try:
+                shared = await asyncio.shield(pending)
+            except asyncio.CancelledError:
+                if pending.cancelled() and not _current_task_cancelling():
+                    continue  # the leader was cancelled, not us: try again ourselves
+                raise
+            on_hit()
+            return replace(shared, cached=True, attempts=0)
+
+    future: asyncio.Future[Completion] | None = None
+    if key not in inflight:
+        future = asyncio.get_running_loop().create_future()
+        inflight[key] = future
+    try:
+        completion = await fetch()
+    except asyncio.CancelledError:
+        if future is not None:
+            future.cancel()
+        raise
+    except BaseException as e:
+        if future is not None:
+            future.set_exception(e)
+            future.exception()  # mark retrieved: nobody may be waiting
+        raise
+    else:
+        if validate is None or validate(completion.text):
+            await cache.set(key, _to_cache(completion))
+        if future is not None:
+            future.set_result(completion)
+        return completion
+    finally:
+        if future is not None and inflight.get(key) is future:
+            del inflight[key]
 
 def _current_task_cancelling() -> bool:
     task = asyncio.current_task()

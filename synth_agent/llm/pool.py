@@ -33,7 +33,7 @@ import os
 import time
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -47,9 +47,8 @@ from synth_agent.llm.client import (
     EndpointConfig,
     LLMClient,
     LLMError,
-    _from_cache,
     _looks_like_json,
-    _to_cache,
+    cached_single_flight,
     parse_structured,
 )
 
@@ -629,45 +628,12 @@ class EndpointPool:
         if kwargs["temperature"] != 0 or self.cache is None:
             return await self._dispatch(res, messages, kwargs, call_site)
         key = cache_key(model=self.model, base_url="pool", messages=messages, **kwargs)
-        if not bypass_cache:
-            hit = await self.cache.get(key)
-            if hit is not None:
-                self._own.site(call_site).cache_hits += 1
-                return _from_cache(hit)
-            while (pending := res.inflight.get(key)) is not None:
-                try:
-                    shared = await asyncio.shield(pending)
-                except asyncio.CancelledError:
-                    task = asyncio.current_task()
-                    if pending.cancelled() and not (task is not None and task.cancelling()):
-                        continue  # the leader was cancelled, not us: ask ourselves
-                    raise
-                self._own.site(call_site).cache_hits += 1
-                return replace(shared, cached=True, attempts=0)
-        future: asyncio.Future[Completion] | None = None
-        if key not in res.inflight:
-            future = res.loop.create_future()
-            res.inflight[key] = future
-        try:
-            comp = await self._dispatch(res, messages, kwargs, call_site)
-        except asyncio.CancelledError:
-            if future is not None:
-                future.cancel()
-            raise
-        except BaseException as e:
-            if future is not None:
-                future.set_exception(e)
-                future.exception()  # mark retrieved: nobody may be waiting
-            raise
-        else:
-            if validate is None or validate(comp.text):
-                await self.cache.set(key, _to_cache(comp))
-            if future is not None:
-                future.set_result(comp)
-            return comp
-        finally:
-            if future is not None and res.inflight.get(key) is future:
-                del res.inflight[key]
+        site = self._own.site(call_site)
+        return await cached_single_flight(
+            self.cache, res.inflight, key, lambda: self._dispatch(res, messages, kwargs, call_site),
+            on_hit=lambda: setattr(site, "cache_hits", site.cache_hits + 1),
+            validate=validate, bypass_cache=bypass_cache,
+        )
 
     async def _dispatch(
         self, res: _LoopBound, messages: Sequence[ChatMessage], kwargs: dict[str, Any], call_site: str
