@@ -37,6 +37,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from synth_agent.serving import ThreadedServer
+
 logger = logging.getLogger(__name__)
 
 FaultKind = Literal["500", "429", "timeout", "malformed"]
@@ -581,7 +583,7 @@ def serve_sim(host: str = "127.0.0.1", port: int = 8765, *, log_level: str = "in
     uvicorn.run(create_sim_app(**kwargs), host=host, port=port, log_level=log_level)
 
 
-class SimEndpoint:
+class SimEndpoint(ThreadedServer):
     """Run a simulated endpoint on 127.0.0.1 and a free port in a background thread.
 
     ``with SimEndpoint(fault_rate=0.3) as ep:`` (or ``async with``) yields an
@@ -593,23 +595,10 @@ class SimEndpoint:
     def __init__(
         self, *, host: str = "127.0.0.1", port: int = 0, startup_timeout: float = 15.0, **kwargs: Any
     ):
-        self.app = create_sim_app(**kwargs)
-        self.state: SimState = self.app.state.sim
-        self.host = host
-        self._port = port
-        self._startup_timeout = startup_timeout
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
-        self.port = 0
-
-    @property
-    def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
-
-    @property
-    def base_url(self) -> str:
-        return f"{self.url}/v1"
+        app = create_sim_app(**kwargs)
+        super().__init__(app, host=host, port=port, startup_timeout=startup_timeout, lifespan="off",
+                         shutdown_timeout=1.0, name="sim-endpoint")
+        self.state: SimState = app.state.sim
 
     def stats(self) -> dict[str, Any]:
         return self.state.snapshot()
@@ -620,59 +609,6 @@ class SimEndpoint:
     def configure(self, **changes: Any) -> dict[str, Any]:
         """Change latency/fault settings live (same keys as ``POST /admin/config``)."""
         return self.state.configure(**AdminConfig(**changes).model_dump(exclude_none=True))
-
-    def start(self) -> SimEndpoint:
-        if self._thread is not None:
-            raise RuntimeError("SimEndpoint is already running")
-        # IPPROTO_TCP explicitly: asyncio only sets TCP_NODELAY when proto says TCP (else ~40 ms per request)
-        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((self.host, self._port))
-        self.port = sock.getsockname()[1]
-        config = uvicorn.Config(
-            self.app, log_level="warning", lifespan="off", loop="asyncio", timeout_graceful_shutdown=1
-        )
-        server = uvicorn.Server(config)
-        self._server = server
-        self._thread = threading.Thread(
-            target=server.run, kwargs={"sockets": [sock]}, name=f"sim-endpoint-{self.port}", daemon=True
-        )
-        self._thread.start()
-        deadline = time.monotonic() + self._startup_timeout
-        while True:
-            try:
-                if server.started and httpx.get(f"{self.url}/healthz", timeout=1.0).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"simulated endpoint did not come up on {self.url}")
-            time.sleep(0.02)
-
-    def stop(self) -> None:
-        server, thread = self._server, self._thread
-        self._server = self._thread = None
-        if server is not None:
-            server.should_exit = True
-        if thread is not None:
-            thread.join(timeout=5)
-            if thread.is_alive() and server is not None:
-                server.force_exit = True
-                thread.join(timeout=5)
-
-    def __enter__(self) -> SimEndpoint:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    async def __aenter__(self) -> SimEndpoint:
-        return await asyncio.to_thread(self.start)
-
-    async def __aexit__(self, *exc: object) -> None:
-        await asyncio.to_thread(self.stop)
 
 
 class SimProcess:
