@@ -10,9 +10,7 @@ The votes here come from a simulated user with hidden preferences.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
-from collections.abc import Iterator
 
 import numpy as np
 from langchain_openai import ChatOpenAI
@@ -26,21 +24,10 @@ from synth_agent.llm.client import EndpointConfig, LLMClient
 from synth_agent.scheduler import SynthesisPolicy, SynthesisScheduler
 from synth_agent.sim.generator import PROMPT_POOL
 from synth_agent.sim.population import Population
+from synth_agent.sim.server import llm_endpoint
 
 MODEL = os.environ.get("SYNTH_AGENT_MODEL", "sim")
 API_KEY = os.environ.get("OPENAI_API_KEY", "sim")
-
-
-@contextlib.contextmanager
-def llm_endpoint() -> Iterator[str]:
-    """The configured OpenAI-compatible endpoint, or a simulated one for the duration."""
-    if url := os.environ.get("OPENAI_BASE_URL"):
-        yield url
-        return
-    from synth_agent.sim.server import SimEndpoint
-
-    with SimEndpoint() as ep:
-        yield ep.base_url
 
 
 async def run(base_url: str, turns: int = 24) -> float:

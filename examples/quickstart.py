@@ -12,7 +12,8 @@ from langgraph.store.memory import InMemoryStore
 from store.memory import PreferenceMemory
 from synth_agent.engine import Judge, Synthesizer
 from synth_agent.llm import EndpointConfig, LLMClient
-from synth_agent.sim import Population, SimEndpoint
+from synth_agent.sim import Population
+from synth_agent.sim.server import llm_endpoint
 
 
 async def personalize(base_url: str, model: str, api_key: str) -> str:
@@ -30,11 +31,9 @@ async def personalize(base_url: str, model: str, api_key: str) -> str:
 
 
 def main() -> str:
-    if os.environ.get("OPENAI_BASE_URL"):
-        return asyncio.run(personalize(os.environ["OPENAI_BASE_URL"], os.environ.get("SYNTH_AGENT_MODEL", "gpt-4o-mini"),
-                                       os.environ.get("OPENAI_API_KEY", "")))
-    with SimEndpoint() as sim:
-        return asyncio.run(personalize(sim.base_url, "sim-judge", "sim"))
+    with llm_endpoint() as base_url:  # OPENAI_BASE_URL, or the offline simulator
+        model = os.environ.get("SYNTH_AGENT_MODEL", "sim-judge")
+        return asyncio.run(personalize(base_url, model, os.environ.get("OPENAI_API_KEY", "sim")))
 
 
 if __name__ == "__main__":

@@ -9,10 +9,8 @@ real endpoint set OPENAI_BASE_URL / OPENAI_API_KEY / SYNTH_AGENT_MODEL.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import warnings
-from collections.abc import Iterator
 
 from langchain_core.tools import tool
 from langchain_openai import ChatOpenAI
@@ -24,21 +22,10 @@ from graphs.synthesis import SynthesisRunner, build_synthesis_graph
 from synth_agent.engine.synthesize import FitConfig
 from synth_agent.llm.client import EndpointConfig, LLMClient
 from synth_agent.sim.population import Population
+from synth_agent.sim.server import llm_endpoint
 
 MODEL = os.environ.get("SYNTH_AGENT_MODEL", "sim")
 API_KEY = os.environ.get("OPENAI_API_KEY", "sim")
-
-
-@contextlib.contextmanager
-def llm_endpoint() -> Iterator[str]:
-    """The configured OpenAI-compatible endpoint, or a simulated one for the duration."""
-    if url := os.environ.get("OPENAI_BASE_URL"):
-        yield url
-        return
-    from synth_agent.sim.server import SimEndpoint
-
-    with SimEndpoint() as ep:
-        yield ep.base_url
 
 
 @tool

@@ -87,22 +87,29 @@ def _state(ctx: typer.Context) -> CLIState:
 # ---------------------------------------------------------------- votes
 
 
-@app.command()
-def ingest(
-    ctx: typer.Context,
-    file: Annotated[Path, typer.Argument(help="Votes as JSONL, one vote per line.", exists=False)],
-) -> None:
-    """Validate and store votes from a JSONL file. Invalid lines are reported and skipped."""
+def _read_votes(file: Path, st: CLIState) -> Any:
+    """Parse a vote file, printing each invalid line as ``file:line: reason`` on stderr."""
     from synth_agent.ingest import read_jsonl
-    from synth_agent.services import open_memory
 
-    st = _state(ctx)
     try:
         parsed = read_jsonl(file, max_content_chars=st.settings.max_content_chars)
     except FileNotFoundError as exc:
         _fail(str(exc))
     for issue in parsed.issues:
         err.print(f"[yellow]{file}:{issue.line}:[/] {issue.error}")
+    return parsed
+
+
+@app.command()
+def ingest(
+    ctx: typer.Context,
+    file: Annotated[Path, typer.Argument(help="Votes as JSONL, one vote per line.", exists=False)],
+) -> None:
+    """Validate and store votes from a JSONL file. Invalid lines are reported and skipped."""
+    from synth_agent.services import open_memory
+
+    st = _state(ctx)
+    parsed = _read_votes(file, st)
     if not parsed.votes:
         _fail(f"no valid votes in {file} ({len(parsed.issues)} invalid line(s))")
 
@@ -409,16 +416,10 @@ def eval_cmd(
 ) -> None:
     """Evaluate judges on held-out votes: accuracy per method with 95% CIs, per-user table, plots."""
     from synth_agent.evaluate import evaluate, write_plots
-    from synth_agent.ingest import read_jsonl
     from synth_agent.services import open_llm, simulator_if_needed
 
     st = _state(ctx)
-    try:
-        parsed = read_jsonl(file, max_content_chars=st.settings.max_content_chars)
-    except FileNotFoundError as exc:
-        _fail(str(exc))
-    for issue in parsed.issues:
-        err.print(f"[yellow]{file}:{issue.line}:[/] {issue.error}")
+    parsed = _read_votes(file, st)
     method_list = [m.strip() for m in methods.split(",") if m.strip()]
     sizes = [int(x) for x in curve.split(",") if x.strip()] if curve else []
     cfg = _fit_config(seed=seed, n_trials=trials, n_demo_candidates=candidates)

@@ -221,6 +221,19 @@ def parse_structured(text: str, schema: type[T]) -> T:
     raise ValueError(f"no JSON object matching {schema.__name__} in the answer{detail}: {text[:200]!r}")
 
 
+def parses_as(schema: type[BaseModel]) -> Callable[[str], bool]:
+    """A cache validator: only answers readable as ``schema`` are worth caching."""
+
+    def valid(text: str) -> bool:
+        try:
+            parse_structured(text, schema)
+        except ValueError:
+            return False
+        return True
+
+    return valid
+
+
 def _looks_like_json(text: str) -> bool:
     return bool(_json_objects(text))
 
@@ -372,13 +385,7 @@ class LLMClient:
     ) -> T:
         """Answer as a ``schema`` instance; a garbage answer is re-asked (bypassing the cache), then LLMError."""
 
-        def valid(text: str) -> bool:
-            try:
-                parse_structured(text, schema)
-            except ValueError:
-                return False
-            return True
-
+        valid = parses_as(schema)
         site = self.stats.site(call_site)
         last: ValueError | None = None
         for attempt in range(self.config.structured_retries + 1):

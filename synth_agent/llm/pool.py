@@ -50,6 +50,7 @@ from synth_agent.llm.client import (
     _looks_like_json,
     cached_single_flight,
     parse_structured,
+    parses_as,
 )
 
 T = TypeVar("T", bound=BaseModel)
@@ -584,13 +585,7 @@ class EndpointPool:
     ) -> T:
         """Answer as a ``schema`` instance; garbage is re-asked (bypassing the cache), then LLMError."""
 
-        def valid(text: str) -> bool:
-            try:
-                parse_structured(text, schema)
-            except ValueError:
-                return False
-            return True
-
+        valid = parses_as(schema)
         kwargs: dict[str, Any] = {
             "temperature": temperature,
             "max_tokens": max_tokens,

@@ -13,10 +13,12 @@ process.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import json
 import logging
 import math
+import os
 import random
 import socket
 import subprocess
@@ -25,7 +27,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -680,3 +682,14 @@ def _free_port(host: str) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def llm_endpoint() -> Iterator[str]:
+    """Base URL of the configured OpenAI-compatible endpoint (``OPENAI_BASE_URL``), or of a
+    simulator started for the duration when none is configured — what examples run against."""
+    if url := os.environ.get("OPENAI_BASE_URL"):
+        yield url
+        return
+    with SimEndpoint() as ep:
+        yield ep.base_url
