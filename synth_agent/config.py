@@ -10,6 +10,7 @@
 | ``SYNTH_AGENT_MAX_CONCURRENCY`` | max requests in flight per endpoint | ``16`` |
 | ``SYNTH_AGENT_RATE_LIMIT`` | max requests per second per endpoint (0 = unlimited) | ``0`` |
 | ``SYNTH_AGENT_MAX_CONTENT_CHARS`` | largest accepted message/response | ``32000`` |
+| ``SYNTH_AGENT_LLM_DISK_CACHE`` | also cache temperature-0 LLM answers on disk (they contain users' votes) | ``0`` |
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class Settings(BaseSettings):
     request_timeout: float = 60.0
     max_retries: int = 6
     max_content_chars: int = 32_000
+    llm_disk_cache: bool = False
 
     @property
     def uses_simulator(self) -> bool:

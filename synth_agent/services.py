@@ -41,8 +41,12 @@ def open_memory(settings: Settings, tenant: str = "default") -> Any:
     return PreferenceMemory(open_store(settings), tenant=tenant)
 
 
-def open_llm(settings: Settings, *, disk_cache: bool = True) -> ChatBackend:
-    """An LLM backend for the configured endpoint(s), with an on-disk cache under the home directory.
+def open_llm(settings: Settings, *, disk_cache: bool | None = None) -> ChatBackend:
+    """An LLM backend for the configured endpoint(s).
+
+    Temperature-0 answers are cached in memory; on disk (``<home>/llm-cache.sqlite``) only
+    with ``SYNTH_AGENT_LLM_DISK_CACHE=1``: cached prompts contain users' votes, which
+    ``forget`` cannot pick out of a content-addressed cache.
 
     ``SYNTH_AGENT_JUDGE_ENDPOINTS`` (several self-hosted servers) gives an :class:`EndpointPool`;
     otherwise one :class:`LLMClient` for ``OPENAI_BASE_URL``.
@@ -52,7 +56,7 @@ def open_llm(settings: Settings, *, disk_cache: bool = True) -> ChatBackend:
 
         return EndpointPool.from_env()
     cache: Any = True
-    if disk_cache:
+    if settings.llm_disk_cache if disk_cache is None else disk_cache:
         settings.home.mkdir(parents=True, exist_ok=True)
         cache = SqliteCache(settings.home / "llm-cache.sqlite")
     return LLMClient(EndpointConfig.from_settings(settings), cache=cache)
