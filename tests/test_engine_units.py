@@ -86,3 +86,5 @@ def test_fit_config_validates():
         FitConfig(train_fraction=1.5)
     with pytest.raises(ValueError, match="n_trials"):
         FitConfig(n_trials=0)
+    with pytest.raises(ValueError, match="persona_traces"):
+        FitConfig(persona_traces="some")  # type: ignore[arg-type]

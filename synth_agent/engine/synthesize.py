@@ -64,6 +64,8 @@ class FitConfig:
             raise ValueError("train_fraction must be between 0 and 1")
         if self.min_votes < 2:
             raise ValueError("min_votes must be at least 2 (one train and one validation vote)")
+        if self.persona_traces not in ("all", "best"):
+            raise ValueError("persona_traces must be 'all' or 'best'")
         for name in ("n_trials", "n_demo_candidates", "candidate_wave", "max_persona_examples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
