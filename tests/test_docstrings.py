@@ -1,0 +1,14 @@
+"""Docstring examples in public modules are executed, so they cannot rot."""
+
+import doctest
+
+import pytest
+
+import synth_agent.engine.synthesize
+import synth_agent.models
+
+
+@pytest.mark.parametrize("module", [synth_agent.models, synth_agent.engine.synthesize])
+def test_docstring_examples_run(module):
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0
