@@ -96,8 +96,11 @@ def chat_requests(ep: SimEndpoint) -> int:
 
 
 async def test_fault_storm_all_calls_complete_correctly(ep: SimEndpoint) -> None:
-    ep.configure(fault_rate=0.3)
-    c = client(ep, max_retries=8, structured_retries=4)
+    # Injected "timeout" faults hang for slow_ms; the client timeout sits well below that but well
+    # above a loaded machine's response time, so only injected hangs time out (a spurious timeout
+    # of a request still queued client-side would never reach the server and skew the counts).
+    ep.configure(fault_rate=0.3, slow_ms=4000)
+    c = client(ep, max_retries=8, structured_retries=4, timeout=1.5)
     assert isinstance(c, ChatBackend)
 
     async def one(i: int) -> None:
