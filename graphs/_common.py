@@ -240,3 +240,10 @@ class KeyedLocks:
 
     def __len__(self) -> int:
         return len(self._locks)
+
+
+def append_or_reset(old: list[dict[str, Any]] | None, new: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
+    """State reducer for fanned-out candidates: parallel ``Send`` tasks append; ``None`` resets (new turn)."""
+    if new is None:
+        return []
+    return [*(old or []), *new]

@@ -50,6 +50,7 @@ from graphs._common import (
     MemoryFactory,
     PersonaCache,
     TenantMemories,
+    append_or_reset,
     configurable,
     final_answer,
     identity,
@@ -88,18 +89,11 @@ VARIANT_KEY = "synth_agent_variant"
 """``configurable`` key a wrapped graph may read to vary its output between A/B or rerank candidates."""
 
 
-def _candidates(old: list[dict[str, Any]] | None, new: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
-    """Append candidates from parallel ``generate`` tasks; ``None`` resets (start of a turn)."""
-    if new is None:
-        return []
-    return [*(old or []), *new]
-
-
 class ChatState(TypedDict, total=False):
     """Input: ``messages`` (a turn), or ``vote`` = ``{"token", "choice"}`` to record an A/B vote."""
 
     messages: Annotated[list[AnyMessage], add_messages]
-    candidates: Annotated[list[dict[str, Any]], _candidates]
+    candidates: Annotated[list[dict[str, Any]], append_or_reset]
     mode: Mode
     persona_version: int | None
     persona_prompt: str | None

@@ -27,6 +27,7 @@ from langgraph.types import Checkpointer, Send
 from graphs._common import (
     MemoryFactory,
     PersonaCache,
+    append_or_reset,
     configurable,
     identity,
     persona_message,
@@ -43,16 +44,10 @@ from synth_agent.llm.base import ChatBackend
 __all__ = ["RerankState", "build_rerank_graph", "graph"]
 
 
-def _collect(old: list[dict[str, Any]] | None, new: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
-    if new is None:
-        return []
-    return [*(old or []), *new]
-
-
 class RerankState(TypedDict, total=False):
     messages: Annotated[list[AnyMessage], add_messages]
     given: list[str] | None
-    candidates: Annotated[list[dict[str, Any]], _collect]
+    candidates: Annotated[list[dict[str, Any]], append_or_reset]
     persona_prompt: str | None
     persona_version: int | None
     winner: int

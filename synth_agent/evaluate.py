@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from synth_agent import prompts
-from synth_agent.engine.judge import Judge
+from synth_agent.engine.judge import Judge, count_correct
 from synth_agent.engine.synthesize import FitConfig, FitResult, Synthesizer, stable_coin
 from synth_agent.llm.base import ChatBackend
 from synth_agent.models import Vote
@@ -126,15 +126,8 @@ def bootstrap_ci(
 
 async def _judge_targets(judge: Judge, targets: Sequence[Vote]) -> int:
     """Number of correct judgments over both orders of every target vote."""
-    jobs = []
-    truths = []
-    for v in targets:
-        for chosen_first in (True, False):
-            first, second = (v.chosen, v.rejected) if chosen_first else (v.rejected, v.chosen)
-            jobs.append(judge.judge_order(v.context, first, second))
-            truths.append("A" if chosen_first else "B")
-    results = await asyncio.gather(*jobs)
-    return sum(1 for (label, _, _), t in zip(results, truths, strict=True) if label == t)
+    correct, _ = await count_correct(judge, targets, lambda _v: (True, False))
+    return correct
 
 
 async def memory_persona(llm: ChatBackend, context: Sequence[Vote], seed: int = 0) -> str:

@@ -9,7 +9,7 @@ is half-read.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,7 +73,3 @@ def read_jsonl(path: str | Path, *, max_content_chars: int = DEFAULT_MAX_CONTENT
     with p.open(encoding="utf-8") as fh:
         return parse_lines(fh, max_content_chars=max_content_chars)
 
-
-def iter_votes_jsonl(votes: Iterable[Vote]) -> Iterator[str]:
-    for v in votes:
-        yield v.model_dump_json(exclude_none=True)

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 from synth_agent import prompts
 from synth_agent.llm.base import ChatBackend, Completion
-from synth_agent.models import Demo, Judgment, Message, OrderJudgment, PersonaProfile, as_messages
+from synth_agent.models import Demo, Judgment, Message, OrderJudgment, PersonaProfile, Vote, as_messages
 from synth_agent.prompts import ParseError
 
 JudgeMode = Literal["cot", "logprob"]
@@ -116,6 +116,25 @@ class Judge:
             p_a=(1.0 - p2) if p2 is not None else None,
         )
         return combine_orders(o1, o2)
+
+
+async def count_correct(
+    judge: Judge, votes: Sequence[Vote], orders: Callable[[Vote], Sequence[bool]]
+) -> tuple[int, int]:
+    """(correct, judged): ``judge`` on each vote in the presentation orders ``orders(vote)`` gives.
+
+    An order is ``chosen_first``; each order is one judgment, so both orders of a vote count twice
+    and position bias cannot inflate accuracy. Shared by validation scoring and evaluation.
+    """
+    jobs = []
+    truths: list[str] = []
+    for v in votes:
+        for chosen_first in orders(v):
+            first, second = (v.chosen, v.rejected) if chosen_first else (v.rejected, v.chosen)
+            jobs.append(judge.judge_order(v.context, first, second))
+            truths.append("A" if chosen_first else "B")
+    results = await asyncio.gather(*jobs)
+    return sum(1 for (label, _, _), t in zip(results, truths, strict=True) if label == t), len(truths)
 
 
 def combine_orders(o1: OrderJudgment, o2: OrderJudgment) -> Judgment:

@@ -23,12 +23,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import random
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 from synth_agent import prompts
-from synth_agent.engine.judge import Judge
+from synth_agent.engine.judge import Judge, count_correct
 from synth_agent.llm.base import ChatBackend, ChatMessage, Completion, LLMStats
 from synth_agent.models import Demo, PersonaProfile, Trace, Vote, validate_user_id
 
@@ -233,18 +233,12 @@ class Synthesizer:
         self, judge: Judge, val: Sequence[Vote], demos: Sequence[Demo], purpose: str
     ) -> float:
         """Share of validation judgments the judge gets right with ``demos`` as few-shot examples."""
-        j = judge.with_demos(demos)
-        jobs: list[Awaitable[tuple[str, str, float | None]]] = []
-        truths: list[str] = []
-        for v in val:
-            orders = [True, False] if self.config.val_both_orders else [self._order(v, purpose)]
-            for chosen_first in orders:
-                first, second = (v.chosen, v.rejected) if chosen_first else (v.rejected, v.chosen)
-                jobs.append(j.judge_order(v.context, first, second))
-                truths.append("A" if chosen_first else "B")
-        results = await asyncio.gather(*jobs)
-        correct = sum(1 for (label, _, _), t in zip(results, truths, strict=True) if label == t)
-        return correct / max(1, len(truths))
+
+        def orders(v: Vote) -> list[bool]:
+            return [True, False] if self.config.val_both_orders else [self._order(v, purpose)]
+
+        correct, judged = await count_correct(judge.with_demos(demos), val, orders)
+        return correct / max(1, judged)
 
     # ------------------------------------------------------------------ step 1
     async def bootstrap(
@@ -532,8 +526,6 @@ class Synthesizer:
             usage=llm.usage(),
         )
 
-    def with_config(self, **changes: Any) -> Synthesizer:
-        return Synthesizer(self.llm, self.memory, replace(self.config, **changes))
 
 
 def _is_context_overflow(exc: Exception) -> bool:
