@@ -4,11 +4,12 @@ import doctest
 
 import pytest
 
+import store.embeddings
 import synth_agent.engine.synthesize
 import synth_agent.models
 
 
-@pytest.mark.parametrize("module", [synth_agent.models, synth_agent.engine.synthesize])
+@pytest.mark.parametrize("module", [synth_agent.models, synth_agent.engine.synthesize, store.embeddings])
 def test_docstring_examples_run(module):
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
