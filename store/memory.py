@@ -206,15 +206,23 @@ class PreferenceMemory:
         return {u: await f for u, f in futs.items()}
 
     async def _write_votes(self, by_user: dict[str, list[Vote]]) -> dict[str, list[bool]]:
-        """Write the votes not stored yet (caller holds the users' locks); per vote: was it new."""
+        """Write the votes not stored yet (caller holds the users' locks); per vote: was it new.
+
+        One read batch finds what exists (the votes and each user's registry entry), then one
+        write batch stores the rest: a BaseStore batch is the unit the store makes atomic, so
+        the votes of one call are stored completely or not at all.
+        """
         wanted = [(u, k) for u, votes in by_user.items() for k in dict.fromkeys(v.id for v in votes)]
+        reads: list[GetOp] = [GetOp(self._user_ns(u, "votes"), k) for u, k in wanted]
+        reads += [GetOp(self._users_ns(), encode_label(u)) for u in by_user]
+        found: list[Any] = []
+        for start in range(0, len(reads), self.page_size):
+            found += await self.store.abatch(reads[start : start + self.page_size])
         existing: dict[str, set[str]] = {}
-        for start in range(0, len(wanted), self.page_size):
-            chunk = wanted[start : start + self.page_size]
-            found = await self.store.abatch([GetOp(self._user_ns(u, "votes"), k) for u, k in chunk])
-            for (u, k), item in zip(chunk, found, strict=True):
-                if item is not None:
-                    existing.setdefault(u, set()).add(k)
+        for (u, k), item in zip(wanted, found, strict=False):
+            if item is not None:
+                existing.setdefault(u, set()).add(k)
+        registered = {u for u, item in zip(by_user, found[len(wanted) :], strict=True) if item is not None}
         ops: list[PutOp] = []
         flags: dict[str, list[bool]] = {}
         for user_id, votes in by_user.items():
@@ -234,10 +242,10 @@ class PreferenceMemory:
                     "timestamp": vote.timestamp.timestamp() if vote.timestamp else None,
                 }
                 ops.append(PutOp(ns, vote.id, value, index=["text"]))
-            if any(flags[user_id]):
+            if any(flags[user_id]) and user_id not in registered:
                 ops.append(self._register(user_id))
-        for start in range(0, len(ops), self.page_size):
-            await self.store.abatch(ops[start : start + self.page_size])
+        if ops:
+            await self.store.abatch(ops)
         return flags
 
     async def list_votes(self, user_id: str) -> list[Vote]:
@@ -320,10 +328,8 @@ class PreferenceMemory:
             )
             for t in traces
         ]
-        for start in range(0, len(ops), self.page_size):
-            await self.store.abatch(ops[start : start + self.page_size])
         if ops:
-            await self.store.abatch([self._register(user_id)])
+            await self.store.abatch([*ops, self._register(user_id)])  # one batch: all or nothing
 
     async def get_traces(self, user_id: str) -> list[Trace]:
         items = await self._all(self._user_ns(user_id, "traces"))
@@ -359,18 +365,21 @@ class PreferenceMemory:
     # ------------------------------------------------------------------ users
 
     async def forget_user(self, user_id: str) -> dict[str, int]:
-        """Delete everything stored for ``user_id`` (GDPR-style); returns counts per kind."""
+        """Delete everything stored for ``user_id`` (GDPR-style); returns counts per kind.
+
+        All deletions go to the store as one batch; with :class:`~store.chroma.ChromaStore`
+        the call returns once the data is erased for good (keys destroyed, vectors scrubbed).
+        """
         counts: dict[str, int] = {}
+        ops: list[PutOp] = []
         async with self._lock(user_id):
             for kind in _KINDS:
                 ns = self._user_ns(user_id, kind)
                 items = await self._all(ns)
-                for start in range(0, len(items), self.page_size):
-                    await self.store.abatch(
-                        [PutOp(ns, it.key, None) for it in items[start : start + self.page_size]]
-                    )
+                ops += [PutOp(ns, it.key, None) for it in items]
                 counts[kind] = len(items)
-            await self.store.adelete(self._users_ns(), encode_label(user_id))
+            ops.append(PutOp(self._users_ns(), encode_label(user_id), None))
+            await self.store.abatch(ops)
         return counts
 
     async def list_users(self) -> list[str]:
