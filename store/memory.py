@@ -20,7 +20,7 @@ import contextlib
 import hashlib
 import json
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,6 +56,54 @@ class AddVotesResult:
     duplicates: int
 
 
+@dataclass
+class _Ticket:
+    """One ``add_votes`` call waiting for the group commit."""
+
+    by_user: dict[str, list[Vote]]
+    future: asyncio.Future[dict[str, list[bool]]]
+
+
+class _UserLocks:
+    """One asyncio lock per user, dropped when nobody holds or waits for it (no per-user growth)."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    def locked(self, user: str) -> bool:
+        entry = self._locks.get(user)
+        return entry is not None and entry[0].locked()
+
+    @contextlib.asynccontextmanager
+    async def hold(self, user: str) -> AsyncIterator[None]:
+        lock, n = self._locks.get(user, (asyncio.Lock(), 0))
+        self._locks[user] = (lock, n + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, n = self._locks[user]
+            if n <= 1:
+                del self._locks[user]
+            else:
+                self._locks[user] = (lock, n - 1)
+
+    @contextlib.asynccontextmanager
+    async def hold_many(self, users: Sequence[str]) -> AsyncIterator[None]:
+        async with contextlib.AsyncExitStack() as stack:
+            for user in sorted(users):  # one global order: no deadlock
+                await stack.enter_async_context(self.hold(user))
+            yield
+
+    async def wait(self, user: str) -> None:
+        """Until whoever holds ``user``'s lock now lets go."""
+        async with self.hold(user):
+            return
+
+    def __len__(self) -> int:
+        return len(self._locks)
+
+
 def _hash(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, ensure_ascii=False).encode()).hexdigest()[:32]
 
@@ -88,8 +136,9 @@ class PreferenceMemory:
         self.page_size = page_size
         self.tenant = tenant
         self._tenant_label = encode_label(tenant)
-        self._locks: dict[str, asyncio.Lock] = {}
-        self._pending: dict[str, list[tuple[list[Vote], asyncio.Future[list[bool]]]]] = {}
+        self._locks = _UserLocks()
+        self._tickets: list[_Ticket] = []
+        self._runner: asyncio.Task[None] | None = None
         self._last_arrival = 0
 
     # ------------------------------------------------------------------ namespaces
@@ -110,11 +159,8 @@ class PreferenceMemory:
     def _user_ns(self, user_id: str, kind: str | None = None) -> tuple[str, ...]:
         return user_namespace(self.tenant, user_id, kind)
 
-    def _lock(self, user_id: str) -> asyncio.Lock:
-        lock = self._locks.get(user_id)
-        if lock is None:
-            lock = self._locks[user_id] = asyncio.Lock()
-        return lock
+    def _lock(self, user_id: str) -> contextlib.AbstractAsyncContextManager[None]:
+        return self._locks.hold(user_id)
 
     def _arrival_ns(self) -> int:
         """Strictly increasing wall-clock nanoseconds, so arrival order is never ambiguous."""
@@ -166,87 +212,93 @@ class PreferenceMemory:
         return AddVotesResult(added=added, duplicates=len(checked) - added)
 
     async def _enqueue_votes(self, by_user: dict[str, list[Vote]]) -> dict[str, list[bool]]:
-        """Group commit: callers queue their votes, whoever holds the users' locks writes the queue.
+        """Group commit with per-caller atomicity: callers queue tickets, one round writes them all.
 
-        200 concurrent ``add_vote`` calls thus become a few batched store writes
-        instead of 200 serialised round trips, while the per-user locks keep the
-        check-then-put (idempotency) atomic within this instance. Locks are taken
-        in sorted order, so multi-user callers cannot deadlock.
+        A round (one background task per memory, so a caller that goes away never strands the
+        others) takes every queued ticket: one read batch checks which votes and users already
+        exist, then each ticket's puts go to the store as its own batch, all at once. The store
+        coalesces them into one commit and, should that commit fail, retries each batch alone, so
+        a caller's votes are stored completely or not at all and one caller's failure is nobody
+        else's. Tickets that touch a user being forgotten or fitted, or votes another ticket of
+        the round already claims, wait for the next round.
         """
-        loop = asyncio.get_running_loop()
-        futs: dict[str, asyncio.Future[list[bool]]] = {}
-        for user_id, votes in by_user.items():
-            futs[user_id] = loop.create_future()
-            self._pending.setdefault(user_id, []).append((votes, futs[user_id]))
-        async with contextlib.AsyncExitStack() as stack:
-            for user_id in sorted(by_user):
-                await stack.enter_async_context(self._lock(user_id))
-            batches = {u: b for u in sorted(by_user) if (b := self._pending.pop(u, []))}
-            if batches:
-                entries = [entry for b in batches.values() for entry in b]
-                try:
-                    flags = await self._write_votes(
-                        {u: [v for vs, _ in b for v in vs] for u, b in batches.items()}
-                    )
-                except Exception as exc:  # every waiter in this batch sees the failure
-                    for _, f in entries:
-                        if not f.done():
-                            f.set_exception(exc)
-                except BaseException:  # cancelled: hand the others' votes to the next lock holder
-                    mine = set(map(id, futs.values()))
-                    for u, b in batches.items():
-                        self._pending.setdefault(u, [])[:0] = [e for e in b if id(e[1]) not in mine]
-                    raise
+        ticket = _Ticket(by_user, asyncio.get_running_loop().create_future())
+        self._tickets.append(ticket)
+        if self._runner is None or self._runner.done():
+            self._runner = asyncio.get_running_loop().create_task(self._rounds(), name="vote-group-commit")
+        return await ticket.future
+
+    async def _rounds(self) -> None:
+        while self._tickets:
+            take: list[_Ticket] = []
+            later: list[_Ticket] = []
+            claimed: set[tuple[str, str]] = set()
+            for t in self._tickets:
+                ids = {(u, v.id) for u, vs in t.by_user.items() for v in vs}
+                if any(self._locks.locked(u) for u in t.by_user) or ids & claimed:
+                    later.append(t)
                 else:
-                    for u, b in batches.items():
-                        i = 0
-                        for vs, f in b:
-                            f.set_result(flags[u][i : i + len(vs)])
-                            i += len(vs)
-        return {u: await f for u, f in futs.items()}
+                    take.append(t)
+                    claimed |= ids
+            self._tickets = later
+            if not take:  # everything waits for a user lock (a forget, a persona save): wait for one
+                await self._locks.wait(next(u for u in later[0].by_user if self._locks.locked(u)))
+                continue
+            users = sorted({u for t in take for u in t.by_user})
+            async with self._locks.hold_many(users):
+                try:
+                    await self._round(take)
+                except Exception as exc:
+                    for t in take:
+                        if not t.future.done():
+                            t.future.set_exception(exc)
 
-    async def _write_votes(self, by_user: dict[str, list[Vote]]) -> dict[str, list[bool]]:
-        """Write the votes not stored yet (caller holds the users' locks); per vote: was it new.
-
-        One read batch finds what exists (the votes and each user's registry entry), then one
-        write batch stores the rest: a BaseStore batch is the unit the store makes atomic, so
-        the votes of one call are stored completely or not at all.
-        """
-        wanted = [(u, k) for u, votes in by_user.items() for k in dict.fromkeys(v.id for v in votes)]
+    async def _round(self, tickets: list[_Ticket]) -> None:
+        votes_of = [(t, u, v) for t in tickets for u, vs in t.by_user.items() for v in vs]
+        wanted = list(dict.fromkeys((u, v.id) for _, u, v in votes_of))
+        users = list(dict.fromkeys(u for _, u, _ in votes_of))
         reads: list[GetOp] = [GetOp(self._user_ns(u, "votes"), k) for u, k in wanted]
-        reads += [GetOp(self._users_ns(), encode_label(u)) for u in by_user]
+        reads += [GetOp(self._users_ns(), encode_label(u)) for u in users]
         found: list[Any] = []
         for start in range(0, len(reads), self.page_size):
             found += await self.store.abatch(reads[start : start + self.page_size])
-        existing: dict[str, set[str]] = {}
-        for (u, k), item in zip(wanted, found, strict=False):
-            if item is not None:
-                existing.setdefault(u, set()).add(k)
-        registered = {u for u, item in zip(by_user, found[len(wanted) :], strict=True) if item is not None}
-        ops: list[PutOp] = []
-        flags: dict[str, list[bool]] = {}
-        for user_id, votes in by_user.items():
-            ns = self._user_ns(user_id, "votes")
-            seen = set(existing.get(user_id, ()))
-            flags[user_id] = []
-            for vote in votes:
-                flags[user_id].append(vote.id not in seen)
-                if vote.id in seen:
-                    continue
-                seen.add(vote.id)
-                value = {
-                    "vote": vote.model_dump(mode="json"),
-                    "text": vote.query_text,
-                    "vote_id": vote.id,
-                    "arrival_ns": self._arrival_ns(),
-                    "timestamp": vote.timestamp.timestamp() if vote.timestamp else None,
-                }
-                ops.append(PutOp(ns, vote.id, value, index=["text"]))
-            if any(flags[user_id]) and user_id not in registered:
-                ops.append(self._register(user_id))
-        if ops:
-            await self.store.abatch(ops)
-        return flags
+        existing = {key for key, item in zip(wanted, found, strict=False) if item is not None}
+        registered = {u for u, item in zip(users, found[len(wanted) :], strict=True) if item is not None}
+        plans: list[tuple[_Ticket, dict[str, list[bool]], list[PutOp]]] = []
+        for t in tickets:
+            flags: dict[str, list[bool]] = {}
+            ops: list[PutOp] = []
+            for user_id, votes in t.by_user.items():
+                ns = self._user_ns(user_id, "votes")
+                seen: set[str] = set()
+                flags[user_id] = []
+                for vote in votes:
+                    new = (user_id, vote.id) not in existing and vote.id not in seen
+                    flags[user_id].append(new)
+                    if not new:
+                        continue
+                    seen.add(vote.id)
+                    value = {
+                        "vote": vote.model_dump(mode="json"),
+                        "text": vote.query_text,
+                        "vote_id": vote.id,
+                        "arrival_ns": self._arrival_ns(),
+                        "timestamp": vote.timestamp.timestamp() if vote.timestamp else None,
+                    }
+                    ops.append(PutOp(ns, vote.id, value, index=["text"]))
+                if any(flags[user_id]) and user_id not in registered:
+                    ops.append(self._register(user_id))
+            plans.append((t, flags, ops))
+        results = await asyncio.gather(
+            *(self.store.abatch(ops) for _, _, ops in plans if ops), return_exceptions=True
+        )
+        it = iter(results)
+        for t, flags, ops in plans:
+            outcome = next(it) if ops else None
+            if isinstance(outcome, BaseException):
+                t.future.set_exception(outcome)
+            elif not t.future.done():
+                t.future.set_result(flags)
 
     async def list_votes(self, user_id: str) -> list[Vote]:
         """All of a user's votes in time order (timestamp if given, else arrival; ties by arrival)."""

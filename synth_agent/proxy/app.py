@@ -30,6 +30,7 @@ from langgraph.types import Checkpointer
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field
 
+from graphs._common import erase_threads
 from graphs.chat import Personalizer, TenantMemories, VoteError
 from graphs.synthesis import SynthesisRunner, build_synthesis_graph, open_checkpointer, synthesis_thread_id
 from synth_agent import prompts
@@ -450,7 +451,8 @@ def create_app(
             else:
                 from synth_agent.services import open_store
 
-                state.store = await asyncio.to_thread(open_store, settings)
+                state.store = await asyncio.to_thread(open_store, settings, server=True)
+                stack.push_async_callback(asyncio.to_thread, state.store.close)  # last out: stops its Chroma
             memories = TenantMemories(state.store)
             if llm is not None:
                 state.llm = llm
@@ -763,10 +765,16 @@ def _routes(app: FastAPI, st: ProxyState) -> None:  # noqa: C901 - one flat list
         """Liveness plus a cheap store probe (503 when the store does not answer)."""
         if st.store is None or st.memories is None:
             return JSONResponse({"status": "starting"}, status_code=503)
-        try:
-            await st.store.alist_namespaces(limit=1)
-        except Exception as exc:
-            return JSONResponse({"status": "degraded", "store": f"{type(exc).__name__}"}, status_code=503)
+        health = getattr(st.store, "health", None)
+        if callable(health):  # ChromaStore: in-memory state only, never waits on Chroma or a commit
+            h = health()
+            if not h["ok"]:
+                return JSONResponse({"status": "degraded", "store": h.get("error", "unhealthy")}, status_code=503)
+        else:
+            try:
+                await st.store.alist_namespaces(limit=1)
+            except Exception as exc:
+                return JSONResponse({"status": "degraded", "store": f"{type(exc).__name__}"}, status_code=503)
         return JSONResponse({
             "status": "ok",
             "auth": st.keys is not None,
@@ -781,15 +789,14 @@ def _routes(app: FastAPI, st: ProxyState) -> None:  # noqa: C901 - one flat list
 
 
 async def _forget_checkpoints(st: ProxyState, tenant: str, user: str, versions: int) -> None:
-    """Synthesis checkpoints hold the user's votes too: drop the threads of every version fitted or pending."""
+    """Synthesis checkpoints hold the user's votes too: erase the threads of every version fitted or pending."""
     cp = st.checkpointer
     if cp is None or not hasattr(cp, "adelete_thread"):
         return
-    for v in range(1, versions + 2):
-        try:
-            await cp.adelete_thread(synthesis_thread_id(tenant, user, f"v{v}"))
-        except Exception:
-            log.exception("could not delete a synthesis checkpoint of a forgotten user")
+    try:
+        await erase_threads(cp, [synthesis_thread_id(tenant, user, f"v{v}") for v in range(1, versions + 2)])
+    except Exception:
+        log.exception("could not erase the synthesis checkpoints of a forgotten user")
 
 
 async def _judging(coro: Any) -> Any:
