@@ -64,44 +64,71 @@ class _Ticket:
     future: asyncio.Future[dict[str, list[bool]]]
 
 
-class _UserLocks:
-    """One asyncio lock per user, dropped when nobody holds or waits for it (no per-user growth)."""
+class _UserGate:
+    """Per-user access: vote rounds share a user, a forget or a persona save has it alone.
+
+    Exclusive holders queue one after another; while one holds or waits, new vote rounds leave
+    that user's tickets for later (``busy``), and the holder waits for rounds already in flight.
+    Entries are dropped when unused, so memory does not grow with the number of users.
+    """
 
     def __init__(self) -> None:
-        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+        self._shared: dict[str, int] = {}
+        self._exclusive: dict[str, int] = {}  # holders + waiters
+        self._cv = asyncio.Condition()
+        self._owner: dict[str, bool] = {}
 
-    def locked(self, user: str) -> bool:
-        entry = self._locks.get(user)
-        return entry is not None and entry[0].locked()
+    def busy(self, user: str) -> bool:
+        return user in self._exclusive
 
     @contextlib.asynccontextmanager
-    async def hold(self, user: str) -> AsyncIterator[None]:
-        lock, n = self._locks.get(user, (asyncio.Lock(), 0))
-        self._locks[user] = (lock, n + 1)
+    async def shared(self, users: Iterable[str]) -> AsyncIterator[None]:
+        users = list(users)
+        for u in users:
+            self._shared[u] = self._shared.get(u, 0) + 1
         try:
-            async with lock:
-                yield
+            yield
         finally:
-            lock, n = self._locks[user]
-            if n <= 1:
-                del self._locks[user]
-            else:
-                self._locks[user] = (lock, n - 1)
+            async with self._cv:
+                for u in users:
+                    if self._shared[u] <= 1:
+                        del self._shared[u]
+                    else:
+                        self._shared[u] -= 1
+                self._cv.notify_all()
 
     @contextlib.asynccontextmanager
-    async def hold_many(self, users: Sequence[str]) -> AsyncIterator[None]:
-        async with contextlib.AsyncExitStack() as stack:
-            for user in sorted(users):  # one global order: no deadlock
-                await stack.enter_async_context(self.hold(user))
+    async def exclusive(self, user: str) -> AsyncIterator[None]:
+        async with self._cv:
+            self._exclusive[user] = self._exclusive.get(user, 0) + 1
+            try:
+                await self._cv.wait_for(lambda: not self._owner.get(user) and not self._shared.get(user))
+            except BaseException:
+                self._release(user, owned=False)
+                raise
+            self._owner[user] = True
+        try:
             yield
+        finally:
+            async with self._cv:
+                self._release(user, owned=True)
 
-    async def wait(self, user: str) -> None:
-        """Until whoever holds ``user``'s lock now lets go."""
-        async with self.hold(user):
-            return
+    def _release(self, user: str, *, owned: bool) -> None:
+        if owned:
+            del self._owner[user]
+        if self._exclusive[user] <= 1:
+            del self._exclusive[user]
+        else:
+            self._exclusive[user] -= 1
+        self._cv.notify_all()
+
+    async def idle(self, user: str) -> None:
+        """Until nobody holds or waits for ``user`` exclusively."""
+        async with self._cv:
+            await self._cv.wait_for(lambda: user not in self._exclusive)
 
     def __len__(self) -> int:
-        return len(self._locks)
+        return len(self._shared) + len(self._exclusive)
 
 
 def _hash(*parts: Any) -> str:
@@ -136,9 +163,11 @@ class PreferenceMemory:
         self.page_size = page_size
         self.tenant = tenant
         self._tenant_label = encode_label(tenant)
-        self._locks = _UserLocks()
+        self._gate = _UserGate()
         self._tickets: list[_Ticket] = []
         self._runner: asyncio.Task[None] | None = None
+        self._in_flight: set[tuple[str, str]] = set()  # (user, vote id) of rounds not finished yet
+        self._running: set[asyncio.Task[None]] = set()
         self._last_arrival = 0
 
     # ------------------------------------------------------------------ namespaces
@@ -160,7 +189,7 @@ class PreferenceMemory:
         return user_namespace(self.tenant, user_id, kind)
 
     def _lock(self, user_id: str) -> contextlib.AbstractAsyncContextManager[None]:
-        return self._locks.hold(user_id)
+        return self._gate.exclusive(user_id)
 
     def _arrival_ns(self) -> int:
         """Strictly increasing wall-clock nanoseconds, so arrival order is never ambiguous."""
@@ -212,15 +241,16 @@ class PreferenceMemory:
         return AddVotesResult(added=added, duplicates=len(checked) - added)
 
     async def _enqueue_votes(self, by_user: dict[str, list[Vote]]) -> dict[str, list[bool]]:
-        """Group commit with per-caller atomicity: callers queue tickets, one round writes them all.
+        """Group commit with per-caller atomicity: callers queue tickets, rounds write them.
 
-        A round (one background task per memory, so a caller that goes away never strands the
-        others) takes every queued ticket: one read batch checks which votes and users already
-        exist, then each ticket's puts go to the store as its own batch, all at once. The store
-        coalesces them into one commit and, should that commit fail, retries each batch alone, so
-        a caller's votes are stored completely or not at all and one caller's failure is nobody
-        else's. Tickets that touch a user being forgotten or fitted, or votes another ticket of
-        the round already claims, wait for the next round.
+        A round (run by a background task, so a caller that goes away never strands the others)
+        takes every queued ticket: one read batch checks which votes and users already exist,
+        then each ticket's puts go to the store as its own batch, all at once. The store
+        coalesces them into one commit and, should that commit fail, retries each batch alone,
+        so a caller's votes are stored completely or not at all and one caller's failure is
+        nobody else's. Two rounds overlap (one prepares while the other commits), so the store's
+        writer is never idle between commits. A ticket waits for a later round when it touches a
+        user being forgotten (or whose persona is being saved), or a vote id still in flight.
         """
         ticket = _Ticket(by_user, asyncio.get_running_loop().create_future())
         self._tickets.append(ticket)
@@ -228,30 +258,51 @@ class PreferenceMemory:
             self._runner = asyncio.get_running_loop().create_task(self._rounds(), name="vote-group-commit")
         return await ticket.future
 
+    _MAX_ROUNDS = 2
+
     async def _rounds(self) -> None:
+        running = self._running
         while self._tickets:
             take: list[_Ticket] = []
             later: list[_Ticket] = []
             claimed: set[tuple[str, str]] = set()
             for t in self._tickets:
                 ids = {(u, v.id) for u, vs in t.by_user.items() for v in vs}
-                if any(self._locks.locked(u) for u in t.by_user) or ids & claimed:
+                if len(running) >= self._MAX_ROUNDS or any(self._gate.busy(u) for u in t.by_user) or ids & (
+                    claimed | self._in_flight
+                ):
                     later.append(t)
                 else:
                     take.append(t)
                     claimed |= ids
             self._tickets = later
-            if not take:  # everything waits for a user lock (a forget, a persona save): wait for one
-                await self._locks.wait(next(u for u in later[0].by_user if self._locks.locked(u)))
+            if take:
+                self._in_flight |= claimed
+                task = asyncio.get_running_loop().create_task(self._round_task(take, claimed))
+                running.add(task)
+                task.add_done_callback(running.discard)
                 continue
-            users = sorted({u for t in take for u in t.by_user})
-            async with self._locks.hold_many(users):
-                try:
-                    await self._round(take)
-                except Exception as exc:
-                    for t in take:
-                        if not t.future.done():
-                            t.future.set_exception(exc)
+            # Nothing can start now: wait for a round to finish, or for a forget/persona save to end.
+            waiters: set[asyncio.Future[Any]] = {t for t in running if not t.done()}
+            blocked = next((u for t in later for u in t.by_user if self._gate.busy(u)), None)
+            idle = asyncio.ensure_future(self._gate.idle(blocked)) if blocked is not None else None
+            if idle is not None:
+                waiters.add(idle)
+            if waiters:
+                await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            if idle is not None and not idle.done():
+                idle.cancel()
+
+    async def _round_task(self, take: list[_Ticket], claimed: set[tuple[str, str]]) -> None:
+        try:
+            async with self._gate.shared({u for t in take for u in t.by_user}):
+                await self._round(take)
+        except Exception as exc:
+            for t in take:
+                if not t.future.done():
+                    t.future.set_exception(exc)
+        finally:
+            self._in_flight -= claimed
 
     async def _round(self, tickets: list[_Ticket]) -> None:
         votes_of = [(t, u, v) for t in tickets for u, vs in t.by_user.items() for v in vs]

@@ -36,7 +36,8 @@ def open_store(settings: Settings, *, reindex: bool = False, server: bool = Fals
     from store.chroma import ChromaStore
     from store.embeddings import LazyMiniLMEmbeddings
 
-    ef = LazyMiniLMEmbeddings()
+    # One intra-op thread: a server's other core stays free for requests while a commit embeds.
+    ef = LazyMiniLMEmbeddings(threads=1 if server else None)
     settings.home.mkdir(parents=True, exist_ok=True)
     if settings.chroma_host:
         return ChromaStore(
