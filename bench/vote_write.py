@@ -183,7 +183,7 @@ COUNT = textwrap.dedent(
     import asyncio, json, sys
     from synth_agent.config import Settings
     from synth_agent.services import open_memory
-    mem = open_memory(Settings(home=sys.argv[1]), "bench")
+    mem = open_memory(Settings(home=sys.argv[1]), sys.argv[2])
     async def main():
         users = [u for u in await mem.list_users() if u != "warmup@bench"]
         out = {}
@@ -198,9 +198,11 @@ COUNT = textwrap.dedent(
 )
 
 
-def count_stored(repo: Path, python: str, home: Path) -> dict[str, list[int]]:
+def count_stored(repo: Path, python: str, home: Path, tenant: str = "bench") -> dict[str, list[int]]:
+    """``{user: [votes stored, distinct ids]}``, read with the measured checkout's own code."""
     env = {**os.environ, "PYTHONPATH": str(repo), "ANONYMIZED_TELEMETRY": "False", "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run([python, "-c", COUNT, str(home)], cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    out = subprocess.run([python, "-c", COUNT, str(home), tenant], cwd=repo, env=env, capture_output=True, text=True,
+                         timeout=600)
     if out.returncode != 0:
         raise SystemExit(f"counting failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]

@@ -398,7 +398,13 @@ class ChromaStore(BaseStore):
         self._embedder = _Embedder(embedding_function) if embedding_function is not None else None
         fields = list(index_fields) if index_fields else ["$"]
         self.index_fields = fields
-        self.index_config: dict[str, Any] | None = {"fields": fields} if self._embedder else None
+        self.embeddings = embedding_function
+        """The embedding function (as ``InMemoryStore``/``SqliteStore`` expose it)."""
+        self.index_config: dict[str, Any] | None = (
+            {"fields": fields, "dims": getattr(embedding_function, "dims", None), "embed": embedding_function}
+            if self._embedder
+            else None
+        )
         self._tokenized = [(p, p if p == "$" else tokenize_path(p)) for p in fields]
         self.exact_search_limit = exact_search_limit
         self.max_commit = max_commit
@@ -415,8 +421,11 @@ class ChromaStore(BaseStore):
         self._cv = threading.Condition()
         self._closing = False
         self._consecutive_failures = 0
+        self.probe_interval = 5.0
+        """Seconds between health probes of an idle writer whose last commits failed."""
         self.last_error: str | None = None
         self._writer = threading.Thread(target=self._write_loop, name=f"chroma-writer-{collection}", daemon=True)
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
 
         self._recover()
         legacy = self._legacy_collection()
@@ -640,11 +649,8 @@ class ChromaStore(BaseStore):
             found = self._fetch([self._iid(op.namespace, str(op.key)) for _, op in gets])
             for i, op in gets:
                 results[i] = found.get(self._iid(op.namespace, str(op.key)))
-        if searches:
-            queries = {op.query for _, op in searches if op.query} if self._embedder else set()
-            qvecs = {q: self._embedder.query(q) for q in queries} if self._embedder else {}
-            for i, op in searches:
-                results[i] = self._search(op, qvecs.get(op.query) if op.query else None)
+        for i, op in searches:
+            results[i] = self._search(op)
         for i, op in lists:
             results[i] = self._list_namespaces(op)
         return results, writes
@@ -699,14 +705,14 @@ class ChromaStore(BaseStore):
                 return
             offset += _PAGE
 
-    def _search(self, op: SearchOp, qvec: list[float] | None) -> list[SearchItem]:
+    def _search(self, op: SearchOp) -> list[SearchItem]:
         if op.limit == 0:
             return []
         where = self._prefix_where(op.namespace_prefix)
-        if qvec is None:
+        if not op.query or self._embedder is None:
             return self._scan(where, op.filter, op.offset, op.limit, unindexed_only=False)
         want = op.offset + op.limit
-        scored = self._scored(where, op.filter, qvec, want)
+        scored = self._scored(where, op.filter, op.query, want)
         if len(scored) >= want:
             return scored[op.offset : want]
         # Like InMemoryStore: items stored with index=False fill the page after every scored hit.
@@ -714,23 +720,35 @@ class ChromaStore(BaseStore):
         skip = max(op.offset - len(scored), 0)
         return head + self._scan(where, op.filter, skip, op.limit - len(head), unindexed_only=True)
 
-    def _scored(
-        self, where: dict[str, Any] | None, flt: dict[str, Any] | None, qvec: list[float], want: int
-    ) -> list[SearchItem]:
-        """The ``want`` best items by cosine similarity: exact for small candidate sets, else via HNSW."""
+    def _scored(self, where: dict[str, Any] | None, flt: dict[str, Any] | None, query: str, want: int) -> list[SearchItem]:
+        """The ``want`` best items by cosine similarity: exact for small candidate sets, else via HNSW.
+
+        The prefix's vectors and items are fetched while the query is embedded (three things at
+        once), so a per-user search costs about one round trip.
+        """
         import numpy as np
 
+        assert self._embedder is not None
         limit = self.exact_search_limit
-        res = self._vectors.get(where=where, limit=limit + 1, include=["embeddings", "metadatas"])
-        ids = [rid for rid in res["ids"] if not rid.startswith(_FLUSH_PREFIX)]
-        q = np.asarray(qvec, dtype=np.float32)
+        pool = self._read_pool()
+        fut_vec = pool.submit(self._vectors.get, where=where, limit=limit + 1, include=["embeddings", "metadatas"])
+        fut_items = pool.submit(self._items.get, where=where, limit=limit + 1, include=["metadatas"])
+        q = np.asarray(self._embedder.query(query), dtype=np.float32)
         q = q / max(float(np.linalg.norm(q)), 1e-12)
-        if len(res["ids"]) <= limit:
-            keep = [i for i, rid in enumerate(res["ids"]) if not rid.startswith(_FLUSH_PREFIX)]
-            emb = np.asarray(res["embeddings"], dtype=np.float32)[keep] if keep else np.zeros((0, len(q)), np.float32)
-            metas = [res["metadatas"][i] for i in keep]
-            return self._rank(ids, metas, emb, q, flt, want)
-        return self._ann(where, flt, q, want)
+        res = fut_vec.result()
+        if len(res["ids"]) > limit:
+            fut_items.cancel()
+            return self._ann(where, flt, q, want)
+        keep = [i for i, rid in enumerate(res["ids"]) if not rid.startswith(_FLUSH_PREFIX)]
+        emb = np.asarray(res["embeddings"], dtype=np.float32)[keep] if keep else np.zeros((0, len(q)), np.float32)
+        items = fut_items.result()
+        docs = self._open_items(items["ids"], items["metadatas"] or [])
+        return self._rank([res["ids"][i] for i in keep], [res["metadatas"][i] for i in keep], emb, q, flt, want, docs)
+
+    def _read_pool(self) -> concurrent.futures.ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="chroma-read")
+        return self._pool
 
     def _rank(
         self,
@@ -740,8 +758,12 @@ class ChromaStore(BaseStore):
         q: np.ndarray,
         flt: dict[str, Any] | None,
         want: int,
+        known: dict[str, dict[str, Any]] | None = None,
     ) -> list[SearchItem]:
-        """Score vectors exactly, best vector per item, then fetch items best first until ``want`` pass."""
+        """Score vectors exactly, best vector per item, then take items best first until ``want`` pass.
+
+        ``known``: item documents already fetched; others are fetched in chunks, best first.
+        """
         import numpy as np
 
         if not vec_ids:
@@ -754,14 +776,17 @@ class ChromaStore(BaseStore):
             if iid:
                 cands.setdefault(iid, []).append((sim, int(rid.rsplit(".", 1)[1]) if "." in rid else 0))
         order = sorted(cands, key=lambda i: (-max(s for s, _ in cands[i]), i))
+        known = dict(known or {})
         out: list[SearchItem] = []
         step = max(want * 2, 32)
         for start in range(0, len(order), step):
             chunk = order[start : start + step]
-            res = self._items.get(ids=chunk, include=["metadatas"])
-            docs = self._open_items(res["ids"], res["metadatas"] or [])
+            missing = [i for i in chunk if i not in known]
+            if missing:
+                res = self._items.get(ids=missing, include=["metadatas"])
+                known.update(self._open_items(res["ids"], res["metadatas"] or []))
             for iid in chunk:
-                doc = docs.get(iid)
+                doc = known.get(iid)
                 # a vector without its item is staged (batch in flight) or stale (j beyond the item's count)
                 live = [s for s, j in cands[iid] if doc is not None and j < doc["_v"]]
                 if not live or not _matches(doc["v"], flt):  # type: ignore[index]
@@ -879,16 +904,33 @@ class ChromaStore(BaseStore):
         while True:
             with self._cv:
                 while not self._queue and not self._closing:
-                    self._cv.wait()
-                if not self._queue:
+                    if not self._cv.wait(timeout=self.probe_interval) and self._consecutive_failures:
+                        break  # idle after failures: see below whether the backend is back
+                if not self._queue and self._closing:
                     return
-                take: list[_Submission] = []
-                n = 0
-                while self._queue and (not take or n + len(self._queue[0].writes) <= self.max_commit):
-                    sub = self._queue.pop(0)
-                    take.append(sub)
-                    n += len(sub.writes)
+                take = self._take()
+            if not take:
+                self._probe()
+                continue
             self._run(take)
+
+    def _take(self) -> list[_Submission]:
+        take: list[_Submission] = []
+        n = 0
+        while self._queue and (not take or n + len(self._queue[0].writes) <= self.max_commit):
+            sub = self._queue.pop(0)
+            take.append(sub)
+            n += len(sub.writes)
+        return take
+
+    def _probe(self) -> None:
+        """After failed commits and no traffic, a heartbeat decides whether the store is healthy again."""
+        try:
+            self._items.count()
+        except Exception as exc:  # noqa: BLE001
+            self.last_error = f"{type(exc).__name__}: {exc}"[:300]
+        else:
+            self._consecutive_failures = 0
 
     def _run(self, subs: list[_Submission]) -> None:
         live = [s for s in subs if s.future.set_running_or_notify_cancel()]
@@ -1006,11 +1048,12 @@ class ChromaStore(BaseStore):
                     "embeddings": [[float(x) for x in e] for e in res["embeddings"]],
                     "metadatas": [dict(m or {}) for m in res["metadatas"] or []],
                 }
-        multi_chunk = len(item_ids) > self._max_batch
         body = {
             "new_items": [i for i in item_ids if i not in old_meta],
             "new_vectors": [v for v in vec_ids if v.rsplit(".", 1)[0] not in old_meta],
-            "before_items": {i: old_meta[i] for i in updated} if multi_chunk else {},
+            # Earlier versions of updated items: a failed publish may still have landed (a timeout
+            # after the server applied it, or the first chunks of a huge batch), so roll back to them.
+            "before_items": {i: old_meta[i] for i in updated},
             "before_vectors": before_vectors,
             "new_ns": list(new_ns),
             "new_keys": [i for i in item_ids if i not in old_meta] + [f"ns:{n}" for n in new_ns],
@@ -1257,6 +1300,8 @@ class ChromaStore(BaseStore):
             self._cv.notify_all()
         if self._writer.is_alive() and threading.current_thread() is not self._writer:
             self._writer.join()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
         if self.ledger is not None:
             self.ledger.close()
         if self._server is not None:

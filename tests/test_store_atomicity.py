@@ -255,3 +255,23 @@ async def test_crash_mid_batch_is_repaired_on_next_open(tmp_path: Path, phase: s
         assert con.execute("SELECT count(*) FROM keys").fetchone()[0] == 0  # no key of the batch survives
     store.close()
     assert json.loads(rows[0][1])  # the journal row said what to undo
+
+
+async def test_health_reports_a_failing_backend_and_its_recovery(tmp_path: Path, minilm: MiniLMEmbeddings) -> None:
+    client = _client(tmp_path)
+    store = _store(tmp_path, client, minilm)
+    store.probe_interval = 0.05
+    assert store.health()["ok"]
+    client.faults += [Fault("upsert", collection=ITEMS, times=3), Fault("count", collection=ITEMS, times=2)]
+    for i in range(3):
+        with pytest.raises(InjectedFault):
+            await store.aput(("h",), f"k{i}", {"text": "x"})
+    h = store.health()
+    assert not h["ok"] and "injected fault" in h["error"]
+    for _ in range(600):  # the idle writer probes until the backend answers again (2 probes fail first)
+        if store.health()["ok"]:
+            break
+        await asyncio.sleep(0.05)
+    assert store.health()["ok"]
+    await store.aput(("h",), "k", {"text": "back"})
+    store.close()
