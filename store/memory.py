@@ -75,8 +75,17 @@ class _UserGate:
     def __init__(self) -> None:
         self._shared: dict[str, int] = {}
         self._exclusive: dict[str, int] = {}  # holders + waiters
-        self._cv = asyncio.Condition()
         self._owner: dict[str, bool] = {}
+        self._cond: asyncio.Condition | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def _cv(self) -> asyncio.Condition:
+        """The condition of the running loop (a memory used from one ``asyncio.run`` after another is fine)."""
+        loop = asyncio.get_running_loop()
+        if self._cond is None or (self._loop is not loop and not self._shared and not self._exclusive):
+            self._cond, self._loop = asyncio.Condition(), loop
+        return self._cond
 
     def busy(self, user: str) -> bool:
         return user in self._exclusive
@@ -145,9 +154,10 @@ class PreferenceMemory:
     """The preference-memory API of synth-agent on top of a LangGraph ``BaseStore``.
 
     One instance per tenant; all data is namespaced by tenant then user, so one
-    tenant can never read another's users. Writes for one user are serialised by
-    an instance-level ``asyncio.Lock`` (idempotent vote ingest, distinct persona
-    versions); use a single instance per tenant per process.
+    tenant can never read another's users. Votes go through a group commit with
+    per-caller atomicity (see :meth:`_enqueue_votes`); a forget or a persona save has
+    its user to itself. Both rely on instance state: use a single instance per tenant
+    per process.
     """
 
     def __init__(self, store: BaseStore, tenant: str = "default", *, page_size: int = 500) -> None:
