@@ -22,6 +22,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
@@ -81,10 +82,19 @@ class Mix:
         self.url = url
         self.rng = random.Random(seed)
         self.users = [f"soak{u:03d}@example.com" for u in range(users)]
-        self.acked: dict[str, set[str]] = defaultdict(set)  # user -> vote ids acknowledged since last delete
+        self.acked: list[tuple[str, str, float]] = []  # (user, vote id, sent at)
+        self.deletes: dict[str, list[tuple[float, float]]] = defaultdict(list)  # user -> (sent, answered)
         self.lat: dict[str, list[float]] = defaultdict(list)
         self.errors: dict[str, list[str]] = defaultdict(list)
         self.n = 0
+
+    def expected(self) -> dict[str, set[str]]:
+        """Acknowledged votes that must be stored: sent after every delete of their user had answered."""
+        out: dict[str, set[str]] = defaultdict(set)
+        for user, vid, sent in self.acked:
+            if all(done < sent for _, done in self.deletes.get(user, [])):
+                out[user].add(vid)
+        return out
 
     def convo(self) -> list[dict[str, str]]:
         topic = self.rng.choice(["a trip to Lisbon", "a Python bug", "tomato plants", "a job interview", "my budget"])
@@ -105,13 +115,13 @@ class Mix:
                         "rejected": f"long rambling {self.n}"}
                 ok = await self._post(session, "/v1/votes", body)
                 if ok:
-                    self.acked[user].add(vid)
+                    self.acked.append((user, vid, t))
             elif kind == "ab":
                 res = await self._post(session, "/v1/ab", {"model": "sim", "user": user, "messages": self.convo()})
                 if res and isinstance(res, dict) and res.get("token") and self.rng.random() < 0.5:
                     receipt = await self._post(session, f"/v1/ab/{res['token']}/vote", {"user": user, "choice": "a"})
                     if receipt and isinstance(receipt, dict) and receipt.get("vote_id"):
-                        self.acked[user].add(receipt["vote_id"])
+                        self.acked.append((user, receipt["vote_id"], t))
                 ok = bool(res)
             elif kind == "rerank":
                 body = {"model": "sim", "user": user, "messages": self.convo(),
@@ -130,9 +140,8 @@ class Mix:
                 async with session.delete(f"/v1/users/{seg}") as r:
                     await r.read()
                     ok = r.status == 200
-                    if ok:
-                        self.acked.pop(user, None)
-                    else:
+                    self.deletes[user].append((t, time.perf_counter()))
+                    if not ok:
                         self.errors[kind].append(str(r.status))
         except Exception as exc:  # noqa: BLE001 - a soak counts failures, it does not stop on them
             self.errors[kind].append(type(exc).__name__)
@@ -215,6 +224,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("."), help="where to write soak.png and soak.json")
     args = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: stop the server and simulator we started
     repo = args.repo.resolve()
     python = args.python or str(repo / ".venv" / "bin" / "python")
     tmp = Path(tempfile.mkdtemp(prefix="synth-soak-"))
@@ -232,8 +242,10 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
     totals = [(t, sum(s.values())) for t, s in samples]
     after = [p for p in totals if p[0] >= args.warmup]
-    lost = {u: len(ids) - stored.get(u, [0])[0] for u, ids in mix.acked.items() if len(ids) > stored.get(u, [0])[0]}
-    acked = sum(len(v) for v in mix.acked.values())
+    expected = mix.expected()
+    lost = {u: sorted(ids - set(stored.get(u, [0, 0, []])[2])) for u, ids in expected.items()}
+    lost = {u: ids for u, ids in lost.items() if ids}
+    acked = sum(len(v) for v in expected.values())
     report = {
         "repo": str(repo), "duration_s": args.duration, "rate": args.rate,
         "requests_ok": {k: len(v) for k, v in mix.lat.items()},
@@ -241,7 +253,8 @@ def main() -> None:
         "first_errors": {k: v[:3] for k, v in mix.errors.items()},
         "latency_p50_ms": {k: round(statistics.median(v), 1) for k, v in mix.lat.items() if v},
         "latency_p99_ms": {k: round(pct(v, 0.99), 1) for k, v in mix.lat.items() if v},
-        "acknowledged_votes_checked": acked, "acknowledged_votes_missing": sum(lost.values()),
+        "acknowledged_votes_checked": acked, "acknowledged_votes_missing": sum(len(v) for v in lost.values()),
+        "missing_examples": {u: ids[:3] for u, ids in list(lost.items())[:3]},
         "rss_start_mb": round(totals[0][1], 1), "rss_end_mb": round(totals[-1][1], 1),
         "rss_by_process_end_mb": {k.split("[")[0]: round(v, 1) for k, v in samples[-1][1].items()},
         "rss_slope_after_warmup_mb_per_min": round(slope_mb_per_min(after), 3),

@@ -121,8 +121,15 @@ def vote(user: str, w: int, i: int) -> dict[str, object]:
             "chosen": f"A short, direct plan for trip {i}.", "rejected": f"A long, rambling answer about trip {i}."}
 
 
-async def load(url: str, writers: int, per_writer: int, users: int, server_pid: int) -> dict[str, object]:
-    """The writers and the /healthz sampler (aiohttp: a light client, so the server gets the CPU)."""
+async def load(
+    url: str, writers: int, per_writer: int, users: int, server_pid: int, rate: float | None = None
+) -> dict[str, object]:
+    """The writers and the /healthz sampler (aiohttp: a light client, so the server gets the CPU).
+
+    Closed loop by default (each writer sends its next vote when the last one is answered, so
+    latency is about writers / throughput); with ``rate`` the votes are sent on a schedule of
+    ``rate`` votes/s in all (open loop), and latency is what one vote waits at that load.
+    """
     import aiohttp
 
     headers = {"Authorization": f"Bearer {KEY}"}
@@ -140,6 +147,8 @@ async def load(url: str, writers: int, per_writer: int, users: int, server_pid: 
 
         async def writer(w: int) -> None:
             for i in range(per_writer):
+                if rate:
+                    await asyncio.sleep(max(0.0, t0 + (i * writers + w) / rate - time.perf_counter()))
                 t = time.perf_counter()
                 try:
                     async with client.post("/v1/votes", json=vote(f"user{w % users:02d}@bench", w, i)) as resp:
@@ -166,7 +175,7 @@ async def load(url: str, writers: int, per_writer: int, users: int, server_pid: 
 
         sample = asyncio.create_task(sampler())
         cpu0, self0 = cpu_seconds(server_pid), time.process_time()
-        t0 = time.perf_counter()
+        t0 = time.perf_counter() + (0.5 if rate else 0.0)
         await asyncio.gather(*(writer(w) for w in range(writers)))
         wall = time.perf_counter() - t0
         cpu1, self1 = cpu_seconds(server_pid), time.process_time()
@@ -189,7 +198,7 @@ COUNT = textwrap.dedent(
         out = {}
         for u in users:
             ids = [v.id for v in await mem.list_votes(u)]
-            out[u] = [len(ids), len(set(ids))]
+            out[u] = [len(ids), len(set(ids)), ids]
         print(json.dumps(out))
     asyncio.run(main())
     close = getattr(mem.store, "close", None)
@@ -198,8 +207,8 @@ COUNT = textwrap.dedent(
 )
 
 
-def count_stored(repo: Path, python: str, home: Path, tenant: str = "bench") -> dict[str, list[int]]:
-    """``{user: [votes stored, distinct ids]}``, read with the measured checkout's own code."""
+def count_stored(repo: Path, python: str, home: Path, tenant: str = "bench") -> dict[str, list]:  # type: ignore[type-arg]
+    """``{user: [votes stored, distinct ids, ids]}``, read with the measured checkout's own code."""
     env = {**os.environ, "PYTHONPATH": str(repo), "ANONYMIZED_TELEMETRY": "False", "HF_HUB_OFFLINE": "1"}
     out = subprocess.run([python, "-c", COUNT, str(home), tenant], cwd=repo, env=env, capture_output=True, text=True,
                          timeout=600)
@@ -216,8 +225,10 @@ def main() -> None:
     ap.add_argument("--votes", type=int, default=5, help="votes per writer, one per request")
     ap.add_argument("--users", type=int, default=20)
     ap.add_argument("--synthesis", choices=["inline", "off"], default="inline")
+    ap.add_argument("--rate", type=float, help="open loop: send the votes at this many per second in all")
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: stop the server and simulator we started
     repo = args.repo.resolve()
     python = args.python or str(repo / ".venv" / "bin" / "python")
     tmp = Path(tempfile.mkdtemp(prefix="synth-vote-write-"))
@@ -227,7 +238,7 @@ def main() -> None:
         with SimProcess(seed=0) as sim:
             proc, url, log = start_server(repo, python, home, sim.base_url, args.synthesis)
             try:
-                res = asyncio.run(load(url, args.writers, args.votes, args.users, proc.pid))
+                res = asyncio.run(load(url, args.writers, args.votes, args.users, proc.pid, args.rate))
             finally:
                 stop_server(proc)
         stored = count_stored(repo, python, home)
@@ -236,10 +247,11 @@ def main() -> None:
     lat, health = res["lat"], res["health"]
     total = args.writers * args.votes
     acked = len(lat)  # type: ignore[arg-type]
-    kept = sum(n for n, _ in stored.values())
-    unique = sum(u for _, u in stored.values())
+    kept = sum(n for n, _, _ in stored.values())
+    unique = sum(u for _, u, _ in stored.values())
     figures = {
         "repo": str(repo), "synthesis": args.synthesis, "writers": args.writers, "votes": total,
+        "offered_rate": args.rate or "closed loop",
         "acknowledged": acked, "errors": len(res["errors"]), "stored": kept, "stored_unique": unique,  # type: ignore[arg-type]
         "wall_s": round(res["wall"], 2), "votes_per_s": round(acked / res["wall"], 1),  # type: ignore[operator]
         "write_p50_ms": round(statistics.median(lat), 1) if lat else None,  # type: ignore[arg-type]

@@ -352,6 +352,28 @@ class ChromaStore(BaseStore):
                     "ChromaStore needs a place to keep data: path= (a directory), host=/port= (a Chroma "
                     "server) or client="
                 )
+        try:
+            self._setup(client, collection, path, embedding_function, index_fields, reindex, ledger, seal,
+                        exact_search_limit, max_commit, sync_threshold)
+        except BaseException:
+            if self._own_lock is not None:
+                self._own_lock.release()
+            raise
+
+    def _setup(
+        self,
+        client: Any,
+        collection: str,
+        path: str | Path | None,
+        embedding_function: EmbeddingFunctionLike | None,
+        index_fields: list[str] | None,
+        reindex: bool,
+        ledger: Ledger | str | Path | bool | None,
+        seal: bool | None,
+        exact_search_limit: int,
+        max_commit: int,
+        sync_threshold: int,
+    ) -> None:
         self.client = client
         self.collection_name = collection
         self.path = Path(path) if path is not None else None
@@ -363,7 +385,7 @@ class ChromaStore(BaseStore):
         else:
             self.ledger = ledger if isinstance(ledger, Ledger) else Ledger(Path(ledger))  # type: ignore[arg-type]
         if seal is None:
-            seal = self.ledger is not None and (self.path is not None or _server is not None)
+            seal = self.ledger is not None and (self.path is not None or self._server is not None)
         if seal and self.ledger is None:
             raise ValueError("seal=True needs a ledger (a file for the data keys)")
         self.sealed = bool(seal)
@@ -442,6 +464,7 @@ class ChromaStore(BaseStore):
             self.reindexed = self._migrate_v1(legacy) if legacy is not None else self.reindex()
         else:
             self._check_embedding_model()
+
 
     # ------------------------------------------------------------------ construction helpers
 

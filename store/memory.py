@@ -273,12 +273,13 @@ class PreferenceMemory:
     async def _rounds(self) -> None:
         running = self._running
         while self._tickets:
+            live = {t for t in running if not t.done()}
             take: list[_Ticket] = []
             later: list[_Ticket] = []
             claimed: set[tuple[str, str]] = set()
             for t in self._tickets:
                 ids = {(u, v.id) for u, vs in t.by_user.items() for v in vs}
-                if len(running) >= self._MAX_ROUNDS or any(self._gate.busy(u) for u in t.by_user) or ids & (
+                if len(live) >= self._MAX_ROUNDS or any(self._gate.busy(u) for u in t.by_user) or ids & (
                     claimed | self._in_flight
                 ):
                     later.append(t)
@@ -293,13 +294,15 @@ class PreferenceMemory:
                 task.add_done_callback(running.discard)
                 continue
             # Nothing can start now: wait for a round to finish, or for a forget/persona save to end.
-            waiters: set[asyncio.Future[Any]] = {t for t in running if not t.done()}
+            waiters: set[asyncio.Future[Any]] = set(live)
             blocked = next((u for t in later for u in t.by_user if self._gate.busy(u)), None)
             idle = asyncio.ensure_future(self._gate.idle(blocked)) if blocked is not None else None
             if idle is not None:
                 waiters.add(idle)
             if waiters:
                 await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            else:
+                await asyncio.sleep(0)  # let finished rounds' callbacks run; never spin without yielding
             if idle is not None and not idle.done():
                 idle.cancel()
 

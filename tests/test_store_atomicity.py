@@ -275,3 +275,22 @@ async def test_health_reports_a_failing_backend_and_its_recovery(tmp_path: Path,
     assert store.health()["ok"]
     await store.aput(("h",), "k", {"text": "back"})
     store.close()
+
+
+async def test_vote_rounds_make_progress_with_duplicates_and_forgets() -> None:
+    """A storm of concurrent writes, repeated vote ids and forgets on a store that never yields:
+    every call finishes (the round loop must not spin while finished rounds wait to be reaped)."""
+    from langgraph.store.memory import InMemoryStore
+
+    mem = PreferenceMemory(InMemoryStore())
+
+    async def writer(w: int) -> None:
+        for i in range(10):
+            await mem.add_votes([vote(f"u{w % 3}", i % 4), vote(f"u{w % 3}", 100 + w * 10 + i)])
+            if i % 5 == 4:
+                await mem.forget_user(f"u{(w + 1) % 3}")
+
+    await asyncio.wait_for(asyncio.gather(*(writer(w) for w in range(30))), timeout=120)
+    counts = await mem.users_with_counts()
+    assert all(n >= 0 for n in counts.values())
+    assert all(len(ids) == len(set(ids)) for ids in [[v.id for v in await mem.list_votes(u)] for u in counts])
