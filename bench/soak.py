@@ -21,11 +21,9 @@ import asyncio
 import json
 import os
 import random
-import shutil
 import signal
 import statistics
 import sys
-import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -35,9 +33,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from vote_write import KEY, count_stored, pct, start_server, stop_server  # noqa: E402
-
-from synth_agent.sim.server import SimProcess  # noqa: E402
+from vote_write import KEY, measure, pct  # noqa: E402
 
 KINDS = {"chat": 0.38, "vote": 0.25, "ab": 0.10, "rerank": 0.05, "judge": 0.05, "persona": 0.15}
 
@@ -227,19 +223,8 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: stop the server and simulator we started
     repo = args.repo.resolve()
     python = args.python or str(repo / ".venv" / "bin" / "python")
-    tmp = Path(tempfile.mkdtemp(prefix="synth-soak-"))
-    home = tmp / "home"
-    home.mkdir()
-    try:
-        with SimProcess(seed=args.seed, latency_ms=args.sim_latency_ms) as sim:
-            proc, url, _ = start_server(repo, python, home, sim.base_url, "inline")
-            try:
-                mix, samples = asyncio.run(drive(args, url, proc.pid))
-            finally:
-                stop_server(proc)
-        stored = count_stored(repo, python, home, "bench")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    (mix, samples), stored = measure(repo, python, "inline", lambda url, pid: asyncio.run(drive(args, url, pid)),
+                                     seed=args.seed, sim_latency_ms=args.sim_latency_ms)
     totals = [(t, sum(s.values())) for t, s in samples]
     after = [p for p in totals if p[0] >= args.warmup]
     expected = mix.expected()

@@ -31,10 +31,12 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 from tqdm import tqdm  # noqa: E402
+from vote_write import cpu_seconds  # noqa: E402
 
 from store.chroma import ChromaStore  # noqa: E402
 from store.embeddings import MiniLMEmbeddings  # noqa: E402
@@ -116,6 +118,7 @@ async def run(args: argparse.Namespace) -> None:
         ]
         added = 0
         cpu0 = time.process_time()
+        tree0 = cpu_seconds(os.getpid())
         t0 = time.perf_counter()
         with tqdm(total=total, unit="vote", desc="ingest", smoothing=0.05) as bar:
             sem = asyncio.Semaphore(args.writers)
@@ -130,6 +133,8 @@ async def run(args: argparse.Namespace) -> None:
             await asyncio.gather(*(ingest(b) for b in batches))
         ingest_s = time.perf_counter() - t0
         ingest_cpu = time.process_time() - cpu0
+        tree1 = cpu_seconds(os.getpid())
+        tree_cpu = sum(tree1[k] - tree0.get(k, 0.0) for k in tree1)
 
         queries = [(rng.choice(users), rng.choice(ASKS).format(s=rng.choice(SUBJECTS))) for _ in range(args.queries)]
         await mem.relevant_votes(*queries[0], k=args.k)  # warm
@@ -148,6 +153,7 @@ async def run(args: argparse.Namespace) -> None:
         table.add_row("ingest rate (incl. embeddings)", f"{added / ingest_s:,.0f} votes/s")
         table.add_row("  of which embedding (wall, writer thread)", f"{embed_s[0]:.1f} s")
         table.add_row("  this process's CPU time (all threads)", f"{ingest_cpu:.1f} s")
+        table.add_row("  CPU per vote, this process + its Chroma child", f"{tree_cpu / max(added, 1) * 1000:.2f} ms")
         table.add_row("  commits / largest", f"{store.stats.commits} / {store.stats.largest_commit}")
         table.add_row(f"relevant_votes k={args.k} p50", f"{statistics.median(latencies):.1f} ms")
         table.add_row(f"relevant_votes k={args.k} p95", f"{pct(latencies, 0.95):.1f} ms")

@@ -217,6 +217,24 @@ def count_stored(repo: Path, python: str, home: Path, tenant: str = "bench") -> 
     return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
+def measure(repo: Path, python: str, synthesis: str, drive, *, seed: int = 0,  # type: ignore[no-untyped-def]
+            sim_latency_ms: float = 0.0, tenant: str = "bench") -> tuple[object, dict[str, list]]:  # type: ignore[type-arg]
+    """Simulator + ``serve`` of ``repo`` in a temporary home; ``drive(url, server_pid)``; then count what is stored."""
+    tmp = Path(tempfile.mkdtemp(prefix="synth-bench-"))
+    home = tmp / "home"
+    home.mkdir()
+    try:
+        with SimProcess(seed=seed, latency_ms=sim_latency_ms) as sim:
+            proc, url, _ = start_server(repo, python, home, sim.base_url, synthesis)
+            try:
+                result = drive(url, proc.pid)
+            finally:
+                stop_server(proc)
+        return result, count_stored(repo, python, home, tenant)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repo", type=Path, default=HERE, help="checkout whose `synth-agent serve` is measured")
@@ -231,19 +249,8 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: stop the server and simulator we started
     repo = args.repo.resolve()
     python = args.python or str(repo / ".venv" / "bin" / "python")
-    tmp = Path(tempfile.mkdtemp(prefix="synth-vote-write-"))
-    home = tmp / "home"
-    home.mkdir()
-    try:
-        with SimProcess(seed=0) as sim:
-            proc, url, log = start_server(repo, python, home, sim.base_url, args.synthesis)
-            try:
-                res = asyncio.run(load(url, args.writers, args.votes, args.users, proc.pid, args.rate))
-            finally:
-                stop_server(proc)
-        stored = count_stored(repo, python, home)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    res, stored = measure(repo, python, args.synthesis,
+                          lambda url, pid: asyncio.run(load(url, args.writers, args.votes, args.users, pid, args.rate)))
     lat, health = res["lat"], res["health"]
     total = args.writers * args.votes
     acked = len(lat)  # type: ignore[arg-type]
