@@ -37,7 +37,10 @@ app = typer.Typer(
         "Personalize chat agents from their users' A/B votes.\n\n"
         "Learns a persona per user (SynthesizeMe), stores votes and personas in Chroma, "
         "and uses them to judge, rerank and prompt. Runs offline against a bundled simulator "
-        "unless you point it at a real OpenAI-compatible endpoint."
+        "unless you point it at a real OpenAI-compatible endpoint.\n\n"
+        "Exit codes: 0 success; 1 the command failed (unreadable file, nothing found, endpoint or store "
+        "error, declined confirmation); 2 invalid input (bad option or user id, invalid vote lines); "
+        "130 interrupted; 143 terminated. Errors are one line; --debug shows the traceback."
     ),
     no_args_is_help=True,
     rich_markup_mode="rich",
