@@ -49,6 +49,11 @@ def _client(request: Request) -> str:
     return request.client.host if request.client is not None else "unknown"
 
 
+def _too_many(st: ProxyState, why: str, code: str, wait: int) -> ProxyError:
+    st.metrics.rate_limited.inc()
+    return ProxyError(429, f"{why}; retry after {wait}s", code=code, headers={"Retry-After": str(wait)})
+
+
 async def authenticate(
     request: Request,
     st: State,
@@ -65,11 +70,7 @@ async def authenticate(
         client = _client(request)
         wait = st.throttle.retry_after(client)
         if wait is not None:
-            st.metrics.rate_limited.inc()
-            raise ProxyError(
-                429, f"too many failed authentications from this address; retry after {wait}s",
-                code="auth_throttled", headers={"Retry-After": str(wait)},
-            )
+            raise _too_many(st, "too many failed authentications from this address", "auth_throttled", wait)
         presented = bearer.credentials.strip() if bearer is not None else (api_key or "").strip()
         if not presented:
             st.throttle.failed(client)
@@ -81,11 +82,7 @@ async def authenticate(
             raise ProxyError(401, "invalid API key", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
         retry = st.limiter.check(key)
         if retry is not None:
-            st.metrics.rate_limited.inc()
-            raise ProxyError(
-                429, f"rate limit exceeded for this API key; retry after {retry}s",
-                code="rate_limit_exceeded", headers={"Retry-After": str(retry)},
-            )
+            raise _too_many(st, "rate limit exceeded for this API key", "rate_limit_exceeded", retry)
         caller = Caller(key.tenant, key)
     if tenant is not None and tenant != caller.tenant:
         raise ProxyError(403, "this API key does not belong to the requested tenant", code="wrong_tenant")

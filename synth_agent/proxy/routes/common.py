@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -13,6 +14,7 @@ from synth_agent import prompts
 from synth_agent.llm.client import LLMError
 from synth_agent.models import Message, PersonaProfile
 from synth_agent.prompts import ParseError
+from synth_agent.proxy.deps import resolve_user
 from synth_agent.proxy.errors import ProxyError, error_response
 from synth_agent.proxy.state import ProxyState
 
@@ -49,6 +51,23 @@ def as_context(messages: list[Any]) -> list[Message]:
         raise ProxyError(400, "the conversation has no user message with text", param="messages",
                          code="no_user_message")
     return out
+
+
+@dataclass(frozen=True)
+class Turn:
+    """What the A/B, rerank and judge routes start from: whose turn, the conversation, their persona."""
+
+    user: str
+    context: list[Message]
+    profile: PersonaProfile | None
+
+
+async def user_turn(st: ProxyState, tenant: str, pinned: str | None, req: BaseModel) -> Turn:
+    """The request's user (required; the pinned one wins), its conversation as text turns, and the persona."""
+    user = resolve_user(pinned, req.user, required=True)  # type: ignore[attr-defined]
+    assert user is not None
+    context = as_context(req.messages)  # type: ignore[attr-defined]
+    return Turn(user, context, await persona_of(st, tenant, user))
 
 
 def raw_messages(req: BaseModel) -> list[dict[str, Any]]:

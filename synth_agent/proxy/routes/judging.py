@@ -7,16 +7,9 @@ from fastapi import APIRouter, Body
 
 from synth_agent.engine.judge import Judge
 from synth_agent.engine.rerank import rank
-from synth_agent.proxy.deps import JsonCaller, PinnedUser, State, resolve_user
+from synth_agent.proxy.deps import JsonCaller, PinnedUser, State
 from synth_agent.proxy.errors import responses
-from synth_agent.proxy.routes.common import (
-    as_context,
-    generation_body,
-    judging,
-    persona_of,
-    raw_messages,
-    with_persona,
-)
+from synth_agent.proxy.routes.common import generation_body, judging, raw_messages, user_turn, with_persona
 from synth_agent.proxy.schemas import EXAMPLES, ApiModels, JudgmentResult, RerankResult
 
 
@@ -34,9 +27,8 @@ def router(models: ApiModels) -> APIRouter:
     ) -> dict[str, Any]:
         """Best of n for this user: candidates given, or generated with the persona; ranked by their judge."""
         _, _, upstream, llm = st.ready()
-        user = resolve_user(pinned, req.user, required=True)  # type: ignore[attr-defined]
-        context = as_context(req.messages)  # type: ignore[attr-defined]
-        profile = await persona_of(st, caller.tenant, user)
+        turn = await user_turn(st, caller.tenant, pinned, req)
+        profile = turn.profile
         if req.candidates is not None:  # type: ignore[attr-defined]
             candidates = list(req.candidates)  # type: ignore[attr-defined]
         else:
@@ -45,7 +37,7 @@ def router(models: ApiModels) -> APIRouter:
             seed = req.seed or 0  # type: ignore[attr-defined]
             candidates = list(await asyncio.gather(*(upstream.chat_text({**base, "seed": seed + i}) for i in range(n))))
         judge = Judge.from_profile(llm, profile, call_site="proxy_rerank")
-        result = await judging(rank(judge, context, candidates, strategy=req.strategy))  # type: ignore[attr-defined]
+        result = await judging(rank(judge, turn.context, candidates, strategy=req.strategy))  # type: ignore[attr-defined]
         return {
             "object": "rerank",
             "winner": result.winner,
@@ -71,10 +63,10 @@ def router(models: ApiModels) -> APIRouter:
         One answer may be empty: the judge is shown an explicit empty response.
         """
         _, _, _, llm = st.ready()
-        user = resolve_user(pinned, req.user, required=True)  # type: ignore[attr-defined]
-        context = as_context(req.messages)  # type: ignore[attr-defined]
-        profile = await persona_of(st, caller.tenant, user)
-        verdict = await judging(Judge.from_profile(llm, profile, call_site="proxy_judge").compare(context, req.a, req.b))  # type: ignore[attr-defined]
+        turn = await user_turn(st, caller.tenant, pinned, req)
+        profile = turn.profile
+        judge = Judge.from_profile(llm, profile, call_site="proxy_judge")
+        verdict = await judging(judge.compare(turn.context, req.a, req.b))  # type: ignore[attr-defined]
         return {
             "object": "judgment",
             **verdict.model_dump(mode="json"),

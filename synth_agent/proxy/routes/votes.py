@@ -9,13 +9,7 @@ from graphs.chat import VoteError
 from synth_agent.ingest import parse_vote
 from synth_agent.proxy.deps import JsonCaller, PinnedUser, State, resolve_user
 from synth_agent.proxy.errors import ProxyError, responses
-from synth_agent.proxy.routes.common import (
-    as_context,
-    generation_body,
-    persona_of,
-    raw_messages,
-    with_persona,
-)
+from synth_agent.proxy.routes.common import generation_body, raw_messages, user_turn, with_persona
 from synth_agent.proxy.schemas import EXAMPLES, ABPair, ABVoteReceipt, ApiModels, VoteBatchResult
 
 
@@ -67,11 +61,9 @@ def router(models: ApiModels) -> APIRouter:
     ) -> dict[str, Any]:
         """Two candidate answers and a vote token: with vs without the persona once one exists."""
         _, personalizer, upstream, _ = st.ready()
-        user = resolve_user(pinned, req.user, required=True)  # type: ignore[attr-defined]
-        assert user is not None
-        context = as_context(req.messages)  # type: ignore[attr-defined]
+        turn = await user_turn(st, caller.tenant, pinned, req)
+        profile = turn.profile
         messages = raw_messages(req)
-        profile = await persona_of(st, caller.tenant, user)
         base = generation_body(st, req, messages)
         seed = req.seed or 0  # type: ignore[attr-defined]
         if profile is not None:
@@ -85,7 +77,7 @@ def router(models: ApiModels) -> APIRouter:
         texts = await asyncio.gather(*(upstream.chat_text(b) for b in bodies))
         cands = [{"index": i, "text": t, "personalized": f} for i, (t, f) in enumerate(zip(texts, flags, strict=True))]
         opened = await personalizer.open_vote(
-            caller.tenant, user, context, cands, profile.version if profile else None, None
+            caller.tenant, turn.user, turn.context, cands, profile.version if profile else None, None
         )
         return {"object": "ab.pair", **opened}
 
