@@ -35,25 +35,32 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 def json_depth(data: str | bytes) -> int:
     """Deepest ``[``/``{`` nesting of a JSON text, without parsing it (brackets inside strings skipped).
 
-    Vectorised with numpy (a few ms per MB), so it can run before ``json.loads`` on any body.
+    Vectorised with numpy over the positions of structural bytes only, so it costs about as much
+    as one ``json.loads`` and can run before it on any body.
     """
     raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else bytes(data)
-    if not raw:
-        return 0
     arr = np.frombuffer(raw, dtype=np.uint8)
-    pos = np.arange(arr.size)
-    backslash = arr == 0x5C
-    # length of the run of backslashes right before each position: a quote after an odd run is escaped
-    last_plain = np.maximum.accumulate(np.where(backslash, -1, pos))
-    run_before = np.empty(arr.size, dtype=np.int64)
-    run_before[0] = 0
-    run_before[1:] = pos[:-1] - last_plain[:-1]
-    quote = (arr == 0x22) & (run_before % 2 == 0)
-    inside = (np.cumsum(quote) - quote) % 2 == 1  # an odd number of real quotes before: inside a string
-    opening = ((arr == 0x5B) | (arr == 0x7B)) & ~inside
-    closing = ((arr == 0x5D) | (arr == 0x7D)) & ~inside
-    steps = opening.astype(np.int64) - closing.astype(np.int64)
-    return int(np.cumsum(steps).max(initial=0))
+    opens = np.flatnonzero((arr == 0x5B) | (arr == 0x7B))
+    if opens.size == 0:
+        return 0
+    closes = np.flatnonzero((arr == 0x5D) | (arr == 0x7D))
+    quotes = np.flatnonzero(arr == 0x22)
+    after_backslash = quotes[(quotes > 0) & (arr[np.maximum(quotes - 1, 0)] == 0x5C)]
+    if after_backslash.size:
+        # a quote after an odd run of backslashes is escaped: the run ends at the last other byte before it
+        plain = np.flatnonzero(arr != 0x5C)
+        prev = plain[np.searchsorted(plain, after_backslash) - 1]
+        prev = np.where(prev < after_backslash, prev, -1)  # only backslashes before it, from the start
+        escaped = after_backslash[(after_backslash - 1 - prev) % 2 == 1]
+        quotes = np.setdiff1d(quotes, escaped, assume_unique=True)
+    # a bracket is inside a string when an odd number of real quotes come before it
+    opens = opens[np.searchsorted(quotes, opens) % 2 == 0]
+    closes = closes[np.searchsorted(quotes, closes) % 2 == 0]
+    if opens.size == 0:
+        return 0
+    events = np.concatenate([opens, closes])
+    steps = np.concatenate([np.ones(opens.size, np.int64), -np.ones(closes.size, np.int64)])
+    return int(np.cumsum(steps[np.argsort(events, kind="stable")]).max(initial=0))
 
 
 def _constant(name: str) -> Any:
