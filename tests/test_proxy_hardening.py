@@ -375,6 +375,10 @@ def test_header_injection_and_oversize_headers_do_not_leak_or_crash(world: World
     assert is_error(r, 400, "invalid_user")
     r = post(world, "/ab", {"messages": MSGS}, headers={"X-Synth-User": "u" * 5000})
     assert is_error(r, 400)
+    # a raw (not percent-encoded) UTF-8 id would be read as latin-1 mojibake, i.e. another user: refused
+    r = httpx.post(world.url + "/ab", json={"messages": MSGS},
+                   headers=[("Authorization", f"Bearer {KEY}"), ("X-Synth-User", "zoë@example.com".encode())])
+    assert is_error(r, 400, "invalid_user") and "percent-encoded" in r.json()["error"]["message"]
     r = post(world, "/judge", {"user": "u", "messages": MSGS, "a": "x", "b": "y"},
              headers={"X-Synth-Tenant": "t" * 5000})
     assert r.status_code == 400

@@ -120,6 +120,9 @@ async def pinned_user(
     """The user pinned by ``X-Synth-User`` (percent-decoded), or None."""
     if header is None:
         return None
+    if not header.isascii():  # raw UTF-8 bytes would arrive as latin-1 mojibake: another user's id
+        raise ProxyError(400, f"{USER_HEADER} must be percent-encoded (ASCII): send quote(user_id, safe='')",
+                         param=USER_HEADER, code="invalid_user")
     try:
         decoded = unquote(header, errors="strict")
     except UnicodeDecodeError:
