@@ -77,6 +77,12 @@ async def one_seed(seed: int, args: argparse.Namespace) -> dict[str, Any]:
         "ties_default": {m: below_default(report, m)[1] for m in METHODS if m != "default"},
         "per_user": {u.user_id: {m: u.accuracy(m) for m in METHODS} for u in report.users},
     }
+    if args.noise_fraction:
+        noise = set(pop.noise_user_ids)  # type: ignore[attr-defined]
+        out["noise_users"] = sorted(noise)
+        out["noise_below_default"] = sum(
+            1 for u in report.users
+            if u.user_id in noise and (u.accuracy("persona_demos") or 0) < (u.accuracy("default") or 0))
     if args.traces:
         best = await evaluate(SimBackend(seed), votes, methods=("persona", "persona_demos"),
                               config=FitConfig(seed=seed, persona_traces="best"))
@@ -113,6 +119,9 @@ def print_tables(results: list[dict[str, Any]], args: argparse.Namespace) -> Non
         gaps = [r["accuracy"]["persona_demos"] - r["accuracy"]["default"] for r in results]
         print(f"persona + demos minus default: min {100 * min(gaps):+.1f}, mean {100 * statistics.fmean(gaps):+.1f}, "
               f"max {100 * max(gaps):+.1f} points")
+    if args.noise_fraction:
+        print(f"noise users (hidden weights zero): {sum(len(r['noise_users']) for r in results)}, of whom "
+              f"{sum(r['noise_below_default'] for r in results)} have persona + demos below the default judge")
     print("\nusers below the default judge, per method (sum over seeds):  " + ", ".join(
         f"{m} {sum(r['below_default'][m] for r in results)}/{sum(r['users'] for r in results)}"
         for m in METHODS if m != "default"))

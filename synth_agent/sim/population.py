@@ -150,24 +150,34 @@ def simulate_votes(
     votes: list[Vote] = []
     t = start_time
     for _ in range(n_votes):
-        prompt = prompts[int(rng.integers(len(prompts)))]
-        a = render_response(prompt, random_levels(rng), rng)
-        b = render_response(prompt, random_levels(rng), rng)
-        while b.strip() == a.strip():
-            b = render_response(prompt, random_levels(rng), rng)
+        prompt, a, b = _candidate_pair(prompts, rng)
         chosen, rejected = (a, b) if user.choose(a, b, rng) else (b, a)
         t = t + timedelta(minutes=int(rng.integers(5, 60 * 24)))
-        votes.append(
-            Vote(
-                id="sim-" + rng.bytes(8).hex(),
-                user_id=user.user_id,
-                context=[Message(role="user", content=prompt)],
-                chosen=chosen,
-                rejected=rejected,
-                timestamp=t,
-            )
-        )
+        votes.append(_vote(user, "sim-" + rng.bytes(8).hex(), prompt, chosen, rejected, t))
     return votes
+
+
+def _candidate_pair(prompts: Sequence[str], rng: np.random.Generator) -> tuple[str, str, str]:
+    """(prompt, a, b): a pool prompt and two distinct random-style answers to it."""
+    prompt = prompts[int(rng.integers(len(prompts)))]
+    a = render_response(prompt, random_levels(rng), rng)
+    b = render_response(prompt, random_levels(rng), rng)
+    while b.strip() == a.strip():
+        b = render_response(prompt, random_levels(rng), rng)
+    return prompt, a, b
+
+
+def _vote(
+    user: SimUser, vote_id: str, prompt: str, chosen: str, rejected: str, timestamp: datetime | None = None
+) -> Vote:
+    return Vote(
+        id=vote_id,
+        user_id=user.user_id,
+        context=[Message(role="user", content=prompt)],
+        chosen=chosen,
+        rejected=rejected,
+        timestamp=timestamp,
+    )
 
 
 def decisive_votes(
@@ -191,22 +201,12 @@ def decisive_votes(
         tries += 1
         if tries > 1000 * n_votes:
             raise ValueError(f"could not find {n_votes} pairs with margin >= {min_margin} for this user")
-        prompt = prompts[int(rng.integers(len(prompts)))]
-        a = render_response(prompt, random_levels(rng), rng)
-        b = render_response(prompt, random_levels(rng), rng)
+        prompt, a, b = _candidate_pair(prompts, rng)
         margin = user.utility_margin(a, b)
         if abs(margin) < min_margin:
             continue
         chosen, rejected = (a, b) if margin > 0 else (b, a)
-        votes.append(
-            Vote(
-                id="sim-decisive-" + rng.bytes(8).hex(),
-                user_id=user.user_id,
-                context=[Message(role="user", content=prompt)],
-                chosen=chosen,
-                rejected=rejected,
-            )
-        )
+        votes.append(_vote(user, "sim-decisive-" + rng.bytes(8).hex(), prompt, chosen, rejected))
     return votes
 
 
