@@ -442,7 +442,8 @@ class SynthesisRunner:
         self.base_config = config or {}
 
     async def run(self, tenant_id: str, user_id: str, *, run_id: str | None = None) -> PersonaProfile | None:
-        """Fit (or resume fitting) ``user_id``; the saved profile, or None when there were too few votes."""
+        """Fit (or resume fitting) ``user_id``; the saved profile, or None when nothing was saved
+        (too few votes, or the current persona already uses every vote: see :func:`nothing_new`)."""
         state = await self.run_state(tenant_id, user_id, run_id=run_id)
         if state.get("status") == "fitted" and state.get("profile"):
             return PersonaProfile.model_validate(state["profile"])
