@@ -78,7 +78,7 @@ class _Embedder:
             )
 
     def documents(self, texts: list[str]) -> list[list[float]]:
-        # Serialised: sentence-transformers' fast tokenizer is not safe across threads.
+        # Serialised: a user's embedding function need not be thread safe.
         with self._lock:
             out = self._docs(texts)
         return [[float(x) for x in vec] for vec in out]
@@ -236,6 +236,7 @@ class ChromaStore(BaseStore):
         collection: str = "synth_agent_items",
         embedding_function: EmbeddingFunctionLike | None = None,
         index_fields: list[str] | None = None,
+        reindex: bool = False,
     ) -> None:
         if sum(x is not None for x in (path, client, host)) > 1:
             raise ValueError("give only one of path= (embedded), host=/port= (server) or client=")
@@ -277,6 +278,74 @@ class ChromaStore(BaseStore):
             self._max_batch = int(client.get_max_batch_size())
         except Exception:  # noqa: BLE001 - older/remote clients may not expose it
             self._max_batch = 1000
+        self.embedding_model: str | None = getattr(embedding_function, "model_id", None)
+        self.reindexed: int | None = self.reindex() if reindex else None
+        """Items re-embedded when opened with ``reindex=True``."""
+        if not reindex:
+            self._check_embedding_model()
+
+    # ------------------------------------------------------------------ embedding model
+
+    def _recorded_model(self) -> str | None:
+        return (self._vectors.metadata or {}).get("embedding_model")
+
+    def _record_model(self) -> None:
+        meta = {k: v for k, v in (self._vectors.metadata or {}).items() if not k.startswith("hnsw:")}
+        self._vectors.modify(metadata={**meta, "embedding_model": self.embedding_model})
+
+    def _check_embedding_model(self) -> None:
+        """Vectors of two models are not comparable: refuse to mix them, say how to migrate.
+
+        Collections written before models were recorded were all made with all-MiniLM-L6-v2 (the
+        torch build of the same model, cosine >= 0.999 to the ONNX vectors), so they are adopted.
+        Embedders without a ``model_id`` attribute are not checked.
+        """
+        if self._embedder is None or not self.embedding_model:
+            return
+        recorded = self._recorded_model()
+        if recorded is None:
+            self._record_model()
+        elif recorded != self.embedding_model:
+            raise ValueError(
+                f"the vectors of Chroma collection {self.collection_name!r} were made by embedding model "
+                f"{recorded!r}, but this store embeds with {self.embedding_model!r}; vectors of two models "
+                "cannot be compared. Re-embed everything once with `synth-agent reindex` "
+                "(ChromaStore(..., reindex=True)), or open the store with the model it was built with."
+            )
+
+    def reindex(self) -> int:
+        """Re-embed every indexed item with this store's embedding function; returns the items re-embedded.
+
+        Each item is re-embedded on the fields it was indexed on (``index`` given to ``put``, or the
+        store's ``index_fields``). Old vectors are replaced item by item under the write lock, so
+        readers see either vector of an item, never none; run it once after changing the model.
+        """
+        if self._embedder is None:
+            raise ValueError("reindex needs an embedding_function")
+        done = 0
+        with self._write_lock:
+            for _, meta in list(self._pages(self._items, {"nvec": {"$gt": 0}})):
+                ns = tuple(json.loads(meta["ns"]))
+                fields = json.loads(meta["index"]) if meta.get("index") else None
+                op = PutOp(ns, meta["key"], json.loads(meta["value"]), index=fields)
+                texts = self._texts(op)
+                vectors = self._embedder.documents([t for _, t in texts]) if texts else []
+                iid = _item_id(ns, meta["key"])
+                old = [f"{iid}:{j}" for j in range(int(meta.get("nvec", 0)))]
+                if old:
+                    self._vectors.delete(ids=old)
+                if texts:
+                    self._vectors.upsert(
+                        ids=[f"{iid}:{j}" for j in range(len(texts))],
+                        embeddings=vectors,
+                        metadatas=[{"item_id": iid, "path": path, **_level_meta(ns)} for path, _ in texts],
+                    )
+                if len(texts) != int(meta.get("nvec", 0)):
+                    self._items.update(ids=[iid], metadatas=[{**meta, "nvec": len(texts)}])
+                done += 1
+            if self.embedding_model:
+                self._record_model()
+        return done
 
     @classmethod
     def from_settings(
@@ -502,12 +571,14 @@ class ChromaStore(BaseStore):
         # Serialise values and embed outside the lock: those are the slow parts.
         rows: list[tuple[str, tuple[str, ...], str, str, list[tuple[str, str]]]] = []
         deletes: dict[str, tuple[str, ...]] = {}
+        index_paths: dict[str, list[str] | None] = {}
         for (ns, key), op in puts.items():
             iid = _item_id(ns, key)
             if op.value is None:
                 deletes[iid] = ns
             else:
                 rows.append((iid, ns, key, _dumps(op.value), self._texts(op)))
+                index_paths[iid] = list(op.index) if isinstance(op.index, list) else None
         flat = [text for *_, texts in rows for _, text in texts]
         vectors = self._embedder.documents(flat) if flat and self._embedder else []
         if len(vectors) != len(flat):
@@ -540,6 +611,8 @@ class ChromaStore(BaseStore):
                     "nvec": len(texts),
                     **_level_meta(ns),
                 }
+                if index_paths.get(iid) is not None:  # put(..., index=[...]): what reindex re-embeds
+                    meta["index"] = json.dumps(index_paths[iid], ensure_ascii=False)
                 item_ids.append(iid)
                 item_meta.append(meta)
                 for j, (path, _) in enumerate(texts):

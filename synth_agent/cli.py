@@ -260,6 +260,16 @@ def forget(
     out.print(f"forgot {escape(repr(user))}: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
 
 
+@app.command()
+def reindex(ctx: typer.Context) -> None:
+    """Re-embed every stored item with the current embedding model (after changing the model)."""
+    from synth_agent.services import open_store
+
+    st = _state(ctx)
+    store = open_store(st.settings, reindex=True)
+    out.print(f"re-embedded {store.reindexed} item(s) with {store.embedding_model}")
+
+
 # ---------------------------------------------------------------- simulator
 
 

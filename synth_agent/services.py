@@ -23,16 +23,21 @@ from synth_agent.llm.cache import SqliteCache
 from synth_agent.llm.client import EndpointConfig, LLMClient
 
 
-def open_store(settings: Settings) -> Any:
-    """The configured LangGraph BaseStore: embedded Chroma, or a Chroma server over HTTP."""
+def open_store(settings: Settings, *, reindex: bool = False) -> Any:
+    """The configured LangGraph BaseStore: embedded Chroma, or a Chroma server over HTTP.
+
+    ``reindex`` re-embeds every item with the current embedding model first (after a model change).
+    """
     from store.chroma import ChromaStore
     from store.embeddings import LazyMiniLMEmbeddings
 
     ef = LazyMiniLMEmbeddings()
     if settings.chroma_host:
-        return ChromaStore(host=settings.chroma_host, port=settings.chroma_port, embedding_function=ef)
+        return ChromaStore(
+            host=settings.chroma_host, port=settings.chroma_port, embedding_function=ef, reindex=reindex
+        )
     settings.home.mkdir(parents=True, exist_ok=True)
-    return ChromaStore(path=str(settings.home / "chroma"), embedding_function=ef)
+    return ChromaStore(path=str(settings.home / "chroma"), embedding_function=ef, reindex=reindex)
 
 
 def open_memory(settings: Settings, tenant: str = "default") -> Any:

@@ -23,7 +23,7 @@ from synth_agent.models import Demo, Message, PersonaProfile, Trace, Vote
 
 @functools.cache
 def shared_minilm() -> MiniLMEmbeddings:
-    """One model per test process: loading it costs ~10 s."""
+    """One model per test process (loading it takes a fraction of a second, but tests share it)."""
     return MiniLMEmbeddings()
 
 

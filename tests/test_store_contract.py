@@ -188,7 +188,7 @@ def test_chroma_embedding_function_matches_langchain_embeddings(tmp_path: Path, 
     for name, text in TOPICS.items():
         store.put(("e",), name, {"text": text})
     assert store.search(("e",), query="tulips and roses", limit=1)[0].key == "garden"
-    assert Path(minilm_path()).is_dir()
+    assert Path(minilm_path()).is_file()
 
 
 class _FlakyStore(InMemoryStore):

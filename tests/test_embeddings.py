@@ -1,0 +1,146 @@
+"""The default embedder: all-MiniLM-L6-v2 in ONNX Runtime, no torch, no network."""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import math
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from store.chroma import ChromaStore
+from store.embeddings import MAX_TOKENS, MINILM_DIMS, LazyMiniLMEmbeddings, MiniLMEmbeddings
+
+
+@functools.cache
+def shared_minilm() -> MiniLMEmbeddings:
+    return MiniLMEmbeddings()
+
+
+def _cos(a: list[float], b: list[float]) -> float:
+    return sum(x * y for x, y in zip(a, b, strict=True))
+
+
+def test_vectors_are_unit_length_and_384_wide() -> None:
+    emb = shared_minilm()
+    vecs = emb.embed_documents(["hello", "a much longer sentence about gardening and roses", ""])
+    assert [len(v) for v in vecs] == [MINILM_DIMS] * 3
+    for v in vecs:
+        assert math.isclose(math.sqrt(sum(x * x for x in v)), 1.0, rel_tol=1e-4)
+
+
+def test_similar_texts_are_closer_than_unrelated_ones() -> None:
+    emb = shared_minilm()
+    q, near, far = emb.embed_documents(
+        ["How do I learn Python?", "Beginner tutorial for the Python programming language", "Best pizza in Rome"]
+    )
+    assert _cos(q, near) > _cos(q, far) + 0.2
+
+
+def test_batch_order_and_padding_do_not_change_a_vector() -> None:
+    """Batches are sorted by length and padded to their longest text: results must not depend on either."""
+    emb = MiniLMEmbeddings(batch_size=3)
+    texts = ["short", "a somewhat longer text about chess openings", "mid length text", "x " * 400, "tiny"]
+    together = emb.embed_documents(texts)
+    alone = [emb.embed_query(t) for t in texts]
+    for a, b in zip(together, alone, strict=True):
+        assert _cos(a, b) > 0.9999
+
+
+def test_long_text_is_truncated_not_rejected() -> None:
+    emb = shared_minilm()
+    long = "word " * (MAX_TOKENS * 4)
+    assert _cos(emb.embed_query(long), emb.embed_query("word " * MAX_TOKENS)) > 0.999
+
+
+def test_thread_safe_under_concurrent_use() -> None:
+    emb = shared_minilm()
+    texts = [f"question number {i} about topic {i % 7}" for i in range(40)]
+    expected = emb.embed_documents(texts)
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(emb.embed_query, texts))
+    for a, b in zip(expected, got, strict=True):
+        assert _cos(a, b) > 0.9999
+
+
+def test_chroma_calling_convention() -> None:
+    emb = shared_minilm()
+    assert emb(["abc"]) == emb.embed_documents(["abc"])
+
+
+def test_lazy_wrapper_loads_on_first_use_only() -> None:
+    lazy = LazyMiniLMEmbeddings()
+    assert not lazy.loaded
+    assert len(lazy.embed_query("hi")) == MINILM_DIMS
+    assert lazy.loaded
+
+
+def test_missing_override_file_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SYNTH_AGENT_EMBEDDING_MODEL", "/nonexistent/model.onnx")
+    with pytest.raises(ValueError, match="SYNTH_AGENT_EMBEDDING_MODEL"):
+        MiniLMEmbeddings()
+
+
+def test_default_install_has_no_torch() -> None:
+    """The light install: neither torch nor sentence-transformers is importable in the venv."""
+    assert importlib.util.find_spec("torch") is None
+    assert importlib.util.find_spec("sentence_transformers") is None
+
+
+def test_embedding_imports_no_torch() -> None:
+    code = "import sys; from store.embeddings import MiniLMEmbeddings; MiniLMEmbeddings().embed_query('x'); " \
+           "print('torch' in sys.modules or 'sentence_transformers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+    assert out.stderr == ""  # quiet: no progress bars or warnings
+
+
+class _OtherModel:
+    """A different embedding model: the same texts land elsewhere."""
+
+    model_id = "other-model"
+
+    def __init__(self, inner: MiniLMEmbeddings) -> None:
+        self.inner = inner
+
+    def __call__(self, input: list[str]) -> list[list[float]]:  # noqa: A002
+        return [list(reversed(v)) for v in self.inner.embed_documents(list(input))]
+
+
+def test_store_refuses_vectors_of_another_model_and_reindex_migrates(tmp_path: Path) -> None:
+    emb = shared_minilm()
+    path = tmp_path / "chroma"
+    old = ChromaStore(path, embedding_function=_OtherModel(emb), index_fields=["text"])
+    for key, text in {"garden": "tulips and roses in spring", "code": "a python function that sorts a list"}.items():
+        old.put(("t",), key, {"text": text})
+    old.put(("t",), "custom", {"text": "ignored", "title": "chess openings for beginners"}, index=["title"])
+    old.put(("t",), "plain", {"text": "never embedded"}, index=False)
+
+    with pytest.raises(ValueError, match="synth-agent reindex"):
+        ChromaStore(path, embedding_function=emb, index_fields=["text"])
+
+    store = ChromaStore(path, embedding_function=emb, index_fields=["text"], reindex=True)
+    assert store.search(("t",), query="flowers", limit=1)[0].key == "garden"
+    assert store.search(("t",), query="chess", limit=1)[0].key == "custom"  # re-embedded on its own field
+    assert {h.key for h in store.search(("t",), query="never embedded", limit=10) if h.score is not None} == {
+        "garden", "code", "custom"
+    }
+    # Recorded now: a plain reopen works, and the other model is refused in turn.
+    ChromaStore(path, embedding_function=emb, index_fields=["text"])
+    with pytest.raises(ValueError, match="other-model"):
+        ChromaStore(path, embedding_function=_OtherModel(emb), index_fields=["text"])
+
+
+def test_collections_without_a_recorded_model_are_adopted(tmp_path: Path) -> None:
+    """Stores written before models were recorded (the torch MiniLM) open and record the model."""
+    path = tmp_path / "chroma"
+    legacy = ChromaStore(path, embedding_function=lambda texts: shared_minilm().embed_documents(texts))
+    legacy.put(("t",), "k", {"text": "tulips and roses"})
+    assert legacy._recorded_model() is None  # an embedder without model_id: nothing recorded
+    store = ChromaStore(path, embedding_function=shared_minilm())
+    assert store._recorded_model() == "all-MiniLM-L6-v2"
+    assert store.search(("t",), query="flowers", limit=1)[0].key == "k"
