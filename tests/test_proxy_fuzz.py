@@ -1,4 +1,4 @@
-"""Schema-driven fuzzing of the proxy (Schemathesis, in-process over ASGI): no 5xx, schema-conformant answers.
+"""Schema-driven fuzzing of the proxy (Schemathesis, in the test process): no 5xx, schema-conformant answers.
 
 Schemathesis reads the app's own OpenAPI schema and generates requests for every
 operation: valid bodies (positive mode) and bodies that break the schema (negative
@@ -14,7 +14,9 @@ and every operation must have been answered 2xx at least once (the fuzzer reache
 handler's logic, not just the validation). The per-operation case counts are printed.
 
 The app runs with the real stack: embedded Chroma with MiniLM embeddings, the simulator
-(a real HTTP server) as upstream and judge. Examples per operation: ``FUZZ_EXAMPLES``
+(a real HTTP server) as upstream and judge. Requests go to the app in-process over ASGI; its
+lifespan runs once, on the loop of a ``ProxyServer`` (the pinned Schemathesis would otherwise
+start and stop the lifespan around every request). Examples per operation: ``FUZZ_EXAMPLES``
 (default 40 per generation mode), sized for the CI budget.
 """
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import zlib
 from collections import Counter, defaultdict
 from collections.abc import Iterator
@@ -29,6 +32,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote
 
+import httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase, settings
@@ -41,7 +45,7 @@ from store.memory import PreferenceMemory
 from synth_agent.config import Settings
 from synth_agent.llm.client import EndpointConfig, LLMClient
 from synth_agent.models import PersonaProfile
-from synth_agent.proxy import ProxySettings, create_app
+from synth_agent.proxy import ProxyServer, ProxySettings, create_app
 from synth_agent.sim.server import SimEndpoint
 
 KEY = "sk-fuzz-1"
@@ -69,9 +73,10 @@ def fuzz_world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, A
             store=store,
             llm=LLMClient(EndpointConfig(base_url=sim.base_url, max_retries=1)),
         )
-        TARGET.app = app  # every case, and every probe a check sends, goes to this app in-process
-        yield {"app": app, "store": store, "sim": sim}
-        schemathesis.python.asgi.shutdown_lifespans()
+        with ProxyServer(app) as srv:
+            TARGET.srv = srv  # every case, and every probe a check sends, reaches this app in-process
+            yield {"app": app, "store": store, "sim": sim, "url": srv.url}
+            TARGET.srv = None
 
 
 def _proxy_settings(**kw: Any) -> ProxySettings:
@@ -79,18 +84,35 @@ def _proxy_settings(**kw: Any) -> ProxySettings:
                          auth_failure_rate=0, upstream_retries=1, upstream_backoff=0.01, **kw)
 
 
-class LateApp:
-    """An ASGI app that forwards to the app the fixture builds (whose upstream is a live simulator)."""
+class InProcess:
+    """The ASGI app Schemathesis calls: forwards each request to the real app on the loop where its lifespan
+    ran once (the fixture's server), and acknowledges the test client's own per-request lifespan."""
 
     def __init__(self) -> None:
-        self.app: Any = None
+        self.srv: ProxyServer | None = None
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        assert self.app is not None, "the fuzz_world fixture builds the app"
-        await self.app(scope, receive, send)
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        assert self.srv is not None, "the fuzz_world fixture serves the app"
+        here = asyncio.get_running_loop()
+
+        def back(coro: Any) -> Any:
+            return asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, here))
+
+        async def recv() -> Any:
+            return await back(receive())
+
+        async def snd(message: Any) -> None:
+            await back(send(message))
+
+        await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self.srv.app(scope, recv, snd), self.srv.loop))
 
 
-TARGET = LateApp()
+TARGET = InProcess()
 # The schema comes from an app built the same way (nothing is started until its lifespan runs).
 schema = schemathesis.openapi.from_dict(create_app(Settings(), _proxy_settings()).openapi())
 schema.app = TARGET
@@ -99,23 +121,28 @@ schema.config.checks.negative_data_rejection = NegativeDataRejectionConfig(
     expected_statuses=[400, 401, 403, 404, 405, 409, 413, 415, 429])
 
 
-def _open_pair(user: str) -> str | None:
+def _open_pair(base_url: str, user: str) -> str | None:
     """A real A/B token of ``user`` (through the app itself), or None if /v1/ab refuses."""
-    with schemathesis.python.asgi.get_client(TARGET) as client:
-        r = client.post("http://testserver/v1/ab", json={"user": user, "messages": EXAMPLE_MESSAGES},
-                        headers={"Authorization": f"Bearer {KEY}"})
+    r = httpx.post(f"{base_url}/v1/ab", json={"user": user, "messages": EXAMPLE_MESSAGES},
+                   headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
     return r.json().get("token") if r.status_code == 200 else None
 
 
-def _steer(case: Any) -> None:
-    """Most cases name the caller's own tenant and a consistent pinned user, so they get past the checks
-    that random header values would always fail (403) and reach the handlers; half of the A/B votes get
-    a real token of their user. One case in eight keeps what the fuzzer drew. Schemathesis re-validates
-    an edited case, so its checks judge what is really sent."""
+_SENDABLE = re.compile(r"^(?:[\x21-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?)?$")
+
+
+def _steer(case: Any, base_url: str) -> None:
+    """Header values no HTTP client can send (control characters, non-ASCII) are percent-encoded, as the
+    API asks of clients. Then most cases name the caller's own tenant and a consistent pinned user, so
+    they get past the checks that random header values would always fail (403) and reach the handlers;
+    half of the A/B votes get a real token of their user. One case in eight keeps what the fuzzer drew."""
+    headers = case.headers or {}
+    for name, value in list(headers.items()):  # what no HTTP client can send is sent percent-encoded
+        if isinstance(value, str) and not _SENDABLE.match(value):
+            headers[name] = quote(value, safe="")
     draw = zlib.crc32(case.id.encode())
     if draw % 8 == 0:
         return
-    headers = case.headers or {}
     if "X-Synth-Tenant" in headers:
         headers["X-Synth-Tenant"] = "acme"
     body = case.body if isinstance(case.body, dict) else None
@@ -124,7 +151,7 @@ def _steer(case: Any) -> None:
         headers["X-Synth-User"] = quote(named, safe="")
     if case.operation.path == "/v1/ab/{token}/vote" and draw % 2 == 0:
         user = named if isinstance(named, str) else unquote(headers.get("X-Synth-User", ""))
-        token = _open_pair(user) if user else None
+        token = _open_pair(base_url, user) if user else None
         if token is not None:
             case.path_parameters["token"] = token
 
@@ -134,7 +161,7 @@ def _steer(case: Any) -> None:
           suppress_health_check=list(HealthCheck), phases=[Phase.explicit, Phase.generate])
 def test_no_5xx_and_schema_conformant_responses(case: Any, fuzz_world: dict[str, Any]) -> None:
     store: ChromaStore = fuzz_world["store"]
-    _steer(case)
+    _steer(case, fuzz_world["url"])
     before = store.count()
     response = case.call_and_validate(headers={"Authorization": f"Bearer {KEY}"}, timeout=60,
                                       excluded_checks=[positive_data_acceptance])
