@@ -1,4 +1,8 @@
-"""LLMClient against the simulated endpoint: retries, limits, caching, structured output, logprobs."""
+"""LLMClient against the simulated endpoint: retries, limits, caching, structured output, logprobs.
+
+Every client-layer test runs on both transports (the lean aiohttp wire client and ChatOpenAI),
+so the lean backend is held to exactly the behaviour of the LangChain one.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +21,13 @@ from synth_agent.config import Settings
 from synth_agent.llm import ChatBackend, Completion
 from synth_agent.llm.cache import MemoryCache, SqliteCache, cache_key
 from synth_agent.llm.client import EndpointConfig, LLMClient, LLMError, parse_structured
+from synth_agent.llm.errors import (
+    InvalidRequestError,
+    LLMTimeoutError,
+    RateLimitedError,
+    UnavailableError,
+    UnparseableResponseError,
+)
 from synth_agent.sim.server import SimEndpoint
 
 
@@ -77,25 +88,35 @@ def ep(sim: SimEndpoint) -> SimEndpoint:
     return sim
 
 
-def client(ep: SimEndpoint, **kw) -> LLMClient:
-    cache = kw.pop("cache", True)
-    cfg = {
-        "base_url": ep.base_url,
-        "model": "sim-judge",
-        "timeout": 0.5,
-        "max_retries": 3,
-        "backoff_initial": 0.01,
-        "backoff_max": 0.1,
-        **kw,
-    }
-    return LLMClient(EndpointConfig(**cfg), cache=cache, rng_seed=0)
+@pytest.fixture(params=["lean", "langchain"])
+def transport(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def client(transport: str):
+    def make(ep: SimEndpoint, **kw) -> LLMClient:
+        cache = kw.pop("cache", True)
+        cfg = {
+            "base_url": ep.base_url,
+            "model": "sim-judge",
+            "timeout": 0.5,
+            "max_retries": 3,
+            "backoff_initial": 0.01,
+            "backoff_max": 0.1,
+            "transport": transport,
+            **kw,
+        }
+        return LLMClient(EndpointConfig(**cfg), cache=cache, rng_seed=0)
+
+    return make
 
 
 def chat_requests(ep: SimEndpoint) -> int:
     return ep.stats()["by_path"].get("/v1/chat/completions", 0)
 
 
-async def test_fault_storm_all_calls_complete_correctly(ep: SimEndpoint) -> None:
+async def test_fault_storm_all_calls_complete_correctly(ep: SimEndpoint, client) -> None:
     # Injected "timeout" faults hang for slow_ms; the client timeout sits well below that but well
     # above a loaded machine's response time, so only injected hangs time out (a spurious timeout
     # of a request still queued client-side would never reach the server and skew the counts).
@@ -129,7 +150,7 @@ async def test_fault_storm_all_calls_complete_correctly(ep: SimEndpoint) -> None
     assert total.retries >= len(c.retry_log) and total.prompt_tokens > 0 and total.completion_tokens > 0
 
 
-async def test_max_concurrency_bounds_in_flight(ep: SimEndpoint) -> None:
+async def test_max_concurrency_bounds_in_flight(ep: SimEndpoint, client) -> None:
     ep.configure(latency_ms=40)
     c = client(ep, max_concurrency=4)
     results = await asyncio.gather(*(c.complete(msgs(f"p{i}")) for i in range(24)))
@@ -145,7 +166,7 @@ async def test_rate_limit_is_applied() -> None:
     assert res.throttler is not None and res.throttler.rate_limit / res.throttler.period == pytest.approx(2.5)
 
 
-async def test_temperature_zero_is_cached_and_single_flight(ep: SimEndpoint) -> None:
+async def test_temperature_zero_is_cached_and_single_flight(ep: SimEndpoint, client) -> None:
     c = client(ep)
     first = await c.complete(msgs("cache me"), call_site="judge")
     before = chat_requests(ep)
@@ -166,7 +187,7 @@ async def test_temperature_zero_is_cached_and_single_flight(ep: SimEndpoint) -> 
     await c.aclose()
 
 
-async def test_nonzero_temperature_not_cached(ep: SimEndpoint) -> None:
+async def test_nonzero_temperature_not_cached(ep: SimEndpoint, client) -> None:
     c = client(ep)
     for _ in range(3):
         r = await c.complete(msgs("warm"), temperature=0.7, call_site="gen")
@@ -180,7 +201,7 @@ async def test_nonzero_temperature_not_cached(ep: SimEndpoint) -> None:
     await no_cache.aclose()
 
 
-async def test_sqlite_cache_survives_reopening(ep: SimEndpoint, tmp_path: Path) -> None:
+async def test_sqlite_cache_survives_reopening(ep: SimEndpoint, tmp_path: Path, client) -> None:
     path = tmp_path / "cache" / "llm.sqlite"
     cache = SqliteCache(path)
     c = client(ep, cache=cache)
@@ -199,7 +220,7 @@ async def test_sqlite_cache_survives_reopening(ep: SimEndpoint, tmp_path: Path) 
     reopened.close()
 
 
-async def test_retry_after_is_honoured_and_capped(ep: SimEndpoint) -> None:
+async def test_retry_after_is_honoured_and_capped(ep: SimEndpoint, client) -> None:
     c = client(ep, backoff_initial=0.001, backoff_max=8.0)
     ep.configure(retry_after=0.3, fail_next=["429"])
     r = await c.complete(msgs("patience"), call_site="ra")
@@ -216,12 +237,15 @@ async def test_retry_after_is_honoured_and_capped(ep: SimEndpoint) -> None:
     await capped.aclose()
 
 
-async def test_retries_are_bounded_then_llm_error(ep: SimEndpoint) -> None:
+async def test_retries_are_bounded_then_llm_error(ep: SimEndpoint, client) -> None:
     ep.configure(fault_rate=1.0, fault_kinds=["500"])
     c = client(ep, max_retries=2)
     with pytest.raises(LLMError, match="after 3 attempts") as info:
         await c.complete(msgs("doomed"), call_site="x")
     assert ep.base_url in str(info.value) and "HTTP 500" in str(info.value)
+    err = info.value
+    assert isinstance(err, UnavailableError) and not isinstance(err, LLMTimeoutError)
+    assert (err.status, err.attempts, err.call_site) == (500, 3, "x")
     s = c.stats.site("x")
     assert (s.requests, s.retries, s.errors, s.cache_hits) == (3, 2, 1, 0)
     assert ep.stats()["faults"] == {"500": 3}
@@ -231,7 +255,7 @@ async def test_retries_are_bounded_then_llm_error(ep: SimEndpoint) -> None:
     await c.aclose()
 
 
-async def test_timeouts_are_retried(ep: SimEndpoint) -> None:
+async def test_timeouts_are_retried(ep: SimEndpoint, client) -> None:
     ep.configure(fail_next=["timeout"], slow_ms=2000)
     c = client(ep, timeout=0.3)
     r = await c.complete(msgs("slowly"))
@@ -239,11 +263,26 @@ async def test_timeouts_are_retried(ep: SimEndpoint) -> None:
     await c.aclose()
 
 
-async def test_non_retryable_400_is_not_retried(ep: SimEndpoint) -> None:
+async def test_exhausted_retries_keep_their_type(ep: SimEndpoint, client) -> None:
+    c = client(ep, max_retries=1, backoff_max=0.05)
+    ep.configure(retry_after=0.02, fail_next=["429", "429"])
+    with pytest.raises(RateLimitedError) as info:
+        await c.complete(msgs("slow down"), call_site="rl")
+    assert info.value.retry_after == pytest.approx(0.02) and info.value.status == 429
+    ep.configure(fail_next=["timeout", "timeout"], slow_ms=2000)
+    with pytest.raises(LLMTimeoutError) as timed_out:
+        await c.complete(msgs("hang"), call_site="to", max_tokens=3)
+    assert isinstance(timed_out.value, UnavailableError) and "Timeout" in repr(timed_out.value.cause)
+    assert c.stats.site("to").requests == 2
+    await c.aclose()
+
+
+async def test_non_retryable_400_is_not_retried(ep: SimEndpoint, client) -> None:
     c = client(ep)
     with pytest.raises(LLMError, match="not retried") as info:
         await c.complete(msgs("bad"), extra={"n": 2}, call_site="bad")
     assert "400" in str(info.value)
+    assert isinstance(info.value, InvalidRequestError) and info.value.status == 400
     s = c.stats.site("bad")
     assert (s.requests, s.retries, s.errors) == (1, 0, 1)
     assert chat_requests(ep) == 1
@@ -252,7 +291,7 @@ async def test_non_retryable_400_is_not_retried(ep: SimEndpoint) -> None:
     await c.aclose()
 
 
-async def test_logprobs_returned(ep: SimEndpoint) -> None:
+async def test_logprobs_returned(ep: SimEndpoint, client) -> None:
     c = client(ep)
     r = await c.complete(msgs("A or B?"), logprobs=2, max_tokens=1)
     assert r.text == "B"
@@ -263,7 +302,7 @@ async def test_logprobs_returned(ep: SimEndpoint) -> None:
     await c.aclose()
 
 
-async def test_structured_reasks_on_malformed_and_caches_only_good_answers(ep: SimEndpoint) -> None:
+async def test_structured_reasks_on_malformed_and_caches_only_good_answers(ep: SimEndpoint, client) -> None:
     c = client(ep)
     ep.configure(fail_next=["malformed"])
     ans = await c.structured(msgs("fix me"), Answer, call_site="s")
@@ -272,7 +311,7 @@ async def test_structured_reasks_on_malformed_and_caches_only_good_answers(ep: S
     again = await c.structured(msgs("fix me"), Answer, call_site="s")
     assert again == ans and chat_requests(ep) == 2 and c.stats.site("s").cache_hits == 1
 
-    with pytest.raises(LLMError, match="Answer"):
+    with pytest.raises(UnparseableResponseError, match="Answer"):
         await c.structured(msgs("garbage please"), Answer, call_site="g")
     g = c.stats.site("g")
     assert g.requests == 3 and g.retries == 2 and g.errors == 1 and g.cache_hits == 0
@@ -314,7 +353,7 @@ def test_cache_key_and_memory_cache() -> None:
     assert len(mem) == 2
 
 
-async def test_clients_are_independent(ep: SimEndpoint) -> None:
+async def test_clients_are_independent(ep: SimEndpoint, client) -> None:
     a, b = client(ep, model="judge-a"), client(ep, model="judge-b")
     ra, rb = await asyncio.gather(a.complete(msgs("same")), b.complete(msgs("same")))
     assert isinstance(ra, Completion) and ra.model == "judge-a" and rb.model == "judge-b"
@@ -347,7 +386,7 @@ def test_endpoint_config_from_settings() -> None:
     assert LLMClient.from_settings(s).model == "m"
 
 
-def test_client_usable_from_successive_event_loops(sim: SimEndpoint) -> None:
+def test_client_usable_from_successive_event_loops(sim: SimEndpoint, client) -> None:
     """Sync wrappers call asyncio.run repeatedly; loop-bound resources are rebuilt per loop."""
     c = client(sim)
 

@@ -13,9 +13,18 @@ can run them as resumable nodes:
 3. :meth:`Synthesizer.select_demos` — random search over demo sets for the
    persona-informed judge, scored on validation, early stop at a target.
 
-Cost control: presentation orders are a pure function of (seed, vote id), so a
-refit re-uses stored traces for votes already judged; candidate sets that repeat
-are scored once; the LLM layer caches temperature-0 calls.
+Cost control (``bench/fit_cost.py`` measures it):
+
+* candidate demo sets are **raced** on the validation votes (:func:`~synth_agent.engine.search.race`):
+  a candidate that can no longer beat the leader is not judged further — same winner, fewer judgments;
+* every single-order judgment goes through a **judgment ledger**
+  (:class:`~synth_agent.engine.ledger.JudgmentLedger`) kept per user in the preference memory, so a
+  refit pays only for judgments it has not made before (and ``forget`` erases the ledger);
+* presentation orders are a pure function of (seed, vote id), so a refit re-uses stored traces for
+  votes already judged;
+* fitting again with nothing new (same votes, same budgets, same model and prompts) makes no LLM
+  request and saves no new version (:attr:`FitResult.status` ``"unchanged"``);
+* the LLM layer caches temperature-0 calls.
 """
 
 from __future__ import annotations
@@ -24,12 +33,17 @@ import asyncio
 import hashlib
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Protocol
 
+import orjson
+
 from synth_agent import prompts
-from synth_agent.engine.judge import Judge, count_correct
+from synth_agent.engine.judge import Judge
+from synth_agent.engine.ledger import JudgmentLedger
+from synth_agent.engine.search import RaceResult, race
 from synth_agent.llm.base import ChatBackend, ChatMessage, Completion, LLMStats
+from synth_agent.llm.errors import ContextOverflowError
 from synth_agent.models import Demo, PersonaProfile, Trace, Vote, validate_user_id
 
 ProgressFn = Callable[[str, int, int], None]
@@ -47,13 +61,17 @@ class FitConfig:
     max_bootstrapped_demos: int = 4
     max_labeled_demos: int = 4
     target_accuracy: float = 1.0
+    """A candidate demo set that is sure to reach this validation accuracy wins at once."""
     candidate_wave: int = 5
+    """Candidates raced at once; a later wave starts only if it could beat the best so far."""
     val_both_orders: bool = False
     verify: bool = True
     seed: int = 0
     persona_prompt_version: str = prompts.PERSONA_WRITER_VERSION
     max_persona_examples: int = 16
     max_persona_prompt_chars: int = 60_000
+    score_mode: Literal["cot", "logprob"] = "cot"
+    bootstrap_search: Literal["default_judge", "off", "merged"] = "default_judge"
     persona_traces: Literal["all", "best"] = "all"
     """Traces the persona is written from: every verified trace (best trial's first), or only the
     best trial's (the paper's choice). "all" grounds the persona in more evidence; with small
@@ -72,7 +90,11 @@ class FitConfig:
 
 
 class VoteStore(Protocol):
-    """The slice of :class:`store.memory.PreferenceMemory` the engine uses."""
+    """The slice of :class:`store.memory.PreferenceMemory` the engine uses.
+
+    Optional, used when present: ``current_persona(user_id)`` (skip a fit with nothing new) and
+    ``get_cached_judgment`` / ``put_cached_judgment`` (the user's judgment ledger).
+    """
 
     async def list_votes(self, user_id: str) -> list[Vote]: ...
     async def get_traces(self, user_id: str) -> list[Trace]: ...
@@ -82,10 +104,15 @@ class VoteStore(Protocol):
 
 @dataclass
 class FitResult:
-    """Outcome of :meth:`Synthesizer.fit`. ``status='not_enough_votes'`` is a normal result, not an error."""
+    """Outcome of :meth:`Synthesizer.fit`. ``status='not_enough_votes'`` is a normal result, not an error.
+
+    ``status='unchanged'``: the current persona was fitted on exactly these votes with the same
+    budgets, model and prompts; nothing was asked of the LLM and nothing was saved (``profile`` is
+    the current version).
+    """
 
     user_id: str
-    status: Literal["fitted", "not_enough_votes"]
+    status: Literal["fitted", "not_enough_votes", "unchanged"]
     message: str
     n_votes: int
     profile: PersonaProfile | None = None
@@ -102,6 +129,9 @@ class BootstrapOutcome:
     accuracy: float
     candidates_scored: int
     reused_traces: int
+    judgments: int = 0
+    """Validation judgments the candidate race needed (ledger hits included)."""
+    candidates: list[list[Demo]] = field(default_factory=list)
 
 
 @dataclass
@@ -109,6 +139,7 @@ class DemoOutcome:
     demos: list[Demo]
     accuracy: float
     candidates_scored: int
+    judgments: int = 0
 
 
 class CountingBackend:
@@ -192,6 +223,14 @@ def demo_from_vote(vote: Vote, chosen_first: bool, reasoning: str | None) -> Dem
     )
 
 
+def _demo_chars(demos: Sequence[Demo]) -> int:
+    """Prompt size of a demo set, in characters (what a judgment with it costs)."""
+    return sum(
+        len(d.chosen) + len(d.rejected) + len(d.reasoning or "") + sum(len(m.content) for m in d.context)
+        for d in demos
+    )
+
+
 def _demo_key(demos: Sequence[Demo]) -> tuple[tuple[str, bool, bool], ...]:
     return tuple((d.vote_id, d.chosen_first, d.reasoning is not None) for d in demos)
 
@@ -229,16 +268,36 @@ class Synthesizer:
             reasoning=trace.reasoning,
         )
 
-    async def _accuracy(
-        self, judge: Judge, val: Sequence[Vote], demos: Sequence[Demo], purpose: str
-    ) -> float:
-        """Share of validation judgments the judge gets right with ``demos`` as few-shot examples."""
+    def _val_jobs(self, val: Sequence[Vote]) -> list[tuple[Vote, bool]]:
+        """Validation judgments as (vote, chosen shown first), in a fixed order."""
+        both = self.config.val_both_orders
+        return [(v, cf) for v in val for cf in ((True, False) if both else (self._order(v, "val"),))]
 
-        def orders(v: Vote) -> list[bool]:
-            return [True, False] if self.config.val_both_orders else [self._order(v, purpose)]
+    async def _race(
+        self,
+        judge: Judge,
+        val: Sequence[Vote],
+        candidates: Sequence[Sequence[Demo]],
+        *,
+        priority: Callable[[int], tuple[float, ...]] | None = None,
+    ) -> RaceResult[Judge]:
+        """The candidate demo set whose judge gets most validation judgments right (see :func:`race`)."""
+        jobs = self._val_jobs(val)
+        judges = [judge.with_demos(c) for c in candidates]  # one prompt prefix (and ledger digest) each
+        # The first candidate opens (zero-shot / the seed); the rest go cheapest prompt first, so a
+        # strong champion is found early and the expensive sets that cannot beat it are dropped soonest.
+        order = [0, *sorted(range(1, len(candidates)), key=lambda i: (_demo_chars(candidates[i]), i))]
 
-        correct, judged = await count_correct(judge.with_demos(demos), val, orders)
-        return correct / max(1, judged)
+        async def right(j: Judge, i: int) -> bool:
+            v, cf = jobs[i]
+            first, second = (v.chosen, v.rejected) if cf else (v.rejected, v.chosen)
+            label, _, _ = await j.judge_order(v.context, first, second)
+            return label == ("A" if cf else "B")
+
+        return await race(
+            judges, len(jobs), right, priority=priority, target=self.config.target_accuracy,
+            wave=self.config.candidate_wave, order=order,
+        )  # fmt: skip
 
     # ------------------------------------------------------------------ step 1
     async def bootstrap(
@@ -249,6 +308,7 @@ class Synthesizer:
         *,
         progress: ProgressFn | None = None,
         llm: ChatBackend | None = None,
+        ledger: JudgmentLedger | None = None,
     ) -> BootstrapOutcome:
         """Judge train votes without user info, verify against the votes, pick the best trace set."""
         llm = llm or self.llm
@@ -322,18 +382,25 @@ class Synthesizer:
         for c in candidates:
             unique.setdefault(_demo_key(c), c)
         cand_list = list(unique.values())
+        if cfg.bootstrap_search != "default_judge":
+            ids = [t.vote_id for t in usable]
+            return BootstrapOutcome(
+                traces=traces, persona_trace_ids=ids, demos=[], accuracy=0.0,
+                candidates_scored=0, reused_traces=reused, judgments=0,
+                candidates=cand_list if cfg.bootstrap_search == "merged" else [],
+            )  # fmt: skip
         if progress:
             progress("candidates", 0, len(cand_list))
-        scorer = Judge(llm, call_site="bootstrap_score")
-        scores = await asyncio.gather(*(self._accuracy(scorer, val, c, "val") for c in cand_list))
+        n_traces = [sum(1 for d in c if d.reasoning is not None) for c in cand_list]
+        # Ties go to the set with more reasoning traces, then to the earlier one.
+        result = await self._race(
+            Judge(llm, call_site="bootstrap_score", mode=cfg.score_mode,
+                  ledger=ledger if ledger is not None else JudgmentLedger()),
+            val, cand_list, priority=lambda i: (n_traces[i], -i),
+        )  # fmt: skip
         if progress:
             progress("candidates", len(cand_list), len(cand_list))
-
-        def rank(i: int) -> tuple[float, int, int]:
-            n_traces = sum(1 for d in cand_list[i] if d.reasoning is not None)
-            return (scores[i], n_traces, -i)
-
-        best = max(range(len(cand_list)), key=rank)
+        best = result.best
         best_ids = [d.vote_id for d in cand_list[best] if d.reasoning is not None]
         if cfg.persona_traces == "all" or not best_ids:
             best_ids += [t.vote_id for t in usable if t.vote_id not in best_ids]
@@ -341,9 +408,10 @@ class Synthesizer:
             traces=traces,
             persona_trace_ids=best_ids,
             demos=cand_list[best],
-            accuracy=scores[best],
+            accuracy=result.accuracy,
             candidates_scored=len(cand_list),
             reused_traces=reused,
+            judgments=result.judgments,
         )
 
     # ------------------------------------------------------------------ step 2
@@ -382,8 +450,8 @@ class Synthesizer:
                 continue
             try:
                 comp = await llm.complete(msgs, call_site="persona", temperature=0.0, max_tokens=400)
-            except Exception as exc:  # context overflow reported by the endpoint: trim and retry
-                if _is_context_overflow(exc) and len(examples) > 1:
+            except ContextOverflowError:  # the endpoint says the prompt is too long: trim and retry
+                if len(examples) > 1:
                     examples = examples[: max(1, len(examples) // 2)]
                     continue
                 raise
@@ -401,18 +469,21 @@ class Synthesizer:
         seed_demos: Sequence[Demo] = (),
         progress: ProgressFn | None = None,
         llm: ChatBackend | None = None,
+        ledger: JudgmentLedger | None = None,
+        extra_candidates: Sequence[Sequence[Demo]] = (),
     ) -> DemoOutcome:
-        """Random search over demo sets for the persona-informed judge, scored on validation."""
+        """Random search over demo sets for the persona-informed judge, raced on validation."""
         llm = llm or self.llm
         cfg = self.config
         by_vote = {v.id: v for v in train}
         usable = [t for t in traces if (t.verified or not cfg.verify) and t.reasoning and t.vote_id in by_vote]
         trace_demos = [self._trace_demo(by_vote[t.vote_id], t) for t in usable]
-        candidates: list[list[Demo]] = []
+        candidates: list[list[Demo]] = [list(c) for c in extra_candidates]
+        base = len(candidates)
         if seed_demos:
             candidates.append(list(seed_demos))
         for k in range(cfg.n_demo_candidates * 3):
-            if len(candidates) >= cfg.n_demo_candidates:
+            if len(candidates) - base >= cfg.n_demo_candidates:
                 break
             r = stable_rng(cfg.seed, user_id, "demos", k)
             pool = list(trace_demos)
@@ -425,28 +496,28 @@ class Synthesizer:
             chosen += [demo_from_vote(v, self._order(v, "label"), None) for v in extra[:n_labels]]
             if _demo_key(chosen) not in {_demo_key(c) for c in candidates}:
                 candidates.append(chosen)
-        judge = Judge(llm, persona=persona, call_site="demo_select")
-        best: list[Demo] = candidates[0] if candidates else []
-        best_acc = -1.0
-        scored = 0
+        if not candidates:
+            candidates = [[]]
+        judge = Judge(
+            llm, persona=persona, call_site="demo_select", mode=cfg.score_mode,
+            ledger=ledger if ledger is not None else JudgmentLedger(),
+        )
         if progress:
             progress("demos", 0, len(candidates))
-        for start in range(0, len(candidates), cfg.candidate_wave):
-            wave = candidates[start : start + cfg.candidate_wave]
-            accs = await asyncio.gather(*(self._accuracy(judge, val, c, "val") for c in wave))
-            scored += len(wave)
-            for c, a in zip(wave, accs, strict=True):
-                if a > best_acc:
-                    best, best_acc = c, a
-            if progress:
-                progress("demos", scored, len(candidates))
-            if best_acc >= cfg.target_accuracy:
-                break
-        if not candidates:
-            best_acc = await self._accuracy(judge, val, [], "val")
-        return DemoOutcome(demos=best, accuracy=max(best_acc, 0.0), candidates_scored=scored)
+        result = await self._race(judge, val, candidates)  # ties: the earlier candidate (the seed first)
+        if progress:
+            progress("demos", len(candidates), len(candidates))
+        return DemoOutcome(
+            demos=candidates[result.best], accuracy=result.accuracy, candidates_scored=len(candidates),
+            judgments=result.judgments,
+        )  # fmt: skip
 
     # ------------------------------------------------------------------ all steps
+    def fit_key(self, train: Sequence[Vote], val: Sequence[Vote]) -> str:
+        """What a fit's result depends on: the votes and their split, the budgets, the model."""
+        payload = [[v.id for v in train], [v.id for v in val], asdict(self.config), self.llm.model]
+        return hashlib.sha256(orjson.dumps(payload, default=str)).hexdigest()
+
     async def fit(
         self,
         user_id: str,
@@ -454,11 +525,14 @@ class Synthesizer:
         *,
         progress: ProgressFn | None = None,
         save: bool = True,
+        force: bool = False,
     ) -> FitResult:
         """Bootstrap → persona → demos for one user; saves a new persona version when ``save``.
 
         Votes default to the user's stored votes. Nothing is saved unless every step
         succeeded, so a cancelled or failed fit leaves the current persona untouched.
+        When the current persona was fitted on exactly these votes with the same budgets,
+        model and prompts, nothing is done (``status="unchanged"``) unless ``force``.
         """
         validate_user_id(user_id)
         cfg = self.config
@@ -478,16 +552,30 @@ class Synthesizer:
                 "The default judge is used until then.",
                 n_context,
             )
+        key = self.fit_key(train, val)
+        current_persona = getattr(self.memory, "current_persona", None)
+        if save and not force and current_persona is not None:
+            current = await current_persona(user_id)
+            if current is not None and current.meta.get("fit_key") == key:
+                return FitResult(
+                    user_id, "unchanged",
+                    f"persona v{current.version} for {user_id!r} is already fitted on these {n_context} votes "
+                    "with this configuration; nothing to do (force=True refits)",
+                    n_context, profile=current, usage=CountingBackend(self.llm).usage(),
+                )
+        ledger = await JudgmentLedger.load(self.memory, user_id, self.llm.model)
         llm = CountingBackend(self.llm)
-        boot = await self.bootstrap(user_id, train, val, progress=progress, llm=llm)
+        boot = await self.bootstrap(user_id, train, val, progress=progress, llm=llm, ledger=ledger)
         if progress:
             progress("persona", 0, 1)
         persona = await self.write_persona(train, boot.traces, boot.persona_trace_ids, llm=llm)
         if progress:
             progress("persona", 1, 1)
         sel = await self.select_demos(
-            user_id, persona, train, val, boot.traces, seed_demos=boot.demos, progress=progress, llm=llm
-        )
+            user_id, persona, train, val, boot.traces, seed_demos=boot.demos, progress=progress, llm=llm,
+            ledger=ledger, extra_candidates=boot.candidates,
+        )  # fmt: skip
+        usage = {**llm.usage(), "judgments_reused": ledger.hits, "judgments_new": ledger.misses}
         profile = PersonaProfile(
             user_id=user_id,
             persona=persona,
@@ -506,12 +594,14 @@ class Synthesizer:
                 "persona_trace_ids": boot.persona_trace_ids,
                 "verify": cfg.verify,
                 "seed": cfg.seed,
-                "usage": llm.usage(),
+                "usage": usage,
+                "fit_key": key,
             },
         )
         if save and self.memory is not None:
             if progress:
                 progress("save", 0, 1)
+            await ledger.save(self.memory, user_id, self.llm.model)
             profile = await self.memory.save_persona(profile)
             if progress:
                 progress("save", 1, 1)
@@ -523,11 +613,5 @@ class Synthesizer:
             profile=profile,
             bootstrap_demos=boot.demos,
             traces=boot.traces,
-            usage=llm.usage(),
+            usage=usage,
         )
-
-
-
-def _is_context_overflow(exc: Exception) -> bool:
-    text = str(exc).lower()
-    return any(s in text for s in ("context length", "context_length", "maximum context", "too many tokens"))
