@@ -52,12 +52,19 @@ ProgressFn = Callable[[str, int, int], None]
 
 @dataclass(frozen=True)
 class FitConfig:
-    """Budgets and knobs of one fit. Defaults follow the paper (10 trials, 10 demo candidates)."""
+    """Budgets and knobs of one fit.
+
+    The paper searches 10 trial sets in step 1 and 10 demo candidates in step 3. With 4–5
+    validation votes, picking the best of many candidates mostly picks noise: on the
+    simulator's 24 × 25 population (seeds 0–4, ``bench/fit_accuracy.py``) 4 and 4 score
+    at least as well as 10 and 10 for a third of the prompt tokens, so they are the default;
+    pass ``n_trials=10, n_demo_candidates=10`` for the paper's budgets.
+    """
 
     train_fraction: float = 0.7
     min_votes: int = 5
-    n_trials: int = 10
-    n_demo_candidates: int = 10
+    n_trials: int = 4
+    n_demo_candidates: int = 4
     max_bootstrapped_demos: int = 4
     max_labeled_demos: int = 4
     target_accuracy: float = 1.0
@@ -71,7 +78,9 @@ class FitConfig:
     max_persona_examples: int = 16
     max_persona_prompt_chars: int = 60_000
     score_mode: Literal["cot", "logprob"] = "cot"
-    bootstrap_search: Literal["default_judge", "off", "merged"] = "default_judge"
+    """Judge used to score candidate demo sets on validation: chain of thought (the judge the profile
+    is served with), or the one-token log-probability judge (fewer tokens; demos then show labels
+    only; calls fall back to chain of thought where the endpoint returns no log-probabilities)."""
     persona_traces: Literal["all", "best"] = "all"
     """Traces the persona is written from: every verified trace (best trial's first), or only the
     best trial's (the paper's choice). "all" grounds the persona in more evidence; with small
@@ -84,6 +93,8 @@ class FitConfig:
             raise ValueError("min_votes must be at least 2 (one train and one validation vote)")
         if self.persona_traces not in ("all", "best"):
             raise ValueError("persona_traces must be 'all' or 'best'")
+        if self.score_mode not in ("cot", "logprob"):
+            raise ValueError("score_mode must be 'cot' or 'logprob'")
         for name in ("n_trials", "n_demo_candidates", "candidate_wave", "max_persona_examples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
@@ -131,7 +142,6 @@ class BootstrapOutcome:
     reused_traces: int
     judgments: int = 0
     """Validation judgments the candidate race needed (ledger hits included)."""
-    candidates: list[list[Demo]] = field(default_factory=list)
 
 
 @dataclass
@@ -192,12 +202,22 @@ def stable_rng(*parts: object) -> random.Random:
     return random.Random(int.from_bytes(h[:8], "big"))
 
 
-def split_votes(votes: Sequence[Vote], train_fraction: float = 0.7) -> tuple[list[Vote], list[Vote]]:
+def split_votes(
+    votes: Sequence[Vote],
+    train_fraction: float = 0.7,
+    *,
+    previous: tuple[Sequence[str], Sequence[str]] | None = None,
+) -> tuple[list[Vote], list[Vote]]:
     """Temporal train/validation split of a user's context votes (time order kept).
 
     Votes that carry ``split`` labels are honoured (``train``/``val``; ``test`` votes are
     never context). Otherwise the first ``train_fraction`` are train, the rest validation,
     with at least one of each.
+
+    ``previous`` (the train and validation vote ids of the last fit) makes a refit
+    incremental: those votes keep their side, and only the votes added since are split,
+    temporally among themselves. Old validation votes then stay validation votes, so their
+    stored judgments stay valid, and a refit pays for what is new.
     """
     ordered = [v for v in votes if v.split != "test"]
     if any(v.split for v in ordered):
@@ -205,6 +225,13 @@ def split_votes(votes: Sequence[Vote], train_fraction: float = 0.7) -> tuple[lis
         val = [v for v in ordered if v.split == "val"]
         if train and val:
             return train, val
+    if previous is not None:
+        old_train, old_val = set(previous[0]), set(previous[1])
+        if old_train and old_val and any(v.id in old_train for v in ordered) and any(v.id in old_val for v in ordered):
+            new = [v for v in ordered if v.id not in old_train and v.id not in old_val]
+            n_new_train = round(len(new) * train_fraction)
+            to_train = {v.id for v in new[:n_new_train]} | old_train
+            return [v for v in ordered if v.id in to_train], [v for v in ordered if v.id not in to_train]
     n = len(ordered)
     if n < 2:
         return list(ordered), []
@@ -300,19 +327,19 @@ class Synthesizer:
         )  # fmt: skip
 
     # ------------------------------------------------------------------ step 1
-    async def bootstrap(
+    async def verify(
         self,
         user_id: str,
         train: Sequence[Vote],
-        val: Sequence[Vote],
         *,
         progress: ProgressFn | None = None,
         llm: ChatBackend | None = None,
-        ledger: JudgmentLedger | None = None,
-    ) -> BootstrapOutcome:
-        """Judge train votes without user info, verify against the votes, pick the best trace set."""
+    ) -> tuple[list[Trace], int]:
+        """Bootstrap traces: judge each train vote without user info (stored traces are reused).
+
+        Returns the traces in train order and how many came from the store.
+        """
         llm = llm or self.llm
-        cfg = self.config
         stored: dict[tuple[str, bool, str], Trace] = {}
         if self.memory is not None:
             stored = {(t.vote_id, t.chosen_first, t.model): t for t in await self.memory.get_traces(user_id)}
@@ -350,13 +377,19 @@ class Synthesizer:
             traces_by_vote[t.vote_id] = t
         if new and self.memory is not None:
             await self.memory.put_traces(user_id, list(new))
-        traces = [traces_by_vote[v.id] for v in train]
+        return [traces_by_vote[v.id] for v in train], reused
 
-        by_id = {v.id: v for v in train}
-        usable = [t for t in traces if t.verified] if cfg.verify else [t for t in traces if t.reasoning]
-        trace_demos = [self._trace_demo(by_id[t.vote_id], t) for t in usable]
+    def _usable(self, train: Sequence[Vote], traces: Sequence[Trace]) -> list[Demo]:
+        """Trace demos the searches may use (verified ones, or all with reasoning when not verifying)."""
+        by_vote = {v.id: v for v in train}
+        ok = [t for t in traces if t.vote_id in by_vote and t.reasoning and (t.verified or not self.config.verify)]
+        return [self._trace_demo(by_vote[t.vote_id], t) for t in ok]
 
-        # Candidate few-shot sets, DSPy-style: zero-shot, labels-only, then random subsets.
+    def bootstrap_candidates(self, user_id: str, train: Sequence[Vote], traces: Sequence[Trace]) -> list[list[Demo]]:
+        """Step 1's few-shot sets, DSPy-style: zero-shot, labels-only, then ``n_trials`` random mixes
+        of 1–``max_bootstrapped_demos`` verified traces and label-only demos (duplicates dropped)."""
+        cfg = self.config
+        trace_demos = self._usable(train, traces)
         candidates: list[list[Demo]] = [[]]
         rng = stable_rng(cfg.seed, user_id, "labels")
         label_pool = list(train)
@@ -370,44 +403,64 @@ class Synthesizer:
             r = stable_rng(cfg.seed, user_id, "trial", k)
             pool = list(trace_demos)
             r.shuffle(pool)
-            size = r.randint(1, min(cfg.max_bootstrapped_demos, len(pool)))
-            chosen = pool[:size]
+            chosen = pool[: r.randint(1, min(cfg.max_bootstrapped_demos, len(pool)))]
             used = {d.vote_id for d in chosen}
             extra = [v for v in train if v.id not in used]
             r.shuffle(extra)
             n_labels = r.randint(0, min(cfg.max_labeled_demos, len(extra)))
-            chosen += [demo_from_vote(v, self._order(v, "label"), None) for v in extra[:n_labels]]
-            candidates.append(chosen)
+            candidates.append(chosen + [demo_from_vote(v, self._order(v, "label"), None) for v in extra[:n_labels]])
         unique: dict[tuple[tuple[str, bool, bool], ...], list[Demo]] = {}
         for c in candidates:
             unique.setdefault(_demo_key(c), c)
-        cand_list = list(unique.values())
-        if cfg.bootstrap_search != "default_judge":
-            ids = [t.vote_id for t in usable]
-            return BootstrapOutcome(
-                traces=traces, persona_trace_ids=ids, demos=[], accuracy=0.0,
-                candidates_scored=0, reused_traces=reused, judgments=0,
-                candidates=cand_list if cfg.bootstrap_search == "merged" else [],
-            )  # fmt: skip
+        return list(unique.values())
+
+    async def rank_bootstrap(
+        self,
+        val: Sequence[Vote],
+        candidates: Sequence[Sequence[Demo]],
+        *,
+        llm: ChatBackend | None = None,
+        ledger: JudgmentLedger | None = None,
+    ) -> RaceResult[Judge]:
+        """Race step 1's candidates with the default judge; ties go to more traces, then the earlier set."""
+        n_traces = [sum(1 for d in c if d.reasoning is not None) for c in candidates]
+        judge = Judge(llm or self.llm, call_site="bootstrap_score", mode=self.config.score_mode,
+                      ledger=ledger if ledger is not None else JudgmentLedger())  # fmt: skip
+        return await self._race(judge, val, candidates, priority=lambda i: (n_traces[i], -i))
+
+    def _persona_ids(self, train: Sequence[Vote], traces: Sequence[Trace], best: Sequence[Demo]) -> list[str]:
+        """Traces the persona is written from: all usable ones in time order ("all": prefix-stable across
+        refits), or the best set's ("best", the paper's choice; all when it has none)."""
+        usable = [d.vote_id for d in self._usable(train, traces)]
+        if self.config.persona_traces == "best":
+            best_ids = [d.vote_id for d in best if d.reasoning is not None]
+            if best_ids:
+                return best_ids
+        return usable
+
+    async def bootstrap(
+        self,
+        user_id: str,
+        train: Sequence[Vote],
+        val: Sequence[Vote],
+        *,
+        progress: ProgressFn | None = None,
+        llm: ChatBackend | None = None,
+        ledger: JudgmentLedger | None = None,
+    ) -> BootstrapOutcome:
+        """Judge train votes without user info, verify against the votes, pick the best trace set."""
+        traces, reused = await self.verify(user_id, train, progress=progress, llm=llm)
+        cand_list = self.bootstrap_candidates(user_id, train, traces)
         if progress:
             progress("candidates", 0, len(cand_list))
-        n_traces = [sum(1 for d in c if d.reasoning is not None) for c in cand_list]
-        # Ties go to the set with more reasoning traces, then to the earlier one.
-        result = await self._race(
-            Judge(llm, call_site="bootstrap_score", mode=cfg.score_mode,
-                  ledger=ledger if ledger is not None else JudgmentLedger()),
-            val, cand_list, priority=lambda i: (n_traces[i], -i),
-        )  # fmt: skip
+        result = await self.rank_bootstrap(val, cand_list, llm=llm, ledger=ledger)
         if progress:
             progress("candidates", len(cand_list), len(cand_list))
-        best = result.best
-        best_ids = [d.vote_id for d in cand_list[best] if d.reasoning is not None]
-        if cfg.persona_traces == "all" or not best_ids:
-            best_ids += [t.vote_id for t in usable if t.vote_id not in best_ids]
+        best = cand_list[result.best]
         return BootstrapOutcome(
             traces=traces,
-            persona_trace_ids=best_ids,
-            demos=cand_list[best],
+            persona_trace_ids=self._persona_ids(train, traces, best),
+            demos=list(best),
             accuracy=result.accuracy,
             candidates_scored=len(cand_list),
             reused_traces=reused,
@@ -458,32 +511,16 @@ class Synthesizer:
             return prompts.parse_persona(comp.text)
 
     # ------------------------------------------------------------------ step 3
-    async def select_demos(
-        self,
-        user_id: str,
-        persona: str,
-        train: Sequence[Vote],
-        val: Sequence[Vote],
-        traces: Sequence[Trace],
-        *,
-        seed_demos: Sequence[Demo] = (),
-        progress: ProgressFn | None = None,
-        llm: ChatBackend | None = None,
-        ledger: JudgmentLedger | None = None,
-        extra_candidates: Sequence[Sequence[Demo]] = (),
-    ) -> DemoOutcome:
-        """Random search over demo sets for the persona-informed judge, raced on validation."""
-        llm = llm or self.llm
+    def demo_candidates(
+        self, user_id: str, train: Sequence[Vote], traces: Sequence[Trace], seed_demos: Sequence[Demo] = ()
+    ) -> list[list[Demo]]:
+        """Step 3's candidates: ``seed_demos`` (step 1's winner) first when it has demos, then random
+        sets of traces and label-only demos (at least one demo each), ``n_demo_candidates`` in all."""
         cfg = self.config
-        by_vote = {v.id: v for v in train}
-        usable = [t for t in traces if (t.verified or not cfg.verify) and t.reasoning and t.vote_id in by_vote]
-        trace_demos = [self._trace_demo(by_vote[t.vote_id], t) for t in usable]
-        candidates: list[list[Demo]] = [list(c) for c in extra_candidates]
-        base = len(candidates)
-        if seed_demos:
-            candidates.append(list(seed_demos))
+        trace_demos = self._usable(train, traces)
+        candidates: list[list[Demo]] = [list(seed_demos)] if seed_demos else []
         for k in range(cfg.n_demo_candidates * 3):
-            if len(candidates) - base >= cfg.n_demo_candidates:
+            if len(candidates) >= cfg.n_demo_candidates:
                 break
             r = stable_rng(cfg.seed, user_id, "demos", k)
             pool = list(trace_demos)
@@ -496,15 +533,34 @@ class Synthesizer:
             chosen += [demo_from_vote(v, self._order(v, "label"), None) for v in extra[:n_labels]]
             if _demo_key(chosen) not in {_demo_key(c) for c in candidates}:
                 candidates.append(chosen)
-        if not candidates:
-            candidates = [[]]
-        judge = Judge(
-            llm, persona=persona, call_site="demo_select", mode=cfg.score_mode,
-            ledger=ledger if ledger is not None else JudgmentLedger(),
-        )
+        return candidates or [[]]
+
+    def _persona_judge(self, persona: str, llm: ChatBackend, ledger: JudgmentLedger | None) -> Judge:
+        return Judge(llm, persona=persona, call_site="demo_select", mode=self.config.score_mode,
+                     ledger=ledger if ledger is not None else JudgmentLedger())  # fmt: skip
+
+    async def select_demos(
+        self,
+        user_id: str,
+        persona: str,
+        train: Sequence[Vote],
+        val: Sequence[Vote],
+        traces: Sequence[Trace],
+        *,
+        seed_demos: Sequence[Demo] | None = None,
+        progress: ProgressFn | None = None,
+        llm: ChatBackend | None = None,
+        ledger: JudgmentLedger | None = None,
+    ) -> DemoOutcome:
+        """Random search over demo sets for the persona-informed judge, raced on validation.
+
+        Candidates: see :meth:`demo_candidates`; ``seed_demos`` (step 1's winner) wins ties.
+        """
+        llm = llm or self.llm
+        candidates = self.demo_candidates(user_id, train, traces, seed_demos or ())
         if progress:
             progress("demos", 0, len(candidates))
-        result = await self._race(judge, val, candidates)  # ties: the earlier candidate (the seed first)
+        result = await self._race(self._persona_judge(persona, llm, ledger), val, candidates)
         if progress:
             progress("demos", len(candidates), len(candidates))
         return DemoOutcome(
@@ -533,6 +589,12 @@ class Synthesizer:
         succeeded, so a cancelled or failed fit leaves the current persona untouched.
         When the current persona was fitted on exactly these votes with the same budgets,
         model and prompts, nothing is done (``status="unchanged"``) unless ``force``.
+
+        With ``persona_traces="all"`` the persona does not depend on step 1's winner, so
+        step 1's candidate race runs while the persona is written and step 3's random
+        candidates are raced; step 1's winner then meets step 3's champion. The result is
+        exactly that of running the steps one after the other (the race is exact whatever
+        the order), in fewer round trips.
         """
         validate_user_id(user_id)
         cfg = self.config
@@ -543,7 +605,12 @@ class Synthesizer:
         foreign = [v.id for v in votes if v.user_id != user_id]
         if foreign:
             raise ValueError(f"{len(foreign)} vote(s) passed to fit({user_id!r}) belong to other users")
-        train, val = split_votes(votes, cfg.train_fraction)
+        current_persona = getattr(self.memory, "current_persona", None)
+        current = await current_persona(user_id) if current_persona is not None else None
+        previous = None
+        if current is not None and current.model == self.llm.model and current.meta.get("fit_key"):
+            previous = (current.meta.get("train_ids") or [], current.meta.get("val_ids") or [])
+        train, val = split_votes(votes, cfg.train_fraction, previous=previous)
         n_context = len(train) + len(val)
         if n_context < cfg.min_votes or not val:
             return FitResult(
@@ -553,27 +620,19 @@ class Synthesizer:
                 n_context,
             )
         key = self.fit_key(train, val)
-        current_persona = getattr(self.memory, "current_persona", None)
-        if save and not force and current_persona is not None:
-            current = await current_persona(user_id)
-            if current is not None and current.meta.get("fit_key") == key:
-                return FitResult(
-                    user_id, "unchanged",
-                    f"persona v{current.version} for {user_id!r} is already fitted on these {n_context} votes "
-                    "with this configuration; nothing to do (force=True refits)",
-                    n_context, profile=current, usage=CountingBackend(self.llm).usage(),
-                )
+        if save and not force and current is not None and current.meta.get("fit_key") == key:
+            return FitResult(
+                user_id, "unchanged",
+                f"persona v{current.version} for {user_id!r} is already fitted on these {n_context} votes "
+                "with this configuration; nothing to do (force=True refits)",
+                n_context, profile=current, usage=CountingBackend(self.llm).usage(),
+            )  # fmt: skip
         ledger = await JudgmentLedger.load(self.memory, user_id, self.llm.model)
         llm = CountingBackend(self.llm)
-        boot = await self.bootstrap(user_id, train, val, progress=progress, llm=llm, ledger=ledger)
-        if progress:
-            progress("persona", 0, 1)
-        persona = await self.write_persona(train, boot.traces, boot.persona_trace_ids, llm=llm)
-        if progress:
-            progress("persona", 1, 1)
+        boot, persona = await self._steps_one_two(user_id, train, val, llm, ledger, progress)
         sel = await self.select_demos(
             user_id, persona, train, val, boot.traces, seed_demos=boot.demos, progress=progress, llm=llm,
-            ledger=ledger, extra_candidates=boot.candidates,
+            ledger=ledger,
         )  # fmt: skip
         usage = {**llm.usage(), "judgments_reused": ledger.hits, "judgments_new": ledger.misses}
         profile = PersonaProfile(
@@ -615,3 +674,45 @@ class Synthesizer:
             traces=boot.traces,
             usage=usage,
         )
+
+    async def _steps_one_two(
+        self,
+        user_id: str,
+        train: Sequence[Vote],
+        val: Sequence[Vote],
+        llm: ChatBackend,
+        ledger: JudgmentLedger,
+        progress: ProgressFn | None,
+    ) -> tuple[BootstrapOutcome, str]:
+        """Bootstrap and persona. With ``persona_traces="all"`` the persona does not depend on step 1's
+        winner, so it is written while step 1's candidates are raced (one round trip less)."""
+        if self.config.persona_traces != "all":
+            boot = await self.bootstrap(user_id, train, val, progress=progress, llm=llm, ledger=ledger)
+            if progress:
+                progress("persona", 0, 1)
+            persona = await self.write_persona(train, boot.traces, boot.persona_trace_ids, llm=llm)
+            if progress:
+                progress("persona", 1, 1)
+            return boot, persona
+        traces, reused = await self.verify(user_id, train, progress=progress, llm=llm)
+        cand_list = self.bootstrap_candidates(user_id, train, traces)
+        if progress:
+            progress("candidates", 0, len(cand_list))
+            progress("persona", 0, 1)
+        persona_ids = self._persona_ids(train, traces, ())
+        try:
+            async with asyncio.TaskGroup() as tg:  # one failing cancels the other
+                ranking = tg.create_task(self.rank_bootstrap(val, cand_list, llm=llm, ledger=ledger))
+                writing = tg.create_task(self.write_persona(train, traces, persona_ids, llm=llm))
+        except BaseExceptionGroup as group:
+            raise group.exceptions[0] from None
+        ranked, persona = ranking.result(), writing.result()
+        if progress:
+            progress("candidates", len(cand_list), len(cand_list))
+            progress("persona", 1, 1)
+        boot = BootstrapOutcome(
+            traces=traces, persona_trace_ids=persona_ids, demos=list(cand_list[ranked.best]),
+            accuracy=ranked.accuracy, candidates_scored=len(cand_list), reused_traces=reused,
+            judgments=ranked.judgments,
+        )  # fmt: skip
+        return boot, persona

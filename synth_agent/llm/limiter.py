@@ -12,7 +12,7 @@ concurrency-limits (Vegas / Gradient2) and Envoy's adaptive concurrency filter:
   a server that really got slower is re-learned. ``ratio = latency / baseline``.
   While ``k`` requests are in flight on a server that serves ``c`` at once, requests
   wait ``≈ k/c`` service times, so Little's law gives the capacity estimate
-  ``k / ratio``.
+  ``k / ratio`` (``k``: the time-averaged number of requests in flight while it was out).
 * **Windows.** A decision is taken every ``min(limit, 8)`` (at least 4) answers of requests granted
   under the current limit (answers of requests sent before the last change are ignored,
   so one congestion episode causes one decision). If the window's median ratio exceeds
@@ -96,6 +96,8 @@ class Ticket:
     in_flight: int
     """Requests in flight when this one was granted (itself included)."""
     granted_at: float
+    area: float
+    """The limiter's in-flight-time integral at the grant (to average the load this request saw)."""
 
 
 class AdaptiveLimiter:
@@ -134,7 +136,9 @@ class AdaptiveLimiter:
         self._waiters: deque[asyncio.Future[Ticket]] = deque()
         self._epoch = 0
         self._baseline: dict[Hashable, float] = {}
-        self._window: list[tuple[float, float, int]] = []  # (ratio, excess seconds, in flight at grant)
+        self._window: list[tuple[float, float, float]] = []  # (ratio, excess seconds, mean load while out)
+        self._area = 0.0  # integral of requests in flight over time (seconds)
+        self._last = time.perf_counter()
         self._good = 0  # good windows since the last change
         self._grew = False  # the last change was an increase not yet confirmed by a good window
         self._probe_every = 1  # good windows needed before the next increase (doubles on overshoot)
@@ -202,10 +206,18 @@ class AdaptiveLimiter:
                     pass
             raise
 
+    def _tick(self) -> float:
+        """Advance the integral of requests in flight over time; returns now."""
+        now = time.perf_counter()
+        self._area += self._in_flight * (now - self._last)
+        self._last = now
+        return now
+
     def _grant(self) -> Ticket:
+        now = self._tick()
         self._in_flight += 1
         self._max_in_flight = max(self._max_in_flight, self._in_flight)
-        return Ticket(self._epoch, self._in_flight, time.perf_counter())
+        return Ticket(self._epoch, self._in_flight, now, self._area)
 
     def _wake(self) -> None:
         while self._waiters and self._in_flight < self.limit:
@@ -217,12 +229,16 @@ class AdaptiveLimiter:
         self, ticket: Ticket, signal: Signal, *, latency: float | None = None, key: Hashable = None
     ) -> None:
         """Hand a slot back, telling the limiter how the request ended."""
+        now = self._tick()
+        span = now - ticket.granted_at
+        # the average number of requests in flight while this one was out (itself included)
+        load = (self._area - ticket.area) / span if span > 0 else float(ticket.in_flight)
         self._in_flight -= 1
         if self.adaptive:
             if signal == "overload":
                 self._overload(ticket)
             elif signal == "ok" and latency is not None:
-                self._sample(ticket, latency, key)
+                self._sample(ticket, latency, key, load)
         self._wake()
 
     # ------------------------------------------------------------ adaptation
@@ -247,7 +263,7 @@ class AdaptiveLimiter:
         self._epoch += 1
         self._window.clear()
 
-    def _sample(self, ticket: Ticket, latency: float, key: Hashable) -> None:
+    def _sample(self, ticket: Ticket, latency: float, key: Hashable, load: float) -> None:
         base = self._baseline.get(key)
         base = latency if base is None else min(latency, base * (1.0 + DRIFT))
         self._baseline[key] = base
@@ -263,12 +279,12 @@ class AdaptiveLimiter:
             return
         if ticket.epoch < self._epoch:
             return  # granted under an earlier limit: says nothing about the current one
-        self._window.append((latency / max(base, 1e-9), latency - base, ticket.in_flight))
+        self._window.append((latency / max(base, 1e-9), latency - base, load))
         if len(self._window) < max(MIN_WINDOW, min(self.limit, WINDOW)):
             return
         ratio = statistics.median(r for r, _, _ in self._window)
         excess = statistics.median(e for _, e, _ in self._window)
-        used = max(k for _, _, k in self._window)
+        used = max(k for _, _, k in self._window) + 0.5  # (a mean: "used the limit" within half a request)
         if ratio > self.tolerance and excess > self.min_excess:
             # Queueing at the server: k in flight took `ratio` service times, so it serves ~k/ratio at once.
             self._decrease(math.floor(statistics.median(k / r for r, _, k in self._window)))
