@@ -15,7 +15,7 @@ of the judgments (``bench/fit_cost.py`` prints how many).
     >>> async def judge(c, i): return bool(truth[c][i])
     >>> result = asyncio.run(race(["c0", "c1", "c2"], 4, judge))
     >>> result.best, result.correct[result.best], result.judgments   # judging everything: 12
-    (1, 4, 9)
+    (1, 4, 8)
 """
 
 from __future__ import annotations
@@ -39,7 +39,6 @@ class RaceResult(Generic[C]):
     judged: list[int]
     judgments: int = 0
     """Judgments made in all (the exhaustive search makes ``len(candidates) * n``)."""
-    rounds: int = 0
     dropped_after: dict[int, int] = field(default_factory=dict)
     """candidate index -> judgments it had when it was dropped."""
 
@@ -63,10 +62,12 @@ async def race(
 
     Ties go to the higher ``priority(index)`` (default: the earlier candidate). Candidates are
     taken in ``order`` (default: index order; cheapest first saves the most). The first is judged
-    on everything at once and becomes the champion; the rest are raced against it in waves of
-    ``wave`` (default: all at once), validation judgments that others missed most first. A wave
-    member is dropped as soon as it cannot beat the champion or the wave's leader, and a
-    candidate that could at best tie a better-ranked champion is never judged at all. With
+    on everything at once and becomes the champion; the rest race against it in waves of ``wave``
+    (default: all at once). In a wave the candidates that can still score highest are judged
+    (best first; the others wait), each on the validation judgments that others missed most first,
+    and a candidate stops as soon as its best possible score can no longer beat what another
+    already has (bounds only tighten, so this holds whenever it is checked).
+    A candidate that could at best tie a better-ranked champion is never judged at all. With
     ``target`` below 1, a candidate sure to reach that accuracy wins at once (good enough); at 1
     the result is exactly the exhaustive search's, whatever ``order`` and ``wave``.
     """
@@ -82,22 +83,18 @@ async def race(
     misses = [0] * n  # per validation judgment, how many candidates got it wrong so far
     result: RaceResult[C] = RaceResult(0, correct, judged)
 
-    async def judge_all(pairs: list[tuple[int, int]]) -> None:
-        async def one(c: int, i: int) -> None:
-            ok = await judge(candidates[c], i)
-            correct[c] += int(ok)
-            judged[c] += 1
-            misses[i] += int(not ok)
-
-        await asyncio.gather(*(one(c, i) for c, i in pairs))
-        result.judgments += len(pairs)
-        result.rounds += 1
+    async def one(c: int, i: int) -> None:
+        ok = await judge(candidates[c], i)
+        correct[c] += int(ok)
+        judged[c] += 1
+        misses[i] += int(not ok)
+        result.judgments += 1
 
     def rank(c: int) -> tuple[int, tuple[float, ...]]:
         return correct[c], prio(c)
 
     champion = queue.pop(0)
-    await judge_all([(champion, i) for i in range(n)])
+    await asyncio.gather(*(one(champion, i) for i in range(n)))
     size = max(1, wave or m)
     while queue:
         if target < 1.0 and correct[champion] >= target * n:
@@ -111,26 +108,45 @@ async def race(
                 result.dropped_after[c] = 0  # cannot beat the champion even if right every time
             else:
                 batch.append(c)
-        alive = batch
-        votes = sorted(range(n), key=lambda i: -misses[i])  # most-missed first: prunes soonest
-        for step, i in enumerate(votes):
-            if not alive:
-                break
-            await judge_all([(c, i) for c in alive])
-            remaining = n - (step + 1)
-            leader = max([*alive, champion], key=rank)
-            if target < 1.0 and correct[leader] >= target * n:
-                survivors = [leader] if leader in alive else []
-            else:
-                survivors = [
-                    c for c in alive
-                    if c == leader or correct[c] + remaining > correct[leader]
-                    or (correct[c] + remaining == correct[leader] and prio(c) > prio(leader))
-                ]  # fmt: skip
-            for c in alive:
-                if c not in survivors:
-                    result.dropped_after[c] = judged[c]
-            alive = survivors
-        champion = max([*alive, champion], key=rank)
+        rivals = [champion, *batch]
+
+        def beaten(c: int, rivals: list[int] = rivals) -> bool:
+            best = (correct[c] + n - judged[c], prio(c))  # c's best possible final rank
+            if target < 1.0 and any(correct[d] >= target * n for d in rivals if d != c):
+                return True
+            return any(rank(d) > best for d in rivals if d != c)
+
+        running = set(batch)
+        wake = [asyncio.Event()]
+
+        def notify(wake: list[asyncio.Event] = wake) -> None:
+            wake[0].set()
+            wake[0] = asyncio.Event()
+
+        def upper(c: int) -> int:
+            return correct[c] + n - judged[c]
+
+        async def run(c: int, running: set[int] = running, wake: list[asyncio.Event] = wake) -> None:
+            todo = set(range(n))
+            try:
+                while todo:
+                    if beaten(c):
+                        result.dropped_after[c] = judged[c]
+                        return
+                    # best first: only the candidates that can still score highest go on; the others
+                    # wait, and are usually dropped without another judgment once a leader finishes
+                    if upper(c) < max(upper(d) for d in running if not beaten(d)):
+                        await wake[0].wait()
+                        continue
+                    i = max(todo, key=lambda i: (misses[i], -i))  # the one others missed most: prunes soonest
+                    todo.discard(i)
+                    await one(c, i)
+                    notify()
+            finally:
+                running.discard(c)
+                notify()
+
+        await asyncio.gather(*(run(c) for c in batch))
+        champion = max([c for c in rivals if judged[c] == n], key=rank)
     result.best = champion
     return result

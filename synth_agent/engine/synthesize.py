@@ -424,9 +424,21 @@ class Synthesizer:
     ) -> RaceResult[Judge]:
         """Race step 1's candidates with the default judge; ties go to more traces, then the earlier set."""
         n_traces = [sum(1 for d in c if d.reasoning is not None) for c in candidates]
-        judge = Judge(llm or self.llm, call_site="bootstrap_score", mode=self.config.score_mode,
-                      ledger=ledger if ledger is not None else JudgmentLedger())  # fmt: skip
+        judge = self._default_scorer(llm or self.llm, ledger)
         return await self._race(judge, val, candidates, priority=lambda i: (n_traces[i], -i))
+
+    def _default_scorer(self, llm: ChatBackend, ledger: JudgmentLedger | None) -> Judge:
+        return Judge(llm, call_site="bootstrap_score", mode=self.config.score_mode,
+                     ledger=ledger if ledger is not None else JudgmentLedger())  # fmt: skip
+
+    async def _judge_all(self, judge: Judge, val: Sequence[Vote]) -> None:
+        """Every validation judgment of ``judge`` at once (fills its ledger)."""
+
+        async def one(v: Vote, cf: bool) -> None:
+            first, second = (v.chosen, v.rejected) if cf else (v.rejected, v.chosen)
+            await judge.judge_order(v.context, first, second)
+
+        await asyncio.gather(*(one(v, cf) for v, cf in self._val_jobs(val)))
 
     def _persona_ids(self, train: Sequence[Vote], traces: Sequence[Trace], best: Sequence[Demo]) -> list[str]:
         """Traces the persona is written from: all usable ones in time order ("all": prefix-stable across
@@ -694,7 +706,16 @@ class Synthesizer:
             if progress:
                 progress("persona", 1, 1)
             return boot, persona
-        traces, reused = await self.verify(user_id, train, progress=progress, llm=llm)
+        # Step 1's opener (the zero-shot candidate) needs no traces: judge it while the traces are made.
+        scorer = self._default_scorer(llm, ledger)
+        opener = asyncio.ensure_future(self._judge_all(scorer, val))
+        try:
+            traces, reused = await self.verify(user_id, train, progress=progress, llm=llm)
+            await opener
+        except BaseException:
+            opener.cancel()
+            await asyncio.gather(opener, return_exceptions=True)
+            raise
         cand_list = self.bootstrap_candidates(user_id, train, traces)
         if progress:
             progress("candidates", 0, len(cand_list))
