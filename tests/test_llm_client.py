@@ -7,6 +7,7 @@ so the lean backend is held to exactly the behaviour of the LangChain one.
 from __future__ import annotations
 
 import asyncio
+import doctest
 import hashlib
 import json
 import time
@@ -15,18 +16,24 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
+import synth_agent.llm.errors
 from synth_agent.config import Settings
 from synth_agent.llm import ChatBackend, Completion
 from synth_agent.llm.cache import MemoryCache, SqliteCache, cache_key
 from synth_agent.llm.client import EndpointConfig, LLMClient, LLMError, parse_structured
 from synth_agent.llm.errors import (
+    ContextOverflowError,
     InvalidRequestError,
     LLMTimeoutError,
     RateLimitedError,
+    RejectedError,
     UnavailableError,
     UnparseableResponseError,
+    error_for_status,
 )
 from synth_agent.sim.server import SimEndpoint
 
@@ -398,3 +405,121 @@ def test_client_usable_from_successive_event_loops(sim: SimEndpoint, client) -> 
 
     assert asyncio.run(ask("loop one")) == f"answer:{digest('loop one')}"
     assert asyncio.run(ask("loop two")) == f"answer:{digest('loop two')}"
+
+
+# ---------------------------------------------------------------- typed errors, wire format, server facts
+
+
+
+def test_errors_module_examples_run() -> None:
+    result = doctest.testmod(synth_agent.llm.errors)
+    assert result.attempted > 0 and result.failed == 0
+
+
+@pytest.mark.parametrize(
+    ("status", "message", "code", "kind", "limit"),
+    [
+        (400, "This model's maximum context length is 4096 tokens. However, you requested 4842 tokens "
+              "(4442 in the messages, 400 in the completion).", None, ContextOverflowError, 4096),  # vLLM / OpenAI
+        (400, "whatever", "context_length_exceeded", ContextOverflowError, None),  # OpenAI error code
+        (400, "the request exceeds the available context size, try increasing it", "exceed_context_size_error",
+         ContextOverflowError, None),  # llama.cpp server
+        (400, "Requested tokens (5000) exceed context window of 4096", None, ContextOverflowError, 4096),  # llama-cpp-python
+        (400, "The input (5000 tokens) is longer than the model's context length (4096 tokens).", None,
+         ContextOverflowError, 4096),  # SGLang
+        (400, "top_logprobs must be at most 20", None, InvalidRequestError, None),
+        (422, "unprocessable", None, InvalidRequestError, None),
+        (401, "bad key", None, RejectedError, None),
+        (404, "model not found", None, RejectedError, None),
+        (429, "slow down", None, RateLimitedError, None),
+        (408, "request timeout", None, LLMTimeoutError, None),
+        (503, "overloaded", None, UnavailableError, None),
+    ],
+)
+def test_error_classification(status, message, code, kind, limit) -> None:
+    err = error_for_status(status, message, code=code, headers={"retry-after": "2"})
+    assert type(err) is kind and err.status == status
+    assert err.retryable == (status in (408, 429, 503))
+    if kind is ContextOverflowError:
+        assert err.context_length == limit and isinstance(err, InvalidRequestError)
+    assert err.retry_after == 2.0
+
+
+class Capture:
+    """A tiny OpenAI-compatible server that records request bodies and answers as told."""
+
+    def __init__(self) -> None:
+        self.bodies: list[dict] = []
+        self.reply: tuple[int, dict] = (200, {})
+        app = FastAPI()
+
+        @app.get("/healthz")
+        async def health() -> dict:
+            return {"ok": True}
+
+        @app.post("/v1/chat/completions")
+        async def chat(request: Request) -> JSONResponse:
+            self.bodies.append(await request.json())
+            status, body = self.reply
+            return JSONResponse(body, status_code=status)
+
+        self.app = app
+
+
+def completion_body(text: str) -> dict:
+    return {"id": "x", "object": "chat.completion", "model": "m",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def capture() -> Iterator[tuple[Capture, str]]:
+    from synth_agent.serving import ThreadedServer
+
+    cap = Capture()
+    with ThreadedServer(cap.app, lifespan="off", name="capture") as srv:
+        yield cap, f"{srv.url}/v1"
+
+
+async def test_wire_format_json_schema_and_typed_failures(capture, transport: str) -> None:
+    cap, url = capture
+    cfg = EndpointConfig(base_url=url, model="m", transport=transport, structured_output="json_schema",
+                         max_retries=2, backoff_initial=0.001, backoff_max=0.01, probe_server=False)  # fmt: skip
+    async with LLMClient(cfg, cache=False) as c:
+        cap.bodies.clear()
+        cap.reply = (200, completion_body('{"digest": "d", "length": 3}'))
+        assert await c.structured(msgs("q"), Answer) == Answer(digest="d", length=3)
+        body = cap.bodies[-1]
+        assert body["response_format"]["type"] == "json_schema"
+        assert body["response_format"]["json_schema"]["schema"]["required"] == ["digest", "length"]
+        assert body["messages"] == msgs("q") and body["model"] == "m" and body["temperature"] == 0
+
+        cap.reply = (400, {"error": {"message": "This model's maximum context length is 4096 tokens. However, "
+                                                "you requested 4842 tokens.", "type": "BadRequestError"}})  # fmt: skip
+        before = len(cap.bodies)
+        with pytest.raises(ContextOverflowError) as overflow:
+            await c.complete(msgs("long"), call_site="persona")
+        assert overflow.value.context_length == 4096 and overflow.value.call_site == "persona"
+        assert len(cap.bodies) == before + 1  # not retried
+
+        cap.reply = (200, {"unexpected": True})  # an answer, but not a chat completion
+        with pytest.raises(UnparseableResponseError, match="OpenAI-compatible"):
+            await c.complete(msgs("odd"))
+        assert len(cap.bodies) == before + 2  # not retried either
+
+        cap.reply = (200, completion_body("ok"))
+        await c.complete([{"role": "model", "content": "hi"}, {"role": "human", "content": "x"}])
+        assert [m["role"] for m in cap.bodies[-1]["messages"]] == ["assistant", "user"]
+
+
+async def test_server_stated_capacity_and_context_length() -> None:
+    with SimEndpoint(slots=2, context_length=8192) as ep:
+        async with LLMClient(EndpointConfig(base_url=ep.base_url, max_concurrency=16)) as c:
+            assert c.context_length is None and c.concurrency == 16  # nothing asked yet
+            await c.complete(msgs("probe me"))
+            assert c.server_info is not None and c.server_info.capacity == 2 and c.server_info.source == "/props"
+            assert c.context_length == 8192
+            await asyncio.gather(*(c.complete(msgs(f"p{i}")) for i in range(10)))
+            assert c.concurrency <= 2 and ep.stats()["max_in_flight"] <= 2
+    configured = LLMClient(EndpointConfig(base_url="http://x/v1", context_length=2048))
+    assert configured.context_length == 2048

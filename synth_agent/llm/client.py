@@ -361,6 +361,8 @@ class LLMClient:
         loop = asyncio.get_running_loop()
         bound = self._bound
         if bound is None or bound.loop is not loop:
+            if bound is not None and bound.loop.is_closed():
+                bound.transport.abandon()
             bound = self._bound = _LoopBound(self.config, bound or self._learned)
         return bound
 
@@ -384,6 +386,8 @@ class LLMClient:
             if bound.probe is not None and not bound.probe.done():
                 bound.probe.cancel()
             await bound.transport.aclose()
+        elif bound.loop.is_closed():
+            bound.transport.abandon()
 
     async def __aenter__(self) -> LLMClient:
         return self

@@ -114,6 +114,10 @@ class ChatTransport(Protocol):
 
     async def aclose(self) -> None: ...
 
+    def abandon(self) -> None:
+        """Release what can be released without awaiting (the owning event loop is closed)."""
+        ...
+
 
 def _error_from_body(status: int, raw: bytes, headers: Mapping[str, str]) -> LLMError:
     message, code = raw[:300].decode("utf-8", "replace"), None
@@ -179,6 +183,12 @@ class LeanTransport:
 
     async def aclose(self) -> None:
         await self._session.close()
+
+    def abandon(self) -> None:
+        """Drop the connections of a session whose event loop is gone (nothing can be awaited there)."""
+        connector = self._session.connector
+        if connector is not None and not connector.closed:
+            connector._close()  # the synchronous part of close(): the sockets' loop no longer runs
 
 
 class LangChainTransport:
@@ -249,6 +259,9 @@ class LangChainTransport:
 
     async def aclose(self) -> None:
         await self.http.aclose()
+
+    def abandon(self) -> None:
+        return None  # httpx holds nothing that needs its loop to be released
 
 
 def make_transport(config: EndpointConfig) -> ChatTransport:
