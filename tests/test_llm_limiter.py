@@ -154,10 +154,11 @@ async def test_fit_against_a_single_slot_server_never_times_out(advertise: bool)
             else:
                 assert llm.server_info is not None and llm.server_info.capacity is None
                 assert status.decreases >= 1 and status.limit <= 2
-                # settled: a second burst of work keeps at most capacity + 1 (a probe) at the server
+                # settled: a second burst of work stays within a probe or two of the capacity (learning a
+                # capacity means trying one more now and then), and still nothing times out
                 ep.reset_stats()
                 await asyncio.gather(*(llm.complete([{"role": "user", "content": f"more {i}"}]) for i in range(12)))
-                assert ep.stats()["max_in_flight"] <= 2 and llm.stats.total().retries == 0
+                assert ep.stats()["max_in_flight"] <= 3 and llm.stats.total().retries == 0
 
 
 async def test_timeout_never_runs_while_a_request_waits_in_our_queue() -> None:
