@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import time
 from typing import Any
@@ -69,15 +70,27 @@ async def fit_once(ep: SimProcess, uid: str, votes: list | None, cfg: FitConfig,
     return out
 
 
+def process_cpu(pid: int | None) -> float:
+    """CPU seconds used so far by process ``pid`` (Linux /proc), NaN where unavailable."""
+    try:
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, TypeError):
+        return float("nan")
+
+
 async def fit_many(ep: SimProcess, pop: Population, n_votes: int, cfg: FitConfig, concurrency: int) -> dict[str, float]:
     before = served(ep)
+    sim_pid = getattr(getattr(ep, "_proc", None), "pid", None)
+    sim0, cpu0 = process_cpu(sim_pid), time.process_time()
     async with LLMClient(EndpointConfig(base_url=ep.base_url, max_concurrency=concurrency)) as llm:
         t0 = time.perf_counter()
         await asyncio.gather(*(Synthesizer(llm, None, cfg).fit(u, pop.votes(u, n_votes)) for u in pop.user_ids))
         wall = time.perf_counter() - t0
     d = delta(served(ep), before)
     n = len(pop.user_ids)
-    return {"wall_s": wall, "requests": d["requests"] / n, "prompt_tokens": d["prompt_tokens"] / n}
+    return {"wall_s": wall, "requests": d["requests"] / n, "prompt_tokens": d["prompt_tokens"] / n,
+            "client_cpu_s": time.process_time() - cpu0, "sim_cpu_s": process_cpu(sim_pid) - sim0}  # fmt: skip
 
 
 async def refits(ep: SimProcess, uid: str, votes: list, n_first: int, cfg: FitConfig, concurrency: int) -> list[dict[str, Any]]:
@@ -150,10 +163,12 @@ def main() -> None:
                   str(row["version"]), row["status"])  # fmt: skip
     console.print(r)
     c = Table(title=f"{args.users} users fitted concurrently vs one, one client ({args.concurrency} in flight at most)")
-    for col in ("wall, 1 user (s)", f"wall, {args.users} users (s)", "ratio", "requests / user", "prompt tokens / user"):
+    for col in ("wall, 1 user (s)", f"wall, {args.users} users (s)", "ratio", "requests / user", "prompt tokens / user",
+                "client CPU (s)", "simulator CPU (s)"):  # fmt: skip
         c.add_column(col, justify="right")
     c.add_row(f"{one['wall_s']:.2f}", f"{many['wall_s']:.2f}", f"{many['wall_s'] / one['wall_s']:.1f}x",
-              f"{many['requests']:.1f}", f"{many['prompt_tokens']:,.0f}")  # fmt: skip
+              f"{many['requests']:.1f}", f"{many['prompt_tokens']:,.0f}", f"{many['client_cpu_s']:.2f}",
+              f"{many['sim_cpu_s']:.2f}")  # fmt: skip
     console.print(c)
 
 
