@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import statistics
 import time
 from typing import Any
 
+from fit_accuracy import parse_overrides  # bench/ is on sys.path when a bench script runs
 from langgraph.store.memory import InMemoryStore
 from rich.console import Console
 from rich.table import Table
@@ -101,17 +101,6 @@ async def refits(ep: SimProcess, uid: str, votes: list, n_first: int, cfg: FitCo
     await memory.add_votes(votes[n_first:])
     rows.append(await fit_once(ep, uid, None, cfg, concurrency, memory))
     return rows
-
-
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for item in items:
-        key, _, raw = item.partition("=")
-        try:
-            out[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            out[key] = raw
-    return out
 
 
 def main() -> None:
