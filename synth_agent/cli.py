@@ -329,8 +329,8 @@ def fit(
     user: Annotated[list[str] | None, typer.Option("--user", "-u", help="User id (repeatable).",
                                                    callback=_check_user)] = None,
     all_users: Annotated[bool, typer.Option("--all", help="Fit every user with enough votes.")] = False,
-    trials: Annotated[int, typer.Option(help="Bootstrap trials (step 1).")] = 10,
-    candidates: Annotated[int, typer.Option(help="Demo-set candidates (step 3).")] = 10,
+    trials: Annotated[int, typer.Option(help="Bootstrap trials (step 1).")] = 4,
+    candidates: Annotated[int, typer.Option(help="Demo-set candidates (step 3).")] = 4,
     seed: Annotated[int, typer.Option(help="Seed for splits and random search.")] = 0,
     concurrency: Annotated[int, typer.Option(help="Users fitted at once.")] = 8,
 ) -> None:
@@ -525,8 +525,8 @@ def eval_cmd(
     curve: Annotated[str, typer.Option(help="Context sizes for the accuracy-vs-votes curve, e.g. 5,7,10 ('' = off).")] = "5,7,10",
     seed: Annotated[int, typer.Option(help="Seed for splits and random search.")] = 0,
     concurrency: Annotated[int, typer.Option(help="Users evaluated at once.")] = 8,
-    trials: Annotated[int, typer.Option(help="Bootstrap trials.")] = 10,
-    candidates: Annotated[int, typer.Option(help="Demo-set candidates.")] = 10,
+    trials: Annotated[int, typer.Option(help="Bootstrap trials.")] = 4,
+    candidates: Annotated[int, typer.Option(help="Demo-set candidates.")] = 4,
 ) -> None:
     """Evaluate judges on held-out votes: accuracy per method with 95% CIs, per-user table, plots."""
     from synth_agent.evaluate import ALL_METHODS, evaluate, write_plots

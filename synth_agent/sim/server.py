@@ -40,6 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from synth_agent.serving import ThreadedServer
+from synth_agent.sim.slots import SlotQueue
 
 logger = logging.getLogger(__name__)
 
@@ -170,6 +171,8 @@ class SimState:
     max_in_flight: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    slot_queue: SlotQueue | None = None
+    """``slots`` mode: completions served N at a time, the rest queued in the server (like llama.cpp)."""
 
     def __post_init__(self) -> None:
         self.rng.seed(self.seed)
@@ -218,6 +221,7 @@ class SimState:
                 "max_in_flight": self.max_in_flight,
                 "prompt_tokens": self.prompt_tokens,
                 "completion_tokens": self.completion_tokens,
+                **({"slots": self.slot_queue.snapshot()} if self.slot_queue is not None else {}),
             }
 
     def reset(self) -> None:
@@ -227,6 +231,8 @@ class SimState:
             self.faults.clear()
             self.max_in_flight = self.in_flight
             self.prompt_tokens = self.completion_tokens = 0
+        if self.slot_queue is not None:
+            self.slot_queue.reset()
 
     def draw_fault(self) -> FaultKind | None:
         with self.lock:
@@ -331,8 +337,17 @@ def create_sim_app(
     retry_after: float = 0.05,
     model_name: str = "sim",
     logprobs_supported: bool = True,
+    slots: int | None = None,
+    advertise_slots: bool = True,
+    context_length: int = 4096,
 ) -> FastAPI:
-    """Build the simulated endpoint. ``brain`` defaults to ``SimBrain(seed=seed)``."""
+    """Build the simulated endpoint. ``brain`` defaults to ``SimBrain(seed=seed)``.
+
+    ``slots=N`` serves at most N (non-streamed) completions at once and queues the rest
+    inside the server, like a llama.cpp server with N slots; with ``advertise_slots`` it
+    states that capacity at ``GET /props`` (``total_slots``, ``n_ctx`` = ``context_length``)
+    and ``GET /slots`` as llama.cpp does.
+    """
     if brain is None:
         from synth_agent.sim.brain import SimBrain  # lazy: the server is usable with any brain
 
@@ -353,6 +368,7 @@ def create_sim_app(
         retry_after=retry_after,
         seed=seed,
         logprobs_supported=logprobs_supported,
+        slot_queue=SlotQueue(slots, advertise=advertise_slots, context_length=context_length) if slots else None,
     )
     app = FastAPI(title="synth-agent simulated LLM", version="1")
     app.state.sim = state
@@ -393,6 +409,22 @@ def create_sim_app(
             ],
         }
 
+    @app.get("/props")
+    async def props() -> Any:
+        """llama.cpp-style server properties (only in ``slots`` mode with ``advertise_slots``)."""
+        sq = state.slot_queue
+        if sq is None or not sq.advertise:
+            return _error(404, "Not Found", type_="not_found_error")
+        return sq.props(state.model_name)
+
+    @app.get("/slots")
+    async def slot_list() -> Any:
+        sq = state.slot_queue
+        if sq is None or not sq.advertise:
+            return _error(404, "Not Found", type_="not_found_error")
+        busy = sq.snapshot()["busy"]
+        return [{"id": i, "is_processing": i < busy} for i in range(sq.slots)]
+
     @app.get("/stats")
     async def stats() -> dict[str, Any]:
         return state.snapshot()
@@ -417,6 +449,7 @@ def create_sim_app(
     async def chat_completions(body: ChatRequest, request: Request) -> Any:
         state.enter()
         streaming = False
+        slot = False
         try:
             fault = state.draw_fault()
             if fault is not None:
@@ -441,6 +474,10 @@ def create_sim_app(
             if fault == "timeout" and not await _sleep_unless_gone(request, state.slow_ms / 1000):
                 return _error(499, "client closed request", type_="client_closed")
 
+            if state.slot_queue is not None and not body.stream:
+                slot = await state.slot_queue.take(request)
+                if not slot:
+                    return _error(499, "client closed request", type_="client_closed")
             messages = [{"role": m.role, "content": m.text()} for m in body.messages]
             k = (body.top_logprobs or 1) if body.logprobs else None
             try:
@@ -508,6 +545,8 @@ def create_sim_app(
                 "usage": usage,
             }
         finally:
+            if slot and state.slot_queue is not None:
+                state.slot_queue.give()
             if not streaming:
                 state.leave()
 

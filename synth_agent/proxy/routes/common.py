@@ -11,7 +11,7 @@ from fastapi import Response
 from pydantic import BaseModel
 
 from synth_agent import prompts
-from synth_agent.llm.client import LLMError
+from synth_agent.llm.errors import LLMError, LLMTimeoutError
 from synth_agent.models import Message, PersonaProfile
 from synth_agent.prompts import ParseError
 from synth_agent.proxy.deps import resolve_user
@@ -119,9 +119,9 @@ async def judging(coro: Any) -> Any:
     """Judge/rank errors from the LLM become 502/504 in OpenAI format, never a hang or a 500."""
     try:
         return await coro
+    except LLMTimeoutError as exc:
+        raise ProxyError(504, f"the judge model did not answer in time: {exc}", code="judge_timeout") from None
     except LLMError as exc:
-        timeout = "Timeout" in repr(exc.cause)
-        raise ProxyError(504 if timeout else 502, f"the judge model failed: {exc}",
-                         code="judge_timeout" if timeout else "judge_unavailable") from None
+        raise ProxyError(502, f"the judge model failed: {exc}", code="judge_unavailable") from None
     except ParseError as exc:
         raise ProxyError(502, f"the judge model gave no readable verdict: {exc}", code="judge_unreadable") from None
