@@ -71,12 +71,13 @@ def fuzz_world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, A
         app = create_app(
             Settings(base_url=sim.base_url, home=home), _proxy_settings(),
             store=store,
-            llm=LLMClient(EndpointConfig(base_url=sim.base_url, max_retries=1)),
+            llm=(llm := LLMClient(EndpointConfig(base_url=sim.base_url, max_retries=1))),
         )
         with ProxyServer(app) as srv:
             TARGET.srv = srv  # every case, and every probe a check sends, reaches this app in-process
             yield {"app": app, "store": store, "sim": sim, "url": srv.url}
             TARGET.srv = None
+            srv.call(llm.aclose())  # an injected client is the caller's to close
 
 
 def _proxy_settings(**kw: Any) -> ProxySettings:

@@ -76,17 +76,19 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     home = tmp_path_factory.mktemp("hard-home")
     with SimEndpoint() as sim:
         store = ChromaStore(path=home / "chroma", embedding_function=LazyMiniLMEmbeddings())
+        llm = LLMClient(EndpointConfig(base_url=sim.base_url))
         app = create_app(
             Settings(base_url=sim.base_url, home=home),
             ProxySettings(api_keys=f"acme:{KEY}", synthesis="off", default_model="sim", key_rate_limit=0,
                           auth_failure_burst=10_000),
-            store=store, llm=LLMClient(EndpointConfig(base_url=sim.base_url)),
+            store=store, llm=llm,
         )
         with ProxyServer(app) as srv:
             state: ProxyState = app.state.proxy
             srv.call(state.memories("acme").save_persona(  # type: ignore[misc]
                 PersonaProfile(user_id=VICTIM, persona="The user prefers short answers.")))
             yield World(sim, srv, state, store)
+            srv.call(llm.aclose())  # an injected client is the caller's to close
 
 
 def is_error(r: httpx.Response, status: int, code: str | None = None) -> bool:
