@@ -677,32 +677,48 @@ class SimProcess:
         return f"http://{self.host}:{self.port}/v1"
 
     def start(self) -> SimProcess:
+        """Start the child and wait until it is healthy.
+
+        The child ends with this process however it ends: ``stop()`` (also on SIGTERM or
+        Ctrl-C through ``with``), or the kernel's parent-death signal and a ``getppid()``
+        watch if this process is killed outright (see :mod:`synth_agent.lifecycle`).
+        """
+        from synth_agent.lifecycle import child_env
+
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "synth_agent.cli", "sim-endpoint", *self._args],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=child_env(),
         )
-        deadline = time.monotonic() + self._timeout
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                raise RuntimeError(f"simulator process exited with code {self._proc.returncode}")
-            try:
-                if httpx.get(f"http://{self.host}:{self.port}/healthz", timeout=0.5).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"simulator process did not become healthy within {self._timeout:.0f} s")
+        try:
+            deadline = time.monotonic() + self._timeout
+            while time.monotonic() < deadline:
+                if self._proc.poll() is not None:
+                    raise RuntimeError(f"simulator process exited with code {self._proc.returncode}")
+                try:
+                    if httpx.get(f"http://{self.host}:{self.port}/healthz", timeout=0.5).status_code == 200:
+                        return self
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.1)
+            raise RuntimeError(f"simulator process did not become healthy within {self._timeout:.0f} s")
+        except BaseException:
+            self.stop()
+            raise
+
+    @property
+    def pid(self) -> int | None:
+        """The child's process id while it runs."""
+        return self._proc.pid if self._proc is not None else None
 
     def stop(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.terminate()
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
             try:
-                self._proc.wait(timeout=10)
+                proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
-        self._proc = None
+                proc.kill()
+                proc.wait()
 
     def stats(self) -> dict[str, Any]:
         return httpx.get(f"http://{self.host}:{self.port}/stats", timeout=5).json()
