@@ -10,7 +10,10 @@ looking in the wrong place.
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,6 +38,8 @@ except ImportError:  # tests/ is not a package: pytest puts tests/ itself on sys
 
 MARKER = "ZQ7MARKERX41"
 USER = "erase-me-3c9f@example.com"
+CLI_MARKER = "KV2CLIMARKQ8"
+CLI_USER = "cli-erase-7d1e@example.com"
 
 
 def scan(root: Path, needles: list[str | bytes]) -> dict[str | bytes, list[str]]:
@@ -82,15 +87,19 @@ def test_forget_leaves_no_bytes_under_home(tmp_path: Path, sim: SimProcess) -> N
         assert r.status_code == 200 and r.json()["added"] == 8, r.text
         others = [_vote(i, f"other{i % 3}@example.com", "OTHERTEXT") for i in range(9)]
         assert httpx.post(f"{srv.url}/v1/votes", json=others, headers=h, timeout=120).status_code == 200
+        cli_votes = [_vote(i, CLI_USER, CLI_MARKER) for i in range(6)]  # forgotten with the CLI below
+        assert httpx.post(f"{srv.url}/v1/votes", json=cli_votes, headers=h, timeout=120).status_code == 200
         ab = httpx.post(f"{srv.url}/v1/ab", headers=h, timeout=120, json={
             "user": USER, "model": "sim", "messages": [{"role": "user", "content": f"{MARKER} pending pair"}]})
         assert ab.status_code == 200, ab.text  # a pending A/B pair, never redeemed
         deadline = time.monotonic() + 240
-        while httpx.get(f"{srv.url}/v1/users/{seg}/persona", headers=h, timeout=30).status_code != 200:
-            assert time.monotonic() < deadline, "no persona was fitted for the user"
-            time.sleep(0.5)
-        before = scan(home, [MARKER, USER])
+        for u in (seg, quote(CLI_USER, safe="")):
+            while httpx.get(f"{srv.url}/v1/users/{u}/persona", headers=h, timeout=30).status_code != 200:
+                assert time.monotonic() < deadline, "no persona was fitted for the user"
+                time.sleep(0.5)
+        before = scan(home, [MARKER, USER, CLI_MARKER])
         assert before.get(MARKER) and any("checkpoints" in f for f in before[MARKER]), before  # the scan sees it
+        assert any("checkpoints" in f for f in before[CLI_MARKER]), before
         keys_before = ledger_keys(home / "chroma")
 
         d = httpx.delete(f"{srv.url}/v1/users/{seg}", headers=h, timeout=120)
@@ -104,13 +113,23 @@ def test_forget_leaves_no_bytes_under_home(tmp_path: Path, sim: SimProcess) -> N
         assert any(p.name.endswith("-wal") and p.stat().st_size >= 0 for p in home.rglob("*"))  # WAL files exist
         still = httpx.get(f"{srv.url}/v1/users/{quote('other0@example.com', safe='')}/persona", headers=h)
         assert "(3 vote(s) stored" in still.text  # other users untouched
+        assert scan(home, [CLI_MARKER]), "the other fitted user was erased too"
+
+        # `synth-agent forget` while the server runs: goes through the server's Chroma, erases checkpoints too
+        cli = subprocess.run([sys.executable, "-m", "synth_agent.cli", "--home", str(home), "--tenant", srv.tenant,
+                              "forget", "--user", CLI_USER, "--yes"], capture_output=True, text=True, timeout=300,
+                             env={**os.environ, "HF_HUB_OFFLINE": "1", "ANONYMIZED_TELEMETRY": "False"})
+        assert cli.returncode == 0, cli.stderr
+        assert "votes=6" in cli.stdout, cli.stdout
+        assert scan(home, [CLI_MARKER, CLI_USER]) == {}, "CLI forget left user bytes"
+        assert httpx.get(f"{srv.url}/v1/users/{quote(CLI_USER, safe='')}/persona", headers=h).status_code == 404
     finally:
         srv.stop()
     assert chroma_children_gone(home)
-    assert scan(home, [MARKER, USER]) == {}, "user bytes left after shutdown"
+    assert scan(home, [MARKER, USER, CLI_MARKER, CLI_USER]) == {}, "user bytes left after shutdown"
     srv = ServeProcess(home, sim.base_url).start()
     try:
-        assert scan(home, [MARKER, USER]) == {}, "user bytes back after a restart"
+        assert scan(home, [MARKER, USER, CLI_MARKER, CLI_USER]) == {}, "user bytes back after a restart"
         assert httpx.get(f"{srv.url}/v1/users/{seg}/persona", headers=srv.headers, timeout=30).status_code == 404
     finally:
         srv.stop()

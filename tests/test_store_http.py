@@ -59,7 +59,7 @@ def test_poison_vote_among_600_stores_nothing_and_fails_nobody_else(proxy: tuple
 
     bad, good = asyncio.run(run())
     assert bad.status_code == 400, bad.text
-    assert "nothing was stored" in bad.json()["error"]["message"]
+    assert "lone surrogate" in bad.json()["error"]["message"]  # refused at the door, before any write
     assert [r.status_code for r in good] == [200] * 20 and all(r.json()["added"] == 1 for r in good)
     ids = {v.id for v in srv.call(PreferenceMemory(store, "acme").list_votes("ana@x.io"))}
     assert ids == {f"valid-ana@x.io-{i}" for i in range(20)}  # none of the 600, all of the 20
@@ -69,10 +69,20 @@ def test_200_concurrent_writers_lose_nothing_and_duplicate_nothing(proxy: tuple[
     srv, store = proxy
     users = [f"user{u:02d}@x.io" for u in range(20)]
 
+    async def post(client: httpx.AsyncClient, vote: dict[str, Any]) -> httpx.Response:
+        # A keep-alive connection the server closes as the client reuses it is a transport error, not
+        # an answer: a client resends (votes carry ids, so a resend may never store a second copy).
+        for _attempt in range(3):
+            try:
+                return await client.post("/votes", json=vote)
+            except httpx.TransportError:
+                continue
+        return await client.post("/votes", json=vote)
+
     async def writer(client: httpx.AsyncClient, w: int) -> list[int]:
         out = []
         for i in range(5):
-            r = await client.post("/votes", json=_vote(users[w % 20], w * 5 + i, "c"))
+            r = await post(client, _vote(users[w % 20], w * 5 + i, "c"))
             out.append(r.status_code)
         return out
 
