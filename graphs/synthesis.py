@@ -41,7 +41,7 @@ from langgraph.types import Checkpointer, Durability
 from pydantic import Field
 from typing_extensions import TypedDict
 
-from graphs._common import MemoryFactory, open_checkpointer
+from graphs._common import MemoryFactory, erase_threads, open_checkpointer
 from graphs.identity import IdentityContext, IdentityMissing, resolve_identity, run_values
 from store.memory import PreferenceMemory
 from synth_agent.engine.synthesize import CountingBackend, FitConfig, Synthesizer, split_votes
@@ -57,6 +57,7 @@ __all__ = [
     "SynthesisRunner",
     "SynthesisState",
     "build_synthesis_graph",
+    "erase_synthesis_checkpoints",
     "graph",
     "nothing_new",
     "open_checkpointer",
@@ -148,6 +149,32 @@ def nothing_new(current: PersonaProfile | None, vote_ids: Iterable[str], prompt_
 
 def synthesis_thread_id(tenant_id: str, user_id: str, run_id: str) -> str:
     return f"synth:{tenant_id}:{user_id}:{run_id}"
+
+
+async def erase_synthesis_checkpoints(
+    checkpointer: Checkpointer, tenant_id: str, user_id: str, versions: int = 0
+) -> list[str]:
+    """Erase every synthesis checkpoint thread of one user (they hold the user's votes in the clear).
+
+    Threads ``v1 … v<versions+1>`` (every version fitted, plus one pending), and with the SQLite
+    checkpointer every other ``synth:<tenant>:<user>:<run>`` thread it holds (so a forget that
+    is retried after a failure still finds versions whose personas are already gone). Returns
+    once the deletion is on disk (:func:`graphs._common.erase_threads`). Returns the thread ids.
+    """
+    if checkpointer is None or not hasattr(checkpointer, "adelete_thread"):
+        return []
+    threads = [synthesis_thread_id(tenant_id, user_id, f"v{v}") for v in range(1, versions + 2)]
+    conn = getattr(checkpointer, "conn", None)
+    if conn is not None and hasattr(conn, "execute") and hasattr(checkpointer, "lock"):
+        prefix = synthesis_thread_id(tenant_id, user_id, "")
+        async with checkpointer.lock, conn.execute(
+            "SELECT DISTINCT thread_id FROM checkpoints WHERE substr(thread_id, 1, ?) = ?", (len(prefix), prefix)
+        ) as cur:
+            found = [row[0] async for row in cur]
+        # run ids never contain ":"; a longer remainder is another user whose id starts with this one's
+        threads += [t for t in found if ":" not in t[len(prefix):] and t not in threads]
+    await erase_threads(checkpointer, threads)
+    return threads
 
 
 _FIT_FIELDS = {f.name for f in fields(FitConfig)}

@@ -243,9 +243,10 @@ def forget(
     user: UserOpt,
     yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation (needed without a terminal).")] = False,
 ) -> None:
-    """Delete everything stored about a user: votes, personas, history, cached judgments.
+    """Delete everything stored about a user: votes, personas, history, cached judgments, checkpoints.
 
-    Asks for confirmation; without a terminal (a pipe, a script, CI) it refuses unless ``--yes``.
+    Returns once the erasure is on disk (docs/store.md). Asks for confirmation; without a
+    terminal (a pipe, a script, CI) it refuses unless ``--yes``.
     """
     from synth_agent.services import open_memory
 
@@ -256,7 +257,19 @@ def forget(
                   "pass --yes to confirm")
         if not typer.confirm(f"Forget everything about {user!r}?", default=False):
             _fail(f"{user!r} was not forgotten: confirmation declined")
-    counts = _run(open_memory(st.settings, st.tenant).forget_user(user))
+
+    async def go() -> dict[str, int]:
+        memory = open_memory(st.settings, st.tenant)
+        versions = len(await memory.persona_history(user))
+        counts: dict[str, int] = await memory.forget_user(user)
+        if (st.settings.home / "checkpoints.sqlite").exists():  # synthesis checkpoints hold the votes too
+            from graphs.synthesis import erase_synthesis_checkpoints, open_checkpointer
+
+            async with open_checkpointer(st.settings.home) as cp:
+                await erase_synthesis_checkpoints(cp, st.tenant, user, versions)
+        return counts
+
+    counts = _run(go())
     out.print(f"forgot {escape(repr(user))}: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
 
 

@@ -23,20 +23,33 @@ from synth_agent.llm.cache import SqliteCache
 from synth_agent.llm.client import EndpointConfig, LLMClient
 
 
-def open_store(settings: Settings, *, reindex: bool = False) -> Any:
-    """The configured LangGraph BaseStore: embedded Chroma, or a Chroma server over HTTP.
+def open_store(settings: Settings, *, reindex: bool = False, server: bool = False) -> Any:
+    """The configured LangGraph BaseStore: the local store under ``<home>/chroma``, or a Chroma server.
 
-    ``reindex`` re-embeds every item with the current embedding model first (after a model change).
+    ``server=True`` (long-running services: ``serve``, ``worker``) runs the local directory's
+    Chroma in a child process, so that Chroma never holds this process's GIL; one-shot commands
+    open it in-process, or connect through the server of a synth-agent process that already
+    serves it. With ``CHROMA_HOST`` the shared server is used (values unsealed; the batch journal
+    is kept in ``<home>/store-journal.sqlite3``). ``reindex`` re-embeds every item with the
+    current embedding model first (after a model change, or to migrate an older layout).
     """
     from store.chroma import ChromaStore
     from store.embeddings import LazyMiniLMEmbeddings
 
-    ef = LazyMiniLMEmbeddings()
+    # One intra-op thread: a server's other core stays free for requests while a commit embeds.
+    ef = LazyMiniLMEmbeddings(threads=1 if server else None)
+    settings.home.mkdir(parents=True, exist_ok=True)
     if settings.chroma_host:
         return ChromaStore(
-            host=settings.chroma_host, port=settings.chroma_port, embedding_function=ef, reindex=reindex
+            host=settings.chroma_host,
+            port=settings.chroma_port,
+            embedding_function=ef,
+            reindex=reindex,
+            ledger=settings.home / "store-journal.sqlite3",
+            seal=False,
         )
-    settings.home.mkdir(parents=True, exist_ok=True)
+    if server:
+        return ChromaStore.local_server(settings.home / "chroma", embedding_function=ef, reindex=reindex)
     return ChromaStore(path=str(settings.home / "chroma"), embedding_function=ef, reindex=reindex)
 
 

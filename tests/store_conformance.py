@@ -132,6 +132,26 @@ class BaseStoreConformance:
         page1 = await store.asearch(ns, query="python code", limit=2)
         assert not {h.key for h in page1} & {h.key for h in page2}
 
+    async def test_search_sorting_finds_the_one_distinct_item(self, store: BaseStore) -> None:
+        """LangGraph's ``test_search_sorting`` case: one distinct item among 200 that share one embedding.
+
+        An approximate index can bury the exact match under the duplicates; a namespace of this
+        size must be ranked exactly, so the match comes first with a clearly higher score.
+        """
+        from langgraph.store.base import PutOp
+
+        ns = ("sorting", "u")
+        same = "The weather report for the coast: wind from the west, light rain later."
+        # Trailing spaces do not change the tokens, so all 200 share one vector (distinct strings only
+        # because InMemoryStore cannot embed one text twice in a batch: it dedupes, then miscounts).
+        dups = [PutOp(ns, f"dup{i:03d}", {"text": same + " " * i}) for i in range(200)]
+        await store.abatch([*dups, PutOp(ns, "one", {"text": "mmm"})])
+        hits = await store.asearch(ns, query="mmm", limit=10)
+        assert len(hits) == 10 and hits[0].key == "one"
+        assert hits[0].score is not None and hits[1].score is not None and hits[0].score > hits[1].score
+        offset = await store.asearch(ns, query="mmm", limit=5, offset=1)
+        assert "one" not in {h.key for h in offset} and len(offset) == 5
+
     async def test_unindexed_items_are_not_semantic_hits(self, store: BaseStore) -> None:
         ns = ("idx",)
         await store.aput(ns, "indexed", {"text": TOPICS["garden"]})

@@ -125,7 +125,8 @@ def create_app(
             else:
                 from synth_agent.services import open_store
 
-                state.store = await asyncio.to_thread(open_store, settings)
+                state.store = await asyncio.to_thread(open_store, settings, server=True)
+                stack.push_async_callback(asyncio.to_thread, state.store.close)  # last out: stops its Chroma
             memories = TenantMemories(state.store)
             if llm is not None:
                 state.llm = llm

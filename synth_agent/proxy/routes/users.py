@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Query
 from fastapi.responses import Response
 
-from graphs.synthesis import synthesis_thread_id
+from graphs.synthesis import erase_synthesis_checkpoints
 from synth_agent.export import export_profile
 from synth_agent.models import PersonaProfile
 from synth_agent.proxy.deps import AuthCaller, PathUser, State
@@ -37,15 +37,9 @@ async def _profile(st: ProxyState, tenant: str, user: str) -> PersonaProfile:
 
 
 async def _forget_checkpoints(st: ProxyState, tenant: str, user: str, versions: int) -> None:
-    """Synthesis checkpoints hold the user's votes too: drop the threads of every version fitted or pending."""
-    cp = st.checkpointer
-    if cp is None or not hasattr(cp, "adelete_thread"):
-        return
-    for v in range(1, versions + 2):
-        try:
-            await cp.adelete_thread(synthesis_thread_id(tenant, user, f"v{v}"))
-        except Exception:
-            log.exception("could not delete a synthesis checkpoint of a forgotten user")
+    """Synthesis checkpoints hold the user's votes too: erase them (a failure is a 500: DELETE again)."""
+    if st.checkpointer is not None:
+        await erase_synthesis_checkpoints(st.checkpointer, tenant, user, versions)
 
 
 def router(models: ApiModels) -> APIRouter:
@@ -99,10 +93,13 @@ def router(models: ApiModels) -> APIRouter:
         if sched is not None and sched.is_busy(tenant, user):
             # A fit already running would save a persona after this delete: forget again once it ends.
             async def again() -> None:
-                await sched.wait_user_idle(tenant, user)
-                await memories(tenant).forget_user(user)
-                personalizer.invalidate(tenant, user)
-                await _forget_checkpoints(st, tenant, user, versions + 1)
+                try:
+                    await sched.wait_user_idle(tenant, user)
+                    await memories(tenant).forget_user(user)
+                    personalizer.invalidate(tenant, user)
+                    await _forget_checkpoints(st, tenant, user, versions + 1)
+                except Exception:
+                    log.exception("could not repeat the forget of a user whose fit was running")
 
             task = asyncio.get_running_loop().create_task(again())
             st.background.add(task)

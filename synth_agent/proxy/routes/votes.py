@@ -44,7 +44,11 @@ def router(models: ApiModels) -> APIRouter:
             shown = "; ".join(errors[:5]) + (f"; and {len(errors) - 5} more" if len(errors) > 5 else "")
             raise ProxyError(400, f"{len(errors)} of {len(items)} votes are invalid; nothing was stored: {shown}",
                              param="votes", code="invalid_vote")
-        result = await memories(caller.tenant).add_votes(votes)
+        try:
+            result = await memories(caller.tenant).add_votes(votes)
+        except ValueError as exc:  # refused by the store before anything was written (e.g. text not UTF-8)
+            raise ProxyError(400, f"invalid votes; nothing was stored: {exc}", param="votes",
+                             code="invalid_vote") from None
         st.metrics.votes.inc(result.added)
         users = sorted({v.user_id for v in votes})
         for u in users:
