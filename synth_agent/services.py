@@ -23,15 +23,19 @@ from synth_agent.llm.cache import SqliteCache
 from synth_agent.llm.client import EndpointConfig, LLMClient
 
 
-def open_store(settings: Settings, *, reindex: bool = False) -> Any:
+def open_store(settings: Settings, *, reindex: bool = False, warm: bool = False) -> Any:
     """The configured LangGraph BaseStore: embedded Chroma, or a Chroma server over HTTP.
 
     ``reindex`` re-embeds every item with the current embedding model first (after a model change).
+    ``warm`` loads the embedding model now (a server: its first vote write would otherwise pay the
+    model load, seconds); by default it loads on first use, so read-only commands never load it.
     """
     from store.chroma import ChromaStore
     from store.embeddings import LazyMiniLMEmbeddings
 
     ef = LazyMiniLMEmbeddings()
+    if warm:
+        ef.embed_query("warm-up")
     if settings.chroma_host:
         return ChromaStore(
             host=settings.chroma_host, port=settings.chroma_port, embedding_function=ef, reindex=reindex
