@@ -71,8 +71,8 @@ def register(app: typer.Typer) -> None:
 
         from synth_agent.proxy.app import create_app
         from synth_agent.proxy.settings import ProxySettings
-        from synth_agent.serving import freeze_heap_after_startup
         from synth_agent.services import simulator_if_needed
+        from synth_agent.serving import freeze_heap_after_startup
 
         flags = {
             "host": host, "port": port, "upstream_base_url": upstream_base_url,
