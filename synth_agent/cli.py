@@ -12,22 +12,23 @@ Ctrl-C or SIGTERM, and if the command is killed outright (:mod:`synth_agent.life
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import sys
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
-from synth_agent.config import Settings
+if TYPE_CHECKING:
+    from rich.progress import Progress
+    from rich.table import Table
+
+    from synth_agent.config import Settings
 
 T = TypeVar("T")
 
@@ -43,7 +44,8 @@ app = typer.Typer(
         "130 interrupted; 143 terminated. Errors are one line; --debug shows the traceback."
     ),
     no_args_is_help=True,
-    rich_markup_mode="rich",
+    # plain help: typer's rich help imports rich.markdown and renders panels, ~0.1 s of CPU per `--help`
+    rich_markup_mode=None,
     pretty_exceptions_enable=False,
 )
 
@@ -65,12 +67,43 @@ EXIT_CODES: dict[int, str] = {
 
 @dataclass
 class CLIState:
-    settings: Settings
+    """What the global options decided. Settings are read from the environment on first use, so
+    ``--help`` and argument errors never import pydantic-settings."""
+
+    overrides: dict[str, Any]
     tenant: str
     debug: bool = False
+    _settings: Settings | None = None
+
+    @property
+    def settings(self) -> Settings:
+        if self._settings is None:
+            from synth_agent.config import Settings
+
+            try:
+                self._settings = Settings().model_copy(update=self.overrides)
+            except ValueError as exc:  # a malformed environment variable
+                _fail(f"invalid configuration: {exc}", 2)
+        return self._settings
+
+
+def _table(*columns: str, **kw: Any) -> Table:
+    from rich.table import Table
+
+    return Table(*columns, **kw)
+
+
+def _progress() -> Progress:
+    """The progress bar of long commands (on stderr, so piped output stays clean)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=err)
 
 
 def _run(coro: Coroutine[Any, Any, T]) -> T:
+    import asyncio  # not at module level: `--help` and argument errors never need an event loop
+
     return asyncio.run(coro)
 
 
@@ -82,7 +115,7 @@ def _fail(msg: str, code: int = 1) -> NoReturn:
 
 def _check_user(value: Any) -> Any:
     """Option callback: user ids are validated before anything is opened (exit 2 with the reason)."""
-    from synth_agent.models import validate_user_id
+    from synth_agent.ids import validate_user_id
 
     for v in value if isinstance(value, list | tuple) else [value]:
         if v is None:
@@ -95,7 +128,7 @@ def _check_user(value: Any) -> Any:
 
 
 def _check_tenant(value: str) -> str:
-    from synth_agent.models import validate_user_id
+    from synth_agent.ids import validate_user_id
 
     try:
         return validate_user_id(value)
@@ -105,7 +138,7 @@ def _check_tenant(value: str) -> str:
 
 def _check_texts(value: Any) -> Any:
     """Option callback for free text (prompts, answers): must be valid Unicode (argv may carry bad bytes)."""
-    from synth_agent.models import check_text
+    from synth_agent.ids import check_text
 
     for v in value if isinstance(value, list | tuple) else [value]:
         if isinstance(v, str):
@@ -149,11 +182,7 @@ def main_options(
         overrides["model"] = model
     if api_key is not None:
         overrides["api_key"] = api_key
-    try:
-        settings = Settings().model_copy(update=overrides)
-    except ValueError as exc:  # a malformed environment variable
-        _fail(f"invalid configuration: {exc}", 2)
-    ctx.obj = CLIState(settings, tenant, debug)
+    ctx.obj = CLIState(overrides, tenant, debug)
 
 
 def _state(ctx: typer.Context) -> CLIState:
@@ -205,7 +234,7 @@ def ingest(
         f"[green]ingested[/] {added} new vote(s), {dups} already stored, "
         f"{len(parsed.issues)} invalid line(s) skipped, {len(counts)} user(s)."
     )
-    table = Table("user", "votes stored")
+    table = _table("user", "votes stored")
     for u, n in counts.items():
         table.add_row(escape(u), str(n))
     out.print(table)
@@ -228,7 +257,7 @@ def votes(
         for v in vs:
             print(v.model_dump_json())
         return
-    table = Table("#", "id", "time", "prompt", "chosen", title=f"{len(vs)} vote(s) of {escape(user)}")
+    table = _table("#", "id", "time", "prompt", "chosen", title=f"{len(vs)} vote(s) of {escape(user)}")
     for i, v in enumerate(vs, 1):
         table.add_row(
             str(i), escape(v.id), v.timestamp.isoformat() if v.timestamp else "-",
@@ -243,8 +272,9 @@ def forget(
     user: UserOpt,
     yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation (needed without a terminal).")] = False,
 ) -> None:
-    """Delete everything stored about a user: votes, personas, history, cached judgments.
+    """Delete everything stored about a user.
 
+    Votes, personas and their history, traces, cached judgments and pending A/B pairs.
     Asks for confirmation; without a terminal (a pipe, a script, CI) it refuses unless ``--yes``.
     """
     from synth_agent.services import open_memory
@@ -262,7 +292,7 @@ def forget(
 
 @app.command()
 def reindex(ctx: typer.Context) -> None:
-    """Re-embed every stored item with the current embedding model (after changing the model)."""
+    """Re-embed every stored item with a new embedding model."""
     from synth_agent.services import open_store
 
     st = _state(ctx)
@@ -283,7 +313,10 @@ def sim_endpoint(
         help="Share of requests that fail (500/429/timeout/malformed).", min=0, max=1)] = 0.0,
     seed: Annotated[int, typer.Option(help="Seed of the simulated LLM and of fault injection.")] = 0,
 ) -> None:
-    """Run the offline simulated LLM as an OpenAI-compatible endpoint (stats at /stats)."""
+    """Run the offline simulated LLM (OpenAI-compatible).
+
+    Request counters and the most requests in flight at /stats.
+    """
     from synth_agent.sim.server import serve_sim
 
     err.print(f"simulator on http://{host}:{port}/v1 — point OPENAI_BASE_URL there; Ctrl-C stops it")
@@ -334,27 +367,28 @@ def fit(
     seed: Annotated[int, typer.Option(help="Seed for splits and random search.")] = 0,
     concurrency: Annotated[int, typer.Option(help="Users fitted at once.")] = 8,
 ) -> None:
-    """Learn a persona + demos for users from their stored votes (saved as a new version)."""
-    from synth_agent.engine import Synthesizer
-    from synth_agent.services import open_services, simulator_if_needed
+    """Learn a persona + demos from a user's stored votes.
 
-    st = _state(ctx)
+    Saved as a new persona version; a user without new votes since the last fit is left as is.
+    """
     if not user and not all_users:
         _fail("say which users: --user U (repeatable) or --all", 2)
     if concurrency < 1:
         _bad("--concurrency", "must be at least 1")
+    from synth_agent.engine import Synthesizer
+    from synth_agent.services import open_services, simulator_if_needed
+
+    st = _state(ctx)
     cfg = _fit_config(n_trials=trials, n_demo_candidates=candidates, seed=seed)
     with simulator_if_needed(st.settings) as settings:
+        import asyncio
 
         async def go() -> list[Any]:
             async with open_services(settings, st.tenant) as svc:
                 users = list(user or []) or await svc.memory.list_users()
                 synth = Synthesizer(svc.llm, svc.memory, cfg)
                 sem = asyncio.Semaphore(concurrency)
-                with Progress(
-                    TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=err,
-                ) as prog:
+                with _progress() as prog:
                     task = prog.add_task("fitting users", total=len(users))
 
                     async def one(u: str) -> Any:
@@ -367,7 +401,7 @@ def fit(
                 return list(zip(users, results, strict=True))
 
         results = _run(go())
-    table = Table("user", "result", "val acc", "LLM requests")
+    table = _table("user", "result", "val acc", "LLM requests")
     failed = 0
     for u, r in results:
         if isinstance(r, BaseException):
@@ -425,18 +459,21 @@ def judge(
     b: Annotated[str, typer.Option("--b", help="Response B.", callback=_check_texts)],
     mode: Annotated[str, typer.Option(help="cot or logprob.")] = "cot",
 ) -> None:
-    """Which of two responses would this user prefer? (judged in both orders)"""
-    from synth_agent.engine import Judge
-    from synth_agent.models import Message
-    from synth_agent.services import open_llm, simulator_if_needed
+    """Which of two responses would this user prefer?
 
-    st = _state(ctx)
+    Judged in both orders with the user's persona and demos (the default judge without a persona).
+    """
     if mode not in ("cot", "logprob"):
         _bad("--mode", "must be 'cot' or 'logprob'")
     if not prompt.strip():
         _bad("--prompt", "must not be empty")
     if a.strip() == b.strip():
         _bad("--b", "the two responses are identical; nothing to judge")
+    from synth_agent.engine import Judge
+    from synth_agent.models import Message
+    from synth_agent.services import open_llm, simulator_if_needed
+
+    st = _state(ctx)
     profile = _current_profile(st, user)
     with simulator_if_needed(st.settings) as settings:
 
@@ -464,12 +501,7 @@ def rerank(
                                                  callback=_check_texts)],
     strategy: Annotated[str, typer.Option(help="knockout or round_robin.")] = "knockout",
 ) -> None:
-    """Rank candidate responses for a user with their personalized judge."""
-    from synth_agent.engine import Judge, rank
-    from synth_agent.models import Message
-    from synth_agent.services import open_llm, simulator_if_needed
-
-    st = _state(ctx)
+    """Rank candidate responses with the user's judge."""
     if len(candidate) < 2:
         _bad("--candidate", "give at least two")
     if any(not c.strip() for c in candidate):
@@ -478,6 +510,11 @@ def rerank(
         _bad("--strategy", "must be 'knockout' or 'round_robin'")
     if not prompt.strip():
         _bad("--prompt", "must not be empty")
+    from synth_agent.engine import Judge, rank
+    from synth_agent.models import Message
+    from synth_agent.services import open_llm, simulator_if_needed
+
+    st = _state(ctx)
     profile = _current_profile(st, user)
     with simulator_if_needed(st.settings) as settings:
 
@@ -492,7 +529,7 @@ def rerank(
                 await llm.aclose()
 
         res = _run(go())
-    table = Table("rank", "candidate", "score", title=f"winner: candidate {res.winner + 1}")
+    table = _table("rank", "candidate", "score", title=f"winner: candidate {res.winner + 1}")
     for r, i in enumerate(res.order, 1):
         table.add_row(str(r), f"{i + 1}: {escape(candidate[i][:60])}", f"{res.scores[i]:.3f}")
     out.print(table)
@@ -504,12 +541,16 @@ def export_prompt(
     user: UserOpt,
     fmt: Annotated[str, typer.Option("--format", help="system | messages | json")] = "system",
 ) -> None:
-    """Export a user's persona as a system prompt, a judge message list, or JSON."""
+    """Export a user's persona as a prompt, messages or JSON.
+
+    ``system``: a system prompt for any model; ``messages``: the judge's prompt as chat messages;
+    ``json``: the whole profile.
+    """
+    if fmt not in ("system", "messages", "json"):
+        _bad("--format", "must be one of: system, messages, json")
     from synth_agent.export import export_profile
 
     st = _state(ctx)
-    if fmt not in ("system", "messages", "json"):
-        _bad("--format", "must be one of: system, messages, json")
     profile = _current_profile(st, user)
     if profile is None:
         _fail(f"no persona for {user!r} yet: run `synth-agent fit --user {user}` first")
@@ -528,15 +569,10 @@ def eval_cmd(
     trials: Annotated[int, typer.Option(help="Bootstrap trials.")] = 4,
     candidates: Annotated[int, typer.Option(help="Demo-set candidates.")] = 4,
 ) -> None:
-    """Evaluate judges on held-out votes: accuracy per method with 95% CIs, per-user table, plots."""
-    from synth_agent.evaluate import ALL_METHODS, evaluate, write_plots
-    from synth_agent.services import open_llm, simulator_if_needed
+    """Evaluate judges on held-out votes: accuracy, plots.
 
-    st = _state(ctx)
-    method_list = [m.strip() for m in methods.split(",") if m.strip()]
-    unknown = [m for m in method_list if m not in ALL_METHODS]
-    if unknown or not method_list:
-        _bad("--methods", f"unknown method(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(ALL_METHODS)}")
+    Accuracy per method with 95% CIs, a per-user table, report.json and plots in --out.
+    """
     try:
         sizes = [int(x) for x in curve.split(",") if x.strip()] if curve else []
     except ValueError:
@@ -545,6 +581,14 @@ def eval_cmd(
         _bad("--curve", "vote counts must be at least 1")
     if concurrency < 1:
         _bad("--concurrency", "must be at least 1")
+    from synth_agent.evaluate import ALL_METHODS, evaluate, write_plots
+    from synth_agent.services import open_llm, simulator_if_needed
+
+    st = _state(ctx)
+    method_list = [m.strip() for m in methods.split(",") if m.strip()]
+    unknown = [m for m in method_list if m not in ALL_METHODS]
+    if unknown or not method_list:
+        _bad("--methods", f"unknown method(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(ALL_METHODS)}")
     cfg = _fit_config(seed=seed, n_trials=trials, n_demo_candidates=candidates)
     parsed = _read_votes(file, st)
     n_users = len({v.user_id for v in parsed.votes})
@@ -553,10 +597,7 @@ def eval_cmd(
         async def go() -> Any:
             llm = open_llm(settings)
             try:
-                with Progress(
-                    TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=err,
-                ) as prog:
+                with _progress() as prog:
                     task = prog.add_task("evaluating users", total=n_users)
                     return await evaluate(
                         llm, parsed.votes, methods=method_list, config=cfg, concurrency=concurrency,
@@ -579,7 +620,7 @@ def eval_cmd(
 
 def print_user_table(report: Any, limit: int = 50) -> None:
     methods = list(report.methods)
-    table = Table("user", "context", "target", *methods, title="Per-user accuracy (both orders)")
+    table = _table("user", "context", "target", *methods, title="Per-user accuracy (both orders)")
     for u in report.users[:limit]:
         cells = [f"{a:.0%}" if (a := u.accuracy(m)) is not None else "-" for m in methods]
         table.add_row(escape(u.user_id), str(u.n_context), str(u.n_target), *cells)
@@ -589,7 +630,7 @@ def print_user_table(report: Any, limit: int = 50) -> None:
 
 
 def print_report(report: Any) -> None:
-    table = Table("method", "accuracy", "95% CI", "users", "judgments", title="Accuracy on held-out votes (both orders)")
+    table = _table("method", "accuracy", "95% CI", "users", "judgments", title="Accuracy on held-out votes (both orders)")
     for m, s in report.methods.items():
         table.add_row(m, f"{s.accuracy:.1%}", f"{s.ci_low:.1%} – {s.ci_high:.1%}", str(s.n_users), str(s.n_judgments))
     out.print(table)
@@ -606,7 +647,7 @@ def _register_subcommands() -> None:
     from synth_agent.judge_server import judge_server_app
     from synth_agent.proxy.cli import register as register_proxy
 
-    app.add_typer(judge_server_app, name="judge-server")
+    app.add_typer(judge_server_app, name="judge-server", short_help="Launch a self-hosted judge (vLLM or SGLang).")
     register_proxy(app)
 
 

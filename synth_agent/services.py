@@ -13,14 +13,15 @@ import os
 import sys
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from typing import Any
-
-import httpx
+from typing import TYPE_CHECKING, Any
 
 from synth_agent.config import DEFAULT_SIM_URL, Settings
-from synth_agent.llm.base import ChatBackend
-from synth_agent.llm.cache import SqliteCache
-from synth_agent.llm.client import EndpointConfig, LLMClient
+
+if TYPE_CHECKING:
+    from synth_agent.llm.base import ChatBackend
+
+# The LLM layer (aiohttp, tenacity...), httpx and the store are imported where they are used:
+# store commands (`votes`, `persona`...) never load an HTTP client, and key-only commands no store.
 
 
 def open_store(settings: Settings, *, reindex: bool = False, warm: bool = False) -> Any:
@@ -60,6 +61,9 @@ def open_llm(settings: Settings, *, disk_cache: bool | None = None) -> ChatBacke
     ``SYNTH_AGENT_JUDGE_ENDPOINTS`` (several self-hosted servers) gives an :class:`EndpointPool`;
     otherwise one :class:`LLMClient` for ``OPENAI_BASE_URL``.
     """
+    from synth_agent.llm.cache import SqliteCache
+    from synth_agent.llm.client import EndpointConfig, LLMClient
+
     if os.environ.get("SYNTH_AGENT_JUDGE_ENDPOINTS"):
         from synth_agent.llm.pool import EndpointPool
 
@@ -72,6 +76,8 @@ def open_llm(settings: Settings, *, disk_cache: bool | None = None) -> ChatBacke
 
 
 def endpoint_alive(base_url: str, timeout: float = 0.5) -> bool:
+    import httpx
+
     try:
         r = httpx.get(base_url.rstrip("/") + "/models", timeout=timeout)
         return r.status_code < 500

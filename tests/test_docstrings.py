@@ -6,12 +6,13 @@ import pytest
 
 import store.embeddings
 import synth_agent.engine.synthesize
+import synth_agent.ids
 import synth_agent.models
 import synth_agent.safejson
 
 
 @pytest.mark.parametrize("module", [synth_agent.models, synth_agent.engine.synthesize, store.embeddings,
-                                    synth_agent.safejson])
+                                    synth_agent.safejson, synth_agent.ids])
 def test_docstring_examples_run(module):
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0

@@ -7,7 +7,6 @@ store home and the judge/synthesis endpoint, as for every other command.
 
 from __future__ import annotations
 
-import asyncio
 import signal
 from pathlib import Path
 from typing import Annotated, Any
@@ -61,7 +60,9 @@ def register(app: typer.Typer) -> None:
             "--simulator", help="Use a fresh offline simulator (a child process that ends with this one) as "
             "upstream and judge, whatever OPENAI_BASE_URL says.")] = False,
     ) -> None:
-        """Serve the OpenAI-compatible personalization proxy (point any OpenAI client's base_url at /v1).
+        """Serve the OpenAI-compatible personalization proxy.
+
+        Point any OpenAI client's base_url at its /v1.
 
         Without an upstream (and with --simulator) the offline simulator runs as a child process; it
         stops with the server: on SIGTERM or Ctrl-C after a graceful shutdown, and within a second if
@@ -109,11 +110,16 @@ def register(app: typer.Typer) -> None:
         chroma_host: Annotated[str | None, typer.Option(help="Chroma server host (env CHROMA_HOST).")] = None,
         chroma_port: Annotated[int | None, typer.Option(help="Chroma server port (env CHROMA_PORT).")] = None,
     ) -> None:
-        """Fit personas in the background for a proxy running with --synthesis off (same store and home)."""
+        """Fit personas apart from the proxy (serve --synthesis off).
+
+        Uses the same store and home as the proxy.
+        """
         from synth_agent.proxy.worker import open_worker
         from synth_agent.services import simulator_if_needed
 
         settings = _settings(ctx, chroma_host, chroma_port)
+
+        import asyncio
 
         async def main(live: Any) -> None:
             stop = asyncio.Event()
