@@ -7,9 +7,10 @@ STAMP := $(VENV)/.installed
 .PHONY: venv test lint demo bench clean
 
 $(STAMP): pyproject.toml requirements.lock
+	@echo "building $(VENV) from requirements.lock (about a minute from pip's cache, longer on a first download)..."
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip==25.3
-	$(PY) -m pip install -q -r requirements.lock
+	$(PY) -m pip install -q --progress-bar on -r requirements.lock
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
@@ -17,6 +18,7 @@ venv: $(STAMP)
 
 lint: venv
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 test: venv lint
 	$(VENV)/bin/pytest -q

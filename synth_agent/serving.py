@@ -13,7 +13,7 @@ import socket
 import threading
 import time
 from collections.abc import Coroutine
-from typing import Any, Self, TypeVar
+from typing import Any, Literal, Self, TypeVar
 
 import httpx
 import uvicorn
@@ -76,7 +76,7 @@ class ThreadedServer:
         host: str = "127.0.0.1",
         port: int = 0,
         startup_timeout: float = 30.0,
-        lifespan: str = "on",
+        lifespan: Literal["auto", "on", "off"] = "on",
         shutdown_timeout: float = 5.0,
         name: str = "asgi",
     ) -> None:

@@ -75,7 +75,7 @@ def register(app: typer.Typer) -> None:
         from synth_agent.services import simulator_if_needed
         from synth_agent.serving import freeze_heap_after_startup
 
-        flags = {
+        flags: dict[str, Any] = {
             "host": host, "port": port, "upstream_base_url": upstream_base_url,
             "upstream_api_key": upstream_api_key, "model_map": model_map, "default_model": default_model,
             "keys_file": keys_file, "key_rate_limit": rate_limit, "key_burst": burst, "synthesis": synthesis,
