@@ -81,9 +81,10 @@ class CLIState:
             from synth_agent.config import Settings
 
             try:
-                self._settings = Settings().model_copy(update=self.overrides)
-            except ValueError as exc:  # a malformed environment variable
-                _fail(f"invalid configuration: {exc}", 2)
+                self._settings = Settings(**self.overrides)  # flags validated like the environment
+            except ValueError as exc:  # a malformed environment variable or flag
+                _fail(f"invalid configuration: {_one_line(exc)} (a field `name` is set by SYNTH_AGENT_NAME or its "
+                      "flag; base_url/api_key by OPENAI_BASE_URL/OPENAI_API_KEY)", 2)
         return self._settings
 
 

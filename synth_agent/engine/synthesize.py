@@ -37,6 +37,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Protocol
 
 import orjson
+from pydantic import ConfigDict
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 from synth_agent import prompts
 from synth_agent.engine.judge import Judge
@@ -50,7 +52,8 @@ ProgressFn = Callable[[str, int, int], None]
 """``progress(stage, done, total)``; stages: bootstrap, candidates, persona, demos, save."""
 
 
-@dataclass(frozen=True)
+# a pydantic dataclass: fields are validated when built (FitConfig(n_trials="x") fails at once), frozen
+@pydantic_dataclass(frozen=True, config=ConfigDict(extra="forbid"))
 class FitConfig:
     """Budgets and knobs of one fit.
 

@@ -80,7 +80,7 @@ class EndpointConfig(BaseModel):
 
     base_url: str
     api_key: str = "sim"
-    model: str = "sim-judge"
+    model: str = "sim"
     max_concurrency: int = Field(
         default=16, ge=1, description="most requests in flight at once (the adaptive limit's ceiling)"
     )

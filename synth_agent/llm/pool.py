@@ -99,7 +99,7 @@ class PoolConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     endpoints: list[PoolEndpoint] = Field(min_length=1)
-    model: str = "sim-judge"
+    model: str = "sim"
     api_key: str = "sim"
     member_max_retries: int = Field(
         default=1, ge=0, description="retries inside a member before failing over (keep low: failover is faster)"
