@@ -24,7 +24,7 @@ test: venv lint
 	$(VENV)/bin/pytest -q
 
 demo: venv
-	$(PY) -m synth_agent.demo
+	$(PY) -m synth_agent.demo $(DEMO_ARGS)
 
 # Each benchmark prints its own figures; store_bench at 1,000 users here (its default,
 # the full 10,000 x 20, takes ~20 minutes: run it directly).

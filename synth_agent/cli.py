@@ -88,7 +88,34 @@ class CLIState:
         return self._settings
 
 
-def _table(*columns: str, **kw: Any) -> Table:
+# Our own packages; everything else is "third party" for quiet_third_party.
+_OWN = ("synth_agent", "store", "graphs")
+
+
+def quiet_third_party(*, verbose: bool = False) -> None:
+    """Keep libraries' noise out of CLI output and server logs unless ``--verbose``.
+
+    Hidden by default: warnings raised inside third-party modules (our own still show), progress
+    bars of libraries that honour ``TQDM_DISABLE`` / ``HF_HUB_DISABLE_PROGRESS_BARS``, and their
+    info-level logs (only warnings and errors pass). Set in this process and inherited by the
+    processes it starts (the simulator, a Chroma child). Cheap: no library is imported here.
+    """
+    import logging
+    import warnings
+
+    if verbose:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        return
+    own = "|".join(_OWN)
+    warnings.filterwarnings("ignore", module=rf"^(?!(?:{own})(?:\.|$))")
+    for var in ("TQDM_DISABLE", "HF_HUB_DISABLE_PROGRESS_BARS"):
+        os.environ.setdefault(var, "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    for name in ("chromadb", "httpx", "httpcore", "onnxruntime", "opentelemetry", "langchain", "openai", "aiohttp"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _table(*columns: Any, **kw: Any) -> Table:
     from rich.table import Table
 
     return Table(*columns, **kw)
@@ -167,6 +194,8 @@ def main_options(
     model: Annotated[str | None, typer.Option(help="Model name (env SYNTH_AGENT_MODEL).")] = None,
     api_key: Annotated[str | None, typer.Option(help="API key (env OPENAI_API_KEY).")] = None,
     debug: Annotated[bool, typer.Option("--debug", help="Show the full traceback when a command fails.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", help="Also show libraries' warnings, progress bars and "
+                                          "info logs (hidden by default).")] = False,
 ) -> None:
     """Global options apply to every command.
 
@@ -174,6 +203,7 @@ def main_options(
     store error, declined confirmation); 2 invalid input (bad option or user id, invalid vote
     lines); 130 interrupted; 143 terminated.
     """
+    quiet_third_party(verbose=verbose)
     overrides: dict[str, Any] = {}
     if home is not None:
         overrides["home"] = home
@@ -621,7 +651,14 @@ def eval_cmd(
 
 def print_user_table(report: Any, limit: int = 50) -> None:
     methods = list(report.methods)
-    table = _table("user", "context", "target", *methods, title="Per-user accuracy (both orders)")
+    from rich.table import Column
+
+    # method headers wrap at their underscores, never ellipsize: at 80 columns "persona" and
+    # "persona_demos" must not both read "perso…"; user ids are cut (the JSON report has them whole)
+    table = _table(Column("user", overflow="ellipsis", no_wrap=True, max_width=18), Column("ctx", min_width=3),
+                   Column("held-out", overflow="fold", min_width=4),
+                   *(Column(m.replace("_", " "), overflow="fold", justify="right", min_width=5) for m in methods),
+                   title="Per-user accuracy (both orders; ctx: votes seen, held-out: votes judged)")
     for u in report.users[:limit]:
         cells = [f"{a:.0%}" if (a := u.accuracy(m)) is not None else "-" for m in methods]
         table.add_row(escape(u.user_id), str(u.n_context), str(u.n_target), *cells)
