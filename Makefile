@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml requirements.lock
 	@echo "building $(VENV) from requirements.lock (about a minute from pip's cache, longer on a first download)..."
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip==25.3
-	$(PY) -m pip install -q --progress-bar on -r requirements.lock
+	$(PY) -m pip install -q -r requirements.lock
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
