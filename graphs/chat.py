@@ -446,7 +446,7 @@ class Personalizer:
                 raise ValueError(f"configurable mode must be one of {MODES}, got {mode!r}")
             return "respond" if mode == "plain" else "prepare"
 
-        async def respond(state: ChatState, config: RunnableConfig, runtime: Runtime) -> dict[str, Any]:
+        async def respond(state: ChatState, config: RunnableConfig, runtime: Runtime[ChatContext]) -> dict[str, Any]:
             # Plain mode in one node: one store read at most (cached), the wrapped agent's calls, nothing else.
             tenant, user = identity(config)
             messages = state.get("messages", [])
@@ -470,7 +470,7 @@ class Personalizer:
                 out["candidates"] = None
             return out
 
-        async def record_vote(state: ChatState, config: RunnableConfig, runtime: Runtime) -> dict[str, Any]:
+        async def record_vote(state: ChatState, config: RunnableConfig, runtime: Runtime[ChatContext]) -> dict[str, Any]:
             vote: dict[str, Any] = dict(state.get("vote") or {})
             try:
                 receipt = await self.submit_vote(
@@ -485,7 +485,7 @@ class Personalizer:
                 out["messages"] = [AIMessage(content=receipt.chosen_text)]
             return out
 
-        async def prepare(state: ChatState, config: RunnableConfig, runtime: Runtime) -> dict[str, Any]:
+        async def prepare(state: ChatState, config: RunnableConfig, runtime: Runtime[ChatContext]) -> dict[str, Any]:
             tenant, user = identity(config)
             mode = run_values(config).get("mode") or self.default_mode
             to_context(state.get("messages", []))  # fail fast: nothing to answer
@@ -526,7 +526,7 @@ class Personalizer:
                 ]
             }
 
-        async def finalize(state: ChatState, config: RunnableConfig, runtime: Runtime) -> dict[str, Any]:
+        async def finalize(state: ChatState, config: RunnableConfig, runtime: Runtime[ChatContext]) -> dict[str, Any]:
             tenant, user = identity(config)
             cands = sorted(state.get("candidates", []), key=lambda c: c["index"])
             mode = state["mode"]
@@ -554,13 +554,15 @@ class Personalizer:
         builder = StateGraph(
             ChatState, context_schema=ChatContext, input_schema=ChatInput, output_schema=ChatOutput
         )
-        builder.add_node("record_vote", record_vote)
-        builder.add_node("respond", respond)
-        builder.add_node("prepare", prepare)
+        # langgraph's stubs type nodes as (state), (state, config) or (state, *, runtime); ours take
+        # (state, config, runtime), which it supports at run time: hence the arg-type ignores
+        builder.add_node("record_vote", record_vote)  # type: ignore[arg-type]
+        builder.add_node("respond", respond)  # type: ignore[arg-type]
+        builder.add_node("prepare", prepare)  # type: ignore[arg-type]
         # Declared input ChatState: otherwise LangGraph turns GenerateTask's keys into state channels
         # (and Studio shows them); a Send hands the task to the node as is.
-        builder.add_node("generate", generate, input_schema=ChatState)
-        builder.add_node("finalize", finalize)
+        builder.add_node("generate", generate, input_schema=ChatState)  # type: ignore[arg-type]
+        builder.add_node("finalize", finalize)  # type: ignore[arg-type]
         builder.add_conditional_edges(START, route, ["record_vote", "respond", "prepare"])
         builder.add_edge("record_vote", END)
         builder.add_edge("respond", END)

@@ -136,7 +136,7 @@ def build_rerank_graph(
             raise ValueError("the rerank graph needs a store: build_rerank_graph(store=...) or memory_for=")
         return PreferenceMemory(run_store, tenant)
 
-    async def prepare(state: RerankState, config: RunnableConfig, runtime: Runtime) -> dict[str, Any]:
+    async def prepare(state: RerankState, config: RunnableConfig, runtime: Runtime[RerankContext]) -> dict[str, Any]:
         tenant, user = identity(config)
         to_context(state.get("messages", []))
         given = state.get("given")
@@ -189,7 +189,7 @@ def build_rerank_graph(
             text = comp.text
         return {"candidates": [{"index": task["index"], "text": text}]}
 
-    async def rank_node(state: RerankState, config: RunnableConfig, runtime: Runtime) -> dict[str, Any]:
+    async def rank_node(state: RerankState, config: RunnableConfig, runtime: Runtime[RerankContext]) -> dict[str, Any]:
         tenant, user = identity(config)
         given = state.get("given")
         texts = list(given) if given else [c["text"] for c in sorted(state["candidates"], key=lambda c: c["index"])]
@@ -215,9 +215,11 @@ def build_rerank_graph(
     builder = StateGraph(
         RerankState, context_schema=RerankContext, input_schema=RerankInput, output_schema=RerankOutput
     )
-    builder.add_node("prepare", prepare)
-    builder.add_node("generate", generate, input_schema=RerankState)  # keeps _GenTask's keys out of the state
-    builder.add_node("rank", rank_node)
+    # langgraph's stubs type nodes as (state), (state, config) or (state, *, runtime); ours take
+    # (state, config, runtime), which it supports at run time: hence the arg-type ignores
+    builder.add_node("prepare", prepare)  # type: ignore[arg-type]
+    builder.add_node("generate", generate, input_schema=RerankState)  # type: ignore[arg-type]  # keeps _GenTask's keys out of the state
+    builder.add_node("rank", rank_node)  # type: ignore[arg-type]
     builder.add_edge(START, "prepare")
     builder.add_conditional_edges("prepare", fan_out, ["generate", "rank"])
     builder.add_edge("generate", "rank")

@@ -300,6 +300,16 @@ class ChromaStore(BaseStore):
     ignored (as in ``InMemoryStore``). ``index_fields`` are the JSON paths embedded on
     ``put`` (``["$"]``, the whole value, when not given); ``put(..., index=[...])``
     overrides them and ``index=False`` stores an item that never appears as a semantic hit.
+
+        >>> import tempfile
+        >>> from store.embeddings import MiniLMEmbeddings
+        >>> st = ChromaStore(path=tempfile.mkdtemp(), embedding_function=MiniLMEmbeddings())
+        >>> st.put(("acme", "notes"), "n1", {"text": "prefers short bullet lists"})
+        >>> st.put(("acme", "notes"), "n2", {"text": "asks about sourdough baking"})
+        >>> st.get(("acme", "notes"), "n1").value
+        {'text': 'prefers short bullet lists'}
+        >>> [hit.key for hit in st.search(("acme",), query="bread", limit=1)]
+        ['n2']
     """
 
     supports_ttl = False

@@ -158,6 +158,19 @@ class PreferenceMemory:
     per-caller atomicity (see :meth:`_enqueue_votes`); a forget or a persona save has
     its user to itself. Both rely on instance state: use a single instance per tenant
     per process.
+
+        >>> import asyncio
+        >>> from langgraph.store.memory import InMemoryStore
+        >>> from synth_agent.models import Vote
+        >>> memory = PreferenceMemory(InMemoryStore(), tenant="acme")
+        >>> vote = Vote(user_id="ana@example.com", context=[{"role": "user", "content": "Hi"}],
+        ...             chosen="Hello!", rejected="Go away.")
+        >>> asyncio.run(memory.add_votes([vote, vote])).added  # the same vote twice is stored once
+        1
+        >>> [v.chosen for v in asyncio.run(memory.list_votes("ana@example.com"))]
+        ['Hello!']
+        >>> asyncio.run(PreferenceMemory(memory.store, tenant="other").list_votes("ana@example.com"))
+        []
     """
 
     def __init__(self, store: BaseStore, tenant: str = "default", *, page_size: int = 500) -> None:

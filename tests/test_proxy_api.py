@@ -76,16 +76,17 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     brain = RecordingBrain()
     with SimEndpoint(brain=brain) as sim:
         settings = Settings(base_url=sim.base_url, home=tmp_path_factory.mktemp("proxy-home"))
+        llm = LLMClient(EndpointConfig(base_url=sim.base_url))
         app = create_app(
             settings,
             ProxySettings(api_keys=f"acme:{KEY}", model_map={"gpt-4o-mini": "sim-chat"}, default_model="gpt-4o-mini"),
             store=InMemoryStore(),
-            llm=LLMClient(EndpointConfig(base_url=sim.base_url)),
+            llm=llm,
             checkpointer=InMemorySaver(),
             fit_config=FitConfig(n_trials=2, n_demo_candidates=2),
             policy=SynthesisPolicy(debounce=0.0),
         )
-        with ProxyServer(app) as srv:
+        with ProxyServer(app, close=[llm]) as srv:
             yield World(sim, brain, srv, app.state.proxy)
 
 

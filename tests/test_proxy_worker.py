@@ -42,12 +42,13 @@ def sim() -> Iterator[SimEndpoint]:
 
 
 def serve(sim: SimEndpoint, store: ChromaStore, home: Path, synthesis: str) -> ProxyServer:
+    llm = LLMClient(EndpointConfig(base_url=sim.base_url))
     app = create_app(
         Settings(base_url=sim.base_url, home=home),
         ProxySettings(api_keys=f"acme:{KEY}", synthesis=synthesis, persona_ttl=0),  # type: ignore[arg-type]
-        store=store, llm=LLMClient(EndpointConfig(base_url=sim.base_url)), fit_config=FIT, policy=POLICY,
+        store=store, llm=llm, fit_config=FIT, policy=POLICY,
     )
-    return ProxyServer(app)
+    return ProxyServer(app, close=[llm])
 
 
 def post_votes(srv: ProxyServer, user: str, n: int, seed: int) -> None:

@@ -172,6 +172,7 @@ def combine_orders(o1: OrderJudgment, o2: OrderJudgment) -> Judgment:
     """Merge the two presentation orders into one verdict on the caller's A/B."""
     pa = [o.p_a if o.p_a is not None else (1.0 if o.preferred == "A" else 0.0) for o in (o1, o2)]
     p_a = sum(pa) / 2
+    preferred: Literal["A", "B", "tie"]
     if o1.preferred == o2.preferred:
         preferred = o1.preferred
         confidence = abs(p_a - 0.5) * 2

@@ -37,6 +37,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Protocol
 
 import orjson
+from pydantic import ConfigDict
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 from synth_agent import prompts
 from synth_agent.engine.judge import Judge
@@ -50,7 +52,8 @@ ProgressFn = Callable[[str, int, int], None]
 """``progress(stage, done, total)``; stages: bootstrap, candidates, persona, demos, save."""
 
 
-@dataclass(frozen=True)
+# a pydantic dataclass: fields are validated when built (FitConfig(n_trials="x") fails at once), frozen
+@pydantic_dataclass(frozen=True, config=ConfigDict(extra="forbid"))
 class FitConfig:
     """Budgets and knobs of one fit.
 
@@ -268,8 +271,20 @@ class Synthesizer:
     Holds no per-user state: many fits (different users, even different
     backends via separate instances) run concurrently in one process.
 
-        >>> Synthesizer  # doctest: +ELLIPSIS
-        <class '...Synthesizer'>
+        >>> import asyncio
+        >>> from langgraph.store.memory import InMemoryStore
+        >>> from store.memory import PreferenceMemory
+        >>> from synth_agent.sim import Population
+        >>> from synth_agent.sim.backend import SimBackend
+        >>> memory = PreferenceMemory(InMemoryStore(), tenant="acme")
+        >>> user = Population(1, seed=0).user_ids[0]
+        >>> _ = asyncio.run(memory.add_votes(Population(1, seed=0).votes(user, 12)))
+        >>> synth = Synthesizer(SimBackend(), memory)
+        >>> fit = asyncio.run(synth.fit(user))
+        >>> fit.status, fit.profile.version, len(fit.profile.demos) > 0
+        ('fitted', 1, True)
+        >>> asyncio.run(synth.fit(user)).status  # no new votes: nothing asked, nothing saved
+        'unchanged'
     """
 
     def __init__(self, llm: ChatBackend, memory: VoteStore | None = None, config: FitConfig | None = None):

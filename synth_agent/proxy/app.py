@@ -23,7 +23,6 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from langchain_core.runnables import RunnableLambda
@@ -86,7 +85,6 @@ def create_app(
     checkpointer: Checkpointer | None = None,
     fit_config: FitConfig | None = None,
     policy: SynthesisPolicy | None = None,
-    upstream_transport: httpx.AsyncBaseTransport | None = None,
 ) -> FastAPI:
     """Build the proxy app. Nothing is opened until the ASGI lifespan starts.
 
@@ -125,7 +123,8 @@ def create_app(
             else:
                 from synth_agent.services import open_store
 
-                state.store = await asyncio.to_thread(open_store, settings, server=True)
+                # the embedding model loads now, not on the first vote write (flat write latency)
+                state.store = await asyncio.to_thread(open_store, settings, server=True, warm=True)
                 stack.push_async_callback(asyncio.to_thread, state.store.close)  # last out: stops its Chroma
             memories = TenantMemories(state.store)
             if llm is not None:
@@ -146,7 +145,6 @@ def create_app(
                 ),
                 on_retry=lambda _: metrics.upstream_retries.inc(),
                 on_error=lambda kind: metrics.upstream_errors.labels(kind).inc(),
-                transport=upstream_transport,
             )
             stack.push_async_callback(state.upstream.aclose)
             if proxy.synthesis == "inline":

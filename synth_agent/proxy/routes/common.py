@@ -6,7 +6,6 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
 from fastapi import Response
 from pydantic import BaseModel
 
@@ -17,6 +16,7 @@ from synth_agent.prompts import ParseError
 from synth_agent.proxy.deps import resolve_user
 from synth_agent.proxy.errors import ProxyError, error_response
 from synth_agent.proxy.state import ProxyState
+from synth_agent.proxy.upstream import UpstreamResponse
 
 log = logging.getLogger("synth_agent.proxy")
 
@@ -85,15 +85,15 @@ async def persona_of(st: ProxyState, tenant: str, user: str | None) -> PersonaPr
     """Cached persona; a store hiccup degrades to an unpersonalized answer instead of an error."""
     if user is None:
         return None
-    _, personalizer, _, _ = st.ready()
+    st.ready()  # 503 while starting or stopping (not swallowed below)
     try:
-        return await personalizer.persona(tenant, user)
+        return await st.persona(tenant, user)
     except Exception:
         log.exception("could not read the persona of a user of tenant %r; answering without it", tenant)
         return None
 
 
-def upstream_error(resp: httpx.Response, request_id: str | None) -> Response:
+def upstream_error(resp: UpstreamResponse, request_id: str | None) -> Response:
     """An upstream 4xx, in our error format with its message (auth failures are the proxy's problem: 502)."""
     from synth_agent.proxy.upstream import upstream_message
 

@@ -31,7 +31,7 @@ def router(models: ApiModels) -> APIRouter:
     ) -> dict[str, Any]:
         """Store votes (all or nothing: one invalid vote stores none); schedules background synthesis."""
         memories, _, _, _ = st.ready()
-        items = payload if isinstance(payload, list) else getattr(payload, "votes", None) or [payload]
+        items: list[Any] = payload if isinstance(payload, list) else getattr(payload, "votes", None) or [payload]
         votes, errors = [], []
         for i, item in enumerate(items):
             data = item.model_dump(exclude_none=True)
