@@ -1,7 +1,8 @@
-"""The synthesis graph: load_votes → bootstrap → persona → demos → save, one node per SynthesizeMe step.
+"""The synthesis graph: load_votes → bootstrap → persona → demos → select → save, one node per step.
 
 Each node calls the matching :class:`~synth_agent.engine.synthesize.Synthesizer`
-step and returns JSON-ready state (votes, traces and demos as dicts), so any
+step (``select``: cross-validated choice of the served configuration and the per-user guard,
+:mod:`synth_agent.engine.selection`; it judges through the user's judgment ledger) and returns JSON-ready state (votes, traces and demos as dicts), so any
 checkpointer can persist it. With a checkpointer a crashed run resumes from the
 last finished node: rerunning thread ``synth:{tenant}:{user}:{run_id}`` does not
 pay again for finished LLM work. :class:`SynthesisRunner` picks the thread (one
@@ -44,7 +45,9 @@ from typing_extensions import TypedDict
 from graphs._common import MemoryFactory, open_checkpointer
 from graphs.identity import IdentityContext, IdentityMissing, resolve_identity, run_values
 from store.memory import PreferenceMemory
-from synth_agent.engine.synthesize import CountingBackend, FitConfig, Synthesizer, split_votes
+from synth_agent.engine.ledger import JudgmentLedger
+from synth_agent.engine.selection import Selection, tenant_prior
+from synth_agent.engine.synthesize import CountingBackend, FitConfig, Synthesizer, selection_meta, split_votes
 from synth_agent.llm.base import ChatBackend
 from synth_agent.models import Demo, PersonaProfile, Trace, Vote, validate_user_id
 from synth_agent.scheduler import SynthesisPolicy
@@ -65,7 +68,7 @@ __all__ = [
 
 log = logging.getLogger("synth_agent.graphs.synthesis")
 
-NODES = ("load_votes", "bootstrap", "persona", "demos", "save")
+NODES = ("load_votes", "bootstrap", "persona", "demos", "select", "save")
 
 NodeEvent = Callable[[str, Literal["start", "end"], dict[str, Any]], Any]
 """``on_event(node, phase, info)``: observability hook (node-entry logs, progress, tests)."""
@@ -122,6 +125,7 @@ class SynthesisState(SynthesisInput, SynthesisOutput, total=False):
     bootstrap_demos: list[dict[str, Any]]
     reused_traces: int
     demos: list[dict[str, Any]]
+    selection: dict[str, Any] | None
 
 
 class SynthesisContext(IdentityContext, total=False):
@@ -286,6 +290,7 @@ def build_synthesis_graph(
             "train_ids": [v.id for v in train], "val_ids": [v.id for v in val],
             "traces": [], "persona_trace_ids": [], "bootstrap_demos": [], "bootstrap_accuracy": 0.0,
             "reused_traces": 0, "persona": "", "demos": [], "val_accuracy": 0.0, "profile": None, "usage": {},
+            "selection": None,
         }
         kept = {"profile": current.model_dump(mode="json")} if current is not None else {}
         if n < cfg.min_votes or not val:
@@ -350,6 +355,24 @@ def build_synthesis_graph(
             "usage": _usage(state, "demos", llm),
         }
 
+    async def select(state: SynthesisState, config: RunnableConfig, runtime: Runtime) -> dict[str, Any]:
+        tenant, user = _who(state, config)
+        cfg = deps.config(config)
+        if not cfg.selection.enabled:
+            return {"selection": None}
+        train, val = _votes(state)
+        memory = deps.memory(tenant, runtime.store)
+        async with deps.llm() as backend:
+            llm = CountingBackend(backend)
+            synth = Synthesizer(backend, memory, cfg)
+            ledger = await JudgmentLedger.load(memory, user, backend.model)
+            prior = await tenant_prior(memory, user, cfg.selection)
+            sel = await synth.select_configuration(
+                user, [*train, *val], _traces(state), llm=llm, ledger=ledger, prior=prior
+            )
+            await ledger.save(memory, user, backend.model)
+        return {"selection": sel.as_meta(), "usage": _usage(state, "select", llm)}
+
     async def save(state: SynthesisState, config: RunnableConfig, runtime: Runtime) -> dict[str, Any]:
         tenant, user = _who(state, config)
         cfg = deps.config(config)
@@ -385,6 +408,10 @@ def build_synthesis_graph(
                     "synthesis_thread": thread,
                     "run_id": state.get("run_id", ""),
                     "fit_id": fit_id,
+                    **selection_meta(
+                        Selection.from_meta(sel) if (sel := state.get("selection")) else None,
+                        [Demo.model_validate(d) for d in state.get("bootstrap_demos", [])],
+                    ),
                 },
             )
             saved = await memory.save_persona(profile)
@@ -401,12 +428,14 @@ def build_synthesis_graph(
     builder.add_node("bootstrap", node("bootstrap", bootstrap))
     builder.add_node("persona", node("persona", persona))
     builder.add_node("demos", node("demos", demos))
+    builder.add_node("select", node("select", select))
     builder.add_node("save", node("save", save))
     builder.add_edge(START, "load_votes")
     builder.add_conditional_edges("load_votes", after_load, ["bootstrap", END])
     builder.add_edge("bootstrap", "persona")
     builder.add_edge("persona", "demos")
-    builder.add_edge("demos", "save")
+    builder.add_edge("demos", "select")
+    builder.add_edge("select", "save")
     builder.add_edge("save", END)
     return builder.compile(checkpointer=checkpointer, store=store, name=name)
 
