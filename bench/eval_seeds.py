@@ -53,6 +53,16 @@ def population(n_users: int, seed: int, noise_fraction: float) -> Population:
     return Population(n_users, seed)
 
 
+def fit_config(seed: int) -> FitConfig:
+    """The default FitConfig; where the guard exists, it also cross-validates the configurations it does not
+    serve by default (persona only, demos only), so ``--sweep`` can show what serving them would do."""
+    if "served" not in METHODS:
+        return FitConfig(seed=seed)
+    from synth_agent.engine.selection import SelectionConfig
+
+    return FitConfig(seed=seed, selection=SelectionConfig(score_all=True))  # type: ignore[call-arg]
+
+
 def below_default(report: EvalReport, method: str) -> tuple[int, int, int]:
     """(users where ``method`` < default, users where equal, users with both) by per-user accuracy."""
     below = ties = n = 0
@@ -70,7 +80,7 @@ async def one_seed(seed: int, args: argparse.Namespace) -> dict[str, Any]:
     pop = population(args.users, seed, args.noise_fraction)
     votes = pop.all_votes(args.votes)
     t0 = time.perf_counter()
-    report = await evaluate(SimBackend(seed), votes, methods=METHODS, config=FitConfig(seed=seed))
+    report = await evaluate(SimBackend(seed), votes, methods=METHODS, config=fit_config(seed))
     out: dict[str, Any] = {
         "seed": seed,
         "accuracy": {m: report.methods[m].accuracy for m in METHODS},

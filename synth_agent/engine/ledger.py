@@ -99,6 +99,11 @@ class JudgmentLedger:
     def put(self, key: str, label: Literal["A", "B"], p_first: float | None) -> None:
         self._used[key] = [label, p_first]
 
+    def seed(self, key: str, label: Literal["A", "B"], p_first: float | None) -> None:
+        """Record a verdict known from elsewhere (e.g. a bootstrap trace) unless one is stored; not a hit or miss."""
+        if key not in self._used and key not in self._stored:
+            self._used[key] = [label, p_first]
+
     @property
     def new_entries(self) -> int:
         return len(self._used.keys() - self._stored.keys())

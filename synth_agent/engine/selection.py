@@ -28,7 +28,7 @@ gain, else the default judge and no persona. While a tenant has fewer than
 the plain one, ``g - z·s`` (stricter: fewer users are served a persona).
 
 Candidates are :attr:`SelectionConfig.candidates` — persona + demos only, by default. Persona only
-and demos only are cross-validated and recorded too (``cv_accuracy``) and can be made candidates,
+and demos only can be made candidates (or cross-validated for the record with ``score_all``),
 but on the simulator's seeds 0–4 letting them compete served them to users they hurt (with 25%
 noise users, 12 of 120 users below the default instead of 6; ``bench/eval_seeds.py --sweep`` prints
 every variant and ``docs/personalization.md`` the figures). A persona version later shown by live A/B traffic to lose to the plain answer is
@@ -93,7 +93,8 @@ class SelectionConfig:
     ``enabled=False`` skips selection (the profile then serves persona + demos, as before issue 16).
     ``folds``: k of the k-fold cross-validation over the user's context votes.
     ``z``: the guard's one-sided confidence multiplier (1.645 ≈ 95%, 1.28 ≈ 90%); larger serves the
-    default to more users. ``candidates``: the personalized configurations the guard may serve.
+    default to more users. ``candidates``: the personalized configurations the guard may serve (only
+    these and the default are cross-validated unless ``score_all``).
     ``min_prior_users``: other users of the tenant with a selection needed before their gains form
     the prior (``bench/eval_seeds.py --sweep`` prints the trade-off of ``z`` and ``candidates``).
     """
@@ -103,6 +104,9 @@ class SelectionConfig:
     z: float = 1.645
     candidates: tuple[str, ...] = ("persona_demos",)
     min_prior_users: int = 8
+    score_all: bool = False
+    """Cross-validate persona only and demos only even when they are not candidates (for measurement:
+    ``bench/eval_seeds.py`` sets it; a fit then costs about twice the selection judgments)."""
 
     def __post_init__(self) -> None:
         if self.folds < 2:

@@ -40,7 +40,7 @@ import orjson
 
 from synth_agent import prompts
 from synth_agent.engine.judge import Judge
-from synth_agent.engine.ledger import JudgmentLedger
+from synth_agent.engine.ledger import JudgmentLedger, pair_digest
 from synth_agent.engine.search import RaceResult, race
 from synth_agent.engine.selection import GainPrior, Selection, SelectionConfig, choose, tenant_prior
 from synth_agent.llm.base import ChatBackend, ChatMessage, Completion, LLMStats
@@ -360,6 +360,7 @@ class Synthesizer:
         *,
         progress: ProgressFn | None = None,
         llm: ChatBackend | None = None,
+        call_site: str = "bootstrap",
     ) -> tuple[list[Trace], int]:
         """Bootstrap traces: judge each train vote without user info (stored traces are reused).
 
@@ -369,7 +370,7 @@ class Synthesizer:
         stored: dict[tuple[str, bool, str], Trace] = {}
         if self.memory is not None:
             stored = {(t.vote_id, t.chosen_first, t.model): t for t in await self.memory.get_traces(user_id)}
-        judge = Judge(llm, call_site="bootstrap")
+        judge = Judge(llm, call_site=call_site)
         pending: list[tuple[Vote, bool]] = []
         traces_by_vote: dict[str, Trace] = {}
         for v in train:
@@ -638,34 +639,43 @@ class Synthesizer:
         votes = list(votes)
         known = {t.vote_id for t in traces}
         missing = [v for v in votes if v.id not in known]
-        extra, _ = await self.verify(user_id, missing, llm=llm) if missing else ([], 0)
+        extra, _ = await self.verify(user_id, missing, llm=llm, call_site="select") if missing else ([], 0)
         all_traces = [*traces, *extra]
         folds = self.cv_folds(user_id, votes)
         mode = self.config.score_mode
         default = Judge(llm, call_site="select", mode=mode, ledger=ledger)
+        if mode == "cot":  # a trace is the default judge's verdict in one order: never pay for it twice
+            by_id = {v.id: v for v in votes}
+            prefix = default._ledger_prefix()
+            for t in all_traces:
+                v = by_id.get(t.vote_id)
+                if v is not None and t.model == llm.model:
+                    first, second = (v.chosen, v.rejected) if t.chosen_first else (v.rejected, v.chosen)
+                    ledger.seed(pair_digest(prefix, v.context, first, second), t.predicted, None)
+        sc = self.config.selection
+        scored = [c for c in ("persona_demos", "persona", "demos") if sc.score_all or c in sc.candidates]
 
         async def per_fold(f: int, inside: list[Vote]) -> dict[str, dict[str, int]]:
             outside = [v for g, fold in enumerate(folds) if g != f for v in fold]
             usable_ids = [d.vote_id for d in self._usable(outside, all_traces)]
             persona = await self.write_persona(outside, all_traces, usable_ids, llm=llm)
             demos = self.demo_candidates(f"{user_id}\x1fcv{f}", outside, all_traces)[0]
-            judges = {
+            every = {
                 "persona_demos": Judge(llm, persona=persona, demos=tuple(demos), call_site="select", mode=mode,
                                        ledger=ledger),
                 "persona": Judge(llm, persona=persona, call_site="select", mode=mode, ledger=ledger),
                 "demos": Judge(llm, demos=tuple(demos), call_site="select", mode=mode, ledger=ledger),
-                "default": default,
             }  # fmt: skip
+            judges = {**{c: every[c] for c in scored}, "default": default}
             names = list(judges)
             scores = await asyncio.gather(*(_per_vote(judges[c], inside) for c in names))
             return dict(zip(names, scores, strict=True))
 
         per_fold_scores = await asyncio.gather(*(per_fold(f, fold) for f, fold in enumerate(folds)))
-        per_vote: dict[str, list[int]] = {c: [] for c in ("persona_demos", "persona", "demos", "default")}
+        per_vote: dict[str, list[int]] = {c: [] for c in (*scored, "default")}
         for f, fold in enumerate(folds):
             for c in per_vote:
                 per_vote[c] += [per_fold_scores[f][c][v.id] for v in fold]
-        sc = self.config.selection
         return choose(per_vote, z=sc.z, folds=len(folds), prior=prior, candidates=sc.candidates)
 
     # ------------------------------------------------------------------ all steps
