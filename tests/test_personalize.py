@@ -385,3 +385,34 @@ def test_cli_report_and_persona_history_show_cv_accuracy_and_live_lift(tmp_path:
         assert rep["total"]["wins"] == 3 and rep["users"][0]["versions"][0]["served"] == "persona_demos"
         assert rep["users"][0]["versions"][0]["cv_accuracy"] > rep["users"][0]["versions"][0]["cv_default"]
         assert "nothing stored" in cli("report", "--user", "nobody@x.org", code=1)
+
+
+# ------------------------------------------------------------------ one rule for the engine and the graph
+
+
+async def test_synthesis_graph_plans_refits_like_the_engine() -> None:
+    """The graph's load_votes follows ``Synthesizer.plan``: the saved fit key is the engine's, nothing new →
+    no run (in the graph and in ``Synthesizer.fit`` alike), new votes → an incremental split (earlier
+    validation votes stay validation votes)."""
+    from graphs.synthesis import SynthesisRunner, build_synthesis_graph
+
+    user = strong_user(2)
+    votes = simulate_votes(user, 16, np.random.default_rng(4))
+    mems = TenantMemories(InMemoryStore())
+    await mems(TENANT).add_votes(votes[:10])
+    small = FitConfig(n_trials=2, n_demo_candidates=2)
+    llm = SimBackend(0)
+    graph = build_synthesis_graph(llm=llm, memory_for=mems, fit_config=small, checkpointer=InMemorySaver())
+    runner = SynthesisRunner(graph, mems)
+    first = await runner.run_state(TENANT, user.user_id)
+    assert first["status"] == "fitted"
+    v1 = await mems(TENANT).current_persona(user.user_id)
+    assert v1 is not None and v1.meta["fit_key"] == Synthesizer(llm, None, small).plan(votes[:10], None).key
+    assert (await runner.run_state(TENANT, user.user_id))["status"] == "unchanged"
+    engine = await Synthesizer(llm, mems(TENANT), small).fit(user.user_id)
+    assert engine.status == "unchanged"  # the engine agrees: same rule, same key
+    await mems(TENANT).add_votes(votes[10:])
+    third = await runner.run_state(TENANT, user.user_id)
+    v2 = await mems(TENANT).current_persona(user.user_id)
+    assert third["status"] == "fitted" and v2 is not None and v2.version == 2
+    assert set(v1.meta["val_ids"]) <= set(v2.meta["val_ids"]) and set(v1.meta["train_ids"]) <= set(v2.meta["train_ids"])

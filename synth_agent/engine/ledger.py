@@ -119,9 +119,12 @@ class JudgmentLedger:
         entries = value.get("entries") if isinstance(value, dict) else None
         return cls(entries if isinstance(entries, dict) else None)
 
-    async def save(self, store: Any, user_id: str, model: str) -> bool:
-        """Persist the entries this fit used or added (older unused ones are dropped). False if nothing to do."""
+    async def save(self, store: Any, user_id: str, model: str, *, keep_unused: bool = False) -> bool:
+        """Persist the entries this fit used or added (older unused ones are dropped, unless ``keep_unused``:
+        a fit split over several processes or graph nodes prunes in its first step only). False if nothing
+        to do."""
         if not isinstance(store, LedgerStore) or (not self.new_entries and self._used.keys() == self._stored.keys()):
             return False
-        await store.put_cached_judgment(user_id, ledger_store_key(model), {"entries": dict(self._used)})
+        entries = {**self._stored, **self._used} if keep_unused else dict(self._used)
+        await store.put_cached_judgment(user_id, ledger_store_key(model), {"entries": entries})
         return True

@@ -136,6 +136,25 @@ class FitResult:
     usage: dict[str, int] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class FitPlan:
+    """What a fit of one user would work on, decided before any LLM call (:meth:`Synthesizer.plan`).
+
+    ``status``: ``"fit"`` (go ahead), ``"not_enough_votes"``, or ``"unchanged"`` (``current`` was fitted
+    on exactly this split with the same budgets, model and prompts: fitting again would pay for nothing new).
+    """
+
+    status: Literal["fit", "not_enough_votes", "unchanged"]
+    train: list[Vote]
+    val: list[Vote]
+    key: str
+    current: PersonaProfile | None
+
+    @property
+    def n_context(self) -> int:
+        return len(self.train) + len(self.val)
+
+
 @dataclass
 class BootstrapOutcome:
     traces: list[Trace]
@@ -684,6 +703,25 @@ class Synthesizer:
         payload = [[v.id for v in train], [v.id for v in val], asdict(self.config), self.llm.model]
         return hashlib.sha256(orjson.dumps(payload, default=str)).hexdigest()
 
+    def plan(self, votes: Sequence[Vote], current: PersonaProfile | None, *, force: bool = False) -> FitPlan:
+        """The split and whether a fit has anything to do — the one rule both :meth:`fit` and the synthesis
+        graph's ``load_votes`` node follow.
+
+        The split is incremental when ``current`` (the user's saved persona) was fitted by the same model with
+        this rule: its train and validation votes keep their side, so stored judgments stay valid. The fit is
+        ``"unchanged"`` when ``current`` carries the same :meth:`fit_key` (unless ``force``).
+        """
+        previous = None
+        if current is not None and current.model == self.llm.model and current.meta.get("fit_key"):
+            previous = (current.meta.get("train_ids") or [], current.meta.get("val_ids") or [])
+        train, val = split_votes(votes, self.config.train_fraction, previous=previous)
+        key = self.fit_key(train, val)
+        if len(train) + len(val) < self.config.min_votes or not val:
+            return FitPlan("not_enough_votes", train, val, key, current)
+        if not force and current is not None and current.meta.get("fit_key") == key:
+            return FitPlan("unchanged", train, val, key, current)
+        return FitPlan("fit", train, val, key, current)
+
     async def fit(
         self,
         user_id: str,
@@ -717,20 +755,17 @@ class Synthesizer:
             raise ValueError(f"{len(foreign)} vote(s) passed to fit({user_id!r}) belong to other users")
         current_persona = getattr(self.memory, "current_persona", None)
         current = await current_persona(user_id) if current_persona is not None else None
-        previous = None
-        if current is not None and current.model == self.llm.model and current.meta.get("fit_key"):
-            previous = (current.meta.get("train_ids") or [], current.meta.get("val_ids") or [])
-        train, val = split_votes(votes, cfg.train_fraction, previous=previous)
-        n_context = len(train) + len(val)
-        if n_context < cfg.min_votes or not val:
+        plan = self.plan(votes, current, force=force or not save)
+        train, val, key, n_context = plan.train, plan.val, plan.key, plan.n_context
+        if plan.status == "not_enough_votes":
             return FitResult(
                 user_id, "not_enough_votes",
                 f"{user_id!r} has {n_context} context vote(s); a persona needs at least {cfg.min_votes}. "
                 "The default judge is used until then.",
                 n_context,
             )
-        key = self.fit_key(train, val)
-        if save and not force and current is not None and current.meta.get("fit_key") == key:
+        if plan.status == "unchanged":
+            assert current is not None
             return FitResult(
                 user_id, "unchanged",
                 f"persona v{current.version} for {user_id!r} is already fitted on these {n_context} votes "
