@@ -41,6 +41,7 @@ from store.memory import PreferenceMemory
 from synth_agent import prompts
 from synth_agent.engine.judge import Judge
 from synth_agent.engine.rerank import Strategy, rank
+from synth_agent.engine.selection import served_persona
 from synth_agent.llm.base import ChatBackend
 
 __all__ = ["RerankContext", "RerankInput", "RerankOutput", "RerankState", "build_rerank_graph", "graph"]
@@ -143,9 +144,10 @@ def build_rerank_graph(
         if given is not None and (not isinstance(given, list) or not given):
             raise ValueError("given must be a non-empty list of candidate answers")
         profile = await cache.get(memory(tenant, runtime.store), tenant, user)
+        persona = served_persona(profile)  # the per-user guard
         return {
             "candidates": None,
-            "persona_prompt": prompts.generation_system_prompt(profile.persona) if profile else None,
+            "persona_prompt": prompts.generation_system_prompt(persona) if persona is not None else None,
             "persona_version": profile.version if profile else None,
         }
 
@@ -196,7 +198,8 @@ def build_rerank_graph(
         profile = await cache.get(memory(tenant, runtime.store), tenant, user)
         how = run_values(config).get("strategy") or strategy
         async with judge_llm() as backend:
-            result = await rank(Judge.from_profile(backend, profile, call_site="rerank"), to_context(state["messages"]), texts, strategy=how)
+            judge = Judge.from_profile(backend, profile, call_site="rerank")
+            result = await rank(judge, to_context(state["messages"]), texts, strategy=how)
         best = texts[result.winner]
         out: dict[str, Any] = {
             "winner": result.winner,
@@ -204,7 +207,7 @@ def build_rerank_graph(
             "scores": result.scores,
             "order": result.order,
             "strategy": result.strategy,
-            "personalized_judge": profile is not None,
+            "personalized_judge": judge.personalized,
             "given": None,
         }
         if given:

@@ -29,8 +29,9 @@ from langgraph.store.base import BaseStore, GetOp, PutOp, SearchItem
 from synth_agent.models import PersonaProfile, Trace, Vote, validate_user_id
 
 ROOT = "synth_agent"
-_KINDS = ("votes", "personas", "traces", "judgments", "pending_votes")
-"""Everything kept per user; forget_user deletes each kind (pending_votes: A/B pairs awaiting a vote)."""
+_KINDS = ("votes", "personas", "traces", "judgments", "pending_votes", "lift")
+"""Everything kept per user; forget_user deletes each kind (pending_votes: A/B pairs awaiting a vote;
+lift: one event per redeemed A/B token, :mod:`synth_agent.lift`)."""
 
 
 def encode_label(text: str) -> str:
@@ -432,6 +433,20 @@ class PreferenceMemory:
     async def current_persona(self, user_id: str) -> PersonaProfile | None:
         items = await self._persona_items(user_id)
         return PersonaProfile.model_validate(items[-1].value["profile"]) if items else None
+
+    async def update_persona_meta(self, user_id: str, version: int, patch: dict[str, Any]) -> PersonaProfile | None:
+        """Merge ``patch`` into the ``meta`` of saved version ``version`` (e.g. a demotion by live A/B votes);
+        the version number and everything else stay. None if that version does not exist."""
+        async with self._lock(user_id):
+            ns = self._user_ns(user_id, "personas")
+            item = await self.store.aget(ns, f"{version:010d}")
+            if item is None:
+                return None
+            old = PersonaProfile.model_validate(item.value["profile"])
+            new = PersonaProfile.model_validate({**old.model_dump(), "meta": {**old.meta, **patch}})
+            value = {"version": version, "profile": new.model_dump(mode="json")}
+            await self.store.abatch([PutOp(ns, f"{version:010d}", value, index=False)])
+        return new
 
     async def persona_history(self, user_id: str) -> list[PersonaProfile]:
         """Every saved version, oldest first."""

@@ -468,6 +468,7 @@ def persona(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Show a user's current persona (or its history)."""
+    from synth_agent.lift import history_rows, load_user_lift, with_live
     from synth_agent.services import open_memory
 
     st = _state(ctx)
@@ -475,15 +476,31 @@ def persona(
     profiles = _run(memory.persona_history(user)) if history else [p for p in [_run(memory.current_persona(user))] if p]
     if not profiles:
         _fail(f"no persona for {user!r} yet: ingest votes, then run `synth-agent fit --user {user}`")
+    lift = _run(load_user_lift(memory, user))
+    profiles = [with_live(p, lift) for p in profiles]
     if as_json:
         print(json.dumps([json.loads(p.model_dump_json()) for p in profiles], indent=2, ensure_ascii=False)
               if history else profiles[0].model_dump_json(indent=2))
         return
-    for p in profiles:
+    for p, row in zip(profiles, history_rows(profiles, lift), strict=True):
         acc = f"{p.val_accuracy:.0%}" if p.val_accuracy is not None else "-"
         out.rule(f"{escape(p.user_id)} · v{p.version} · {p.created_at:%Y-%m-%d %H:%M} · val acc {acc} · "
                  f"{len(p.demos)} demos")
+        out.print(_drift_line(row), markup=False, highlight=False)
         out.print(p.persona, markup=False, highlight=False)
+
+
+def _drift_line(row: dict[str, Any]) -> str:
+    """One version's served configuration, cross-validated accuracy and live A/B win rate, in words."""
+    cv = row["cv_accuracy"]
+    cv_text = (f"cross-validated {cv:.0%} vs default {row['cv_default']:.0%}" if cv is not None
+               and row["cv_default"] is not None else "not cross-validated (fitted before selection)")
+    live = row["live"]
+    live_text = (f"live: personalized won {live['wins']}/{live['votes']} A/B votes "
+                 f"({live['win_rate']:.0%}, 95% CI {live['ci_low']:.0%}–{live['ci_high']:.0%})"
+                 if live["votes"] else "live: no A/B votes yet")
+    served = row["served"] + (" (demoted by live votes)" if row["demoted"] else "")
+    return f"serves {served} · {cv_text} · {live_text}"
 
 
 def _current_profile(st: CLIState, user: str) -> Any:
@@ -600,11 +617,66 @@ def export_prompt(
     print(export_profile(profile, fmt))  # type: ignore[arg-type]
 
 
+@app.command()
+def report(
+    ctx: typer.Context,
+    user: Annotated[str | None, typer.Option("--user", "-u", help="One user (default: the whole tenant).")] = None,
+    plot: Annotated[Path, typer.Option("--plot", help="Where to write the plot (PNG).")] = Path("lift.png"),
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+) -> None:
+    """Live lift: how often users pick the personalized answer in A/B votes, per user and persona version.
+
+    Prints the tenant's (or one user's) win rate of personalized vs plain answers with 95% intervals,
+    each user's served configuration and cross-validated accuracy, and writes a plot of the win rate
+    over time with persona versions marked.
+    """
+    from synth_agent.report import collect, write_lift_plot
+    from synth_agent.services import open_memory
+
+    st = _state(ctx)
+    if user is not None:
+        _check_user(user)
+    memory = open_memory(st.settings, st.tenant)
+    rep = _run(collect(memory, [user] if user is not None else None))
+    if user is not None and not rep.users:
+        _fail(f"nothing stored for {user!r} in tenant {st.tenant!r}")
+    if as_json:
+        print(json.dumps(rep.as_dict(), indent=2, ensure_ascii=False))
+    else:
+        t = rep.total
+        lo, hi = t.interval()
+        scope = f"user {user!r}" if user else f"tenant {st.tenant!r} ({len(rep.users)} users)"
+        out.print(f"live lift for {escape(scope)}: personalized won {t.wins} of {t.n} A/B votes"
+                  + (f" = {t.rate:.0%} (95% CI {lo:.0%}–{hi:.0%})" if t.n else ""))
+        table = Table("user", "version", "serves", "cross-validated", "live A/B (won/votes)", "95% CI",
+                      title="Per user, current persona version")
+        for u in rep.users:
+            row = u.rows[-1] if u.rows else None
+            if row is None:
+                table.add_row(escape(u.user_id), "-", "default", "-", f"{u.lift.overall.wins}/{u.lift.overall.n}", "-")
+                continue
+            live = row["live"]
+            cv = row["cv_accuracy"]
+            table.add_row(
+                escape(u.user_id), f"v{row['version']}",
+                row["served"] + (" (demoted)" if row["demoted"] else ""),
+                f"{cv:.0%} vs {row['cv_default']:.0%}" if cv is not None and row["cv_default"] is not None else "-",
+                f"{live['wins']}/{live['votes']}",
+                f"{live['ci_low']:.0%}–{live['ci_high']:.0%}" if live["votes"] else "-",
+            )  # fmt: skip
+        out.print(table)
+    if rep.total.n:
+        write_lift_plot(rep, plot, title=f"user {user}" if user else f"tenant {st.tenant}")
+        (err if as_json else out).print(f"plot: {plot}")
+    else:
+        (err if as_json else out).print("no A/B votes between a personalized and a plain answer yet: no plot")
+
+
 @app.command("eval")
 def eval_cmd(
     ctx: typer.Context,
     file: Annotated[Path, typer.Argument(help="Votes JSONL (uses `split` when present).")],
-    methods: Annotated[str, typer.Option(help="Comma-separated methods.")] = "default,persona,demos,persona_demos,unverified,memory",
+    methods: Annotated[str, typer.Option(help="Comma-separated methods (served: what the per-user guard serves).")] = "default,persona,demos,persona_demos,served,unverified,memory",
     out_dir: Annotated[Path, typer.Option("--out", help="Directory for report.json and plots.")] = Path("eval-out"),
     curve: Annotated[str, typer.Option(help="Context sizes for the accuracy-vs-votes curve, e.g. 5,7,10 ('' = off).")] = "5,7,10",
     seed: Annotated[int, typer.Option(help="Seed for splits and random search.")] = 0,
@@ -684,6 +756,15 @@ def print_report(report: Any) -> None:
     for m, s in report.methods.items():
         table.add_row(m, f"{s.accuracy:.1%}", f"{s.ci_low:.1%} – {s.ci_high:.1%}", str(s.n_users), str(s.n_judgments))
     out.print(table)
+    if "default" in report.methods:
+        for m in ("persona_demos", "served"):
+            if m in report.methods:
+                below, level, above = report.versus_default(m)
+                out.print(f"{m} vs the default judge, per user: below for {below}, level for {level}, above for {above}")
+    if "served" in report.methods:
+        served = [u.selection["served"] for u in report.users if u.selection]
+        out.print("the per-user guard serves: " + ", ".join(
+            f"{c} to {served.count(c)}" for c in ("persona_demos", "persona", "demos", "default")))
     if report.curve:
         slope = f"{report.curve_slope * 100:+.2f} points per vote" if report.curve_slope is not None else "-"
         out.print("accuracy vs context votes: " + ", ".join(

@@ -280,6 +280,13 @@ class MemoryConformance:
         assert history[0].demos == [demo] and history[0].persona == "Likes brevity."
         current = await mem.current_persona("pp")
         assert current is not None and current.version == 7
+        # a version's meta can be amended in place (live-lift demotion): same version, other fields kept
+        amended = await mem.update_persona_meta("pp", 1, {"demoted": {"votes": 12}})
+        assert amended is not None and amended.version == 1 and amended.demos == [demo]
+        history = await mem.persona_history("pp")
+        assert history[0].meta == {"demoted": {"votes": 12}} and history[0].persona == "Likes brevity."
+        assert [p.version for p in history] == [1, 2, 3, 4, 5, 6, 7] and not history[6].meta
+        assert await mem.update_persona_meta("pp", 99, {"demoted": True}) is None
         with pytest.raises(ValueError):
             await mem.save_persona({"user_id": "pp", "persona": "x"})  # type: ignore[arg-type]
 
@@ -307,8 +314,11 @@ class MemoryConformance:
                                               verified=True)])
             await mem.put_cached_judgment(user, "key", {"x": 1})
             await store.aput(mem.namespace(user, "pending_votes"), "tok", {"a": "x", "b": "y"}, index=False)
+            await store.aput(mem.namespace(user, "lift"), "tok", {"version": 1, "won": True, "at": "2026-01-01"},
+                             index=False)
         counts = await mem.forget_user("gone")
-        assert counts == {"votes": 3, "personas": 2, "traces": 1, "judgments": 1, "pending_votes": 1}
+        assert counts == {"votes": 3, "personas": 2, "traces": 1, "judgments": 1, "pending_votes": 1, "lift": 1}
+        assert await store.aget(mem.namespace("gone", "lift"), "tok") is None
         assert await store.aget(mem.namespace("gone", "pending_votes"), "tok") is None
         assert await store.aget(mem.namespace("stays", "pending_votes"), "tok") is not None
         assert await mem.list_votes("gone") == [] and await mem.current_persona("gone") is None
@@ -318,7 +328,7 @@ class MemoryConformance:
         assert await mem.count_votes("stays") == 3 and len(await mem.persona_history("stays")) == 2
         assert await mem.get_cached_judgment("stays", "key") == {"x": 1}
         assert await mem.forget_user("gone") == {
-            "votes": 0, "personas": 0, "traces": 0, "judgments": 0, "pending_votes": 0}
+            "votes": 0, "personas": 0, "traces": 0, "judgments": 0, "pending_votes": 0, "lift": 0}
 
     async def test_tenant_isolation(self, store: BaseStore) -> None:
         a, b = PreferenceMemory(store, "tenant.a"), PreferenceMemory(store, "tenant-b")

@@ -7,15 +7,18 @@ import pytest
 import store.chroma
 import store.embeddings
 import store.memory
+import synth_agent.engine.selection
 import synth_agent.engine.synthesize
 import synth_agent.ids
+import synth_agent.lift
 import synth_agent.llm.client
 import synth_agent.llm.pool
 import synth_agent.models
 import synth_agent.safejson
 
 MODULES = [synth_agent.models, synth_agent.engine.synthesize, store.embeddings, synth_agent.safejson, synth_agent.ids,
-           store.chroma, store.memory, synth_agent.llm.client, synth_agent.llm.pool]
+           store.chroma, store.memory, synth_agent.llm.client, synth_agent.llm.pool,
+           synth_agent.engine.selection, synth_agent.lift]
 
 # the main public classes: each shows how it is used, and the example runs (offline: simulator, temp dirs)
 CLASSES = [store.chroma.ChromaStore, store.memory.PreferenceMemory, synth_agent.llm.client.LLMClient,

@@ -167,7 +167,8 @@ def create_app(
                 stack.push_async_callback(state.poller.aclose)
                 state.poller.start(proxy.poll_interval)
             metrics.watch(lambda: state.scheduler.stats if state.scheduler else None,
-                          lambda: state.llm.stats if state.llm else None)
+                          lambda: state.llm.stats if state.llm else None,
+                          lambda: state.personalizer.lift if state.personalizer else None)
             try:
                 yield
             finally:

@@ -10,6 +10,7 @@ from fastapi import Response
 from pydantic import BaseModel
 
 from synth_agent import prompts
+from synth_agent.engine.selection import served_persona
 from synth_agent.llm.errors import LLMError, LLMTimeoutError
 from synth_agent.models import Message, PersonaProfile
 from synth_agent.prompts import ParseError
@@ -76,9 +77,11 @@ def raw_messages(req: BaseModel) -> list[dict[str, Any]]:
 
 
 def with_persona(messages: list[dict[str, Any]], profile: PersonaProfile | None) -> list[dict[str, Any]]:
-    if profile is None:
+    """``messages`` with the user's persona first as a system message, where the per-user guard serves one."""
+    persona = served_persona(profile)
+    if persona is None:
         return messages
-    return [{"role": "system", "content": prompts.generation_system_prompt(profile.persona)}, *messages]
+    return [{"role": "system", "content": prompts.generation_system_prompt(persona)}, *messages]
 
 
 async def persona_of(st: ProxyState, tenant: str, user: str | None) -> PersonaProfile | None:

@@ -13,6 +13,7 @@ from fastapi.responses import Response
 
 from graphs.synthesis import erase_synthesis_checkpoints
 from synth_agent.export import export_profile
+from synth_agent.lift import load_user_lift, with_live
 from synth_agent.models import PersonaProfile
 from synth_agent.proxy.deps import AuthCaller, PathUser, State
 from synth_agent.proxy.errors import ProxyError, responses
@@ -47,15 +48,22 @@ def router(models: ApiModels) -> APIRouter:
 
     @r.get("/v1/users/{user}/persona/history", response_model=PersonaHistory, responses=_READ_ERRORS)
     async def persona_history(st: State, caller: AuthCaller, user: PathUser) -> dict[str, Any]:
-        """Every persona version, oldest first (empty for unknown users)."""
+        """Every persona version, oldest first (empty for unknown users); each version's ``meta.live`` holds
+        its live A/B win rate and ``meta.selection`` its cross-validated accuracy per configuration."""
         memories, _, _, _ = st.ready()
-        history = await memories(caller.tenant).persona_history(user)
-        return {"object": "list", "data": history}
+        memory = memories(caller.tenant)
+        history, lift = await asyncio.gather(memory.persona_history(user), load_user_lift(memory, user))
+        return {"object": "list", "data": [with_live(p, lift) for p in history]}
 
     @r.get("/v1/users/{user}/persona", response_model=PersonaProfile, responses=_READ_ERRORS)
     async def persona(st: State, caller: AuthCaller, user: PathUser) -> PersonaProfile:
-        """The current persona (404 until one was learned)."""
-        return await _profile(st, caller.tenant, user)
+        """The current persona (404 until one was learned), with the user's own figures: ``meta.served`` (what
+        the per-user guard serves: persona_demos, persona, demos or default), ``meta.selection`` (cross-validated
+        accuracy per configuration) and ``meta.live`` (A/B win rate of personalized vs plain answers, overall
+        and for this version, with 95% intervals)."""
+        memories, _, _, _ = st.ready()
+        profile = await _profile(st, caller.tenant, user)
+        return with_live(profile, await load_user_lift(memories(caller.tenant), user))
 
     @r.get(
         "/v1/users/{user}/prompt",
