@@ -66,7 +66,7 @@ real-model-deps: $(REAL_STAMP)
 
 test: export SYNTH_AGENT_REAL_MODEL := required
 
-# The demo at tiny scale against the real small model (optional; see docs/judges.md).
+# The demo at tiny scale (3 users x 7 votes) against the real small model (optional; docs/judges.md).
 demo-real: $(REAL_STAMP)
 	$(PY) -m synth_agent.demo_real
 

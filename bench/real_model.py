@@ -214,14 +214,17 @@ async def bench_structured(client: LLMClient, votes: Sequence[Vote]) -> Site:
 
 
 async def speed(client: LLMClient) -> dict[str, float]:
-    """Decode speed (long answer, short prompt) and prompt processing (long prompt, one token).
+    """Decode speed (same short prompt twice: the second run's prompt is the server's cached prefix, so its
+    time is generation) and prompt processing (a 1,100-token prompt, one generated token).
 
     The caps also go into the body as ``max_tokens``: today's client sends them as
     ``max_completion_tokens``, which llama-cpp-python ignores.
     """
-    msgs = [{"role": "user", "content": "Count from 1 to 300, separated by commas."}]
+    msgs = [{"role": "user", "content": "Write a long story about a lighthouse keeper and a cat."}]
+    kw: dict[str, Any] = {"call_site": "speed", "max_tokens": 128, "extra": {"max_tokens": 128}, "temperature": 0.7}
+    await client.complete(msgs, seed=1, **kw)
     t0 = time.perf_counter()
-    c = await client.complete(msgs, call_site="speed", max_tokens=128, extra={"max_tokens": 128})
+    c = await client.complete(msgs, seed=2, **kw)
     decode = c.completion_tokens / (time.perf_counter() - t0)
     text = " ".join(f"word{i}" for i in range(300))
     t0 = time.perf_counter()
@@ -257,8 +260,9 @@ async def run(server: LocalJudgeServer, args: argparse.Namespace) -> dict[str, A
     async with LLMClient(cfg) as client:
         tap = Tap(client)
         figures = await speed(client)
-        console.print(f"decode {figures['decode_tokens_per_s']:.0f} tokens/s; prompt processing "
-                      f"{figures['prompt_tokens_per_s']:.0f} tokens/s ({figures['prompt_tokens']:.0f}-token prompt)")
+        console.print(f"decode {figures['decode_tokens_per_s']:.0f} tokens/s ({figures['decode_tokens']:.0f} tokens); "
+                      f"prompt processing {figures['prompt_tokens_per_s']:.0f} tokens/s "
+                      f"({figures['prompt_tokens']:.0f}-token prompt)")  # fmt: skip
         sites: dict[str, Site] = {}
         t0 = time.perf_counter()
         sites["judge (cot, no user info)"] = await bench_judge(tap, ana, persona=None, demos=0, name="judge")

@@ -2,8 +2,10 @@
 
 The same job as ``make demo`` — simulated users' votes → store → SynthesizeMe fits →
 evaluation on held-out votes — with a *real* model writing the personas and judging,
-at a scale a 2-core CPU finishes in minutes: 3 users × 10 votes, small search budgets,
-one request in flight (llama-cpp-python serves one at a time).
+at a scale a CPU finishes: 3 users × 7 votes (5 to fit, 2 held out), the smallest search
+budgets, log-probability judges for the evaluation, one request in flight (llama-cpp-python
+serves one at a time). Simulated answers are long (500–1,000 tokens a pair) and reading
+prompts is what a CPU spends its time on: see docs/judges.md for the measured speed.
 
 Be clear about what it shows: the prompts, parsers, log-probability reading and the
 whole pipeline running on a real model's outputs. It does not show personalization
@@ -11,7 +13,7 @@ lift: a 135M-parameter model is far too weak a judge for that, and 3 users × 3 
 votes are far too few to measure it. Use ``synth-agent eval`` with a capable model on
 your own votes for that (``docs/judges.md``).
 
-    python -m synth_agent.demo_real [--users 3] [--votes 10] [--model smollm2|FILE.gguf] [--threads N]
+    python -m synth_agent.demo_real [--users 3] [--votes 7] [--model smollm2|FILE.gguf] [--threads N]
 """
 
 from __future__ import annotations
@@ -21,24 +23,30 @@ import asyncio
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from synth_agent.config import Settings
 from synth_agent.engine import FitConfig, Synthesizer
+from synth_agent.engine.synthesize import FitResult
 from synth_agent.evaluate import EvalReport
 from synth_agent.judge_server import JudgeServerError, LocalJudgeServer, ServerSpec, resolve_gguf
-from synth_agent.llm.client import EndpointConfig, LLMClient
+from synth_agent.llm.base import ChatMessage, Completion
+from synth_agent.llm.client import EndpointConfig, LLMClient, LLMError
 from synth_agent.models import Vote
+from synth_agent.prompts import ParseError
 
 console = Console()
 
 TINY = FitConfig(n_trials=2, n_demo_candidates=2, max_bootstrapped_demos=1, max_labeled_demos=1, candidate_wave=2)
 """Budgets that keep every judge prompt of simulated votes (~500–1,000 tokens a pair) inside the window."""
-METHODS = ("default", "persona", "persona_demos", "default_logprob", "persona_demos_logprob")
+METHODS = ("default_logprob", "persona_demos_logprob")
+"""Log-probability judges: one generated token per judgment (on CPU, reading the prompt is the cost)."""
 CAPTION = (
     "Honest caption: SmolLM2-135M is a 135M-parameter model, far too weak a judge to show personalization "
     "lift, and {n} held-out judgments are far too few to measure one (see the 95% intervals). This run shows "
@@ -48,7 +56,33 @@ CAPTION = (
 )
 
 
-async def run(server: LocalJudgeServer, labelled: list[Vote], home: Path, seed: int) -> EvalReport:
+class CapInBody:
+    """Sends each call's ``max_tokens`` in the request body too, under the name llama-cpp-python reads.
+
+    A workaround, to delete when the lean LLM client (issue 12) lands: today ``LLMClient`` sends the
+    cap through langchain-openai, which renames it ``max_completion_tokens``; llama-cpp-python 0.3.36
+    ignores that name, and the persona writer then runs on until the context window is full (seen:
+    2,208 tokens instead of 400, after which every persona-informed judge prompt overflows).
+    """
+
+    def __init__(self, inner: LLMClient) -> None:
+        self.inner = inner
+        self.model = inner.model
+        self.stats = inner.stats
+
+    async def complete(self, messages: Sequence[ChatMessage], **kw: Any) -> Completion:
+        if kw.get("max_tokens") is not None:
+            kw["extra"] = {**(kw.get("extra") or {}), "max_tokens": kw["max_tokens"]}
+        return await self.inner.complete(messages, **kw)
+
+    async def structured(self, messages: Sequence[ChatMessage], schema: Any, **kw: Any) -> Any:
+        return await self.inner.structured(messages, schema, **kw)
+
+    async def aclose(self) -> None:
+        return None
+
+
+async def run(server: LocalJudgeServer, labelled: list[Vote], home: Path, seed: int) -> EvalReport | None:
     from synth_agent.cli import print_report
     from synth_agent.evaluate import evaluate
     from synth_agent.services import open_memory
@@ -63,33 +97,52 @@ async def run(server: LocalJudgeServer, labelled: list[Vote], home: Path, seed: 
     cfg = EndpointConfig(base_url=server.base_url, api_key="none", model=server.model, max_concurrency=1,
                          timeout=600.0, max_retries=1)  # fmt: skip
     config = replace(TINY, seed=seed)
-    async with LLMClient(cfg) as llm:
+    report: EvalReport | None = None
+    async with LLMClient(cfg) as client:
+        llm = CapInBody(client)
         t0 = time.perf_counter()
+        fits: list[FitResult] = []
+        failed: dict[str, str] = {}
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=console) as prog:  # fmt: skip
             task = prog.add_task("[bold]3.[/] fitting personas on the real model (one request at a time)",
                                  total=len(by_user))  # fmt: skip
-            fits = []
             for uid in by_user:
-                fits.append(await Synthesizer(llm, memory, config).fit(uid))
+                try:
+                    fits.append(await Synthesizer(llm, memory, config).fit(uid))  # type: ignore[arg-type]
+                except (ParseError, LLMError) as e:
+                    # A weak model's unreadable answer (or a prompt over the window) ends this
+                    # user's fit; nothing is saved for them. The other users go on.
+                    failed[uid] = str(e).splitlines()[0][:200]
                 prog.advance(task)
-        console.print(f"    {sum(f.profile is not None for f in fits)}/{len(fits)} personas saved in "
-                      f"{time.perf_counter() - t0:.0f}s, {llm.stats.total().requests} requests")  # fmt: skip
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      console=console) as prog:  # fmt: skip
-            task = prog.add_task("[bold]4.[/] evaluating judges on held-out votes", total=len(by_user))
-            # The evaluation refits each user with the same prompts: the client's temperature-0
-            # cache answers those calls, so only the held-out judgments cost model time.
-            report = await evaluate(llm, labelled, methods=METHODS, config=config, concurrency=1,
-                                    on_user_done=lambda _u: prog.advance(task))  # fmt: skip
-        fitted = next((f for f in fits if f.profile is not None), None)
-        if fitted is not None and fitted.profile is not None:
-            console.rule(f"persona of {fitted.user_id}, written by {server.model} (verbatim)")
-            console.print(fitted.profile.persona, markup=False, highlight=False)
-        console.rule("results")
-        print_report(report)
-        judgments = max((s.n_judgments for s in report.methods.values()), default=0)
-        console.print(CAPTION.format(n=judgments), style="yellow")
+        saved = [f for f in fits if f.profile is not None]
+        console.print(f"    {len(saved)}/{len(by_user)} personas saved in {time.perf_counter() - t0:.0f}s, "
+                      f"{llm.stats.total().requests} requests")  # fmt: skip
+        for uid, why in failed.items():
+            console.print(f"    [yellow]fit failed for {uid}:[/] {why}", highlight=False)
+        if saved:
+            first = saved[0]
+            assert first.profile is not None
+            console.rule(f"persona of {first.user_id}, written by {server.model} (verbatim)")
+            console.print(first.profile.persona, markup=False, highlight=False)
+            fitted_votes = [v for v in labelled if v.user_id in {f.user_id for f in saved}]
+            with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                          TimeElapsedColumn(), console=console) as prog:  # fmt: skip
+                task = prog.add_task("[bold]4.[/] evaluating judges on held-out votes", total=len(saved))
+                # The evaluation refits each user with the same prompts: the client's temperature-0
+                # cache answers those calls, so only the held-out judgments cost model time.
+                try:
+                    report = await evaluate(
+                        llm, fitted_votes, methods=METHODS, config=config, concurrency=1,  # type: ignore[arg-type]
+                        on_user_done=lambda _u: prog.advance(task),
+                    )  # fmt: skip
+                except (ParseError, LLMError) as e:
+                    console.print(f"[yellow]evaluation stopped:[/] {str(e).splitlines()[0][:200]}")
+        if report is not None:
+            console.rule(f"results ({len(saved)} user(s) with a persona)")
+            print_report(report)
+            judgments = max((s.n_judgments for s in report.methods.values()), default=0)
+            console.print(CAPTION.format(n=judgments), style="yellow")
         total = llm.stats.total()
         console.print(f"{total.requests} LLM requests, {total.prompt_tokens} prompt / "
                       f"{total.completion_tokens} completion tokens")  # fmt: skip
@@ -110,7 +163,7 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description="synth-agent demo on a real small model (llama.cpp on CPU)")
     ap.add_argument("--users", type=int, default=3)
-    ap.add_argument("--votes", type=int, default=10)
+    ap.add_argument("--votes", type=int, default=7, help="per user: 5 context + 2 held out")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--model", default="smollm2", help="'smollm2' (from PyPI) or a local GGUF file")
     ap.add_argument("--ctx", type=int, default=4096, help="context window (tokens)")
@@ -138,7 +191,8 @@ def main() -> None:
         finally:
             server.stop()
             shutil.rmtree(home, ignore_errors=True)
-    save(report, args.out)
+    if report is not None:
+        save(report, args.out)
     console.print(f"done in {time.perf_counter() - t0:.0f}s")
 
 
