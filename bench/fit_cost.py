@@ -1,53 +1,106 @@
-"""Cost of one SynthesizeMe fit: LLM requests, tokens and wall time per 12-vote user.
+"""Cost of SynthesizeMe fits: LLM requests, prompt tokens and wall time per 12-vote user, refits, and scale.
 
-Against the simulator endpoint over HTTP with a fixed per-request latency (default
-50 ms), at the paper's budgets (10 trials, 10 demo candidates). Prints one user fitted
-alone (median of several users, each with a fresh client so nothing is cached across
-users), then N users fitted concurrently through one shared client.
+Against the simulator endpoint in its own process with a fixed per-request latency
+(default 50 ms), with the default ``FitConfig`` (``--config KEY=VALUE`` overrides it,
+e.g. ``--config n_trials=10 --config n_demo_candidates=10`` for the paper's budgets).
+Token figures are the simulator's own ``usage`` counts (what a server would bill).
 
-    python bench/fit_cost.py [--latency-ms 50] [--users 20] [--votes 12] [--solo 5]
+1. one fit per user, ``--solo`` users one after the other, each with a fresh client (nothing
+   cached across users): median requests, prompt tokens, wall time, and where the prompt
+   tokens went per step (bootstrap, candidate scoring, persona, demo search);
+2. refits through a preference memory: the same user again with no new votes, then after
+   ``--new-votes`` more votes (a fresh client each time, so only what the memory keeps counts);
+3. ``--users`` users fitted concurrently through one client (``--concurrency`` in flight at most),
+   against one user alone through the same kind of client: wall-clock ratio.
+
+It uses only APIs that exist since the first release, so the same file measures an older
+checkout (run it with that checkout's interpreter from a directory outside both trees).
+
+    python bench/fit_cost.py [--latency-ms 50] [--users 20] [--votes 12] [--solo 5] [--concurrency 64]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import time
+from typing import Any
 
+from fit_accuracy import parse_overrides  # bench/ is on sys.path when a bench script runs
+from langgraph.store.memory import InMemoryStore
 from rich.console import Console
 from rich.table import Table
 
+from store.memory import PreferenceMemory
 from synth_agent.engine import FitConfig, Synthesizer
 from synth_agent.llm.client import EndpointConfig, LLMClient
 from synth_agent.sim.population import Population
-from synth_agent.sim.server import SimEndpoint, SimProcess
+from synth_agent.sim.server import SimProcess
+
+STEPS = ("bootstrap", "bootstrap_score", "persona", "demo_select")
 
 
-async def fit_one(base_url: str, uid: str, votes: list, cfg: FitConfig, concurrency: int) -> dict[str, float]:
-    async with LLMClient(EndpointConfig(base_url=base_url, max_concurrency=concurrency)) as llm:
+def served(ep: SimProcess) -> dict[str, Any]:
+    s = ep.stats()
+    return {"requests": s["by_path"].get("/v1/chat/completions", 0), "prompt_tokens": s["prompt_tokens"],
+            "completion_tokens": s["completion_tokens"]}  # fmt: skip
+
+
+def delta(after: dict[str, Any], before: dict[str, Any]) -> dict[str, Any]:
+    return {k: after[k] - before[k] for k in after}
+
+
+async def fit_once(ep: SimProcess, uid: str, votes: list | None, cfg: FitConfig, concurrency: int,
+                   memory: PreferenceMemory | None = None) -> dict[str, Any]:  # fmt: skip
+    """One fit with a fresh client; the simulator's counts for it, wall time, per-step tokens."""
+    before = served(ep)
+    async with LLMClient(EndpointConfig(base_url=ep.base_url, max_concurrency=concurrency)) as llm:
         t0 = time.perf_counter()
-        res = await Synthesizer(llm, None, cfg).fit(uid, votes)
+        res = await Synthesizer(llm, memory, cfg).fit(uid, votes)
         wall = time.perf_counter() - t0
-        tot = llm.stats.total()
-    return {
-        "requests": tot.requests,
-        "prompt_tokens": tot.prompt_tokens,
-        "completion_tokens": tot.completion_tokens,
-        "wall_s": wall,
-        "val_acc": res.profile.val_accuracy if res.profile else float("nan"),
-    }
+        by_site = llm.stats.as_dict()
+    out = delta(served(ep), before)
+    out["wall_s"] = wall
+    out["version"] = res.profile.version if res.profile else None
+    out["status"] = res.status
+    out["steps"] = {s: by_site.get(s, {}).get("prompt_tokens", 0) for s in STEPS}
+    out["steps"]["(logprob scoring)"] = sum(v["prompt_tokens"] for k, v in by_site.items() if k.endswith(":logprob"))
+    return out
 
 
-async def fit_many(base_url: str, pop: Population, n_votes: int, cfg: FitConfig, concurrency: int) -> dict[str, float]:
-    async with LLMClient(EndpointConfig(base_url=base_url, max_concurrency=concurrency)) as llm:
+def process_cpu(pid: int | None) -> float:
+    """CPU seconds used so far by process ``pid`` (Linux /proc), NaN where unavailable."""
+    try:
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, TypeError):
+        return float("nan")
+
+
+async def fit_many(ep: SimProcess, pop: Population, n_votes: int, cfg: FitConfig, concurrency: int) -> dict[str, float]:
+    before = served(ep)
+    sim_pid = getattr(getattr(ep, "_proc", None), "pid", None)
+    sim0, cpu0 = process_cpu(sim_pid), time.process_time()
+    async with LLMClient(EndpointConfig(base_url=ep.base_url, max_concurrency=concurrency)) as llm:
         t0 = time.perf_counter()
         await asyncio.gather(*(Synthesizer(llm, None, cfg).fit(u, pop.votes(u, n_votes)) for u in pop.user_ids))
         wall = time.perf_counter() - t0
-        tot = llm.stats.total()
+    d = delta(served(ep), before)
     n = len(pop.user_ids)
-    return {"requests": tot.requests / n, "tokens": (tot.prompt_tokens + tot.completion_tokens) / n,
-            "wall_total_s": wall, "wall_per_user_s": wall / n}
+    return {"wall_s": wall, "requests": d["requests"] / n, "prompt_tokens": d["prompt_tokens"] / n,
+            "client_cpu_s": time.process_time() - cpu0, "sim_cpu_s": process_cpu(sim_pid) - sim0}  # fmt: skip
+
+
+async def refits(ep: SimProcess, uid: str, votes: list, n_first: int, cfg: FitConfig, concurrency: int) -> list[dict[str, Any]]:
+    memory = PreferenceMemory(InMemoryStore(), tenant="bench")
+    await memory.add_votes(votes[:n_first])
+    rows = [await fit_once(ep, uid, None, cfg, concurrency, memory)]
+    rows.append(await fit_once(ep, uid, None, cfg, concurrency, memory))
+    await memory.add_votes(votes[n_first:])
+    rows.append(await fit_once(ep, uid, None, cfg, concurrency, memory))
+    return rows
 
 
 def main() -> None:
@@ -55,39 +108,57 @@ def main() -> None:
     ap.add_argument("--latency-ms", type=float, default=50.0)
     ap.add_argument("--users", type=int, default=20)
     ap.add_argument("--votes", type=int, default=12)
+    ap.add_argument("--new-votes", type=int, default=4, help="votes added before the last refit")
     ap.add_argument("--solo", type=int, default=5, help="users fitted one at a time for the per-fit figures")
-    ap.add_argument("--concurrency", type=int, default=32, help="max requests in flight per client")
-    ap.add_argument("--in-process", action="store_true",
-                    help="run the simulator in this process (shares the GIL with the client; slower)")
+    ap.add_argument("--concurrency", type=int, default=64, help="max requests in flight per client")
+    ap.add_argument("--config", action="append", default=[], metavar="KEY=VALUE", help="FitConfig override")
     args = ap.parse_args()
-    cfg = FitConfig(n_trials=10, n_demo_candidates=10, seed=0)
+    cfg = FitConfig(seed=0, **parse_overrides(args.config))
     pop = Population(args.users, seed=0)
-    console = Console()
-    sim = SimEndpoint if args.in_process else SimProcess
-    with sim(latency_ms=args.latency_ms) as ep:
-        solo = [
-            asyncio.run(fit_one(ep.base_url, u, pop.votes(u, args.votes), cfg, args.concurrency))
-            for u in pop.user_ids[: args.solo]
-        ]
-        many = asyncio.run(fit_many(ep.base_url, pop, args.votes, cfg, args.concurrency))
-    t = Table(title=f"One fit of a {args.votes}-vote user, simulator at {args.latency_ms:.0f} ms/request "
-                    f"(median of {len(solo)} users; 10 trials, 10 candidates)")
+    console = Console(width=150)
+    budgets = f"{cfg.n_trials} trials, {cfg.n_demo_candidates} demo candidates"
+    with SimProcess(latency_ms=args.latency_ms) as ep:
+        solo = [asyncio.run(fit_once(ep, u, pop.votes(u, args.votes), cfg, args.concurrency))
+                for u in pop.user_ids[: args.solo]]  # fmt: skip
+        uid = pop.user_ids[0]
+        refit_rows = asyncio.run(refits(ep, uid, pop.votes(uid, args.votes + args.new_votes), args.votes, cfg,
+                                        args.concurrency))  # fmt: skip
+        one = asyncio.run(fit_many(ep, Population(1, seed=0), args.votes, cfg, args.concurrency))
+        many = asyncio.run(fit_many(ep, pop, args.votes, cfg, args.concurrency))
+
+    def med(key: str) -> float:
+        return statistics.median(s[key] for s in solo)
+
+    t = Table(title=f"One fit of a {args.votes}-vote user, simulator at {args.latency_ms:g} ms/request in its own "
+                    f"process (median of {len(solo)} users, max in brackets; {budgets})")  # fmt: skip
     for col in ("LLM requests", "prompt tokens", "completion tokens", "wall time (s)"):
         t.add_column(col, justify="right")
-    t.add_row(
-        f"{statistics.median(s['requests'] for s in solo):.0f} (max {max(s['requests'] for s in solo):.0f})",
-        f"{statistics.median(s['prompt_tokens'] for s in solo):,.0f}",
-        f"{statistics.median(s['completion_tokens'] for s in solo):,.0f}",
-        f"{statistics.median(s['wall_s'] for s in solo):.2f} (max {max(s['wall_s'] for s in solo):.2f})",
-    )
+    t.add_row(f"{med('requests'):.0f} ({max(s['requests'] for s in solo)})",
+              f"{med('prompt_tokens'):,.0f} ({max(s['prompt_tokens'] for s in solo):,})",
+              f"{med('completion_tokens'):,.0f}",
+              f"{med('wall_s'):.2f} ({max(s['wall_s'] for s in solo):.2f})")  # fmt: skip
     console.print(t)
-    t2 = Table(title=f"{args.users} users fitted concurrently (one client, {args.concurrency} in flight)")
-    for col in ("requests / user", "tokens / user", "wall total (s)", "wall / user (s)"):
-        t2.add_column(col, justify="right")
-    t2.add_row(f"{many['requests']:.1f}", f"{many['tokens']:,.0f}", f"{many['wall_total_s']:.2f}",
-               f"{many['wall_per_user_s']:.3f}")
-    console.print(t2)
-    console.print("Reference implementation (paper's code, same kind of endpoint): ~255 requests, ~16 s per user.")
+    steps = Table(title="Where the prompt tokens went (median per fit)")
+    for step in solo[0]["steps"]:
+        steps.add_column(step, justify="right")
+    steps.add_row(*(f"{statistics.median(s['steps'][k] for s in solo):,.0f}" for k in solo[0]["steps"]))
+    console.print(steps)
+    r = Table(title="Refits of one user through a preference memory (fresh client each time)")
+    for col in ("fit", "LLM requests", "prompt tokens", "wall (s)", "persona version after", "status"):
+        r.add_column(col, justify="right")
+    labels = [f"first fit, {args.votes} votes", "again, no new votes", f"after {args.new_votes} more votes"]
+    for label, row in zip(labels, refit_rows, strict=True):
+        r.add_row(label, str(row["requests"]), f"{row['prompt_tokens']:,}", f"{row['wall_s']:.2f}",
+                  str(row["version"]), row["status"])  # fmt: skip
+    console.print(r)
+    c = Table(title=f"{args.users} users fitted concurrently vs one, one client ({args.concurrency} in flight at most)")
+    for col in ("wall, 1 user (s)", f"wall, {args.users} users (s)", "ratio", "requests / user", "prompt tokens / user",
+                "client CPU (s)", "simulator CPU (s)"):  # fmt: skip
+        c.add_column(col, justify="right")
+    c.add_row(f"{one['wall_s']:.2f}", f"{many['wall_s']:.2f}", f"{many['wall_s'] / one['wall_s']:.1f}x",
+              f"{many['requests']:.1f}", f"{many['prompt_tokens']:,.0f}", f"{many['client_cpu_s']:.2f}",
+              f"{many['sim_cpu_s']:.2f}")  # fmt: skip
+    console.print(c)
 
 
 if __name__ == "__main__":

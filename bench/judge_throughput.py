@@ -3,10 +3,11 @@
 Each query ranks ``--n`` candidates with a personalized judge (persona + demos)
 by knockout (n-1 comparisons, each judged in both orders). The simulated
 endpoints charge ``--latency-ms`` per request plus ``--per-token-ms`` per
-generated token, and each endpoint admits ``--slots`` requests at once
-(client-side, standing in for a GPU server's batch capacity), so the numbers
-reflect what the two modes cost a real server: CoT generates ~100 tokens per
-judgment, logprob mode one. Caches are off so every judgment is paid for.
+generated token and serve ``--slots`` requests at once (server-side slots,
+stated at ``/props`` like llama.cpp, so the client's adaptive limiter caps itself
+there; more requests queue in the client, not the server): CoT generates ~100
+tokens per judgment, logprob mode one. Caches are off so every judgment is paid for.
+All figures are measured: wall time, requests and the simulator's token counts.
 
     .venv/bin/python bench/judge_throughput.py
     .venv/bin/python bench/judge_throughput.py --queries 32 --n 8 --latency-ms 20 --per-token-ms 1
@@ -106,12 +107,13 @@ async def main(args: argparse.Namespace) -> list[Row]:
     rows: list[Row] = []
     with ExitStack() as stack:
         eps = [
-            stack.enter_context(SimEndpoint(latency_ms=args.latency_ms, per_token_latency_ms=args.per_token_ms))
+            stack.enter_context(SimEndpoint(latency_ms=args.latency_ms, per_token_latency_ms=args.per_token_ms,
+                                            slots=args.slots))
             for _ in range(args.endpoints)
         ]
 
         def client(ep: SimEndpoint) -> LLMClient:
-            cfg = EndpointConfig(base_url=ep.base_url, max_concurrency=args.slots, max_retries=1)
+            cfg = EndpointConfig(base_url=ep.base_url, max_concurrency=64, max_retries=1)
             return LLMClient(cfg, cache=False)
 
         for mode in ("cot", "logprob"):
@@ -131,7 +133,7 @@ async def main(args: argparse.Namespace) -> list[Row]:
 def print_rows(rows: list[Row], args: argparse.Namespace) -> None:
     t = Table(
         "mode", "backend", "judgments/s", "best-of-n/s", "requests", "completion tok / judgment",
-        "prompt tok / judgment", "server ms / judgment", "wall s",
+        "prompt tok / judgment", "wall s",
         title=(
             f"best-of-{args.n} knockout reranking, {args.queries} queries ({args.concurrency} at once); "
             f"sim latency {args.latency_ms:g} ms/request + {args.per_token_ms:g} ms/token, {args.slots} slots/endpoint"
@@ -141,14 +143,12 @@ def print_rows(rows: list[Row], args: argparse.Namespace) -> None:
         t.add_row(
             r.mode, r.backend, f"{r.judgments_per_s:.1f}", f"{r.ranks_per_s:.2f}", str(r.requests),
             f"{r.completion_tokens / r.comparisons:.1f}", f"{r.prompt_tokens / r.comparisons:.0f}",
-            f"{(r.requests * args.latency_ms + r.completion_tokens * args.per_token_ms) / r.comparisons:.0f}",
             f"{r.seconds:.2f}",
         )  # fmt: skip
     Console(width=160).print(t)
     print(
-        "a judgment = one pairwise comparison judged in both orders (2 requests). 'server ms / judgment' is the\n"
-        "simulated server time the latency model charges (request + per-token latency), independent of this\n"
-        "machine's CPU; wall-clock rates also include the simulator's and client's own CPU cost per request."
+        "a judgment = one pairwise comparison judged in both orders (2 requests); the simulators run in this\n"
+        "process, so rates also include their CPU cost per request."
     )
 
 
@@ -159,7 +159,7 @@ if __name__ == "__main__":
     p.add_argument("--concurrency", type=int, default=8, help="queries ranked at once")
     p.add_argument("--latency-ms", type=float, default=20.0, help="simulated latency per request")
     p.add_argument("--per-token-ms", type=float, default=1.0, help="simulated latency per generated token")
-    p.add_argument("--slots", type=int, default=8, help="concurrent requests per endpoint")
+    p.add_argument("--slots", type=int, default=8, help="requests each simulated server serves at once")
     p.add_argument("--endpoints", type=int, default=3, help="endpoints in the pool")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()

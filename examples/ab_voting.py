@@ -23,14 +23,14 @@ from synth_agent.engine.synthesize import FitConfig
 from synth_agent.llm.client import EndpointConfig, LLMClient
 from synth_agent.scheduler import SynthesisPolicy, SynthesisScheduler
 from synth_agent.sim.generator import PROMPT_POOL
-from synth_agent.sim.population import Population
+from synth_agent.sim.population import Population, SimUser
 from synth_agent.sim.server import llm_endpoint
 
 MODEL = os.environ.get("SYNTH_AGENT_MODEL", "sim")
 API_KEY = os.environ.get("OPENAI_API_KEY", "sim")
 
 
-async def run(base_url: str, turns: int = 24) -> float:
+async def run(base_url: str, turns: int = 24, user: SimUser | None = None) -> float:
     store = InMemoryStore()
     memories = TenantMemories(store)
     llm = LLMClient(EndpointConfig(base_url=base_url, api_key=API_KEY, model=MODEL))
@@ -43,7 +43,7 @@ async def run(base_url: str, turns: int = 24) -> float:
         ChatOpenAI(model=MODEL, base_url=base_url, api_key=API_KEY),  # type: ignore[arg-type]
         store=store, memory_for=memories, scheduler=scheduler, default_mode="ab",
     )
-    user = Population(1, seed=0).users[0]
+    user = user or Population(1, seed=0).users[0]  # a simulated user with hidden preferences
     rng = np.random.default_rng(0)
     config = {"configurable": {"user_id": user.user_id, "tenant_id": "demo"}}
     wins: list[bool] = []

@@ -1,4 +1,7 @@
-"""Pieces shared by the graphs: tenant/user identity from the run config, per-tenant memories, messages."""
+"""Pieces shared by the graphs: per-tenant memories, persona messages, checkpointers, caches.
+
+Who a run is for lives in :mod:`graphs.identity`.
+"""
 
 from __future__ import annotations
 
@@ -11,14 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from langchain_core.messages import AIMessage, BaseMessage, SystemMessage
-from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.store.base import BaseStore
 
 from store.memory import PreferenceMemory
-from synth_agent.models import Message, PersonaProfile, validate_user_id
+from synth_agent.models import Message, PersonaProfile
 
-DEFAULT_TENANT = "default"
 PERSONA_MESSAGE_ID = "synth-agent-persona"
 """Message id of the injected persona system message: a re-injection replaces it (add_messages is id-based)."""
 PERSONA_MARKER = "synth_agent_persona"
@@ -43,32 +44,6 @@ class TenantMemories:
         if mem is None:
             mem = self._by_tenant[tenant_id] = PreferenceMemory(self.store, tenant_id)
         return mem
-
-
-def identity(config: RunnableConfig | None, *, required: bool = True) -> tuple[str, str]:
-    """(tenant_id, user_id) from ``config["configurable"]``; tenant defaults to ``"default"``."""
-    conf = (config or {}).get("configurable") or {}
-    tenant = conf.get("tenant_id") or DEFAULT_TENANT
-    user = conf.get("user_id")
-    if user is None:
-        if required:
-            raise ValueError(
-                'this graph needs the user: pass config={"configurable": {"user_id": ..., "tenant_id": ...}}'
-            )
-        return str(tenant), ""
-    try:
-        validate_user_id(user)
-    except ValueError as exc:
-        raise ValueError(f"invalid configurable user_id: {exc}") from exc
-    try:
-        validate_user_id(tenant)
-    except ValueError as exc:
-        raise ValueError(f"invalid configurable tenant_id: {exc}".replace("user_id", "tenant_id")) from exc
-    return str(tenant), str(user)
-
-
-def configurable(config: RunnableConfig | None, key: str, default: Any = None) -> Any:
-    return ((config or {}).get("configurable") or {}).get(key, default)
 
 
 def is_persona_message(m: BaseMessage) -> bool:

@@ -15,13 +15,16 @@ and returns its answer. Modes, chosen per call with ``configurable["mode"]``:
 * ``rerank`` — n persona-injected candidates (``Send`` fan-out), ranked by the
   user's personalized judge; the best one is returned, with scores.
 
-Users are identified by ``configurable["user_id"]`` / ``["tenant_id"]``; the store
-comes from ``compile(store=...)`` and reaches the nodes through ``Runtime``.
+Who the user is: see :mod:`graphs.identity` (the signed-in user under LangGraph auth,
+else ``synth_user_id`` / ``tenant_id`` from the run context or ``configurable``). The store
+comes from ``compile(store=...)`` and reaches the nodes through ``Runtime``. Input, output
+and context schemas (:class:`ChatInput`, :class:`ChatOutput`, :class:`ChatContext`) are
+declared, so LangGraph Studio renders forms for them; the fan-out channels stay private.
 
     >>> from graphs.chat import personalize  # doctest: +SKIP
     >>> app = personalize(ChatOpenAI(...), store=store)  # doctest: +SKIP
     >>> await app.ainvoke({"messages": [("user", "hi")]},
-    ...                   {"configurable": {"user_id": "ana@example.com"}})  # doctest: +SKIP
+    ...                   context={"synth_user_id": "ana@example.com"})  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -33,10 +36,10 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal, TypedDict
+from typing import Annotated, Any, Literal, Protocol
 
 from langchain_core.language_models import BaseChatModel
-from langchain_core.messages import AnyMessage, BaseMessage
+from langchain_core.messages import AIMessage, AnyMessage, BaseMessage
 from langchain_core.runnables import Runnable, RunnableConfig
 from langgraph.graph import END, START, StateGraph
 from langgraph.graph.message import add_messages
@@ -44,6 +47,8 @@ from langgraph.graph.state import CompiledStateGraph
 from langgraph.runtime import Runtime
 from langgraph.store.base import BaseStore
 from langgraph.types import Checkpointer, Send
+from pydantic import Field
+from typing_extensions import TypedDict
 
 from graphs._common import (
     KeyedLocks,
@@ -51,15 +56,14 @@ from graphs._common import (
     PersonaCache,
     TenantMemories,
     append_or_reset,
-    configurable,
     final_answer,
-    identity,
     is_persona_message,
     persona_message,
     text_of,
     to_context,
     with_persona,
 )
+from graphs.identity import DEFAULT_TENANT, IdentityContext, identity, run_values
 from store.memory import PreferenceMemory, user_namespace
 from synth_agent import prompts
 from synth_agent.engine.judge import Judge
@@ -69,6 +73,10 @@ from synth_agent.models import Message, PersonaProfile, Vote
 from synth_agent.scheduler import SynthesisScheduler
 
 __all__ = [
+    "BackgroundSynthesis",
+    "ChatContext",
+    "ChatInput",
+    "ChatOutput",
     "ChatState",
     "Mode",
     "Personalizer",
@@ -89,22 +97,91 @@ VARIANT_KEY = "synth_agent_variant"
 """``configurable`` key a wrapped graph may read to vary its output between A/B or rerank candidates."""
 
 
-class ChatState(TypedDict, total=False):
-    """Input: ``messages`` (a turn), or ``vote`` = ``{"token", "choice"}`` to record an A/B vote."""
-
+class _Messages(TypedDict, total=False):
     messages: Annotated[list[AnyMessage], add_messages]
-    candidates: Annotated[list[dict[str, Any]], append_or_reset]
+
+
+class VoteInput(TypedDict):
+    """The user's pick for an open A/B pair."""
+
+    token: Annotated[str, Field(description="The vote token returned in `ab.token`.")]
+    choice: Annotated[Literal["a", "b"], Field(description="The answer the user preferred.")]
+
+
+class ChatInput(_Messages, total=False):
+    """A turn (``messages``), or an A/B vote (``vote``) for a pair an earlier ``ab`` turn returned."""
+
+    vote: VoteInput | None
+
+
+class ABPair(TypedDict, total=False):
+    """Two candidate answers awaiting the user's vote."""
+
+    a: str
+    b: str
+    personalized: Literal["a", "b"] | None
+    """Which one had the persona (None while the user has no persona: two seeds of the plain agent)."""
+    persona_version: int
+    token: str | None
+    """Redeem with ``{"vote": {"token", "choice"}}``; None when both answers were identical."""
+    reason: str
+
+
+class RerankResult(TypedDict):
+    """Best of n: the winner's index, scores and ranking, and every candidate."""
+
+    winner: int
+    scores: list[float]
+    order: list[int]
+    strategy: str
+    personalized_judge: bool
+    candidates: list[dict[str, Any]]
+
+
+class VoteResult(TypedDict, total=False):
+    """Outcome of a vote: ``ok`` and the receipt, or ``ok`` False and ``error``."""
+
+    ok: bool
+    error: str
+    vote_id: str
+    choice: Literal["a", "b"]
+    chose_personalized: bool | None
+    persona_version: int
+    synthesis: dict[str, Any]
+    """Background synthesis (under the LangGraph server): scheduled or not, and why."""
+
+
+class ChatOutput(_Messages, total=False):
+    """The conversation, plus the A/B pair, best-of-n result or vote outcome of this turn."""
+
     mode: Mode
     persona_version: int | None
+    ab: ABPair | None
+    rerank: RerankResult | None
+    vote_result: VoteResult | None
+
+
+class ChatState(ChatInput, ChatOutput, total=False):
+    """What a thread keeps: the public input and output, plus private fan-out channels."""
+
+    candidates: Annotated[list[dict[str, Any]], append_or_reset]
     persona_prompt: str | None
-    ab: dict[str, Any] | None
-    rerank: dict[str, Any] | None
-    vote: dict[str, Any] | None
-    vote_result: dict[str, Any] | None
+
+
+class ChatContext(IdentityContext, total=False):
+    """Per-run settings of the chat graph (the LangGraph run ``context``, or ``configurable``)."""
+
+    mode: Annotated[
+        Mode,
+        Field(description="plain: persona injected into one answer; ab: two answers (with and without the "
+                          "persona) and a vote token; rerank: n answers, the user's judge picks the best."),
+    ]
+    n: Annotated[int, Field(ge=1, description="Candidates generated in rerank mode.")]
+    strategy: Annotated[Strategy, Field(description="How rerank compares candidates.")]
 
 
 class GenerateTask(TypedDict):
-    """What one ``Send`` to ``generate`` carries."""
+    """What one ``Send`` to ``generate`` carries (not graph state: ``generate`` declares ChatState as input)."""
 
     messages: list[AnyMessage]
     system_prompt: str | None
@@ -112,6 +189,18 @@ class GenerateTask(TypedDict):
     index: int
     variant: int
     personalized: bool
+
+
+class BackgroundSynthesis(Protocol):
+    """Told about each recorded vote; may schedule the user's synthesis somewhere else (never inline).
+
+    :class:`graphs.server.ServerSynthesis` schedules a background run on the LangGraph server.
+    Returns what it did (reported in ``vote_result["synthesis"]``), or None.
+    """
+
+    async def vote_recorded(
+        self, tenant_id: str, user_id: str, memory: PreferenceMemory
+    ) -> dict[str, Any] | None: ...
 
 
 class VoteError(ValueError):
@@ -128,12 +217,21 @@ class VoteReceipt:
     choice: Literal["a", "b"]
     chose_personalized: bool | None
     persona_version: int
+    synthesis: dict[str, Any] | None = None
+    """What the ``background`` hook did about this vote (e.g. scheduled a synthesis run)."""
+    chosen_text: str = ""
+    """The answer the user picked (the graph appends it to the thread's conversation)."""
+    prompt: str = ""
+    """The last user message of the voted pair's conversation."""
 
     def as_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "ok": True, "vote_id": self.vote_id, "choice": self.choice,
             "chose_personalized": self.chose_personalized, "persona_version": self.persona_version,
         }
+        if self.synthesis is not None:
+            out["synthesis"] = self.synthesis
+        return out
 
 
 def _choice(choice: Any) -> Literal["a", "b"]:
@@ -152,8 +250,10 @@ class Personalizer:
     (an ``LLMClient``; from the environment when omitted). ``store``: the LangGraph
     store, passed to ``compile(store=...)``. ``memory_for``: tenant → ``PreferenceMemory``
     (default: one per tenant over the run's store). ``scheduler``: notified of votes;
-    its saves refresh the persona cache. ``rng``: A/B presentation order and vote tokens
-    (default: system randomness; pass a seeded ``random.Random`` only for reproducible tests).
+    its saves refresh the persona cache. ``background``: told about each recorded vote
+    (:class:`BackgroundSynthesis`; under the LangGraph server, :class:`graphs.server.ServerSynthesis`).
+    ``rng``: A/B presentation order and vote tokens (default: system randomness; pass a seeded
+    ``random.Random`` only for reproducible tests).
     """
 
     def __init__(
@@ -164,6 +264,7 @@ class Personalizer:
         store: BaseStore | None = None,
         memory_for: MemoryFactory | None = None,
         scheduler: SynthesisScheduler | None = None,
+        background: BackgroundSynthesis | None = None,
         checkpointer: Checkpointer = None,
         default_mode: Mode = "plain",
         n_candidates: int = 4,
@@ -186,6 +287,7 @@ class Personalizer:
         self.llm = llm
         self.store = store
         self.scheduler = scheduler
+        self.background = background
         self.default_mode: Mode = default_mode
         self.n_candidates = n_candidates
         self.rank_strategy: Strategy = rank_strategy
@@ -240,14 +342,14 @@ class Personalizer:
     ) -> VoteReceipt:
         """Record the user's pick for the A/B pair behind ``token``; then notify the scheduler.
 
-        The user comes from ``config["configurable"]`` (or ``tenant_id``/``user_id``). A token
-        belongs to one tenant/user and is redeemed once; anything else raises :class:`VoteError`.
+        The user comes from ``config`` (see :mod:`graphs.identity`) or ``tenant_id``/``user_id``. A
+        token belongs to one tenant/user and is redeemed once; anything else raises :class:`VoteError`.
         """
         if config is not None:
             tenant_id, user_id = identity(config)
         if not user_id:
-            raise ValueError("submit_vote needs the user: config={'configurable': {'user_id': ...}} or user_id=")
-        tenant_id = tenant_id or "default"
+            raise ValueError("submit_vote needs the user: config={'configurable': {'synth_user_id': ...}} or user_id=")
+        tenant_id = tenant_id or DEFAULT_TENANT
         picked = _choice(choice)
         if not isinstance(token, str) or not token:
             raise VoteError("vote token must be a non-empty string")
@@ -279,6 +381,13 @@ class Personalizer:
             raise VoteError("this vote was already recorded")
         if self.scheduler is not None:
             self.scheduler.notify_vote(tenant_id, user_id)
+        synthesis = None
+        if self.background is not None:
+            try:
+                synthesis = await self.background.vote_recorded(tenant_id, user_id, memory)
+            except Exception as exc:  # the vote is stored; scheduling a fit must never undo or fail it
+                log.warning("background synthesis hook failed for a vote of %r/%r: %s", tenant_id, user_id, exc)
+                synthesis = {"scheduled": False, "error": str(exc)}
         side = pending.get("personalized")
         return VoteReceipt(
             vote_id=vote.id,
@@ -287,6 +396,9 @@ class Personalizer:
             choice=picked,
             chose_personalized=None if side is None else side == picked,
             persona_version=int(pending.get("persona_version") or 0),
+            synthesis=synthesis,
+            chosen_text=chosen,
+            prompt=next((m["content"] for m in reversed(pending["context"]) if m.get("role") == "user"), ""),
         )
 
     # ------------------------------------------------------------------ generation
@@ -329,7 +441,7 @@ class Personalizer:
         def route(state: ChatState, config: RunnableConfig) -> str:
             if state.get("vote"):
                 return "record_vote"
-            mode = configurable(config, "mode") or self.default_mode
+            mode = run_values(config).get("mode") or self.default_mode
             if mode not in MODES:
                 raise ValueError(f"configurable mode must be one of {MODES}, got {mode!r}")
             return "respond" if mode == "plain" else "prepare"
@@ -359,19 +471,23 @@ class Personalizer:
             return out
 
         async def record_vote(state: ChatState, config: RunnableConfig, runtime: Runtime) -> dict[str, Any]:
-            vote = state.get("vote") or {}
+            vote: dict[str, Any] = dict(state.get("vote") or {})
             try:
                 receipt = await self.submit_vote(
-                    vote.get("token", ""), vote.get("choice"), config=config, store=runtime.store
+                    vote.get("token", ""), vote.get("choice", ""), config=config, store=runtime.store
                 )
-                result: dict[str, Any] = receipt.as_dict()
             except VoteError as exc:
-                result = {"ok": False, "error": str(exc)}
-            return {"vote": None, "vote_result": result}
+                return {"vote": None, "vote_result": {"ok": False, "error": str(exc)}}
+            out: dict[str, Any] = {"vote": None, "vote_result": receipt.as_dict()}
+            messages = state.get("messages") or []
+            if messages and messages[-1].type == "human" and text_of(messages[-1]) == receipt.prompt:
+                # a thread's conversation continues with the answer the user picked
+                out["messages"] = [AIMessage(content=receipt.chosen_text)]
+            return out
 
         async def prepare(state: ChatState, config: RunnableConfig, runtime: Runtime) -> dict[str, Any]:
             tenant, user = identity(config)
-            mode = configurable(config, "mode") or self.default_mode
+            mode = run_values(config).get("mode") or self.default_mode
             to_context(state.get("messages", []))  # fail fast: nothing to answer
             profile = await self.persona(tenant, user, runtime.store)
             return {
@@ -420,7 +536,7 @@ class Personalizer:
                 ab = await self.open_vote(tenant, user, context, cands, state.get("persona_version"), runtime.store)
                 return {"ab": ab, "candidates": None}
             profile = await self.persona(tenant, user, runtime.store)
-            strategy = configurable(config, "strategy") or self.rank_strategy
+            strategy = run_values(config).get("strategy") or self.rank_strategy
             async with self._judge_llm() as llm:
                 judge = Judge.from_profile(llm, profile, call_site="rerank")
                 result = await rank(judge, context, [c["text"] for c in cands], strategy=strategy)
@@ -435,11 +551,15 @@ class Personalizer:
             }
             return {"messages": best["messages"], "rerank": info}
 
-        builder = StateGraph(ChatState)
+        builder = StateGraph(
+            ChatState, context_schema=ChatContext, input_schema=ChatInput, output_schema=ChatOutput
+        )
         builder.add_node("record_vote", record_vote)
         builder.add_node("respond", respond)
         builder.add_node("prepare", prepare)
-        builder.add_node("generate", generate)
+        # Declared input ChatState: otherwise LangGraph turns GenerateTask's keys into state channels
+        # (and Studio shows them); a Send hands the task to the node as is.
+        builder.add_node("generate", generate, input_schema=ChatState)
         builder.add_node("finalize", finalize)
         builder.add_conditional_edges(START, route, ["record_vote", "respond", "prepare"])
         builder.add_edge("record_vote", END)
@@ -462,7 +582,7 @@ class Personalizer:
             if system is not None:
                 return [task(0, 0, True), task(1, 0, False)]
             return [task(0, 0, False), task(1, 1, False)]
-        n = int(configurable(config, "n") or self.n_candidates)
+        n = int(run_values(config).get("n") or self.n_candidates)
         if n < 1:
             raise ValueError("configurable n (rerank candidates) must be at least 1")
         return [task(i, i, True) for i in range(n)]
@@ -533,15 +653,18 @@ async def submit_vote(
 
 
 def _studio_graph() -> CompiledStateGraph[Any, Any, Any, Any]:
-    """For langgraph.json: a chat model from the environment, no caches (no per-user state at module level)."""
+    """For langgraph.json: a chat model from the environment, no caches (no per-user state at module level);
+    votes schedule background synthesis runs on the LangGraph server (:class:`graphs.server.ServerSynthesis`)."""
     from langchain_openai import ChatOpenAI
 
+    from graphs.server import ServerSynthesis
     from synth_agent.config import Settings
 
     s = Settings()
     return personalize(
         ChatOpenAI(model=s.model, base_url=s.base_url, api_key=s.api_key),  # type: ignore[arg-type]
         persona_ttl=0,
+        background=ServerSynthesis(),
         name="chat",
     )
 

@@ -4,15 +4,16 @@ Input ``{"messages": [...]}`` generates ``n`` persona-injected candidates with t
 configured generator (a LangChain chat model, or an ``LLMClient``), each with its
 own seed; ``{"messages": [...], "given": ["answer 1", "answer 2", ...]}`` only ranks.
 The judge is the user's personalized judge (``Judge.from_profile``: persona + demos),
-or the default judge while the user has no persona. ``configurable``: ``user_id``,
-``tenant_id``, ``n``, ``strategy`` (``knockout`` | ``round_robin``).
+or the default judge while the user has no persona. Run context (:class:`RerankContext`,
+or ``configurable``): ``synth_user_id``, ``tenant_id`` (see :mod:`graphs.identity`), ``n``,
+``strategy`` (``knockout`` | ``round_robin``).
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Annotated, Any, TypedDict
+from typing import Annotated, Any
 
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, AnyMessage, BaseMessage
@@ -23,32 +24,42 @@ from langgraph.graph.state import CompiledStateGraph
 from langgraph.runtime import Runtime
 from langgraph.store.base import BaseStore
 from langgraph.types import Checkpointer, Send
+from pydantic import Field
+from typing_extensions import TypedDict
 
 from graphs._common import (
     MemoryFactory,
     PersonaCache,
     append_or_reset,
-    configurable,
-    identity,
     persona_message,
     text_of,
     to_context,
     with_persona,
 )
+from graphs.identity import IdentityContext, identity, run_values
 from store.memory import PreferenceMemory
 from synth_agent import prompts
 from synth_agent.engine.judge import Judge
 from synth_agent.engine.rerank import Strategy, rank
 from synth_agent.llm.base import ChatBackend
 
-__all__ = ["RerankState", "build_rerank_graph", "graph"]
+__all__ = ["RerankContext", "RerankInput", "RerankOutput", "RerankState", "build_rerank_graph", "graph"]
 
 
-class RerankState(TypedDict, total=False):
+class _Messages(TypedDict, total=False):
     messages: Annotated[list[AnyMessage], add_messages]
+
+
+class RerankInput(_Messages, total=False):
+    """The conversation to answer; ``given``: rank these answers instead of generating n."""
+
     given: list[str] | None
+
+
+class RerankOutput(_Messages, total=False):
+    """The best answer (also appended to ``messages``), its index, scores and the ranking."""
+
     candidates: Annotated[list[dict[str, Any]], append_or_reset]
-    persona_prompt: str | None
     persona_version: int | None
     winner: int
     best: str
@@ -56,6 +67,17 @@ class RerankState(TypedDict, total=False):
     order: list[int]
     strategy: str
     personalized_judge: bool
+
+
+class RerankState(RerankInput, RerankOutput, total=False):
+    persona_prompt: str | None
+
+
+class RerankContext(IdentityContext, total=False):
+    """Per-run settings of the rerank graph (the LangGraph run ``context``, or ``configurable``)."""
+
+    n: Annotated[int, Field(ge=1, description="Candidates to generate (ignored when `given` is passed).")]
+    strategy: Annotated[Strategy, Field(description="How candidates are compared: knockout or round_robin.")]
 
 
 class _GenTask(TypedDict):
@@ -130,7 +152,7 @@ def build_rerank_graph(
     def fan_out(state: RerankState, config: RunnableConfig) -> list[Send] | str:
         if state.get("given"):
             return "rank"
-        k = int(configurable(config, "n") or n)
+        k = int(run_values(config).get("n") or n)
         if k < 1:
             raise ValueError("configurable n must be at least 1")
         return [
@@ -172,7 +194,7 @@ def build_rerank_graph(
         given = state.get("given")
         texts = list(given) if given else [c["text"] for c in sorted(state["candidates"], key=lambda c: c["index"])]
         profile = await cache.get(memory(tenant, runtime.store), tenant, user)
-        how = configurable(config, "strategy") or strategy
+        how = run_values(config).get("strategy") or strategy
         async with judge_llm() as backend:
             result = await rank(Judge.from_profile(backend, profile, call_site="rerank"), to_context(state["messages"]), texts, strategy=how)
         best = texts[result.winner]
@@ -190,9 +212,11 @@ def build_rerank_graph(
         out["messages"] = [AIMessage(content=best)]
         return out
 
-    builder = StateGraph(RerankState)
+    builder = StateGraph(
+        RerankState, context_schema=RerankContext, input_schema=RerankInput, output_schema=RerankOutput
+    )
     builder.add_node("prepare", prepare)
-    builder.add_node("generate", generate)
+    builder.add_node("generate", generate, input_schema=RerankState)  # keeps _GenTask's keys out of the state
     builder.add_node("rank", rank_node)
     builder.add_edge(START, "prepare")
     builder.add_conditional_edges("prepare", fan_out, ["generate", "rank"])

@@ -8,6 +8,15 @@ pay again for finished LLM work. :class:`SynthesisRunner` picks the thread (one
 per persona version to be produced, ``run_id = "v<N>"``), so resuming needs no
 bookkeeping beyond the checkpointer itself.
 
+A run saves a new persona version only when it has something new to learn from:
+:func:`nothing_new` (the current persona was fitted on exactly the user's votes) ends
+it after ``load_votes`` without an LLM call and saves nothing, unless the input says
+``force``. Background runs (``due_only``) fit only when the refit policy says a fit is
+due. ``save`` writes at most once per run: each fresh run gets a ``fit_id``, kept in
+the checkpoint and in the saved profile's meta, so a resumed run that crashed after
+saving does not save twice while a later run on the same thread (Studio reuses
+threads) saves its own new version.
+
 ``graph`` (module level, no checkpointer) is what ``langgraph.json`` loads; LangGraph
 Studio / ``langgraph dev`` supply their own checkpointer and store. It reads the
 LLM endpoint from the environment (``OPENAI_BASE_URL`` ...) per node and holds no
@@ -17,10 +26,11 @@ per-user state. Code builds its own with :func:`build_synthesis_graph`.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import fields, replace
-from typing import Any, Literal, TypedDict
+from typing import Annotated, Any, Literal
 
 from langchain_core.runnables import RunnableConfig
 from langgraph.graph import END, START, StateGraph
@@ -28,19 +38,27 @@ from langgraph.graph.state import CompiledStateGraph
 from langgraph.runtime import Runtime
 from langgraph.store.base import BaseStore
 from langgraph.types import Checkpointer, Durability
+from pydantic import Field
+from typing_extensions import TypedDict
 
-from graphs._common import MemoryFactory, configurable, identity, open_checkpointer
+from graphs._common import MemoryFactory, open_checkpointer
+from graphs.identity import IdentityContext, IdentityMissing, resolve_identity, run_values
 from store.memory import PreferenceMemory
 from synth_agent.engine.synthesize import CountingBackend, FitConfig, Synthesizer, split_votes
 from synth_agent.llm.base import ChatBackend
 from synth_agent.models import Demo, PersonaProfile, Trace, Vote, validate_user_id
+from synth_agent.scheduler import SynthesisPolicy
 
 __all__ = [
     "NODES",
+    "SynthesisContext",
+    "SynthesisInput",
+    "SynthesisOutput",
     "SynthesisRunner",
     "SynthesisState",
     "build_synthesis_graph",
     "graph",
+    "nothing_new",
     "open_checkpointer",
     "synthesis_thread_id",
 ]
@@ -56,27 +74,76 @@ LLMProvider = Callable[[], Any]
 """Returns an async context manager yielding a :class:`ChatBackend` for one node."""
 
 
-class SynthesisState(TypedDict, total=False):
-    """Everything here is plain JSON: votes, traces and demos are stored as dicts."""
+Status = Literal["loaded", "not_enough_votes", "unchanged", "not_due", "fitted"]
+
+
+class SynthesisInput(TypedDict, total=False):
+    """Whom to fit, and whether to fit even without new votes.
+
+    The user may also come from the run context (``synth_user_id``); under LangGraph auth it is
+    the signed-in user and an input ``user_id`` must match it.
+    """
+
+    user_id: Annotated[str, Field(description="The user to fit (or context synth_user_id; auth: the signed-in user).")]
+    tenant_id: Annotated[str, Field(description="The user's tenant; default 'default'.")]
+    run_id: Annotated[str, Field(description="A label stored with the persona (SynthesisRunner uses v<N>).")]
+    force: Annotated[bool, Field(description="Fit even when the current persona already used every vote.")]
+    due_only: Annotated[
+        bool, Field(description="Fit only when the refit policy says a fit is due (background runs).")
+    ]
+
+
+class SynthesisOutput(TypedDict, total=False):
+    """What the run did (``status``, ``message``) and the persona it saved or found (``profile``)."""
 
     tenant_id: str
     user_id: str
     run_id: str
-    status: Literal["loaded", "not_enough_votes", "fitted"]
+    status: Status
     message: str
+    n_votes: int
+    persona: str
+    bootstrap_accuracy: float
+    val_accuracy: float
+    profile: dict[str, Any] | None
+    usage: dict[str, dict[str, int]]
+
+
+class SynthesisState(SynthesisInput, SynthesisOutput, total=False):
+    """Everything here is plain JSON: votes, traces and demos are stored as dicts. Private channels
+    (``votes`` ... ``fit_id``) are the work in progress, checkpointed so a crashed run resumes."""
+
+    fit_id: str
     votes: list[dict[str, Any]]
     train_ids: list[str]
     val_ids: list[str]
     traces: list[dict[str, Any]]
     persona_trace_ids: list[str]
     bootstrap_demos: list[dict[str, Any]]
-    bootstrap_accuracy: float
     reused_traces: int
-    persona: str
     demos: list[dict[str, Any]]
-    val_accuracy: float
-    profile: dict[str, Any] | None
-    usage: dict[str, dict[str, int]]
+
+
+class SynthesisContext(IdentityContext, total=False):
+    """Per-run settings of the synthesis graph (the LangGraph run ``context``, or ``configurable``)."""
+
+    fit_config: Annotated[
+        dict[str, Any],
+        Field(description="Overrides of FitConfig fields for this run, e.g. {\"n_trials\": 4, \"n_demo_candidates\": 4}."),
+    ]
+
+
+def nothing_new(current: PersonaProfile | None, vote_ids: Iterable[str], prompt_version: str) -> bool:
+    """True when ``current`` was fitted on exactly these votes with this persona prompt.
+
+    Refitting then would pay every LLM step again for the same evidence, so a synthesis run ends
+    without saving. One small rule, so the engine's ``Synthesizer.fit`` can share it.
+    """
+    return (
+        current is not None
+        and set(current.vote_ids) == set(vote_ids)
+        and (not current.prompt_version or current.prompt_version == prompt_version)
+    )
 
 
 def synthesis_thread_id(tenant_id: str, user_id: str, run_id: str) -> str:
@@ -131,7 +198,7 @@ class _Deps:
         return PreferenceMemory(store, tenant)
 
     def config(self, config: RunnableConfig | None) -> FitConfig:
-        over = configurable(config, "fit_config")
+        over = run_values(config).get("fit_config")
         if not over:
             return self.fit_config
         if isinstance(over, FitConfig):
@@ -142,12 +209,13 @@ class _Deps:
 
 
 def _who(state: SynthesisState, config: RunnableConfig | None) -> tuple[str, str]:
-    tenant = state.get("tenant_id") or identity(config, required=False)[0]
-    user = state.get("user_id") or identity(config, required=False)[1]
-    if not user:
-        raise ValueError('the synthesis graph needs a user: input {"user_id": ..., "tenant_id": ...}')
-    validate_user_id(user)
-    return tenant, user
+    """The run's user: LangGraph auth's signed-in user, else the context, else the input (see graphs.identity)."""
+    try:
+        who = resolve_identity(config, user_id=state.get("user_id"), tenant_id=state.get("tenant_id"))
+    except IdentityMissing as exc:
+        raise IdentityMissing(f"the synthesis graph needs a user: {exc}") from exc
+    assert who is not None
+    return who.tenant_id, who.user_id
 
 
 def _votes(state: SynthesisState) -> tuple[list[Vote], list[Vote]]:
@@ -171,6 +239,7 @@ def build_synthesis_graph(
     checkpointer: Checkpointer = None,
     store: BaseStore | None = None,
     on_event: NodeEvent | None = None,
+    policy: SynthesisPolicy | None = None,
     name: str = "synthesis",
 ) -> CompiledStateGraph[Any, Any, Any, Any]:
     """Compile the synthesis graph.
@@ -181,8 +250,10 @@ def build_synthesis_graph(
     so there is one per tenant); default: one over the graph's store per node.
     ``fit_config``: budgets; a run can override fields via ``configurable["fit_config"]``.
     ``checkpointer``: makes runs resumable (see :func:`open_checkpointer`).
+    ``policy``: when a ``due_only`` (background) run fits; default :class:`SynthesisPolicy()`.
     """
     deps = _Deps(llm, memory_for, fit_config, on_event)
+    refit = policy or SynthesisPolicy()
 
     def node(name: str, fn: Callable[..., Awaitable[dict[str, Any]]]) -> Callable[..., Awaitable[dict[str, Any]]]:
         async def run(state: SynthesisState, config: RunnableConfig, runtime: Runtime) -> dict[str, Any]:
@@ -201,20 +272,40 @@ def build_synthesis_graph(
     async def load_votes(state: SynthesisState, config: RunnableConfig, runtime: Runtime) -> dict[str, Any]:
         tenant, user = _who(state, config)
         cfg = deps.config(config)
-        votes = await deps.memory(tenant, runtime.store).list_votes(user)
+        memory = deps.memory(tenant, runtime.store)
+        votes = await memory.list_votes(user)
         train, val = split_votes(votes, cfg.train_fraction)
-        n = len(train) + len(val)
+        ids = [v.id for v in (*train, *val)]
+        n = len(ids)
+        current = await memory.current_persona(user)
         fresh: dict[str, Any] = {
             "tenant_id": tenant, "user_id": user, "run_id": state.get("run_id", ""),
+            "force": False, "due_only": False,  # inputs, consumed: a later run on this thread starts clean
+            "fit_id": uuid.uuid4().hex, "n_votes": n,
             "votes": [v.model_dump(mode="json") for v in (*train, *val)],
             "train_ids": [v.id for v in train], "val_ids": [v.id for v in val],
             "traces": [], "persona_trace_ids": [], "bootstrap_demos": [], "bootstrap_accuracy": 0.0,
             "reused_traces": 0, "persona": "", "demos": [], "val_accuracy": 0.0, "profile": None, "usage": {},
         }
+        kept = {"profile": current.model_dump(mode="json")} if current is not None else {}
         if n < cfg.min_votes or not val:
             return {
                 **fresh, "status": "not_enough_votes",
                 "message": f"{user!r} has {n} context vote(s); a persona needs at least {cfg.min_votes}",
+            }
+        if not state.get("force") and nothing_new(current, ids, cfg.persona_prompt_version):
+            assert current is not None
+            return {
+                **fresh, **kept, "status": "unchanged", "persona": current.persona,
+                "message": f"persona v{current.version} already uses all {n} votes of {user!r}: nothing saved "
+                           "(input force=true refits anyway)",
+            }
+        fitted_on = len(current.vote_ids) if current is not None else None
+        if state.get("due_only") and not refit.should_fit(len(votes), fitted_on):
+            return {
+                **fresh, **kept, "status": "not_due",
+                "message": f"no fit due for {user!r}: {len(votes)} votes, next fit at "
+                           f"{refit.next_threshold(fitted_on)}",
             }
         return {**fresh, "status": "loaded", "message": f"{n} votes ({len(train)} train, {len(val)} validation)"}
 
@@ -264,9 +355,10 @@ def build_synthesis_graph(
         cfg = deps.config(config)
         memory = deps.memory(tenant, runtime.store)
         thread = (config.get("configurable") or {}).get("thread_id")
+        fit_id = state.get("fit_id")
         current = await memory.current_persona(user)
-        if thread and current is not None and current.meta.get("synthesis_thread") == thread:
-            saved = current  # this node already saved before a crash: never save twice
+        if fit_id and current is not None and current.meta.get("fit_id") == fit_id:
+            saved = current  # this run already saved, then crashed before its checkpoint: never save twice
         else:
             traces = _traces(state)
             async with deps.llm() as backend:
@@ -292,6 +384,7 @@ def build_synthesis_graph(
                     "usage": _total_usage(state.get("usage", {})),
                     "synthesis_thread": thread,
                     "run_id": state.get("run_id", ""),
+                    "fit_id": fit_id,
                 },
             )
             saved = await memory.save_persona(profile)
@@ -301,7 +394,9 @@ def build_synthesis_graph(
             "message": f"persona v{saved.version} for {user!r} (validation accuracy {saved.val_accuracy or 0:.0%})",
         }
 
-    builder = StateGraph(SynthesisState)
+    builder = StateGraph(
+        SynthesisState, context_schema=SynthesisContext, input_schema=SynthesisInput, output_schema=SynthesisOutput
+    )
     builder.add_node("load_votes", node("load_votes", load_votes))
     builder.add_node("bootstrap", node("bootstrap", bootstrap))
     builder.add_node("persona", node("persona", persona))
@@ -347,7 +442,8 @@ class SynthesisRunner:
         self.base_config = config or {}
 
     async def run(self, tenant_id: str, user_id: str, *, run_id: str | None = None) -> PersonaProfile | None:
-        """Fit (or resume fitting) ``user_id``; the saved profile, or None when there were too few votes."""
+        """Fit (or resume fitting) ``user_id``; the saved profile, or None when nothing was saved
+        (too few votes, or the current persona already uses every vote: see :func:`nothing_new`)."""
         state = await self.run_state(tenant_id, user_id, run_id=run_id)
         if state.get("status") == "fitted" and state.get("profile"):
             return PersonaProfile.model_validate(state["profile"])
@@ -361,7 +457,7 @@ class SynthesisRunner:
             run_id = f"v{(current.version if current else 0) + 1}"
         conf = dict(self.base_config.get("configurable") or {})
         conf.update(
-            thread_id=synthesis_thread_id(tenant_id, user_id, run_id), tenant_id=tenant_id, user_id=user_id
+            thread_id=synthesis_thread_id(tenant_id, user_id, run_id), tenant_id=tenant_id, synth_user_id=user_id
         )
         config: RunnableConfig = {**self.base_config, "configurable": conf}
         inputs: SynthesisState = {"tenant_id": tenant_id, "user_id": user_id, "run_id": run_id}

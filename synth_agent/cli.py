@@ -3,20 +3,27 @@
 Every command works offline against the bundled simulator by default and
 against a real OpenAI-compatible endpoint with ``--base-url/--model/--api-key``
 (or ``OPENAI_BASE_URL``/``SYNTH_AGENT_MODEL``/``OPENAI_API_KEY``).
+
+Errors are one line on stderr, never a traceback (``--debug`` shows it), with
+documented exit codes (:data:`EXIT_CODES`). Every process a command starts (the
+offline simulator, judge servers) ends with it: on success, on an error, on
+Ctrl-C or SIGTERM, and if the command is killed outright (:mod:`synth_agent.lifecycle`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -30,7 +37,10 @@ app = typer.Typer(
         "Personalize chat agents from their users' A/B votes.\n\n"
         "Learns a persona per user (SynthesizeMe), stores votes and personas in Chroma, "
         "and uses them to judge, rerank and prompt. Runs offline against a bundled simulator "
-        "unless you point it at a real OpenAI-compatible endpoint."
+        "unless you point it at a real OpenAI-compatible endpoint.\n\n"
+        "Exit codes: 0 success; 1 the command failed (unreadable file, nothing found, endpoint or store "
+        "error, declined confirmation); 2 invalid input (bad option or user id, invalid vote lines); "
+        "130 interrupted; 143 terminated. Errors are one line; --debug shows the traceback."
     ),
     no_args_is_help=True,
     rich_markup_mode="rich",
@@ -41,31 +51,95 @@ out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
 
+EXIT_CODES: dict[int, str] = {
+    0: "success",
+    1: "the command failed: unreadable file, nothing found (e.g. no persona yet), endpoint or store "
+    "error, a fit that failed, a refused or declined confirmation",
+    2: "invalid input: a bad option or argument (e.g. an empty or invalid user id), or a vote file with "
+    "invalid lines (the valid ones were stored, the invalid ones reported)",
+    130: "interrupted (Ctrl-C)",
+    143: "terminated (SIGTERM)",
+}
+"""Exit codes of every ``synth-agent`` command (also in ``docs/cli.md``)."""
+
+
 @dataclass
 class CLIState:
     settings: Settings
     tenant: str
+    debug: bool = False
 
 
 def _run(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(coro)
 
 
-def _fail(msg: str, code: int = 1) -> None:
-    err.print(f"[bold red]error:[/] {msg}")
+def _fail(msg: str, code: int = 1) -> NoReturn:
+    """Print ``error: msg`` (one line; user data in it is escaped, never read as markup) and exit."""
+    err.print(f"[bold red]error:[/] {escape(' '.join(msg.split()))}", highlight=False)
     raise typer.Exit(code)
+
+
+def _check_user(value: Any) -> Any:
+    """Option callback: user ids are validated before anything is opened (exit 2 with the reason)."""
+    from synth_agent.models import validate_user_id
+
+    for v in value if isinstance(value, list | tuple) else [value]:
+        if v is None:
+            continue
+        try:
+            validate_user_id(v)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc).replace("user_id", "the user id")) from None
+    return value
+
+
+def _check_tenant(value: str) -> str:
+    from synth_agent.models import validate_user_id
+
+    try:
+        return validate_user_id(value)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc).replace("user_id", "the tenant")) from None
+
+
+def _check_texts(value: Any) -> Any:
+    """Option callback for free text (prompts, answers): must be valid Unicode (argv may carry bad bytes)."""
+    from synth_agent.models import check_text
+
+    for v in value if isinstance(value, list | tuple) else [value]:
+        if isinstance(v, str):
+            try:
+                check_text(v, "the text")
+            except ValueError as exc:
+                raise typer.BadParameter(str(exc)) from None
+    return value
+
+
+def _bad(option: str, message: str) -> NoReturn:
+    raise typer.BadParameter(message, param_hint=f"'{option}'")
+
+
+UserOpt = Annotated[str, typer.Option("--user", "-u", help="User id.", callback=_check_user)]
 
 
 @app.callback()
 def main_options(
     ctx: typer.Context,
     home: Annotated[Path | None, typer.Option(help="Data directory (env SYNTH_AGENT_HOME).")] = None,
-    tenant: Annotated[str, typer.Option(help="Tenant namespace for votes and personas.")] = "default",
+    tenant: Annotated[str, typer.Option(help="Tenant namespace for votes and personas.",
+                                        callback=_check_tenant)] = "default",
     base_url: Annotated[str | None, typer.Option(help="OpenAI-compatible endpoint (env OPENAI_BASE_URL).")] = None,
     model: Annotated[str | None, typer.Option(help="Model name (env SYNTH_AGENT_MODEL).")] = None,
     api_key: Annotated[str | None, typer.Option(help="API key (env OPENAI_API_KEY).")] = None,
+    debug: Annotated[bool, typer.Option("--debug", help="Show the full traceback when a command fails.")] = False,
 ) -> None:
-    """Global options apply to every command."""
+    """Global options apply to every command.
+
+    Exit codes: 0 success; 1 the command failed (unreadable file, nothing found, endpoint or
+    store error, declined confirmation); 2 invalid input (bad option or user id, invalid vote
+    lines); 130 interrupted; 143 terminated.
+    """
     overrides: dict[str, Any] = {}
     if home is not None:
         overrides["home"] = home
@@ -75,8 +149,11 @@ def main_options(
         overrides["model"] = model
     if api_key is not None:
         overrides["api_key"] = api_key
-    settings = Settings().model_copy(update=overrides)
-    ctx.obj = CLIState(settings, tenant)
+    try:
+        settings = Settings().model_copy(update=overrides)
+    except ValueError as exc:  # a malformed environment variable
+        _fail(f"invalid configuration: {exc}", 2)
+    ctx.obj = CLIState(settings, tenant, debug)
 
 
 def _state(ctx: typer.Context) -> CLIState:
@@ -88,15 +165,18 @@ def _state(ctx: typer.Context) -> CLIState:
 
 
 def _read_votes(file: Path, st: CLIState) -> Any:
-    """Parse a vote file, printing each invalid line as ``file:line: reason`` on stderr."""
-    from synth_agent.ingest import read_jsonl
+    """Parse a vote file, printing each invalid line as ``file:line: reason`` on stderr.
+
+    A file that cannot be read as UTF-8 text fails the command (exit 1) before anything is stored.
+    """
+    from synth_agent.ingest import UnreadableVoteFile, read_jsonl
 
     try:
         parsed = read_jsonl(file, max_content_chars=st.settings.max_content_chars)
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, UnreadableVoteFile) as exc:
         _fail(str(exc))
     for issue in parsed.issues:
-        err.print(f"[yellow]{file}:{issue.line}:[/] {issue.error}")
+        err.print(f"[yellow]{escape(str(file))}:{issue.line}:[/] {escape(issue.error)}", highlight=False)
     return parsed
 
 
@@ -105,13 +185,13 @@ def ingest(
     ctx: typer.Context,
     file: Annotated[Path, typer.Argument(help="Votes as JSONL, one vote per line.", exists=False)],
 ) -> None:
-    """Validate and store votes from a JSONL file. Invalid lines are reported and skipped."""
+    """Validate and store votes from a JSONL file. Invalid lines are reported and skipped (exit 2)."""
     from synth_agent.services import open_memory
 
     st = _state(ctx)
     parsed = _read_votes(file, st)
     if not parsed.votes:
-        _fail(f"no valid votes in {file} ({len(parsed.issues)} invalid line(s))")
+        _fail(f"no valid votes in {file} ({len(parsed.issues)} invalid line(s))", 2)
 
     async def go() -> tuple[int, int, dict[str, int]]:
         memory = open_memory(st.settings, st.tenant)
@@ -127,7 +207,7 @@ def ingest(
     )
     table = Table("user", "votes stored")
     for u, n in counts.items():
-        table.add_row(u, str(n))
+        table.add_row(escape(u), str(n))
     out.print(table)
     if parsed.issues:
         raise typer.Exit(2)
@@ -136,7 +216,7 @@ def ingest(
 @app.command()
 def votes(
     ctx: typer.Context,
-    user: Annotated[str, typer.Option("--user", "-u", help="User id.")],
+    user: UserOpt,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSONL.")] = False,
 ) -> None:
     """List a user's votes in time order."""
@@ -148,11 +228,11 @@ def votes(
         for v in vs:
             print(v.model_dump_json())
         return
-    table = Table("#", "id", "time", "prompt", "chosen", title=f"{len(vs)} vote(s) of {user}")
+    table = Table("#", "id", "time", "prompt", "chosen", title=f"{len(vs)} vote(s) of {escape(user)}")
     for i, v in enumerate(vs, 1):
         table.add_row(
-            str(i), v.id, v.timestamp.isoformat() if v.timestamp else "-",
-            v.query_text[:50], v.chosen[:50].replace("\n", " "),
+            str(i), escape(v.id), v.timestamp.isoformat() if v.timestamp else "-",
+            escape(v.query_text[:50]), escape(v.chosen[:50].replace("\n", " ")),
         )
     out.print(table)
 
@@ -160,17 +240,24 @@ def votes(
 @app.command()
 def forget(
     ctx: typer.Context,
-    user: Annotated[str, typer.Option("--user", "-u", help="User id.")],
-    yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
+    user: UserOpt,
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation (needed without a terminal).")] = False,
 ) -> None:
-    """Delete everything stored about a user: votes, personas, history, cached judgments."""
+    """Delete everything stored about a user: votes, personas, history, cached judgments.
+
+    Asks for confirmation; without a terminal (a pipe, a script, CI) it refuses unless ``--yes``.
+    """
     from synth_agent.services import open_memory
 
     st = _state(ctx)
-    if not yes and sys.stdin.isatty() and not typer.confirm(f"Forget everything about {user!r}?"):
-        raise typer.Exit(1)
+    if not yes:
+        if not sys.stdin.isatty():
+            _fail(f"refusing to forget {user!r} without confirmation: standard input is not a terminal; "
+                  "pass --yes to confirm")
+        if not typer.confirm(f"Forget everything about {user!r}?", default=False):
+            _fail(f"{user!r} was not forgotten: confirmation declined")
     counts = _run(open_memory(st.settings, st.tenant).forget_user(user))
-    out.print(f"forgot {user!r}: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
+    out.print(f"forgot {escape(repr(user))}: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
 
 
 @app.command()
@@ -189,10 +276,11 @@ def reindex(ctx: typer.Context) -> None:
 @app.command("sim-endpoint")
 def sim_endpoint(
     host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port.")] = 8765,
-    latency_ms: Annotated[float, typer.Option(help="Added latency per request.")] = 0.0,
-    per_token_latency_ms: Annotated[float, typer.Option(help="Added latency per generated token.")] = 0.0,
-    fault_rate: Annotated[float, typer.Option(help="Share of requests that fail (500/429/timeout/malformed).")] = 0.0,
+    port: Annotated[int, typer.Option(help="Port.", min=0, max=65535)] = 8765,
+    latency_ms: Annotated[float, typer.Option(help="Added latency per request.", min=0)] = 0.0,
+    per_token_latency_ms: Annotated[float, typer.Option(help="Added latency per generated token.", min=0)] = 0.0,
+    fault_rate: Annotated[float, typer.Option(
+        help="Share of requests that fail (500/429/timeout/malformed).", min=0, max=1)] = 0.0,
     seed: Annotated[int, typer.Option(help="Seed of the simulated LLM and of fault injection.")] = 0,
 ) -> None:
     """Run the offline simulated LLM as an OpenAI-compatible endpoint (stats at /stats)."""
@@ -215,8 +303,10 @@ def sim_population(
     """Write a seeded simulated population's votes as JSONL."""
     from synth_agent.sim.population import write_population_jsonl
 
-    if users < 1 or votes_per_user < 1:
-        _fail("--users and --votes must be at least 1")
+    if users < 1:
+        _bad("--users", "must be at least 1")
+    if votes_per_user < 1:
+        _bad("--votes", "must be at least 1")
     write_population_jsonl(out_path, users, votes_per_user, seed)
     out.print(f"wrote {users * votes_per_user} votes of {users} users to {out_path}")
 
@@ -230,16 +320,17 @@ def _fit_config(**kw: Any) -> Any:
     try:
         return FitConfig(**kw)
     except ValueError as exc:
-        _fail(str(exc))
+        _fail(str(exc), 2)
 
 
 @app.command()
 def fit(
     ctx: typer.Context,
-    user: Annotated[list[str] | None, typer.Option("--user", "-u", help="User id (repeatable).")] = None,
+    user: Annotated[list[str] | None, typer.Option("--user", "-u", help="User id (repeatable).",
+                                                   callback=_check_user)] = None,
     all_users: Annotated[bool, typer.Option("--all", help="Fit every user with enough votes.")] = False,
-    trials: Annotated[int, typer.Option(help="Bootstrap trials (step 1).")] = 10,
-    candidates: Annotated[int, typer.Option(help="Demo-set candidates (step 3).")] = 10,
+    trials: Annotated[int, typer.Option(help="Bootstrap trials (step 1).")] = 4,
+    candidates: Annotated[int, typer.Option(help="Demo-set candidates (step 3).")] = 4,
     seed: Annotated[int, typer.Option(help="Seed for splits and random search.")] = 0,
     concurrency: Annotated[int, typer.Option(help="Users fitted at once.")] = 8,
 ) -> None:
@@ -249,7 +340,9 @@ def fit(
 
     st = _state(ctx)
     if not user and not all_users:
-        _fail("say which users: --user U (repeatable) or --all")
+        _fail("say which users: --user U (repeatable) or --all", 2)
+    if concurrency < 1:
+        _bad("--concurrency", "must be at least 1")
     cfg = _fit_config(n_trials=trials, n_demo_candidates=candidates, seed=seed)
     with simulator_if_needed(st.settings) as settings:
 
@@ -279,11 +372,11 @@ def fit(
     for u, r in results:
         if isinstance(r, BaseException):
             failed += 1
-            table.add_row(u, f"[red]failed: {r}[/]", "-", "-")
+            table.add_row(escape(u), f"[red]failed: {escape(_one_line(r))}[/]", "-", "-")
         elif r.profile is None:
-            table.add_row(u, f"[yellow]{r.message}[/]", "-", "-")
+            table.add_row(escape(u), f"[yellow]{escape(r.message)}[/]", "-", "-")
         else:
-            table.add_row(u, f"persona v{r.profile.version}", f"{r.profile.val_accuracy:.0%}",
+            table.add_row(escape(u), f"persona v{r.profile.version}", f"{r.profile.val_accuracy:.0%}",
                           str(r.usage.get("llm_requests", 0)))
     out.print(table)
     if failed:
@@ -293,7 +386,7 @@ def fit(
 @app.command()
 def persona(
     ctx: typer.Context,
-    user: Annotated[str, typer.Option("--user", "-u", help="User id.")],
+    user: UserOpt,
     history: Annotated[bool, typer.Option(help="Show every version, oldest first.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
@@ -311,8 +404,9 @@ def persona(
         return
     for p in profiles:
         acc = f"{p.val_accuracy:.0%}" if p.val_accuracy is not None else "-"
-        out.rule(f"{p.user_id} · v{p.version} · {p.created_at:%Y-%m-%d %H:%M} · val acc {acc} · {len(p.demos)} demos")
-        out.print(p.persona)
+        out.rule(f"{escape(p.user_id)} · v{p.version} · {p.created_at:%Y-%m-%d %H:%M} · val acc {acc} · "
+                 f"{len(p.demos)} demos")
+        out.print(p.persona, markup=False, highlight=False)
 
 
 def _current_profile(st: CLIState, user: str) -> Any:
@@ -324,10 +418,11 @@ def _current_profile(st: CLIState, user: str) -> Any:
 @app.command()
 def judge(
     ctx: typer.Context,
-    user: Annotated[str, typer.Option("--user", "-u", help="User id (default judge if no persona).")],
-    prompt: Annotated[str, typer.Option(help="The user's message both responses answer.")],
-    a: Annotated[str, typer.Option("--a", help="Response A.")],
-    b: Annotated[str, typer.Option("--b", help="Response B.")],
+    user: Annotated[str, typer.Option("--user", "-u", help="User id (default judge if no persona).",
+                                      callback=_check_user)],
+    prompt: Annotated[str, typer.Option(help="The user's message both responses answer.", callback=_check_texts)],
+    a: Annotated[str, typer.Option("--a", help="Response A.", callback=_check_texts)],
+    b: Annotated[str, typer.Option("--b", help="Response B.", callback=_check_texts)],
     mode: Annotated[str, typer.Option(help="cot or logprob.")] = "cot",
 ) -> None:
     """Which of two responses would this user prefer? (judged in both orders)"""
@@ -337,7 +432,11 @@ def judge(
 
     st = _state(ctx)
     if mode not in ("cot", "logprob"):
-        _fail("--mode must be 'cot' or 'logprob'")
+        _bad("--mode", "must be 'cot' or 'logprob'")
+    if not prompt.strip():
+        _bad("--prompt", "must not be empty")
+    if a.strip() == b.strip():
+        _bad("--b", "the two responses are identical; nothing to judge")
     profile = _current_profile(st, user)
     with simulator_if_needed(st.settings) as settings:
 
@@ -353,15 +452,16 @@ def judge(
     who = f"persona v{profile.version}" if profile else "default judge (no persona yet)"
     out.print(f"[bold]{res.preferred}[/] (confidence {res.confidence:.2f}, P(A)={res.p_a:.2f}) — {who}")
     if res.reasoning:
-        out.print(res.reasoning)
+        out.print(res.reasoning, markup=False, highlight=False)
 
 
 @app.command()
 def rerank(
     ctx: typer.Context,
-    user: Annotated[str, typer.Option("--user", "-u", help="User id.")],
-    prompt: Annotated[str, typer.Option(help="The user's message the candidates answer.")],
-    candidate: Annotated[list[str], typer.Option("--candidate", "-c", help="A candidate (repeat, at least 2).")],
+    user: UserOpt,
+    prompt: Annotated[str, typer.Option(help="The user's message the candidates answer.", callback=_check_texts)],
+    candidate: Annotated[list[str], typer.Option("--candidate", "-c", help="A candidate (repeat, at least 2).",
+                                                 callback=_check_texts)],
     strategy: Annotated[str, typer.Option(help="knockout or round_robin.")] = "knockout",
 ) -> None:
     """Rank candidate responses for a user with their personalized judge."""
@@ -371,9 +471,13 @@ def rerank(
 
     st = _state(ctx)
     if len(candidate) < 2:
-        _fail("give at least two --candidate values")
+        _bad("--candidate", "give at least two")
+    if any(not c.strip() for c in candidate):
+        _bad("--candidate", "every candidate must be non-empty text")
     if strategy not in ("knockout", "round_robin"):
-        _fail("--strategy must be 'knockout' or 'round_robin'")
+        _bad("--strategy", "must be 'knockout' or 'round_robin'")
+    if not prompt.strip():
+        _bad("--prompt", "must not be empty")
     profile = _current_profile(st, user)
     with simulator_if_needed(st.settings) as settings:
 
@@ -390,14 +494,14 @@ def rerank(
         res = _run(go())
     table = Table("rank", "candidate", "score", title=f"winner: candidate {res.winner + 1}")
     for r, i in enumerate(res.order, 1):
-        table.add_row(str(r), f"{i + 1}: {candidate[i][:60]}", f"{res.scores[i]:.3f}")
+        table.add_row(str(r), f"{i + 1}: {escape(candidate[i][:60])}", f"{res.scores[i]:.3f}")
     out.print(table)
 
 
 @app.command("export-prompt")
 def export_prompt(
     ctx: typer.Context,
-    user: Annotated[str, typer.Option("--user", "-u", help="User id.")],
+    user: UserOpt,
     fmt: Annotated[str, typer.Option("--format", help="system | messages | json")] = "system",
 ) -> None:
     """Export a user's persona as a system prompt, a judge message list, or JSON."""
@@ -405,7 +509,7 @@ def export_prompt(
 
     st = _state(ctx)
     if fmt not in ("system", "messages", "json"):
-        _fail("--format must be one of: system, messages, json")
+        _bad("--format", "must be one of: system, messages, json")
     profile = _current_profile(st, user)
     if profile is None:
         _fail(f"no persona for {user!r} yet: run `synth-agent fit --user {user}` first")
@@ -421,18 +525,28 @@ def eval_cmd(
     curve: Annotated[str, typer.Option(help="Context sizes for the accuracy-vs-votes curve, e.g. 5,7,10 ('' = off).")] = "5,7,10",
     seed: Annotated[int, typer.Option(help="Seed for splits and random search.")] = 0,
     concurrency: Annotated[int, typer.Option(help="Users evaluated at once.")] = 8,
-    trials: Annotated[int, typer.Option(help="Bootstrap trials.")] = 10,
-    candidates: Annotated[int, typer.Option(help="Demo-set candidates.")] = 10,
+    trials: Annotated[int, typer.Option(help="Bootstrap trials.")] = 4,
+    candidates: Annotated[int, typer.Option(help="Demo-set candidates.")] = 4,
 ) -> None:
     """Evaluate judges on held-out votes: accuracy per method with 95% CIs, per-user table, plots."""
-    from synth_agent.evaluate import evaluate, write_plots
+    from synth_agent.evaluate import ALL_METHODS, evaluate, write_plots
     from synth_agent.services import open_llm, simulator_if_needed
 
     st = _state(ctx)
-    parsed = _read_votes(file, st)
     method_list = [m.strip() for m in methods.split(",") if m.strip()]
-    sizes = [int(x) for x in curve.split(",") if x.strip()] if curve else []
+    unknown = [m for m in method_list if m not in ALL_METHODS]
+    if unknown or not method_list:
+        _bad("--methods", f"unknown method(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(ALL_METHODS)}")
+    try:
+        sizes = [int(x) for x in curve.split(",") if x.strip()] if curve else []
+    except ValueError:
+        _bad("--curve", f"must be comma-separated vote counts such as 5,7,10, got {curve!r}")
+    if any(n < 1 for n in sizes):
+        _bad("--curve", "vote counts must be at least 1")
+    if concurrency < 1:
+        _bad("--concurrency", "must be at least 1")
     cfg = _fit_config(seed=seed, n_trials=trials, n_demo_candidates=candidates)
+    parsed = _read_votes(file, st)
     n_users = len({v.user_id for v in parsed.votes})
     with simulator_if_needed(st.settings) as settings:
 
@@ -468,7 +582,7 @@ def print_user_table(report: Any, limit: int = 50) -> None:
     table = Table("user", "context", "target", *methods, title="Per-user accuracy (both orders)")
     for u in report.users[:limit]:
         cells = [f"{a:.0%}" if (a := u.accuracy(m)) is not None else "-" for m in methods]
-        table.add_row(u.user_id, str(u.n_context), str(u.n_target), *cells)
+        table.add_row(escape(u.user_id), str(u.n_context), str(u.n_target), *cells)
     out.print(table)
     if len(report.users) > limit:
         out.print(f"... {len(report.users) - limit} more user(s) in report.json")
@@ -485,7 +599,7 @@ def print_report(report: Any) -> None:
             f"{c.n_context}: {c.accuracy:.1%}" for c in report.curve) + f" (slope {slope})")
     if report.skipped_users:
         out.print(f"[yellow]{len(report.skipped_users)} user(s) skipped[/] (e.g. "
-                  + "; ".join(f"{u}: {r}" for u, r in list(report.skipped_users.items())[:3]) + ")")
+                  + escape("; ".join(f"{u}: {r}" for u, r in list(report.skipped_users.items())[:3])) + ")")
 
 
 def _register_subcommands() -> None:
@@ -499,8 +613,62 @@ def _register_subcommands() -> None:
 _register_subcommands()
 
 
+def _one_line(exc: BaseException) -> str:
+    """An exception as one readable line (pydantic errors as ``field: reason``)."""
+    from pydantic import ValidationError
+
+    if isinstance(exc, ValidationError):
+        from synth_agent.ingest import describe_validation_error
+
+        text = describe_validation_error(exc)
+    elif isinstance(exc, OSError) and exc.strerror:
+        text = f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
+    else:
+        text = str(exc)
+    text = " ".join(text.split())
+    name = type(exc).__name__
+    if not text:
+        return name
+    if isinstance(exc, ValueError | OSError) or type(exc).__module__.startswith("synth_agent"):
+        return text
+    return f"{name}: {text}"
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI on ``argv`` and return the exit code (see :data:`EXIT_CODES`); never raises for bad input.
+
+    Usage errors and failures print one ``error: ...`` line on stderr; ``--debug`` (or
+    ``SYNTH_AGENT_DEBUG=1``) re-raises unexpected exceptions with their traceback.
+    """
+    from synth_agent.lifecycle import exit_on_sigterm, watch_parent_from_env
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args[: args.index("--")] if "--" in args else "--debug" in args
+    debug = debug or os.environ.get("SYNTH_AGENT_DEBUG", "") not in ("", "0")
+    exit_on_sigterm()
+    watch_parent_from_env()
+    try:
+        rv = app(args, prog_name="synth-agent", standalone_mode=False)
+    except typer.TyperException as exc:  # usage errors (exit 2) and other CLI-level failures
+        code = int(getattr(exc, "exit_code", 1))
+        ctx = getattr(exc, "ctx", None)
+        hint = f" (see '{escape(ctx.command_path)} --help')" if code == 2 and ctx is not None else ""
+        err.print(f"[bold red]error:[/] {escape(' '.join(exc.format_message().split()))}{hint}", highlight=False)
+        return code
+    except (typer.Abort, KeyboardInterrupt):
+        err.print("interrupted", highlight=False)
+        return 130
+    except Exception as exc:
+        if debug:
+            raise
+        hint = "" if isinstance(exc, ValueError | OSError) else " (run with --debug for the traceback)"
+        err.print(f"[bold red]error:[/] {escape(_one_line(exc))}{hint}", highlight=False)
+        return 1
+    return rv if isinstance(rv, int) else 0
+
+
 def main() -> None:
-    app()
+    sys.exit(run())
 
 
 if __name__ == "__main__":

@@ -7,7 +7,11 @@
 | ``OPENAI_BASE_URL`` | OpenAI-compatible endpoint (OpenAI, vLLM, SGLang, Ollama, the simulator) | simulator ``http://127.0.0.1:8765/v1`` |
 | ``OPENAI_API_KEY`` | key for that endpoint | ``sim`` |
 | ``SYNTH_AGENT_MODEL`` | model name for judge/persona calls | ``sim-judge`` |
-| ``SYNTH_AGENT_MAX_CONCURRENCY`` | max requests in flight per endpoint | ``16`` |
+| ``SYNTH_AGENT_MAX_CONCURRENCY`` | most requests in flight per endpoint (the adaptive limit's ceiling) | ``16`` |
+| ``SYNTH_AGENT_ADAPTIVE_CONCURRENCY`` | adapt in-flight requests to the server's capacity (``0``: always the maximum) | ``1`` |
+| ``SYNTH_AGENT_REQUEST_TIMEOUT`` | seconds per HTTP attempt (time queued on our side never counts) | ``60`` |
+| ``SYNTH_AGENT_MAX_RETRIES`` | retries of 429/5xx/timeouts per call | ``6`` |
+| ``SYNTH_AGENT_CONTEXT_LENGTH`` | the model's context window in tokens (default: as the server states) | unset |
 | ``SYNTH_AGENT_RATE_LIMIT`` | max requests per second per endpoint (0 = unlimited) | ``0`` |
 | ``SYNTH_AGENT_MAX_CONTENT_CHARS`` | largest accepted message/response | ``32000`` |
 | ``SYNTH_AGENT_LLM_DISK_CACHE`` | also cache temperature-0 LLM answers on disk (they contain users' votes) | ``0`` |
@@ -35,9 +39,11 @@ class Settings(BaseSettings):
     api_key: str = Field(default="sim", validation_alias="OPENAI_API_KEY")
     model: str = "sim-judge"
     max_concurrency: int = 16
+    adaptive_concurrency: bool = True
     rate_limit: float = 0.0
     request_timeout: float = 60.0
     max_retries: int = 6
+    context_length: int | None = None
     max_content_chars: int = 32_000
     llm_disk_cache: bool = False
 

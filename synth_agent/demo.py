@@ -24,7 +24,7 @@ from rich.table import Table
 from synth_agent.cli import print_report
 from synth_agent.config import Settings
 from synth_agent.engine import FitConfig, Synthesizer
-from synth_agent.evaluate import evaluate, split_for_eval, write_plots
+from synth_agent.evaluate import EvalReport, evaluate, split_for_eval, write_plots
 from synth_agent.ingest import read_jsonl
 from synth_agent.models import Vote
 from synth_agent.services import open_llm, open_memory, simulator_if_needed
@@ -54,9 +54,21 @@ def prepare(users: int, votes: int, seed: int, out: Path) -> tuple[Population, l
 
 def hidden_taste(population: Population, user_id: str) -> str:
     """The simulator's ground truth for a user, in words (never shown to any model)."""
-    w = population.user(user_id).weights
+    user = population.user(user_id)
+    if user.is_noise:
+        return "no preference at all (every vote a coin flip)"
+    w = user.weights
     top = sorted(w, key=lambda t: -abs(w[t]))[:3]
     return ", ".join(f"{'likes' if w[t] > 0 else 'dislikes'} {PHRASES[t]} ({w[t]:+.1f})" for t in top)
+
+
+def per_user_summary(report: EvalReport, method: str = "persona_demos") -> str:
+    """One line: for how many users ``method`` is below / level with / above the default judge."""
+    below, equal, above = report.versus_default(method)
+    return (
+        f"per user, {method} vs the default judge: below for {below}, level for {equal}, above for {above} "
+        f"of {below + equal + above} users (each on their own held-out votes; simulated LLM, not a real model)"
+    )
 
 
 async def run(settings: Settings, population: Population, labelled: list[Vote], seed: int, out: Path) -> None:
@@ -103,6 +115,10 @@ async def run(settings: Settings, population: Population, labelled: list[Vote], 
                 console.print(f"[dim]simulator ground truth (never shown to the model): {hidden}[/]")
         console.rule("results")
         print_report(report)
+        console.print(per_user_summary(report))
+        n_target = max((u.n_target for u in report.users), default=0)
+        console.print(f"[dim]{len(report.users)} users × {n_target} held-out votes: the intervals are wide. "
+                      "python bench/eval_seeds.py measures 5 seeds × 24 users × 25 votes (docs/results.md).[/]")
         total = llm.stats.total()
         cost = Table("", "requests", "retries", "cache hits", "prompt tokens", "completion tokens", title="LLM usage")
         cost.add_row("all", str(total.requests), str(total.retries), str(total.cache_hits),

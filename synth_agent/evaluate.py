@@ -92,6 +92,19 @@ class EvalReport:
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, ensure_ascii=False, default=str)
 
+    def versus_default(self, method: str) -> tuple[int, int, int]:
+        """(below, equal, above): users for whom ``method`` is less / as / more accurate than the
+        default judge on their own held-out votes. A mean can hide users personalization hurts."""
+        below = equal = above = 0
+        for u in self.users:
+            a, d = u.accuracy(method), u.accuracy("default")
+            if a is None or d is None:
+                continue
+            below += a < d
+            equal += a == d
+            above += a > d
+        return below, equal, above
+
 
 def split_for_eval(votes: Sequence[Vote]) -> tuple[list[Vote], list[Vote]]:
     """(context votes labelled train/val, target votes) for one user, time order kept."""

@@ -46,6 +46,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from synth_agent.lifecycle import parent_death_preexec
+
 Engine = Literal["vllm", "sglang", "llamacpp"]
 
 __all__ = [
@@ -407,7 +409,8 @@ def run_server(
     """Start ``cmd``, wait for health with a spinner, print ``announce`` to stdout, then (foreground) wait.
 
     The server gets its own session so Ctrl-C reaches only us; we then stop it
-    politely. With ``foreground=False`` the running process is returned instead.
+    politely (on SIGTERM too), and the kernel stops it if we are killed outright
+    (a parent-death signal, :mod:`synth_agent.lifecycle`). With ``foreground=False`` the running process is returned instead.
     """
     console = console or Console(stderr=True)
     log_handle = log_file.open("ab") if log_file is not None else None
@@ -417,6 +420,7 @@ def run_server(
             stdout=log_handle if log_handle is not None else None,
             stderr=subprocess.STDOUT if log_handle is not None else None,
             start_new_session=True,
+            preexec_fn=parent_death_preexec(),  # the server dies with us even if we are killed outright
         )
     except OSError as e:
         if log_handle is not None:
@@ -440,16 +444,18 @@ def run_server(
         console.print("Ctrl-C stops the server.")
         try:
             rc = process.wait()
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, SystemExit) as stopped:  # Ctrl-C, or SIGTERM (synth_agent.lifecycle)
             console.print("stopping the judge server …")
             _stop(process)
+            if isinstance(stopped, SystemExit):
+                raise
             return process
         raise JudgeServerError(f"the judge server exited with code {rc}")
     except JudgeServerError as e:
         _stop(process)
         tail = _log_tail(log_file)
         raise JudgeServerError(f"{e}" + (f"\nlast lines of {log_file}:\n{tail}" if tail else "")) from None
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):
         _stop(process)
         raise
     finally:

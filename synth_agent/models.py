@@ -1,9 +1,17 @@
 """Public data types: messages, votes, personas, judgments.
 
 Every type here is a pydantic v2 model. Validation is strict on purpose: a vote
-that is ambiguous (empty, identical answers, unknown roles, oversize content,
-unusable user id) is rejected with a message that says what to fix, so nothing
-half-valid ever reaches the store.
+that is ambiguous (both answers empty, identical answers, unknown roles, oversize
+content, unusable user id) is rejected with a message that says what to fix, so
+nothing half-valid ever reaches the store. Anything a backend could refuse is
+refused here first: text that is not encodable as UTF-8 (lone surrogates such as
+``"\\ud800"``, which JSON can carry), timestamps outside 1970–9999, ids that are
+empty, padded, over 256 characters or hold control/invisible characters, and
+non-finite numbers in metadata.
+
+One answer of a vote may be empty (models do return nothing, and an empty answer
+is a real losing candidate); judges see it as an explicit empty response
+(:data:`synth_agent.prompts.EMPTY_RESPONSE`).
 
 Size limits are configurable per call through pydantic's validation context::
 
@@ -20,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import unicodedata
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -33,6 +42,8 @@ from pydantic import (
     model_validator,
 )
 
+from synth_agent.safejson import unsafe_value
+
 Role = Literal["system", "user", "assistant"]
 """Roles we accept. ``model`` (PersonalRewardBench) and ``bot`` are aliases of ``assistant``."""
 
@@ -42,7 +53,28 @@ DEFAULT_MAX_CONTENT_CHARS = 32_000
 """Default upper bound on one message's content; override with validation context ``max_content_chars``."""
 
 MAX_USER_ID_CHARS = 256
+MAX_VOTE_ID_CHARS = 256
 MAX_CONTEXT_MESSAGES = 200
+
+MIN_TIMESTAMP = datetime(1970, 1, 1, tzinfo=UTC)
+MAX_TIMESTAMP = datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)
+"""Accepted vote times: what every backend (and ``datetime``) can hold and order."""
+_MAX_EPOCH_SECONDS = MAX_TIMESTAMP.timestamp()
+_MAX_EPOCH_MS = _MAX_EPOCH_SECONDS * 1000.0
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+# Unicode categories an id must not contain, and why (Cc: control; Cs: lone surrogates, not
+# encodable; Cf: invisible formatting such as zero-width spaces and right-to-left overrides,
+# which make look-alike ids; Zl/Zp: line and paragraph separators).
+_BAD_ID_CATEGORIES = {
+    "Cc": "control characters",
+    "Cs": "lone surrogates (text that is not valid Unicode)",
+    "Cf": "invisible formatting characters (Unicode category Cf, e.g. zero-width spaces or "
+    "right-to-left overrides)",
+    "Zl": "line separators",
+    "Zp": "paragraph separators",
+}
 
 
 def utcnow() -> datetime:
@@ -54,24 +86,62 @@ def _max_chars(info: ValidationInfo | None) -> int:
     return int(ctx.get("max_content_chars", DEFAULT_MAX_CONTENT_CHARS))
 
 
+def check_text(text: str, what: str = "text") -> str:
+    """Return ``text`` if it can be encoded as UTF-8, else raise ``ValueError`` naming the position.
+
+    Python strings (and JSON, through ``\\uXXXX`` escapes) can hold lone surrogates; no
+    store, tokenizer or HTTP peer can: they are refused at the door.
+    """
+    m = _SURROGATE.search(text)
+    if m is not None:
+        raise ValueError(
+            f"{what} is not valid Unicode: a lone surrogate U+{ord(m.group()):04X} at character "
+            f"{m.start()} (text must be encodable as UTF-8)"
+        )
+    return text
+
+
+def validate_opaque_id(value: Any, what: str = "user_id", *, max_chars: int = MAX_USER_ID_CHARS) -> str:
+    """Return ``value`` unchanged if it is usable as an opaque id, else raise ``ValueError`` saying why.
+
+    Ids are opaque (emails, UUIDs, unicode names are all fine). We only refuse ids that
+    cannot be stored faithfully or displayed unambiguously: empty, surrounding whitespace,
+    over ``max_chars`` characters, or holding control characters, lone surrogates,
+    invisible formatting characters (category Cf: zero-width spaces, bidi overrides...)
+    or line/paragraph separators. Ids are never normalised: what is stored is what was sent.
+    """
+    if not isinstance(value, str):
+        raise ValueError(f"{what} must be a string, got {type(value).__name__}")
+    if not value:
+        raise ValueError(f"{what} must not be empty")
+    if len(value) > max_chars:
+        raise ValueError(f"{what} is {len(value)} characters; the limit is {max_chars}")
+    for ch in value:
+        why = _BAD_ID_CATEGORIES.get(unicodedata.category(ch))
+        if why is not None:
+            raise ValueError(f"{what} must not contain {why}; found U+{ord(ch):04X}")
+    if value.strip() != value:
+        raise ValueError(f"{what} must not start or end with whitespace")
+    return value
+
+
 def validate_user_id(user_id: Any) -> str:
     """Return ``user_id`` unchanged if usable, else raise ``ValueError`` saying why.
 
-    User ids are opaque (emails, UUIDs, unicode names are all fine). We only refuse
-    ids that cannot be stored faithfully or displayed: empty, surrounding
-    whitespace, control characters, or longer than 256 characters.
+    User ids are opaque (emails, UUIDs, unicode names are all fine). Refused: empty,
+    surrounding whitespace, longer than 256 characters, control characters, lone
+    surrogates, invisible formatting characters (Unicode category Cf — zero-width
+    spaces, right-to-left overrides — which make look-alike ids) and line/paragraph
+    separators. See :func:`validate_opaque_id`.
+
+        >>> validate_user_id("zoë@example.com")
+        'zoë@example.com'
+        >>> validate_user_id("admin\u200b")
+        Traceback (most recent call last):
+        ...
+        ValueError: user_id must not contain invisible formatting characters (Unicode category Cf, e.g. zero-width spaces or right-to-left overrides); found U+200B
     """
-    if not isinstance(user_id, str):
-        raise ValueError(f"user_id must be a string, got {type(user_id).__name__}")
-    if not user_id:
-        raise ValueError("user_id must not be empty")
-    if user_id.strip() != user_id:
-        raise ValueError("user_id must not start or end with whitespace")
-    if len(user_id) > MAX_USER_ID_CHARS:
-        raise ValueError(f"user_id is {len(user_id)} characters; the limit is {MAX_USER_ID_CHARS}")
-    if any(unicodedata.category(ch) in ("Cc", "Cs") for ch in user_id):
-        raise ValueError("user_id must not contain control characters")
-    return user_id
+    return validate_opaque_id(user_id, "user_id")
 
 
 class Message(BaseModel):
@@ -105,11 +175,14 @@ class Message(BaseModel):
         limit = _max_chars(info)
         if len(v) > limit:
             raise ValueError(f"message content is {len(v)} characters; the limit is {limit}")
-        return v
+        return check_text(v, "message content")
 
 
 def _response_text(v: Any, field: str, info: ValidationInfo) -> str:
-    """Accept a response as str, a {role, content} dict, or a list of messages (PersonalRewardBench)."""
+    """Accept a response as str, a {role, content} dict, or a list of messages (PersonalRewardBench).
+
+    An empty answer is allowed here (the vote checks that the other one is not empty).
+    """
     if v is None:
         raise ValueError(f"{field} is missing")
     if isinstance(v, Message):
@@ -131,32 +204,51 @@ def _response_text(v: Any, field: str, info: ValidationInfo) -> str:
         text = v
     else:
         raise ValueError(f"{field} must be a string or a message, got {type(v).__name__}")
-    if not text.strip():
-        raise ValueError(f"{field} is empty")
     limit = _max_chars(info)
     if len(text) > limit:
         raise ValueError(f"{field} is {len(text)} characters; the limit is {limit}")
-    return text
+    return check_text(text, field)
 
 
-def _timestamp(v: Any) -> datetime | None:
+_RANGE_HINT = "timestamps must lie between 1970-01-01 and 9999-12-31 (UTC)"
+
+
+def _in_range(dt: datetime) -> datetime:
+    try:
+        utc = dt.astimezone(UTC)
+    except (OverflowError, ValueError):
+        raise ValueError(f"timestamp {dt.isoformat()} is out of range: {_RANGE_HINT}") from None
+    if not MIN_TIMESTAMP <= utc <= MAX_TIMESTAMP:
+        raise ValueError(f"timestamp {dt.isoformat()} is out of range: {_RANGE_HINT}")
+    return dt
+
+
+def parse_timestamp(v: Any) -> datetime | None:
+    """A vote time from ISO-8601 text, epoch seconds or milliseconds (or a datetime), in 1970–9999; None if empty."""
     if v is None or v == "":
         return None
     if isinstance(v, datetime):
-        return v if v.tzinfo else v.replace(tzinfo=UTC)
+        return _in_range(v if v.tzinfo else v.replace(tzinfo=UTC))
     if isinstance(v, bool):
         raise ValueError("timestamp must be ISO-8601 text or a number of seconds since the epoch")
     if isinstance(v, int | float):
         if not math.isfinite(v):
             raise ValueError("timestamp must be finite")
-        seconds = v / 1000.0 if v > 1e11 else float(v)  # milliseconds are common in exports
-        return datetime.fromtimestamp(seconds, UTC)
+        if v < 0 or v > _MAX_EPOCH_MS:
+            raise ValueError(
+                f"timestamp {v} is out of range: give seconds (or milliseconds) since 1970-01-01, "
+                "up to the year 9999"
+            )
+        # milliseconds are common in exports; seconds past 1e11 would be after the year 5138
+        seconds = v / 1000.0 if v > 1e11 else float(v)
+        return _in_range(datetime.fromtimestamp(min(seconds, _MAX_EPOCH_SECONDS), UTC))
     if isinstance(v, str):
+        check_text(v, "timestamp")
         try:
             dt = datetime.fromisoformat(v.replace("Z", "+00:00"))
         except ValueError as exc:
             raise ValueError(f"timestamp {v!r} is not ISO-8601") from exc
-        return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
+        return _in_range(dt if dt.tzinfo else dt.replace(tzinfo=UTC))
     raise ValueError("timestamp must be ISO-8601 text or a number of seconds since the epoch")
 
 
@@ -228,23 +320,23 @@ class Vote(BaseModel):
     @field_validator("timestamp", mode="before")
     @classmethod
     def _ts(cls, v: Any) -> datetime | None:
-        return _timestamp(v)
+        return parse_timestamp(v)
 
     @field_validator("id", mode="before")
     @classmethod
     def _id(cls, v: Any) -> str:
-        if v is None:
-            return ""
-        if isinstance(v, int):
+        if v is None or v == "":
+            return ""  # no id: a content hash is used
+        if isinstance(v, int) and not isinstance(v, bool):
             v = str(v)
         if not isinstance(v, str):
             raise ValueError("id must be a string")
-        if len(v) > 256:
-            raise ValueError("id is longer than 256 characters")
-        return v
+        return validate_opaque_id(v, "id", max_chars=MAX_VOTE_ID_CHARS)
 
     @model_validator(mode="after")
     def _check(self) -> Vote:
+        if not self.chosen.strip() and not self.rejected.strip():
+            raise ValueError("chosen and rejected are both empty; at most one answer of a vote may be empty")
         if self.chosen.strip() == self.rejected.strip():
             raise ValueError("chosen and rejected are identical; a vote needs two different responses")
         if not any(m.content.strip() for m in self.context):
@@ -314,6 +406,13 @@ class Trace(BaseModel):
     verified: bool
     model: str = ""
 
+    @model_validator(mode="after")
+    def _storable(self) -> Trace:
+        problem = unsafe_value(self.model_dump(mode="python"))
+        if problem is not None:
+            raise ValueError(f"the trace cannot be stored: {problem}")
+        return self
+
 
 class PersonaProfile(BaseModel):
     """What SynthesizeMe learned about one user: a persona and the judge's demos.
@@ -342,7 +441,15 @@ class PersonaProfile(BaseModel):
     def _persona(cls, v: str) -> str:
         if not v.strip():
             raise ValueError("persona text is empty")
-        return v
+        return check_text(v, "persona")
+
+    @model_validator(mode="after")
+    def _storable(self) -> PersonaProfile:
+        """Everything saved must be storable: no lone surrogates anywhere, finite numbers in meta."""
+        problem = unsafe_value(self.model_dump(mode="python", exclude={"created_at"}))
+        if problem is not None:
+            raise ValueError(f"the profile cannot be stored: {problem}")
+        return self
 
 
 Preference = Literal["A", "B", "tie"]

@@ -76,21 +76,28 @@ def endpoint_alive(base_url: str, timeout: float = 0.5) -> bool:
 
 
 @contextlib.contextmanager
-def simulator_if_needed(settings: Settings, *, quiet: bool = False, **sim_kw: Any) -> Iterator[Settings]:
+def simulator_if_needed(
+    settings: Settings, *, quiet: bool = False, force: bool = False, **sim_kw: Any
+) -> Iterator[Settings]:
     """Yield settings that point at a live endpoint.
 
     When the configured endpoint is the default simulator URL and nothing listens
-    there, start the simulator in a child process on a free port for the duration
-    (its own process, so it does not compete with this one for the GIL). A real
-    endpoint is never replaced.
+    there (or ``force``), start the simulator in a child process on a free port for
+    the duration (its own process, so it does not compete with this one for the GIL).
+    The child ends with this process, even if it is killed (:mod:`synth_agent.lifecycle`).
+    Without ``force`` a real endpoint is never replaced.
     """
-    if settings.base_url.rstrip("/") != DEFAULT_SIM_URL.rstrip("/") or endpoint_alive(settings.base_url):
+    if not force and (
+        settings.base_url.rstrip("/") != DEFAULT_SIM_URL.rstrip("/") or endpoint_alive(settings.base_url)
+    ):
         yield settings
         return
     from synth_agent.sim.server import SimProcess
 
     with SimProcess(**sim_kw) as ep:
-        if not quiet:
+        if not quiet and force:
+            print(f"[synth-agent] using the offline simulator at {ep.base_url} (pid {ep.pid}).", file=sys.stderr)
+        elif not quiet:
             print(
                 f"[synth-agent] no LLM endpoint configured: using the offline simulator at {ep.base_url}. "
                 "Set OPENAI_BASE_URL / OPENAI_API_KEY / SYNTH_AGENT_MODEL (or --base-url/--api-key/--model) "

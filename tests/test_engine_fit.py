@@ -8,7 +8,7 @@ import pytest
 from langgraph.store.memory import InMemoryStore
 
 from store.memory import PreferenceMemory
-from synth_agent.engine import FitConfig, Judge, Synthesizer, rank
+from synth_agent.engine import FitConfig, Judge, Synthesizer, rank, split_votes
 from synth_agent.evaluate import evaluate
 from synth_agent.llm.client import EndpointConfig, LLMClient
 from synth_agent.sim.backend import SimBackend
@@ -189,3 +189,96 @@ async def test_compare_judges_both_orders_and_rank_strategies(population):
     assert sum(rr.scores) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="strategy"):
         await rank(judge, v.context, candidates, strategy="swiss")  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- cost: refits, ledger, exact search
+
+
+async def test_refit_without_new_votes_asks_nothing_and_saves_nothing(population):
+    uid = population.user_ids[9]
+    mem = memory()
+    await mem.add_votes(population.votes(uid, 12))
+    llm = SimBackend()
+    synth = Synthesizer(llm, mem, FitConfig(seed=0))
+    first = await synth.fit(uid)
+    asked = llm.stats.total().requests
+    again = await synth.fit(uid)
+    assert again.status == "unchanged" and again.profile is not None and again.profile.version == 1
+    assert llm.stats.total().requests == asked  # not one LLM request
+    assert [p.version for p in await mem.persona_history(uid)] == [1]
+    # a different budget is a different fit, and force=True refits regardless
+    assert (await Synthesizer(llm, mem, FitConfig(seed=0, n_trials=2)).fit(uid)).status == "fitted"
+    forced = await synth.fit(uid, force=True)
+    assert forced.status == "fitted" and forced.profile.version == 3
+    assert forced.profile.persona == first.profile.persona and forced.profile.demos == first.profile.demos
+    assert forced.usage["llm_requests"] < first.usage["llm_requests"]  # the stored judgments were reused
+
+
+async def test_refit_after_new_votes_keeps_the_split_and_reuses_stored_judgments(population):
+    uid = population.user_ids[10]
+    votes = population.votes(uid, 18)
+    mem = memory()
+    await mem.add_votes(votes[:12])
+    synth = Synthesizer(SimBackend(), mem, FitConfig(seed=0))
+    first = await synth.fit(uid)
+    await mem.add_votes(votes[12:])
+    second = await synth.fit(uid)
+    m1, m2 = first.profile.meta, second.profile.meta
+    assert set(m1["train_ids"]) <= set(m2["train_ids"]) and set(m1["val_ids"]) <= set(m2["val_ids"])
+    new = [v.id for v in votes[12:]]
+    assert m2["train_ids"][-4:] == new[:4] and m2["val_ids"][-2:] == new[4:]  # only the new votes were split
+    assert second.usage["judgments_reused"] > 0 and m2["reused_traces"] == len(m1["train_ids"])
+    # the ledger lives with the user's data and goes with it
+    assert await mem.get_cached_judgment(uid, "ledger:v1:sim-judge") is not None
+    await mem.forget_user(uid)
+    assert await mem.get_cached_judgment(uid, "ledger:v1:sim-judge") is None
+
+
+async def test_raced_selection_equals_scoring_every_candidate(population):
+    """Branch and bound is exact: the same winner and accuracy as judging every candidate on every vote."""
+    from synth_agent.engine.judge import Judge, count_correct
+
+    cfg = FitConfig(seed=0, n_trials=10, n_demo_candidates=10)
+    for uid in population.user_ids[11:15]:
+        llm = SimBackend()
+        synth = Synthesizer(llm, None, cfg)
+        train, val = split_votes(population.votes(uid, 14), cfg.train_fraction)
+        traces, _ = await synth.verify(uid, train, llm=llm)
+        cands = synth.bootstrap_candidates(uid, train, traces)
+        raced = await synth.rank_bootstrap(val, cands, llm=llm)
+        orders = lambda v, s=synth: [s._order(v, "val")]  # noqa: E731
+        scores = [(await count_correct(Judge(llm).with_demos(c), val, orders))[0] for c in cands]
+        n_traces = [sum(d.reasoning is not None for d in c) for c in cands]
+        best = max(range(len(cands)), key=lambda i: (scores[i], n_traces[i], -i))
+        assert raced.best == best and raced.correct[best] == scores[best]
+        assert raced.judgments < len(cands) * len(val)
+        persona = await synth.write_persona(train, traces, [t.vote_id for t in traces if t.verified], llm=llm)
+        sel = await synth.select_demos(uid, persona, train, val, traces, seed_demos=cands[best], llm=llm)
+        demo_cands = synth.demo_candidates(uid, train, traces, cands[best])
+        pj = Judge(llm, persona=persona)
+        dscores = [(await count_correct(pj.with_demos(c), val, orders))[0] for c in demo_cands]
+        dbest = max(range(len(demo_cands)), key=lambda i: (dscores[i], -i))
+        assert sel.demos == demo_cands[dbest] and sel.accuracy == dscores[dbest] / len(val)
+
+
+async def test_persona_writer_trims_examples_when_the_endpoint_reports_a_context_overflow(population):
+    from synth_agent.llm.errors import ContextOverflowError
+
+    class SmallContext(SimBackend):
+        def __init__(self) -> None:
+            super().__init__()
+            self.sizes: list[int] = []
+
+        async def complete(self, messages, **kw):
+            size = sum(len(m["content"]) for m in messages)
+            if kw.get("call_site") == "persona":
+                self.sizes.append(size)
+                if size > 9_000:
+                    raise ContextOverflowError("HTTP 400: maximum context length is 2048 tokens", context_length=2048)
+            return await super().complete(messages, **kw)
+
+    uid = population.user_ids[15]
+    llm = SmallContext()
+    res = await Synthesizer(llm, None, FitConfig(seed=0, verify=False)).fit(uid, population.votes(uid, 14))
+    assert res.profile is not None and res.profile.persona
+    assert llm.sizes[0] > 9_000 >= llm.sizes[-1] and len(llm.sizes) >= 2

@@ -88,3 +88,59 @@ def test_fit_config_validates():
         FitConfig(n_trials=0)
     with pytest.raises(ValueError, match="persona_traces"):
         FitConfig(persona_traces="some")  # type: ignore[arg-type]
+
+
+def test_search_and_ledger_examples_run():
+    import doctest
+
+    import synth_agent.engine.ledger
+    import synth_agent.engine.search
+
+    for module in (synth_agent.engine.search, synth_agent.engine.ledger):
+        result = doctest.testmod(module)
+        assert result.attempted > 0 and result.failed == 0
+
+
+@pytest.mark.parametrize("wave", [None, 1, 3, 5])
+def test_race_picks_what_judging_everything_picks(wave):
+    """Random validation outcomes, priorities and orders: the raced winner is always the exhaustive one."""
+    import asyncio
+    import random
+
+    from synth_agent.engine.search import race
+
+    saved = total = 0
+    for trial in range(400):
+        rnd = random.Random(trial)
+        m, n = rnd.randint(1, 12), rnd.randint(1, 6)
+        truth = [[rnd.random() < rnd.random() for _ in range(n)] for _ in range(m)]
+        ranks = [rnd.randint(0, 3) for _ in range(m)]
+        prio = (lambda i, r=ranks: (r[i], -i)) if trial % 2 else (lambda i: (-i,))
+        order = list(range(m))
+        if trial % 3 == 0:
+            rnd.shuffle(order)
+
+        async def judge(c, i, truth=truth, rnd=rnd):
+            await asyncio.sleep(rnd.random() * 1e-4)  # answers arrive out of order
+            return truth[c][i]
+
+        res = asyncio.run(race(list(range(m)), n, judge, priority=prio, wave=wave, order=order))
+        best = max(range(m), key=lambda c: (sum(truth[c]), prio(c)))
+        assert res.best == best and res.correct[best] == sum(truth[best]) and res.judged[best] == n
+        saved += m * n - res.judgments
+        total += m * n
+    assert saved > 0.2 * total  # and it judges far less
+
+
+def test_ledger_keys_separate_judges_and_orders():
+    from synth_agent.engine.ledger import pair_digest, prefix_digest
+    from synth_agent.models import Demo
+
+    ctx = mk(1)[0].context
+    demo = Demo(vote_id="v", context=ctx, chosen="a", rejected="b", reasoning="r")
+    base = dict(model="m", mode="cot:400", version="judge.v1", persona="P", demos=[demo])
+    p = prefix_digest(**base)
+    assert p == prefix_digest(**base)
+    assert p != prefix_digest(**{**base, "persona": "Q"}) != prefix_digest(**{**base, "model": "m2"})
+    assert p != prefix_digest(**{**base, "demos": [demo.model_copy(update={"reasoning": "other"})]})
+    assert pair_digest(p, ctx, "x", "y") != pair_digest(p, ctx, "y", "x")

@@ -325,3 +325,19 @@ async def test_fifty_users_concurrently_lose_no_vote(llm: LLMClient) -> None:
     out = await p.graph.ainvoke({"messages": [("user", "hi")]}, {"configurable": {"user_id": users[0], "tenant_id": "acme", "mode": "plain"}})
     assert p.personas.misses == misses and "persona True" in out["messages"][-1].content
     await sched.aclose()
+
+
+async def test_a_vote_on_a_thread_continues_the_conversation_with_the_pick() -> None:
+    """Studio and SDK users keep a thread: after the vote, the picked answer is the assistant's turn."""
+    store = InMemoryStore()
+    p = Personalizer(RecordingModel(), store=store, default_mode="ab", checkpointer=InMemorySaver(), rng=random.Random(3))
+    cfg = {"configurable": {"thread_id": "t-ab"}}
+    ctx = {"synth_user_id": "zoë@example.com", "tenant_id": "acme"}
+    out = await p.graph.ainvoke({"messages": [("user", "hi")]}, cfg, context=ctx)
+    assert [m.type for m in out["messages"]] == ["human"]
+    res = await p.graph.ainvoke({"vote": {"token": out["ab"]["token"], "choice": "b"}}, cfg, context=ctx)
+    assert res["vote_result"]["ok"] and [m.type for m in res["messages"]] == ["human", "ai"]
+    assert res["messages"][-1].content == out["ab"]["b"]
+    await p.graph.ainvoke({"messages": [("user", "and then?")]}, cfg, context=ctx)
+    sent = p.agent.calls[-1][0]  # type: ignore[attr-defined]
+    assert [m.content for m in sent] == ["hi", out["ab"]["b"], "and then?"]

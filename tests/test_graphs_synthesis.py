@@ -67,9 +67,15 @@ async def test_full_run_saves_persona_with_json_state(llm: LLMClient) -> None:
     assert saved is not None and saved.version == 1 and saved.persona == state["persona"]
     assert saved.meta["synthesis_thread"] == synthesis_thread_id("acme", USER, "v1")
     assert len(saved.vote_ids) == 8 and saved.demos
-    # the next run targets the next version, on a new thread
+    # no new votes: the next run is a no-op that saves nothing
+    events.clear()
+    again = await SynthesisRunner(g, mems).run_state("acme", USER)
+    assert again["status"] == "unchanged" and again["profile"]["version"] == 1 and "nothing saved" in again["message"]
+    assert events == ["load_votes:start", "load_votes:end"]
+    # new votes: the next run targets the next version, on a new thread
+    await mems("acme").add_votes(_votes(10)[8:])
     prof = await SynthesisRunner(g, mems).run("acme", USER)
-    assert prof is not None and prof.version == 2 and prof.meta["run_id"] == "v2"
+    assert prof is not None and prof.version == 2 and prof.meta["run_id"] == "v2" and len(prof.vote_ids) == 10
     assert await mems("other").current_persona(USER) is None  # tenants never mix
 
 
@@ -250,3 +256,79 @@ async def test_synthesis_graph_reads_store_from_runtime(llm: LLMClient) -> None:
 def test_thread_id_format() -> None:
     assert synthesis_thread_id("acme", "ana", "v3") == "synth:acme:ana:v3"
     assert asyncio.iscoroutinefunction(SynthesisRunner.run)
+
+
+async def test_same_thread_rerun_fits_all_votes_and_noop_saves_nothing(llm: LLMClient, sim: SimEndpoint) -> None:
+    """Studio reuses a thread: a rerun after new votes saves a new version from all votes; without new
+    votes it ends after load_votes (no LLM call, nothing saved); ``force`` refits once and is consumed."""
+    mems = TenantMemories(InMemoryStore())
+    await mems("t").add_votes(_votes(8))
+    events: list[str] = []
+    g = build_synthesis_graph(
+        llm=llm, memory_for=mems, fit_config=SMALL, checkpointer=InMemorySaver(),
+        on_event=lambda node, phase, info: events.append(node) if phase == "start" else None,
+    )
+    cfg = {"configurable": {"thread_id": "studio-thread", "synth_user_id": USER, "tenant_id": "t"}}
+    first = await g.ainvoke({}, cfg)
+    assert first["status"] == "fitted" and first["profile"]["version"] == 1 and first["n_votes"] == 8
+
+    sim.reset_stats()
+    events.clear()
+    same = await g.ainvoke({}, cfg)
+    assert same["status"] == "unchanged" and same["profile"]["version"] == 1
+    assert events == ["load_votes"] and sim.stats()["completions"] == 0
+    assert len(await mems("t").persona_history(USER)) == 1
+
+    await mems("t").add_votes(_votes(11)[8:])
+    assert await mems("t").count_votes(USER) == 11
+    rerun = await g.ainvoke({}, cfg)
+    assert rerun["status"] == "fitted" and rerun["profile"]["version"] == 2
+    assert len(rerun["profile"]["vote_ids"]) == 11 and rerun["n_votes"] == 11
+    v2 = await mems("t").current_persona(USER)
+    assert v2 is not None and v2.version == 2 and set(v2.vote_ids) == {v.id for v in await mems("t").list_votes(USER)}
+    assert v2.meta["synthesis_thread"] == "studio-thread"  # same thread as v1, yet saved
+
+    forced = await g.ainvoke({"force": True}, cfg)
+    assert forced["status"] == "fitted" and forced["profile"]["version"] == 3
+    after = await g.ainvoke({}, cfg)  # force was consumed by the forced run
+    assert after["status"] == "unchanged" and len(await mems("t").persona_history(USER)) == 3
+
+
+async def test_due_only_runs_fit_only_when_the_policy_says_so(llm: LLMClient) -> None:
+    mems = TenantMemories(InMemoryStore())
+    await mems("t").add_votes(_votes(5))
+    g = build_synthesis_graph(llm=llm, memory_for=mems, fit_config=SMALL, checkpointer=InMemorySaver())
+    cfg = {"configurable": {"thread_id": "bg", "synth_user_id": USER, "tenant_id": "t"}}
+    assert (await g.ainvoke({"due_only": True}, cfg))["profile"]["version"] == 1  # first fit at 5 votes
+    await mems("t").add_votes(_votes(7)[5:])
+    late = await g.ainvoke({"due_only": True}, cfg)  # 7 votes: the next refit is at 10
+    assert late["status"] == "not_due" and "next fit at 10" in late["message"] and late["profile"]["version"] == 1
+    manual = await g.ainvoke({}, cfg)  # a manual run fits whenever there are new votes
+    assert manual["status"] == "fitted" and manual["profile"]["version"] == 2
+
+
+async def test_crash_after_save_resumes_without_saving_twice(llm: LLMClient) -> None:
+    """The guard is keyed on the run (fit_id in the checkpoint), not the thread: a run that saved and then
+    died before its checkpoint resumes into the same version."""
+    store = InMemoryStore()
+    mems = TenantMemories(store)
+    memory = mems("t")
+    await memory.add_votes(_votes(8))
+    real_save = memory.save_persona
+    crashes = []
+
+    async def save_then_crash(profile: Any) -> Any:
+        saved = await real_save(profile)
+        if not crashes:
+            crashes.append(saved.version)
+            raise ConnectionError("process died right after the store write")
+        return saved
+
+    memory.save_persona = save_then_crash  # type: ignore[method-assign]
+    g = build_synthesis_graph(llm=llm, memory_for=mems, fit_config=SMALL, checkpointer=InMemorySaver())
+    runner = SynthesisRunner(g, mems)
+    with pytest.raises(ConnectionError):
+        await runner.run("t", USER, run_id="v1")
+    prof = await runner.run("t", USER, run_id="v1")  # resumes at save
+    assert crashes == [1] and prof is not None and prof.version == 1
+    assert len(await memory.persona_history(USER)) == 1

@@ -1,8 +1,13 @@
-"""LLMClient against the simulated endpoint: retries, limits, caching, structured output, logprobs."""
+"""LLMClient against the simulated endpoint: retries, limits, caching, structured output, logprobs.
+
+Every client-layer test runs on both transports (the lean aiohttp wire client and ChatOpenAI),
+so the lean backend is held to exactly the behaviour of the LangChain one.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import doctest
 import hashlib
 import json
 import time
@@ -11,12 +16,25 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
+import synth_agent.llm.errors
 from synth_agent.config import Settings
 from synth_agent.llm import ChatBackend, Completion
 from synth_agent.llm.cache import MemoryCache, SqliteCache, cache_key
 from synth_agent.llm.client import EndpointConfig, LLMClient, LLMError, parse_structured
+from synth_agent.llm.errors import (
+    ContextOverflowError,
+    InvalidRequestError,
+    LLMTimeoutError,
+    RateLimitedError,
+    RejectedError,
+    UnavailableError,
+    UnparseableResponseError,
+    error_for_status,
+)
 from synth_agent.sim.server import SimEndpoint
 
 
@@ -77,25 +95,35 @@ def ep(sim: SimEndpoint) -> SimEndpoint:
     return sim
 
 
-def client(ep: SimEndpoint, **kw) -> LLMClient:
-    cache = kw.pop("cache", True)
-    cfg = {
-        "base_url": ep.base_url,
-        "model": "sim-judge",
-        "timeout": 0.5,
-        "max_retries": 3,
-        "backoff_initial": 0.01,
-        "backoff_max": 0.1,
-        **kw,
-    }
-    return LLMClient(EndpointConfig(**cfg), cache=cache, rng_seed=0)
+@pytest.fixture(params=["lean", "langchain"])
+def transport(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def client(transport: str):
+    def make(ep: SimEndpoint, **kw) -> LLMClient:
+        cache = kw.pop("cache", True)
+        cfg = {
+            "base_url": ep.base_url,
+            "model": "sim-judge",
+            "timeout": 0.5,
+            "max_retries": 3,
+            "backoff_initial": 0.01,
+            "backoff_max": 0.1,
+            "transport": transport,
+            **kw,
+        }
+        return LLMClient(EndpointConfig(**cfg), cache=cache, rng_seed=0)
+
+    return make
 
 
 def chat_requests(ep: SimEndpoint) -> int:
     return ep.stats()["by_path"].get("/v1/chat/completions", 0)
 
 
-async def test_fault_storm_all_calls_complete_correctly(ep: SimEndpoint) -> None:
+async def test_fault_storm_all_calls_complete_correctly(ep: SimEndpoint, client) -> None:
     # Injected "timeout" faults hang for slow_ms; the client timeout sits well below that but well
     # above a loaded machine's response time, so only injected hangs time out (a spurious timeout
     # of a request still queued client-side would never reach the server and skew the counts).
@@ -129,7 +157,7 @@ async def test_fault_storm_all_calls_complete_correctly(ep: SimEndpoint) -> None
     assert total.retries >= len(c.retry_log) and total.prompt_tokens > 0 and total.completion_tokens > 0
 
 
-async def test_max_concurrency_bounds_in_flight(ep: SimEndpoint) -> None:
+async def test_max_concurrency_bounds_in_flight(ep: SimEndpoint, client) -> None:
     ep.configure(latency_ms=40)
     c = client(ep, max_concurrency=4)
     results = await asyncio.gather(*(c.complete(msgs(f"p{i}")) for i in range(24)))
@@ -145,7 +173,7 @@ async def test_rate_limit_is_applied() -> None:
     assert res.throttler is not None and res.throttler.rate_limit / res.throttler.period == pytest.approx(2.5)
 
 
-async def test_temperature_zero_is_cached_and_single_flight(ep: SimEndpoint) -> None:
+async def test_temperature_zero_is_cached_and_single_flight(ep: SimEndpoint, client) -> None:
     c = client(ep)
     first = await c.complete(msgs("cache me"), call_site="judge")
     before = chat_requests(ep)
@@ -166,7 +194,7 @@ async def test_temperature_zero_is_cached_and_single_flight(ep: SimEndpoint) -> 
     await c.aclose()
 
 
-async def test_nonzero_temperature_not_cached(ep: SimEndpoint) -> None:
+async def test_nonzero_temperature_not_cached(ep: SimEndpoint, client) -> None:
     c = client(ep)
     for _ in range(3):
         r = await c.complete(msgs("warm"), temperature=0.7, call_site="gen")
@@ -180,7 +208,7 @@ async def test_nonzero_temperature_not_cached(ep: SimEndpoint) -> None:
     await no_cache.aclose()
 
 
-async def test_sqlite_cache_survives_reopening(ep: SimEndpoint, tmp_path: Path) -> None:
+async def test_sqlite_cache_survives_reopening(ep: SimEndpoint, tmp_path: Path, client) -> None:
     path = tmp_path / "cache" / "llm.sqlite"
     cache = SqliteCache(path)
     c = client(ep, cache=cache)
@@ -199,7 +227,7 @@ async def test_sqlite_cache_survives_reopening(ep: SimEndpoint, tmp_path: Path) 
     reopened.close()
 
 
-async def test_retry_after_is_honoured_and_capped(ep: SimEndpoint) -> None:
+async def test_retry_after_is_honoured_and_capped(ep: SimEndpoint, client) -> None:
     c = client(ep, backoff_initial=0.001, backoff_max=8.0)
     ep.configure(retry_after=0.3, fail_next=["429"])
     r = await c.complete(msgs("patience"), call_site="ra")
@@ -216,12 +244,15 @@ async def test_retry_after_is_honoured_and_capped(ep: SimEndpoint) -> None:
     await capped.aclose()
 
 
-async def test_retries_are_bounded_then_llm_error(ep: SimEndpoint) -> None:
+async def test_retries_are_bounded_then_llm_error(ep: SimEndpoint, client) -> None:
     ep.configure(fault_rate=1.0, fault_kinds=["500"])
     c = client(ep, max_retries=2)
     with pytest.raises(LLMError, match="after 3 attempts") as info:
         await c.complete(msgs("doomed"), call_site="x")
     assert ep.base_url in str(info.value) and "HTTP 500" in str(info.value)
+    err = info.value
+    assert isinstance(err, UnavailableError) and not isinstance(err, LLMTimeoutError)
+    assert (err.status, err.attempts, err.call_site) == (500, 3, "x")
     s = c.stats.site("x")
     assert (s.requests, s.retries, s.errors, s.cache_hits) == (3, 2, 1, 0)
     assert ep.stats()["faults"] == {"500": 3}
@@ -231,7 +262,7 @@ async def test_retries_are_bounded_then_llm_error(ep: SimEndpoint) -> None:
     await c.aclose()
 
 
-async def test_timeouts_are_retried(ep: SimEndpoint) -> None:
+async def test_timeouts_are_retried(ep: SimEndpoint, client) -> None:
     ep.configure(fail_next=["timeout"], slow_ms=2000)
     c = client(ep, timeout=0.3)
     r = await c.complete(msgs("slowly"))
@@ -239,11 +270,26 @@ async def test_timeouts_are_retried(ep: SimEndpoint) -> None:
     await c.aclose()
 
 
-async def test_non_retryable_400_is_not_retried(ep: SimEndpoint) -> None:
+async def test_exhausted_retries_keep_their_type(ep: SimEndpoint, client) -> None:
+    c = client(ep, max_retries=1, backoff_max=0.05)
+    ep.configure(retry_after=0.02, fail_next=["429", "429"])
+    with pytest.raises(RateLimitedError) as info:
+        await c.complete(msgs("slow down"), call_site="rl")
+    assert info.value.retry_after == pytest.approx(0.02) and info.value.status == 429
+    ep.configure(fail_next=["timeout", "timeout"], slow_ms=2000)
+    with pytest.raises(LLMTimeoutError) as timed_out:
+        await c.complete(msgs("hang"), call_site="to", max_tokens=3)
+    assert isinstance(timed_out.value, UnavailableError) and "Timeout" in repr(timed_out.value.cause)
+    assert c.stats.site("to").requests == 2
+    await c.aclose()
+
+
+async def test_non_retryable_400_is_not_retried(ep: SimEndpoint, client) -> None:
     c = client(ep)
     with pytest.raises(LLMError, match="not retried") as info:
         await c.complete(msgs("bad"), extra={"n": 2}, call_site="bad")
     assert "400" in str(info.value)
+    assert isinstance(info.value, InvalidRequestError) and info.value.status == 400
     s = c.stats.site("bad")
     assert (s.requests, s.retries, s.errors) == (1, 0, 1)
     assert chat_requests(ep) == 1
@@ -252,7 +298,7 @@ async def test_non_retryable_400_is_not_retried(ep: SimEndpoint) -> None:
     await c.aclose()
 
 
-async def test_logprobs_returned(ep: SimEndpoint) -> None:
+async def test_logprobs_returned(ep: SimEndpoint, client) -> None:
     c = client(ep)
     r = await c.complete(msgs("A or B?"), logprobs=2, max_tokens=1)
     assert r.text == "B"
@@ -263,7 +309,7 @@ async def test_logprobs_returned(ep: SimEndpoint) -> None:
     await c.aclose()
 
 
-async def test_structured_reasks_on_malformed_and_caches_only_good_answers(ep: SimEndpoint) -> None:
+async def test_structured_reasks_on_malformed_and_caches_only_good_answers(ep: SimEndpoint, client) -> None:
     c = client(ep)
     ep.configure(fail_next=["malformed"])
     ans = await c.structured(msgs("fix me"), Answer, call_site="s")
@@ -272,7 +318,7 @@ async def test_structured_reasks_on_malformed_and_caches_only_good_answers(ep: S
     again = await c.structured(msgs("fix me"), Answer, call_site="s")
     assert again == ans and chat_requests(ep) == 2 and c.stats.site("s").cache_hits == 1
 
-    with pytest.raises(LLMError, match="Answer"):
+    with pytest.raises(UnparseableResponseError, match="Answer"):
         await c.structured(msgs("garbage please"), Answer, call_site="g")
     g = c.stats.site("g")
     assert g.requests == 3 and g.retries == 2 and g.errors == 1 and g.cache_hits == 0
@@ -314,7 +360,7 @@ def test_cache_key_and_memory_cache() -> None:
     assert len(mem) == 2
 
 
-async def test_clients_are_independent(ep: SimEndpoint) -> None:
+async def test_clients_are_independent(ep: SimEndpoint, client) -> None:
     a, b = client(ep, model="judge-a"), client(ep, model="judge-b")
     ra, rb = await asyncio.gather(a.complete(msgs("same")), b.complete(msgs("same")))
     assert isinstance(ra, Completion) and ra.model == "judge-a" and rb.model == "judge-b"
@@ -347,7 +393,7 @@ def test_endpoint_config_from_settings() -> None:
     assert LLMClient.from_settings(s).model == "m"
 
 
-def test_client_usable_from_successive_event_loops(sim: SimEndpoint) -> None:
+def test_client_usable_from_successive_event_loops(sim: SimEndpoint, client) -> None:
     """Sync wrappers call asyncio.run repeatedly; loop-bound resources are rebuilt per loop."""
     c = client(sim)
 
@@ -359,3 +405,121 @@ def test_client_usable_from_successive_event_loops(sim: SimEndpoint) -> None:
 
     assert asyncio.run(ask("loop one")) == f"answer:{digest('loop one')}"
     assert asyncio.run(ask("loop two")) == f"answer:{digest('loop two')}"
+
+
+# ---------------------------------------------------------------- typed errors, wire format, server facts
+
+
+
+def test_errors_module_examples_run() -> None:
+    result = doctest.testmod(synth_agent.llm.errors)
+    assert result.attempted > 0 and result.failed == 0
+
+
+@pytest.mark.parametrize(
+    ("status", "message", "code", "kind", "limit"),
+    [
+        (400, "This model's maximum context length is 4096 tokens. However, you requested 4842 tokens "
+              "(4442 in the messages, 400 in the completion).", None, ContextOverflowError, 4096),  # vLLM / OpenAI
+        (400, "whatever", "context_length_exceeded", ContextOverflowError, None),  # OpenAI error code
+        (400, "the request exceeds the available context size, try increasing it", "exceed_context_size_error",
+         ContextOverflowError, None),  # llama.cpp server
+        (400, "Requested tokens (5000) exceed context window of 4096", None, ContextOverflowError, 4096),  # llama-cpp-python
+        (400, "The input (5000 tokens) is longer than the model's context length (4096 tokens).", None,
+         ContextOverflowError, 4096),  # SGLang
+        (400, "top_logprobs must be at most 20", None, InvalidRequestError, None),
+        (422, "unprocessable", None, InvalidRequestError, None),
+        (401, "bad key", None, RejectedError, None),
+        (404, "model not found", None, RejectedError, None),
+        (429, "slow down", None, RateLimitedError, None),
+        (408, "request timeout", None, LLMTimeoutError, None),
+        (503, "overloaded", None, UnavailableError, None),
+    ],
+)
+def test_error_classification(status, message, code, kind, limit) -> None:
+    err = error_for_status(status, message, code=code, headers={"retry-after": "2"})
+    assert type(err) is kind and err.status == status
+    assert err.retryable == (status in (408, 429, 503))
+    if kind is ContextOverflowError:
+        assert err.context_length == limit and isinstance(err, InvalidRequestError)
+    assert err.retry_after == 2.0
+
+
+class Capture:
+    """A tiny OpenAI-compatible server that records request bodies and answers as told."""
+
+    def __init__(self) -> None:
+        self.bodies: list[dict] = []
+        self.reply: tuple[int, dict] = (200, {})
+        app = FastAPI()
+
+        @app.get("/healthz")
+        async def health() -> dict:
+            return {"ok": True}
+
+        @app.post("/v1/chat/completions")
+        async def chat(request: Request) -> JSONResponse:
+            self.bodies.append(await request.json())
+            status, body = self.reply
+            return JSONResponse(body, status_code=status)
+
+        self.app = app
+
+
+def completion_body(text: str) -> dict:
+    return {"id": "x", "object": "chat.completion", "model": "m",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def capture() -> Iterator[tuple[Capture, str]]:
+    from synth_agent.serving import ThreadedServer
+
+    cap = Capture()
+    with ThreadedServer(cap.app, lifespan="off", name="capture") as srv:
+        yield cap, f"{srv.url}/v1"
+
+
+async def test_wire_format_json_schema_and_typed_failures(capture, transport: str) -> None:
+    cap, url = capture
+    cfg = EndpointConfig(base_url=url, model="m", transport=transport, structured_output="json_schema",
+                         max_retries=2, backoff_initial=0.001, backoff_max=0.01, probe_server=False)  # fmt: skip
+    async with LLMClient(cfg, cache=False) as c:
+        cap.bodies.clear()
+        cap.reply = (200, completion_body('{"digest": "d", "length": 3}'))
+        assert await c.structured(msgs("q"), Answer) == Answer(digest="d", length=3)
+        body = cap.bodies[-1]
+        assert body["response_format"]["type"] == "json_schema"
+        assert body["response_format"]["json_schema"]["schema"]["required"] == ["digest", "length"]
+        assert body["messages"] == msgs("q") and body["model"] == "m" and body["temperature"] == 0
+
+        cap.reply = (400, {"error": {"message": "This model's maximum context length is 4096 tokens. However, "
+                                                "you requested 4842 tokens.", "type": "BadRequestError"}})  # fmt: skip
+        before = len(cap.bodies)
+        with pytest.raises(ContextOverflowError) as overflow:
+            await c.complete(msgs("long"), call_site="persona")
+        assert overflow.value.context_length == 4096 and overflow.value.call_site == "persona"
+        assert len(cap.bodies) == before + 1  # not retried
+
+        cap.reply = (200, {"unexpected": True})  # an answer, but not a chat completion
+        with pytest.raises(UnparseableResponseError, match="OpenAI-compatible"):
+            await c.complete(msgs("odd"))
+        assert len(cap.bodies) == before + 2  # not retried either
+
+        cap.reply = (200, completion_body("ok"))
+        await c.complete([{"role": "model", "content": "hi"}, {"role": "human", "content": "x"}])
+        assert [m["role"] for m in cap.bodies[-1]["messages"]] == ["assistant", "user"]
+
+
+async def test_server_stated_capacity_and_context_length() -> None:
+    with SimEndpoint(slots=2, context_length=8192) as ep:
+        async with LLMClient(EndpointConfig(base_url=ep.base_url, max_concurrency=16)) as c:
+            assert c.context_length is None and c.concurrency == 16  # nothing asked yet
+            await c.complete(msgs("probe me"))
+            assert c.server_info is not None and c.server_info.capacity == 2 and c.server_info.source == "/props"
+            assert c.context_length == 8192
+            await asyncio.gather(*(c.complete(msgs(f"p{i}")) for i in range(10)))
+            assert c.concurrency <= 2 and ep.stats()["max_in_flight"] <= 2
+    configured = LLMClient(EndpointConfig(base_url="http://x/v1", context_length=2048))
+    assert configured.context_length == 2048

@@ -19,8 +19,10 @@ def vote(**kw):
 @pytest.mark.parametrize(
     ("data", "reason"),
     [
-        (vote(chosen=""), "chosen is empty"),
-        (vote(rejected="   "), "rejected is empty"),
+        (vote(chosen="", rejected=""), "both empty"),
+        (vote(chosen="  ", rejected="\n"), "both empty"),
+        ({k: v for k, v in vote().items() if k != "rejected"}, "rejected"),
+        (vote(chosen=None), "chosen is missing"),
         ({k: v for k, v in vote().items() if k != "chosen"}, "chosen"),
         (vote(rejected="Boil 9 minutes."), "identical"),
         (vote(context=[{"role": "robot", "content": "hi"}]), "unknown role 'robot'"),
@@ -28,6 +30,22 @@ def vote(**kw):
         (vote(user_id=""), "user_id must not be empty"),
         (vote(user_id=" padded"), "whitespace"),
         (vote(user_id="bad\x00id"), "control characters"),
+        (vote(user_id="admin\u200b"), "Cf"),
+        (vote(user_id="\u202egnp.exe"), "Cf"),
+        (vote(user_id="a\ud800"), "lone surrogates"),
+        (vote(chosen="ok\udfff"), "not valid Unicode"),
+        (vote(context=[{"role": "user", "content": "\ud83d"}]), "not valid Unicode"),
+        (vote(id="x\ud800"), "lone surrogates"),
+        (vote(id=" v1"), "whitespace"),
+        (vote(id="v\n1"), "control characters"),
+        (vote(id="v" * 257), "the limit is 256"),
+        (vote(timestamp=1e20), "out of range"),
+        (vote(timestamp=-1e20), "out of range"),
+        (vote(timestamp=-1), "out of range"),
+        (vote(timestamp=float("inf")), "finite"),
+        (vote(timestamp="1969-12-31T23:59:59Z"), "out of range"),
+        (vote(timestamp="0001-01-01"), "out of range"),
+        (vote(timestamp="9999-12-31T23:00:00-05:00"), "out of range"),
         (vote(user_id="x" * 300), "the limit is 256"),
         (vote(chosen="y" * 50), "the limit is 40"),
         (vote(timestamp="yesterday"), "not ISO-8601"),
@@ -91,3 +109,82 @@ def test_parse_lines_reports_line_numbers_and_keeps_valid():
 def test_persona_profile_rejects_empty_persona():
     with pytest.raises(ValueError, match="persona text is empty"):
         PersonaProfile(user_id="u1", persona="  ")
+
+
+def test_one_empty_answer_is_accepted_and_shown_to_judges_explicitly():
+    from synth_agent import prompts
+    from synth_agent.models import Message
+
+    for kw in (dict(chosen=""), dict(rejected=""), dict(rejected="  "), dict(chosen={"role": "model", "content": ""})):
+        v = parse_vote(vote(**kw))
+        assert (v.chosen.strip() == "") != (v.rejected.strip() == "")
+    msgs = prompts.judge_messages([Message(role="user", content="q")], "", "A real answer.")
+    assert prompts.EMPTY_RESPONSE in msgs[-1]["content"] and "A real answer." in msgs[-1]["content"]
+    assert "<response_a>\n\n</response_a>" not in msgs[-1]["content"]
+
+
+def test_timestamps_at_the_edges_of_the_range():
+    assert parse_vote(vote(timestamp=0)).timestamp.year == 1970
+    assert parse_vote(vote(timestamp="9999-12-31T23:59:59Z")).timestamp.year == 9999
+    assert parse_vote(vote(timestamp=253402300799999)).timestamp.year == 9999  # milliseconds
+
+
+def test_ids_are_opaque_but_storable():
+    assert parse_vote(vote(id=42)).id == "42"
+    assert parse_vote(vote(id="")).id.startswith("v_")  # no id: content hash
+    for uid in ["ana@example.com", "Zoë Ωmega 李", "a.b/c%2F", "\U0001F600 emoji", "x" * 256]:
+        assert parse_vote(vote(user_id=uid)).user_id == uid
+
+
+def test_persona_profiles_must_be_storable():
+    with pytest.raises(ValueError, match="finite"):
+        PersonaProfile(user_id="u1", persona="likes lists", meta={"score": float("nan")})
+    with pytest.raises(ValueError, match="not valid Unicode"):
+        PersonaProfile(user_id="u1", persona="likes \ud800 lists")
+    with pytest.raises(ValueError, match="not valid Unicode"):
+        PersonaProfile(user_id="u1", persona="ok", meta={"k": ["fine", "bad\udc00"]})
+    assert PersonaProfile(user_id="u1", persona="ok", meta={"n": 1, "x": [1.5, None, "é"]}).meta["n"] == 1
+
+
+def test_jsonl_lines_that_json_allows_but_we_cannot_store_are_reported():
+    lines = [
+        '{"user_id": "a", "context": "q", "chosen": NaN, "rejected": "b"}',
+        '{"user_id": "a", "context": "q", "chosen": "a", "rejected": "b", "timestamp": 1e400}',
+        '{"user_id": "a", "user_id": "b", "context": "q", "chosen": "a", "rejected": "b"}',
+        "[" * 100_000 + "]" * 100_000,
+        '{"user_id": "a", "context": "q", "chosen": "\\ud800", "rejected": "b"}',
+        json.dumps(vote()),
+    ]
+    parsed = parse_lines(lines)
+    assert len(parsed.votes) == 1 and [i.line for i in parsed.issues] == [1, 2, 3, 4, 5]
+    errors = [i.error for i in parsed.issues]
+    assert "NaN" in errors[0] and "finite" in errors[1] and "duplicate key" in errors[2]
+    assert "nested deeper" in errors[3] and "not valid Unicode" in errors[4]
+
+
+def test_read_jsonl_refuses_files_that_are_not_utf8(tmp_path):
+    from synth_agent.ingest import UnreadableVoteFile, read_jsonl
+
+    f = tmp_path / "latin1.jsonl"
+    f.write_bytes(json.dumps(vote()).encode() + b"\n" + b'{"user_id": "caf\xe9"}\n')
+    with pytest.raises(UnreadableVoteFile, match=r"latin1.jsonl:2: not UTF-8 text \(byte 0xe9"):
+        read_jsonl(f)
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + json.dumps(vote()).encode() + b"\n")
+    assert len(read_jsonl(bom).votes) == 1
+    long = tmp_path / "long.jsonl"
+    long.write_text("x" * 5000 + "\n" + json.dumps(vote()) + "\n")
+    parsed = read_jsonl(long, max_line_bytes=1000)
+    assert len(parsed.votes) == 1 and "longer than 1000 bytes" in parsed.issues[0].error
+    with pytest.raises(UnreadableVoteFile, match="directory"):
+        read_jsonl(tmp_path)
+
+
+def test_json_depth_skips_strings_and_escapes():
+    from synth_agent.safejson import json_depth, loads_strict
+
+    assert json_depth('[[1], {"a": "[[[[", "b": "\\"[["}]') == 2
+    assert json_depth("[" * 1000) == 1000
+    assert loads_strict('{"a": [1, 2]}') == {"a": [1, 2]}
+    with pytest.raises(ValueError, match="nested deeper than 3"):
+        loads_strict("[[[[1]]]]", max_depth=3)

@@ -237,3 +237,20 @@ def test_config_from_env_file_and_errors(tmp_path) -> None:
         PoolConfig.from_file(tmp_path / "bad.json")
     with pytest.raises(ValueError, match="distinct"):
         EndpointPool([LLMClient(EndpointConfig(base_url="http://a/v1"))] * 2)
+
+
+async def test_member_weight_is_its_adaptive_concurrency() -> None:
+    """A one-slot server (which says so, like llama.cpp) next to a wide one: it gets weight 1 and
+    correspondingly little work, and the pool never queues more on it than it can serve."""
+    with SimEndpoint(slots=1, latency_ms=40) as narrow, SimEndpoint(latency_ms=40) as wide:
+        pool = EndpointPool.from_config(pool_config(narrow.base_url, wide.base_url, health_interval=0), cache=False)
+        async with pool:
+            assert [s.weight for s in pool.status()] == [8.0, 8.0]  # max_concurrency until they answer
+            msgs = [[{"role": "user", "content": f"question {i}"}] for i in range(60)]
+            await asyncio.gather(*(pool.complete(m) for m in msgs[:2]))
+            await asyncio.gather(*(pool.complete(m) for m in msgs[2:]))
+            st = by_url(pool)
+            assert st[narrow.base_url].concurrency == 1 and st[narrow.base_url].weight == 1.0
+            assert st[wide.base_url].concurrency == 8
+            assert st[wide.base_url].served > 3 * st[narrow.base_url].served > 0
+            assert narrow.stats()["max_in_flight"] == 1 and pool.counters.answered == 60

@@ -218,7 +218,7 @@ def test_ab_pair_then_vote_once(world: World) -> None:
     ok = httpx.post(f"{url}/ab/{pair['token']}/vote", json={"user": user, "choice": "B"}, headers=world.h())
     assert ok.status_code == 200 and ok.json()["ok"] and ok.json()["choice"] == "b"
     again = httpx.post(f"{url}/ab/{pair['token']}/vote", json={"user": user, "choice": "a"}, headers=world.h())
-    assert again.status_code == 404 and again.json()["error"]["code"] == "vote_token"
+    assert again.status_code == 409 and again.json()["error"]["code"] == "vote_token_used"  # a replay
     assert world.srv.call(world.state.memories("acme").count_votes(user)) == 1  # type: ignore[misc]
 
     world.give_persona(user)  # with a persona: one candidate with it, one without, in random order

@@ -61,7 +61,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         app = create_app(
             Settings(base_url=sim.base_url, home=tmp_path_factory.mktemp("home")),
             ProxySettings(api_keys=f"tenant-a:{KEY_A},tenant-b:{KEY_B}", synthesis="off", max_body_bytes=64 * 1024,
-                          max_messages=8, default_model="sim"),
+                          max_messages=8, default_model="sim", auth_failure_burst=10_000),
             store=InMemoryStore(),
             llm=LLMClient(EndpointConfig(base_url=sim.base_url)),
         )
@@ -163,7 +163,7 @@ def test_bad_requests_get_clear_4xx_and_change_nothing(world: World) -> None:
     base = world.srv.base_url
     users = ["val-1@a.example", "val-2@a.example"]
     completions = world.sim.stats()["completions"]
-    good, bad = a_vote(users[0]), {**a_vote(users[1]), "chosen": ""}
+    good, bad = a_vote(users[0]), {**a_vote(users[1]), "chosen": "", "rejected": " "}
     cases: list[tuple[str, int, str, dict[str, Any]]] = [
         ("oversize body", 413, "/chat/completions",
          {"json": {"model": "sim", "messages": [{"role": "user", "content": "x" * 100_000}]}}),
@@ -192,7 +192,7 @@ def test_bad_requests_get_clear_4xx_and_change_nothing(world: World) -> None:
         assert r.status_code == status, (name, r.status_code, r.text)
         assert is_openai_error(r), name
     invalid = httpx.post(f"{base}/votes", json=[good, bad], headers=hdr()).json()["error"]
-    assert "nothing was stored" in invalid["message"] and "vote 1" in invalid["message"] and "chosen" in invalid["message"]
+    assert "nothing was stored" in invalid["message"] and "vote 1" in invalid["message"] and "both empty" in invalid["message"]
     assert _stored(world, users) == [0, 0]
     assert world.sim.stats()["completions"] == completions  # not one request reached the upstream
 

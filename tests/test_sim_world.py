@@ -1,7 +1,9 @@
 """The offline simulated world: traits, generator, population, and the simulated LLM (SimBrain).
 
 The persona loop test is the honesty check of the whole simulator: the brain never sees a
-user's hidden weights, so a persona can only help when its text carries the right information.
+user's hidden weights, so a persona can only help when its text carries the right information,
+and its judge is equally noisy with or without one (an uninformative persona, or someone
+else's, does not beat the default judge).
 Run ``pytest tests/test_sim_world.py -k report -s`` to print the accuracy table.
 """
 
@@ -14,7 +16,7 @@ from datetime import datetime
 import numpy as np
 import pytest
 
-from synth_agent.models import Demo, Vote
+from synth_agent.models import Demo, Message, Vote
 from synth_agent.prompts import (
     TraceExample,
     generation_system_prompt,
@@ -259,6 +261,13 @@ def _accuracy(brain: SimBrain, votes: list[Vote], persona: str | None = None, de
     return ok / n
 
 
+GENERIC_PERSONAS = (
+    "The user prefers long, detailed answers and bullet lists. The user dislikes emoji.",
+    "The user strongly prefers headings and worked examples. The user dislikes hedging.",
+)
+"""Personas that carry no information about any one user: the same text is given to every user."""
+
+
 def world_report(n_users: int = 20, n_votes: int = 15, n_test: int = 20, seed: int = 0) -> dict[str, float]:
     """Mean judge accuracy on held-out votes per condition (a minimal SynthesizeMe-like loop).
 
@@ -266,10 +275,15 @@ def world_report(n_users: int = 20, n_votes: int = 15, n_test: int = 20, seed: i
     vote in a random order; matching predictions are verified traces. Personas are written from
     verified traces, from unverified ones (reasoning pointing the wrong way), from rationales in the
     true direction for every train vote ("correct") and in the wrong direction ("wrong").
+    Controls for the simulator's honesty: ``generic_<i>`` gives every user the same text
+    (:data:`GENERIC_PERSONAS`), ``other_persona+demos`` judges each user with the verified
+    persona and demos of the *next* user in the population.
     """
     population = Population(n_users, seed)
     brain = SimBrain(seed=0)
     res: dict[str, list[float]] = {}
+    fitted: list[tuple[str | None, tuple]] = []
+    tests: list[list[Vote]] = []
 
     def add(k: str, x: float) -> None:
         res.setdefault(k, []).append(x)
@@ -312,6 +326,13 @@ def world_report(n_users: int = 20, n_votes: int = 15, n_test: int = 20, seed: i
         add("persona_verified+demos", _accuracy(brain, test, persona(verified), all_demos))
         add("demos", _accuracy(brain, test, None, all_demos))
         add("oracle", oracle_accuracy(user, test))
+        for i, text in enumerate(GENERIC_PERSONAS):
+            add(f"generic_{i}", _accuracy(brain, test, text))
+        fitted.append((persona(verified), all_demos))
+        tests.append(test)
+    for i, test in enumerate(tests):
+        other_persona, other_demos = fitted[(i + 1) % len(fitted)]
+        add("other_persona+demos", _accuracy(brain, test, other_persona, other_demos))
     return {k: float(np.mean(v)) for k, v in res.items()}
 
 
@@ -332,6 +353,112 @@ def test_wrong_reasoning_makes_a_worse_persona(report: dict[str, float]) -> None
     assert report["persona_wrong"] <= report["persona_correct"] - 0.08
     assert report["persona_unverified"] <= report["persona_verified"] - 0.05
     assert report["persona_wrong"] <= report["default"] + 0.03
+
+
+def test_someone_elses_persona_does_not_beat_the_default_judge(report: dict[str, float]) -> None:
+    # the persona and demos of another user carry no information about this one
+    assert report["other_persona+demos"] <= report["default"] + 0.02, report
+    assert report["persona_verified+demos"] >= report["other_persona+demos"] + 0.10, report
+
+
+def _same_trait_pairs(n: int) -> list[tuple[str, str]]:
+    """``n`` pairs of different texts whose measured traits are identical (they differ in a sign-off)."""
+    rng = np.random.default_rng(11)
+    pairs = []
+    while len(pairs) < n:
+        text = render_response(PROMPT_POOL[len(pairs) % len(PROMPT_POOL)], random_levels(rng), rng)
+        a, b = text + " Good luck.", text + " Have fun."
+        if np.array_equal(trait_vector(a), trait_vector(b)):
+            pairs.append((a, b))
+    return pairs
+
+
+def _logit_p_a(brain: SimBrain, a: str, b: str, persona: str | None, demos: tuple) -> float:
+    msgs = label_judge_messages([Message(role="user", content="Any advice?")], a, b, persona=persona, demos=demos)
+    rows = brain.respond(msgs, max_tokens=1, top_logprobs=2).top_logprobs
+    assert rows is not None
+    lp = dict(rows[0])
+    return lp["A"] - lp["B"]
+
+
+def test_judge_is_equally_noisy_with_or_without_user_information(pop: Population) -> None:
+    """On pairs whose measured traits are identical nothing but the judge's own noise decides, so its
+    log-odds must be spread the same whether or not the prompt carries a persona or demos (the old
+    simulator shrank the noise 2-4x as soon as a persona was present, flattering every persona)."""
+    brain = SimBrain(seed=0)
+    uid = pop.user_ids[2]
+    votes = pop.votes(uid, 6)
+    demos = tuple(
+        Demo(vote_id=v.id, context=v.context, chosen=v.chosen, rejected=v.rejected, chosen_first=i % 2 == 0,
+             reasoning=brain.rationale(v.chosen, v.rejected, "A"))
+        for i, v in enumerate(votes)
+    )  # fmt: skip
+    persona = "The user strongly prefers bullet lists and worked examples. The user dislikes emoji."
+    conditions = {"none": (None, ()), "persona": (persona, ()), "demos": (None, demos), "both": (persona, demos)}
+    logits: dict[str, np.ndarray] = {}
+    for name, (p, d) in conditions.items():
+        logits[name] = np.array(
+            [_logit_p_a(brain, x, y, p, d) for a, b in _same_trait_pairs(60) for x, y in ((a, b), (b, a))]
+        )
+    spread = {k: float(np.std(v)) for k, v in logits.items()}
+    assert spread["none"] > 0.5, spread  # the judge has noise to compare
+    for name in ("persona", "demos", "both"):
+        assert 0.8 <= spread[name] / spread["none"] <= 1.25, spread
+        # and it is no more decisive: the same share of confident calls (|P(A) - 0.5| > 0.25)
+        confident = {k: float(np.mean(np.abs(v) > np.log(3))) for k, v in logits.items()}
+        assert abs(confident[name] - confident["none"]) <= 0.1, confident
+
+
+def test_uninformative_persona_scores_like_the_default_judge() -> None:
+    """The same generic persona for every user (no information about anyone) does not beat the
+    default judge: paired per user over 90 users x 20 held-out votes, both orders."""
+    diffs: dict[str, list[float]] = {text: [] for text in GENERIC_PERSONAS}
+    for s in (0, 1, 2):
+        population, brain = Population(30, seed=100 + s), SimBrain(seed=s)
+        for user in population.users:
+            test = population.votes(user.user_id, 20, salt=1)
+            base = _accuracy(brain, test)
+            for text in GENERIC_PERSONAS:
+                diffs[text].append(_accuracy(brain, test, text) - base)
+    for text, d in diffs.items():
+        mean = float(np.mean(d))
+        boot = np.random.default_rng(0).integers(0, len(d), size=(2000, len(d)))
+        lo, hi = np.percentile(np.asarray(d)[boot].mean(axis=1), [2.5, 97.5])
+        assert lo <= 0.0, (text, mean, lo, hi)  # no evidence that it helps
+        assert -0.05 <= mean <= 0.02, (text, mean, lo, hi)  # within noise of the default judge
+
+
+def test_noise_users_vote_by_coin_flip() -> None:
+    clean, noisy = Population(30, seed=4), Population(30, seed=4, noise_fraction=0.2)
+    ids = noisy.noise_user_ids
+    assert len(ids) == 6 and noisy.user_ids == clean.user_ids
+    assert ids == Population(30, seed=4, noise_fraction=0.2).noise_user_ids  # seeded
+    for a, b in zip(clean.users, noisy.users, strict=True):
+        if b.user_id in ids:
+            assert b.is_noise and not any(b.weights.values()) and not a.is_noise
+        else:  # every other user, and their votes, unchanged by adding noise users
+            assert a == b and not b.is_noise
+            assert clean.votes(a.user_id, 3) == noisy.votes(b.user_id, 3)
+    # a noise user's vote is a fair coin whatever the pair: chosen = the first-drawn candidate half the time
+    rng = np.random.default_rng(0)
+    user = noisy.user(ids[0])
+    texts = [render_response(PROMPT_POOL[i % len(PROMPT_POOL)], random_levels(rng), rng) for i in range(40)]
+    assert all(user.p_choose_a(x, y) == 0.5 for x, y in zip(texts, texts[1:], strict=False))
+    firsts = [user.choose(texts[0], texts[1], rng) for _ in range(2000)]
+    assert 0.46 <= float(np.mean(firsts)) <= 0.54
+    assert Population(10, seed=0, noise_fraction=1.0).noise_user_ids == Population(10, seed=0).user_ids
+    assert Population(10, seed=0).noise_user_ids == []
+    with pytest.raises(ValueError, match="noise_fraction"):
+        Population(5, noise_fraction=1.5)
+
+
+def test_population_docstring_examples_run() -> None:
+    import doctest
+
+    import synth_agent.sim.population as module
+
+    result = doctest.testmod(module)
+    assert result.attempted > 0 and result.failed == 0
 
 
 def test_report(report: dict[str, float]) -> None:

@@ -17,10 +17,11 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from synth_agent import prompts
+from synth_agent.engine.ledger import JudgmentLedger, pair_digest, prefix_digest
 from synth_agent.llm.base import ChatBackend, Completion
 from synth_agent.models import Demo, Judgment, Message, OrderJudgment, PersonaProfile, Vote, as_messages
 from synth_agent.prompts import ParseError
@@ -36,6 +37,10 @@ class Judge:
 
     Immutable and cheap to build: make one per user per request. ``from_profile``
     is the usual way to get a personalized judge.
+
+    ``ledger``: a :class:`~synth_agent.engine.ledger.JudgmentLedger` to serve repeated
+    single-order judgments from (and record new ones in); verdicts from it carry no
+    reasoning text.
     """
 
     llm: ChatBackend
@@ -44,6 +49,7 @@ class Judge:
     mode: JudgeMode = "cot"
     call_site: str = "judge"
     max_tokens: int | None = 400
+    ledger: JudgmentLedger | None = field(default=None, compare=False)
 
     @classmethod
     def from_profile(cls, llm: ChatBackend, profile: PersonaProfile | None, **kw: object) -> Judge:
@@ -52,13 +58,38 @@ class Judge:
         return cls(llm, persona=profile.persona, demos=tuple(profile.demos), **kw)  # type: ignore[arg-type]
 
     def with_demos(self, demos: Sequence[Demo]) -> Judge:
-        return Judge(self.llm, self.persona, tuple(demos), self.mode, self.call_site, self.max_tokens)
+        return replace(self, demos=tuple(demos))
+
+    def _ledger_prefix(self) -> str:
+        """Digest of everything before the pair (cached on the instance: demos are hashed once)."""
+        cached = self.__dict__.get("_prefix")
+        if cached is None:
+            version = prompts.LABEL_JUDGE_VERSION if self.mode == "logprob" else prompts.JUDGE_VERSION
+            cached = prefix_digest(
+                model=self.llm.model, mode=f"{self.mode}:{self.max_tokens}", version=version,
+                persona=self.persona, demos=self.demos,
+            )  # fmt: skip
+            object.__setattr__(self, "_prefix", cached)
+        return cached
 
     # ------------------------------------------------------------ one order
     async def judge_order(
         self, context: Sequence[Message], first: str, second: str, *, extra_demos: Sequence[Demo] = ()
     ) -> tuple[Literal["A", "B"], str, float | None]:
         """Judge ``first`` (shown as A) vs ``second`` (shown as B). Returns (label, reasoning, P(first))."""
+        if self.ledger is not None and not extra_demos:
+            key = pair_digest(self._ledger_prefix(), context, first, second)
+            hit = self.ledger.get(key)
+            if hit is not None:
+                return hit[0], "", hit[1]
+            label, reasoning, p_first = await self._judge_order(context, first, second, ())
+            self.ledger.put(key, label, p_first)
+            return label, reasoning, p_first
+        return await self._judge_order(context, first, second, extra_demos)
+
+    async def _judge_order(
+        self, context: Sequence[Message], first: str, second: str, extra_demos: Sequence[Demo]
+    ) -> tuple[Literal["A", "B"], str, float | None]:
         demos = [*self.demos, *extra_demos]
         if self.mode == "logprob":
             got = await self._logprob_order(context, first, second, demos)

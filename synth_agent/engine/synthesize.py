@@ -13,9 +13,18 @@ can run them as resumable nodes:
 3. :meth:`Synthesizer.select_demos` — random search over demo sets for the
    persona-informed judge, scored on validation, early stop at a target.
 
-Cost control: presentation orders are a pure function of (seed, vote id), so a
-refit re-uses stored traces for votes already judged; candidate sets that repeat
-are scored once; the LLM layer caches temperature-0 calls.
+Cost control (``bench/fit_cost.py`` measures it):
+
+* candidate demo sets are **raced** on the validation votes (:func:`~synth_agent.engine.search.race`):
+  a candidate that can no longer beat the leader is not judged further — same winner, fewer judgments;
+* every single-order judgment goes through a **judgment ledger**
+  (:class:`~synth_agent.engine.ledger.JudgmentLedger`) kept per user in the preference memory, so a
+  refit pays only for judgments it has not made before (and ``forget`` erases the ledger);
+* presentation orders are a pure function of (seed, vote id), so a refit re-uses stored traces for
+  votes already judged;
+* fitting again with nothing new (same votes, same budgets, same model and prompts) makes no LLM
+  request and saves no new version (:attr:`FitResult.status` ``"unchanged"``);
+* the LLM layer caches temperature-0 calls.
 """
 
 from __future__ import annotations
@@ -24,12 +33,17 @@ import asyncio
 import hashlib
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Protocol
 
+import orjson
+
 from synth_agent import prompts
-from synth_agent.engine.judge import Judge, count_correct
+from synth_agent.engine.judge import Judge
+from synth_agent.engine.ledger import JudgmentLedger
+from synth_agent.engine.search import RaceResult, race
 from synth_agent.llm.base import ChatBackend, ChatMessage, Completion, LLMStats
+from synth_agent.llm.errors import ContextOverflowError
 from synth_agent.models import Demo, PersonaProfile, Trace, Vote, validate_user_id
 
 ProgressFn = Callable[[str, int, int], None]
@@ -38,22 +52,35 @@ ProgressFn = Callable[[str, int, int], None]
 
 @dataclass(frozen=True)
 class FitConfig:
-    """Budgets and knobs of one fit. Defaults follow the paper (10 trials, 10 demo candidates)."""
+    """Budgets and knobs of one fit.
+
+    The paper searches 10 trial sets in step 1 and 10 demo candidates in step 3. With 4–5
+    validation votes, picking the best of many candidates mostly picks noise: on the
+    simulator's 24 × 25 population (seeds 0–4, ``bench/fit_accuracy.py``) 4 and 4 score
+    at least as well as 10 and 10 for a third of the prompt tokens, so they are the default;
+    pass ``n_trials=10, n_demo_candidates=10`` for the paper's budgets.
+    """
 
     train_fraction: float = 0.7
     min_votes: int = 5
-    n_trials: int = 10
-    n_demo_candidates: int = 10
+    n_trials: int = 4
+    n_demo_candidates: int = 4
     max_bootstrapped_demos: int = 4
     max_labeled_demos: int = 4
     target_accuracy: float = 1.0
+    """A candidate demo set that is sure to reach this validation accuracy wins at once."""
     candidate_wave: int = 5
+    """Candidates raced at once; a later wave starts only if it could beat the best so far."""
     val_both_orders: bool = False
     verify: bool = True
     seed: int = 0
     persona_prompt_version: str = prompts.PERSONA_WRITER_VERSION
     max_persona_examples: int = 16
     max_persona_prompt_chars: int = 60_000
+    score_mode: Literal["cot", "logprob"] = "cot"
+    """Judge used to score candidate demo sets on validation: chain of thought (the judge the profile
+    is served with), or the one-token log-probability judge (fewer tokens; demos then show labels
+    only; calls fall back to chain of thought where the endpoint returns no log-probabilities)."""
     persona_traces: Literal["all", "best"] = "all"
     """Traces the persona is written from: every verified trace (best trial's first), or only the
     best trial's (the paper's choice). "all" grounds the persona in more evidence; with small
@@ -66,13 +93,19 @@ class FitConfig:
             raise ValueError("min_votes must be at least 2 (one train and one validation vote)")
         if self.persona_traces not in ("all", "best"):
             raise ValueError("persona_traces must be 'all' or 'best'")
+        if self.score_mode not in ("cot", "logprob"):
+            raise ValueError("score_mode must be 'cot' or 'logprob'")
         for name in ("n_trials", "n_demo_candidates", "candidate_wave", "max_persona_examples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
 
 
 class VoteStore(Protocol):
-    """The slice of :class:`store.memory.PreferenceMemory` the engine uses."""
+    """The slice of :class:`store.memory.PreferenceMemory` the engine uses.
+
+    Optional, used when present: ``current_persona(user_id)`` (skip a fit with nothing new) and
+    ``get_cached_judgment`` / ``put_cached_judgment`` (the user's judgment ledger).
+    """
 
     async def list_votes(self, user_id: str) -> list[Vote]: ...
     async def get_traces(self, user_id: str) -> list[Trace]: ...
@@ -82,10 +115,15 @@ class VoteStore(Protocol):
 
 @dataclass
 class FitResult:
-    """Outcome of :meth:`Synthesizer.fit`. ``status='not_enough_votes'`` is a normal result, not an error."""
+    """Outcome of :meth:`Synthesizer.fit`. ``status='not_enough_votes'`` is a normal result, not an error.
+
+    ``status='unchanged'``: the current persona was fitted on exactly these votes with the same
+    budgets, model and prompts; nothing was asked of the LLM and nothing was saved (``profile`` is
+    the current version).
+    """
 
     user_id: str
-    status: Literal["fitted", "not_enough_votes"]
+    status: Literal["fitted", "not_enough_votes", "unchanged"]
     message: str
     n_votes: int
     profile: PersonaProfile | None = None
@@ -102,6 +140,8 @@ class BootstrapOutcome:
     accuracy: float
     candidates_scored: int
     reused_traces: int
+    judgments: int = 0
+    """Validation judgments the candidate race needed (ledger hits included)."""
 
 
 @dataclass
@@ -109,6 +149,7 @@ class DemoOutcome:
     demos: list[Demo]
     accuracy: float
     candidates_scored: int
+    judgments: int = 0
 
 
 class CountingBackend:
@@ -161,12 +202,22 @@ def stable_rng(*parts: object) -> random.Random:
     return random.Random(int.from_bytes(h[:8], "big"))
 
 
-def split_votes(votes: Sequence[Vote], train_fraction: float = 0.7) -> tuple[list[Vote], list[Vote]]:
+def split_votes(
+    votes: Sequence[Vote],
+    train_fraction: float = 0.7,
+    *,
+    previous: tuple[Sequence[str], Sequence[str]] | None = None,
+) -> tuple[list[Vote], list[Vote]]:
     """Temporal train/validation split of a user's context votes (time order kept).
 
     Votes that carry ``split`` labels are honoured (``train``/``val``; ``test`` votes are
     never context). Otherwise the first ``train_fraction`` are train, the rest validation,
     with at least one of each.
+
+    ``previous`` (the train and validation vote ids of the last fit) makes a refit
+    incremental: those votes keep their side, and only the votes added since are split,
+    temporally among themselves. Old validation votes then stay validation votes, so their
+    stored judgments stay valid, and a refit pays for what is new.
     """
     ordered = [v for v in votes if v.split != "test"]
     if any(v.split for v in ordered):
@@ -174,6 +225,13 @@ def split_votes(votes: Sequence[Vote], train_fraction: float = 0.7) -> tuple[lis
         val = [v for v in ordered if v.split == "val"]
         if train and val:
             return train, val
+    if previous is not None:
+        old_train, old_val = set(previous[0]), set(previous[1])
+        if old_train and old_val and any(v.id in old_train for v in ordered) and any(v.id in old_val for v in ordered):
+            new = [v for v in ordered if v.id not in old_train and v.id not in old_val]
+            n_new_train = round(len(new) * train_fraction)
+            to_train = {v.id for v in new[:n_new_train]} | old_train
+            return [v for v in ordered if v.id in to_train], [v for v in ordered if v.id not in to_train]
     n = len(ordered)
     if n < 2:
         return list(ordered), []
@@ -189,6 +247,14 @@ def demo_from_vote(vote: Vote, chosen_first: bool, reasoning: str | None) -> Dem
         rejected=vote.rejected,
         chosen_first=chosen_first,
         reasoning=reasoning,
+    )
+
+
+def _demo_chars(demos: Sequence[Demo]) -> int:
+    """Prompt size of a demo set, in characters (what a judgment with it costs)."""
+    return sum(
+        len(d.chosen) + len(d.rejected) + len(d.reasoning or "") + sum(len(m.content) for m in d.context)
+        for d in demos
     )
 
 
@@ -229,30 +295,51 @@ class Synthesizer:
             reasoning=trace.reasoning,
         )
 
-    async def _accuracy(
-        self, judge: Judge, val: Sequence[Vote], demos: Sequence[Demo], purpose: str
-    ) -> float:
-        """Share of validation judgments the judge gets right with ``demos`` as few-shot examples."""
+    def _val_jobs(self, val: Sequence[Vote]) -> list[tuple[Vote, bool]]:
+        """Validation judgments as (vote, chosen shown first), in a fixed order."""
+        both = self.config.val_both_orders
+        return [(v, cf) for v in val for cf in ((True, False) if both else (self._order(v, "val"),))]
 
-        def orders(v: Vote) -> list[bool]:
-            return [True, False] if self.config.val_both_orders else [self._order(v, purpose)]
+    async def _race(
+        self,
+        judge: Judge,
+        val: Sequence[Vote],
+        candidates: Sequence[Sequence[Demo]],
+        *,
+        priority: Callable[[int], tuple[float, ...]] | None = None,
+    ) -> RaceResult[Judge]:
+        """The candidate demo set whose judge gets most validation judgments right (see :func:`race`)."""
+        jobs = self._val_jobs(val)
+        judges = [judge.with_demos(c) for c in candidates]  # one prompt prefix (and ledger digest) each
+        # The first candidate opens (zero-shot / the seed); the rest go cheapest prompt first, so a
+        # strong champion is found early and the expensive sets that cannot beat it are dropped soonest.
+        order = [0, *sorted(range(1, len(candidates)), key=lambda i: (_demo_chars(candidates[i]), i))]
 
-        correct, judged = await count_correct(judge.with_demos(demos), val, orders)
-        return correct / max(1, judged)
+        async def right(j: Judge, i: int) -> bool:
+            v, cf = jobs[i]
+            first, second = (v.chosen, v.rejected) if cf else (v.rejected, v.chosen)
+            label, _, _ = await j.judge_order(v.context, first, second)
+            return label == ("A" if cf else "B")
+
+        return await race(
+            judges, len(jobs), right, priority=priority, target=self.config.target_accuracy,
+            wave=self.config.candidate_wave, order=order,
+        )  # fmt: skip
 
     # ------------------------------------------------------------------ step 1
-    async def bootstrap(
+    async def verify(
         self,
         user_id: str,
         train: Sequence[Vote],
-        val: Sequence[Vote],
         *,
         progress: ProgressFn | None = None,
         llm: ChatBackend | None = None,
-    ) -> BootstrapOutcome:
-        """Judge train votes without user info, verify against the votes, pick the best trace set."""
+    ) -> tuple[list[Trace], int]:
+        """Bootstrap traces: judge each train vote without user info (stored traces are reused).
+
+        Returns the traces in train order and how many came from the store.
+        """
         llm = llm or self.llm
-        cfg = self.config
         stored: dict[tuple[str, bool, str], Trace] = {}
         if self.memory is not None:
             stored = {(t.vote_id, t.chosen_first, t.model): t for t in await self.memory.get_traces(user_id)}
@@ -290,13 +377,19 @@ class Synthesizer:
             traces_by_vote[t.vote_id] = t
         if new and self.memory is not None:
             await self.memory.put_traces(user_id, list(new))
-        traces = [traces_by_vote[v.id] for v in train]
+        return [traces_by_vote[v.id] for v in train], reused
 
-        by_id = {v.id: v for v in train}
-        usable = [t for t in traces if t.verified] if cfg.verify else [t for t in traces if t.reasoning]
-        trace_demos = [self._trace_demo(by_id[t.vote_id], t) for t in usable]
+    def _usable(self, train: Sequence[Vote], traces: Sequence[Trace]) -> list[Demo]:
+        """Trace demos the searches may use (verified ones, or all with reasoning when not verifying)."""
+        by_vote = {v.id: v for v in train}
+        ok = [t for t in traces if t.vote_id in by_vote and t.reasoning and (t.verified or not self.config.verify)]
+        return [self._trace_demo(by_vote[t.vote_id], t) for t in ok]
 
-        # Candidate few-shot sets, DSPy-style: zero-shot, labels-only, then random subsets.
+    def bootstrap_candidates(self, user_id: str, train: Sequence[Vote], traces: Sequence[Trace]) -> list[list[Demo]]:
+        """Step 1's few-shot sets, DSPy-style: zero-shot, labels-only, then ``n_trials`` random mixes
+        of 1–``max_bootstrapped_demos`` verified traces and label-only demos (duplicates dropped)."""
+        cfg = self.config
+        trace_demos = self._usable(train, traces)
         candidates: list[list[Demo]] = [[]]
         rng = stable_rng(cfg.seed, user_id, "labels")
         label_pool = list(train)
@@ -310,40 +403,80 @@ class Synthesizer:
             r = stable_rng(cfg.seed, user_id, "trial", k)
             pool = list(trace_demos)
             r.shuffle(pool)
-            size = r.randint(1, min(cfg.max_bootstrapped_demos, len(pool)))
-            chosen = pool[:size]
+            chosen = pool[: r.randint(1, min(cfg.max_bootstrapped_demos, len(pool)))]
             used = {d.vote_id for d in chosen}
             extra = [v for v in train if v.id not in used]
             r.shuffle(extra)
             n_labels = r.randint(0, min(cfg.max_labeled_demos, len(extra)))
-            chosen += [demo_from_vote(v, self._order(v, "label"), None) for v in extra[:n_labels]]
-            candidates.append(chosen)
+            candidates.append(chosen + [demo_from_vote(v, self._order(v, "label"), None) for v in extra[:n_labels]])
         unique: dict[tuple[tuple[str, bool, bool], ...], list[Demo]] = {}
         for c in candidates:
             unique.setdefault(_demo_key(c), c)
-        cand_list = list(unique.values())
+        return list(unique.values())
+
+    async def rank_bootstrap(
+        self,
+        val: Sequence[Vote],
+        candidates: Sequence[Sequence[Demo]],
+        *,
+        llm: ChatBackend | None = None,
+        ledger: JudgmentLedger | None = None,
+    ) -> RaceResult[Judge]:
+        """Race step 1's candidates with the default judge; ties go to more traces, then the earlier set."""
+        n_traces = [sum(1 for d in c if d.reasoning is not None) for c in candidates]
+        judge = self._default_scorer(llm or self.llm, ledger)
+        return await self._race(judge, val, candidates, priority=lambda i: (n_traces[i], -i))
+
+    def _default_scorer(self, llm: ChatBackend, ledger: JudgmentLedger | None) -> Judge:
+        return Judge(llm, call_site="bootstrap_score", mode=self.config.score_mode,
+                     ledger=ledger if ledger is not None else JudgmentLedger())  # fmt: skip
+
+    async def _judge_all(self, judge: Judge, val: Sequence[Vote]) -> None:
+        """Every validation judgment of ``judge`` at once (fills its ledger)."""
+
+        async def one(v: Vote, cf: bool) -> None:
+            first, second = (v.chosen, v.rejected) if cf else (v.rejected, v.chosen)
+            await judge.judge_order(v.context, first, second)
+
+        await asyncio.gather(*(one(v, cf) for v, cf in self._val_jobs(val)))
+
+    def _persona_ids(self, train: Sequence[Vote], traces: Sequence[Trace], best: Sequence[Demo]) -> list[str]:
+        """Traces the persona is written from: all usable ones in time order ("all": prefix-stable across
+        refits), or the best set's ("best", the paper's choice; all when it has none)."""
+        usable = [d.vote_id for d in self._usable(train, traces)]
+        if self.config.persona_traces == "best":
+            best_ids = [d.vote_id for d in best if d.reasoning is not None]
+            if best_ids:
+                return best_ids
+        return usable
+
+    async def bootstrap(
+        self,
+        user_id: str,
+        train: Sequence[Vote],
+        val: Sequence[Vote],
+        *,
+        progress: ProgressFn | None = None,
+        llm: ChatBackend | None = None,
+        ledger: JudgmentLedger | None = None,
+    ) -> BootstrapOutcome:
+        """Judge train votes without user info, verify against the votes, pick the best trace set."""
+        traces, reused = await self.verify(user_id, train, progress=progress, llm=llm)
+        cand_list = self.bootstrap_candidates(user_id, train, traces)
         if progress:
             progress("candidates", 0, len(cand_list))
-        scorer = Judge(llm, call_site="bootstrap_score")
-        scores = await asyncio.gather(*(self._accuracy(scorer, val, c, "val") for c in cand_list))
+        result = await self.rank_bootstrap(val, cand_list, llm=llm, ledger=ledger)
         if progress:
             progress("candidates", len(cand_list), len(cand_list))
-
-        def rank(i: int) -> tuple[float, int, int]:
-            n_traces = sum(1 for d in cand_list[i] if d.reasoning is not None)
-            return (scores[i], n_traces, -i)
-
-        best = max(range(len(cand_list)), key=rank)
-        best_ids = [d.vote_id for d in cand_list[best] if d.reasoning is not None]
-        if cfg.persona_traces == "all" or not best_ids:
-            best_ids += [t.vote_id for t in usable if t.vote_id not in best_ids]
+        best = cand_list[result.best]
         return BootstrapOutcome(
             traces=traces,
-            persona_trace_ids=best_ids,
-            demos=cand_list[best],
-            accuracy=scores[best],
+            persona_trace_ids=self._persona_ids(train, traces, best),
+            demos=list(best),
+            accuracy=result.accuracy,
             candidates_scored=len(cand_list),
             reused_traces=reused,
+            judgments=result.judgments,
         )
 
     # ------------------------------------------------------------------ step 2
@@ -382,35 +515,22 @@ class Synthesizer:
                 continue
             try:
                 comp = await llm.complete(msgs, call_site="persona", temperature=0.0, max_tokens=400)
-            except Exception as exc:  # context overflow reported by the endpoint: trim and retry
-                if _is_context_overflow(exc) and len(examples) > 1:
+            except ContextOverflowError:  # the endpoint says the prompt is too long: trim and retry
+                if len(examples) > 1:
                     examples = examples[: max(1, len(examples) // 2)]
                     continue
                 raise
             return prompts.parse_persona(comp.text)
 
     # ------------------------------------------------------------------ step 3
-    async def select_demos(
-        self,
-        user_id: str,
-        persona: str,
-        train: Sequence[Vote],
-        val: Sequence[Vote],
-        traces: Sequence[Trace],
-        *,
-        seed_demos: Sequence[Demo] = (),
-        progress: ProgressFn | None = None,
-        llm: ChatBackend | None = None,
-    ) -> DemoOutcome:
-        """Random search over demo sets for the persona-informed judge, scored on validation."""
-        llm = llm or self.llm
+    def demo_candidates(
+        self, user_id: str, train: Sequence[Vote], traces: Sequence[Trace], seed_demos: Sequence[Demo] = ()
+    ) -> list[list[Demo]]:
+        """Step 3's candidates: ``seed_demos`` (step 1's winner) first when it has demos, then random
+        sets of traces and label-only demos (at least one demo each), ``n_demo_candidates`` in all."""
         cfg = self.config
-        by_vote = {v.id: v for v in train}
-        usable = [t for t in traces if (t.verified or not cfg.verify) and t.reasoning and t.vote_id in by_vote]
-        trace_demos = [self._trace_demo(by_vote[t.vote_id], t) for t in usable]
-        candidates: list[list[Demo]] = []
-        if seed_demos:
-            candidates.append(list(seed_demos))
+        trace_demos = self._usable(train, traces)
+        candidates: list[list[Demo]] = [list(seed_demos)] if seed_demos else []
         for k in range(cfg.n_demo_candidates * 3):
             if len(candidates) >= cfg.n_demo_candidates:
                 break
@@ -425,28 +545,47 @@ class Synthesizer:
             chosen += [demo_from_vote(v, self._order(v, "label"), None) for v in extra[:n_labels]]
             if _demo_key(chosen) not in {_demo_key(c) for c in candidates}:
                 candidates.append(chosen)
-        judge = Judge(llm, persona=persona, call_site="demo_select")
-        best: list[Demo] = candidates[0] if candidates else []
-        best_acc = -1.0
-        scored = 0
+        return candidates or [[]]
+
+    def _persona_judge(self, persona: str, llm: ChatBackend, ledger: JudgmentLedger | None) -> Judge:
+        return Judge(llm, persona=persona, call_site="demo_select", mode=self.config.score_mode,
+                     ledger=ledger if ledger is not None else JudgmentLedger())  # fmt: skip
+
+    async def select_demos(
+        self,
+        user_id: str,
+        persona: str,
+        train: Sequence[Vote],
+        val: Sequence[Vote],
+        traces: Sequence[Trace],
+        *,
+        seed_demos: Sequence[Demo] | None = None,
+        progress: ProgressFn | None = None,
+        llm: ChatBackend | None = None,
+        ledger: JudgmentLedger | None = None,
+    ) -> DemoOutcome:
+        """Random search over demo sets for the persona-informed judge, raced on validation.
+
+        Candidates: see :meth:`demo_candidates`; ``seed_demos`` (step 1's winner) wins ties.
+        """
+        llm = llm or self.llm
+        candidates = self.demo_candidates(user_id, train, traces, seed_demos or ())
         if progress:
             progress("demos", 0, len(candidates))
-        for start in range(0, len(candidates), cfg.candidate_wave):
-            wave = candidates[start : start + cfg.candidate_wave]
-            accs = await asyncio.gather(*(self._accuracy(judge, val, c, "val") for c in wave))
-            scored += len(wave)
-            for c, a in zip(wave, accs, strict=True):
-                if a > best_acc:
-                    best, best_acc = c, a
-            if progress:
-                progress("demos", scored, len(candidates))
-            if best_acc >= cfg.target_accuracy:
-                break
-        if not candidates:
-            best_acc = await self._accuracy(judge, val, [], "val")
-        return DemoOutcome(demos=best, accuracy=max(best_acc, 0.0), candidates_scored=scored)
+        result = await self._race(self._persona_judge(persona, llm, ledger), val, candidates)
+        if progress:
+            progress("demos", len(candidates), len(candidates))
+        return DemoOutcome(
+            demos=candidates[result.best], accuracy=result.accuracy, candidates_scored=len(candidates),
+            judgments=result.judgments,
+        )  # fmt: skip
 
     # ------------------------------------------------------------------ all steps
+    def fit_key(self, train: Sequence[Vote], val: Sequence[Vote]) -> str:
+        """What a fit's result depends on: the votes and their split, the budgets, the model."""
+        payload = [[v.id for v in train], [v.id for v in val], asdict(self.config), self.llm.model]
+        return hashlib.sha256(orjson.dumps(payload, default=str)).hexdigest()
+
     async def fit(
         self,
         user_id: str,
@@ -454,11 +593,20 @@ class Synthesizer:
         *,
         progress: ProgressFn | None = None,
         save: bool = True,
+        force: bool = False,
     ) -> FitResult:
         """Bootstrap → persona → demos for one user; saves a new persona version when ``save``.
 
         Votes default to the user's stored votes. Nothing is saved unless every step
         succeeded, so a cancelled or failed fit leaves the current persona untouched.
+        When the current persona was fitted on exactly these votes with the same budgets,
+        model and prompts, nothing is done (``status="unchanged"``) unless ``force``.
+
+        With ``persona_traces="all"`` the persona does not depend on step 1's winner, so
+        step 1's candidate race runs while the persona is written and step 3's random
+        candidates are raced; step 1's winner then meets step 3's champion. The result is
+        exactly that of running the steps one after the other (the race is exact whatever
+        the order), in fewer round trips.
         """
         validate_user_id(user_id)
         cfg = self.config
@@ -469,7 +617,12 @@ class Synthesizer:
         foreign = [v.id for v in votes if v.user_id != user_id]
         if foreign:
             raise ValueError(f"{len(foreign)} vote(s) passed to fit({user_id!r}) belong to other users")
-        train, val = split_votes(votes, cfg.train_fraction)
+        current_persona = getattr(self.memory, "current_persona", None)
+        current = await current_persona(user_id) if current_persona is not None else None
+        previous = None
+        if current is not None and current.model == self.llm.model and current.meta.get("fit_key"):
+            previous = (current.meta.get("train_ids") or [], current.meta.get("val_ids") or [])
+        train, val = split_votes(votes, cfg.train_fraction, previous=previous)
         n_context = len(train) + len(val)
         if n_context < cfg.min_votes or not val:
             return FitResult(
@@ -478,16 +631,22 @@ class Synthesizer:
                 "The default judge is used until then.",
                 n_context,
             )
+        key = self.fit_key(train, val)
+        if save and not force and current is not None and current.meta.get("fit_key") == key:
+            return FitResult(
+                user_id, "unchanged",
+                f"persona v{current.version} for {user_id!r} is already fitted on these {n_context} votes "
+                "with this configuration; nothing to do (force=True refits)",
+                n_context, profile=current, usage=CountingBackend(self.llm).usage(),
+            )  # fmt: skip
+        ledger = await JudgmentLedger.load(self.memory, user_id, self.llm.model)
         llm = CountingBackend(self.llm)
-        boot = await self.bootstrap(user_id, train, val, progress=progress, llm=llm)
-        if progress:
-            progress("persona", 0, 1)
-        persona = await self.write_persona(train, boot.traces, boot.persona_trace_ids, llm=llm)
-        if progress:
-            progress("persona", 1, 1)
+        boot, persona = await self._steps_one_two(user_id, train, val, llm, ledger, progress)
         sel = await self.select_demos(
-            user_id, persona, train, val, boot.traces, seed_demos=boot.demos, progress=progress, llm=llm
-        )
+            user_id, persona, train, val, boot.traces, seed_demos=boot.demos, progress=progress, llm=llm,
+            ledger=ledger,
+        )  # fmt: skip
+        usage = {**llm.usage(), "judgments_reused": ledger.hits, "judgments_new": ledger.misses}
         profile = PersonaProfile(
             user_id=user_id,
             persona=persona,
@@ -506,12 +665,14 @@ class Synthesizer:
                 "persona_trace_ids": boot.persona_trace_ids,
                 "verify": cfg.verify,
                 "seed": cfg.seed,
-                "usage": llm.usage(),
+                "usage": usage,
+                "fit_key": key,
             },
         )
         if save and self.memory is not None:
             if progress:
                 progress("save", 0, 1)
+            await ledger.save(self.memory, user_id, self.llm.model)
             profile = await self.memory.save_persona(profile)
             if progress:
                 progress("save", 1, 1)
@@ -523,11 +684,56 @@ class Synthesizer:
             profile=profile,
             bootstrap_demos=boot.demos,
             traces=boot.traces,
-            usage=llm.usage(),
+            usage=usage,
         )
 
-
-
-def _is_context_overflow(exc: Exception) -> bool:
-    text = str(exc).lower()
-    return any(s in text for s in ("context length", "context_length", "maximum context", "too many tokens"))
+    async def _steps_one_two(
+        self,
+        user_id: str,
+        train: Sequence[Vote],
+        val: Sequence[Vote],
+        llm: ChatBackend,
+        ledger: JudgmentLedger,
+        progress: ProgressFn | None,
+    ) -> tuple[BootstrapOutcome, str]:
+        """Bootstrap and persona. With ``persona_traces="all"`` the persona does not depend on step 1's
+        winner, so it is written while step 1's candidates are raced (one round trip less)."""
+        if self.config.persona_traces != "all":
+            boot = await self.bootstrap(user_id, train, val, progress=progress, llm=llm, ledger=ledger)
+            if progress:
+                progress("persona", 0, 1)
+            persona = await self.write_persona(train, boot.traces, boot.persona_trace_ids, llm=llm)
+            if progress:
+                progress("persona", 1, 1)
+            return boot, persona
+        # Step 1's opener (the zero-shot candidate) needs no traces: judge it while the traces are made.
+        scorer = self._default_scorer(llm, ledger)
+        opener = asyncio.ensure_future(self._judge_all(scorer, val))
+        try:
+            traces, reused = await self.verify(user_id, train, progress=progress, llm=llm)
+            await opener
+        except BaseException:
+            opener.cancel()
+            await asyncio.gather(opener, return_exceptions=True)
+            raise
+        cand_list = self.bootstrap_candidates(user_id, train, traces)
+        if progress:
+            progress("candidates", 0, len(cand_list))
+            progress("persona", 0, 1)
+        persona_ids = self._persona_ids(train, traces, ())
+        try:
+            async with asyncio.TaskGroup() as tg:  # one failing cancels the other
+                ranking = tg.create_task(self.rank_bootstrap(val, cand_list, llm=llm, ledger=ledger))
+                writing = tg.create_task(self.write_persona(train, traces, persona_ids, llm=llm))
+        except BaseExceptionGroup as group:
+            raise group.exceptions[0] from None
+        ranked, persona = ranking.result(), writing.result()
+        if progress:
+            progress("candidates", len(cand_list), len(cand_list))
+            progress("persona", 1, 1)
+        boot = BootstrapOutcome(
+            traces=traces, persona_trace_ids=persona_ids, demos=list(cand_list[ranked.best]),
+            accuracy=ranked.accuracy, candidates_scored=len(cand_list), reused_traces=reused,
+            judgments=ranked.judgments,
+        )  # fmt: skip
+        return boot, persona

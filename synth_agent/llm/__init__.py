@@ -1,7 +1,13 @@
 """LLM client layer: the :class:`ChatBackend` interface and its OpenAI-compatible implementation.
 
-The client and caches are imported lazily so that modules needing only the
-interface (``synth_agent.llm.base``) do not pay for importing langchain/openai.
+* :mod:`~synth_agent.llm.base` — the protocol and value types; :mod:`~synth_agent.llm.errors` — typed errors;
+* :mod:`~synth_agent.llm.client` — :class:`LLMClient`: one endpoint with adaptive concurrency
+  (:mod:`~synth_agent.llm.limiter`), retries, cache, structured output and counters, over a
+  :mod:`~synth_agent.llm.transport` (lean aiohttp wire client, or ChatOpenAI);
+* :mod:`~synth_agent.llm.pool` — :class:`EndpointPool`: several endpoints as one.
+
+The client, pool and caches are imported lazily so that modules needing only the
+interface do not pay for importing aiohttp/langchain.
 """
 
 from __future__ import annotations
@@ -16,16 +22,27 @@ from synth_agent.llm.base import (
     LLMStats,
     TokenLogprob,
 )
+from synth_agent.llm.errors import (
+    ContextOverflowError,
+    InvalidRequestError,
+    LLMError,
+    LLMTimeoutError,
+    RateLimitedError,
+    RejectedError,
+    UnavailableError,
+    UnparseableResponseError,
+)
 
 if TYPE_CHECKING:
     from synth_agent.llm.cache import MemoryCache, ResponseCache, SqliteCache
-    from synth_agent.llm.client import EndpointConfig, LLMClient, LLMError, RetryEvent, parse_structured
+    from synth_agent.llm.client import EndpointConfig, LLMClient, RetryEvent, parse_structured
+    from synth_agent.llm.limiter import AdaptiveLimiter
     from synth_agent.llm.pool import EndpointPool, PoolConfig
 
 _LAZY = {
     "EndpointConfig": "synth_agent.llm.client",
     "LLMClient": "synth_agent.llm.client",
-    "LLMError": "synth_agent.llm.client",
+    "AdaptiveLimiter": "synth_agent.llm.limiter",
     "RetryEvent": "synth_agent.llm.client",
     "parse_structured": "synth_agent.llm.client",
     "MemoryCache": "synth_agent.llm.cache",
@@ -36,6 +53,14 @@ _LAZY = {
 }
 
 __all__ = [
+    "AdaptiveLimiter",
+    "ContextOverflowError",
+    "InvalidRequestError",
+    "LLMTimeoutError",
+    "RateLimitedError",
+    "RejectedError",
+    "UnavailableError",
+    "UnparseableResponseError",
     "EndpointPool",
     "PoolConfig",
     "CallSiteStats",

@@ -20,6 +20,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+import orjson
+
 CachedValue = dict[str, Any]
 
 
@@ -39,7 +41,7 @@ def cache_key(
     payload = {
         "model": model,
         "base_url": base_url.rstrip("/"),
-        "messages": [dict(m) for m in messages],
+        "messages": [m if type(m) is dict else dict(m) for m in messages],
         "temperature": float(temperature),
         "max_tokens": max_tokens,
         "json_mode": bool(json_mode),
@@ -47,8 +49,8 @@ def cache_key(
         "seed": seed,
         "extra": dict(extra) if extra else None,
     }
-    canonical = json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+    canonical = orjson.dumps(payload, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS, default=str)
+    return hashlib.sha256(canonical).hexdigest()
 
 
 @runtime_checkable

@@ -1,18 +1,30 @@
 """One OpenAI-compatible endpoint as a :class:`~synth_agent.llm.base.ChatBackend`.
 
-Everything that makes a flaky, rate-limited LLM endpoint usable lives here so
-call sites stay one line: per-endpoint concurrency and rate limits, bounded
-retries with jittered exponential backoff that honours ``Retry-After``, a
-content-addressed cache plus single-flight for temperature-0 calls, tolerant
-structured-output parsing, and per-call-site accounting. All state is on the
-instance: any number of clients (endpoints, models, tenants) coexist in one
-process.
+Everything that makes a flaky, rate-limited, slow or fast LLM endpoint usable lives
+here, once, so call sites stay one line:
+
+* **adaptive concurrency** per endpoint (:class:`~synth_agent.llm.limiter.AdaptiveLimiter`):
+  as many requests in flight as the server serves at once, learned from latency and
+  overload answers, capped by what the server states (:mod:`~synth_agent.llm.server_info`)
+  and by ``max_concurrency``; waiting for a slot happens before the HTTP attempt, so a
+  request's timeout never runs while it queues on our side;
+* a request **rate** limit (``asyncio-throttle``);
+* bounded, jittered exponential **retries** (``tenacity``) of transient failures, honouring
+  ``Retry-After``;
+* **typed errors** (:mod:`synth_agent.llm.errors`) instead of message text;
+* a content-addressed **cache** plus single-flight for temperature-0 calls;
+* **structured output**: JSON mode (or a JSON schema, ``structured_output="json_schema"``)
+  with a tolerant parser and re-asks for models that ignore it;
+* per-call-site **counters** of requests, retries, cache hits, errors and tokens.
+
+The HTTP attempt itself is a :mod:`~synth_agent.llm.transport`: the lean ``aiohttp``
+wire client by default, or LangChain's ``ChatOpenAI``. All state is on the instance:
+any number of clients (endpoints, models, tenants) coexist in one process.
 """
 
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import json
 import random
 import re
@@ -20,40 +32,45 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
-import openai
 from asyncio_throttle import Throttler
-from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
-from langchain_openai import ChatOpenAI
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
 
 from synth_agent.config import Settings
 from synth_agent.llm.base import CallSiteStats, ChatMessage, Completion, LLMStats, TokenLogprob
 from synth_agent.llm.cache import MemoryCache, ResponseCache, cache_key
+from synth_agent.llm.errors import (
+    ContextOverflowError,
+    InvalidRequestError,
+    LLMError,
+    LLMTimeoutError,
+    RateLimitedError,
+    RejectedError,
+    UnavailableError,
+    UnparseableResponseError,
+)
+from synth_agent.llm.limiter import AdaptiveLimiter, LimiterStatus, Signal
+from synth_agent.llm.server_info import ServerInfo, probe_server
+from synth_agent.llm.transport import ChatTransport, make_transport, normalize_messages
 
 T = TypeVar("T", bound=BaseModel)
 
 __all__ = [
+    "ContextOverflowError",
     "EndpointConfig",
+    "InvalidRequestError",
     "LLMClient",
     "LLMError",
+    "LLMTimeoutError",
+    "RateLimitedError",
+    "RejectedError",
     "RetryEvent",
+    "UnavailableError",
+    "UnparseableResponseError",
     "parse_structured",
 ]
-
-
-class LLMError(RuntimeError):
-    """An LLM call failed for good (retries exhausted, request rejected, or answer unreadable)."""
-
-    def __init__(
-        self, message: str, *, endpoint: str = "", call_site: str = "", cause: BaseException | None = None
-    ) -> None:
-        super().__init__(message)
-        self.endpoint = endpoint
-        self.call_site = call_site
-        self.cause = cause
 
 
 class EndpointConfig(BaseModel):
@@ -64,14 +81,36 @@ class EndpointConfig(BaseModel):
     base_url: str
     api_key: str = "sim"
     model: str = "sim-judge"
-    max_concurrency: int = Field(default=16, ge=1, description="requests in flight at once")
+    max_concurrency: int = Field(
+        default=16, ge=1, description="most requests in flight at once (the adaptive limit's ceiling)"
+    )
+    adaptive_concurrency: bool = Field(
+        default=True, description="adapt the limit to the server (False: always max_concurrency)"
+    )
+    latency_tolerance: float = Field(
+        default=1.5, gt=1, description="latency / baseline above which the server counts as queueing"
+    )
+    probe_server: bool = Field(
+        default=True, description="read the server's stated capacity and context length once (llama.cpp, SGLang, vLLM)"
+    )
     rate_limit: float = Field(default=0.0, ge=0, description="requests per second; 0 = unlimited")
-    timeout: float = Field(default=60.0, gt=0, description="seconds per HTTP attempt")
+    timeout: float = Field(default=60.0, gt=0, description="seconds per HTTP attempt (never counts queueing on our side)")
     max_retries: int = Field(default=6, ge=0, description="extra attempts after the first")
     backoff_initial: float = Field(default=0.05, ge=0)
     backoff_max: float = Field(default=8.0, ge=0)
     structured_retries: int = Field(
         default=2, ge=0, description="re-asks when a structured answer is garbage"
+    )
+    structured_output: Literal["json_object", "json_schema"] = Field(
+        default="json_object",
+        description="how structured() asks for JSON: response_format json_object, or json_schema with the "
+        "pydantic schema (constrained decoding on llama.cpp / vLLM / SGLang / OpenAI)",
+    )
+    context_length: int | None = Field(
+        default=None, ge=1, description="the model's context window in tokens; None: as the server states, if it does"
+    )
+    transport: Literal["lean", "langchain"] = Field(
+        default="lean", description="lean: aiohttp wire client; langchain: ChatOpenAI (slower, LangChain callbacks)"
     )
 
     @classmethod
@@ -81,9 +120,11 @@ class EndpointConfig(BaseModel):
             "api_key": settings.api_key,
             "model": settings.model,
             "max_concurrency": settings.max_concurrency,
+            "adaptive_concurrency": settings.adaptive_concurrency,
             "rate_limit": settings.rate_limit,
             "timeout": settings.request_timeout,
             "max_retries": settings.max_retries,
+            "context_length": settings.context_length,
         }
         values.update(overrides)
         return cls(**values)
@@ -107,44 +148,20 @@ class RetryEvent:
 # ------------------------------------------------------------------ errors
 
 
-def _status(exc: BaseException) -> int | None:
-    return exc.status_code if isinstance(exc, openai.APIStatusError) else None
+def _retryable(exc: BaseException) -> bool:
+    return isinstance(exc, LLMError) and exc.retryable
 
 
-def _is_retryable(exc: BaseException) -> bool:
-    """429, 408 and 5xx, timeouts, dropped connections and unreadable response bodies are transient."""
-    if isinstance(exc, openai.APIConnectionError | openai.APIResponseValidationError):
-        return True  # APITimeoutError is an APIConnectionError
-    status = _status(exc)
-    return status is not None and (status in (408, 409, 429) or status >= 500)
-
-
-def retry_after_seconds(exc: BaseException) -> float | None:
-    """The server's requested delay (``retry-after-ms`` or ``Retry-After`` seconds / HTTP date), if any."""
-    response = getattr(exc, "response", None)
-    headers = getattr(response, "headers", None)
-    if headers is None:
-        return None
-    try:
-        if (ms := headers.get("retry-after-ms")) is not None:
-            return max(0.0, float(ms) / 1000.0)
-        raw = headers.get("retry-after")
-        if raw is None:
-            return None
-        try:
-            return max(0.0, float(raw))
-        except ValueError:
-            when = email.utils.parsedate_to_datetime(raw)
-            return max(0.0, when.timestamp() - time.time())
-    except (TypeError, ValueError, OverflowError):
-        return None
+def _overload(exc: LLMError) -> bool:
+    """Does this failure say the server has more work than it can take (the limiter shrinks)?"""
+    if isinstance(exc, LLMTimeoutError | RateLimitedError):
+        return True
+    return isinstance(exc, UnavailableError) and exc.status in (None, 502, 503, 504)
 
 
 def _describe(exc: BaseException) -> str:
-    status = _status(exc)
-    prefix = f"HTTP {status}: " if status else ""
-    text = getattr(exc, "message", None) or str(exc) or type(exc).__name__
-    return f"{type(exc).__name__}({prefix}{str(text)[:300]})"
+    text = str(exc) or type(exc).__name__
+    return f"{type(exc).__name__}({text[:300]})"
 
 
 def _rejection_hint(status: int | None) -> str:
@@ -240,54 +257,33 @@ def _looks_like_json(text: str) -> bool:
 
 # ------------------------------------------------------------------ client
 
-_ROLE_TO_MESSAGE: dict[str, type[BaseMessage]] = {
-    "system": SystemMessage,
-    "developer": SystemMessage,
-    "user": HumanMessage,
-    "human": HumanMessage,
-    "assistant": AIMessage,
-    "model": AIMessage,
-    "ai": AIMessage,
-}
-
-
-def to_langchain_messages(messages: Sequence[Mapping[str, Any]]) -> list[BaseMessage]:
-    out: list[BaseMessage] = []
-    for i, m in enumerate(messages):
-        role = str(m.get("role", "")).lower()
-        cls = _ROLE_TO_MESSAGE.get(role)
-        if cls is None:
-            raise ValueError(
-                f"message {i} has unsupported role {m.get('role')!r}; use system, user or assistant"
-            )
-        out.append(cls(content=str(m.get("content", ""))))
-    return out
-
 
 class _LoopBound:
-    """Per-event-loop resources: asyncio primitives and HTTP connections cannot cross loops."""
+    """Per-event-loop resources: futures, the limiter's queue and HTTP connections cannot cross loops."""
 
-    def __init__(self, cfg: EndpointConfig) -> None:
+    def __init__(self, cfg: EndpointConfig, previous: _LoopBound | None) -> None:
         self.loop = asyncio.get_running_loop()
-        self.semaphore = asyncio.Semaphore(cfg.max_concurrency)
+        self.limiter = AdaptiveLimiter(
+            cfg.max_concurrency,
+            timeout=cfg.timeout,
+            adaptive=cfg.adaptive_concurrency,
+            tolerance=cfg.latency_tolerance,
+        )
+        self.server: ServerInfo | None = None
+        self.probe: asyncio.Future[ServerInfo] | None = None
+        if previous is not None:  # what the endpoint taught us survives a new event loop
+            self.limiter.carry_over(previous.limiter)
+            self.server = previous.server
         self.throttler: Throttler | None = None
         if cfg.rate_limit > 0:
             burst = max(1, int(cfg.rate_limit))
             self.throttler = Throttler(rate_limit=burst, period=burst / cfg.rate_limit)
         self.inflight: dict[str, asyncio.Future[Completion]] = {}
-        self.http = openai.DefaultAsyncHttpxClient(timeout=cfg.timeout)
-        self.chat = ChatOpenAI(
-            model=cfg.model,
-            base_url=cfg.base_url,
-            api_key=cfg.api_key,
-            timeout=cfg.timeout,
-            max_retries=0,  # tenacity owns retries so they are bounded, counted and honour Retry-After
-            http_async_client=self.http,
-        )
+        self.transport: ChatTransport = make_transport(cfg)
 
 
 class LLMClient:
-    """A :class:`ChatBackend` over one endpoint, built on langchain-openai ``ChatOpenAI``.
+    """A :class:`ChatBackend` over one endpoint.
 
     ``cache``: ``True`` (default) for a private in-memory LRU, ``False`` for none,
     or any :class:`ResponseCache` (e.g. a shared :class:`SqliteCache`). Only
@@ -311,7 +307,9 @@ class LLMClient:
         self.retry_log: deque[RetryEvent] = deque(maxlen=retry_log_size)
         self._rng = random.Random(rng_seed)
         self._bound: _LoopBound | None = None
+        self._learned: _LoopBound | None = None  # the last loop's resources: what the endpoint taught us
         self._call_ids = 0
+        self._url = config.base_url.rstrip("/")
 
     @classmethod
     def from_settings(cls, settings: Settings, **kwargs: Any) -> LLMClient:
@@ -324,16 +322,72 @@ class LLMClient:
     def __repr__(self) -> str:
         return f"LLMClient({self.endpoint})"
 
+    # -------------------------------------------------------------- what the endpoint told us
+
+    @property
+    def limiter(self) -> AdaptiveLimiter | None:
+        """This event loop's concurrency limiter (None before the first request)."""
+        return self._bound.limiter if self._bound is not None else None
+
+    @property
+    def concurrency(self) -> int:
+        """Requests currently allowed in flight (``max_concurrency`` until the first answer)."""
+        lim = self.limiter
+        return lim.limit if lim is not None and lim.settled else self.config.max_concurrency
+
+    def limiter_status(self) -> LimiterStatus | None:
+        lim = self.limiter
+        return lim.status() if lim is not None else None
+
+    @property
+    def server_info(self) -> ServerInfo | None:
+        """What the server stated about itself (capacity, context length), once probed."""
+        return self._bound.server if self._bound is not None else None
+
+    @property
+    def context_length(self) -> int | None:
+        """The model's context window in tokens: configured, else as the server stated, else None.
+
+        Prompt budgets (trimming demos until a judge prompt fits) read this.
+        """
+        if self.config.context_length:
+            return self.config.context_length
+        info = self.server_info
+        return info.context_length if info is not None else None
+
+    # -------------------------------------------------------------- lifecycle
+
     def _resources(self) -> _LoopBound:
         loop = asyncio.get_running_loop()
-        if self._bound is None or self._bound.loop is not loop:
-            self._bound = _LoopBound(self.config)
-        return self._bound
+        bound = self._bound
+        if bound is None or bound.loop is not loop:
+            if bound is not None and bound.loop.is_closed():
+                bound.transport.abandon()
+            bound = self._bound = _LoopBound(self.config, bound or self._learned)
+        return bound
+
+    async def _probe(self, res: _LoopBound) -> None:
+        """Ask the server once (per event loop) what it states about itself; shared by concurrent callers."""
+        if res.server is not None or not self.config.probe_server:
+            return
+        if res.probe is None:
+            res.probe = asyncio.ensure_future(probe_server(res.transport.get_json, self._url, self.config.model))
+        info = await asyncio.shield(res.probe)
+        if res.server is None:
+            res.server = info
+            res.limiter.set_capacity(info.capacity)
 
     async def aclose(self) -> None:
         bound, self._bound = self._bound, None
-        if bound is not None and bound.loop is asyncio.get_running_loop():
-            await bound.http.aclose()
+        if bound is None:
+            return
+        self._learned = bound  # a later event loop starts from what this one learned
+        if bound.loop is asyncio.get_running_loop():
+            if bound.probe is not None and not bound.probe.done():
+                bound.probe.cancel()
+            await bound.transport.aclose()
+        elif bound.loop.is_closed():
+            bound.transport.abandon()
 
     async def __aenter__(self) -> LLMClient:
         return self
@@ -358,9 +412,9 @@ class LLMClient:
         """Answer ``messages``; temperature-0 answers come from the cache or a shared in-flight request.
 
         ``logprobs=k`` asks for the top-k alternatives per generated token.
-        ``extra`` holds additional JSON body fields (e.g. vLLM's ``guided_choice``).
+        ``extra`` holds additional JSON body fields (e.g. vLLM's ``guided_choice``, or a
+        ``response_format`` that overrides ``json_mode``).
         """
-        validate = _looks_like_json if json_mode else None
         return await self._complete(
             messages,
             call_site=call_site,
@@ -370,7 +424,7 @@ class LLMClient:
             logprobs=logprobs,
             seed=seed,
             extra=extra,
-            validate=validate,
+            validate=_looks_like_json if json_mode else None,
             bypass_cache=False,
         )
 
@@ -383,10 +437,12 @@ class LLMClient:
         temperature: float = 0.0,
         max_tokens: int | None = None,
     ) -> T:
-        """Answer as a ``schema`` instance; a garbage answer is re-asked (bypassing the cache), then LLMError."""
+        """Answer as a ``schema`` instance; a garbage answer is re-asked (bypassing the cache), then
+        :class:`UnparseableResponseError`."""
 
         valid = parses_as(schema)
         site = self.stats.site(call_site)
+        extra = response_format_for(schema) if self.config.structured_output == "json_schema" else None
         last: ValueError | None = None
         for attempt in range(self.config.structured_retries + 1):
             if attempt:
@@ -399,7 +455,7 @@ class LLMClient:
                 json_mode=True,
                 logprobs=None,
                 seed=None,
-                extra=None,
+                extra=extra,
                 validate=valid,
                 bypass_cache=attempt > 0,
             )
@@ -408,16 +464,46 @@ class LLMClient:
             except ValueError as e:
                 last = e
         site.errors += 1
-        raise LLMError(
+        raise UnparseableResponseError(
             f"{self.endpoint} gave no answer readable as {schema.__name__} at call site {call_site!r} "
             f"after {self.config.structured_retries + 1} tries; last: {last}. The model may not follow "
-            "JSON instructions: try a stronger model or raise EndpointConfig.structured_retries.",
+            "JSON instructions: try a stronger model, structured_output='json_schema', or raise "
+            "EndpointConfig.structured_retries.",
             endpoint=self.config.base_url,
             call_site=call_site,
             cause=last,
+            attempts=self.config.structured_retries + 1,
         )
 
     # -------------------------------------------------------------- internals
+
+    def _body(
+        self,
+        messages: Sequence[ChatMessage],
+        temperature: float,
+        max_tokens: int | None,
+        json_mode: bool,
+        logprobs: int | None,
+        seed: int | None,
+        extra: dict[str, Any] | None,
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "model": self.config.model,
+            "messages": normalize_messages(messages),
+            "temperature": temperature,
+        }
+        if max_tokens is not None:
+            body["max_tokens"] = max_tokens
+        if json_mode:
+            body["response_format"] = {"type": "json_object"}
+        if logprobs is not None:
+            body["logprobs"] = True
+            body["top_logprobs"] = logprobs
+        if seed is not None:
+            body["seed"] = seed
+        if extra:
+            body.update(extra)
+        return body
 
     async def _complete(
         self,
@@ -433,32 +519,21 @@ class LLMClient:
         validate: Callable[[str], bool] | None,
         bypass_cache: bool,
     ) -> Completion:
-        lc_messages = to_langchain_messages(messages)  # fail fast on bad input, before any counting
+        # fail fast on bad input, before any counting
+        body = self._body(messages, temperature, max_tokens, json_mode, logprobs, seed, extra)
         res = self._resources()
-        site = self.stats.site(call_site)
-        kwargs: dict[str, Any] = {"temperature": temperature}
-        if max_tokens is not None:
-            kwargs["max_tokens"] = max_tokens
-        if json_mode:
-            kwargs["response_format"] = {"type": "json_object"}
-        if logprobs is not None:
-            kwargs["logprobs"] = True
-            kwargs["top_logprobs"] = logprobs
-        if seed is not None:
-            kwargs["seed"] = seed
-        if extra:
-            kwargs["extra_body"] = dict(extra)
+        want_logprobs = logprobs is not None
+        kind = (call_site, max_tokens, want_logprobs)
 
-        async def fetch() -> Completion:
-            return await self._request(lc_messages, kwargs, call_site, want_logprobs=logprobs is not None)
+        def fetch() -> Awaitable[Completion]:
+            return self._request(body, call_site, kind, want_logprobs)
 
         if temperature != 0 or self.cache is None:
             return await fetch()
-
         key = cache_key(
             model=self.config.model,
             base_url=self.config.base_url,
-            messages=messages,
+            messages=body["messages"],
             temperature=temperature,
             max_tokens=max_tokens,
             json_mode=json_mode,
@@ -466,14 +541,15 @@ class LLMClient:
             seed=seed,
             extra=extra,
         )
+        site = self.stats.site(call_site)
         return await cached_single_flight(
             self.cache, res.inflight, key, fetch,
             on_hit=lambda: setattr(site, "cache_hits", site.cache_hits + 1),
             validate=validate, bypass_cache=bypass_cache,
-        )
+        )  # fmt: skip
 
     async def _request(
-        self, lc_messages: list[BaseMessage], kwargs: dict[str, Any], call_site: str, *, want_logprobs: bool
+        self, body: dict[str, Any], call_site: str, kind: tuple[Any, ...], want_logprobs: bool
     ) -> Completion:
         """One logical call: bounded, jittered retries around single HTTP attempts."""
         cfg = self.config
@@ -483,7 +559,7 @@ class LLMClient:
 
         def wait(state: RetryCallState) -> float:
             exc = state.outcome.exception() if state.outcome else None
-            server = retry_after_seconds(exc) if exc is not None else None
+            server = exc.retry_after if isinstance(exc, LLMError) else None
             if server is not None:
                 return min(server, cfg.backoff_max)
             base = min(cfg.backoff_max, cfg.backoff_initial * 2 ** (state.attempt_number - 1))
@@ -498,7 +574,7 @@ class LLMClient:
                     call_site=call_site,
                     attempt=state.attempt_number,
                     wait=state.next_action.sleep if state.next_action else 0.0,
-                    retry_after=retry_after_seconds(exc) if exc is not None else None,
+                    retry_after=exc.retry_after if isinstance(exc, LLMError) else None,
                     cause=_describe(exc) if exc is not None else "",
                 )
             )
@@ -506,7 +582,7 @@ class LLMClient:
         retrying = AsyncRetrying(
             stop=stop_after_attempt(cfg.max_retries + 1),
             wait=wait,
-            retry=retry_if_exception(_is_retryable),
+            retry=retry_if_exception(_retryable),
             before_sleep=before_sleep,
             reraise=True,
         )
@@ -515,53 +591,66 @@ class LLMClient:
             async for attempt in retrying:
                 with attempt:
                     attempts += 1
-                    message = await self._attempt(lc_messages, kwargs, site)
-            return _to_completion(message, cfg.model, attempts, want_logprobs)  # type: ignore[possibly-undefined]
-        except openai.APIError as e:
+                    completion = await self._attempt(body, site, kind, want_logprobs)
+            return replace(completion, attempts=attempts)  # type: ignore[possibly-undefined]
+        except LLMError as e:
             site.errors += 1
-            if _is_retryable(e):
-                raise LLMError(
+            if e.retryable:
+                message = (
                     f"{self.endpoint} failed at call site {call_site!r} after {attempts} attempts; "
                     f"last error: {_describe(e)}. Check that the endpoint is up and not overloaded, "
-                    "or raise EndpointConfig.max_retries / timeout.",
-                    endpoint=cfg.base_url,
-                    call_site=call_site,
-                    cause=e,
-                ) from e
-            raise LLMError(
-                f"{self.endpoint} refused the request at call site {call_site!r}: {_describe(e)}; "
-                f"{_rejection_hint(_status(e))}.",
-                endpoint=cfg.base_url,
-                call_site=call_site,
-                cause=e,
-            ) from e
-        except (ValueError, TypeError, KeyError) as e:  # langchain-openai's complaints about odd bodies
-            site.errors += 1
-            raise LLMError(
-                f"{self.endpoint} returned a response that is not a chat completion at call site "
-                f"{call_site!r}: {e!r}. Check that base_url points at an OpenAI-compatible /v1 API.",
-                endpoint=cfg.base_url,
-                call_site=call_site,
-                cause=e,
-            ) from e
+                    "or raise EndpointConfig.max_retries / timeout."
+                )
+            elif isinstance(e, UnparseableResponseError):
+                message = (
+                    f"{self.endpoint} returned a response that is not a chat completion at call site "
+                    f"{call_site!r}: {e}. Check that base_url points at an OpenAI-compatible /v1 API."
+                )
+            else:
+                message = (
+                    f"{self.endpoint} refused the request at call site {call_site!r}: {_describe(e)}; "
+                    f"{_rejection_hint(e.status)}."
+                )
+            raise e.with_context(message, endpoint=cfg.base_url, call_site=call_site, attempts=attempts) from e
 
     async def _attempt(
-        self, lc_messages: list[BaseMessage], kwargs: dict[str, Any], site: CallSiteStats
-    ) -> AIMessage:
+        self, body: dict[str, Any], site: CallSiteStats, kind: tuple[Any, ...], want_logprobs: bool
+    ) -> Completion:
+        """One HTTP attempt. The slot is taken first; the timeout only starts inside the transport."""
         res = self._resources()
-        async with res.semaphore:
+        if res.server is None and self.config.probe_server:
+            await self._probe(res)
+        limiter = res.limiter
+        ticket = await limiter.acquire()
+        signal: Signal = "neutral"
+        started = 0.0
+        try:
             if res.throttler is not None:
                 await res.throttler.acquire()
             site.requests += 1
-            message = await res.chat.ainvoke(lc_messages, **kwargs)
-        if not isinstance(message, AIMessage):  # pragma: no cover - ChatOpenAI always returns AIMessage
-            raise TypeError(f"unexpected message type {type(message).__name__}")
-        usage = message.usage_metadata
-        if usage:
-            site.prompt_tokens += int(usage.get("input_tokens", 0))
-            site.completion_tokens += int(usage.get("output_tokens", 0))
-        return message
+            started = time.perf_counter()
+            completion = await res.transport.chat(body, want_logprobs=want_logprobs)
+            signal = "ok"
+        except LLMError as e:
+            if _overload(e):
+                signal = "overload"
+            raise
+        finally:
+            latency = time.perf_counter() - started if signal == "ok" else None
+            limiter.release(ticket, signal, latency=latency, key=kind)
+        site.prompt_tokens += completion.prompt_tokens
+        site.completion_tokens += completion.completion_tokens
+        return completion
 
+
+def response_format_for(schema: type[BaseModel]) -> dict[str, Any]:
+    """``response_format`` asking for ``schema`` (OpenAI / vLLM / llama.cpp / SGLang ``json_schema``)."""
+    return {
+        "response_format": {
+            "type": "json_schema",
+            "json_schema": {"name": schema.__name__, "schema": schema.model_json_schema(), "strict": False},
+        }
+    }
 
 
 async def cached_single_flight(
@@ -623,29 +712,6 @@ async def cached_single_flight(
 def _current_task_cancelling() -> bool:
     task = asyncio.current_task()
     return bool(task is not None and task.cancelling())
-
-
-def _to_completion(message: AIMessage, default_model: str, attempts: int, want_logprobs: bool) -> Completion:
-    text = message.content if isinstance(message.content, str) else message.text
-    usage = message.usage_metadata or {}
-    meta = message.response_metadata or {}
-    top: list[list[TokenLogprob]] | None = None
-    if want_logprobs:
-        content = (meta.get("logprobs") or {}).get("content") or []
-        top = []
-        for tok in content:
-            alts = tok.get("top_logprobs") or [
-                {"token": tok.get("token", ""), "logprob": tok.get("logprob", 0.0)}
-            ]
-            top.append([TokenLogprob(str(a["token"]), float(a["logprob"])) for a in alts])
-    return Completion(
-        text=text,
-        model=str(meta.get("model_name") or default_model),
-        prompt_tokens=int(usage.get("input_tokens", 0)),
-        completion_tokens=int(usage.get("output_tokens", 0)),
-        top_logprobs=top,
-        attempts=attempts,
-    )
 
 
 def _to_cache(c: Completion) -> dict[str, Any]:

@@ -20,8 +20,10 @@ them look like one endpoint to the engine, judge and reranker:
 * a **shared cache** for temperature-0 calls keyed without the member's URL, so
   failing over to another replica cannot change an answer already given.
 
-Each member keeps its own throttle (``max_concurrency`` / ``rate_limit`` of its
-:class:`~synth_agent.llm.client.LLMClient`). All state is on the instance.
+Each member keeps its own adaptive concurrency limiter and rate limit (those of its
+:class:`~synth_agent.llm.client.LLMClient`): a member's weight is, unless set explicitly,
+its *current* adaptive limit, so a replica that turns out to serve fewer requests at once
+gets proportionally fewer. All state is on the instance.
 """
 
 from __future__ import annotations
@@ -38,7 +40,6 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import httpx
-import openai
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from synth_agent.llm.base import ChatMessage, Completion, LLMStats
@@ -46,12 +47,12 @@ from synth_agent.llm.cache import MemoryCache, ResponseCache, cache_key
 from synth_agent.llm.client import (
     EndpointConfig,
     LLMClient,
-    LLMError,
     _looks_like_json,
     cached_single_flight,
     parse_structured,
     parses_as,
 )
+from synth_agent.llm.errors import InvalidRequestError, LLMError, UnavailableError, UnparseableResponseError
 
 T = TypeVar("T", bound=BaseModel)
 BreakerState = Literal["closed", "open", "half_open"]
@@ -82,9 +83,10 @@ class PoolEndpoint(BaseModel):
     base_url: str = Field(min_length=1, description="OpenAI-compatible base URL, ending in /v1")
     model: str | None = None
     api_key: str | None = None
-    max_concurrency: int = Field(default=16, ge=1)
+    max_concurrency: int = Field(default=16, ge=1, description="ceiling of the member's adaptive limit")
+    adaptive_concurrency: bool = True
     weight: float | None = Field(
-        default=None, gt=0, description="relative capacity; default = max_concurrency"
+        default=None, gt=0, description="relative capacity; default = the member's current concurrency limit"
     )
     rate_limit: float = Field(default=0.0, ge=0)
     timeout: float = Field(default=60.0, gt=0)
@@ -177,6 +179,7 @@ class PoolConfig(BaseModel):
                 api_key=ep.api_key or self.api_key,
                 model=ep.model or self.model,
                 max_concurrency=ep.max_concurrency,
+                adaptive_concurrency=ep.adaptive_concurrency,
                 rate_limit=ep.rate_limit,
                 timeout=ep.timeout,
                 max_retries=self.member_max_retries if ep.max_retries is None else ep.max_retries,
@@ -204,6 +207,8 @@ class EndpointStatus:
     readmissions: int
     healthy: bool | None
     last_error: str
+    concurrency: int = 0
+    """Requests the member's limiter allows in flight now (its adaptive limit)."""
 
 
 @dataclass(frozen=True)
@@ -221,7 +226,7 @@ class PoolCounters:
 @dataclass
 class _Member:
     client: LLMClient
-    weight: float
+    fixed_weight: float | None
     index: int
     state: BreakerState = "closed"
     in_flight: int = 0
@@ -238,6 +243,11 @@ class _Member:
     @property
     def base_url(self) -> str:
         return self.client.config.base_url
+
+    @property
+    def weight(self) -> float:
+        """Relative capacity: as configured, else the member's current (adaptive) concurrency limit."""
+        return self.fixed_weight if self.fixed_weight is not None else float(self.client.concurrency)
 
 
 class _LoopBound:
@@ -256,10 +266,6 @@ class _LoopBound:
         self.changed = asyncio.Event()
 
 
-def _is_request_error(exc: LLMError) -> bool:
-    """The request itself is bad (400/413/422): every member would refuse it, so do not fail over."""
-    cause = exc.cause
-    return isinstance(cause, openai.APIStatusError) and cause.status_code in (400, 413, 422)
 
 
 # ------------------------------------------------------------------ the pool
@@ -278,7 +284,7 @@ class EndpointPool:
         self,
         members: Sequence[LLMClient],
         *,
-        weights: Sequence[float] | None = None,
+        weights: Sequence[float | None] | None = None,
         cache: ResponseCache | bool = True,
         model: str | None = None,
         health_interval: float = 5.0,
@@ -294,12 +300,14 @@ class EndpointPool:
         urls = [m.config.base_url.rstrip("/") for m in members]
         if len(set(urls)) != len(urls):
             raise ValueError(f"EndpointPool endpoints must be distinct, got {urls}")
-        if weights is not None and (len(weights) != len(members) or any(w <= 0 for w in weights)):
-            raise ValueError("weights must give one positive number per endpoint")
+        if weights is not None and (
+            len(weights) != len(members) or any(w is not None and w <= 0 for w in weights)
+        ):
+            raise ValueError("weights must give one positive number (or None: adaptive) per endpoint")
         if failure_threshold < 1:
             raise ValueError("failure_threshold must be at least 1")
         self._members = [
-            _Member(c, float(weights[i]) if weights is not None else float(c.config.max_concurrency), i)
+            _Member(c, float(w) if (w := weights[i] if weights is not None else None) is not None else None, i)
             for i, c in enumerate(members)
         ]
         names = sorted({m.model for m in members})
@@ -323,7 +331,7 @@ class EndpointPool:
     @classmethod
     def from_config(cls, config: PoolConfig, *, cache: ResponseCache | bool = True) -> EndpointPool:
         clients = [LLMClient(c, cache=False) for c in config.endpoint_configs()]
-        weights = [ep.weight or float(ep.max_concurrency) for ep in config.endpoints]
+        weights = [ep.weight for ep in config.endpoints]
         return cls(
             clients,
             weights=weights,
@@ -377,6 +385,7 @@ class EndpointPool:
                 readmissions=m.readmissions,
                 healthy=m.healthy,
                 last_error=m.last_error,
+                concurrency=m.client.concurrency,
             )
             for m in self._members
         ]
@@ -514,7 +523,7 @@ class EndpointPool:
             left = deadline - now
             if left <= 0:
                 states = "; ".join(f"{m.base_url}: {m.state} ({m.last_error[:160] or 'no error'})" for m in self._members)
-                raise LLMError(
+                raise UnavailableError(
                     f"no usable endpoint in the pool for {self.unavailable_timeout:g}s ({states}). "
                     "Check that the judge servers are up (GET <base_url>/models), or raise unavailable_timeout.",
                     endpoint="pool",
@@ -601,7 +610,7 @@ class EndpointPool:
                 return parse_structured(comp.text, schema)
             except ValueError as e:
                 last = e
-        raise LLMError(
+        raise UnparseableResponseError(
             f"the pool's endpoints gave no answer readable as {schema.__name__} at call site {call_site!r} "
             f"after {self.structured_retries + 1} tries; last: {last}. Try a stronger judge model.",
             endpoint="pool",
@@ -645,7 +654,7 @@ class EndpointPool:
                 try:
                     comp = await m.client.complete(messages, call_site=call_site, **kwargs)
                 except LLMError as e:
-                    if _is_request_error(e):
+                    if isinstance(e, InvalidRequestError):  # every member would refuse it: no failover
                         self._release(res, m, probe, None)
                         raise
                     self._release(res, m, probe, False, str(e)[:300])
@@ -665,10 +674,11 @@ class EndpointPool:
             self._failed += 1
             raise
         self._failed += 1
-        raise LLMError(
+        assert last is not None  # the loop only ends without an answer after a failure
+        raise last.with_context(  # keeps the last failure's type (timeout, rate limited ...)
             f"request at call site {call_site!r} failed on {len({id(m) for m in tried})} endpoint(s) "
             f"in {self.max_attempts} attempts; last error: {last}",
             endpoint="pool",
             call_site=call_site,
-            cause=last,
-        )
+            attempts=self.max_attempts,
+        ) from last

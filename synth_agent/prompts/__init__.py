@@ -55,11 +55,20 @@ def render_context(context: Sequence[Message]) -> str:
     return "\n".join(f"[{m.role}]: {m.content}" for m in context)
 
 
+EMPTY_RESPONSE = "(empty response: the assistant returned no text)"
+"""How an empty answer is shown to judges and the persona writer: explicitly, never as a blank block."""
+
+
+def shown_response(text: str) -> str:
+    """A response as the judge sees it (an empty one is named as such)."""
+    return text if text.strip() else EMPTY_RESPONSE
+
+
 def render_pair(context: Sequence[Message], a: str, b: str) -> str:
     return (
         f"<conversation>\n{render_context(context)}\n</conversation>\n"
-        f"<response_a>\n{a}\n</response_a>\n"
-        f"<response_b>\n{b}\n</response_b>"
+        f"<response_a>\n{shown_response(a)}\n</response_a>\n"
+        f"<response_b>\n{shown_response(b)}\n</response_b>"
     )
 
 

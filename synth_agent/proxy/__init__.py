@@ -7,19 +7,22 @@
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from synth_agent.proxy.app import Caller, ProxyState, create_app
-    from synth_agent.proxy.auth import ApiKey, KeyRing, RateLimiter, TokenBucket, hash_key
+    from synth_agent.proxy.app import create_app
+    from synth_agent.proxy.auth import ApiKey, AuthThrottle, KeyRing, RateLimiter, TokenBucket, hash_key
     from synth_agent.proxy.errors import ProxyError
     from synth_agent.proxy.metrics import ProxyMetrics
+    from synth_agent.proxy.schemas import Limits, api_models
     from synth_agent.proxy.server import ProxyServer
     from synth_agent.proxy.settings import ProxySettings, parse_model_map
+    from synth_agent.proxy.state import Caller, ProxyState
     from synth_agent.proxy.worker import StorePoller, SynthesisWorker
 
 # Loaded on first use, so `synth-agent --help` (which registers `serve`) does not import the app.
 _LAZY = {
-    "Caller": "app", "ProxyState": "app", "create_app": "app",
-    "ApiKey": "auth", "KeyRing": "auth", "RateLimiter": "auth", "TokenBucket": "auth", "hash_key": "auth",
-    "ProxyError": "errors", "ProxyMetrics": "metrics", "ProxyServer": "server",
+    "Caller": "state", "ProxyState": "state", "create_app": "app",
+    "ApiKey": "auth", "AuthThrottle": "auth", "KeyRing": "auth", "RateLimiter": "auth", "TokenBucket": "auth",
+    "hash_key": "auth", "ProxyError": "errors", "ProxyMetrics": "metrics", "ProxyServer": "server",
+    "Limits": "schemas", "api_models": "schemas",
     "ProxySettings": "settings", "parse_model_map": "settings",
     "StorePoller": "worker", "SynthesisWorker": "worker",
 }
@@ -34,8 +37,10 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "ApiKey",
+    "AuthThrottle",
     "Caller",
     "KeyRing",
+    "Limits",
     "ProxyError",
     "ProxyMetrics",
     "ProxyServer",
@@ -45,6 +50,7 @@ __all__ = [
     "StorePoller",
     "SynthesisWorker",
     "TokenBucket",
+    "api_models",
     "create_app",
     "hash_key",
     "parse_model_map",

@@ -1,4 +1,4 @@
-"""API keys → tenants, and a token-bucket rate limit per key.
+"""API keys → tenants, a token-bucket rate limit per key, and failed-auth throttling per client address.
 
 Keys are kept only as SHA-256 digests, so a leaked key file or a heap dump does
 not reveal usable keys, and a presented key is checked against every digest with
@@ -25,6 +25,7 @@ import json
 import math
 import time
 import tomllib
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +33,7 @@ from typing import Any
 
 from synth_agent.models import validate_user_id
 
-__all__ = ["ApiKey", "KeyRing", "RateLimiter", "TokenBucket", "hash_key"]
+__all__ = ["ApiKey", "AuthThrottle", "KeyRing", "RateLimiter", "TokenBucket", "hash_key"]
 
 
 def hash_key(key: str) -> str:
@@ -165,17 +166,38 @@ class TokenBucket:
         self.tokens = float(self.burst)
         self.updated = self.clock()
 
+    def _refill(self) -> None:
+        now = self.clock()
+        self.tokens = min(float(self.burst), self.tokens + (now - self.updated) * self.rate)
+        self.updated = now
+
     def take(self) -> float:
         """Spend one token; returns 0 when allowed, else the seconds until one is available."""
         if self.rate <= 0:
             return 0.0
-        now = self.clock()
-        self.tokens = min(float(self.burst), self.tokens + (now - self.updated) * self.rate)
-        self.updated = now
+        self._refill()
         if self.tokens >= 1.0:
             self.tokens -= 1.0
             return 0.0
         return (1.0 - self.tokens) / self.rate
+
+    def wait(self) -> float:
+        """Seconds until a token is available (0 now), without spending one."""
+        if self.rate <= 0:
+            return 0.0
+        self._refill()
+        return 0.0 if self.tokens >= 1.0 else (1.0 - self.tokens) / self.rate
+
+    def spend(self) -> None:
+        """Spend a token even if none is left (the balance may go negative: repeated abuse waits longer)."""
+        if self.rate > 0:
+            self._refill()
+            self.tokens = max(self.tokens - 1.0, -float(self.burst))
+
+    @property
+    def full(self) -> bool:
+        self._refill()
+        return self.tokens >= self.burst
 
 
 class RateLimiter:
@@ -196,3 +218,51 @@ class RateLimiter:
             bucket = self._buckets[key.digest] = TokenBucket(rate, burst, self.clock)
         wait = bucket.take()
         return None if wait <= 0 else max(1, math.ceil(wait))
+
+
+class AuthThrottle:
+    """Failed authentications per client address: ``burst`` failures, then ``rate`` per second.
+
+    While an address is over its budget, every request from it that needs a key gets 429
+    with ``Retry-After`` *before* its key is checked, so guessing keys is slow no matter
+    what is sent. Valid keys from other addresses are unaffected. At most ``max_clients``
+    addresses are tracked (least recently failing first out, after those already refilled),
+    so a flood of spoofed addresses cannot grow memory.
+    """
+
+    def __init__(
+        self, rate: float, burst: int, *, max_clients: int = 10_000, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.max_clients = max_clients
+        self.clock = clock
+        self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
+
+    def retry_after(self, client: str) -> int | None:
+        """None when ``client`` may try a key now, else the Retry-After in whole seconds (at least 1)."""
+        bucket = self._buckets.get(client)
+        if bucket is None or self.rate <= 0:
+            return None
+        wait = bucket.wait()
+        return None if wait <= 0 else max(1, math.ceil(wait))
+
+    def failed(self, client: str) -> None:
+        """Record a failed authentication from ``client``."""
+        if self.rate <= 0:
+            return
+        bucket = self._buckets.get(client)
+        if bucket is None:
+            self._evict()
+            bucket = self._buckets[client] = TokenBucket(self.rate, self.burst, self.clock)
+        else:
+            self._buckets.move_to_end(client)
+        bucket.spend()
+
+    def _evict(self) -> None:
+        if len(self._buckets) < self.max_clients:
+            return
+        for addr in [a for a, b in self._buckets.items() if b.full]:
+            del self._buckets[addr]
+        while len(self._buckets) >= self.max_clients:
+            self._buckets.popitem(last=False)

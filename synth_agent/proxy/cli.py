@@ -54,8 +54,16 @@ def register(app: typer.Typer) -> None:
         chroma_host: Annotated[str | None, typer.Option(help="Chroma server host (env CHROMA_HOST).")] = None,
         chroma_port: Annotated[int | None, typer.Option(help="Chroma server port (env CHROMA_PORT).")] = None,
         log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+        simulator: Annotated[bool, typer.Option(
+            "--simulator", help="Use a fresh offline simulator (a child process that ends with this one) as "
+            "upstream and judge, whatever OPENAI_BASE_URL says.")] = False,
     ) -> None:
-        """Serve the OpenAI-compatible personalization proxy (point any OpenAI client's base_url at /v1)."""
+        """Serve the OpenAI-compatible personalization proxy (point any OpenAI client's base_url at /v1).
+
+        Without an upstream (and with --simulator) the offline simulator runs as a child process; it
+        stops with the server: on SIGTERM or Ctrl-C after a graceful shutdown, and within a second if
+        the server is killed outright.
+        """
         import uvicorn
 
         from synth_agent.proxy.app import create_app
@@ -68,12 +76,16 @@ def register(app: typer.Typer) -> None:
             "keys_file": keys_file, "key_rate_limit": rate_limit, "key_burst": burst, "synthesis": synthesis,
             "poll_interval": poll_interval,
         }
+        if simulator and upstream_base_url is not None:
+            raise typer.BadParameter("give --simulator or --upstream-base-url, not both", param_hint="'--simulator'")
         try:
             proxy = ProxySettings(**{k: v for k, v in flags.items() if v is not None})
             if no_auth:
                 proxy = proxy.model_copy(update={"no_auth": True})
+            if simulator:
+                proxy = proxy.model_copy(update={"upstream_base_url": None, "upstream_api_key": None})
             settings = _settings(ctx, chroma_host, chroma_port)
-            with simulator_if_needed(settings) as live:
+            with simulator_if_needed(settings, force=simulator) as live:
                 app = create_app(live, proxy)
                 auth = "OFF (--no-auth, tenant 'default')" if proxy.no_auth else "API keys"
                 typer.echo(f"synth-agent proxy on http://{proxy.host}:{proxy.port}/v1 -> "

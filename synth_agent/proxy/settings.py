@@ -9,6 +9,9 @@
 | ``SYNTH_AGENT_KEYS_FILE`` | JSON or TOML key file (see :mod:`synth_agent.proxy.auth`) | unset |
 | ``SYNTH_AGENT_NO_AUTH`` | dev mode: no keys, everything is tenant ``default`` | ``false`` |
 | ``SYNTH_AGENT_KEY_RATE_LIMIT`` / ``_KEY_BURST`` | requests per second / bucket size per API key | ``20`` / ``40`` |
+| ``SYNTH_AGENT_AUTH_FAILURE_RATE`` / ``_BURST`` | failed authentications per second / in a burst, per client address, before 429 | ``1`` / ``20`` |
+| ``SYNTH_AGENT_MAX_BODY_BYTES`` / ``_MAX_JSON_DEPTH`` | largest request body / deepest JSON nesting accepted | ``1048576`` / ``64`` |
+| ``SYNTH_AGENT_MAX_MESSAGES`` / ``_MAX_CANDIDATES`` / ``_MAX_BATCH_VOTES`` | messages per conversation / rerank candidates / votes per request | ``256`` / ``8`` / ``1000`` |
 | ``SYNTH_AGENT_SYNTHESIS`` | ``inline`` (in this process) or ``off`` (a ``synth-agent worker`` does it) | ``inline`` |
 """
 
@@ -59,8 +62,11 @@ class ProxySettings(BaseSettings):
     no_auth: bool = False
     key_rate_limit: float = Field(default=20.0, ge=0, description="requests/second per key; 0 = unlimited")
     key_burst: int = Field(default=40, ge=1)
+    auth_failure_rate: float = Field(default=1.0, ge=0, description="failed auths/second per client address; 0 = off")
+    auth_failure_burst: int = Field(default=20, ge=1)
 
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
+    max_json_depth: int = Field(default=64, ge=4, le=512)
     max_messages: int = Field(default=256, ge=1)
     max_batch_votes: int = Field(default=1000, ge=1)
     max_candidates: int = Field(default=8, ge=2)

@@ -24,7 +24,7 @@ import httpx
 
 from synth_agent.proxy.errors import ProxyError, error_body
 
-__all__ = ["Upstream", "UpstreamConfig"]
+__all__ = ["Upstream", "UpstreamConfig", "upstream_message"]
 
 _RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
 
@@ -54,7 +54,14 @@ def _retry_after(resp: httpx.Response) -> float | None:
         return None
 
 
-def _upstream_message(resp: httpx.Response) -> str:
+def upstream_message(resp: httpx.Response) -> str:
+    """The upstream's error message (OpenAI, vLLM or FastAPI style), shortened to one line."""
+    try:
+        body = resp.json()
+        if isinstance(body, dict) and isinstance(body.get("detail"), list | str):  # FastAPI-style 422
+            return " ".join(str(body["detail"]).split())[:300]
+    except ValueError:
+        pass
     try:
         err = resp.json().get("error", {})
         msg = err.get("message") if isinstance(err, dict) else err
@@ -124,7 +131,7 @@ class Upstream:
                 if stream:
                     await resp.aread()
                     await resp.aclose()
-                timed_out, last_reason = False, f"HTTP {resp.status_code}: {_upstream_message(resp)}"
+                timed_out, last_reason = False, f"HTTP {resp.status_code}: {upstream_message(resp)}"
             self._on_error("timeout" if timed_out else str(resp.status_code) if resp is not None else "connection")
             if attempt < attempts:
                 self._on_retry(last_reason)
@@ -169,10 +176,13 @@ class Upstream:
     async def chat_text(self, body: dict[str, Any]) -> str:
         """A non-streaming completion's text, for A/B and rerank candidates."""
         resp = await self.request_json("POST", "/chat/completions", {**body, "stream": False})
+        if resp.status_code in (401, 403):
+            raise ProxyError(502, "the upstream refused the proxy's credentials; check SYNTH_AGENT_UPSTREAM_API_KEY",
+                             code="upstream_auth")
         if resp.status_code >= 400:
             raise ProxyError(
-                resp.status_code if resp.status_code < 500 else 502,
-                f"the upstream refused the request: {_upstream_message(resp)}",
+                resp.status_code if resp.status_code in (400, 404, 413) else 400 if resp.status_code < 500 else 502,
+                f"the upstream model rejected the request: {upstream_message(resp)}",
                 code="upstream_rejected",
             )
         try:

@@ -18,6 +18,7 @@ from synth_agent.sim.generator import (
 from synth_agent.sim.population import (
     Population,
     SimUser,
+    decisive_votes,
     oracle_accuracy,
     simulate_votes,
     write_population_jsonl,
@@ -32,6 +33,7 @@ __all__ = [
     "Population",
     "SimBrain",
     "SimUser",
+    "decisive_votes",
     "generate_candidates",
     "oracle_accuracy",
     "parse_preferences",

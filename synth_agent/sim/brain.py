@@ -6,6 +6,13 @@ blocks the templates in :mod:`synth_agent.prompts` produce, measures response tr
 (:mod:`synth_agent.sim.traits`) and answers in the shared phrase vocabulary. It never
 sees a simulated user's hidden weights: a persona helps it only if the persona's text
 carries correct information, and demos help only through their labels.
+
+The judge is equally noisy with or without user information (issue 16): one noise model
+(:data:`JUDGE_QUIRK`, :data:`ORDER_NOISE`, :data:`POSITION_BIAS`, :data:`SAMPLE_NOISE`) for every
+prompt, and a decision direction of unit length whether it is the generic taste or a user model
+read from a persona and demos. A persona or demos therefore change *which way* the judge leans,
+never *how sure* it is: an uninformative persona scores like the default judge, and a persona that
+describes someone else scores at or below it.
 """
 
 from __future__ import annotations
@@ -54,8 +61,15 @@ MEASURED_WEIGHT = 0.35
 """Persona writer: weight of the measured trait difference next to a reasoning claim (weight 1)."""
 CONTRADICTED_CLAIM = 0.5
 """Persona writer: a claim the measured difference contradicts counts this much (agreeing claims count 1)."""
-DEFAULT_QUIRK = 0.22
-"""Default judge: scale of its idiosyncratic (hash-keyed) taste for one response of a pair."""
+JUDGE_QUIRK = 0.22
+"""Judge: scale of its idiosyncratic (hash-keyed) taste for one response of a pair, the same in both
+orders. The same for every prompt: a persona does not make the judge less quirky."""
+ORDER_NOISE = 0.06
+"""Judge: scale of the noise specific to one presentation order of a pair."""
+POSITION_BIAS = 0.02
+"""Judge: a slight preference for the response shown first."""
+SAMPLE_NOISE = 0.3
+"""Judge: scale of the sampling noise per unit of temperature (up to 2)."""
 PERSONA_SHRINK = 1.0
 """Persona writer: evidence is averaged over ``n + PERSONA_SHRINK`` examples, so thin evidence reads weaker."""
 INSIGHT_TRAITS = 1
@@ -331,24 +345,25 @@ class SimBrain:
         if demos:
             d_vec = np.mean([(1.0 if lab == "A" else -1.0) * self._delta(dp) for dp, lab, _ in demos], axis=0)
         personalized = bool(np.any(p_vec)) or bool(np.any(d_vec))
-        # judge quirks: a fixed taste for one of the two texts (same in both orders), a little
-        # order-specific noise, a slight first-position bias, and sampling noise when temperature > 0
-        lo, hi = sorted((pair.a, pair.b))
-        quirk = _gauss(self.seed, "pair", lo, hi) * (1.0 if pair.a == lo else -1.0)
-        order_noise = _gauss(self.seed, "order", pair.a, pair.b)
-        sample = _gauss(self.seed, "sample", seed, temperature, pair.a, pair.b) * min(temperature, 2.0)
         if personalized:
             attend = p_vec != 0
             evidence = [
                 _salient((1.0 if lab == "A" else -1.0) * self._delta(dp), attend) for dp, lab, _ in demos
             ]
-            w = self.user_model(p_vec, evidence)
-            base = float(w @ delta)
-            margin = base + 0.06 * quirk + 0.03 * order_noise + 0.01 + 0.1 * sample
+            w = _unit(self.user_model(p_vec, evidence))
         else:
             w = _GENERIC
-            base = float(w @ delta)
-            margin = base + DEFAULT_QUIRK * quirk + 0.06 * order_noise + 0.02 + 0.3 * sample
+        # judge quirks, identical with and without user information: a fixed taste for one of the two
+        # texts (same in both orders), a little order-specific noise, a slight first-position bias,
+        # and sampling noise when temperature > 0
+        lo, hi = sorted((pair.a, pair.b))
+        quirk = _gauss(self.seed, "pair", lo, hi) * (1.0 if pair.a == lo else -1.0)
+        order_noise = _gauss(self.seed, "order", pair.a, pair.b)
+        sample = _gauss(self.seed, "sample", seed, temperature, pair.a, pair.b) * min(temperature, 2.0)
+        margin = (
+            float(w @ delta) + JUDGE_QUIRK * quirk + ORDER_NOISE * order_noise + POSITION_BIAS
+            + SAMPLE_NOISE * sample
+        )
         return _Decision(margin, self._reasoning(delta, margin >= 0, persona, d_vec, len(demos)))
 
     @staticmethod

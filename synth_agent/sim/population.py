@@ -2,8 +2,9 @@
 
 A :class:`SimUser` prefers responses by a Bradley-Terry choice on trait-score
 differences, ``P(a) = sigmoid(w . (t(a) - t(b)) / noise)``. Weights are sparse
-(2-4 strong traits) and their signs vary across users, so no single generic
-taste predicts the population well. The hidden weights never leave this module
+(2-3 strong traits) and their signs vary across users, so no single generic
+taste predicts the population well. Optionally some users are pure noise (all weights
+zero: every vote a coin flip), to test that personalization is withheld where it cannot help. The hidden weights never leave this module
 except through :meth:`Population.user` (for oracle/ceiling accuracy in tests and
 evaluation); the simulated LLM sees only prompt text.
 """
@@ -41,6 +42,11 @@ class SimUser:
     user_id: str
     weights: dict[str, float]
     noise: float = BASE_NOISE
+
+    @property
+    def is_noise(self) -> bool:
+        """True for a user without preferences (all hidden weights zero): every vote is a coin flip."""
+        return not any(self.weights.values())
 
     @property
     def weight_vector(self) -> np.ndarray:
@@ -144,23 +150,63 @@ def simulate_votes(
     votes: list[Vote] = []
     t = start_time
     for _ in range(n_votes):
-        prompt = prompts[int(rng.integers(len(prompts)))]
-        a = render_response(prompt, random_levels(rng), rng)
-        b = render_response(prompt, random_levels(rng), rng)
-        while b.strip() == a.strip():
-            b = render_response(prompt, random_levels(rng), rng)
+        prompt, a, b = _candidate_pair(prompts, rng)
         chosen, rejected = (a, b) if user.choose(a, b, rng) else (b, a)
         t = t + timedelta(minutes=int(rng.integers(5, 60 * 24)))
-        votes.append(
-            Vote(
-                id="sim-" + rng.bytes(8).hex(),
-                user_id=user.user_id,
-                context=[Message(role="user", content=prompt)],
-                chosen=chosen,
-                rejected=rejected,
-                timestamp=t,
-            )
-        )
+        votes.append(_vote(user, "sim-" + rng.bytes(8).hex(), prompt, chosen, rejected, t))
+    return votes
+
+
+def _candidate_pair(prompts: Sequence[str], rng: np.random.Generator) -> tuple[str, str, str]:
+    """(prompt, a, b): a pool prompt and two distinct random-style answers to it."""
+    prompt = prompts[int(rng.integers(len(prompts)))]
+    a = render_response(prompt, random_levels(rng), rng)
+    b = render_response(prompt, random_levels(rng), rng)
+    while b.strip() == a.strip():
+        b = render_response(prompt, random_levels(rng), rng)
+    return prompt, a, b
+
+
+def _vote(
+    user: SimUser, vote_id: str, prompt: str, chosen: str, rejected: str, timestamp: datetime | None = None
+) -> Vote:
+    return Vote(
+        id=vote_id,
+        user_id=user.user_id,
+        context=[Message(role="user", content=prompt)],
+        chosen=chosen,
+        rejected=rejected,
+        timestamp=timestamp,
+    )
+
+
+def decisive_votes(
+    user: SimUser,
+    n_votes: int,
+    rng: np.random.Generator,
+    *,
+    min_margin: float = 1.5,
+    prompts: Sequence[str] = PROMPT_POOL,
+) -> list[Vote]:
+    """``n_votes`` pairs on which ``user``'s taste is decisive (``|w . (t(a) - t(b))| >= min_margin``,
+    i.e. the user picks the same side at least ~95% of the time at the base noise), with ``chosen``
+    the response the user prefers in expectation. Quality tests judge against these: a judge
+    that has learned the user must get them right, a judge that has not has no reason to.
+    Raises ``ValueError`` for a user without such pairs (e.g. a noise user)."""
+    if user.is_noise:
+        raise ValueError("a noise user has no decisive pairs")
+    votes: list[Vote] = []
+    tries = 0
+    while len(votes) < n_votes:
+        tries += 1
+        if tries > 1000 * n_votes:
+            raise ValueError(f"could not find {n_votes} pairs with margin >= {min_margin} for this user")
+        prompt, a, b = _candidate_pair(prompts, rng)
+        margin = user.utility_margin(a, b)
+        if abs(margin) < min_margin:
+            continue
+        chosen, rejected = (a, b) if margin > 0 else (b, a)
+        votes.append(_vote(user, "sim-decisive-" + rng.bytes(8).hex(), prompt, chosen, rejected))
     return votes
 
 
@@ -172,11 +218,30 @@ def oracle_accuracy(user: SimUser, votes: Sequence[Vote]) -> float:
 
 
 class Population:
-    """A seeded population of simulated users; everything derived from it is deterministic."""
+    """A seeded population of simulated users; everything derived from it is deterministic.
 
-    def __init__(self, n_users: int, seed: int = 0) -> None:
+    ``noise_fraction`` of the users (rounded; chosen by the seed) are *noise users*: their hidden
+    weights are all zero, so each of their votes is a fair coin flip and no judge, personalized
+    or not, can beat 50% on them in expectation. The other users are exactly the users of the
+    same seed without noise users, so a population with and without them can be compared user
+    by user.
+
+    >>> pop = Population(10, seed=0, noise_fraction=0.3)
+    >>> len(pop.noise_user_ids)
+    3
+    >>> [u.weights for u in pop.users if u.user_id not in pop.noise_user_ids] == [
+    ...     u.weights for u in Population(10, seed=0).users if u.user_id not in pop.noise_user_ids]
+    True
+    """
+
+    def __init__(self, n_users: int, seed: int = 0, *, noise_fraction: float = 0.0) -> None:
+        if not 0.0 <= noise_fraction <= 1.0:
+            raise ValueError("noise_fraction must be between 0 and 1")
         self.seed = int(seed)
+        self.noise_fraction = float(noise_fraction)
         rng = np.random.default_rng([self.seed, 7919])
+        n_noise = round(noise_fraction * n_users)
+        noisy = set(np.random.default_rng([self.seed, 7919, 1]).permutation(n_users)[:n_noise].tolist())
         users: list[SimUser] = []
         seen: set[str] = set()
         for i in range(n_users):
@@ -186,9 +251,16 @@ class Population:
             seen.add(uid)
             weights = random_weights(rng)
             noise = BASE_NOISE * float(rng.uniform(0.85, 1.15))
+            if i in noisy:  # drawn all the same, so the other users do not depend on noise_fraction
+                weights = dict.fromkeys(TRAITS, 0.0)
             users.append(SimUser(uid, weights, noise))
         self.users: list[SimUser] = users
         self._by_id = {u.user_id: (i, u) for i, u in enumerate(users)}
+
+    @property
+    def noise_user_ids(self) -> list[str]:
+        """Ids of the users whose votes are pure noise (see the class docstring)."""
+        return [u.user_id for u in self.users if u.is_noise]
 
     def __len__(self) -> int:
         return len(self.users)
@@ -227,9 +299,12 @@ def vote_to_json(v: Vote) -> dict[str, object]:
     }
 
 
-def write_population_jsonl(path: str | Path, n_users: int, n_votes: int, seed: int = 0) -> Population:
-    """Write ``n_users`` x ``n_votes`` votes, one JSON object a line; return the population."""
-    pop = Population(n_users, seed)
+def write_population_jsonl(
+    path: str | Path, n_users: int, n_votes: int, seed: int = 0, *, noise_fraction: float = 0.0
+) -> Population:
+    """Write ``n_users`` x ``n_votes`` votes, one JSON object a line; return the population.
+    ``noise_fraction``: share of users whose votes are pure noise (see :class:`Population`)."""
+    pop = Population(n_users, seed, noise_fraction=noise_fraction)
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     with p.open("w", encoding="utf-8") as fh:

@@ -40,6 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from synth_agent.serving import ThreadedServer
+from synth_agent.sim.slots import SlotQueue
 
 logger = logging.getLogger(__name__)
 
@@ -170,6 +171,8 @@ class SimState:
     max_in_flight: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    slot_queue: SlotQueue | None = None
+    """``slots`` mode: completions served N at a time, the rest queued in the server (like llama.cpp)."""
 
     def __post_init__(self) -> None:
         self.rng.seed(self.seed)
@@ -218,6 +221,7 @@ class SimState:
                 "max_in_flight": self.max_in_flight,
                 "prompt_tokens": self.prompt_tokens,
                 "completion_tokens": self.completion_tokens,
+                **({"slots": self.slot_queue.snapshot()} if self.slot_queue is not None else {}),
             }
 
     def reset(self) -> None:
@@ -227,6 +231,8 @@ class SimState:
             self.faults.clear()
             self.max_in_flight = self.in_flight
             self.prompt_tokens = self.completion_tokens = 0
+        if self.slot_queue is not None:
+            self.slot_queue.reset()
 
     def draw_fault(self) -> FaultKind | None:
         with self.lock:
@@ -331,8 +337,17 @@ def create_sim_app(
     retry_after: float = 0.05,
     model_name: str = "sim",
     logprobs_supported: bool = True,
+    slots: int | None = None,
+    advertise_slots: bool = True,
+    context_length: int = 4096,
 ) -> FastAPI:
-    """Build the simulated endpoint. ``brain`` defaults to ``SimBrain(seed=seed)``."""
+    """Build the simulated endpoint. ``brain`` defaults to ``SimBrain(seed=seed)``.
+
+    ``slots=N`` serves at most N (non-streamed) completions at once and queues the rest
+    inside the server, like a llama.cpp server with N slots; with ``advertise_slots`` it
+    states that capacity at ``GET /props`` (``total_slots``, ``n_ctx`` = ``context_length``)
+    and ``GET /slots`` as llama.cpp does.
+    """
     if brain is None:
         from synth_agent.sim.brain import SimBrain  # lazy: the server is usable with any brain
 
@@ -353,6 +368,7 @@ def create_sim_app(
         retry_after=retry_after,
         seed=seed,
         logprobs_supported=logprobs_supported,
+        slot_queue=SlotQueue(slots, advertise=advertise_slots, context_length=context_length) if slots else None,
     )
     app = FastAPI(title="synth-agent simulated LLM", version="1")
     app.state.sim = state
@@ -393,6 +409,22 @@ def create_sim_app(
             ],
         }
 
+    @app.get("/props")
+    async def props() -> Any:
+        """llama.cpp-style server properties (only in ``slots`` mode with ``advertise_slots``)."""
+        sq = state.slot_queue
+        if sq is None or not sq.advertise:
+            return _error(404, "Not Found", type_="not_found_error")
+        return sq.props(state.model_name)
+
+    @app.get("/slots")
+    async def slot_list() -> Any:
+        sq = state.slot_queue
+        if sq is None or not sq.advertise:
+            return _error(404, "Not Found", type_="not_found_error")
+        busy = sq.snapshot()["busy"]
+        return [{"id": i, "is_processing": i < busy} for i in range(sq.slots)]
+
     @app.get("/stats")
     async def stats() -> dict[str, Any]:
         return state.snapshot()
@@ -417,6 +449,7 @@ def create_sim_app(
     async def chat_completions(body: ChatRequest, request: Request) -> Any:
         state.enter()
         streaming = False
+        slot = False
         try:
             fault = state.draw_fault()
             if fault is not None:
@@ -441,6 +474,10 @@ def create_sim_app(
             if fault == "timeout" and not await _sleep_unless_gone(request, state.slow_ms / 1000):
                 return _error(499, "client closed request", type_="client_closed")
 
+            if state.slot_queue is not None and not body.stream:
+                slot = await state.slot_queue.take(request)
+                if not slot:
+                    return _error(499, "client closed request", type_="client_closed")
             messages = [{"role": m.role, "content": m.text()} for m in body.messages]
             k = (body.top_logprobs or 1) if body.logprobs else None
             try:
@@ -508,6 +545,8 @@ def create_sim_app(
                 "usage": usage,
             }
         finally:
+            if slot and state.slot_queue is not None:
+                state.slot_queue.give()
             if not streaming:
                 state.leave()
 
@@ -638,32 +677,48 @@ class SimProcess:
         return f"http://{self.host}:{self.port}/v1"
 
     def start(self) -> SimProcess:
+        """Start the child and wait until it is healthy.
+
+        The child ends with this process however it ends: ``stop()`` (also on SIGTERM or
+        Ctrl-C through ``with``), or the kernel's parent-death signal and a ``getppid()``
+        watch if this process is killed outright (see :mod:`synth_agent.lifecycle`).
+        """
+        from synth_agent.lifecycle import child_env
+
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "synth_agent.cli", "sim-endpoint", *self._args],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=child_env(),
         )
-        deadline = time.monotonic() + self._timeout
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                raise RuntimeError(f"simulator process exited with code {self._proc.returncode}")
-            try:
-                if httpx.get(f"http://{self.host}:{self.port}/healthz", timeout=0.5).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"simulator process did not become healthy within {self._timeout:.0f} s")
+        try:
+            deadline = time.monotonic() + self._timeout
+            while time.monotonic() < deadline:
+                if self._proc.poll() is not None:
+                    raise RuntimeError(f"simulator process exited with code {self._proc.returncode}")
+                try:
+                    if httpx.get(f"http://{self.host}:{self.port}/healthz", timeout=0.5).status_code == 200:
+                        return self
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.1)
+            raise RuntimeError(f"simulator process did not become healthy within {self._timeout:.0f} s")
+        except BaseException:
+            self.stop()
+            raise
+
+    @property
+    def pid(self) -> int | None:
+        """The child's process id while it runs."""
+        return self._proc.pid if self._proc is not None else None
 
     def stop(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.terminate()
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
             try:
-                self._proc.wait(timeout=10)
+                proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
-        self._proc = None
+                proc.kill()
+                proc.wait()
 
     def stats(self) -> dict[str, Any]:
         return httpx.get(f"http://{self.host}:{self.port}/stats", timeout=5).json()

@@ -1,0 +1,173 @@
+"""Judge accuracy per method on the seeded 24 x 25 simulated population, seeds 0-4.
+
+The source of every multi-seed accuracy figure in the README and docs/results.md. Per seed:
+``Population(24, seed)`` with 25 votes per user, split 50/20/30 per user in time order
+(train / validation / held-out target), every target vote judged in both orders, the
+in-process simulator (``SimBackend(seed)``, the same brain as ``synth-agent sim-endpoint``)
+and ``FitConfig(seed=seed)`` at the paper's budgets. Prints per-seed and mean tables of
+
+* accuracy per method (default, persona, demos, persona_demos, unverified, memory);
+* how many users persona + demos scores *below* the default judge (and how many tie);
+* the persona written from all verified traces (``persona_traces="all"``, our default)
+  vs only the best trial's (``"best"``, the paper's choice).
+
+    python bench/eval_seeds.py                       # seeds 0-4, all of the above
+    python bench/eval_seeds.py --seeds 0 --no-traces  # one seed, method table only
+    python bench/eval_seeds.py --json out.json        # also write every figure as JSON
+
+It uses only APIs that predate the honest simulator (issue 16), so the same file measures
+the old code too: ``cd $(mktemp -d) && PYTHONPATH=/work/baseline /work/baseline/.venv/bin/python
+/path/to/bench/eval_seeds.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import inspect
+import json
+import statistics
+import sys
+import time
+from typing import Any
+
+from synth_agent.engine import FitConfig
+from synth_agent.evaluate import EvalReport, evaluate
+from synth_agent.sim.backend import SimBackend
+from synth_agent.sim.population import Population
+
+METHODS = ("default", "persona", "demos", "persona_demos", "unverified", "memory")
+SHORT = {"default": "default", "persona": "persona", "demos": "demos", "persona_demos": "pers+demos",
+         "unverified": "unverified", "memory": "memory"}
+
+
+def population(n_users: int, seed: int, noise_fraction: float) -> Population:
+    """The seeded population; ``noise_fraction`` only where the simulator supports noise users."""
+    if noise_fraction:
+        if "noise_fraction" not in inspect.signature(Population).parameters:
+            sys.exit("this version of the simulator has no noise users (--noise-fraction)")
+        return Population(n_users, seed, noise_fraction=noise_fraction)  # type: ignore[call-arg]
+    return Population(n_users, seed)
+
+
+def below_default(report: EvalReport, method: str) -> tuple[int, int, int]:
+    """(users where ``method`` < default, users where equal, users with both) by per-user accuracy."""
+    below = ties = n = 0
+    for u in report.users:
+        a, d = u.accuracy(method), u.accuracy("default")
+        if a is None or d is None:
+            continue
+        n += 1
+        below += a < d
+        ties += a == d
+    return below, ties, n
+
+
+async def one_seed(seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    pop = population(args.users, seed, args.noise_fraction)
+    votes = pop.all_votes(args.votes)
+    t0 = time.perf_counter()
+    report = await evaluate(SimBackend(seed), votes, methods=METHODS, config=FitConfig(seed=seed))
+    out: dict[str, Any] = {
+        "seed": seed,
+        "accuracy": {m: report.methods[m].accuracy for m in METHODS},
+        "ci": {m: [report.methods[m].ci_low, report.methods[m].ci_high] for m in METHODS},
+        "users": len(report.users),
+        "below_default": {m: below_default(report, m)[0] for m in METHODS if m != "default"},
+        "ties_default": {m: below_default(report, m)[1] for m in METHODS if m != "default"},
+        "per_user": {u.user_id: {m: u.accuracy(m) for m in METHODS} for u in report.users},
+    }
+    if args.noise_fraction:
+        noise = set(pop.noise_user_ids)  # type: ignore[attr-defined]
+        out["noise_users"] = sorted(noise)
+        out["noise_below_default"] = sum(
+            1 for u in report.users
+            if u.user_id in noise and (u.accuracy("persona_demos") or 0) < (u.accuracy("default") or 0))
+    if args.traces:
+        best = await evaluate(SimBackend(seed), votes, methods=("persona", "persona_demos"),
+                              config=FitConfig(seed=seed, persona_traces="best"))
+        out["traces"] = {
+            "all": {m: report.methods[m].accuracy for m in ("persona", "persona_demos")},
+            "best": {m: best.methods[m].accuracy for m in ("persona", "persona_demos")},
+        }
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:5.1f}"
+
+
+def print_tables(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    n = results[0]["users"]
+    print(f"\nAccuracy on held-out votes (%), {args.users} users x {args.votes} votes, 50/20/30 split, "
+          "both orders judged; 'below' = users for whom persona + demos < default")
+    head = "seed " + " ".join(f"{SHORT[m]:>10s}" for m in METHODS) + "   below  ties  users"
+    print(head)
+    print("-" * len(head))
+    for r in results:
+        row = " ".join(f"{pct(r['accuracy'][m]):>10s}" for m in METHODS)
+        print(f"{r['seed']:>4d} {row}   {r['below_default']['persona_demos']:>5d} "
+              f"{r['ties_default']['persona_demos']:>5d}  {r['users']:>5d}")
+    if len(results) > 1:
+        mean = {m: statistics.fmean(r["accuracy"][m] for r in results) for m in METHODS}
+        row = " ".join(f"{pct(mean[m]):>10s}" for m in METHODS)
+        below = sum(r["below_default"]["persona_demos"] for r in results)
+        ties = sum(r["ties_default"]["persona_demos"] for r in results)
+        users = sum(r["users"] for r in results)
+        print(f"mean {row}   {below:>5d} {ties:>5d}  {users:>5d}")
+        gaps = [r["accuracy"]["persona_demos"] - r["accuracy"]["default"] for r in results]
+        print(f"persona + demos minus default: min {100 * min(gaps):+.1f}, mean {100 * statistics.fmean(gaps):+.1f}, "
+              f"max {100 * max(gaps):+.1f} points")
+    if args.noise_fraction:
+        print(f"noise users (hidden weights zero): {sum(len(r['noise_users']) for r in results)}, of whom "
+              f"{sum(r['noise_below_default'] for r in results)} have persona + demos below the default judge")
+    print("\nusers below the default judge, per method (sum over seeds):  " + ", ".join(
+        f"{m} {sum(r['below_default'][m] for r in results)}/{sum(r['users'] for r in results)}"
+        for m in METHODS if m != "default"))
+    if args.traces:
+        print("\npersona written from all verified traces vs the best trial's only (%):")
+        print("seed  persona/all persona/best  p+d/all  p+d/best")
+        for r in results:
+            t = r["traces"]
+            print(f"{r['seed']:>4d}  {pct(t['all']['persona']):>11s} {pct(t['best']['persona']):>12s} "
+                  f"{pct(t['all']['persona_demos']):>8s} {pct(t['best']['persona_demos']):>9s}")
+        if len(results) > 1:
+            def m(kind: str, meth: str) -> str:
+                return pct(statistics.fmean(r["traces"][kind][meth] for r in results))
+            print(f"mean  {m('all', 'persona'):>11s} {m('best', 'persona'):>12s} "
+                  f"{m('all', 'persona_demos'):>8s} {m('best', 'persona_demos'):>9s}")
+    print(f"\n({n} users per seed; {sum(r['seconds'] for r in results):.0f} s in all)")
+
+
+async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
+    results = []
+    for seed in args.seeds:
+        r = await one_seed(seed, args)
+        print(f"seed {seed}: default {pct(r['accuracy']['default'])}, persona + demos "
+              f"{pct(r['accuracy']['persona_demos'])} ({r['seconds']:.0f} s)", file=sys.stderr, flush=True)
+        results.append(r)
+    return results
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2, 3, 4],
+                    help="comma-separated seeds (default 0,1,2,3,4)")
+    ap.add_argument("--users", type=int, default=24)
+    ap.add_argument("--votes", type=int, default=25)
+    ap.add_argument("--noise-fraction", type=float, default=0.0,
+                    help="share of users whose votes are pure noise (hidden weights zero)")
+    ap.add_argument("--no-traces", dest="traces", action="store_false",
+                    help="skip the persona_traces all-vs-best comparison")
+    ap.add_argument("--json", help="write every figure (per seed and per user) to this file")
+    args = ap.parse_args()
+    results = asyncio.run(main_async(args))
+    print_tables(results, args)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as fh:
+            json.dump({"args": vars(args), "results": results}, fh, indent=2, ensure_ascii=False)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""OpenAI-compatible routes: ``POST /v1/chat/completions`` (the user's persona injected) and ``GET /v1/models``."""
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Request
+from fastapi.responses import Response, StreamingResponse
+
+from synth_agent.proxy.deps import AuthCaller, JsonCaller, PinnedUser, State, resolve_user
+from synth_agent.proxy.errors import request_id_of, responses
+from synth_agent.proxy.routes.common import PERSONA_HEADER, persona_of, upstream_error, with_persona
+from synth_agent.proxy.schemas import EXAMPLES, ApiModels, ChatCompletion, ModelList
+
+_SSE = {"text/event-stream": {"schema": {  # one server-sent event
+    "type": "object",
+    "required": ["data"],
+    "properties": {
+        "data": {"type": "string", "description": "a chat.completion.chunk as JSON; `[DONE]` ends the stream; "
+                 "an {\"error\": ...} object if the upstream broke off mid-stream"},
+        "event": {"type": "string"},
+        "id": {"type": "string"},
+        "retry": {"type": "integer"},
+    },
+}}}
+
+
+def router(models: ApiModels) -> APIRouter:
+    r = APIRouter(tags=["openai"])
+    ChatCompletionRequest = models.ChatCompletionRequest
+
+    @r.post(
+        "/v1/chat/completions",
+        response_model=None,
+        responses={
+            200: {"model": ChatCompletion, "content": _SSE,
+                  "description": "The upstream's completion (or stream, with `stream: true`), passed through; "
+                  "`X-Synth-Persona-Version` says which persona was injected (0: none)"},
+            **responses(400, 401, 403, 404, 413, 415, 429, 500, 502, 503, 504),
+        },
+    )
+    async def chat_completions(
+        request: Request,
+        st: State,
+        caller: JsonCaller,
+        pinned: PinnedUser,
+        req: Annotated[ChatCompletionRequest, Body(openapi_examples=EXAMPLES["chat"])],  # type: ignore[valid-type]
+    ) -> Response:
+        """Chat Completions with the user's persona prepended as a system message; streaming passes through.
+
+        The user is ``user`` or the ``X-Synth-User`` header; without one the request is forwarded
+        untouched. Unknown fields (tools, vendor extras) are forwarded as sent.
+        """
+        user = resolve_user(pinned, req.user, required=False)  # type: ignore[attr-defined]
+        _, _, upstream, _ = st.ready()
+        body: dict[str, Any] = await request.json()  # the client's JSON as sent (already validated)
+        profile = await persona_of(st, caller.tenant, user)
+        out = {**body, "model": st.proxy.upstream_model(req.model),  # type: ignore[attr-defined]
+               "messages": with_persona(body["messages"], profile)}
+        headers = {PERSONA_HEADER: str(profile.version if profile else 0)}
+        if profile is not None:
+            st.metrics.persona_injections.inc()
+        rid = request_id_of(request)
+        if req.stream:  # type: ignore[attr-defined]
+            resp = await upstream.open_stream("/chat/completions", out)
+            if resp.status_code >= 400:
+                await resp.aread()
+                await resp.aclose()
+                return upstream_error(resp, rid)
+            return StreamingResponse(
+                upstream.relay(resp),
+                status_code=resp.status_code,
+                media_type=resp.headers.get("content-type", "text/event-stream"),
+                headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
+        resp = await upstream.request_json("POST", "/chat/completions", out)
+        if resp.status_code >= 400:
+            return upstream_error(resp, rid)
+        return Response(resp.content, status_code=resp.status_code,
+                        media_type=resp.headers.get("content-type", "application/json"), headers=headers)
+
+    @r.get(
+        "/v1/models",
+        response_model=None,
+        responses={200: {"model": ModelList, "description": "The upstream's model list, passed through"},
+                   **responses(400, 401, 403, 404, 429, 500, 502, 503, 504)},
+    )
+    async def list_models(request: Request, st: State, caller: AuthCaller) -> Response:
+        """The upstream's model list, passed through."""
+        _, _, upstream, _ = st.ready()
+        resp = await upstream.request_json("GET", "/models")
+        if resp.status_code >= 400:
+            return upstream_error(resp, request_id_of(request))
+        return Response(resp.content, status_code=resp.status_code,
+                        media_type=resp.headers.get("content-type", "application/json"))
+
+    return r

@@ -1,0 +1,112 @@
+"""A user's learned data: persona, history, prompt export, and forgetting everything (``/v1/users/{user}``).
+
+User ids are opaque and travel as one percent-encoded path segment (``quote(user_id, safe="")``);
+a path that is not percent-encoded UTF-8 (``%FF``) is refused before it gets here.
+"""
+
+import asyncio
+import logging
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Query
+from fastapi.responses import Response
+
+from graphs.synthesis import synthesis_thread_id
+from synth_agent.export import export_profile
+from synth_agent.models import PersonaProfile
+from synth_agent.proxy.deps import AuthCaller, PathUser, State
+from synth_agent.proxy.errors import ProxyError, responses
+from synth_agent.proxy.routes.common import PERSONA_HEADER
+from synth_agent.proxy.schemas import ApiModels, PersonaHistory, UserDeleted
+from synth_agent.proxy.state import ProxyState
+
+log = logging.getLogger("synth_agent.proxy")
+
+_READ_ERRORS = responses(400, 401, 403, 404, 429, 500, 503)
+
+
+async def _profile(st: ProxyState, tenant: str, user: str) -> PersonaProfile:
+    memories, _, _, _ = st.ready()
+    profile = await memories(tenant).current_persona(user)
+    if profile is None:
+        n = await memories(tenant).count_votes(user)
+        first = st.scheduler.policy.first_fit if st.scheduler else 5
+        raise ProxyError(404, f"no persona for this user yet ({n} vote(s) stored; the first is learned at {first})",
+                         code="no_persona")
+    return profile
+
+
+async def _forget_checkpoints(st: ProxyState, tenant: str, user: str, versions: int) -> None:
+    """Synthesis checkpoints hold the user's votes too: drop the threads of every version fitted or pending."""
+    cp = st.checkpointer
+    if cp is None or not hasattr(cp, "adelete_thread"):
+        return
+    for v in range(1, versions + 2):
+        try:
+            await cp.adelete_thread(synthesis_thread_id(tenant, user, f"v{v}"))
+        except Exception:
+            log.exception("could not delete a synthesis checkpoint of a forgotten user")
+
+
+def router(models: ApiModels) -> APIRouter:
+    r = APIRouter(tags=["users"])
+
+    @r.get("/v1/users/{user}/persona/history", response_model=PersonaHistory, responses=_READ_ERRORS)
+    async def persona_history(st: State, caller: AuthCaller, user: PathUser) -> dict[str, Any]:
+        """Every persona version, oldest first (empty for unknown users)."""
+        memories, _, _, _ = st.ready()
+        history = await memories(caller.tenant).persona_history(user)
+        return {"object": "list", "data": history}
+
+    @r.get("/v1/users/{user}/persona", response_model=PersonaProfile, responses=_READ_ERRORS)
+    async def persona(st: State, caller: AuthCaller, user: PathUser) -> PersonaProfile:
+        """The current persona (404 until one was learned)."""
+        return await _profile(st, caller.tenant, user)
+
+    @r.get(
+        "/v1/users/{user}/prompt",
+        response_model=None,
+        responses={
+            200: {"description": "`system`: the persona as a system prompt (text); `messages`: the judge prompt "
+                  "as OpenAI messages; `json`: the whole profile",
+                  "content": {"text/plain": {"schema": {"type": "string"}},
+                              "application/json": {"schema": {}}}},
+            **_READ_ERRORS,
+        },
+    )
+    async def prompt(
+        st: State,
+        caller: AuthCaller,
+        user: PathUser,
+        format: Annotated[Literal["system", "messages", "json"], Query()] = "system",
+    ) -> Response:
+        """Export the persona: ``system`` prompt text, judge ``messages`` (JSON), or the whole profile (``json``)."""
+        profile = await _profile(st, caller.tenant, user)
+        text = export_profile(profile, format)
+        media = "text/plain; charset=utf-8" if format == "system" else "application/json"
+        return Response(text, media_type=media, headers={PERSONA_HEADER: str(profile.version)})
+
+    @r.delete("/v1/users/{user}", response_model=UserDeleted, responses=responses(400, 401, 403, 429, 500, 503))
+    async def forget(st: State, caller: AuthCaller, user: PathUser) -> dict[str, Any]:
+        """Forget everything stored for this user in the caller's tenant (votes, personas, pending pairs)."""
+        memories, personalizer, _, _ = st.ready()
+        tenant = caller.tenant
+        versions = len(await memories(tenant).persona_history(user))
+        counts = await memories(tenant).forget_user(user)
+        personalizer.invalidate(tenant, user)
+        await _forget_checkpoints(st, tenant, user, versions)
+        sched = st.scheduler
+        if sched is not None and sched.is_busy(tenant, user):
+            # A fit already running would save a persona after this delete: forget again once it ends.
+            async def again() -> None:
+                await sched.wait_user_idle(tenant, user)
+                await memories(tenant).forget_user(user)
+                personalizer.invalidate(tenant, user)
+                await _forget_checkpoints(st, tenant, user, versions + 1)
+
+            task = asyncio.get_running_loop().create_task(again())
+            st.background.add(task)
+            task.add_done_callback(st.background.discard)
+        return {"object": "user.deleted", "deleted": counts}
+
+    return r

@@ -1,0 +1,111 @@
+"""Votes and A/B pairs: ``POST /v1/votes``, ``POST /v1/ab``, ``POST /v1/ab/{token}/vote``."""
+
+import asyncio
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Path
+
+from graphs.chat import VoteError
+from synth_agent.ingest import parse_vote
+from synth_agent.proxy.deps import JsonCaller, PinnedUser, State, resolve_user
+from synth_agent.proxy.errors import ProxyError, responses
+from synth_agent.proxy.routes.common import generation_body, raw_messages, user_turn, with_persona
+from synth_agent.proxy.schemas import EXAMPLES, ABPair, ABVoteReceipt, ApiModels, VoteBatchResult
+
+
+def router(models: ApiModels) -> APIRouter:
+    r = APIRouter(tags=["votes"])
+    VotesBody, ABRequest, ABVoteRequest = models.VotesBody, models.ABRequest, models.ABVoteRequest
+
+    @r.post("/v1/votes", response_model=VoteBatchResult,
+            responses=responses(400, 401, 403, 413, 415, 429, 500, 503))
+    async def post_votes(
+        st: State,
+        caller: JsonCaller,
+        pinned: PinnedUser,
+        payload: Annotated[VotesBody, Body(  # type: ignore[valid-type]
+            openapi_examples=EXAMPLES["votes"],
+            description="One vote, a list of votes, or {\"votes\": [...]}. All or nothing: one invalid vote "
+            "stores none. `user_id` may come from X-Synth-User (which then pins it: a vote naming another "
+            "user is refused with 403).")],
+    ) -> dict[str, Any]:
+        """Store votes (all or nothing: one invalid vote stores none); schedules background synthesis."""
+        memories, _, _, _ = st.ready()
+        items = payload if isinstance(payload, list) else getattr(payload, "votes", None) or [payload]
+        votes, errors = [], []
+        for i, item in enumerate(items):
+            data = item.model_dump(exclude_none=True)
+            data["user_id"] = resolve_user(pinned, data.get("user_id"), required=True, where=f"votes[{i}].user_id")
+            try:
+                votes.append(parse_vote(data, max_content_chars=st.settings.max_content_chars))
+            except ValueError as exc:
+                errors.append(f"vote {i}: {exc}")
+        if errors:
+            shown = "; ".join(errors[:5]) + (f"; and {len(errors) - 5} more" if len(errors) > 5 else "")
+            raise ProxyError(400, f"{len(errors)} of {len(items)} votes are invalid; nothing was stored: {shown}",
+                             param="votes", code="invalid_vote")
+        result = await memories(caller.tenant).add_votes(votes)
+        st.metrics.votes.inc(result.added)
+        users = sorted({v.user_id for v in votes})
+        for u in users:
+            st.notify_vote(caller.tenant, u)
+        return {"object": "vote.batch", "added": result.added, "duplicates": result.duplicates, "users": users}
+
+    @r.post("/v1/ab", response_model=ABPair,
+            responses=responses(400, 401, 403, 404, 413, 415, 429, 500, 502, 503, 504))
+    async def ab(
+        st: State,
+        caller: JsonCaller,
+        pinned: PinnedUser,
+        req: Annotated[ABRequest, Body(openapi_examples=EXAMPLES["ab"])],  # type: ignore[valid-type]
+    ) -> dict[str, Any]:
+        """Two candidate answers and a vote token: with vs without the persona once one exists."""
+        _, personalizer, upstream, _ = st.ready()
+        turn = await user_turn(st, caller.tenant, pinned, req)
+        profile = turn.profile
+        messages = raw_messages(req)
+        base = generation_body(st, req, messages)
+        seed = req.seed or 0  # type: ignore[attr-defined]
+        if profile is not None:
+            bodies = [{**base, "messages": with_persona(messages, profile)}, base]
+            if req.seed is not None:  # type: ignore[attr-defined]
+                bodies = [{**b, "seed": seed} for b in bodies]
+            flags = [True, False]
+        else:  # no persona yet: two variants of the plain model, so early votes still carry signal
+            bodies = [{**base, "seed": seed}, {**base, "seed": seed + 1}]
+            flags = [False, False]
+        texts = await asyncio.gather(*(upstream.chat_text(b) for b in bodies))
+        cands = [{"index": i, "text": t, "personalized": f} for i, (t, f) in enumerate(zip(texts, flags, strict=True))]
+        opened = await personalizer.open_vote(
+            caller.tenant, turn.user, turn.context, cands, profile.version if profile else None, None
+        )
+        return {"object": "ab.pair", **opened}
+
+    @r.post("/v1/ab/{token}/vote", response_model=ABVoteReceipt,
+            responses=responses(400, 401, 403, 404, 409, 413, 415, 429, 500, 503))
+    async def ab_vote(
+        st: State,
+        caller: JsonCaller,
+        pinned: PinnedUser,
+        token: Annotated[str, Path(max_length=128, description="the token from POST /v1/ab")],
+        req: Annotated[ABVoteRequest, Body(openapi_examples=EXAMPLES["ab_vote"])],  # type: ignore[valid-type]
+    ) -> dict[str, Any]:
+        """Redeem an A/B token once, for its own user only (another user: 404; a second time: 409)."""
+        memories, personalizer, _, _ = st.ready()
+        user = resolve_user(pinned, req.user, required=True)  # type: ignore[attr-defined]
+        assert user is not None
+        try:
+            receipt = await personalizer.submit_vote(token, req.choice.lower(), tenant_id=caller.tenant, user_id=user)  # type: ignore[attr-defined]
+        except VoteError as exc:
+            memory = memories(caller.tenant)
+            # the pair is gone once used: the vote it became (id ab-<token>, under this user only) tells a
+            # replay (409) from a token that is unknown, expired or another user's (404)
+            used = await memory.store.aget(memory.namespace(user, "votes"), f"ab-{token}")
+            if used is not None or "already recorded" in str(exc):
+                raise ProxyError(409, "this A/B token was already redeemed; each pair takes one vote",
+                                 param="token", code="vote_token_used") from None
+            raise ProxyError(404, str(exc), param="token", code="vote_token") from None
+        st.metrics.votes.inc()
+        return {"object": "ab.vote", **receipt.as_dict()}
+
+    return r

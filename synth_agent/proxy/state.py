@@ -1,0 +1,63 @@
+"""What request handlers share: the caller and the app's state (one per app, never module-global)."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+from langgraph.store.base import BaseStore
+
+from graphs.chat import Personalizer, TenantMemories
+from synth_agent.config import Settings
+from synth_agent.llm.base import ChatBackend
+from synth_agent.proxy.auth import ApiKey, AuthThrottle, KeyRing, RateLimiter
+from synth_agent.proxy.errors import ProxyError
+from synth_agent.proxy.metrics import ProxyMetrics
+from synth_agent.proxy.schemas import ApiModels
+from synth_agent.proxy.settings import ProxySettings
+from synth_agent.proxy.upstream import Upstream
+from synth_agent.proxy.worker import StorePoller
+from synth_agent.scheduler import SynthesisScheduler
+
+__all__ = ["Caller", "ProxyState"]
+
+
+@dataclass
+class Caller:
+    """Who is calling: the tenant their key belongs to (``default`` in --no-auth mode)."""
+
+    tenant: str
+    key: ApiKey | None
+
+
+@dataclass
+class ProxyState:
+    """Everything a request handler needs; built by the lifespan, kept on ``app.state.proxy``."""
+
+    settings: Settings
+    proxy: ProxySettings
+    keys: KeyRing | None
+    limiter: RateLimiter
+    throttle: AuthThrottle
+    metrics: ProxyMetrics
+    models: ApiModels
+    store: BaseStore | None = None
+    memories: TenantMemories | None = None
+    llm: ChatBackend | None = None
+    upstream: Upstream | None = None
+    personalizer: Personalizer | None = None
+    scheduler: SynthesisScheduler | None = None
+    poller: StorePoller | None = None
+    checkpointer: Any = None
+    background: set[asyncio.Task[Any]] = field(default_factory=set)
+
+    def ready(self) -> tuple[TenantMemories, Personalizer, Upstream, ChatBackend]:
+        if self.memories is None or self.personalizer is None or self.upstream is None or self.llm is None:
+            raise ProxyError(503, "the proxy is starting up or shutting down; retry shortly", code="not_ready",
+                             headers={"Retry-After": "1"})
+        return self.memories, self.personalizer, self.upstream, self.llm
+
+    def notify_vote(self, tenant: str, user: str) -> None:
+        if self.scheduler is not None:
+            self.scheduler.notify_vote(tenant, user)
