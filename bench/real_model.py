@@ -13,13 +13,17 @@ after its retries, a fallback to chain of thought, an error).
 ``prompts.parse_judgment`` (judge), a top-5 without A or B (log-prob judge),
 ``prompts.parse_persona`` (persona writer: empty), an empty insight, and
 ``parse_structured`` for ``structured()``. ">= max_tokens" counts answers at least as
-long as the call site's cap: cut off mid-answer when the server honours the cap, and longer than
-the cap when it does not (today's client sends the cap as ``max_completion_tokens``, which
-llama-cpp-python ignores).
+long as the call site's cap (cut off mid-answer). "gave up": judgments still unreadable after
+3 attempts (a tie), log-prob calls that fell back to chain of thought, persona calls that
+raised, ``structured()`` calls that raised.
+
+Every call site runs once per ``--dialects`` entry on the same server, side by side, each with
+a fresh client: ``json_object`` (any JSON: the answer is read by the call site's parser, the
+state before constrained decoding) and ``json_object_schema`` (the answer's JSON schema sent the
+way llama-cpp-python's server takes it, ``response_format={"type": "json_object", "schema": ...}``:
+the server can only generate answers that follow it).
 
     python bench/real_model.py [--votes 8] [--sim-votes 4] [--threads 2] [--json out.json]
-
-Phase 2 of issue 13 (constrained decoding) reports its before/after with this script.
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ from synth_agent.evaluate import memory_persona
 from synth_agent.ingest import read_jsonl
 from synth_agent.judge_server import BUNDLED_GGUF, LocalJudgeServer, ServerSpec
 from synth_agent.llm.base import ChatMessage, Completion, LLMStats
-from synth_agent.llm.client import EndpointConfig, LLMClient, LLMError
+from synth_agent.llm.client import LLMClient, LLMError
 from synth_agent.models import Trace, Vote
 from synth_agent.prompts import ParseError
 from synth_agent.sim.population import Population
@@ -137,12 +141,12 @@ async def bench_judge(tap: Tap, votes: Sequence[Vote], *, persona: str | None, d
             first, second = (v.chosen, v.rejected) if chosen_first else (v.rejected, v.chosen)
             site.calls += 1
             try:
-                await judge.judge_order(v.context, first, second)
-            except ParseError:
-                site.failed += 1
-            except Exception as e:  # e.g. openai.LengthFinishReasonError: a JSON answer cut at the length limit
+                label, _, _ = await judge.judge_order(v.context, first, second)
+            except Exception as e:  # never expected: an unreadable judgment is a tie
                 site.failed += 1
                 site.note = f"raised {type(e).__name__}: {str(e)[:120]}"
+            else:
+                site.failed += label == "tie"
     site.answers = tap.take(name)
     site.unparseable = sum(not _parses(prompts.parse_judgment, a.text) for a in site.answers)
     return site
@@ -215,21 +219,16 @@ async def bench_structured(client: LLMClient, votes: Sequence[Vote]) -> Site:
 
 async def speed(client: LLMClient) -> dict[str, float]:
     """Decode speed (same short prompt twice: the second run's prompt is the server's cached prefix, so its
-    time is generation) and prompt processing (a 1,100-token prompt, one generated token).
-
-    The caps also go into the body as ``max_tokens``: today's client sends them as
-    ``max_completion_tokens``, which llama-cpp-python ignores.
-    """
+    time is generation) and prompt processing (a 1,100-token prompt, one generated token)."""
     msgs = [{"role": "user", "content": "Write a long story about a lighthouse keeper and a cat."}]
-    kw: dict[str, Any] = {"call_site": "speed", "max_tokens": 128, "extra": {"max_tokens": 128}, "temperature": 0.7}
+    kw: dict[str, Any] = {"call_site": "speed", "max_tokens": 128, "temperature": 0.7}
     await client.complete(msgs, seed=1, **kw)
     t0 = time.perf_counter()
     c = await client.complete(msgs, seed=2, **kw)
     decode = c.completion_tokens / (time.perf_counter() - t0)
     text = " ".join(f"word{i}" for i in range(300))
     t0 = time.perf_counter()
-    c2 = await client.complete([{"role": "user", "content": text}], call_site="speed", max_tokens=1,
-                               extra={"max_tokens": 1})  # fmt: skip
+    c2 = await client.complete([{"role": "user", "content": text}], call_site="speed", max_tokens=1)
     prefill = c2.prompt_tokens / (time.perf_counter() - t0)
     return {"decode_tokens_per_s": decode, "prompt_tokens_per_s": prefill, "prompt_tokens": c2.prompt_tokens,
             "decode_tokens": c.completion_tokens}  # fmt: skip
@@ -251,18 +250,14 @@ def table(title: str, sites: dict[str, Site]) -> Table:
     return t
 
 
-async def run(server: LocalJudgeServer, args: argparse.Namespace) -> dict[str, Any]:
+async def one_pass(server: LocalJudgeServer, args: argparse.Namespace, dialect: str) -> tuple[dict[str, Site], list[str], float, dict[str, int]]:
+    """Every call site once, with a fresh client asking for JSON in ``dialect``."""
     ana = list(read_jsonl(ANA).votes)[: args.votes]
     pop = Population(1, seed=args.seed)
     sim = pop.votes(pop.user_ids[0], args.sim_votes)
-    cfg = EndpointConfig(base_url=server.base_url, api_key="none", model=server.model, max_concurrency=1,
-                         timeout=600.0, max_retries=1)  # fmt: skip
+    cfg = server.endpoint(timeout=600.0, max_retries=1, structured_output=dialect)
     async with LLMClient(cfg) as client:
         tap = Tap(client)
-        figures = await speed(client)
-        console.print(f"decode {figures['decode_tokens_per_s']:.0f} tokens/s ({figures['decode_tokens']:.0f} tokens); "
-                      f"prompt processing {figures['prompt_tokens_per_s']:.0f} tokens/s "
-                      f"({figures['prompt_tokens']:.0f}-token prompt)")  # fmt: skip
         sites: dict[str, Site] = {}
         t0 = time.perf_counter()
         sites["judge (cot, no user info)"] = await bench_judge(tap, ana, persona=None, demos=0, name="judge")
@@ -274,25 +269,42 @@ async def run(server: LocalJudgeServer, args: argparse.Namespace) -> dict[str, A
         sites["memory_insight"] = await bench_insight(tap, ana)
         sites["structured() (Verdict)"] = await bench_structured(client, ana)
         wall = time.perf_counter() - t0
-    console.print(table(f"unparseable answers per call site — {server.model} on llama.cpp, "
-                        f"{args.votes} hand-written + {args.sim_votes} simulated votes", sites))  # fmt: skip
-    console.print("'gave up': judgments still unreadable after 3 attempts (ParseError), log-prob calls that fell "
+        counted = {site: st.unparseable for site, st in client.stats.by_site.items() if st.unparseable}
+    return sites, written, wall, counted
+
+
+async def run(server: LocalJudgeServer, args: argparse.Namespace) -> dict[str, Any]:
+    async with LLMClient(server.endpoint(timeout=600.0, max_retries=1)) as client:
+        figures = await speed(client)
+    console.print(f"decode {figures['decode_tokens_per_s']:.0f} tokens/s ({figures['decode_tokens']:.0f} tokens); "
+                  f"prompt processing {figures['prompt_tokens_per_s']:.0f} tokens/s "
+                  f"({figures['prompt_tokens']:.0f}-token prompt)")  # fmt: skip
+    passes: dict[str, Any] = {}
+    example: str | None = None
+    for dialect in args.dialects:
+        sites, written, wall, counted = await one_pass(server, args, dialect)
+        console.print(table(f"structured_output={dialect}: unparseable answers per call site — {server.model} on "
+                            f"llama.cpp, {args.votes} hand-written + {args.sim_votes} simulated votes", sites))  # fmt: skip
+        for name, site in sites.items():
+            if site.note:
+                console.print(f"  {name}: {site.note}")
+        console.print(f"  the client's own unparseable counters: {counted or 'none'}; call sites {wall:.0f}s")
+        if written:
+            console.rule(f"a persona written by the real model (verbatim, structured_output={dialect})")
+            console.print(written[0], markup=False, highlight=False)
+            example = example or written[0]
+        passes[dialect] = {
+            "call_sites_seconds": wall, "client_unparseable": counted,
+            "sites": {n: {"calls": st.calls, "answers": st.n_answers, "unparseable": st.unparseable,
+                          "gave_up": st.failed, "rate": st.unparseable / max(1, st.n_answers)}
+                      for n, st in sites.items()},
+        }  # fmt: skip
+    console.print("'gave up': judgments still unreadable after 3 attempts (now a tie), log-prob calls that fell "
                   "back to chain of thought, persona calls that raised, structured() calls that raised LLMError. "
-                  "'>= max_tokens': answers at least as long as the call site's cap (a cap the server honours cuts "
-                  "them there; more than the cap means the server ignored it).")
-    for name, s in sites.items():
-        if s.note:
-            console.print(f"{name}: {s.note}")
-    if written:
-        console.rule("a persona written by the real model (verbatim)")
-        console.print(written[0], markup=False, highlight=False)
-    console.print(f"server start + model load {server.load_seconds:.1f}s; call sites {wall:.0f}s")
-    return {
-        "model": server.model, "load_seconds": server.load_seconds, **figures, "call_sites_seconds": wall,
-        "sites": {n: {"calls": s.calls, "answers": s.n_answers, "unparseable": s.unparseable, "gave_up": s.failed}
-                  for n, s in sites.items()},
-        "persona_example": written[0] if written else None,
-    }  # fmt: skip
+                  "'>= max_tokens': answers cut off at the call site's cap.")
+    console.print(f"server start + model load {server.load_seconds:.1f}s")
+    return {"model": server.model, "load_seconds": server.load_seconds, **figures, "passes": passes,
+            "persona_example": example}  # fmt: skip
 
 
 def main() -> None:
@@ -304,6 +316,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--ctx", type=int, default=4096)
     ap.add_argument("--json", type=Path, help="also write the figures here")
+    ap.add_argument("--dialects", type=lambda v: v.split(","), default=["json_object", "json_object_schema"],
+                    help="structured_output values to run side by side (comma-separated)")
     args = ap.parse_args()
     gguf = BUNDLED_GGUF["smollm2"].path()
     if gguf is None:

@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -44,6 +45,7 @@ class Settings(BaseSettings):
     request_timeout: float = 60.0
     max_retries: int = 6
     context_length: int | None = None
+    structured_output: Literal["json_object", "json_schema", "json_object_schema"] = "json_object"
     max_content_chars: int = 32_000
     llm_disk_cache: bool = False
 

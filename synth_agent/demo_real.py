@@ -23,10 +23,8 @@ import asyncio
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -36,8 +34,7 @@ from synth_agent.engine import FitConfig, Synthesizer
 from synth_agent.engine.synthesize import FitResult
 from synth_agent.evaluate import EvalReport
 from synth_agent.judge_server import JudgeServerError, LocalJudgeServer, ServerSpec, resolve_gguf
-from synth_agent.llm.base import ChatMessage, Completion
-from synth_agent.llm.client import EndpointConfig, LLMClient, LLMError
+from synth_agent.llm.client import LLMClient, LLMError
 from synth_agent.models import Vote
 from synth_agent.prompts import ParseError
 
@@ -56,32 +53,6 @@ CAPTION = (
 )
 
 
-class CapInBody:
-    """Sends each call's ``max_tokens`` in the request body too, under the name llama-cpp-python reads.
-
-    A workaround, to delete when the lean LLM client (issue 12) lands: today ``LLMClient`` sends the
-    cap through langchain-openai, which renames it ``max_completion_tokens``; llama-cpp-python 0.3.36
-    ignores that name, and the persona writer then runs on until the context window is full (seen:
-    2,208 tokens instead of 400, after which every persona-informed judge prompt overflows).
-    """
-
-    def __init__(self, inner: LLMClient) -> None:
-        self.inner = inner
-        self.model = inner.model
-        self.stats = inner.stats
-
-    async def complete(self, messages: Sequence[ChatMessage], **kw: Any) -> Completion:
-        if kw.get("max_tokens") is not None:
-            kw["extra"] = {**(kw.get("extra") or {}), "max_tokens": kw["max_tokens"]}
-        return await self.inner.complete(messages, **kw)
-
-    async def structured(self, messages: Sequence[ChatMessage], schema: Any, **kw: Any) -> Any:
-        return await self.inner.structured(messages, schema, **kw)
-
-    async def aclose(self) -> None:
-        return None
-
-
 async def run(server: LocalJudgeServer, labelled: list[Vote], home: Path, seed: int) -> EvalReport | None:
     from synth_agent.cli import print_report
     from synth_agent.evaluate import evaluate
@@ -94,12 +65,10 @@ async def run(server: LocalJudgeServer, labelled: list[Vote], home: Path, seed: 
     for v in labelled:
         by_user.setdefault(v.user_id, []).append(v)
     console.print(f"[bold]2.[/] stored {added.added} votes in Chroma at {home}")
-    cfg = EndpointConfig(base_url=server.base_url, api_key="none", model=server.model, max_concurrency=1,
-                         timeout=600.0, max_retries=1)  # fmt: skip
+    cfg = server.endpoint(timeout=600.0, max_retries=1)
     config = replace(TINY, seed=seed)
     report: EvalReport | None = None
-    async with LLMClient(cfg) as client:
-        llm = CapInBody(client)
+    async with LLMClient(cfg) as llm:
         t0 = time.perf_counter()
         fits: list[FitResult] = []
         failed: dict[str, str] = {}
@@ -109,10 +78,11 @@ async def run(server: LocalJudgeServer, labelled: list[Vote], home: Path, seed: 
                                  total=len(by_user))  # fmt: skip
             for uid in by_user:
                 try:
-                    fits.append(await Synthesizer(llm, memory, config).fit(uid))  # type: ignore[arg-type]
+                    fits.append(await Synthesizer(llm, memory, config).fit(uid))
                 except (ParseError, LLMError) as e:
-                    # A weak model's unreadable answer (or a prompt over the window) ends this
-                    # user's fit; nothing is saved for them. The other users go on.
+                    # Unreadable judgments are ties and long prompts are trimmed, so only an empty
+                    # persona, a vote too long for the window or a failing server ends a user's fit.
+                    # Nothing is saved for that user; the others go on.
                     failed[uid] = str(e).splitlines()[0][:200]
                 prog.advance(task)
         saved = [f for f in fits if f.profile is not None]
@@ -120,6 +90,11 @@ async def run(server: LocalJudgeServer, labelled: list[Vote], home: Path, seed: 
                       f"{llm.stats.total().requests} requests")  # fmt: skip
         for uid, why in failed.items():
             console.print(f"    [yellow]fit failed for {uid}:[/] {why}", highlight=False)
+        for f in fits:
+            if f.demo_error:
+                console.print(f"    [yellow]{f.user_id}: {f.message}[/]", highlight=False)
+        unreadable = {site: s.unparseable for site, s in llm.stats.by_site.items() if s.unparseable}
+        console.print(f"    unreadable answers per call site (each a tie): {unreadable or 'none'}")
         if saved:
             first = saved[0]
             assert first.profile is not None
@@ -133,7 +108,7 @@ async def run(server: LocalJudgeServer, labelled: list[Vote], home: Path, seed: 
                 # cache answers those calls, so only the held-out judgments cost model time.
                 try:
                     report = await evaluate(
-                        llm, fitted_votes, methods=METHODS, config=config, concurrency=1,  # type: ignore[arg-type]
+                        llm, fitted_votes, methods=METHODS, config=config, concurrency=1,
                         on_user_done=lambda _u: prog.advance(task),
                     )  # fmt: skip
                 except (ParseError, LLMError) as e:

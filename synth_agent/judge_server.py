@@ -39,7 +39,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import httpx
 import typer
@@ -47,6 +47,9 @@ from rich.console import Console
 from rich.markup import escape
 
 from synth_agent.lifecycle import parent_death_preexec
+
+if TYPE_CHECKING:
+    from synth_agent.llm.client import EndpointConfig
 
 Engine = Literal["vllm", "sglang", "llamacpp"]
 
@@ -192,6 +195,11 @@ class ServerSpec:
         return self.max_model_len
 
     @property
+    def structured_output(self) -> str | None:
+        """How clients should ask for schema-constrained JSON (llama-cpp-python: json_object with a schema)."""
+        return "json_object_schema" if self.engine == "llamacpp" else None
+
+    @property
     def max_concurrency(self) -> int | None:
         """Requests the server works on at once, when the engine has a fixed number (llama-cpp-python: 1)."""
         return 1 if self.engine == "llamacpp" else None
@@ -303,22 +311,32 @@ def endpoint_lines(
     *,
     max_concurrency: int | None = None,
     context_length: int | None = None,
+    structured_output: str | None = None,
 ) -> list[str]:
     """Settings that point synth-agent at the server: one endpoint, or a member of a pool.
 
     ``max_concurrency``: the server's fixed capacity (llama-cpp-python: 1), so the client never
-    queues requests at the server where they can time out. ``context_length``: reported as a
-    comment (prompts longer than this are refused by the server).
+    queues requests at the server where they can time out. ``context_length``: the window prompts
+    are budgeted against (the server refuses longer ones). ``structured_output``: how the server
+    takes a JSON schema for constrained decoding.
     """
     lines = [f"OPENAI_BASE_URL={base_url}", f"SYNTH_AGENT_MODEL={model}"]
     if api_key:
         lines.append(f"OPENAI_API_KEY={api_key}")
     if max_concurrency is not None:
         lines.append(f"SYNTH_AGENT_MAX_CONCURRENCY={max_concurrency}")
+    if context_length is not None:
+        lines.append(f"SYNTH_AGENT_CONTEXT_LENGTH={context_length}")
+    if structured_output is not None:
+        lines.append(f"SYNTH_AGENT_STRUCTURED_OUTPUT={structured_output}")
     lines.append(f"SYNTH_AGENT_JUDGE_ENDPOINTS={base_url}")
     member: dict[str, str | int] = {"base_url": base_url, "model": model}
     if max_concurrency is not None:
         member["max_concurrency"] = max_concurrency
+    if context_length is not None:
+        member["context_length"] = context_length
+    if structured_output is not None:
+        member["structured_output"] = structured_output
     lines.append("# pool file entry: " + json.dumps(member))
     if context_length is not None:
         lines.append(f"# context window: {context_length} tokens per request (prompt + answer)")
@@ -330,6 +348,7 @@ def spec_endpoint_lines(spec: ServerSpec) -> list[str]:
     return endpoint_lines(
         spec.base_url, spec.model_name, spec.api_key,
         max_concurrency=spec.max_concurrency, context_length=spec.context_length,
+        structured_output=spec.structured_output,
     )  # fmt: skip
 
 
@@ -506,6 +525,20 @@ class LocalJudgeServer:
     @property
     def model(self) -> str:
         return self.spec.model_name
+
+    def endpoint(self, **overrides: Any) -> EndpointConfig:
+        """Client settings for this server, as ``judge-server`` prints them: its capacity (llama.cpp: one
+        request at a time), context window and JSON-schema dialect; ``overrides`` win."""
+        from synth_agent.llm.client import EndpointConfig
+
+        values: dict[str, Any] = {"base_url": self.base_url, "api_key": self.spec.api_key or "none", "model": self.model}
+        if self.spec.max_concurrency is not None:
+            values["max_concurrency"] = self.spec.max_concurrency
+        if self.spec.context_length is not None:
+            values["context_length"] = self.spec.context_length
+        if self.spec.structured_output is not None:
+            values["structured_output"] = self.spec.structured_output
+        return EndpointConfig(**{**values, **overrides})
 
     def start(self) -> LocalJudgeServer:
         require_engine(self.requested.engine)

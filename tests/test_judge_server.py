@@ -200,9 +200,12 @@ def test_llamacpp_dry_run_prints_settings_with_concurrency_and_window(tmp_path) 
     assert "OPENAI_BASE_URL=http://127.0.0.1:8090/v1" in lines
     assert "SYNTH_AGENT_MODEL=Qwen2.5-1.5B-Instruct-Q4_K_M" in lines
     assert "SYNTH_AGENT_MAX_CONCURRENCY=1" in lines
+    assert "SYNTH_AGENT_CONTEXT_LENGTH=8192" in lines  # prompts are budgeted against it
+    assert "SYNTH_AGENT_STRUCTURED_OUTPUT=json_object_schema" in lines  # the schema form llama-cpp-python takes
     assert lines[-2] == (
         '# pool file entry: {"base_url": "http://127.0.0.1:8090/v1", '
-        '"model": "Qwen2.5-1.5B-Instruct-Q4_K_M", "max_concurrency": 1}'
+        '"model": "Qwen2.5-1.5B-Instruct-Q4_K_M", "max_concurrency": 1, "context_length": 8192, '
+        '"structured_output": "json_object_schema"}'
     )
     assert lines[-1] == "# context window: 8192 tokens per request (prompt + answer)"
 

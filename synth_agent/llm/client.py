@@ -127,6 +127,7 @@ class EndpointConfig(BaseModel):
             "timeout": settings.request_timeout,
             "max_retries": settings.max_retries,
             "context_length": settings.context_length,
+            "structured_output": settings.structured_output,
         }
         values.update(overrides)
         return cls(**values)

@@ -91,6 +91,8 @@ class PoolEndpoint(BaseModel):
     rate_limit: float = Field(default=0.0, ge=0)
     timeout: float = Field(default=60.0, gt=0)
     max_retries: int | None = Field(default=None, ge=0, description="default: PoolConfig.member_max_retries")
+    context_length: int | None = Field(default=None, ge=1, description="the model's window; default: as the server states")
+    structured_output: Literal["json_object", "json_schema", "json_object_schema"] = "json_object"
 
 
 class PoolConfig(BaseModel):
@@ -183,6 +185,8 @@ class PoolConfig(BaseModel):
                 rate_limit=ep.rate_limit,
                 timeout=ep.timeout,
                 max_retries=self.member_max_retries if ep.max_retries is None else ep.max_retries,
+                context_length=ep.context_length,
+                structured_output=ep.structured_output,
             )
             for ep in self.endpoints
         ]

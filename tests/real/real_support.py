@@ -28,13 +28,9 @@ PERSONA = (
 
 
 def endpoint(server: LocalJudgeServer, **overrides: object) -> EndpointConfig:
-    """One request at a time (llama-cpp-python serves one), generous per-attempt timeout for CPU decoding."""
-    values: dict[str, object] = {
-        "base_url": server.base_url, "api_key": "none", "model": server.model,
-        "max_concurrency": 1, "timeout": 300.0, "max_retries": 1,
-    }  # fmt: skip
-    values.update(overrides)
-    return EndpointConfig(**values)  # type: ignore[arg-type]
+    """The settings ``judge-server llamacpp`` prints (one request at a time, the server's context window,
+    which it does not report, and its JSON-schema dialect) plus a generous timeout for CPU decoding."""
+    return server.endpoint(**{"timeout": 300.0, "max_retries": 1, **overrides})
 
 
 @cache
@@ -99,10 +95,8 @@ class Wiretap:
     """A ChatBackend in front of the real client: records every answer per call site, and can cut answers short.
 
     ``truncate={"demo_select": 1}`` makes that call site's answers one token long — a guaranteed
-    unreadable answer from the real model, to test what the engine does with one. The cap is also put
-    into the request body under the name llama-cpp-python reads: today's client sends it as
-    ``max_completion_tokens`` (langchain-openai), which llama-cpp-python ignores
-    (``test_max_tokens_reaches_the_server`` is the xfail for that).
+    unreadable answer from the real model (``{`` under constrained decoding), to test what the engine
+    does with one.
     """
 
     def __init__(self, inner: ChatBackend, *, truncate: dict[str, int] | None = None) -> None:
@@ -116,7 +110,6 @@ class Wiretap:
         site = kw.get("call_site", "default")
         if site in self.truncate:
             kw["max_tokens"] = self.truncate[site]
-            kw["extra"] = {**(kw.get("extra") or {}), "max_tokens": self.truncate[site]}
         comp = await self.inner.complete(messages, **kw)
         self.answers.append((site, comp.text))
         return comp
