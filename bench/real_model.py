@@ -51,6 +51,7 @@ from synth_agent.evaluate import memory_persona
 from synth_agent.ingest import read_jsonl
 from synth_agent.judge_server import BUNDLED_GGUF, LocalJudgeServer, ServerSpec
 from synth_agent.llm.base import ChatMessage, Completion, LLMStats
+from synth_agent.llm.budget import estimate_tokens
 from synth_agent.llm.client import LLMClient, LLMError
 from synth_agent.models import Trace, Vote
 from synth_agent.prompts import ParseError
@@ -273,9 +274,37 @@ async def one_pass(server: LocalJudgeServer, args: argparse.Namespace, dialect: 
     return sites, written, wall, counted
 
 
+async def tokenizer_ratio(server: LocalJudgeServer, args: argparse.Namespace) -> dict[str, float]:
+    """Characters per token of our judge prompts by the model's own tokenizer (``/extras/tokenize/count``),
+    and how :func:`synth_agent.llm.budget.estimate_tokens` compares (it must not under-count)."""
+    import httpx
+
+    ana = list(read_jsonl(ANA).votes)
+    pop = Population(1, seed=args.seed)
+    sim = pop.votes(pop.user_ids[0], 4)
+    shots = [demo_from_vote(v, True, None) for v in ana[:2]]
+    prompts_ = [prompts.judge_messages(v.context, v.chosen, v.rejected, persona=PERSONA, demos=shots) for v in ana[2:]]
+    prompts_ += [prompts.judge_messages(v.context, v.chosen, v.rejected) for v in sim]
+    chars = tokens = estimated = 0
+    root = server.base_url.removesuffix("/v1")
+    async with httpx.AsyncClient(timeout=60) as http:
+        for msgs in prompts_:
+            text = "\n".join(m["content"] for m in msgs)
+            r = await http.post(f"{root}/extras/tokenize/count", json={"input": text})
+            r.raise_for_status()
+            chars += len(text)
+            tokens += int(r.json()["count"])
+            estimated += estimate_tokens(msgs)
+    return {"chars_per_token": chars / tokens, "estimate_over_real": estimated / tokens, "prompts": len(prompts_)}
+
+
 async def run(server: LocalJudgeServer, args: argparse.Namespace) -> dict[str, Any]:
+    ratio = await tokenizer_ratio(server, args)
+    console.print(f"tokenizer: {ratio['chars_per_token']:.2f} characters per token on {ratio['prompts']:.0f} judge "
+                  f"prompts; the budget's estimate is {ratio['estimate_over_real']:.2f}x the real count "
+                  "(chat template not included in the real count)")  # fmt: skip
     async with LLMClient(server.endpoint(timeout=600.0, max_retries=1)) as client:
-        figures = await speed(client)
+        figures = {**await speed(client), **ratio}
     console.print(f"decode {figures['decode_tokens_per_s']:.0f} tokens/s ({figures['decode_tokens']:.0f} tokens); "
                   f"prompt processing {figures['prompt_tokens_per_s']:.0f} tokens/s "
                   f"({figures['prompt_tokens']:.0f}-token prompt)")  # fmt: skip

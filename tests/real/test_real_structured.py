@@ -10,12 +10,13 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import BaseModel, Field
-from real_support import ana_votes
+from real_support import ana_votes, endpoint
 
 from synth_agent import prompts
 from synth_agent.engine import Synthesizer
 from synth_agent.engine.synthesize import stable_coin
 from synth_agent.evaluate import memory_persona
+from synth_agent.judge_server import LocalJudgeServer
 from synth_agent.llm.client import LLMClient, LLMError
 from synth_agent.models import Trace
 
@@ -50,10 +51,27 @@ async def test_insight_extractor_returns_one_insight_per_vote(llm: LLMClient) ->
 
 class Verdict(BaseModel):
     preferred: Literal["A", "B"]
-    reason: str = Field(min_length=1)
+    reason: str = Field(min_length=1, max_length=200)
 
 
-async def test_structured_answer_parses_or_fails_over_predictably(llm: LLMClient) -> None:
+async def test_structured_answer_is_constrained_to_the_schema(llm: LLMClient) -> None:
+    # The pydantic schema goes to llama-cpp-python as {"type": "json_object", "schema": ...}: the server
+    # can only generate a Verdict (reason bounded to 200 characters, so it closes within 120 tokens).
+    assert llm.config.structured_output == "json_object_schema"
+    site = llm.stats.site("structured")
+    for v in ana_votes()[6:8]:
+        msgs = [
+            {"role": "system", "content": "Say which response is better, and why, in one sentence."},
+            {"role": "user", "content": prompts.render_pair(v.context, v.chosen, v.rejected)},
+        ]
+        verdict = await llm.structured(msgs, Verdict, call_site="structured", max_tokens=120)
+        assert verdict.preferred in ("A", "B") and 1 <= len(verdict.reason) <= 200
+    assert site.requests == 2 and site.retries == 0 and site.unparseable == 0 and site.errors == 0
+
+
+async def test_structured_answer_parses_or_fails_over_predictably(real_server: LocalJudgeServer) -> None:
+    # Without constrained decoding (any JSON): read, or the documented typed failure.
+    llm = LLMClient(endpoint(real_server, structured_output="json_object"))
     v = ana_votes()[5]
     msgs = [
         {"role": "system", "content": 'Answer with a JSON object: {"preferred": "A" or "B", "reason": "<one sentence>"}'},
@@ -70,3 +88,6 @@ async def test_structured_answer_parses_or_fails_over_predictably(llm: LLMClient
     else:
         assert isinstance(verdict, Verdict) and verdict.preferred in ("A", "B")
         assert site.errors == 0 and site.requests == site.retries + 1
+    finally:
+        await llm.aclose()
+    assert site.unparseable == site.requests - (site.errors == 0)  # every answer but a readable last one
