@@ -25,7 +25,7 @@ from synth_agent.engine.judge import JUDGMENT_SCHEMA
 from synth_agent.llm.base import ChatMessage, Completion, LLMStats
 from synth_agent.llm.budget import PromptTooLongError, estimate_tokens
 from synth_agent.llm.client import EndpointConfig, LLMClient, response_format
-from synth_agent.llm.errors import UnavailableError
+from synth_agent.llm.errors import ContextOverflowError, UnavailableError
 from synth_agent.models import Demo, as_messages
 from synth_agent.sim.backend import SimBackend
 from synth_agent.sim.population import Population
@@ -93,6 +93,21 @@ async def test_judge_drops_demos_from_the_end_until_the_prompt_fits() -> None:
     roomy = Scripted(lambda site, m: '{"reasoning": "r", "preferred": "B"}', context_length=None)
     await Judge(roomy, demos=demos).judge_order(Q, "one", "two")  # type: ignore[arg-type]
     assert len(roomy.sent[0][1]) == 2 + 2 * 4 and roomy.stats.site("judge").trimmed == 0  # no window: all demos
+
+
+async def test_a_server_that_counts_more_tokens_than_the_estimate_gets_fewer_demos() -> None:
+    # Text the character estimate under-counts (e.g. CJK): the server refuses; the judge halves the demos.
+    class Strict(Scripted):
+        async def complete(self, messages: Sequence[ChatMessage], **kw: Any) -> Completion:
+            if len(messages) > 2 + 2 * 1:
+                self.sent.append(("refused", list(messages), kw))
+                raise ContextOverflowError("HTTP 400: maximum context length is 4096 tokens", context_length=4096)
+            return await super().complete(messages, **kw)
+
+    llm = Strict(lambda site, m: '{"reasoning": "r", "preferred": "A"}', context_length=100_000)
+    label, _, _ = await Judge(llm, demos=tuple(demo(i, 10) for i in range(4))).judge_order(Q, "one", "two")  # type: ignore[arg-type]
+    assert label == "A" and [len(m) for _, m, _ in llm.sent] == [10, 6, 4]  # 4 demos, then 2, then 1
+    assert llm.stats.site("judge").trimmed == 2
 
 
 async def test_a_pair_too_long_even_without_demos_names_the_window() -> None:

@@ -32,6 +32,7 @@ from synth_agent import prompts
 from synth_agent.engine.ledger import JudgmentLedger, pair_digest, prefix_digest
 from synth_agent.llm.base import ChatBackend, ChatMessage, Completion
 from synth_agent.llm.budget import fits, note, too_long
+from synth_agent.llm.errors import ContextOverflowError
 from synth_agent.models import Demo, Judgment, Message, OrderJudgment, PersonaProfile, Vote, as_messages
 from synth_agent.prompts import ParseError
 
@@ -138,22 +139,32 @@ class Judge:
             got = await self._logprob_order(context, first, second, demos)
             if got is not None:
                 return got
-        msgs = self._fitted(
-            lambda d: prompts.judge_messages(context, first, second, persona=self.persona, demos=d),
-            demos, self.max_tokens, self.call_site,
-        )  # fmt: skip
+        def build(d: Sequence[Demo]) -> list[ChatMessage]:
+            return prompts.judge_messages(context, first, second, persona=self.persona, demos=d)
+
+        msgs = self._fitted(build, demos, self.max_tokens, self.call_site)
         for attempt in range(MAX_PARSE_ATTEMPTS):
             # A model that ignored the format is asked again with a different seed (the first
             # attempt stays cacheable at temperature 0; retries must not replay the same answer).
-            comp = await self.llm.complete(
-                msgs,
-                call_site=self.call_site,
-                temperature=0.0 if attempt == 0 else 0.3,
-                max_tokens=self.max_tokens,
-                json_mode=True,
-                seed=None if attempt == 0 else attempt,
-                schema=JUDGMENT_SCHEMA,
-            )
+            try:
+                comp = await self.llm.complete(
+                    msgs,
+                    call_site=self.call_site,
+                    temperature=0.0 if attempt == 0 else 0.3,
+                    max_tokens=self.max_tokens,
+                    json_mode=True,
+                    seed=None if attempt == 0 else attempt,
+                    schema=JUDGMENT_SCHEMA,
+                )
+            except ContextOverflowError:
+                # The server counts more tokens than the estimate did (text far from English prose):
+                # keep half the demos that were sent, and ask again.
+                sent = (len(msgs) - 2) // 2
+                if sent == 0:
+                    raise
+                msgs = build(demos[: sent // 2])
+                note(self.llm, self.call_site, "trimmed")
+                continue
             try:
                 parsed = prompts.parse_judgment(comp.text)
             except ParseError:

@@ -36,7 +36,8 @@ from synth_agent.judge_server import (
 from synth_agent.llm.client import LLMClient
 
 HERE = Path(__file__).parent
-N_CTX = 4096
+N_CTX = 2048
+"""The session server's window: small, so prompts the budget trims stay cheap to read on one CPU thread."""
 THREADS = int(os.environ.get("SYNTH_AGENT_REAL_MODEL_THREADS", "1"))
 """CPU threads for llama.cpp (``SYNTH_AGENT_REAL_MODEL_THREADS``). One: it leaves the other core to the test
 process (proxy, LangGraph, stores), and llama.cpp's threads wait for each other at every step, so two

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import replace
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ import httpx
 
 from synth_agent.ingest import read_jsonl
 from synth_agent.judge_server import LocalJudgeServer
-from synth_agent.llm.base import ChatBackend, ChatMessage, Completion, LLMStats
+from synth_agent.llm.base import ChatBackend, ChatMessage, Completion, LLMStats, TokenLogprob
 from synth_agent.llm.client import EndpointConfig
 from synth_agent.models import Vote
 
@@ -42,20 +43,20 @@ def ana_votes() -> tuple[Vote, ...]:
 
 
 def long_votes(n: int = 5, user: str = "long@example.com") -> list[Vote]:
-    """``n`` of Ana's votes with both answers padded to roughly 500 tokens each (a long technical answer
-    and a long rambling one), so four label-only demos plus the pair exceed a 4096-token window
-    whatever the model answers."""
+    """``n`` of Ana's votes with both answers padded to roughly 250 tokens each (a long technical answer
+    and a long rambling one), so four label-only demos plus the pair exceed a 2048-token window
+    whatever the model answers, while one pair fits with room for the answer."""
     out = []
     for i, v in enumerate(ana_votes()[:n]):
         steps = "\n".join(
             f"{k}. Check the result of step {k - 1}, print the intermediate value, and compare it with the "
             f"documented behaviour before you continue with the next step of the procedure."
-            for k in range(1, 15)
+            for k in range(1, 6)
         )
         ramble = " ".join(
             "It is worth remembering that every situation is different and that there are many opinions "
             "about the best approach, so you may want to consider your own needs carefully."
-            for _ in range(12)
+            for _ in range(5)
         )
         out.append(
             v.model_copy(
@@ -99,11 +100,14 @@ class Wiretap:
     does with one.
     """
 
-    def __init__(self, inner: ChatBackend, *, truncate: dict[str, int] | None = None) -> None:
+    def __init__(
+        self, inner: ChatBackend, *, truncate: dict[str, int] | None = None, no_letters: Sequence[str] = ()
+    ) -> None:
         self.inner = inner
         self.model = inner.model
         self.stats: LLMStats = inner.stats
         self.truncate = dict(truncate or {})
+        self.no_letters = set(no_letters)
         self.answers: list[tuple[str, str]] = []
 
     async def complete(self, messages: Sequence[ChatMessage], **kw: Any) -> Completion:
@@ -111,6 +115,11 @@ class Wiretap:
         if site in self.truncate:
             kw["max_tokens"] = self.truncate[site]
         comp = await self.inner.complete(messages, **kw)
+        if site in self.no_letters and comp.top_logprobs:
+            # The model's real first-token alternatives without A and B: what a log-probability judgment
+            # looks like when the model starts its answer with "The ..." (the judge falls back to CoT).
+            kept = [t for t in comp.top_logprobs[0] if t.token.strip().strip('"').upper() not in ("A", "B")]
+            comp = replace(comp, top_logprobs=[kept or [TokenLogprob("The", -0.1)]])
         self.answers.append((site, comp.text))
         return comp
 

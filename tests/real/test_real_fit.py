@@ -1,7 +1,8 @@
 """SynthesizeMe end to end on a real model: a small fit that saves a persona the real model wrote.
 
-Budgets are small on purpose (one slot, 2 CPU cores): 8 votes, 1 trial, 1 demo candidate,
-at most 1 trace + 1 label per demo set, one request in flight.
+Budgets are small on purpose (one slot, one CPU thread): 6 votes, 1 trial, 1 demo candidate,
+at most 1 trace + 1 label per demo set, validation scored with the one-token log-probability
+judge, one request in flight.
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ from synth_agent.llm.cache import MemoryCache
 from synth_agent.llm.client import LLMClient
 from synth_agent.models import Trace
 
-SMALL = FitConfig(n_trials=1, n_demo_candidates=1, max_bootstrapped_demos=1, max_labeled_demos=1)
-"""8 votes → 6 train, 2 validation: 6 bootstrap judgments, 3 candidates × 2, 1 persona, 1 demo set × 2."""
+SMALL = FitConfig(n_trials=1, n_demo_candidates=1, max_bootstrapped_demos=1, max_labeled_demos=1, score_mode="logprob")
+"""6 votes → 4 train, 2 validation: 4 chain-of-thought bootstrap judgments, 3 candidates × 2 and 1 demo
+set × 2 log-probability judgments, 1 persona."""
+N_VOTES = 6
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +40,7 @@ async def test_small_fit_saves_a_persona_the_real_model_wrote(
     """A whole fit on the real model completes and saves its persona: unreadable judgments are ties
     (counted per call site), so no answer the model gives can abort it."""
     memory = PreferenceMemory(InMemoryStore(), "acme")
-    await memory.add_votes(list(ana_votes()))
+    await memory.add_votes(list(ana_votes())[:N_VOTES])
     stages: list[str] = []
     async with LLMClient(endpoint(real_server), cache=fit_cache) as llm:
         tap = Wiretap(llm)
@@ -50,12 +53,12 @@ async def test_small_fit_saves_a_persona_the_real_model_wrote(
         assert saved.persona == result.profile.persona and saved.persona.strip()
         assert "<persona>" not in saved.persona
         assert saved.persona in tap.texts("persona")[-1]  # the real model's own words
-        assert saved.model == "smollm2" and saved.meta["n_traces"] == 6  # 8 votes: 6 train, 2 validation
+        assert saved.model == "smollm2" and saved.meta["n_traces"] == 4  # 6 votes: 4 train, 2 validation
         assert len(saved.demos) <= SMALL.max_bootstrapped_demos + SMALL.max_labeled_demos
         assert {"bootstrap", "candidates", "persona", "demos", "save"} <= set(stages)
         assert result.usage["llm_requests"] > 0 and result.usage["prompt_tokens"] > 0
         assert llm.stats.total().errors == 0  # no HTTP failure, no prompt the server refused
-        assert len(await memory.get_traces(USER)) == 6  # bootstrap's traces are kept for the next fit
+        assert len(await memory.get_traces(USER)) == 4  # bootstrap's traces are kept for the next fit
         unreadable = {site: s.unparseable for site, s in llm.stats.by_site.items() if s.unparseable}
     written = [saved.persona]
     outcome = f"fit saved persona v1 with {len(saved.demos)} demo(s); unreadable answers per call site: {unreadable}"
@@ -67,17 +70,20 @@ async def test_fit_keeps_the_persona_when_the_demo_step_gets_unreadable_answers(
     real_server: LocalJudgeServer, fit_cache: MemoryCache
 ) -> None:
     memory = PreferenceMemory(InMemoryStore(), "acme")
-    await memory.add_votes(list(ana_votes()))
+    await memory.add_votes(list(ana_votes())[:N_VOTES])
     async with LLMClient(endpoint(real_server), cache=fit_cache) as llm:  # replays the previous test's answers up to the demo step
-        tap = Wiretap(llm, truncate={"demo_select": 1})  # every demo_select answer: one token, unreadable
+        # Every demo-selection judgment unreadable: the log-probabilities hold neither letter (the judge falls
+        # back to chain of thought) and that answer is cut to one token ('{').
+        tap = Wiretap(llm, truncate={"demo_select": 1}, no_letters=["demo_select:logprob"])
         result = await Synthesizer(tap, memory, SMALL).fit(USER)  # type: ignore[arg-type]
-    # Every demo_select answer was unreadable: each is a tie (never right), counted, and the fit goes on.
+    # Each unreadable judgment is a tie (never right), counted, and the fit goes on.
     assert result.status == "fitted" and result.profile is not None, result.message
     saved = await memory.current_persona(USER)
     assert saved is not None and saved.persona == result.profile.persona
     assert saved.persona and saved.persona in tap.texts("persona")[-1]  # the real model's own words
     assert tap.texts("demo_select") and all(len(t) <= 4 for t in tap.texts("demo_select"))
     assert llm.stats.site("demo_select").unparseable == len(tap.texts("demo_select"))
+    assert llm.stats.site("demo_select:logprob").unparseable == len(tap.texts("demo_select:logprob")) > 0
     assert saved.meta["demos_status"] == "selected" and llm.stats.total().errors == 0
 
 
@@ -92,11 +98,13 @@ async def test_fit_on_long_votes_keeps_every_prompt_inside_the_context_window(
     labels_only = [demo_from_vote(v, True, None) for v in train[:4]]
     big = prompts.judge_messages(val[0].context, val[0].chosen, val[0].rejected, demos=labels_only)
     small = prompts.judge_messages(val[0].context, val[0].chosen, val[0].rejected)
-    assert await count_tokens(real_server, big) > 4096 > await count_tokens(real_server, small) + 400
+    window = real_server.spec.context_length
+    assert window is not None and await count_tokens(real_server, big) > window > await count_tokens(real_server, small) + 400
 
     memory = PreferenceMemory(InMemoryStore(), "acme")
     await memory.add_votes(votes)
-    cfg = FitConfig(n_trials=1, n_demo_candidates=1)  # default demo budgets: up to 4 traces + 4 labels
+    # default demo budgets (up to 4 traces + 4 labels); log-probability scoring (one token per judgment)
+    cfg = FitConfig(n_trials=1, n_demo_candidates=1, score_mode="logprob")
     user = votes[0].user_id
     # A previous fit's verified traces for every train vote: this refit judges no train vote again
     # and goes straight to scoring candidate demo sets (the step that overflows).
@@ -109,7 +117,8 @@ async def test_fit_on_long_votes_keeps_every_prompt_inside_the_context_window(
     assert result.status == "fitted" and result.profile is not None, result.message
     assert llm.stats.total().errors == 0  # no request the server had to refuse
     trimmed = {site: s.trimmed for site, s in llm.stats.by_site.items() if s.trimmed}
-    assert trimmed.get("bootstrap_score", 0) >= 1, trimmed  # the labels-only candidate lost demos to fit
+    assert trimmed.get("bootstrap_score:logprob", 0) >= 1, trimmed  # the labels-only candidate lost demos to fit
+    assert trimmed.get("persona", 0) == 1, trimmed  # the persona writer dropped examples to fit
     assert result.profile.meta["demos_status"] == "selected"
 
 
