@@ -15,9 +15,8 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import pytest
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
 from langgraph.store.memory import InMemoryStore
+from test_llm_client import Capture, completion_body
 
 from store.memory import PreferenceMemory
 from synth_agent.engine import FitConfig, Judge, Synthesizer
@@ -175,33 +174,19 @@ def test_response_format_dialects() -> None:
 
 
 @pytest.fixture(scope="module")
-def capture() -> Iterator[tuple[list[dict], str]]:
+def capture() -> Iterator[tuple[Capture, str]]:
     from synth_agent.serving import ThreadedServer
 
-    bodies: list[dict] = []
-    app = FastAPI()
-
-    @app.get("/healthz")
-    async def health() -> dict:
-        return {"ok": True}
-
-    @app.post("/v1/chat/completions")
-    async def chat(request: Request) -> JSONResponse:
-        bodies.append(await request.json())
-        return JSONResponse({
-            "id": "x", "object": "chat.completion", "model": "m",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": '{"reasoning": "r", "preferred": "A"}'},
-                         "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7},
-        })  # fmt: skip
-
-    with ThreadedServer(app, lifespan="off", name="capture") as srv:
-        yield bodies, f"{srv.url}/v1"
+    cap = Capture()
+    cap.reply = (200, completion_body('{"reasoning": "r", "preferred": "A"}'))
+    with ThreadedServer(cap.app, lifespan="off", name="capture") as srv:
+        yield cap, f"{srv.url}/v1"
 
 
 @pytest.mark.parametrize("dialect", ["json_object", "json_schema", "json_object_schema"])
 async def test_judge_sends_its_schema_in_the_endpoints_dialect(capture, dialect: str) -> None:
-    bodies, url = capture
+    cap, url = capture
+    bodies = cap.bodies
     cfg = EndpointConfig(base_url=url, model="m", structured_output=dialect, probe_server=False)  # type: ignore[arg-type]
     async with LLMClient(cfg, cache=False) as llm:
         bodies.clear()
