@@ -40,8 +40,10 @@ from synth_agent.prompts import ParseError
 
 console = Console()
 
-TINY = FitConfig(n_trials=2, n_demo_candidates=2, max_bootstrapped_demos=1, max_labeled_demos=1, candidate_wave=2)
-"""Budgets that keep every judge prompt of simulated votes (~500–1,000 tokens a pair) inside the window."""
+TINY = FitConfig(n_trials=1, n_demo_candidates=1, max_bootstrapped_demos=1, max_labeled_demos=1, candidate_wave=2,
+                 score_mode="logprob")  # fmt: skip
+"""The smallest budgets, validation scored with the one-token log-probability judge: on a shared 2-core
+machine a user's fit with chain-of-thought scoring took ~12 minutes (simulated answers are long)."""
 METHODS = ("default_logprob", "persona_demos_logprob")
 """Log-probability judges: one generated token per judgment (on CPU, reading the prompt is the cost)."""
 CAPTION = (
