@@ -78,6 +78,8 @@ class FitConfig:
     persona_prompt_version: str = prompts.PERSONA_WRITER_VERSION
     max_persona_examples: int = 16
     max_persona_prompt_chars: int = 60_000
+    persona_max_tokens: int = 400
+    """The persona writer's answer cap (its prompt is budgeted to leave room for it)."""
     score_mode: Literal["cot", "logprob"] = "cot"
     """Judge used to score candidate demo sets on validation: chain of thought (the judge the profile
     is served with), or the one-token log-probability judge (fewer tokens; demos then show labels
@@ -96,7 +98,7 @@ class FitConfig:
             raise ValueError("persona_traces must be 'all' or 'best'")
         if self.score_mode not in ("cot", "logprob"):
             raise ValueError("score_mode must be 'cot' or 'logprob'")
-        for name in ("n_trials", "n_demo_candidates", "candidate_wave", "max_persona_examples"):
+        for name in ("n_trials", "n_demo_candidates", "candidate_wave", "max_persona_examples", "persona_max_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
 
@@ -193,10 +195,6 @@ class CountingBackend:
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
         }
-
-
-PERSONA_MAX_TOKENS = 400
-"""The persona writer's answer cap (prompt budgets reserve it)."""
 
 
 def stable_coin(*parts: object) -> bool:
@@ -516,17 +514,18 @@ class Synthesizer:
                 examples.append(prompts.TraceExample(d.context, d.first, d.second, "(no reasoning)", d.label))
         examples = examples[: cfg.max_persona_examples]
         wanted = len(examples)
+        cap = cfg.persona_max_tokens
         while True:
             msgs = prompts.persona_messages(examples, version=cfg.persona_prompt_version)
             size = sum(len(m["content"]) for m in msgs)
-            too_big = size > cfg.max_persona_prompt_chars or not fits(llm, msgs, PERSONA_MAX_TOKENS)
+            too_big = size > cfg.max_persona_prompt_chars or not fits(llm, msgs, cap)
             if too_big and len(examples) > 1:
                 examples = examples[:-1]
                 continue
-            if not fits(llm, msgs, PERSONA_MAX_TOKENS):
-                raise too_long(llm, msgs, PERSONA_MAX_TOKENS, call_site="persona", what="persona prompt (one example)")
+            if not fits(llm, msgs, cap):
+                raise too_long(llm, msgs, cap, call_site="persona", what="persona prompt (one example)")
             try:
-                comp = await llm.complete(msgs, call_site="persona", temperature=0.0, max_tokens=PERSONA_MAX_TOKENS)
+                comp = await llm.complete(msgs, call_site="persona", temperature=0.0, max_tokens=cap)
             except ContextOverflowError:  # the endpoint says the prompt is too long: trim and retry
                 if len(examples) > 1:
                     examples = examples[: max(1, len(examples) // 2)]

@@ -38,11 +38,18 @@ from synth_agent.llm.client import LLMClient
 HERE = Path(__file__).parent
 N_CTX = 2048
 """The session server's window: small, so prompts the budget trims stay cheap to read on one CPU thread."""
-THREADS = int(os.environ.get("SYNTH_AGENT_REAL_MODEL_THREADS", "1"))
-"""CPU threads for llama.cpp (``SYNTH_AGENT_REAL_MODEL_THREADS``). One: it leaves the other core to the test
-process (proxy, LangGraph, stores), and llama.cpp's threads wait for each other at every step, so two
-threads collapse when anything else runs (measured on a shared 2-core machine at load average ~5: a
-2,290-token prompt took 67-80 s with 1 thread, 100-113 s with 2)."""
+def _threads() -> int:
+    if env := os.environ.get("SYNTH_AGENT_REAL_MODEL_THREADS"):
+        return int(env)
+    cores = os.cpu_count() or 1
+    return cores if cores > 1 and os.getloadavg()[0] < 1.0 else 1
+
+
+THREADS = _threads()
+"""CPU threads for llama.cpp (``SYNTH_AGENT_REAL_MODEL_THREADS`` overrides). Every core on an idle machine (a CI
+runner); one when anything else runs: llama.cpp's threads wait for each other at every step, so two threads
+collapse on a busy machine (measured on a shared 2-core machine at load average ~5: a 2,290-token prompt
+took 67-80 s with 1 thread, 100-113 s with 2)."""
 MODEL = BUNDLED_GGUF["smollm2"]
 REQUIRED = os.environ.get("SYNTH_AGENT_REAL_MODEL", "").lower() in ("1", "required", "true", "yes")
 

@@ -13,7 +13,7 @@ from pydantic import BaseModel, Field
 from real_support import ana_votes, endpoint
 
 from synth_agent import prompts
-from synth_agent.engine import Synthesizer
+from synth_agent.engine import FitConfig, Synthesizer
 from synth_agent.engine.synthesize import stable_coin
 from synth_agent.evaluate import memory_persona
 from synth_agent.judge_server import LocalJudgeServer
@@ -32,11 +32,13 @@ async def test_persona_writer_reads_a_real_persona(llm: LLMClient) -> None:
         )
         for v in train
     ]  # fmt: skip
-    persona = await Synthesizer(llm).write_persona(train, traces, [v.id for v in train])
+    persona = await Synthesizer(llm, config=FitConfig(persona_max_tokens=160)).write_persona(
+        train, traces, [v.id for v in train]
+    )
     assert persona.strip() == persona and persona
     assert "<persona>" not in persona and "</persona>" not in persona  # tags stripped by parse_persona
     site = llm.stats.site("persona")
-    assert site.requests == 1 and site.errors == 0 and 0 < site.completion_tokens <= 400
+    assert site.requests == 1 and site.errors == 0 and 0 < site.completion_tokens <= 160
 
 
 async def test_insight_extractor_returns_one_insight_per_vote(llm: LLMClient) -> None:
