@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -46,6 +47,7 @@ class Settings(BaseSettings):
     request_timeout: float = Field(default=60.0, gt=0)
     max_retries: int = Field(default=6, ge=0)
     context_length: int | None = Field(default=None, ge=1)
+    structured_output: Literal["json_object", "json_schema", "json_object_schema"] = "json_object"
     max_content_chars: int = Field(default=32_000, ge=1)
     llm_disk_cache: bool = False
 

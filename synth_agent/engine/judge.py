@@ -10,6 +10,14 @@ Two modes:
 * ``logprob`` — the judge answers a single letter and we read P(A) from the
   endpoint's log-probabilities (one generated token, far cheaper); endpoints that
   return no log-probabilities fall back to ``cot`` for that call.
+
+What a weak model cannot break: the chain-of-thought answer is asked for with its JSON
+schema (:data:`JUDGMENT_SCHEMA`; endpoints configured for constrained decoding only
+generate answers that follow it, with bounded reasoning so the JSON closes within
+``max_tokens``); an order whose answer stays unreadable after :data:`MAX_PARSE_ATTEMPTS`
+is a **tie** (P = 0.5, counted in the client's ``unparseable`` counter), never an
+exception and never a default letter; and a prompt over the model's context window loses
+demos from the end until it fits (:mod:`synth_agent.llm.budget`).
 """
 
 from __future__ import annotations
@@ -23,13 +31,29 @@ from typing import Literal
 from synth_agent import prompts
 from synth_agent.engine.ledger import JudgmentLedger, pair_digest, prefix_digest
 from synth_agent.engine.selection import served_demos, served_persona
-from synth_agent.llm.base import ChatBackend, Completion
+from synth_agent.llm.base import ChatBackend, ChatMessage, Completion
+from synth_agent.llm.budget import fits, note, too_long
+from synth_agent.llm.errors import ContextOverflowError
 from synth_agent.models import Demo, Judgment, Message, OrderJudgment, PersonaProfile, Vote, as_messages
 from synth_agent.prompts import ParseError
 
 JudgeMode = Literal["cot", "logprob"]
+OrderLabel = Literal["A", "B", "tie"]
+"""One order's verdict: the response shown first ("A") or second ("B") wins, or "tie" (no readable answer)."""
 
 MAX_PARSE_ATTEMPTS = 3
+REASONING_CHARS = 600
+"""Longest reasoning a constrained answer may have: ~150–200 tokens, so the JSON closes within the
+default ``max_tokens`` of 400 instead of being cut off mid-string."""
+JUDGMENT_SCHEMA: dict[str, object] = {
+    "type": "object",
+    "properties": {
+        "reasoning": {"type": "string", "maxLength": REASONING_CHARS},
+        "preferred": {"type": "string", "enum": ["A", "B"]},
+    },
+    "required": ["reasoning", "preferred"],
+}
+"""The chain-of-thought judge's answer, as sent for constrained decoding (reasoning first, then the letter)."""
 
 
 @dataclass(frozen=True)
@@ -89,54 +113,95 @@ class Judge:
     # ------------------------------------------------------------ one order
     async def judge_order(
         self, context: Sequence[Message], first: str, second: str, *, extra_demos: Sequence[Demo] = ()
-    ) -> tuple[Literal["A", "B"], str, float | None]:
-        """Judge ``first`` (shown as A) vs ``second`` (shown as B). Returns (label, reasoning, P(first))."""
+    ) -> tuple[OrderLabel, str, float | None]:
+        """Judge ``first`` (shown as A) vs ``second`` (shown as B). Returns (label, reasoning, P(first)).
+
+        ``"tie"`` (with P(first) 0.5) when the model gave no readable answer; ties are not kept in the ledger.
+        """
         if self.ledger is not None and not extra_demos:
             key = pair_digest(self._ledger_prefix(), context, first, second)
             hit = self.ledger.get(key)
             if hit is not None:
                 return hit[0], "", hit[1]
             label, reasoning, p_first = await self._judge_order(context, first, second, ())
-            self.ledger.put(key, label, p_first)
+            if label != "tie":
+                self.ledger.put(key, label, p_first)
             return label, reasoning, p_first
         return await self._judge_order(context, first, second, extra_demos)
 
+    def _fitted(
+        self, build: Callable[[Sequence[Demo]], list[ChatMessage]], demos: Sequence[Demo], max_tokens: int | None,
+        call_site: str,
+    ) -> list[ChatMessage]:
+        """The prompt with as many demos (kept from the front: the prefix stays stable) as fit the window."""
+        kept = list(demos)
+        msgs = build(kept)
+        while not fits(self.llm, msgs, max_tokens):
+            if not kept:
+                raise too_long(self.llm, msgs, max_tokens, call_site=call_site, what="judge prompt (no demos left)")
+            kept.pop()
+            msgs = build(kept)
+        if len(kept) < len(demos):
+            note(self.llm, call_site, "trimmed")
+        return msgs
+
     async def _judge_order(
         self, context: Sequence[Message], first: str, second: str, extra_demos: Sequence[Demo]
-    ) -> tuple[Literal["A", "B"], str, float | None]:
+    ) -> tuple[OrderLabel, str, float | None]:
         demos = [*self.demos, *extra_demos]
         if self.mode == "logprob":
             got = await self._logprob_order(context, first, second, demos)
             if got is not None:
                 return got
-        msgs = prompts.judge_messages(context, first, second, persona=self.persona, demos=demos)
-        last: Exception | None = None
+        def build(d: Sequence[Demo]) -> list[ChatMessage]:
+            return prompts.judge_messages(context, first, second, persona=self.persona, demos=d)
+
+        msgs = self._fitted(build, demos, self.max_tokens, self.call_site)
         for attempt in range(MAX_PARSE_ATTEMPTS):
             # A model that ignored the format is asked again with a different seed (the first
             # attempt stays cacheable at temperature 0; retries must not replay the same answer).
-            comp = await self.llm.complete(
-                msgs,
-                call_site=self.call_site,
-                temperature=0.0 if attempt == 0 else 0.3,
-                max_tokens=self.max_tokens,
-                json_mode=True,
-                seed=None if attempt == 0 else attempt,
-            )
+            try:
+                comp = await self.llm.complete(
+                    msgs,
+                    call_site=self.call_site,
+                    temperature=0.0 if attempt == 0 else 0.3,
+                    max_tokens=self.max_tokens,
+                    json_mode=True,
+                    seed=None if attempt == 0 else attempt,
+                    schema=JUDGMENT_SCHEMA,
+                )
+            except ContextOverflowError:
+                # The server counts more tokens than the estimate did (text far from English prose):
+                # keep half the demos that were sent, and ask again.
+                sent = (len(msgs) - 2) // 2
+                if sent == 0:
+                    raise
+                msgs = build(demos[: sent // 2])
+                note(self.llm, self.call_site, "trimmed")
+                continue
             try:
                 parsed = prompts.parse_judgment(comp.text)
-            except ParseError as exc:
-                last = exc
+            except ParseError:
+                note(self.llm, self.call_site, "unparseable")
                 continue
             return parsed.preferred, parsed.reasoning, None
-        raise ParseError(f"judge gave no readable answer after {MAX_PARSE_ATTEMPTS} attempts: {last}")
+        # Still unreadable: neither response wins. Never an exception in a chat turn, never a
+        # default letter (that would bias every unreadable judgment towards one position).
+        return "tie", "", 0.5
 
     async def _logprob_order(
         self, context: Sequence[Message], first: str, second: str, demos: Sequence[Demo]
-    ) -> tuple[Literal["A", "B"], str, float] | None:
-        msgs = prompts.label_judge_messages(context, first, second, persona=self.persona, demos=demos)
-        comp = await self.llm.complete(msgs, call_site=self.call_site + ":logprob", max_tokens=1, logprobs=5)
+    ) -> tuple[OrderLabel, str, float] | None:
+        site = self.call_site + ":logprob"
+        msgs = self._fitted(
+            lambda d: prompts.label_judge_messages(context, first, second, persona=self.persona, demos=d),
+            demos, 1, site,
+        )  # fmt: skip
+        comp = await self.llm.complete(msgs, call_site=site, max_tokens=1, logprobs=5)
         p_first = label_probability(comp)
         if p_first is None:
+            if comp.top_logprobs:  # log-probabilities came, but neither letter among the top 5
+                note(self.llm, site, "unparseable")
             return None
         return ("A" if p_first >= 0.5 else "B"), "", p_first
 
@@ -156,7 +221,7 @@ class Judge:
         o1 = OrderJudgment(swapped=False, preferred=l1, reasoning=r1, p_a=p1 if p1 is not None else None)
         o2 = OrderJudgment(
             swapped=True,
-            preferred="A" if l2 == "B" else "B",
+            preferred={"A": "B", "B": "A"}.get(l2, "tie"),  # type: ignore[arg-type]
             reasoning=r2,
             p_a=(1.0 - p2) if p2 is not None else None,
         )
@@ -183,11 +248,13 @@ async def count_correct(
 
 
 def combine_orders(o1: OrderJudgment, o2: OrderJudgment) -> Judgment:
-    """Merge the two presentation orders into one verdict on the caller's A/B."""
-    pa = [o.p_a if o.p_a is not None else (1.0 if o.preferred == "A" else 0.0) for o in (o1, o2)]
+    """Merge the two presentation orders into one verdict on the caller's A/B (a tied order makes a tie)."""
+    pa = [o.p_a if o.p_a is not None else {"A": 1.0, "B": 0.0}.get(o.preferred, 0.5) for o in (o1, o2)]
     p_a = sum(pa) / 2
     preferred: Literal["A", "B", "tie"]
-    if o1.preferred == o2.preferred:
+    if o1.preferred == o2.preferred == "tie":
+        preferred, confidence = "tie", 0.0
+    elif o1.preferred == o2.preferred:
         preferred = o1.preferred
         confidence = abs(p_a - 0.5) * 2
     else:

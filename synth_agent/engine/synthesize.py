@@ -46,7 +46,8 @@ from synth_agent.engine.ledger import JudgmentLedger, pair_digest
 from synth_agent.engine.search import RaceResult, race
 from synth_agent.engine.selection import GainPrior, Selection, SelectionConfig, choose, tenant_prior
 from synth_agent.llm.base import ChatBackend, ChatMessage, Completion, LLMStats
-from synth_agent.llm.errors import ContextOverflowError
+from synth_agent.llm.budget import fits, note, too_long
+from synth_agent.llm.errors import ContextOverflowError, LLMError
 from synth_agent.models import Demo, PersonaProfile, Trace, Vote, validate_user_id
 
 ProgressFn = Callable[[str, int, int], None]
@@ -81,6 +82,8 @@ class FitConfig:
     persona_prompt_version: str = prompts.PERSONA_WRITER_VERSION
     max_persona_examples: int = 16
     max_persona_prompt_chars: int = 60_000
+    persona_max_tokens: int = 400
+    """The persona writer's answer cap (its prompt is budgeted to leave room for it)."""
     score_mode: Literal["cot", "logprob"] = "cot"
     """Judge used to score candidate demo sets on validation: chain of thought (the judge the profile
     is served with), or the one-token log-probability judge (fewer tokens; demos then show labels
@@ -102,7 +105,7 @@ class FitConfig:
             raise ValueError("persona_traces must be 'all' or 'best'")
         if self.score_mode not in ("cot", "logprob"):
             raise ValueError("score_mode must be 'cot' or 'logprob'")
-        for name in ("n_trials", "n_demo_candidates", "candidate_wave", "max_persona_examples"):
+        for name in ("n_trials", "n_demo_candidates", "candidate_wave", "max_persona_examples", "persona_max_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
 
@@ -137,6 +140,9 @@ class FitResult:
     bootstrap_demos: list[Demo] = field(default_factory=list)
     traces: list[Trace] = field(default_factory=list)
     usage: dict[str, int] = field(default_factory=dict)
+    demo_error: str | None = None
+    """Set when step 3 failed and the persona was saved without demos (``profile.meta["demos_status"]``
+    is then ``"failed"``); the next fit tries the demo step again."""
 
 
 @dataclass(frozen=True)
@@ -568,20 +574,31 @@ class Synthesizer:
                 d = demo_from_vote(v, cf, None)
                 examples.append(prompts.TraceExample(d.context, d.first, d.second, "(no reasoning)", d.label))
         examples = examples[: cfg.max_persona_examples]
+        wanted = len(examples)
+        cap = cfg.persona_max_tokens
         while True:
             msgs = prompts.persona_messages(examples, version=cfg.persona_prompt_version)
             size = sum(len(m["content"]) for m in msgs)
-            if size > cfg.max_persona_prompt_chars and len(examples) > 1:
+            too_big = size > cfg.max_persona_prompt_chars or not fits(llm, msgs, cap)
+            if too_big and len(examples) > 1:
                 examples = examples[:-1]
                 continue
+            if not fits(llm, msgs, cap):
+                raise too_long(llm, msgs, cap, call_site="persona", what="persona prompt (one example)")
             try:
-                comp = await llm.complete(msgs, call_site="persona", temperature=0.0, max_tokens=400)
+                comp = await llm.complete(msgs, call_site="persona", temperature=0.0, max_tokens=cap)
             except ContextOverflowError:  # the endpoint says the prompt is too long: trim and retry
                 if len(examples) > 1:
                     examples = examples[: max(1, len(examples) // 2)]
                     continue
                 raise
-            return prompts.parse_persona(comp.text)
+            if len(examples) < wanted:
+                note(llm, "persona", "trimmed")
+            try:
+                return prompts.parse_persona(comp.text)
+            except prompts.ParseError:
+                note(llm, "persona", "unparseable")
+                raise
 
     # ------------------------------------------------------------------ step 3
     def demo_candidates(
@@ -790,10 +807,17 @@ class Synthesizer:
         ledger = await JudgmentLedger.load(self.memory, user_id, self.llm.model)
         llm = CountingBackend(self.llm)
         boot, persona = await self._steps_one_two(user_id, train, val, llm, ledger, progress)
-        sel = await self.select_demos(
-            user_id, persona, train, val, boot.traces, seed_demos=boot.demos, progress=progress, llm=llm,
-            ledger=ledger,
-        )  # fmt: skip
+        demo_error: str | None = None
+        try:
+            sel = await self.select_demos(
+                user_id, persona, train, val, boot.traces, seed_demos=boot.demos, progress=progress, llm=llm,
+                ledger=ledger,
+            )  # fmt: skip
+        except (LLMError, prompts.ParseError) as e:
+            # The persona is written (minutes of work on a slow judge): keep it, without demos, marked
+            # as such, instead of losing it with the step that failed. The next fit retries step 3.
+            demo_error = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+            sel = DemoOutcome(demos=[], accuracy=float("nan"), candidates_scored=0)
         selection = None
         if cfg.selection.enabled:
             if progress:
@@ -809,7 +833,7 @@ class Synthesizer:
             user_id=user_id,
             persona=persona,
             demos=sel.demos,
-            val_accuracy=sel.accuracy,
+            val_accuracy=None if demo_error else sel.accuracy,
             model=self.llm.model,
             prompt_version=cfg.persona_prompt_version,
             vote_ids=[v.id for v in (*train, *val)],
@@ -824,7 +848,9 @@ class Synthesizer:
                 "verify": cfg.verify,
                 "seed": cfg.seed,
                 "usage": usage,
-                "fit_key": key,
+                "fit_key": None if demo_error else key,  # a persona without its demos is not "unchanged"
+                "demos_status": "failed" if demo_error else "selected",
+                **({"demo_error": demo_error} if demo_error else {}),
                 **selection_meta(selection, boot.demos),
             },
         )
@@ -835,15 +861,20 @@ class Synthesizer:
             profile = await self.memory.save_persona(profile)
             if progress:
                 progress("save", 1, 1)
+        summary = (
+            f"saved WITHOUT demos: the demo step failed ({demo_error}); the next fit retries it"
+            if demo_error
+            else f"validation accuracy {sel.accuracy:.0%}"
+        )
         return FitResult(
             user_id, "fitted",
-            f"persona v{profile.version} for {user_id!r} from {n_context} votes "
-            f"(validation accuracy {sel.accuracy:.0%})",
+            f"persona v{profile.version} for {user_id!r} from {n_context} votes ({summary})",
             n_context,
             profile=profile,
             bootstrap_demos=boot.demos,
             traces=boot.traces,
             usage=usage,
+            demo_error=demo_error,
         )
 
     async def _steps_one_two(

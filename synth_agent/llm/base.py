@@ -48,9 +48,14 @@ class CallSiteStats:
     errors: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    unparseable: int = 0
+    """Answers the call site could not read (each re-ask counts): what a weak model or a cut-off answer costs."""
+    trimmed: int = 0
+    """Prompts the call site shortened (demos or examples dropped) to fit the model's context window."""
 
     def add(self, other: CallSiteStats) -> None:
-        for f in ("requests", "retries", "cache_hits", "errors", "prompt_tokens", "completion_tokens"):
+        for f in ("requests", "retries", "cache_hits", "errors", "prompt_tokens", "completion_tokens",
+                  "unparseable", "trimmed"):  # fmt: skip
             setattr(self, f, getattr(self, f) + getattr(other, f))
 
 
@@ -97,8 +102,14 @@ class ChatBackend(Protocol):
         logprobs: int | None = None,
         seed: int | None = None,
         extra: dict[str, Any] | None = None,
+        schema: dict[str, Any] | None = None,
     ) -> Completion:
-        """Answer ``messages``. Temperature-0 answers may be served from the cache."""
+        """Answer ``messages``. Temperature-0 answers may be served from the cache.
+
+        ``schema`` (with ``json_mode``): the JSON schema the answer must follow. Endpoints configured
+        for constrained decoding (``EndpointConfig.structured_output``) enforce it while decoding;
+        others ask for any JSON and leave the reading to the call site's parser.
+        """
         ...
 
     async def structured(

@@ -36,6 +36,7 @@ def cache_key(
     logprobs: int | None,
     seed: int | None,
     extra: Mapping[str, Any] | None,
+    schema: Mapping[str, Any] | None = None,
 ) -> str:
     """sha256 of the canonical JSON of everything that can change the answer."""
     payload = {
@@ -49,6 +50,8 @@ def cache_key(
         "seed": seed,
         "extra": dict(extra) if extra else None,
     }
+    if schema is not None:  # only then: keys of calls without a schema stay what they were
+        payload["schema"] = dict(schema)
     canonical = orjson.dumps(payload, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS, default=str)
     return hashlib.sha256(canonical).hexdigest()
 

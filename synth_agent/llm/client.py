@@ -101,10 +101,12 @@ class EndpointConfig(BaseModel):
     structured_retries: int = Field(
         default=2, ge=0, description="re-asks when a structured answer is garbage"
     )
-    structured_output: Literal["json_object", "json_schema"] = Field(
+    structured_output: Literal["json_object", "json_schema", "json_object_schema"] = Field(
         default="json_object",
-        description="how structured() asks for JSON: response_format json_object, or json_schema with the "
-        "pydantic schema (constrained decoding on llama.cpp / vLLM / SGLang / OpenAI)",
+        description="how structured answers (structured(), judgments) ask for JSON: response_format json_object "
+        "(any JSON); json_schema with the answer's schema (OpenAI's form: constrained decoding on vLLM, SGLang, "
+        "llama.cpp's llama-server, OpenAI); json_object_schema ({'type': 'json_object', 'schema': ...}: "
+        "llama-cpp-python's server, which answers OpenAI's form with HTTP 500, and llama-server)",
     )
     context_length: int | None = Field(
         default=None, ge=1, description="the model's context window in tokens; None: as the server states, if it does"
@@ -125,6 +127,7 @@ class EndpointConfig(BaseModel):
             "timeout": settings.request_timeout,
             "max_retries": settings.max_retries,
             "context_length": settings.context_length,
+            "structured_output": settings.structured_output,
         }
         values.update(overrides)
         return cls(**values)
@@ -421,13 +424,18 @@ class LLMClient:
         logprobs: int | None = None,
         seed: int | None = None,
         extra: dict[str, Any] | None = None,
+        schema: dict[str, Any] | None = None,
     ) -> Completion:
         """Answer ``messages``; temperature-0 answers come from the cache or a shared in-flight request.
 
         ``logprobs=k`` asks for the top-k alternatives per generated token.
         ``extra`` holds additional JSON body fields (e.g. vLLM's ``guided_choice``, or a
-        ``response_format`` that overrides ``json_mode``).
+        ``response_format`` that overrides ``json_mode``). ``schema`` (a JSON schema, with
+        ``json_mode``): sent as ``structured_output`` says, so the server decodes only answers
+        that follow it.
         """
+        if json_mode and schema is not None:
+            extra = {**response_format(self.config.structured_output, schema), **(extra or {})}
         return await self._complete(
             messages,
             call_site=call_site,
@@ -455,7 +463,7 @@ class LLMClient:
 
         valid = parses_as(schema)
         site = self.stats.site(call_site)
-        extra = response_format_for(schema) if self.config.structured_output == "json_schema" else None
+        extra = response_format(self.config.structured_output, schema.model_json_schema(), schema.__name__)
         last: ValueError | None = None
         for attempt in range(self.config.structured_retries + 1):
             if attempt:
@@ -476,6 +484,7 @@ class LLMClient:
                 return parse_structured(completion.text, schema)
             except ValueError as e:
                 last = e
+                site.unparseable += 1
         site.errors += 1
         raise UnparseableResponseError(
             f"{self.endpoint} gave no answer readable as {schema.__name__} at call site {call_site!r} "
@@ -656,14 +665,24 @@ class LLMClient:
         return completion
 
 
-def response_format_for(schema: type[BaseModel]) -> dict[str, Any]:
-    """``response_format`` asking for ``schema`` (OpenAI / vLLM / llama.cpp / SGLang ``json_schema``)."""
-    return {
-        "response_format": {
-            "type": "json_schema",
-            "json_schema": {"name": schema.__name__, "schema": schema.model_json_schema(), "strict": False},
-        }
-    }
+def response_format(
+    dialect: Literal["json_object", "json_schema", "json_object_schema"], schema: dict[str, Any], name: str = "answer"
+) -> dict[str, Any]:
+    """The body field asking for an answer that follows the JSON schema ``schema``, in the server's dialect.
+
+    ``json_object``: any JSON (the schema is not sent; the call site's parser reads the answer).
+    ``json_schema``: OpenAI's form (vLLM, SGLang, llama.cpp's llama-server, OpenAI).
+    ``json_object_schema``: ``{"type": "json_object", "schema": ...}`` (llama-cpp-python's server turns
+    it into a grammar; llama-server reads it too).
+
+        >>> response_format("json_object_schema", {"type": "object"})
+        {'response_format': {'type': 'json_object', 'schema': {'type': 'object'}}}
+    """
+    if dialect == "json_schema":
+        return {"response_format": {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": False}}}
+    if dialect == "json_object_schema":
+        return {"response_format": {"type": "json_object", "schema": schema}}
+    return {"response_format": {"type": "json_object"}}
 
 
 async def cached_single_flight(

@@ -91,6 +91,8 @@ class PoolEndpoint(BaseModel):
     rate_limit: float = Field(default=0.0, ge=0)
     timeout: float = Field(default=60.0, gt=0)
     max_retries: int | None = Field(default=None, ge=0, description="default: PoolConfig.member_max_retries")
+    context_length: int | None = Field(default=None, ge=1, description="the model's window; default: as the server states")
+    structured_output: Literal["json_object", "json_schema", "json_object_schema"] = "json_object"
 
 
 class PoolConfig(BaseModel):
@@ -183,6 +185,8 @@ class PoolConfig(BaseModel):
                 rate_limit=ep.rate_limit,
                 timeout=ep.timeout,
                 max_retries=self.member_max_retries if ep.max_retries is None else ep.max_retries,
+                context_length=ep.context_length,
+                structured_output=ep.structured_output,
             )
             for ep in self.endpoints
         ]
@@ -385,6 +389,17 @@ class EndpointPool:
                 out.site(site).add(s)
         return out
 
+    @property
+    def context_length(self) -> int | None:
+        """The smallest context window any member knows of (a prompt must fit wherever it goes)."""
+        known = [n for m in self._members if (n := m.client.context_length)]
+        return min(known) if known else None
+
+    def note(self, call_site: str, counter: Literal["unparseable", "trimmed"], n: int = 1) -> None:
+        """Count at a call site in the pool's own counters (``stats`` is a fresh copy): see ``llm.budget.note``."""
+        site = self._own.site(call_site)
+        setattr(site, counter, getattr(site, counter) + n)
+
     def status(self) -> list[EndpointStatus]:
         return [
             EndpointStatus(
@@ -585,8 +600,11 @@ class EndpointPool:
         logprobs: int | None = None,
         seed: int | None = None,
         extra: dict[str, Any] | None = None,
+        schema: dict[str, Any] | None = None,
     ) -> Completion:
-        """Answer on the best usable member, failing over on errors; temperature 0 is cached pool-wide."""
+        """Answer on the best usable member, failing over on errors; temperature 0 is cached pool-wide.
+
+        ``schema`` goes to the member, which sends it in its own ``structured_output`` dialect."""
         kwargs: dict[str, Any] = {
             "temperature": temperature,
             "max_tokens": max_tokens,
@@ -594,6 +612,7 @@ class EndpointPool:
             "logprobs": logprobs,
             "seed": seed,
             "extra": extra,
+            "schema": schema,
         }
         validate = _looks_like_json if json_mode else None
         return await self._complete(messages, kwargs, call_site, validate, bypass_cache=False)
@@ -617,6 +636,7 @@ class EndpointPool:
             "logprobs": None,
             "seed": None,
             "extra": None,
+            "schema": schema.model_json_schema(),
         }
         last: ValueError | None = None
         for attempt in range(self.structured_retries + 1):
@@ -625,6 +645,7 @@ class EndpointPool:
                 return parse_structured(comp.text, schema)
             except ValueError as e:
                 last = e
+                self._own.site(call_site).unparseable += 1
         raise UnparseableResponseError(
             f"the pool's endpoints gave no answer readable as {schema.__name__} at call site {call_site!r} "
             f"after {self.structured_retries + 1} tries; last: {last}. Try a stronger judge model.",

@@ -37,6 +37,7 @@ class SimBackend:
         logprobs: int | None = None,
         seed: int | None = None,
         extra: dict[str, Any] | None = None,
+        schema: dict[str, Any] | None = None,
     ) -> Completion:
         reply = self.brain.respond(
             list(messages), temperature=temperature, max_tokens=max_tokens, seed=seed,
