@@ -700,7 +700,7 @@ class Synthesizer:
             prefix = default._ledger_prefix()
             for t in all_traces:
                 v = by_id.get(t.vote_id)
-                if v is not None and t.model == llm.model:
+                if v is not None and t.model == llm.model and t.predicted != "tie":  # ties are never kept
                     first, second = (v.chosen, v.rejected) if t.chosen_first else (v.rejected, v.chosen)
                     ledger.seed(pair_digest(prefix, v.context, first, second), t.predicted, None)
         sc = self.config.selection
