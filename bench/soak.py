@@ -244,9 +244,14 @@ def main() -> None:
         "rss_by_process_end_mb": {k.split("[")[0]: round(v, 1) for k, v in samples[-1][1].items()},
         "rss_slope_after_warmup_mb_per_min": round(slope_mb_per_min(after), 3),
         "rss_slope_whole_run_mb_per_min": round(slope_mb_per_min(totals), 3),
+        "rss_slope_after_warmup_by_process_mb_per_min": {
+            name: round(slope_mb_per_min([(t, sum(v for k, v in s.items() if k.split("[")[0] == name))
+                                          for t, s in samples if t >= args.warmup]), 3)
+            for name in sorted({k.split("[")[0] for _, s in samples for k in s})},
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "soak.json").write_text(json.dumps({**report, "rss_samples": totals}, indent=2))
+    (args.out / "soak.json").write_text(json.dumps({**report, "rss_samples": totals, "rss_samples_by_process": [
+        (t, {k.split("[")[0]: round(v, 1) for k, v in s.items()}) for t, s in samples]}, indent=2))
     plot(samples, args.out / "soak.png", f"soak: {args.rate:g} req/s, {repo.name}")
     for k, v in report.items():
         print(f"  {k:36} {v}")

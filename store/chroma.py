@@ -210,8 +210,23 @@ def _check_filter(flt: Any) -> None:
             _check_filter(v)
 
 
+_MISSING = object()
+
+
+def _field(value: dict[str, Any], key: str) -> Any:
+    """``value[key]``; a dotted key (``"user.access-level"``) that is not itself a field walks nested dicts."""
+    if key in value or "." not in key:
+        return value.get(key)
+    node: Any = value
+    for part in key.split("."):
+        node = node.get(part, _MISSING) if isinstance(node, dict) else _MISSING
+        if node is _MISSING:
+            return None
+    return node
+
+
 def _matches(value: dict[str, Any], flt: dict[str, Any] | None) -> bool:
-    return not flt or all(_compare(value.get(k), v) for k, v in flt.items())
+    return not flt or all(_compare(_field(value, k), v) for k, v in flt.items())
 
 
 def _does_match(cond: MatchCondition, namespace: tuple[str, ...]) -> bool:
@@ -433,7 +448,8 @@ class ChromaStore(BaseStore):
         self.embeddings = embedding_function
         """The embedding function (as ``InMemoryStore``/``SqliteStore`` expose it)."""
         self.index_config: dict[str, Any] | None = (
-            {"fields": fields, "dims": getattr(embedding_function, "dims", None), "embed": embedding_function}
+            {"fields": fields, "text_fields": list(index_fields) if index_fields else None,  # as SqliteStore
+             "dims": getattr(embedding_function, "dims", None), "embed": embedding_function}
             if self._embedder
             else None
         )

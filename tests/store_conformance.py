@@ -152,6 +152,22 @@ class BaseStoreConformance:
         offset = await store.asearch(ns, query="mmm", limit=5, offset=1)
         assert "one" not in {h.key for h in offset} and len(offset) == 5
 
+    async def test_filter_on_nested_fields_by_dotted_path(self, store: BaseStore) -> None:
+        """LangGraph's ``test_filter_keys_with_hyphens_and_digits``: a dotted filter key reaches nested fields.
+
+        SqliteStore/PostgresStore behaviour; LangGraph's InMemoryStore matches top-level keys only.
+        """
+        from langgraph.store.memory import InMemoryStore
+
+        if type(store) is InMemoryStore:
+            pytest.skip("InMemoryStore filters top-level keys only (SqliteStore and ChromaStore follow dotted paths)")
+        await store.aput(("docs",), "hyphen", {"access-level": "public", "user": {"access-level": "nested"}})
+        await store.aput(("docs",), "digit", {"123abc": "ok", "user": {"123abc": "ok2"}})
+        assert [r.key for r in await store.asearch(("docs",), filter={"access-level": "public"})] == ["hyphen"]
+        assert [r.key for r in await store.asearch(("docs",), filter={"user.access-level": "nested"})] == ["hyphen"]
+        assert [r.key for r in await store.asearch(("docs",), filter={"user.123abc": "ok2"})] == ["digit"]
+        assert await store.asearch(("docs",), filter={"user.missing": "x"}) == []
+
     async def test_unindexed_items_are_not_semantic_hits(self, store: BaseStore) -> None:
         ns = ("idx",)
         await store.aput(ns, "indexed", {"text": TOPICS["garden"]})
