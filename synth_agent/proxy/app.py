@@ -148,7 +148,16 @@ def create_app(
                 transport=upstream_transport,
             )
             stack.push_async_callback(state.upstream.aclose)
-            if proxy.synthesis == "inline":
+            if proxy.queue:
+                # Scale-out mode: fits run in `synth-agent worker --queue` processes; votes enqueue them.
+                from synth_agent.scale.queue import QueueScheduler
+                from synth_agent.scale.settings import ScaleSettings
+
+                qs = QueueScheduler(proxy.queue, memories, policy or ScaleSettings().policy())
+                await qs.open()
+                stack.push_async_callback(qs.aclose, drain=True, drain_timeout=proxy.drain_timeout)
+                state.scheduler = qs
+            elif proxy.synthesis == "inline":
                 cp = checkpointer
                 if cp is None:
                     cp = await stack.enter_async_context(open_checkpointer(settings.home))
@@ -159,10 +168,10 @@ def create_app(
                 stack.push_async_callback(state.scheduler.aclose, drain=True, drain_timeout=proxy.drain_timeout)
             state.personalizer = Personalizer(
                 RunnableLambda(_no_agent), llm=state.llm, store=state.store, memory_for=memories,
-                scheduler=state.scheduler, persona_ttl=proxy.persona_ttl,
+                scheduler=state.scheduler, persona_ttl=proxy.persona_ttl,  # type: ignore[arg-type]
             )
             state.memories = memories
-            if state.scheduler is not None:
+            if isinstance(state.scheduler, SynthesisScheduler):
                 # Votes stored while no scheduler ran (crash, restart, other writers) get their check.
                 state.poller = StorePoller(state.store, memories, state.scheduler)
                 stack.push_async_callback(state.poller.aclose)

@@ -91,11 +91,22 @@ def router(models: ApiModels) -> APIRouter:
         """Forget everything stored for this user in the caller's tenant (votes, personas, pending pairs)."""
         memories, personalizer, _, _ = st.ready()
         tenant = caller.tenant
+        sched = st.scheduler
+        queue = sched if getattr(sched, "distributed", False) else None
+        if queue is not None:
+            # Scale-out mode: no job of this user may run after the erasure, on any worker.
+            try:
+                await queue.cancel_user(tenant, user)  # type: ignore[union-attr]
+            except TimeoutError as exc:
+                raise ProxyError(503, f"{exc}; nothing was deleted, retry shortly", code="fit_running",
+                                 headers={"Retry-After": "5"}) from None
         versions = len(await memories(tenant).persona_history(user))
         counts = await memories(tenant).forget_user(user)
         personalizer.invalidate(tenant, user)
+        if queue is not None:
+            await queue.erase_user(tenant, user)  # type: ignore[union-attr]  # checkpoints, job rows, run records, version counter
+            return {"object": "user.deleted", "deleted": counts}
         await _forget_checkpoints(st, tenant, user, versions)
-        sched = st.scheduler
         if sched is not None and sched.is_busy(tenant, user):
             # A fit already running would save a persona after this delete: forget again once it ends.
             async def again() -> None:
