@@ -23,19 +23,23 @@ def _pattern(tenant_id: str, user_id: str) -> re.Pattern[str]:
 
 async def user_threads(conn: Any, tenant_id: str, user_id: str) -> list[str]:
     """Every checkpoint thread of this user (any table of the Postgres checkpointer)."""
-    cur = await conn.execute("SELECT to_regclass('checkpoints') IS NOT NULL")
-    row = await cur.fetchone()
-    if not (row and row[0]):
-        return []
+    from psycopg.rows import tuple_row
+
     like = synthesis_thread_id(tenant_id, user_id, "").replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-    cur = await conn.execute(
-        "SELECT thread_id FROM checkpoints WHERE thread_id LIKE %(p)s UNION "
-        "SELECT thread_id FROM checkpoint_writes WHERE thread_id LIKE %(p)s UNION "
-        "SELECT thread_id FROM checkpoint_blobs WHERE thread_id LIKE %(p)s",
-        {"p": like + "%"},
-    )
+    async with conn.cursor(row_factory=tuple_row) as cur:
+        await cur.execute("SELECT to_regclass('checkpoints') IS NOT NULL")
+        row = await cur.fetchone()
+        if not (row and row[0]):
+            return []
+        await cur.execute(
+            "SELECT thread_id FROM checkpoints WHERE thread_id LIKE %(p)s UNION "
+            "SELECT thread_id FROM checkpoint_writes WHERE thread_id LIKE %(p)s UNION "
+            "SELECT thread_id FROM checkpoint_blobs WHERE thread_id LIKE %(p)s",
+            {"p": like + "%"},
+        )
+        found = [t for (t,) in await cur.fetchall()]
     pat = _pattern(tenant_id, user_id)
-    return sorted(t for (t,) in await cur.fetchall() if pat.fullmatch(t))
+    return sorted(t for t in found if pat.fullmatch(t))
 
 
 async def erase_user_threads(conn: Any, tenant_id: str, user_id: str) -> int:

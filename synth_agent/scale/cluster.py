@@ -91,6 +91,7 @@ class LocalCluster:
         self.sim: Any = None
         self.proxy_procs: list[Proc] = []
         self.worker_procs: list[Proc] = []
+        self.killed: set[int] = set()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -237,13 +238,14 @@ class LocalCluster:
         deadline = time.monotonic() + self.startup_timeout
         while self.query_one("SELECT count(*) FROM procrastinate_workers WHERE last_heartbeat > now() - "
                              "make_interval(secs => %s)", (self.stall_timeout,), default=0) < n:
-            dead = [w for w in self.worker_procs if not w.alive()]
+            dead = [w for i, w in enumerate(self.worker_procs) if not w.alive() and i not in self.killed]
             if dead or time.monotonic() > deadline:
                 raise RuntimeError("worker(s) did not start: " + " | ".join(w.tail() for w in (dead or self.worker_procs)))
             time.sleep(0.2)
 
     def kill_worker(self, i: int, sig: int = signal.SIGKILL) -> None:
         w = self.worker_procs[i]
+        self.killed.add(i)
         w.popen.send_signal(sig)
         w.popen.wait(30)
 
