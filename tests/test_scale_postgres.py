@@ -126,7 +126,7 @@ async def _cancel_with_fake_worker(q: QueueScheduler, running_id: int | None) ->
 
     async def worker() -> None:
         jm = q.app.job_manager
-        while running_id not in set(await jm.list_jobs_to_abort_async()):
+        while running_id not in set(await jm.list_jobs_to_abort_async()):  # noqa: ASYNC110 (polls Postgres)
             await asyncio.sleep(0.05)
         from procrastinate.jobs import Status
 
