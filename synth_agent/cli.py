@@ -256,7 +256,15 @@ def forget(
                   "pass --yes to confirm")
         if not typer.confirm(f"Forget everything about {user!r}?", default=False):
             _fail(f"{user!r} was not forgotten: confirmation declined")
-    counts = _run(open_memory(st.settings, st.tenant).forget_user(user))
+    from synth_agent.scale.settings import ScaleSettings
+
+    dsn = ScaleSettings().queue
+    if dsn:  # scale-out mode: also stop the user's jobs and erase them from Postgres (docs/deploy.md)
+        from synth_agent.scale.queue import forget_everywhere
+
+        counts = _run(forget_everywhere(dsn, open_memory(st.settings, st.tenant), user))
+    else:
+        counts = _run(open_memory(st.settings, st.tenant).forget_user(user))
     out.print(f"forgot {escape(repr(user))}: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
 
 

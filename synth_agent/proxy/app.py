@@ -107,6 +107,9 @@ def create_app(
             )
     if proxy.no_auth:
         keys = None
+    if proxy.queue and store is None and not settings.chroma_host:
+        raise ValueError("the scale-out mode (queue) needs the shared Chroma server: set CHROMA_HOST; "
+                         "see docs/deploy.md")
     metrics = ProxyMetrics()
     models = api_models(Limits(
         max_content_chars=settings.max_content_chars, max_messages=proxy.max_messages,

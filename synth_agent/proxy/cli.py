@@ -88,6 +88,10 @@ def register(app: typer.Typer) -> None:
             if simulator:
                 proxy = proxy.model_copy(update={"upstream_base_url": None, "upstream_api_key": None})
             settings = _settings(ctx, chroma_host, chroma_port)
+            if proxy.queue:
+                from synth_agent.scale.settings import check_scale_config
+
+                check_scale_config(proxy.queue, settings.chroma_host)
             with simulator_if_needed(settings, force=simulator) as live:
                 app = create_app(live, proxy)
                 auth = "OFF (--no-auth, tenant 'default')" if proxy.no_auth else "API keys"
@@ -122,7 +126,19 @@ def register(app: typer.Typer) -> None:
         settings = _settings(ctx, chroma_host, chroma_port)
         from synth_agent.scale.settings import ScaleSettings
 
-        scale = ScaleSettings(**({"queue": queue} if queue else {}))
+        try:
+            scale = ScaleSettings(**({"queue": queue} if queue else {}))
+            if scale.queue:
+                from synth_agent.scale.settings import check_scale_config
+
+                check_scale_config(scale.queue, settings.chroma_host)
+        except ValueError as exc:
+            from pydantic import ValidationError
+
+            msg = ("; ".join(f"SYNTH_AGENT_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors())
+                   if isinstance(exc, ValidationError) else str(exc))
+            typer.echo(f"error: {msg}", err=True)
+            raise typer.Exit(2) from None
 
         async def scan(live: Any, stop: asyncio.Event) -> None:
             from synth_agent.proxy.worker import open_worker

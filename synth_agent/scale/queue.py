@@ -42,6 +42,7 @@ from synth_agent.scheduler import SchedulerStats, SynthesisPolicy
 
 __all__ = [
     "QUEUE",
+    "forget_everywhere",
     "TASK",
     "QueueScheduler",
     "ensure_schema",
@@ -270,6 +271,16 @@ class QueueScheduler:
             await asyncio.sleep(0.1)
         return {"cancelled": cancelled, "aborted": aborted}
 
+    async def forget(self, memory: Any, user_id: str) -> dict[str, int]:
+        """Forget a user everywhere: stop their jobs (:meth:`cancel_user`), erase them from the store
+        (``memory.forget_user``, a :class:`~store.memory.PreferenceMemory`), then from Postgres
+        (:meth:`erase_user`). Returns the store's counts. TimeoutError (nothing deleted) if a running
+        fit does not stop."""
+        await self.cancel_user(memory.tenant, user_id)
+        counts: dict[str, int] = await memory.forget_user(user_id)
+        await self.erase_user(memory.tenant, user_id)
+        return counts
+
     async def erase_user(self, tenant_id: str, user_id: str) -> dict[str, int]:
         """Delete every row that names this user: checkpoints, job rows (args hold the ids), run records,
         the version counter. Call after :meth:`cancel_user` (and after the store's forget)."""
@@ -288,3 +299,13 @@ class QueueScheduler:
             await conn.execute("DELETE FROM synth_persona_versions WHERE tenant_id = %s AND user_id = %s",
                                (tenant_id, user_id))
         return {"checkpoint_threads": threads, "jobs": jobs, "runs": runs}
+
+
+async def forget_everywhere(dsn: str, memory: Any, user_id: str) -> dict[str, int]:
+    """:meth:`QueueScheduler.forget` from a one-shot process (``synth-agent forget`` in scale-out mode)."""
+    q = QueueScheduler(dsn, lambda _tenant: memory)
+    await q.open()
+    try:
+        return await q.forget(memory, user_id)
+    finally:
+        await q.aclose()

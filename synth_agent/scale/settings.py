@@ -20,7 +20,34 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from synth_agent.engine.synthesize import FitConfig
 from synth_agent.scheduler import SynthesisPolicy
 
-__all__ = ["ScaleSettings"]
+__all__ = ["ScaleSettings", "check_scale_config", "redact_dsn"]
+
+
+def redact_dsn(dsn: str) -> str:
+    """The DSN without its password, for messages and logs."""
+    try:
+        from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+        parts = conninfo_to_dict(dsn)
+    except Exception:
+        return "<unparsable DSN>"
+    if parts.get("password"):
+        parts["password"] = "***"
+    return make_conninfo(**{k: str(v) for k, v in parts.items()})
+
+
+def check_scale_config(dsn: str, chroma_host: str | None, *, timeout: float = 10.0) -> None:
+    """Refuse a scale-out process that could not work, with one line saying what to do (ValueError)."""
+    if not chroma_host:
+        raise ValueError("the scale-out mode (--queue / SYNTH_AGENT_QUEUE) needs the shared Chroma server: "
+                         "set CHROMA_HOST (and CHROMA_PORT), or --chroma-host; see docs/deploy.md")
+    import psycopg
+
+    try:
+        psycopg.connect(dsn, connect_timeout=max(1, int(timeout))).close()
+    except (psycopg.Error, ValueError) as exc:
+        first = (str(exc).strip().splitlines() or ["?"])[0]
+        raise ValueError(f"cannot connect to the queue's Postgres at {redact_dsn(dsn)}: {first}") from None
 
 
 class ScaleSettings(BaseSettings):

@@ -92,20 +92,18 @@ def router(models: ApiModels) -> APIRouter:
         memories, personalizer, _, _ = st.ready()
         tenant = caller.tenant
         sched = st.scheduler
-        queue = sched if getattr(sched, "distributed", False) else None
-        if queue is not None:
-            # Scale-out mode: no job of this user may run after the erasure, on any worker.
+        if getattr(sched, "distributed", False):
+            # Scale-out mode: queued jobs cancelled, a running one aborted, then Chroma and Postgres erased.
             try:
-                await queue.cancel_user(tenant, user)  # type: ignore[union-attr]
+                counts = await sched.forget(memories(tenant), user)  # type: ignore[union-attr]
             except TimeoutError as exc:
                 raise ProxyError(503, f"{exc}; nothing was deleted, retry shortly", code="fit_running",
                                  headers={"Retry-After": "5"}) from None
+            personalizer.invalidate(tenant, user)
+            return {"object": "user.deleted", "deleted": counts}
         versions = len(await memories(tenant).persona_history(user))
         counts = await memories(tenant).forget_user(user)
         personalizer.invalidate(tenant, user)
-        if queue is not None:
-            await queue.erase_user(tenant, user)  # type: ignore[union-attr]  # checkpoints, job rows, run records, version counter
-            return {"object": "user.deleted", "deleted": counts}
         await _forget_checkpoints(st, tenant, user, versions)
         if sched is not None and sched.is_busy(tenant, user):
             # A fit already running would save a persona after this delete: forget again once it ends.
