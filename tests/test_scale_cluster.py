@@ -160,6 +160,35 @@ def test_sigkill_mid_fit_is_resumed_by_the_other_worker(cluster: LocalCluster, p
     cluster.wait_workers(2)
 
 
+def test_sigterm_mid_fit_hands_the_job_back_at_once(cluster: LocalCluster, population: Population) -> None:
+    """A graceful stop (deploys, scale-in) aborts the running fit and requeues it without waiting for
+    the stall timeout; the next attempt resumes from the checkpoint."""
+    import signal
+
+    user = population.user_ids[N_USERS + 2]
+    cluster.sim.configure(latency_ms=250)
+    try:
+        _post_votes(cluster, [(k % 2, vote_to_json(v)) for k, v in enumerate(population.votes(user, 5))])
+        run = _wait(lambda: cluster.query(
+            "SELECT id, worker, job_id FROM synth_runs WHERE user_id = %s AND 'bootstrap' = ANY(nodes) "
+            "AND finished_at IS NULL", (user,)), 120, "the fit to finish its bootstrap step", cluster, 0.05)[0]
+        victim = _worker_of(cluster, run[1])
+        cluster.kill_worker(victim, signal.SIGTERM)
+        assert cluster.worker_procs[victim].popen.returncode == 0, cluster.worker_procs[victim].tail()
+        assert cluster.query_one("SELECT status FROM synth_runs WHERE id = %s", (run[0],)) == "aborted"
+        cluster.sim.configure(latency_ms=50)
+        done = _wait(lambda: cluster.query(
+            "SELECT worker, resumed, nodes, job_id FROM synth_runs WHERE user_id = %s AND status = 'fitted'",
+            (user,)), 120, "another worker to finish the fit", cluster)
+    finally:
+        cluster.sim.configure(latency_ms=50)
+    worker, resumed, nodes, job_id = done[0]
+    assert worker != run[1] and job_id == run[2] and resumed is True
+    assert "bootstrap" not in nodes and nodes[-1] == "save", nodes
+    cluster.add_worker()
+    cluster.wait_workers(2)
+
+
 def _postgres_mentions(cluster: LocalCluster, needle: str) -> list[str]:
     """Every (table.column) of the public schema whose values contain ``needle`` (text or bytes)."""
     cols = cluster.query("SELECT table_name, column_name, data_type FROM information_schema.columns "
