@@ -21,6 +21,7 @@ from urllib.parse import quote
 import httpx
 import pytest
 
+from graphs.synthesis import synthesis_thread_id
 from synth_agent.scale.cluster import LocalCluster
 from synth_agent.scale.queue import user_key
 from synth_agent.sim.population import Population, vote_to_json
@@ -129,15 +130,25 @@ def _worker_of(cluster: LocalCluster, name: str) -> int:
     return next(i for i, w in enumerate(cluster.worker_procs) if w.popen.pid == pid)
 
 
+def _slow_fit_past_bootstrap(cluster: LocalCluster, population: Population, user: str) -> tuple[Any, int]:
+    """Slow the LLM (a fit takes seconds), make ``user`` cross the threshold, and return the run record
+    (id, worker, job id) once its bootstrap node is checkpointed, with the index of its worker."""
+    cluster.sim.configure(latency_ms=250)
+    _post_votes(cluster, [(k % 2, vote_to_json(v)) for k, v in enumerate(population.votes(user, 5))])
+    run = _wait(lambda: cluster.query(
+        "SELECT id, worker, job_id FROM synth_runs WHERE user_id = %s AND 'bootstrap' = ANY(nodes) "
+        "AND finished_at IS NULL", (user,)), 120, "the fit to finish its bootstrap step", cluster, 0.05)[0]
+    # ... and its checkpoint is written (steps: -1 input, 0 start, 1 after load_votes, 2 after bootstrap).
+    thread = synthesis_thread_id("default", user, "v1")
+    _wait(lambda: (cluster.query_one("SELECT max((metadata->>'step')::int) FROM checkpoints WHERE thread_id = %s",
+                                     (thread,)) or -1) >= 2, 60, "the bootstrap checkpoint", cluster, 0.02)
+    return run, _worker_of(cluster, run[1])
+
+
 def test_sigkill_mid_fit_is_resumed_by_the_other_worker(cluster: LocalCluster, population: Population) -> None:
     user = population.user_ids[N_USERS]
-    cluster.sim.configure(latency_ms=250)  # a fit now takes seconds: room to kill it between nodes
     try:
-        _post_votes(cluster, [(k % 2, vote_to_json(v)) for k, v in enumerate(population.votes(user, 5))])
-        run = _wait(lambda: cluster.query(
-            "SELECT id, worker, job_id FROM synth_runs WHERE user_id = %s AND 'bootstrap' = ANY(nodes) "
-            "AND finished_at IS NULL", (user,)), 120, "the fit to finish its bootstrap step", cluster, 0.05)[0]
-        victim = _worker_of(cluster, run[1])
+        run, victim = _slow_fit_past_bootstrap(cluster, population, user)
         cluster.kill_worker(victim)  # SIGKILL: no cleanup, no goodbye to the queue
         assert cluster.query_one("SELECT status FROM synth_runs WHERE id = %s", (run[0],)) == "running"
         cluster.sim.configure(latency_ms=50)
@@ -166,13 +177,8 @@ def test_sigterm_mid_fit_hands_the_job_back_at_once(cluster: LocalCluster, popul
     import signal
 
     user = population.user_ids[N_USERS + 2]
-    cluster.sim.configure(latency_ms=250)
     try:
-        _post_votes(cluster, [(k % 2, vote_to_json(v)) for k, v in enumerate(population.votes(user, 5))])
-        run = _wait(lambda: cluster.query(
-            "SELECT id, worker, job_id FROM synth_runs WHERE user_id = %s AND 'bootstrap' = ANY(nodes) "
-            "AND finished_at IS NULL", (user,)), 120, "the fit to finish its bootstrap step", cluster, 0.05)[0]
-        victim = _worker_of(cluster, run[1])
+        run, victim = _slow_fit_past_bootstrap(cluster, population, user)
         cluster.kill_worker(victim, signal.SIGTERM)
         assert cluster.worker_procs[victim].popen.returncode == 0, cluster.worker_procs[victim].tail()
         assert cluster.query_one("SELECT status FROM synth_runs WHERE id = %s", (run[0],)) == "aborted"

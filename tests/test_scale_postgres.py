@@ -82,6 +82,17 @@ def test_postgres_cli_reports_a_bad_data_dir_in_one_line(tmp_path: Path) -> None
     assert out.stderr.startswith("error: ") and "Traceback" not in out.stderr
 
 
+async def test_schema_creation_from_many_processes_at_once_does_not_deadlock(pg: LocalPostgres) -> None:
+    """Proxies and workers starting together all run ensure_schema on an empty database (the
+    checkpointer's CREATE INDEX CONCURRENTLY once deadlocked against sessions waiting for the lock)."""
+    async with await psycopg.AsyncConnection.connect(pg.dsn, autocommit=True) as conn:
+        await conn.execute("CREATE DATABASE fresh_schema")
+    dsn = pg.dsn.rsplit("/", 1)[0] + "/fresh_schema"
+    await asyncio.wait_for(asyncio.gather(*(ensure_schema(dsn) for _ in range(6))), 120)
+    tables = {r[0] for r in await _rows(dsn, "SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
+    assert {"procrastinate_jobs", "synth_runs", "synth_persona_versions", "checkpoints"} <= tables
+
+
 class _Memories:
     def __init__(self, store: InMemoryStore) -> None:
         self.mem = PreferenceMemory(store, "t1")

@@ -98,7 +98,8 @@ async def ensure_schema(dsn: str) -> None:
     """Create procrastinate's schema, ours and LangGraph's checkpoint tables if missing.
 
     Idempotent and safe from every process at once: a session advisory lock serialises it
-    (the checkpointer's migrations use ``CREATE INDEX CONCURRENTLY``, so no transaction here).
+    (the checkpointer's migrations use ``CREATE INDEX CONCURRENTLY``, so no transaction here, and
+    waiters poll rather than block).
     """
     import psycopg
     from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
@@ -106,7 +107,15 @@ async def ensure_schema(dsn: str) -> None:
     from psycopg.rows import dict_row
 
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True, row_factory=dict_row) as conn:
-        await conn.execute("SELECT pg_advisory_lock(%s)", (_SCHEMA_LOCK,))
+        # Poll with try-lock instead of waiting in pg_advisory_lock: a waiting session is an open
+        # transaction, and the holder's CREATE INDEX CONCURRENTLY waits for every open transaction
+        # (a deadlock Postgres reports, seen with 4 processes starting at once).
+        while True:
+            cur = await conn.execute("SELECT pg_try_advisory_lock(%s) AS got", (_SCHEMA_LOCK,))
+            got = await cur.fetchone()
+            if got and got["got"]:
+                break
+            await asyncio.sleep(0.1)
         try:
             cur = await conn.execute("SELECT to_regclass('procrastinate_jobs') IS NOT NULL AS present")
             row = await cur.fetchone()
