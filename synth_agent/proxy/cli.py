@@ -127,7 +127,7 @@ def register(app: typer.Typer) -> None:
         from synth_agent.scale.settings import ScaleSettings
 
         try:
-            scale = ScaleSettings(**({"queue": queue} if queue else {}))
+            scale = ScaleSettings(queue=queue) if queue else ScaleSettings()
             if scale.queue:
                 from synth_agent.scale.settings import check_scale_config
 

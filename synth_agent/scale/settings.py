@@ -66,6 +66,8 @@ class ScaleSettings(BaseSettings):
                                refit_every=self.refit_every or None, debounce=self.debounce)
 
     def fit_config(self) -> FitConfig | None:
-        over = {k: v for k, v in (("n_trials", self.fit_trials), ("n_demo_candidates", self.fit_demo_candidates))
-                if v is not None}
-        return replace(FitConfig(), **over) if over else None
+        if self.fit_trials is None and self.fit_demo_candidates is None:
+            return None
+        base = FitConfig()
+        return replace(base, n_trials=self.fit_trials or base.n_trials,
+                       n_demo_candidates=self.fit_demo_candidates or base.n_demo_candidates)

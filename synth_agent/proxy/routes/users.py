@@ -19,6 +19,7 @@ from synth_agent.proxy.errors import ProxyError, responses
 from synth_agent.proxy.routes.common import PERSONA_HEADER
 from synth_agent.proxy.schemas import ApiModels, PersonaHistory, UserDeleted
 from synth_agent.proxy.state import ProxyState
+from synth_agent.scheduler import SynthesisScheduler
 
 log = logging.getLogger("synth_agent.proxy")
 
@@ -105,7 +106,7 @@ def router(models: ApiModels) -> APIRouter:
         counts = await memories(tenant).forget_user(user)
         personalizer.invalidate(tenant, user)
         await _forget_checkpoints(st, tenant, user, versions)
-        if sched is not None and sched.is_busy(tenant, user):
+        if isinstance(sched, SynthesisScheduler) and sched.is_busy(tenant, user):
             # A fit already running would save a persona after this delete: forget again once it ends.
             async def again() -> None:
                 await sched.wait_user_idle(tenant, user)
