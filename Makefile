@@ -7,6 +7,7 @@ STAMP := $(VENV)/.installed
 .PHONY: venv test lint demo bench clean
 
 $(STAMP): pyproject.toml requirements.lock
+	@echo "building $(VENV) from requirements.lock (about a minute from pip's cache, longer on a first download)..."
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip==25.3
 	$(PY) -m pip install -q -r requirements.lock
@@ -17,12 +18,13 @@ venv: $(STAMP)
 
 lint: venv
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 test: venv lint
 	$(VENV)/bin/pytest -q
 
 demo: venv
-	$(PY) -m synth_agent.demo
+	$(PY) -m synth_agent.demo $(DEMO_ARGS)
 
 # Each benchmark prints its own figures; store_bench at 1,000 users here (its default,
 # the full 10,000 x 20, takes ~20 minutes: run it directly).

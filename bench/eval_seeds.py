@@ -32,13 +32,16 @@ import time
 from typing import Any
 
 from synth_agent.engine import FitConfig
-from synth_agent.evaluate import EvalReport, evaluate
+from synth_agent.evaluate import ALL_METHODS, EvalReport, evaluate
 from synth_agent.sim.backend import SimBackend
 from synth_agent.sim.population import Population
 
-METHODS = ("default", "persona", "demos", "persona_demos", "unverified", "memory")
+# "served" (what the per-user guard serves, issue 16) exists only where the code has it: the same file
+# still measures older code.
+METHODS = ("default", "persona", "demos", "persona_demos", *(("served",) if "served" in ALL_METHODS else ()),
+           "unverified", "memory")
 SHORT = {"default": "default", "persona": "persona", "demos": "demos", "persona_demos": "pers+demos",
-         "unverified": "unverified", "memory": "memory"}
+         "served": "served", "unverified": "unverified", "memory": "memory"}
 
 
 def population(n_users: int, seed: int, noise_fraction: float) -> Population:
@@ -48,6 +51,16 @@ def population(n_users: int, seed: int, noise_fraction: float) -> Population:
             sys.exit("this version of the simulator has no noise users (--noise-fraction)")
         return Population(n_users, seed, noise_fraction=noise_fraction)  # type: ignore[call-arg]
     return Population(n_users, seed)
+
+
+def fit_config(seed: int) -> FitConfig:
+    """The default FitConfig; where the guard exists, it also cross-validates the configurations it does not
+    serve by default (persona only, demos only), so ``--sweep`` can show what serving them would do."""
+    if "served" not in METHODS:
+        return FitConfig(seed=seed)
+    from synth_agent.engine.selection import SelectionConfig
+
+    return FitConfig(seed=seed, selection=SelectionConfig(score_all=True))  # type: ignore[call-arg]
 
 
 def below_default(report: EvalReport, method: str) -> tuple[int, int, int]:
@@ -67,7 +80,7 @@ async def one_seed(seed: int, args: argparse.Namespace) -> dict[str, Any]:
     pop = population(args.users, seed, args.noise_fraction)
     votes = pop.all_votes(args.votes)
     t0 = time.perf_counter()
-    report = await evaluate(SimBackend(seed), votes, methods=METHODS, config=FitConfig(seed=seed))
+    report = await evaluate(SimBackend(seed), votes, methods=METHODS, config=fit_config(seed))
     out: dict[str, Any] = {
         "seed": seed,
         "accuracy": {m: report.methods[m].accuracy for m in METHODS},
@@ -83,6 +96,14 @@ async def one_seed(seed: int, args: argparse.Namespace) -> dict[str, Any]:
         out["noise_below_default"] = sum(
             1 for u in report.users
             if u.user_id in noise and (u.accuracy("persona_demos") or 0) < (u.accuracy("default") or 0))
+        if "served" in METHODS:
+            out["noise_served_default"] = sum(
+                1 for u in report.users if u.user_id in noise and (u.selection or {}).get("served") == "default")
+            out["strong_served_personalized"] = sum(
+                1 for u in report.users if u.user_id not in noise and (u.selection or {}).get("served") != "default")
+    if "served" in METHODS:
+        out["guard"] = {u.user_id: {"selection": u.selection, "options": u.options, "judged": 2 * u.n_target}
+                        for u in report.users}
     if args.traces:
         best = await evaluate(SimBackend(seed), votes, methods=("persona", "persona_demos"),
                               config=FitConfig(seed=seed, persona_traces="best"))
@@ -109,6 +130,14 @@ def print_tables(results: list[dict[str, Any]], args: argparse.Namespace) -> Non
         row = " ".join(f"{pct(r['accuracy'][m]):>10s}" for m in METHODS)
         print(f"{r['seed']:>4d} {row}   {r['below_default']['persona_demos']:>5d} "
               f"{r['ties_default']['persona_demos']:>5d}  {r['users']:>5d}")
+    if "served" in METHODS:
+        print("\nwhat the per-user guard serves (issue 16): accuracy, users below / level with / served the default")
+        for r in results:
+            served = [g["selection"]["served"] for g in r["guard"].values() if g["selection"]]
+            print(f"seed {r['seed']}: served {pct(r['accuracy']['served'])} vs default {pct(r['accuracy']['default'])}"
+                  f" and persona + demos {pct(r['accuracy']['persona_demos'])}; below default "
+                  f"{r['below_default']['served']}/{r['users']}, level {r['ties_default']['served']}; served: "
+                  + ", ".join(f"{c} {served.count(c)}" for c in ("persona_demos", "persona", "demos", "default")))
     if len(results) > 1:
         mean = {m: statistics.fmean(r["accuracy"][m] for r in results) for m in METHODS}
         row = " ".join(f"{pct(mean[m]):>10s}" for m in METHODS)
@@ -122,6 +151,12 @@ def print_tables(results: list[dict[str, Any]], args: argparse.Namespace) -> Non
     if args.noise_fraction:
         print(f"noise users (hidden weights zero): {sum(len(r['noise_users']) for r in results)}, of whom "
               f"{sum(r['noise_below_default'] for r in results)} have persona + demos below the default judge")
+        if "served" in METHODS:
+            n_strong = sum(r["users"] - len(r["noise_users"]) for r in results)
+            print(f"the guard serves the default judge to {sum(r['noise_served_default'] for r in results)} noise users "
+                  f"and personalization to {sum(r['strong_served_personalized'] for r in results)} of {n_strong} others")
+    if args.sweep and "served" in METHODS:
+        print_sweep(results)
     print("\nusers below the default judge, per method (sum over seeds):  " + ", ".join(
         f"{m} {sum(r['below_default'][m] for r in results)}/{sum(r['users'] for r in results)}"
         for m in METHODS if m != "default"))
@@ -138,6 +173,30 @@ def print_tables(results: list[dict[str, Any]], args: argparse.Namespace) -> Non
             print(f"mean  {m('all', 'persona'):>11s} {m('best', 'persona'):>12s} "
                   f"{m('all', 'persona_demos'):>8s} {m('best', 'persona_demos'):>9s}")
     print(f"\n({n} users per seed; {sum(r['seconds'] for r in results):.0f} s in all)")
+
+
+def print_sweep(results: list[dict[str, Any]]) -> None:
+    """The guard re-applied offline (no new judgments) at other z, candidates, with and without the prior."""
+    from synth_agent.engine.selection import Selection, population_prior
+
+    print("\nguard variants (re-applied to the same cross-validation results): served accuracy, users below default")
+    for prior_on in (True, False):
+        for cands in (("persona_demos",), ("persona_demos", "demos"), ("persona_demos", "persona", "demos")):
+            for z in (0.5, 1.0, 1.28, 1.645, 2.0):
+                acc = judged = below = n = dflt = 0
+                for r in results:
+                    sels = {u: Selection.from_meta(g["selection"]) for u, g in r["guard"].items() if g["selection"]}
+                    for u, sel in sels.items():
+                        prior = population_prior([s for v, s in sels.items() if v != u]) if prior_on else None
+                        c = sel.rechoose(z, prior, cands)
+                        opts = r["guard"][u]["options"]
+                        acc += opts[c]
+                        judged += r["guard"][u]["judged"]
+                        n += 1
+                        below += opts[c] < opts["default"]
+                        dflt += c == "default"
+                print(f"  prior {'on ' if prior_on else 'off'} z={z:<5} {'+'.join(cands):<28s} "
+                      f"served {pct(acc / max(judged, 1))}  below {below:>3d}/{n}  default served {dflt:>3d}")
 
 
 async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -161,6 +220,8 @@ def main() -> None:
     ap.add_argument("--no-traces", dest="traces", action="store_false",
                     help="skip the persona_traces all-vs-best comparison")
     ap.add_argument("--json", help="write every figure (per seed and per user) to this file")
+    ap.add_argument("--sweep", action="store_true",
+                    help="also re-apply the per-user guard at other settings (no new judgments)")
     args = ap.parse_args()
     results = asyncio.run(main_async(args))
     print_tables(results, args)

@@ -39,7 +39,7 @@ from synth_agent.llm.client import EndpointConfig, LLMClient
 from synth_agent.sim.population import Population
 from synth_agent.sim.server import SimProcess
 
-STEPS = ("bootstrap", "bootstrap_score", "persona", "demo_select")
+STEPS = ("bootstrap", "bootstrap_score", "persona", "demo_select", "select")
 
 
 def served(ep: SimProcess) -> dict[str, Any]:

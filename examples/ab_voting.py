@@ -1,7 +1,9 @@
 """A/B voting loop: every turn shows two answers, the user's pick becomes a vote, personas fit in the background.
 
-Before a persona exists the two answers are the agent at two seeds; once one exists, it
-is personalized vs plain, so the votes also measure whether personalization helps.
+Before a persona exists the two answers are the agent at two seeds; once one is served, it is
+personalized vs plain, so the votes also measure whether personalization helps (live lift). A
+persona is served only where cross-validation on the user's votes says it beats the plain judge
+(the per-user guard); a version that keeps losing A/B votes is demoted and refitted.
 The votes here come from a simulated user with hidden preferences.
 
     python examples/ab_voting.py
@@ -19,6 +21,7 @@ from langgraph.store.memory import InMemoryStore
 
 from graphs.chat import Personalizer, TenantMemories
 from graphs.synthesis import SynthesisRunner, build_synthesis_graph
+from synth_agent.engine.selection import served
 from synth_agent.engine.synthesize import FitConfig
 from synth_agent.llm.client import EndpointConfig, LLMClient
 from synth_agent.scheduler import SynthesisPolicy, SynthesisScheduler
@@ -62,7 +65,11 @@ async def run(base_url: str, turns: int = 24, user: SimUser | None = None) -> fl
     rate = sum(wins) / len(wins) if wins else float("nan")
     print(f"\nscheduler: {scheduler.stats.as_dict()}")
     print(f"persona v{profile.version if profile else 0}: {profile.persona if profile else '-'}")
-    print(f"personalized answer chosen in {sum(wins)}/{len(wins)} A/B turns ({rate:.0%})")
+    print(f"the per-user guard serves: {served(profile)}")
+    if wins:
+        print(f"personalized answer chosen in {sum(wins)}/{len(wins)} A/B turns ({rate:.0%})")
+    else:
+        print("no personalized-vs-plain pair: the guard never served this user a persona")
     await llm.aclose()
     return rate
 

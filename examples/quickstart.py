@@ -32,7 +32,7 @@ async def personalize(base_url: str, model: str, api_key: str) -> str:
 
 def main() -> str:
     with llm_endpoint() as base_url:  # OPENAI_BASE_URL, or the offline simulator
-        model = os.environ.get("SYNTH_AGENT_MODEL", "sim-judge")
+        model = os.environ.get("SYNTH_AGENT_MODEL", "sim")
         return asyncio.run(personalize(base_url, model, os.environ.get("OPENAI_API_KEY", "sim")))
 
 

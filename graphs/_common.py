@@ -136,8 +136,31 @@ async def open_checkpointer(
     base = Path(home) if home is not None else default_home()
     base.mkdir(parents=True, exist_ok=True)
     async with AsyncSqliteSaver.from_conn_string(str(base / "checkpoints.sqlite")) as saver:
+        # Deleted checkpoints (a forgotten user's votes) are zeroed, never left in free pages.
+        await saver.conn.execute("PRAGMA secure_delete = ON")
         await saver.setup()
         yield saver
+
+
+async def erase_threads(checkpointer: BaseCheckpointSaver[Any], thread_ids: Sequence[str]) -> None:
+    """Delete checkpoint threads for good: rows deleted, and for SQLite the WAL checkpointed and truncated.
+
+    With :func:`open_checkpointer`'s ``secure_delete`` the deleted rows are zeroed in the database
+    file; truncating the WAL removes the older copies of their pages. Returns once that is on disk.
+    """
+    for thread_id in thread_ids:
+        await checkpointer.adelete_thread(thread_id)
+    conn = getattr(checkpointer, "conn", None)
+    if conn is None or not hasattr(conn, "execute") or not hasattr(checkpointer, "lock"):
+        return  # Postgres: deleted rows go at the next VACUUM (docs/store.md)
+    async with checkpointer.lock:
+        for _attempt in range(50):
+            async with conn.execute("PRAGMA wal_checkpoint(TRUNCATE)") as cur:
+                busy, _, _ = await cur.fetchone()
+            if not busy:
+                return
+            await asyncio.sleep(0.02)
+    raise RuntimeError("could not truncate the checkpoint WAL: a reader keeps it open")
 
 
 # ------------------------------------------------------------------ persona cache

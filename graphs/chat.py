@@ -68,6 +68,8 @@ from store.memory import PreferenceMemory, user_namespace
 from synth_agent import prompts
 from synth_agent.engine.judge import Judge
 from synth_agent.engine.rerank import Strategy, rank
+from synth_agent.engine.selection import served_persona
+from synth_agent.lift import DemotionPolicy, TenantLift, load_user_lift, record_ab_vote
 from synth_agent.llm.base import ChatBackend
 from synth_agent.models import Message, PersonaProfile, Vote
 from synth_agent.scheduler import SynthesisScheduler
@@ -254,6 +256,14 @@ class Personalizer:
     (:class:`BackgroundSynthesis`; under the LangGraph server, :class:`graphs.server.ServerSynthesis`).
     ``rng``: A/B presentation order and vote tokens (default: system randomness; pass a seeded
     ``random.Random`` only for reproducible tests).
+
+    The per-user guard (:mod:`synth_agent.engine.selection`) decides what is served: the persona is
+    injected only where the user's cross-validated selection chose a configuration with a persona,
+    and reranking uses :meth:`Judge.from_profile <synth_agent.engine.judge.Judge.from_profile>`,
+    which honours it. Every A/B vote between a personalized and a plain answer is a live-lift event
+    (:mod:`synth_agent.lift`, counted once per token); ``demotion`` (None: never) demotes a persona
+    version that keeps losing and requests a refit from the ``scheduler``. ``lift``: this process's
+    per-tenant counts (for ``/metrics``).
     """
 
     def __init__(
@@ -273,6 +283,7 @@ class Personalizer:
         ab_alternative: Runnable[Any, Any] | None = None,
         vote_ttl: float | None = 7 * 24 * 3600.0,
         rng: random.Random | None = None,
+        demotion: DemotionPolicy | None = DemotionPolicy(),
         name: str = "personalized_agent",
     ) -> None:
         if default_mode not in MODES:
@@ -300,6 +311,8 @@ class Personalizer:
         self._memories: dict[int, TenantMemories] = {}
         self._cache_memories = persona_ttl != 0
         self._vote_locks = KeyedLocks()
+        self.demotion = demotion
+        self.lift = TenantLift()
         if scheduler is not None:
             scheduler.add_listener(self.on_persona_saved)
         self.graph: CompiledStateGraph[Any, Any, Any, Any] = self._build(checkpointer, name)
@@ -389,6 +402,9 @@ class Personalizer:
                 log.warning("background synthesis hook failed for a vote of %r/%r: %s", tenant_id, user_id, exc)
                 synthesis = {"scheduled": False, "error": str(exc)}
         side = pending.get("personalized")
+        version = int(pending.get("persona_version") or 0)
+        if side is not None and version:
+            await self._live_lift(memory, tenant_id, user_id, token, version, side == picked)
         return VoteReceipt(
             vote_id=vote.id,
             tenant_id=tenant_id,
@@ -400,6 +416,35 @@ class Personalizer:
             chosen_text=chosen,
             prompt=next((m["content"] for m in reversed(pending["context"]) if m.get("role") == "user"), ""),
         )
+
+    async def _live_lift(
+        self, memory: PreferenceMemory, tenant_id: str, user_id: str, token: str, version: int, won: bool
+    ) -> None:
+        """Count a personalized-vs-plain vote (once per token) and demote the version if it keeps losing."""
+        try:
+            if not await record_ab_vote(memory, user_id, token, version, won):
+                return
+            self.lift.add(tenant_id, won)
+            if self.demotion is None:
+                return
+            win = (await load_user_lift(memory, user_id)).version(version)
+            if not self.demotion.should_demote(win):
+                return
+            current = await memory.current_persona(user_id)
+            if current is None or current.version != version or current.meta.get("demoted"):
+                return
+            lo, hi = win.interval(self.demotion.z)
+            await memory.update_persona_meta(user_id, version, {"demoted": {
+                "at": datetime.now(UTC).isoformat(), "wins": win.wins, "votes": win.n, "ci_low": lo, "ci_high": hi,
+            }})  # fmt: skip
+            self.lift.demoted(tenant_id)
+            self.invalidate(tenant_id, user_id)
+            log.warning("persona v%d of a user of tenant %r demoted: won %d of %d A/B votes", version, tenant_id,
+                        win.wins, win.n)
+            if self.scheduler is not None:
+                self.scheduler.request_fit(tenant_id, user_id)
+        except Exception:  # the vote is stored; live statistics must never fail it
+            log.exception("could not update the live lift of a user of tenant %r", tenant_id)
 
     # ------------------------------------------------------------------ generation
 
@@ -446,16 +491,17 @@ class Personalizer:
                 raise ValueError(f"configurable mode must be one of {MODES}, got {mode!r}")
             return "respond" if mode == "plain" else "prepare"
 
-        async def respond(state: ChatState, config: RunnableConfig, runtime: Runtime) -> dict[str, Any]:
+        async def respond(state: ChatState, config: RunnableConfig, runtime: Runtime[ChatContext]) -> dict[str, Any]:
             # Plain mode in one node: one store read at most (cached), the wrapped agent's calls, nothing else.
             tenant, user = identity(config)
             messages = state.get("messages", [])
             if not any(m.type == "human" for m in messages):
                 raise ValueError("the conversation has no user message to answer")
             profile = await self.persona(tenant, user, runtime.store)
+            persona = served_persona(profile)  # the guard: no persona where it was not shown to help
             sys_msg = (
-                persona_message(prompts.generation_system_prompt(profile.persona), profile.version)
-                if profile is not None
+                persona_message(prompts.generation_system_prompt(persona), profile.version)
+                if persona is not None and profile is not None
                 else None
             )
             new = await self._generate(with_persona(messages, sys_msg), 0, True)
@@ -470,7 +516,7 @@ class Personalizer:
                 out["candidates"] = None
             return out
 
-        async def record_vote(state: ChatState, config: RunnableConfig, runtime: Runtime) -> dict[str, Any]:
+        async def record_vote(state: ChatState, config: RunnableConfig, runtime: Runtime[ChatContext]) -> dict[str, Any]:
             vote: dict[str, Any] = dict(state.get("vote") or {})
             try:
                 receipt = await self.submit_vote(
@@ -485,15 +531,16 @@ class Personalizer:
                 out["messages"] = [AIMessage(content=receipt.chosen_text)]
             return out
 
-        async def prepare(state: ChatState, config: RunnableConfig, runtime: Runtime) -> dict[str, Any]:
+        async def prepare(state: ChatState, config: RunnableConfig, runtime: Runtime[ChatContext]) -> dict[str, Any]:
             tenant, user = identity(config)
             mode = run_values(config).get("mode") or self.default_mode
             to_context(state.get("messages", []))  # fail fast: nothing to answer
             profile = await self.persona(tenant, user, runtime.store)
+            persona = served_persona(profile)
             return {
                 "mode": mode,
                 "persona_version": profile.version if profile else None,
-                "persona_prompt": prompts.generation_system_prompt(profile.persona) if profile else None,
+                "persona_prompt": prompts.generation_system_prompt(persona) if persona is not None else None,
                 "candidates": None,
                 "ab": None,
                 "rerank": None,
@@ -526,7 +573,7 @@ class Personalizer:
                 ]
             }
 
-        async def finalize(state: ChatState, config: RunnableConfig, runtime: Runtime) -> dict[str, Any]:
+        async def finalize(state: ChatState, config: RunnableConfig, runtime: Runtime[ChatContext]) -> dict[str, Any]:
             tenant, user = identity(config)
             cands = sorted(state.get("candidates", []), key=lambda c: c["index"])
             mode = state["mode"]
@@ -546,7 +593,7 @@ class Personalizer:
                 "scores": result.scores,
                 "order": result.order,
                 "strategy": result.strategy,
-                "personalized_judge": profile is not None,
+                "personalized_judge": judge.personalized,
                 "candidates": public,
             }
             return {"messages": best["messages"], "rerank": info}
@@ -554,13 +601,15 @@ class Personalizer:
         builder = StateGraph(
             ChatState, context_schema=ChatContext, input_schema=ChatInput, output_schema=ChatOutput
         )
-        builder.add_node("record_vote", record_vote)
-        builder.add_node("respond", respond)
-        builder.add_node("prepare", prepare)
+        # langgraph's stubs type nodes as (state), (state, config) or (state, *, runtime); ours take
+        # (state, config, runtime), which it supports at run time: hence the arg-type ignores
+        builder.add_node("record_vote", record_vote)  # type: ignore[arg-type]
+        builder.add_node("respond", respond)  # type: ignore[arg-type]
+        builder.add_node("prepare", prepare)  # type: ignore[arg-type]
         # Declared input ChatState: otherwise LangGraph turns GenerateTask's keys into state channels
         # (and Studio shows them); a Send hands the task to the node as is.
-        builder.add_node("generate", generate, input_schema=ChatState)
-        builder.add_node("finalize", finalize)
+        builder.add_node("generate", generate, input_schema=ChatState)  # type: ignore[arg-type]
+        builder.add_node("finalize", finalize)  # type: ignore[arg-type]
         builder.add_conditional_edges(START, route, ["record_vote", "respond", "prepare"])
         builder.add_edge("record_vote", END)
         builder.add_edge("respond", END)

@@ -198,14 +198,14 @@ def resolve_identity(
             "this LangGraph server has custom auth configured but the run carries no signed-in user; "
             "authenticate the request (the user comes from auth)"
         )
-    user = values.get(USER_KEY) or values.get(LEGACY_USER_KEY) or user_id
-    if not user:
+    run_user = values.get(USER_KEY) or values.get(LEGACY_USER_KEY) or user_id
+    if not run_user:
         if required:
             raise IdentityMissing(MISSING)
         return None
     key = USER_KEY if values.get(USER_KEY) else LEGACY_USER_KEY if values.get(LEGACY_USER_KEY) else "user_id"
-    tenant = values.get(TENANT_KEY) or tenant_id or DEFAULT_TENANT
-    return Identity(_valid(tenant, "tenant_id"), _valid(user, key), "run")
+    run_tenant = values.get(TENANT_KEY) or tenant_id or DEFAULT_TENANT
+    return Identity(_valid(run_tenant, "tenant_id"), _valid(run_user, key), "run")
 
 
 def identity(config: RunnableConfig | None) -> tuple[str, str]:

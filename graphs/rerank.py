@@ -41,6 +41,7 @@ from store.memory import PreferenceMemory
 from synth_agent import prompts
 from synth_agent.engine.judge import Judge
 from synth_agent.engine.rerank import Strategy, rank
+from synth_agent.engine.selection import served_persona
 from synth_agent.llm.base import ChatBackend
 
 __all__ = ["RerankContext", "RerankInput", "RerankOutput", "RerankState", "build_rerank_graph", "graph"]
@@ -136,16 +137,17 @@ def build_rerank_graph(
             raise ValueError("the rerank graph needs a store: build_rerank_graph(store=...) or memory_for=")
         return PreferenceMemory(run_store, tenant)
 
-    async def prepare(state: RerankState, config: RunnableConfig, runtime: Runtime) -> dict[str, Any]:
+    async def prepare(state: RerankState, config: RunnableConfig, runtime: Runtime[RerankContext]) -> dict[str, Any]:
         tenant, user = identity(config)
         to_context(state.get("messages", []))
         given = state.get("given")
         if given is not None and (not isinstance(given, list) or not given):
             raise ValueError("given must be a non-empty list of candidate answers")
         profile = await cache.get(memory(tenant, runtime.store), tenant, user)
+        persona = served_persona(profile)  # the per-user guard
         return {
             "candidates": None,
-            "persona_prompt": prompts.generation_system_prompt(profile.persona) if profile else None,
+            "persona_prompt": prompts.generation_system_prompt(persona) if persona is not None else None,
             "persona_version": profile.version if profile else None,
         }
 
@@ -189,14 +191,15 @@ def build_rerank_graph(
             text = comp.text
         return {"candidates": [{"index": task["index"], "text": text}]}
 
-    async def rank_node(state: RerankState, config: RunnableConfig, runtime: Runtime) -> dict[str, Any]:
+    async def rank_node(state: RerankState, config: RunnableConfig, runtime: Runtime[RerankContext]) -> dict[str, Any]:
         tenant, user = identity(config)
         given = state.get("given")
         texts = list(given) if given else [c["text"] for c in sorted(state["candidates"], key=lambda c: c["index"])]
         profile = await cache.get(memory(tenant, runtime.store), tenant, user)
         how = run_values(config).get("strategy") or strategy
         async with judge_llm() as backend:
-            result = await rank(Judge.from_profile(backend, profile, call_site="rerank"), to_context(state["messages"]), texts, strategy=how)
+            judge = Judge.from_profile(backend, profile, call_site="rerank")
+            result = await rank(judge, to_context(state["messages"]), texts, strategy=how)
         best = texts[result.winner]
         out: dict[str, Any] = {
             "winner": result.winner,
@@ -204,7 +207,7 @@ def build_rerank_graph(
             "scores": result.scores,
             "order": result.order,
             "strategy": result.strategy,
-            "personalized_judge": profile is not None,
+            "personalized_judge": judge.personalized,
             "given": None,
         }
         if given:
@@ -215,9 +218,11 @@ def build_rerank_graph(
     builder = StateGraph(
         RerankState, context_schema=RerankContext, input_schema=RerankInput, output_schema=RerankOutput
     )
-    builder.add_node("prepare", prepare)
-    builder.add_node("generate", generate, input_schema=RerankState)  # keeps _GenTask's keys out of the state
-    builder.add_node("rank", rank_node)
+    # langgraph's stubs type nodes as (state), (state, config) or (state, *, runtime); ours take
+    # (state, config, runtime), which it supports at run time: hence the arg-type ignores
+    builder.add_node("prepare", prepare)  # type: ignore[arg-type]
+    builder.add_node("generate", generate, input_schema=RerankState)  # type: ignore[arg-type]  # keeps _GenTask's keys out of the state
+    builder.add_node("rank", rank_node)  # type: ignore[arg-type]
     builder.add_edge(START, "prepare")
     builder.add_conditional_edges("prepare", fan_out, ["generate", "rank"])
     builder.add_edge("generate", "rank")

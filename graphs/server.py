@@ -131,15 +131,15 @@ async def shared_store() -> AsyncIterator[BaseStore]:
     """The LangGraph server's store = synth-agent's store (``langgraph.json`` ``"store": {"path": ...}``).
 
     Opened from the same settings as the CLI: embedded Chroma under ``SYNTH_AGENT_HOME``
-    (default ``./.synth-agent``), or a Chroma server when ``CHROMA_HOST`` is set. The embedded
-    store belongs to one process at a time: to use the CLI while the server runs, point both
-    at a Chroma server (``chroma run`` + ``CHROMA_HOST``).
+    (default ``./.synth-agent``), or a Chroma server when ``CHROMA_HOST`` is set. Like
+    ``synth-agent serve``, the server runs the home's Chroma in a child process (writes never
+    hold the server's GIL); a CLI command on the same home connects through it.
     """
     from synth_agent.config import Settings
     from synth_agent.services import open_store
 
     settings = Settings()
-    store = await asyncio.to_thread(open_store, settings)  # opening a Chroma directory does file I/O
+    store = await asyncio.to_thread(open_store, settings, server=True)  # starts the home's Chroma child
     where = f"Chroma server {settings.chroma_host}:{settings.chroma_port}" if settings.chroma_host else (
         f"embedded Chroma at {(settings.home / 'chroma').resolve()}"
     )
@@ -150,6 +150,9 @@ async def shared_store() -> AsyncIterator[BaseStore]:
         yield store
     finally:
         warm_up.cancel()
+        close = getattr(store, "close", None)
+        if callable(close):  # finishes queued writes, then stops the Chroma child
+            await asyncio.to_thread(close)
 
 
 def _warm_up(store: BaseStore) -> None:

@@ -1,17 +1,21 @@
-"""The synthesis graph: load_votes → bootstrap → persona → demos → save, one node per SynthesizeMe step.
+"""The synthesis graph: load_votes → bootstrap → persona → demos → select → save, one node per step.
 
 Each node calls the matching :class:`~synth_agent.engine.synthesize.Synthesizer`
-step and returns JSON-ready state (votes, traces and demos as dicts), so any
+step (``select``: cross-validated choice of the served configuration and the per-user guard,
+:mod:`synth_agent.engine.selection`; it judges through the user's judgment ledger) and returns JSON-ready state (votes, traces and demos as dicts), so any
 checkpointer can persist it. With a checkpointer a crashed run resumes from the
 last finished node: rerunning thread ``synth:{tenant}:{user}:{run_id}`` does not
 pay again for finished LLM work. :class:`SynthesisRunner` picks the thread (one
 per persona version to be produced, ``run_id = "v<N>"``), so resuming needs no
 bookkeeping beyond the checkpointer itself.
 
-A run saves a new persona version only when it has something new to learn from:
-:func:`nothing_new` (the current persona was fitted on exactly the user's votes) ends
-it after ``load_votes`` without an LLM call and saves nothing, unless the input says
-``force``. Background runs (``due_only``) fit only when the refit policy says a fit is
+A run saves a new persona version only when it has something new to learn from: the
+engine's own rule (:meth:`Synthesizer.plan <synth_agent.engine.synthesize.Synthesizer.plan>`:
+the current persona was fitted on exactly this split with the same budgets, model and
+prompts) ends it after ``load_votes`` without an LLM call and saves nothing, unless the
+input says ``force``. The split is the engine's too: incremental, so a refit keeps earlier
+validation votes on their side and the judgment ledger (loaded and saved by the nodes that
+judge) serves every judgment made before. Background runs (``due_only``) fit only when the refit policy says a fit is
 due. ``save`` writes at most once per run: each fresh run gets a ``fit_id``, kept in
 the checkpoint and in the saved profile's meta, so a resumed run that crashed after
 saving does not save twice while a later run on the same thread (Studio reuses
@@ -27,7 +31,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import fields, replace
 from typing import Annotated, Any, Literal
@@ -41,10 +45,12 @@ from langgraph.types import Checkpointer, Durability
 from pydantic import Field
 from typing_extensions import TypedDict
 
-from graphs._common import MemoryFactory, open_checkpointer
+from graphs._common import MemoryFactory, erase_threads, open_checkpointer
 from graphs.identity import IdentityContext, IdentityMissing, resolve_identity, run_values
 from store.memory import PreferenceMemory
-from synth_agent.engine.synthesize import CountingBackend, FitConfig, Synthesizer, split_votes
+from synth_agent.engine.ledger import JudgmentLedger
+from synth_agent.engine.selection import Selection, tenant_prior
+from synth_agent.engine.synthesize import CountingBackend, FitConfig, Synthesizer, selection_meta
 from synth_agent.llm.base import ChatBackend
 from synth_agent.models import Demo, PersonaProfile, Trace, Vote, validate_user_id
 from synth_agent.scheduler import SynthesisPolicy
@@ -57,15 +63,15 @@ __all__ = [
     "SynthesisRunner",
     "SynthesisState",
     "build_synthesis_graph",
+    "erase_synthesis_checkpoints",
     "graph",
-    "nothing_new",
     "open_checkpointer",
     "synthesis_thread_id",
 ]
 
 log = logging.getLogger("synth_agent.graphs.synthesis")
 
-NODES = ("load_votes", "bootstrap", "persona", "demos", "save")
+NODES = ("load_votes", "bootstrap", "persona", "demos", "select", "save")
 
 NodeEvent = Callable[[str, Literal["start", "end"], dict[str, Any]], Any]
 """``on_event(node, phase, info)``: observability hook (node-entry logs, progress, tests)."""
@@ -114,6 +120,7 @@ class SynthesisState(SynthesisInput, SynthesisOutput, total=False):
     (``votes`` ... ``fit_id``) are the work in progress, checkpointed so a crashed run resumes."""
 
     fit_id: str
+    fit_key: str
     votes: list[dict[str, Any]]
     train_ids: list[str]
     val_ids: list[str]
@@ -122,6 +129,7 @@ class SynthesisState(SynthesisInput, SynthesisOutput, total=False):
     bootstrap_demos: list[dict[str, Any]]
     reused_traces: int
     demos: list[dict[str, Any]]
+    selection: dict[str, Any] | None
 
 
 class SynthesisContext(IdentityContext, total=False):
@@ -133,21 +141,34 @@ class SynthesisContext(IdentityContext, total=False):
     ]
 
 
-def nothing_new(current: PersonaProfile | None, vote_ids: Iterable[str], prompt_version: str) -> bool:
-    """True when ``current`` was fitted on exactly these votes with this persona prompt.
-
-    Refitting then would pay every LLM step again for the same evidence, so a synthesis run ends
-    without saving. One small rule, so the engine's ``Synthesizer.fit`` can share it.
-    """
-    return (
-        current is not None
-        and set(current.vote_ids) == set(vote_ids)
-        and (not current.prompt_version or current.prompt_version == prompt_version)
-    )
-
-
 def synthesis_thread_id(tenant_id: str, user_id: str, run_id: str) -> str:
     return f"synth:{tenant_id}:{user_id}:{run_id}"
+
+
+async def erase_synthesis_checkpoints(
+    checkpointer: Checkpointer, tenant_id: str, user_id: str, versions: int = 0
+) -> list[str]:
+    """Erase every synthesis checkpoint thread of one user (they hold the user's votes in the clear).
+
+    Threads ``v1 … v<versions+1>`` (every version fitted, plus one pending), and with the SQLite
+    checkpointer every other ``synth:<tenant>:<user>:<run>`` thread it holds (so a forget that
+    is retried after a failure still finds versions whose personas are already gone). Returns
+    once the deletion is on disk (:func:`graphs._common.erase_threads`). Returns the thread ids.
+    """
+    if checkpointer is None or not hasattr(checkpointer, "adelete_thread"):
+        return []
+    threads = [synthesis_thread_id(tenant_id, user_id, f"v{v}") for v in range(1, versions + 2)]
+    conn = getattr(checkpointer, "conn", None)
+    if conn is not None and hasattr(conn, "execute") and hasattr(checkpointer, "lock"):
+        prefix = synthesis_thread_id(tenant_id, user_id, "")
+        async with checkpointer.lock, conn.execute(
+            "SELECT DISTINCT thread_id FROM checkpoints WHERE substr(thread_id, 1, ?) = ?", (len(prefix), prefix)
+        ) as cur:
+            found = [row[0] async for row in cur]
+        # run ids never contain ":"; a longer remainder is another user whose id starts with this one's
+        threads += [t for t in found if ":" not in t[len(prefix):] and t not in threads]
+    await erase_threads(checkpointer, threads)
+    return threads
 
 
 _FIT_FIELDS = {f.name for f in fields(FitConfig)}
@@ -274,26 +295,28 @@ def build_synthesis_graph(
         cfg = deps.config(config)
         memory = deps.memory(tenant, runtime.store)
         votes = await memory.list_votes(user)
-        train, val = split_votes(votes, cfg.train_fraction)
-        ids = [v.id for v in (*train, *val)]
-        n = len(ids)
         current = await memory.current_persona(user)
+        async with deps.llm() as backend:  # the engine's rule: one place for the split and "nothing new"
+            plan = Synthesizer(backend, None, cfg).plan(votes, current, force=bool(state.get("force")))
+        train, val = plan.train, plan.val
+        n = plan.n_context
         fresh: dict[str, Any] = {
             "tenant_id": tenant, "user_id": user, "run_id": state.get("run_id", ""),
             "force": False, "due_only": False,  # inputs, consumed: a later run on this thread starts clean
-            "fit_id": uuid.uuid4().hex, "n_votes": n,
+            "fit_id": uuid.uuid4().hex, "fit_key": plan.key, "n_votes": n,
             "votes": [v.model_dump(mode="json") for v in (*train, *val)],
             "train_ids": [v.id for v in train], "val_ids": [v.id for v in val],
             "traces": [], "persona_trace_ids": [], "bootstrap_demos": [], "bootstrap_accuracy": 0.0,
             "reused_traces": 0, "persona": "", "demos": [], "val_accuracy": 0.0, "profile": None, "usage": {},
+            "selection": None,
         }
         kept = {"profile": current.model_dump(mode="json")} if current is not None else {}
-        if n < cfg.min_votes or not val:
+        if plan.status == "not_enough_votes":
             return {
                 **fresh, "status": "not_enough_votes",
                 "message": f"{user!r} has {n} context vote(s); a persona needs at least {cfg.min_votes}",
             }
-        if not state.get("force") and nothing_new(current, ids, cfg.persona_prompt_version):
+        if plan.status == "unchanged":
             assert current is not None
             return {
                 **fresh, **kept, "status": "unchanged", "persona": current.persona,
@@ -315,10 +338,13 @@ def build_synthesis_graph(
     async def bootstrap(state: SynthesisState, config: RunnableConfig, runtime: Runtime) -> dict[str, Any]:
         tenant, user = _who(state, config)
         train, val = _votes(state)
+        memory = deps.memory(tenant, runtime.store)
         async with deps.llm() as backend:
             llm = CountingBackend(backend)
-            synth = Synthesizer(backend, deps.memory(tenant, runtime.store), deps.config(config))
-            out = await synth.bootstrap(user, train, val, llm=llm)
+            synth = Synthesizer(backend, memory, deps.config(config))
+            ledger = await JudgmentLedger.load(memory, user, backend.model)
+            out = await synth.bootstrap(user, train, val, llm=llm, ledger=ledger)
+            await ledger.save(memory, user, backend.model)  # the run's first judging node prunes the ledger
         return {
             "traces": [t.model_dump(mode="json") for t in out.traces],
             "persona_trace_ids": out.persona_trace_ids,
@@ -337,18 +363,40 @@ def build_synthesis_graph(
         return {"persona": text, "usage": _usage(state, "persona", llm)}
 
     async def demos(state: SynthesisState, config: RunnableConfig, runtime: Runtime) -> dict[str, Any]:
-        _, user = _who(state, config)
+        tenant, user = _who(state, config)
         train, val = _votes(state)
         seed = [Demo.model_validate(d) for d in state.get("bootstrap_demos", [])]
+        memory = deps.memory(tenant, runtime.store)
         async with deps.llm() as backend:
             llm = CountingBackend(backend)
             synth = Synthesizer(backend, None, deps.config(config))
-            out = await synth.select_demos(user, state["persona"], train, val, _traces(state), seed_demos=seed, llm=llm)
+            ledger = await JudgmentLedger.load(memory, user, backend.model)
+            out = await synth.select_demos(user, state["persona"], train, val, _traces(state), seed_demos=seed, llm=llm,
+                                           ledger=ledger)
+            await ledger.save(memory, user, backend.model, keep_unused=True)  # bootstrap's entries stay
         return {
             "demos": [d.model_dump(mode="json") for d in out.demos],
             "val_accuracy": out.accuracy,
             "usage": _usage(state, "demos", llm),
         }
+
+    async def select(state: SynthesisState, config: RunnableConfig, runtime: Runtime) -> dict[str, Any]:
+        tenant, user = _who(state, config)
+        cfg = deps.config(config)
+        if not cfg.selection.enabled:
+            return {"selection": None}
+        train, val = _votes(state)
+        memory = deps.memory(tenant, runtime.store)
+        async with deps.llm() as backend:
+            llm = CountingBackend(backend)
+            synth = Synthesizer(backend, memory, cfg)
+            ledger = await JudgmentLedger.load(memory, user, backend.model)
+            prior = await tenant_prior(memory, user, cfg.selection)
+            sel = await synth.select_configuration(
+                user, [*train, *val], _traces(state), llm=llm, ledger=ledger, prior=prior
+            )
+            await ledger.save(memory, user, backend.model, keep_unused=True)
+        return {"selection": sel.as_meta(), "usage": _usage(state, "select", llm)}
 
     async def save(state: SynthesisState, config: RunnableConfig, runtime: Runtime) -> dict[str, Any]:
         tenant, user = _who(state, config)
@@ -385,6 +433,11 @@ def build_synthesis_graph(
                     "synthesis_thread": thread,
                     "run_id": state.get("run_id", ""),
                     "fit_id": fit_id,
+                    "fit_key": state.get("fit_key"),
+                    **selection_meta(
+                        Selection.from_meta(sel) if (sel := state.get("selection")) else None,
+                        [Demo.model_validate(d) for d in state.get("bootstrap_demos", [])],
+                    ),
                 },
             )
             saved = await memory.save_persona(profile)
@@ -401,12 +454,14 @@ def build_synthesis_graph(
     builder.add_node("bootstrap", node("bootstrap", bootstrap))
     builder.add_node("persona", node("persona", persona))
     builder.add_node("demos", node("demos", demos))
+    builder.add_node("select", node("select", select))
     builder.add_node("save", node("save", save))
     builder.add_edge(START, "load_votes")
     builder.add_conditional_edges("load_votes", after_load, ["bootstrap", END])
     builder.add_edge("bootstrap", "persona")
     builder.add_edge("persona", "demos")
-    builder.add_edge("demos", "save")
+    builder.add_edge("demos", "select")
+    builder.add_edge("select", "save")
     builder.add_edge("save", END)
     return builder.compile(checkpointer=checkpointer, store=store, name=name)
 
@@ -443,7 +498,7 @@ class SynthesisRunner:
 
     async def run(self, tenant_id: str, user_id: str, *, run_id: str | None = None) -> PersonaProfile | None:
         """Fit (or resume fitting) ``user_id``; the saved profile, or None when nothing was saved
-        (too few votes, or the current persona already uses every vote: see :func:`nothing_new`)."""
+        (too few votes, or the current persona already uses every vote: see ``Synthesizer.plan``)."""
         state = await self.run_state(tenant_id, user_id, run_id=run_id)
         if state.get("status") == "fitted" and state.get("profile"):
             return PersonaProfile.model_validate(state["profile"])

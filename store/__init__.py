@@ -8,7 +8,12 @@ Imports are lazy so that ``import store`` stays cheap (chromadb and torch load o
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the lazy exports, typed for checkers (nothing is imported at run time)
+    from store.chroma import ChromaStore
+    from store.embeddings import MINILM_DIMS, MiniLMEmbeddings, chroma_embedding_function, minilm_path
+    from store.memory import AddVotesResult, PreferenceMemory
 
 _EXPORTS = {
     "ChromaStore": "store.chroma",
@@ -20,7 +25,11 @@ _EXPORTS = {
     "AddVotesResult": "store.memory",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "MINILM_DIMS", "AddVotesResult", "ChromaStore", "MiniLMEmbeddings", "PreferenceMemory",
+    "chroma_embedding_function", "minilm_path",
+]
+assert sorted(__all__) == sorted(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:

@@ -1,32 +1,62 @@
-"""A LangGraph ``BaseStore`` backed by Chroma (embedded directory or Chroma server).
+"""A LangGraph ``BaseStore`` backed by Chroma (a local directory, or a Chroma server).
 
-Layout (three collections, so each query touches only what it needs):
+See ``docs/store.md`` for the whole design; in short:
 
-* ``<collection>``: one record per item. Metadata holds the namespace as JSON
-  (exact round trip of any label), one key per level (``ns_0``, ``ns_1``, ... and
-  ``depth``) and one per prefix (``p_0``, ``p_1``, ...: the JSON of the first
-  i+1 labels) so that a namespace prefix becomes one selective Chroma ``where``, the key,
-  timestamps and the value as JSON. Chroma insists on an embedding per record,
-  so items carry a tiny deterministic placeholder vector and are never ranked.
-* ``<collection>_vectors``: one record per embedded text (an item indexed on
-  several fields or on ``list[*]`` paths has several), cosine space. Semantic
-  search ranks these and max-pools them per item, like ``InMemoryStore``.
-* ``<collection>_namespaces``: one record per non-empty namespace, with levels
-  from the front (``ns_i``) and from the back (``rs_i``), so ``list_namespaces``
-  filters prefixes/suffixes in Chroma instead of scanning every item.
+**Layout (v2).** Three collections, named after ``collection``:
 
-Writes are serialised per store instance (a thread lock) because an update is a
-read-modify-write over the three collections; reads run concurrently. Value
-filters are applied in Python after the namespace ``where``, with paging.
+* ``<collection>.v2``: one record per item. Its metadata is a *blob* (namespace, key,
+  value and timestamps as one JSON document, sealed with the item's own data key when
+  the store has a ledger), keyed tokens of every namespace prefix (``t0``, ``t1``, ...),
+  a token of the whole namespace (``n``) and the number of vectors (``v``). A namespace
+  filter is therefore one indexed equality, so a user's reads cost what the user has,
+  not what the store has. Records carry a tiny placeholder vector (Chroma wants one).
+* ``<collection>.v2.vectors``: one record per embedded text (``<item id>.<j>``), with
+  the item id and the prefix tokens: the semantic index.
+* ``<collection>.v2.namespaces``: one record per non-empty namespace (sealed labels,
+  depth, per-level tokens from the front and the back) for ``list_namespaces``.
+
+No user text, user id or namespace label is written to Chroma in the clear when a
+ledger is in use (:mod:`store.ledger`, :mod:`store.sealing`).
+
+**Search.** A semantic search first asks for the prefix's vectors (up to
+``exact_search_limit``); if that is all of them, every candidate is scored exactly
+(cosine, max over an item's vectors): one user's votes are always ranked exactly.
+Larger candidate sets go to Chroma's HNSW index, widening the request until enough
+hits survive the filters, and a short answer from the index is never taken as the
+whole truth (the search falls back to an exhaustive scan).
+
+**Writes: group commit, all or nothing.** Puts are handed to one writer thread per
+store. While a commit is in flight new puts queue; the next commit takes all of them
+(up to ``max_commit`` items): one embedding call, one upsert per collection. A commit
+is journaled in the ledger before it touches Chroma; vectors and new namespaces are
+staged first (invisible: nothing refers to them yet), then the items upsert publishes
+the batch. If anything fails before that point the batch is rolled back (compensating
+deletes, earlier versions restored); after it, deletions are finished, from the
+journal if the process died. A batch that shared a commit with a failing one is
+retried on its own, so one caller's failure never fails another's write.
+
+**Erasure.** Deleting an item scrubs its vectors in the HNSW segment (overwritten,
+then deleted, then the segment is made to persist), deletes its records, and destroys
+its data key (``secure_delete`` + WAL truncation in the ledger); only then does the
+write return.
+
+Reads never wait for the writer: they run in the caller's thread (``abatch``: a worker
+thread) against Chroma directly.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
+import concurrent.futures
+import contextlib
 import json
+import logging
 import threading
+import time
+import uuid
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -50,21 +80,38 @@ from langgraph.store.base import (
     validate_op_namespace,
 )
 
+from store.ledger import LEDGER_FILE, Ledger
+from store.sealing import Codec, SealError
+
 if TYPE_CHECKING:
+    import numpy as np
+
+    from store.server import LocalChromaServer
     from synth_agent.config import Settings
+
+log = logging.getLogger("synth_agent.store")
 
 EmbeddingFunctionLike = Embeddings | Callable[[list[str]], Any]
 """A LangChain ``Embeddings``, a Chroma embedding function, or any ``texts -> vectors`` callable."""
 
+LAYOUT = 2
 _PAGE = 1000
 _FILTER_OPS = ("$eq", "$ne", "$gt", "$gte", "$lt", "$lte")
+_FLUSH_PREFIX = "__flush__."
 
 
 class _Embedder:
-    """Adapts the accepted embedding callables to two sync functions returning plain float lists."""
+    """Adapts the accepted embedding callables to two sync functions returning plain float lists.
+
+    Calls are serialised unless the embedder says it is thread safe (``thread_safe = True``,
+    as :class:`~store.embeddings.MiniLMEmbeddings` does), so a search never queues behind
+    the writer's embedding batch.
+    """
 
     def __init__(self, ef: EmbeddingFunctionLike) -> None:
-        self._lock = threading.Lock()
+        self._lock: threading.Lock | contextlib.nullcontext[None] = (
+            contextlib.nullcontext() if getattr(ef, "thread_safe", False) else threading.Lock()
+        )
         if isinstance(ef, Embeddings):
             self._docs: Callable[[list[str]], Any] = ef.embed_documents
             self._query: Callable[[str], Any] = ef.embed_query
@@ -78,7 +125,6 @@ class _Embedder:
             )
 
     def documents(self, texts: list[str]) -> list[list[float]]:
-        # Serialised: a user's embedding function need not be thread safe.
         with self._lock:
             out = self._docs(texts)
         return [[float(x) for x in vec] for vec in out]
@@ -87,6 +133,9 @@ class _Embedder:
         with self._lock:
             out = self._query(text)
         return [float(x) for x in out]
+
+
+# ---------------------------------------------------------------------- values and filters
 
 
 def _json_default(obj: Any) -> Any:
@@ -104,54 +153,20 @@ def _json_default(obj: Any) -> Any:
 
 def _dumps(value: Any) -> str:
     try:
-        return json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=_json_default)
+        text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=_json_default)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"store values must be JSON-serializable dicts: {exc}") from exc
+    _utf8(text, "the value")
+    return text
 
 
-def _item_id(namespace: tuple[str, ...], key: str) -> str:
-    raw = json.dumps([list(namespace), key], ensure_ascii=False)
-    return hashlib.sha256(raw.encode()).hexdigest()[:40]
-
-
-def _ns_id(namespace: tuple[str, ...]) -> str:
-    return hashlib.sha256(json.dumps(list(namespace), ensure_ascii=False).encode()).hexdigest()[:40]
-
-
-def _placeholder(record_id: str) -> list[float]:
-    """A cheap 2-d vector derived from the id: distinct points keep Chroma's HNSW graph healthy."""
-    return [int(record_id[:8], 16) / 2**32 + 0.5, int(record_id[8:16], 16) / 2**32 + 0.5]
-
-
-def _prefix_key(prefix: Sequence[str]) -> str:
-    return json.dumps(list(prefix), ensure_ascii=False)
-
-
-def _level_meta(namespace: tuple[str, ...], *, reverse: bool = False) -> dict[str, Any]:
-    """Per-level keys (``ns_i``) for wildcard matching, and one key per whole prefix (``p_i``).
-
-    ``p_i`` makes a namespace-prefix filter a single selective equality: Chroma
-    evaluates each ``$and`` clause on its own, and clauses such as ``ns_0 ==
-    "synth_agent"`` match every record, which made per-user queries O(collection).
-    """
-    meta: dict[str, Any] = {"depth": len(namespace)}
-    for i, label in enumerate(namespace):
-        meta[f"ns_{i}"] = label
-        meta[f"p_{i}"] = _prefix_key(namespace[: i + 1])
-    if reverse:
-        for i, label in enumerate(reversed(namespace)):
-            meta[f"rs_{i}"] = label
-    return meta
-
-
-def _and(conds: list[dict[str, Any]]) -> dict[str, Any] | None:
-    if not conds:
-        return None
-    return conds[0] if len(conds) == 1 else {"$and": conds}
-
-
-def _prefix_where(prefix: Sequence[str]) -> dict[str, Any] | None:
-    return {f"p_{len(prefix) - 1}": _prefix_key(prefix)} if prefix else None
+def _utf8(text: str, what: str) -> None:
+    """Everything the store writes must be valid UTF-8 (a lone surrogate is not): refuse it up front."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = text[exc.start : exc.end].encode("unicode_escape").decode()
+        raise ValueError(f"{what} is not valid UTF-8 text (contains {bad} at position {exc.start})") from None
 
 
 def _compare(item_value: Any, filter_value: Any) -> bool:
@@ -203,25 +218,98 @@ def _does_match(cond: MatchCondition, namespace: tuple[str, ...]) -> bool:
     path = tuple(cond.path)
     if len(namespace) < len(path):
         return False
+    if cond.match_type not in ("prefix", "suffix"):
+        raise ValueError(f"unsupported match type {cond.match_type!r}; use 'prefix' or 'suffix'")
     pairs = (
         zip(namespace, path, strict=False)
         if cond.match_type == "prefix"
         else zip(reversed(namespace), reversed(path), strict=False)
     )
-    if cond.match_type not in ("prefix", "suffix"):
-        raise ValueError(f"unsupported match type {cond.match_type!r}; use 'prefix' or 'suffix'")
     return all(p == "*" or n == p for n, p in pairs)
 
 
-class ChromaStore(BaseStore):
-    """LangGraph ``BaseStore`` persisted in Chroma, with optional semantic search.
+def _and(conds: list[dict[str, Any]]) -> dict[str, Any] | None:
+    if not conds:
+        return None
+    return conds[0] if len(conds) == 1 else {"$and": conds}
 
-    Give ``path`` for the embedded store (default), ``host``/``port`` for a Chroma
-    server, or a ready ``client``. Without ``embedding_function`` the store has no
-    vector index and a search ``query`` is ignored (as in ``InMemoryStore``).
-    ``index_fields`` are the default JSON paths embedded on ``put`` (``["$"]``,
-    the whole value, when not given); ``put(..., index=[...])`` overrides them and
-    ``index=False`` stores an item that never appears as a semantic hit.
+
+def _placeholder(record_id: str) -> list[float]:
+    """A cheap 2-d vector derived from the id: distinct points keep Chroma's HNSW graph healthy."""
+    digest = __import__("hashlib").sha256(record_id.encode()).digest()
+    return [int.from_bytes(digest[:4], "big") / 2**32 + 0.5, int.from_bytes(digest[4:8], "big") / 2**32 + 0.5]
+
+
+def _nsjson(ns: Sequence[str]) -> str:
+    return json.dumps(list(ns), ensure_ascii=False)
+
+
+# ---------------------------------------------------------------------- write path types
+
+
+@dataclass
+class _Write:
+    """One validated put (``doc`` set) or delete (``doc`` None), ready for the writer."""
+
+    iid: str
+    ns: tuple[str, ...]
+    key: str
+    value: dict[str, Any] | None
+    texts: list[str] = field(default_factory=list)
+    index: list[str] | None = None
+    created: str | None = None  # kept as given by migrations; else taken from the stored item or now
+    updated: str | None = None
+
+
+@dataclass
+class _Submission:
+    writes: list[_Write]
+    future: concurrent.futures.Future[None] = field(default_factory=concurrent.futures.Future)
+
+
+@dataclass
+class WriterStats:
+    """What the writer has done (for metrics and tests)."""
+
+    commits: int = 0
+    submissions: int = 0
+    writes: int = 0
+    largest_commit: int = 0
+    failed_commits: int = 0
+    isolated_retries: int = 0
+    rollbacks: int = 0
+    recovered: int = 0
+
+
+class ChromaStore(BaseStore):
+    """LangGraph ``BaseStore`` persisted in Chroma, with exact-where-it-can semantic search.
+
+    Give ``path`` for a store in a local directory (in-process Chroma; if a synth-agent
+    server already serves that directory, the store connects through it), ``host``/``port``
+    for a Chroma server, or a ready ``client``. :meth:`local_server` runs the directory's
+    Chroma in a child process, which is what servers should use (Chroma's Python bindings
+    hold the GIL for the whole of every call).
+
+    ``ledger``: where data keys and the batch journal live. Default: a file in ``path``;
+    none for a Chroma server (values are then stored in the clear, the journal is kept in
+    memory, and erasure on the server is the operator's job: see ``docs/store.md``).
+    ``seal``: seal values with per-item keys (default: whenever there is a ledger and a
+    ``path``; pass ``seal=False`` for a ledger that only journals).
+
+    Without ``embedding_function`` the store has no vector index and a search ``query`` is
+    ignored (as in ``InMemoryStore``). ``index_fields`` are the JSON paths embedded on
+    ``put`` (``["$"]``, the whole value, when not given); ``put(..., index=[...])``
+    overrides them and ``index=False`` stores an item that never appears as a semantic hit.
+
+        >>> import tempfile
+        >>> from store.embeddings import MiniLMEmbeddings
+        >>> st = ChromaStore(path=tempfile.mkdtemp(), embedding_function=MiniLMEmbeddings())
+        >>> st.put(("acme", "notes"), "n1", {"text": "prefers short bullet lists"})
+        >>> st.put(("acme", "notes"), "n2", {"text": "asks about sourdough baking"})
+        >>> st.get(("acme", "notes"), "n1").value
+        {'text': 'prefers short bullet lists'}
+        >>> [hit.key for hit in st.search(("acme",), query="bread", limit=1)]
+        ['n2']
     """
 
     supports_ttl = False
@@ -237,115 +325,196 @@ class ChromaStore(BaseStore):
         embedding_function: EmbeddingFunctionLike | None = None,
         index_fields: list[str] | None = None,
         reindex: bool = False,
+        ledger: Ledger | str | Path | bool | None = None,
+        seal: bool | None = None,
+        exact_search_limit: int = 1000,
+        max_commit: int = 512,
+        sync_threshold: int = 64,
+        _server: LocalChromaServer | None = None,
     ) -> None:
         if sum(x is not None for x in (path, client, host)) > 1:
-            raise ValueError("give only one of path= (embedded), host=/port= (server) or client=")
+            raise ValueError("give only one of path= (local directory), host=/port= (server) or client=")
         if len(collection) < 3:
-            raise ValueError(
-                f"collection name {collection!r} is too short: Chroma needs at least 3 characters"
-            )
+            raise ValueError(f"collection name {collection!r} is too short: Chroma needs at least 3 characters")
+        if exact_search_limit < 1 or max_commit < 1 or sync_threshold < 2:
+            raise ValueError("exact_search_limit and max_commit must be >= 1, sync_threshold >= 2")
+        from chromadb.config import Settings as ChromaSettings
+
+        self._server = _server
+        self._own_lock: Any = None
+        settings = ChromaSettings(anonymized_telemetry=False)
         if client is None:
             import chromadb
-            from chromadb.config import Settings as ChromaSettings
 
-            settings = ChromaSettings(anonymized_telemetry=False)
             if host is not None:
                 client = chromadb.HttpClient(host=host, port=port or 8000, settings=settings)
             elif path is not None:
+                from store.server import attach_or_lock
+
                 Path(path).mkdir(parents=True, exist_ok=True)
-                client = chromadb.PersistentClient(path=str(path), settings=settings)
+                running, self._own_lock = attach_or_lock(Path(path))
+                if running is not None:  # a synth-agent server owns this directory: go through it
+                    client = chromadb.HttpClient(host=running[0], port=running[1], settings=settings)
+                else:
+                    client = chromadb.PersistentClient(path=str(path), settings=settings)
             else:
                 raise ValueError(
                     "ChromaStore needs a place to keep data: path= (a directory), host=/port= (a Chroma "
                     "server) or client="
                 )
+        try:
+            self._setup(client, collection, path, embedding_function, index_fields, reindex, ledger, seal,
+                        exact_search_limit, max_commit, sync_threshold)
+        except BaseException:
+            if self._own_lock is not None:
+                self._own_lock.release()
+            raise
+
+    def _setup(
+        self,
+        client: Any,
+        collection: str,
+        path: str | Path | None,
+        embedding_function: EmbeddingFunctionLike | None,
+        index_fields: list[str] | None,
+        reindex: bool,
+        ledger: Ledger | str | Path | bool | None,
+        seal: bool | None,
+        exact_search_limit: int,
+        max_commit: int,
+        sync_threshold: int,
+    ) -> None:
         self.client = client
         self.collection_name = collection
-        self._items = client.get_or_create_collection(collection, embedding_function=None)
+        self.path = Path(path) if path is not None else None
+
+        if ledger is None:
+            ledger = self.path / LEDGER_FILE if self.path is not None else False
+        if ledger is False:
+            self.ledger: Ledger | None = None
+        else:
+            self.ledger = ledger if isinstance(ledger, Ledger) else Ledger(Path(ledger))  # type: ignore[arg-type]
+        if seal is None:
+            seal = self.ledger is not None and (self.path is not None or self._server is not None)
+        if seal and self.ledger is None:
+            raise ValueError("seal=True needs a ledger (a file for the data keys)")
+        self.sealed = bool(seal)
+        self.codec = Codec(self.ledger.secret() if self.sealed and self.ledger else b"")
+
+        hnsw = {"sync_threshold": sync_threshold}
+        self._items = client.get_or_create_collection(
+            f"{collection}.v2",
+            embedding_function=None,
+            metadata={"synth_agent_layout": LAYOUT, "synth_agent_sealed": self.sealed},
+            configuration={"hnsw": {**hnsw, "sync_threshold": max(sync_threshold, 256)}},
+        )
+        recorded_seal = (self._items.metadata or {}).get("synth_agent_sealed")
+        if recorded_seal is not None and bool(recorded_seal) != self.sealed:
+            raise ValueError(
+                f"the store {collection!r} was written {'sealed' if recorded_seal else 'in the clear'} but is opened "
+                f"{'sealed' if self.sealed else 'in the clear'}: open it the way it was written "
+                "(sealed stores need their ledger file, synth_agent_ledger.sqlite3)"
+            )
         self._vectors = client.get_or_create_collection(
-            f"{collection}_vectors", embedding_function=None, configuration={"hnsw": {"space": "cosine"}}
+            f"{collection}.v2.vectors",
+            embedding_function=None,
+            configuration={"hnsw": {**hnsw, "space": "cosine"}},
         )
         self._namespaces = client.get_or_create_collection(
-            f"{collection}_namespaces", embedding_function=None
+            f"{collection}.v2.namespaces", embedding_function=None, configuration={"hnsw": hnsw}
         )
+        with warnings.catch_warnings():  # chromadb warns about the "legacy" config of embedding_function=None
+            warnings.simplefilter("ignore", DeprecationWarning)
+            conf = self._vectors.configuration or {}
+        self._sync_threshold = int((conf.get("hnsw") or {}).get("sync_threshold") or sync_threshold)
         self._embedder = _Embedder(embedding_function) if embedding_function is not None else None
         fields = list(index_fields) if index_fields else ["$"]
         self.index_fields = fields
-        self.index_config: dict[str, Any] | None = {"fields": fields} if self._embedder else None
+        self.embeddings = embedding_function
+        """The embedding function (as ``InMemoryStore``/``SqliteStore`` expose it)."""
+        self.index_config: dict[str, Any] | None = (
+            {"fields": fields, "dims": getattr(embedding_function, "dims", None), "embed": embedding_function}
+            if self._embedder
+            else None
+        )
         self._tokenized = [(p, p if p == "$" else tokenize_path(p)) for p in fields]
-        self._write_lock = threading.Lock()
+        self.exact_search_limit = exact_search_limit
+        self.max_commit = max_commit
         try:
-            self._max_batch = int(client.get_max_batch_size())
+            self._max_batch = max(1, min(int(client.get_max_batch_size()), 5000))
         except Exception:  # noqa: BLE001 - older/remote clients may not expose it
             self._max_batch = 1000
         self.embedding_model: str | None = getattr(embedding_function, "model_id", None)
-        self.reindexed: int | None = self.reindex() if reindex else None
-        """Items re-embedded when opened with ``reindex=True``."""
-        if not reindex:
+
+        self.stats = WriterStats()
+        self._memory_journal: dict[str, tuple[str, dict[str, Any]]] = {}
+        self._known_ns: set[str] = set()
+        self._queue: list[_Submission] = []
+        self._cv = threading.Condition()
+        self._closing = False
+        self._consecutive_failures = 0
+        self.probe_interval = 5.0
+        """Seconds between health probes of an idle writer whose last commits failed."""
+        self.last_error: str | None = None
+        self._writer = threading.Thread(target=self._write_loop, name=f"chroma-writer-{collection}", daemon=True)
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+
+        self._recover()
+        legacy = self._legacy_collection()
+        self.reindexed: int | None = None
+        """Items re-embedded (or migrated from the v1 layout) when opened with ``reindex=True``."""
+        if legacy is not None and not reindex:
+            raise ValueError(
+                f"the Chroma collection {collection!r} uses the v1 layout of an older synth-agent (values in the "
+                "clear, slower per-user queries); migrate it once with `synth-agent reindex` "
+                "(ChromaStore(..., reindex=True))"
+            )
+        self._writer.start()
+        if reindex:
+            self.reindexed = self._migrate_v1(legacy) if legacy is not None else self.reindex()
+        else:
             self._check_embedding_model()
 
-    # ------------------------------------------------------------------ embedding model
 
-    def _recorded_model(self) -> str | None:
-        return (self._vectors.metadata or {}).get("embedding_model")
+    # ------------------------------------------------------------------ construction helpers
 
-    def _record_model(self) -> None:
-        meta = {k: v for k, v in (self._vectors.metadata or {}).items() if not k.startswith("hnsw:")}
-        self._vectors.modify(metadata={**meta, "embedding_model": self.embedding_model})
+    @classmethod
+    def local_server(
+        cls,
+        path: str | Path,
+        *,
+        embedding_function: EmbeddingFunctionLike | None = None,
+        startup_timeout: float = 120.0,
+        **kw: Any,
+    ) -> ChromaStore:
+        """The store in ``path``, served by ``chroma run`` in a child process that ends with this one.
 
-    def _check_embedding_model(self) -> None:
-        """Vectors of two models are not comparable: refuse to mix them, say how to migrate.
-
-        Collections written before models were recorded were all made with all-MiniLM-L6-v2 (the
-        torch build of the same model, cosine >= 0.999 to the ONNX vectors), so they are adopted.
-        Embedders without a ``model_id`` attribute are not checked.
+        Chroma work then runs outside this interpreter: writes never hold this process's GIL,
+        so an event loop keeps answering while a commit is in flight. If another synth-agent
+        process already serves ``path``, this store connects to that server instead.
+        ``close()`` stops the server this store started.
         """
-        if self._embedder is None or not self.embedding_model:
-            return
-        recorded = self._recorded_model()
-        if recorded is None:
-            self._record_model()
-        elif recorded != self.embedding_model:
-            raise ValueError(
-                f"the vectors of Chroma collection {self.collection_name!r} were made by embedding model "
-                f"{recorded!r}, but this store embeds with {self.embedding_model!r}; vectors of two models "
-                "cannot be compared. Re-embed everything once with `synth-agent reindex` "
-                "(ChromaStore(..., reindex=True)), or open the store with the model it was built with."
+        import chromadb
+        from chromadb.config import Settings as ChromaSettings
+
+        from store.server import LocalChromaServer
+
+        server = LocalChromaServer(Path(path), startup_timeout=startup_timeout).start()
+        client = chromadb.HttpClient(host=server.host, port=server.port, settings=ChromaSettings(anonymized_telemetry=False))
+        try:
+            store = cls(
+                client=client,
+                embedding_function=embedding_function,
+                ledger=Path(path) / LEDGER_FILE,
+                seal=True,
+                _server=server,
+                **kw,
             )
-
-    def reindex(self) -> int:
-        """Re-embed every indexed item with this store's embedding function; returns the items re-embedded.
-
-        Each item is re-embedded on the fields it was indexed on (``index`` given to ``put``, or the
-        store's ``index_fields``). Old vectors are replaced item by item under the write lock, so
-        readers see either vector of an item, never none; run it once after changing the model.
-        """
-        if self._embedder is None:
-            raise ValueError("reindex needs an embedding_function")
-        done = 0
-        with self._write_lock:
-            for _, meta in list(self._pages(self._items, {"nvec": {"$gt": 0}})):
-                ns = tuple(json.loads(meta["ns"]))
-                fields = json.loads(meta["index"]) if meta.get("index") else None
-                op = PutOp(ns, meta["key"], json.loads(meta["value"]), index=fields)
-                texts = self._texts(op)
-                vectors = self._embedder.documents([t for _, t in texts]) if texts else []
-                iid = _item_id(ns, meta["key"])
-                old = [f"{iid}:{j}" for j in range(int(meta.get("nvec", 0)))]
-                if old:
-                    self._vectors.delete(ids=old)
-                if texts:
-                    self._vectors.upsert(
-                        ids=[f"{iid}:{j}" for j in range(len(texts))],
-                        embeddings=vectors,
-                        metadatas=[{"item_id": iid, "path": path, **_level_meta(ns)} for path, _ in texts],
-                    )
-                if len(texts) != int(meta.get("nvec", 0)):
-                    self._items.update(ids=[iid], metadatas=[{**meta, "nvec": len(texts)}])
-                done += 1
-            if self.embedding_model:
-                self._record_model()
-        return done
+        except BaseException:
+            server.stop()
+            raise
+        store.path = Path(path)
+        return store
 
     @classmethod
     def from_settings(
@@ -356,7 +525,7 @@ class ChromaStore(BaseStore):
         collection: str = "synth_agent_items",
         index_fields: list[str] | None = None,
     ) -> ChromaStore:
-        """Chroma server when ``CHROMA_HOST`` is set, else the embedded store under ``<home>/chroma``."""
+        """Chroma server when ``CHROMA_HOST`` is set, else the store under ``<home>/chroma`` (in-process)."""
         if settings.chroma_host:
             return cls(
                 host=settings.chroma_host,
@@ -372,15 +541,121 @@ class ChromaStore(BaseStore):
             index_fields=index_fields,
         )
 
+    def _legacy_collection(self) -> Any:
+        """The v1 items collection of an older synth-agent, if one with data exists under this name."""
+        try:
+            old = self.client.get_collection(self.collection_name, embedding_function=None)
+        except Exception:  # noqa: BLE001 - not found (the error type differs between client kinds)
+            return None
+        try:
+            return old if old.count() > 0 else None
+        except Exception:  # noqa: BLE001
+            return None
+
+    # ------------------------------------------------------------------ embedding model
+
+    def _recorded_model(self) -> str | None:
+        return (self._vectors.metadata or {}).get("embedding_model")
+
+    def _record_model(self) -> None:
+        meta = {k: v for k, v in (self._vectors.metadata or {}).items() if not k.startswith("hnsw:")}
+        self._vectors.modify(metadata={**meta, "embedding_model": self.embedding_model})
+
+    def _check_embedding_model(self) -> None:
+        """Vectors of two models are not comparable: refuse to mix them, say how to migrate.
+
+        Embedders without a ``model_id`` attribute are not checked.
+        """
+        if self._embedder is None or not self.embedding_model:
+            return
+        recorded = self._recorded_model()
+        if recorded is None:
+            self._record_model()
+        elif recorded != self.embedding_model:
+            raise ValueError(
+                f"the vectors of Chroma collection {self.collection_name!r} were made by embedding model "
+                f"{recorded!r}, but this store embeds with {self.embedding_model!r}; vectors of two models "
+                "cannot be compared. Re-embed everything once with `synth-agent reindex` "
+                "(ChromaStore(..., reindex=True)), or open the store with the model it was built with."
+            )
+
+    # ------------------------------------------------------------------ tokens and records
+
+    def _iid(self, ns: Sequence[str], key: str) -> str:
+        return self.codec.token("item", json.dumps([list(ns), key], ensure_ascii=False))
+
+    def _ptok(self, prefix: Sequence[str]) -> str:
+        return self.codec.token("p", _nsjson(prefix))
+
+    def _ntok(self, ns: Sequence[str]) -> str:
+        return self.codec.token("n", _nsjson(ns))
+
+    def _nsid(self, ns: Sequence[str]) -> str:
+        return self.codec.token("ns", _nsjson(ns))
+
+    def _prefix_tokens(self, ns: Sequence[str]) -> dict[str, str]:
+        return {f"t{i}": self._ptok(ns[: i + 1]) for i in range(len(ns))}
+
+    def _prefix_where(self, prefix: Sequence[str]) -> dict[str, Any] | None:
+        return {f"t{len(prefix) - 1}": self._ptok(prefix)} if prefix else None
+
+    def _keys_for(self, rids: Iterable[str]) -> dict[str, bytes]:
+        if not self.sealed or self.ledger is None:
+            return {}
+        return self.ledger.keys(rids)
+
+    def _open_items(self, ids: Sequence[str], metas: Sequence[Any]) -> dict[str, dict[str, Any]]:
+        """Decoded item documents by id; records whose key is gone (being deleted) are skipped."""
+        keys = self._keys_for([rid for rid, m in zip(ids, metas, strict=True) if m and str(m.get("b", "")).startswith("s")])
+        out: dict[str, dict[str, Any]] = {}
+        for rid, meta in zip(ids, metas, strict=True):
+            if not meta or "b" not in meta:
+                continue
+            try:
+                doc = self.codec.open(rid, str(meta["b"]), keys.get(rid))
+            except SealError:
+                continue
+            doc["_v"] = int(meta.get("v", 0))
+            out[rid] = doc
+        return out
+
+    @staticmethod
+    def _to_item(doc: dict[str, Any], score: float | None = None, *, search: bool = False) -> Item:
+        kwargs: dict[str, Any] = {
+            "namespace": tuple(doc["ns"]),
+            "key": doc["k"],
+            "value": doc["v"],
+            "created_at": datetime.fromisoformat(doc["c"]),
+            "updated_at": datetime.fromisoformat(doc["u"]),
+        }
+        return SearchItem(**kwargs, score=score) if search else Item(**kwargs)
+
     # ------------------------------------------------------------------ batch API
 
     def batch(self, ops: Iterable[Op]) -> list[Result]:
-        """Run ops like ``InMemoryStore``: reads see the state before this batch's writes."""
-        ops = list(ops)
+        """Run ops like ``InMemoryStore``: reads see the state before this batch's writes.
+
+        The batch's puts and deletes are one atomic unit: all stored, or none (see the module
+        docstring); the call returns once they are durable.
+        """
+        results, writes = self._reads_and_prepare(list(ops))
+        if writes:
+            self._submit(writes).result()
+        return results
+
+    async def abatch(self, ops: Iterable[Op]) -> list[Result]:
+        """Async twin of :meth:`batch`: reads in a worker thread, writes through the group-commit writer."""
+        results, writes = await asyncio.to_thread(self._reads_and_prepare, list(ops))
+        if writes:
+            await asyncio.wrap_future(self._submit(writes))
+        return results
+
+    def _reads_and_prepare(self, ops: list[Op]) -> tuple[list[Result], list[_Write]]:
         results: list[Result] = [None] * len(ops)
         puts: dict[tuple[tuple[str, ...], str], PutOp] = {}
         gets: list[tuple[int, GetOp]] = []
         searches: list[tuple[int, SearchOp]] = []
+        lists: list[tuple[int, ListNamespacesOp]] = []
         for i, op in enumerate(ops):
             validate_op_namespace(op)
             if isinstance(op, GetOp):
@@ -393,7 +668,7 @@ class ChromaStore(BaseStore):
                 _check_filter(op.filter)
                 searches.append((i, op))
             elif isinstance(op, ListNamespacesOp):
-                results[i] = self._list_namespaces(op)
+                lists.append((i, op))
             elif isinstance(op, PutOp):
                 if not op.namespace:
                     raise InvalidNamespaceError("Namespace cannot be empty.")
@@ -402,101 +677,192 @@ class ChromaStore(BaseStore):
                 puts[(tuple(op.namespace), str(op.key))] = op
             else:
                 raise ValueError(f"unknown store operation {type(op).__name__}")
+        writes = [self._prepare(op) for op in puts.values()]  # validate every write before any read or write
         if gets:
-            found = self._fetch({_item_id(tuple(op.namespace), str(op.key)) for _, op in gets})
+            found = self._fetch([self._iid(op.namespace, str(op.key)) for _, op in gets])
             for i, op in gets:
-                results[i] = found.get(_item_id(tuple(op.namespace), str(op.key)))
-        if searches:
-            queries = {op.query for _, op in searches if op.query} if self._embedder else set()
-            qvecs = {q: self._embedder.query(q) for q in queries} if self._embedder else {}
-            for i, op in searches:
-                results[i] = self._search(op, qvecs.get(op.query) if op.query else None)
-        if puts:
-            self._apply_puts(puts)
-        return results
+                results[i] = found.get(self._iid(op.namespace, str(op.key)))
+        for i, op in searches:
+            results[i] = self._search(op)
+        for i, op in lists:
+            results[i] = self._list_namespaces(op)
+        return results, writes
 
-    async def abatch(self, ops: Iterable[Op]) -> list[Result]:
-        """Async twin of :meth:`batch`; Chroma and the embedder block, so run in a worker thread."""
-        return await asyncio.to_thread(self.batch, list(ops))
+    def _prepare(self, op: PutOp) -> _Write:
+        ns, key = tuple(op.namespace), str(op.key)
+        for label in ns:
+            _utf8(label, "a namespace label")
+        _utf8(key, "the key")
+        iid = self._iid(ns, key)
+        if op.value is None:
+            return _Write(iid, ns, key, None)
+        value = json.loads(_dumps(op.value))
+        return _Write(
+            iid,
+            ns,
+            key,
+            value,
+            texts=self._texts(value, op.index),
+            index=list(op.index) if isinstance(op.index, list) else None,
+        )
+
+    def _texts(self, value: dict[str, Any], index: Any) -> list[str]:
+        """Texts to embed for one put, following InMemoryStore's rules."""
+        if self._embedder is None or index is False:
+            return []
+        paths = self._tokenized if index is None else [(p, tokenize_path(p)) for p in index]
+        out: list[str] = []
+        for _, tokens in paths:
+            out += [t for t in get_text_at_path(value, tokens) if isinstance(t, str)]
+        for t in out:
+            _utf8(t, "an indexed text")
+        return out
 
     # ------------------------------------------------------------------ reads
 
-    @staticmethod
-    def _to_item(meta: dict[str, Any], score: float | None = None, *, search: bool = False) -> Item:
-        kwargs: dict[str, Any] = {
-            "namespace": tuple(json.loads(meta["ns"])),
-            "key": meta["key"],
-            "value": json.loads(meta["value"]),
-            "created_at": datetime.fromisoformat(meta["created_at"]),
-            "updated_at": datetime.fromisoformat(meta["updated_at"]),
-        }
-        return SearchItem(**kwargs, score=score) if search else Item(**kwargs)
-
-    def _fetch(self, ids: Iterable[str], *, search: bool = False) -> dict[str, Item]:
-        ids = list(ids)
+    def _fetch(self, ids: Sequence[str], *, search: bool = False) -> dict[str, Item]:
+        ids = list(dict.fromkeys(ids))
         out: dict[str, Item] = {}
         for start in range(0, len(ids), _PAGE):
             res = self._items.get(ids=ids[start : start + _PAGE], include=["metadatas"])
-            for rid, meta in zip(res["ids"], res["metadatas"] or [], strict=True):
-                out[rid] = self._to_item(dict(meta), search=search)
+            for rid, doc in self._open_items(res["ids"], res["metadatas"] or []).items():
+                out[rid] = self._to_item(doc, search=search)
         return out
 
-    def _pages(self, collection: Any, where: dict[str, Any] | None) -> Iterator[tuple[str, dict[str, Any]]]:
+    def _pages(self, collection: Any, where: dict[str, Any] | None, include: list[str]) -> Iterator[dict[str, Any]]:
         offset = 0
         while True:
-            res = collection.get(where=where, limit=_PAGE, offset=offset, include=["metadatas"])
-            for rid, meta in zip(res["ids"], res["metadatas"] or [], strict=True):
-                yield rid, dict(meta)
+            res = collection.get(where=where, limit=_PAGE, offset=offset, include=include)
+            yield res
             if len(res["ids"]) < _PAGE:
                 return
             offset += _PAGE
 
-    def _search(self, op: SearchOp, qvec: list[float] | None) -> list[SearchItem]:
+    def _search(self, op: SearchOp) -> list[SearchItem]:
         if op.limit == 0:
             return []
-        where = _prefix_where(op.namespace_prefix)
-        if qvec is None:
-            if not op.filter:
-                res = self._items.get(where=where, limit=op.limit, offset=op.offset, include=["metadatas"])
-                return [self._to_item(dict(m), search=True) for m in res["metadatas"] or []]  # type: ignore[misc]
+        where = self._prefix_where(op.namespace_prefix)
+        if not op.query or self._embedder is None:
             return self._scan(where, op.filter, op.offset, op.limit, unindexed_only=False)
-
         want = op.offset + op.limit
-        total = self._vectors.count()
-        n = max(want * 3, 20)
-        scored: list[SearchItem] = []
-        while total:
-            n_eff = min(n, total)
-            res = self._vectors.query(
-                query_embeddings=[qvec], n_results=n_eff, where=where, include=["metadatas", "distances"]
-            )
-            best: dict[str, float] = {}
-            for meta, dist in zip(res["metadatas"][0], res["distances"][0], strict=True):  # type: ignore[index]
-                best.setdefault(str(meta["item_id"]), 1.0 - float(dist))  # hits arrive best first
-            items = self._fetch(best)
-            scored = []
-            for iid, score in best.items():
-                item = items.get(iid)
-                if item is not None and _matches(item.value, op.filter):
-                    scored.append(
-                        SearchItem(
-                            item.namespace,
-                            item.key,
-                            item.value,
-                            item.created_at,
-                            item.updated_at,
-                            score=score,
-                        )
-                    )
-            if len(scored) >= want or len(res["ids"][0]) < n_eff or n_eff >= total:
-                break
-            n *= 4
+        scored = self._scored(where, op.filter, op.query, want)
         if len(scored) >= want:
             return scored[op.offset : want]
         # Like InMemoryStore: items stored with index=False fill the page after every scored hit.
         head = scored[op.offset :]
         skip = max(op.offset - len(scored), 0)
         return head + self._scan(where, op.filter, skip, op.limit - len(head), unindexed_only=True)
+
+    def _scored(self, where: dict[str, Any] | None, flt: dict[str, Any] | None, query: str, want: int) -> list[SearchItem]:
+        """The ``want`` best items by cosine similarity: exact for small candidate sets, else via HNSW.
+
+        The prefix's vectors and items are fetched while the query is embedded (three things at
+        once), so a per-user search costs about one round trip.
+        """
+        import numpy as np
+
+        assert self._embedder is not None
+        limit = self.exact_search_limit
+        pool = self._read_pool()
+        fut_vec = pool.submit(self._vectors.get, where=where, limit=limit + 1, include=["embeddings", "metadatas"])
+        fut_items = pool.submit(self._items.get, where=where, limit=limit + 1, include=["metadatas"])
+        q = np.asarray(self._embedder.query(query), dtype=np.float32)
+        q = q / max(float(np.linalg.norm(q)), 1e-12)
+        res = fut_vec.result()
+        if len(res["ids"]) > limit:
+            fut_items.cancel()
+            return self._ann(where, flt, q, want)
+        keep = [i for i, rid in enumerate(res["ids"]) if not rid.startswith(_FLUSH_PREFIX)]
+        emb = np.asarray(res["embeddings"], dtype=np.float32)[keep] if keep else np.zeros((0, len(q)), np.float32)
+        items = fut_items.result()
+        docs = self._open_items(items["ids"], items["metadatas"] or [])
+        return self._rank([res["ids"][i] for i in keep], [res["metadatas"][i] for i in keep], emb, q, flt, want, docs)
+
+    def _read_pool(self) -> concurrent.futures.ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="chroma-read")
+        return self._pool
+
+    def _rank(
+        self,
+        vec_ids: list[str],
+        metas: list[Any],
+        emb: np.ndarray,
+        q: np.ndarray,
+        flt: dict[str, Any] | None,
+        want: int,
+        known: dict[str, dict[str, Any]] | None = None,
+    ) -> list[SearchItem]:
+        """Score vectors exactly, best vector per item, then take items best first until ``want`` pass.
+
+        ``known``: item documents already fetched; others are fetched in chunks, best first.
+        """
+        import numpy as np
+
+        if not vec_ids:
+            return []
+        norms = np.linalg.norm(emb, axis=1)
+        sims = (emb @ q) / np.clip(norms, 1e-12, None)
+        cands: dict[str, list[tuple[float, int]]] = {}
+        for rid, meta, sim in zip(vec_ids, metas, sims.tolist(), strict=True):
+            iid = str((meta or {}).get("i", ""))
+            if iid:
+                cands.setdefault(iid, []).append((sim, int(rid.rsplit(".", 1)[1]) if "." in rid else 0))
+        order = sorted(cands, key=lambda i: (-max(s for s, _ in cands[i]), i))
+        known = dict(known or {})
+        out: list[SearchItem] = []
+        step = max(want * 2, 32)
+        for start in range(0, len(order), step):
+            chunk = order[start : start + step]
+            missing = [i for i in chunk if i not in known]
+            if missing:
+                res = self._items.get(ids=missing, include=["metadatas"])
+                known.update(self._open_items(res["ids"], res["metadatas"] or []))
+            for iid in chunk:
+                doc = known.get(iid)
+                # a vector without its item is staged (batch in flight) or stale (j beyond the item's count)
+                live = [s for s, j in cands[iid] if doc is not None and j < doc["_v"]]
+                if not live or not _matches(doc["v"], flt):  # type: ignore[index]
+                    continue
+                out.append(self._to_item(doc, score=float(max(live)), search=True))  # type: ignore[arg-type]
+                if len(out) >= want:
+                    return out
+        return out
+
+    def _ann(self, where: dict[str, Any] | None, flt: dict[str, Any] | None, q: np.ndarray, want: int) -> list[SearchItem]:
+        """Approximate candidates from HNSW, exact scores; never trust a short answer."""
+        import numpy as np
+
+        n = max(want * 3, 50)
+        while True:
+            res = self._vectors.query(
+                query_embeddings=[q.tolist()], n_results=n, where=where, include=["metadatas", "embeddings"]
+            )
+            ids = res["ids"][0]
+            emb = np.asarray(res["embeddings"][0], dtype=np.float32) if ids else np.zeros((0, len(q)), np.float32)
+            scored = self._rank(ids, list(res["metadatas"][0]), emb, q, flt, want)
+            if len(scored) >= want:
+                return scored
+            if len(ids) < n:
+                # The index gave fewer neighbours than asked although the prefix holds more than the
+                # exact limit: HNSW can lose reachability of some points. Scan everything instead.
+                return self._exhaustive(where, flt, q, want)
+            n *= 4
+
+    def _exhaustive(self, where: dict[str, Any] | None, flt: dict[str, Any] | None, q: np.ndarray, want: int) -> list[SearchItem]:
+        import numpy as np
+
+        ids: list[str] = []
+        metas: list[Any] = []
+        embs: list[np.ndarray] = []
+        for res in self._pages(self._vectors, where, ["embeddings", "metadatas"]):
+            keep = [i for i, rid in enumerate(res["ids"]) if not rid.startswith(_FLUSH_PREFIX)]
+            ids += [res["ids"][i] for i in keep]
+            metas += [res["metadatas"][i] for i in keep]
+            if keep:
+                embs.append(np.asarray(res["embeddings"], dtype=np.float32)[keep])
+        emb = np.concatenate(embs) if embs else np.zeros((0, len(q)), np.float32)
+        return self._rank(ids, metas, emb, q, flt, want)
 
     def _scan(
         self,
@@ -509,149 +875,490 @@ class ChromaStore(BaseStore):
     ) -> list[SearchItem]:
         if limit <= 0:
             return []
-        if unindexed_only:
-            where = _and([*(where.get("$and", [where]) if where else []), {"nvec": 0}])
         out: list[SearchItem] = []
         skipped = 0
-        for _, meta in self._pages(self._items, where):
-            item = self._to_item(meta, search=True)
-            if not _matches(item.value, flt):
-                continue
-            if skipped < offset:
-                skipped += 1
-                continue
-            out.append(item)  # type: ignore[arg-type]
-            if len(out) >= limit:
-                break
+        for res in self._pages(self._items, where, ["metadatas"]):
+            docs = self._open_items(res["ids"], res["metadatas"] or [])
+            for rid in res["ids"]:
+                doc = docs.get(rid)
+                if doc is None or (unindexed_only and doc["_v"] > 0) or not _matches(doc["v"], flt):
+                    continue
+                if skipped < offset:
+                    skipped += 1
+                    continue
+                out.append(self._to_item(doc, search=True))  # type: ignore[arg-type]
+                if len(out) >= limit:
+                    return out
         return out
 
     def _list_namespaces(self, op: ListNamespacesOp) -> list[tuple[str, ...]]:
         conds: list[dict[str, Any]] = []
         for cond in op.match_conditions or ():
             path = tuple(cond.path)
-            conds.append({"depth": {"$gte": len(path)}})
+            conds.append({"d": {"$gte": len(path)}})
             labels = path if cond.match_type == "prefix" else tuple(reversed(path))
-            tag = "ns" if cond.match_type == "prefix" else "rs"
+            tag = "l" if cond.match_type == "prefix" else "r"
             lead = 0
             if cond.match_type == "prefix":
                 while lead < len(path) and path[lead] != "*":
                     lead += 1
                 if lead:
-                    conds.append({f"p_{lead - 1}": _prefix_key(path[:lead])})
-            conds += [{f"{tag}_{i}": label} for i, label in enumerate(labels) if label != "*" and i >= lead]
+                    conds.append({f"t{lead - 1}": self._ptok(path[:lead])})
+            conds += [
+                {f"{tag}{i}": self.codec.token("l", label)}
+                for i, label in enumerate(labels)
+                if label != "*" and i >= lead
+            ]
         found: set[tuple[str, ...]] = set()
-        for _, meta in self._pages(self._namespaces, _and(conds)):
-            ns = tuple(json.loads(meta["ns"]))
-            if all(_does_match(c, ns) for c in op.match_conditions or ()):
-                found.add(ns[: op.max_depth] if op.max_depth is not None else ns)
+        for res in self._pages(self._namespaces, _and(conds), ["metadatas"]):
+            metas = res["metadatas"] or []
+            keys = self._keys_for([f"ns:{rid}" for rid in res["ids"]])
+            for rid, meta in zip(res["ids"], metas, strict=True):
+                try:
+                    ns = tuple(self.codec.open(rid, str(meta["b"]), keys.get(f"ns:{rid}"))["ns"])
+                except (SealError, KeyError, TypeError):
+                    continue
+                if all(_does_match(c, ns) for c in op.match_conditions or ()):
+                    found.add(ns[: op.max_depth] if op.max_depth is not None else ns)
         return sorted(found)[op.offset : op.offset + op.limit]
 
-    # ------------------------------------------------------------------ writes
+    # ------------------------------------------------------------------ the writer
 
-    def _texts(self, op: PutOp) -> list[tuple[str, str]]:
-        """(path label, text) pairs to embed for one put, following InMemoryStore's rules."""
-        if self._embedder is None or op.value is None or op.index is False:
-            return []
-        paths = self._tokenized if op.index is None else [(p, tokenize_path(p)) for p in op.index]
-        out: list[tuple[str, str]] = []
-        for path, tokens in paths:
-            texts = get_text_at_path(op.value, tokens)
-            if len(texts) == 1:
-                out.append((path, texts[0]))
-            else:
-                out += [(f"{path}.{i}", t) for i, t in enumerate(texts)]
-        return out
+    def _submit(self, writes: list[_Write]) -> concurrent.futures.Future[None]:
+        sub = _Submission(writes)
+        with self._cv:
+            if self._closing:
+                raise RuntimeError("this ChromaStore is closed")
+            self._queue.append(sub)
+            self._cv.notify()
+        return sub.future
 
-    def _chunks(self, n: int) -> Iterator[slice]:
-        step = max(1, min(self._max_batch, 5000))
-        for start in range(0, n, step):
-            yield slice(start, start + step)
+    def _write_loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._queue and not self._closing:
+                    if not self._cv.wait(timeout=self.probe_interval) and self._consecutive_failures:
+                        break  # idle after failures: see below whether the backend is back
+                if not self._queue and self._closing:
+                    return
+                take = self._take()
+            if not take:
+                self._probe()
+                continue
+            self._run(take)
 
-    def _apply_puts(self, puts: dict[tuple[tuple[str, ...], str], PutOp]) -> None:
-        # Serialise values and embed outside the lock: those are the slow parts.
-        rows: list[tuple[str, tuple[str, ...], str, str, list[tuple[str, str]]]] = []
-        deletes: dict[str, tuple[str, ...]] = {}
-        index_paths: dict[str, list[str] | None] = {}
-        for (ns, key), op in puts.items():
-            iid = _item_id(ns, key)
-            if op.value is None:
-                deletes[iid] = ns
-            else:
-                rows.append((iid, ns, key, _dumps(op.value), self._texts(op)))
-                index_paths[iid] = list(op.index) if isinstance(op.index, list) else None
-        flat = [text for *_, texts in rows for _, text in texts]
+    def _take(self) -> list[_Submission]:
+        take: list[_Submission] = []
+        n = 0
+        while self._queue and (not take or n + len(self._queue[0].writes) <= self.max_commit):
+            sub = self._queue.pop(0)
+            take.append(sub)
+            n += len(sub.writes)
+        return take
+
+    def _probe(self) -> None:
+        """After failed commits and no traffic, a heartbeat decides whether the store is healthy again."""
+        try:
+            self._items.count()
+        except Exception as exc:  # noqa: BLE001
+            self.last_error = f"{type(exc).__name__}: {exc}"[:300]
+        else:
+            self._consecutive_failures = 0
+
+    def _run(self, subs: list[_Submission]) -> None:
+        live = [s for s in subs if s.future.set_running_or_notify_cancel()]
+        if not live:
+            return
+        self.stats.submissions += len(live)
+        try:
+            self._commit([w for s in live for w in s.writes])
+        except BaseException as exc:  # noqa: BLE001 - every waiter must hear about it
+            self.stats.failed_commits += 1
+            if len(live) == 1:
+                live[0].future.set_exception(exc)
+                return
+            # A merged commit failed: give each caller its own commit, so one bad batch
+            # (or a fault that hits one of them) fails nobody else.
+            for sub in live:
+                self.stats.isolated_retries += 1
+                try:
+                    self._commit(sub.writes)
+                except BaseException as own:  # noqa: BLE001
+                    sub.future.set_exception(own)
+                else:
+                    sub.future.set_result(None)
+            return
+        for sub in live:
+            sub.future.set_result(None)
+
+    def _journal_open(self, txn: str, body: dict[str, Any]) -> None:
+        if self.ledger is not None:
+            self.ledger.journal_open(txn, body)
+        else:
+            self._memory_journal[txn] = ("open", body)
+
+    def _journal_state(self, txn: str, state: str) -> None:
+        if self.ledger is not None:
+            self.ledger.journal_state(txn, state)
+        else:
+            self._memory_journal[txn] = (state, self._memory_journal[txn][1])
+
+    def _journal_close(self, txn: str) -> None:
+        if self.ledger is not None:
+            self.ledger.journal_close(txn)
+        else:
+            self._memory_journal.pop(txn, None)
+
+    def _commit(self, writes: list[_Write]) -> None:
+        """One atomic batch: stage vectors and namespaces, publish items, then finish deletions."""
+        try:
+            self._commit_inner(writes)
+        except BaseException as exc:
+            self._consecutive_failures += 1
+            self.last_error = f"{type(exc).__name__}: {exc}"[:300]
+            raise
+        self._consecutive_failures = 0
+
+    def _commit_inner(self, writes: list[_Write]) -> None:
+        by_id: dict[str, _Write] = {}
+        for w in writes:
+            by_id.pop(w.iid, None)
+            by_id[w.iid] = w  # the last write of an item wins, in submission order
+        ids = list(by_id)
+        old_meta: dict[str, dict[str, Any]] = {}
+        for start in range(0, len(ids), _PAGE):
+            res = self._items.get(ids=ids[start : start + _PAGE], include=["metadatas"])
+            old_meta.update({rid: dict(m or {}) for rid, m in zip(res["ids"], res["metadatas"] or [], strict=True)})
+        old_docs = self._open_items(list(old_meta), list(old_meta.values()))
+        puts = [w for w in by_id.values() if w.value is not None]
+        dels = [w for w in by_id.values() if w.value is None and w.iid in old_meta]
+        if not puts and not dels:
+            return
+
+        flat = [t for w in puts for t in w.texts]
         vectors = self._embedder.documents(flat) if flat and self._embedder else []
         if len(vectors) != len(flat):
             raise ValueError(f"the embedding function returned {len(vectors)} vectors for {len(flat)} texts")
 
-        with self._write_lock:
-            ids = [iid for iid, *_ in rows] + list(deletes)
-            old = {}
-            for start in range(0, len(ids), _PAGE):
-                res = self._items.get(ids=ids[start : start + _PAGE], include=["metadatas"])
-                old.update({rid: dict(m) for rid, m in zip(res["ids"], res["metadatas"] or [], strict=True)})
-            stale = [f"{rid}:{j}" for rid, meta in old.items() for j in range(int(meta.get("nvec", 0)))]
-            for sl in self._chunks(len(stale)):
-                self._vectors.delete(ids=stale[sl])
-            gone = [iid for iid in deletes if iid in old]
-            for sl in self._chunks(len(gone)):
-                self._items.delete(ids=gone[sl])
-
-            now = datetime.now(UTC).isoformat()
-            item_ids, item_meta, vec_ids, vec_meta, vec_emb = [], [], [], [], []
-            it = iter(vectors)
-            for iid, ns, key, value_json, texts in rows:
-                created = old[iid]["created_at"] if iid in old else now
-                meta = {
-                    "ns": json.dumps(list(ns), ensure_ascii=False),
-                    "key": key,
-                    "value": value_json,
-                    "created_at": created,
-                    "updated_at": now,
-                    "nvec": len(texts),
-                    **_level_meta(ns),
+        new_ns = self._new_namespaces({w.ns for w in puts})
+        keys = (
+            self.ledger.ensure_keys([w.iid for w in puts] + [f"ns:{nid}" for nid in new_ns])
+            if self.sealed and self.ledger is not None
+            else {}
+        )
+        now = datetime.now(UTC).isoformat()
+        txn = uuid.uuid4().hex
+        item_ids, item_meta, vec_ids, vec_emb, vec_meta = [], [], [], [], []
+        it = iter(vectors)
+        stale: list[str] = []
+        for w in puts:
+            old = old_docs.get(w.iid)
+            doc = {
+                "ns": list(w.ns),
+                "k": w.key,
+                "v": w.value,
+                "c": w.created or (old["c"] if old else now),
+                "u": w.updated or now,
+                "ix": w.index,
+            }
+            toks = self._prefix_tokens(w.ns)
+            item_ids.append(w.iid)
+            item_meta.append({"b": self.codec.seal(w.iid, doc, keys.get(w.iid)), "n": self._ntok(w.ns), "v": len(w.texts), **toks})
+            for j in range(len(w.texts)):
+                vec_ids.append(f"{w.iid}.{j}")
+                vec_emb.append(next(it))
+                vec_meta.append({"i": w.iid, **toks})
+            old_n = int(old_meta.get(w.iid, {}).get("v", 0))
+            stale += [f"{w.iid}.{j}" for j in range(len(w.texts), old_n)]
+        updated = [w.iid for w in puts if w.iid in old_meta]
+        before_vectors: dict[str, Any] = {}
+        if updated and vec_ids:
+            overwritten = [v for v in vec_ids if v.rsplit(".", 1)[0] in old_meta]
+            if overwritten:
+                res = self._vectors.get(ids=overwritten, include=["embeddings", "metadatas"])
+                before_vectors = {
+                    "ids": list(res["ids"]),
+                    "embeddings": [[float(x) for x in e] for e in res["embeddings"]],
+                    "metadatas": [dict(m or {}) for m in res["metadatas"] or []],
                 }
-                if index_paths.get(iid) is not None:  # put(..., index=[...]): what reindex re-embeds
-                    meta["index"] = json.dumps(index_paths[iid], ensure_ascii=False)
-                item_ids.append(iid)
-                item_meta.append(meta)
-                for j, (path, _) in enumerate(texts):
-                    vec_ids.append(f"{iid}:{j}")
-                    vec_meta.append({"item_id": iid, "path": path, **_level_meta(ns)})
-                    vec_emb.append(next(it))
-            for sl in self._chunks(len(item_ids)):
-                self._items.upsert(
-                    ids=item_ids[sl],
-                    embeddings=[_placeholder(i) for i in item_ids[sl]],
-                    metadatas=item_meta[sl],
-                )
+        body = {
+            "new_items": [i for i in item_ids if i not in old_meta],
+            "new_vectors": [v for v in vec_ids if v.rsplit(".", 1)[0] not in old_meta],
+            # Earlier versions of updated items: a failed publish may still have landed (a timeout
+            # after the server applied it, or the first chunks of a huge batch), so roll back to them.
+            "before_items": {i: old_meta[i] for i in updated},
+            "before_vectors": before_vectors,
+            "new_ns": list(new_ns),
+            "new_keys": [i for i in item_ids if i not in old_meta] + [f"ns:{n}" for n in new_ns],
+            "deletes": [
+                {"i": w.iid, "v": int(old_meta[w.iid].get("v", 0)), "n": self._ntok(w.ns), "nid": self._nsid(w.ns)}
+                for w in dels
+            ],
+            "stale": stale,
+        }
+        self._journal_open(txn, body)
+        try:
             for sl in self._chunks(len(vec_ids)):
                 self._vectors.upsert(ids=vec_ids[sl], embeddings=vec_emb[sl], metadatas=vec_meta[sl])
+            if new_ns:
+                nids = list(new_ns)
+                self._namespaces.upsert(
+                    ids=nids,
+                    embeddings=[_placeholder(i) for i in nids],
+                    metadatas=[self._ns_meta(nid, new_ns[nid], keys.get(f"ns:{nid}")) for nid in nids],
+                )
+            for sl in self._chunks(len(item_ids)):  # the commit point (one call unless the batch is huge)
+                self._items.upsert(
+                    ids=item_ids[sl], embeddings=[_placeholder(i) for i in item_ids[sl]], metadatas=item_meta[sl]
+                )
+        except BaseException:
+            try:
+                self._rollback(body)
+            except BaseException:  # noqa: BLE001 - the journal keeps it for the next start
+                log.exception("rolling back a failed batch failed; it will be rolled back when the store reopens")
+            else:
+                self._journal_close(txn)
+                self.stats.rollbacks += 1
+            raise
+        self._journal_state(txn, "committed")
+        self._known_ns.update(new_ns)
+        self._finish(body)
+        self._journal_close(txn)
+        if dels and self.ledger is not None:
+            self.ledger.checkpoint()  # the journal row is zeroed in the file too, not only in the WAL
+        self.stats.commits += 1
+        self.stats.writes += len(by_id)
+        self.stats.largest_commit = max(self.stats.largest_commit, len(by_id))
 
-            live = {ns for _, ns, *_ in rows}
-            if live:
-                reg = {_ns_id(ns): ns for ns in live}
-                reg_ids = list(reg)
-                for sl in self._chunks(len(reg_ids)):
-                    self._namespaces.upsert(
-                        ids=reg_ids[sl],
-                        embeddings=[_placeholder(i) for i in reg_ids[sl]],
-                        metadatas=[
-                            {
-                                "ns": json.dumps(list(reg[i]), ensure_ascii=False),
-                                **_level_meta(reg[i], reverse=True),
-                            }
-                            for i in reg_ids[sl]
-                        ],
-                    )
-            for ns in {ns for ns in deletes.values() if ns not in live}:
-                ns_json = json.dumps(list(ns), ensure_ascii=False)
-                if not self._items.get(where={"ns": ns_json}, limit=1, include=[])["ids"]:
-                    self._namespaces.delete(ids=[_ns_id(ns)])
+    def _chunks(self, n: int) -> Iterator[slice]:
+        for start in range(0, n, self._max_batch):
+            yield slice(start, start + self._max_batch)
+
+    def _ns_meta(self, nid: str, ns: tuple[str, ...], key: bytes | None) -> dict[str, Any]:
+        meta: dict[str, Any] = {"b": self.codec.seal(nid, {"ns": list(ns)}, key), "d": len(ns), **self._prefix_tokens(ns)}
+        for i, label in enumerate(ns):
+            meta[f"l{i}"] = self.codec.token("l", label)
+        for i, label in enumerate(reversed(ns)):
+            meta[f"r{i}"] = self.codec.token("l", label)
+        return meta
+
+    def _new_namespaces(self, namespaces: set[tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
+        """Namespaces of this commit that have no registry record yet (known ones are cached)."""
+        cand = {self._nsid(ns): ns for ns in namespaces}
+        unknown = [nid for nid in cand if nid not in self._known_ns]
+        if not unknown:
+            return {}
+        res = self._namespaces.get(ids=unknown, include=[])
+        self._known_ns.update(res["ids"])
+        return {nid: cand[nid] for nid in unknown if nid not in set(res["ids"])}
+
+    def _rollback(self, body: dict[str, Any]) -> None:
+        """Undo a batch that did not reach (or did not finish) its commit point; idempotent."""
+        if body["new_items"]:
+            for sl in self._chunks(len(body["new_items"])):
+                self._items.delete(ids=body["new_items"][sl])
+        before = body.get("before_items") or {}
+        if before:
+            ids = list(before)
+            for sl in self._chunks(len(ids)):
+                self._items.upsert(
+                    ids=ids[sl], embeddings=[_placeholder(i) for i in ids[sl]], metadatas=[before[i] for i in ids[sl]]
+                )
+        if body["new_vectors"]:
+            for sl in self._chunks(len(body["new_vectors"])):
+                self._vectors.delete(ids=body["new_vectors"][sl])
+        bv = body.get("before_vectors") or {}
+        if bv.get("ids"):
+            self._vectors.upsert(ids=bv["ids"], embeddings=bv["embeddings"], metadatas=bv["metadatas"])
+        if body["new_ns"]:
+            self._namespaces.delete(ids=body["new_ns"])
+            self._known_ns.difference_update(body["new_ns"])
+        if self.sealed and self.ledger is not None and body["new_keys"]:
+            self.ledger.destroy(body["new_keys"])
+
+    def _finish(self, body: dict[str, Any], attempts: int = 3) -> None:
+        """Past the commit point: remove stale vectors and deleted items, erasing them for good."""
+        for attempt in range(attempts):
+            try:
+                self._erase(body)
+                return
+            except Exception:
+                if attempt == attempts - 1:
+                    raise
+                time.sleep(0.05 * 2**attempt)
+
+    def _erase(self, body: dict[str, Any]) -> None:
+        dels = body["deletes"]
+        vec_ids = list(body["stale"]) + [f"{d['i']}.{j}" for d in dels for j in range(int(d["v"]))]
+        if vec_ids:
+            # Overwrite before deleting: a deleted HNSW element keeps its vector on disk, an
+            # overwritten one does not. Then make the segment persist (see _flush_vectors).
+            present = self._vectors.get(ids=vec_ids, include=["embeddings"])
+            found = list(present["ids"])
+            if found:
+                dim = len(present["embeddings"][0])
+                for sl in self._chunks(len(found)):
+                    n = len(found[sl])
+                    self._vectors.upsert(ids=found[sl], embeddings=[_scrub_vector(dim)] * n, metadatas=[{"i": ""}] * n)
+                for sl in self._chunks(len(found)):
+                    self._vectors.delete(ids=found[sl])
+                self._flush_vectors(dim)
+        if not dels:
+            return
+        gone = [d["i"] for d in dels]
+        for sl in self._chunks(len(gone)):
+            self._items.delete(ids=gone[sl])
+        emptied: list[str] = []
+        for ntok, nid in {(d["n"], d["nid"]) for d in dels}:
+            if not self._items.get(where={"n": ntok}, limit=1, include=[])["ids"]:
+                emptied.append(nid)
+        if emptied:
+            self._namespaces.delete(ids=emptied)
+            self._known_ns.difference_update(emptied)
+        if self.ledger is not None:
+            if self.sealed:
+                self.ledger.destroy(gone + [f"ns:{n}" for n in emptied])
+            else:
+                self.ledger.checkpoint()
+
+    def _flush_vectors(self, dim: int) -> None:
+        """Make the HNSW segment persist now, so scrubbed vectors are overwritten on disk before we return.
+
+        Chroma persists a vector segment after ``sync_threshold`` log records; upserting that many
+        fixed sentinel records (always the same ids, so they never accumulate) crosses it.
+        """
+        n = self._sync_threshold
+        ids = [f"{_FLUSH_PREFIX}{k}" for k in range(n)]
+        embs = [_sentinel_vector(dim, k) for k in range(n)]
+        for sl in self._chunks(n):
+            self._vectors.upsert(ids=ids[sl], embeddings=embs[sl], metadatas=[{"i": ""}] * len(ids[sl]))
+
+    def _recover(self) -> None:
+        """Finish or roll back batches that a crashed process left in the journal."""
+        if self.ledger is None:
+            return
+        for txn, state, body in self.ledger.journal_orphans():
+            try:
+                if state == "open":
+                    self._rollback(body)
+                else:
+                    self._finish(body)
+            except Exception:
+                log.exception("could not recover batch %s; it stays in the journal", txn)
+                continue
+            self.ledger.journal_close(txn)
+            self.stats.recovered += 1
+            log.warning("recovered an interrupted batch (%s at crash time)", state)
+
+    # ------------------------------------------------------------------ maintenance
+
+    def reindex(self) -> int:
+        """Re-embed every indexed item with this store's embedding function; returns the items re-embedded.
+
+        Each item is re-embedded on the fields it was indexed on (``index`` given to ``put``, or the
+        store's ``index_fields``). Runs through the writer, a page at a time.
+        """
+        if self._embedder is None:
+            raise ValueError("reindex needs an embedding_function")
+        done = 0
+        for res in list(self._pages(self._items, {"v": {"$gt": 0}}, ["metadatas"])):
+            docs = self._open_items(res["ids"], res["metadatas"] or [])
+            writes = []
+            for doc in docs.values():
+                ns, key = tuple(doc["ns"]), doc["k"]
+                index = doc.get("ix")
+                writes.append(
+                    _Write(self._iid(ns, key), ns, key, doc["v"], texts=self._texts(doc["v"], index), index=index,
+                           created=doc["c"], updated=doc["u"])
+                )
+            if writes:
+                self._submit(writes).result()
+                done += len(writes)
+        if self.embedding_model:
+            self._record_model()
+        return done
+
+    def _migrate_v1(self, legacy: Any) -> int:
+        """Copy every item of a v1-layout collection into this (v2) store, then drop the v1 collections.
+
+        v1 kept values in the clear: Chroma's files may still hold them in free pages after this;
+        run ``chroma utils vacuum --path <dir>`` once, with the store stopped, to reclaim them.
+        """
+        moved = 0
+        for res in list(self._pages(legacy, None, ["metadatas"])):
+            writes = []
+            for meta in res["metadatas"] or []:
+                ns, key = tuple(json.loads(meta["ns"])), str(meta["key"])
+                index = json.loads(meta["index"]) if meta.get("index") else None
+                value = json.loads(meta["value"])
+                texts = self._texts(value, index if index is not None else (None if int(meta.get("nvec", 0)) else False))
+                writes.append(
+                    _Write(self._iid(ns, key), ns, key, value, texts=texts, index=index,
+                           created=str(meta["created_at"]), updated=str(meta["updated_at"]))
+                )
+            if writes:
+                self._submit(writes).result()
+                moved += len(writes)
+        for name in (self.collection_name, f"{self.collection_name}_vectors", f"{self.collection_name}_namespaces"):
+            with contextlib.suppress(Exception):
+                self.client.delete_collection(name)
+        if self.embedding_model:
+            self._record_model()
+        return moved
 
     def count(self) -> int:
         """Number of items in the store (all namespaces)."""
         return int(self._items.count())
 
+    def health(self) -> dict[str, Any]:
+        """Cheap, non-blocking health: never waits on Chroma or on a commit in flight."""
+        writer_ok = self._writer.is_alive() and not self._closing
+        server_ok = self._server is None or self._server.alive()
+        with self._cv:
+            pending = sum(len(s.writes) for s in self._queue)
+        ok = writer_ok and server_ok and self._consecutive_failures < 3
+        out: dict[str, Any] = {"ok": ok, "pending_writes": pending, "commits": self.stats.commits}
+        if not server_ok:
+            out["error"] = "the local Chroma server process is not running"
+        elif self._consecutive_failures:
+            out["error"] = self.last_error
+        return out
 
-__all__ = ["ChromaStore", "EmbeddingFunctionLike"]
+    def close(self) -> None:
+        """Finish queued writes, then stop the writer (and the local Chroma server this store started)."""
+        with self._cv:
+            if self._closing:
+                return
+            self._closing = True
+            self._cv.notify_all()
+        if self._writer.is_alive() and threading.current_thread() is not self._writer:
+            self._writer.join()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+        if self.ledger is not None:
+            self.ledger.close()
+        if self._server is not None:
+            self._server.stop()
+        if self._own_lock is not None:
+            self._own_lock.release()
+            self._own_lock = None
+
+    def __enter__(self) -> ChromaStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _scrub_vector(dim: int) -> list[float]:
+    return [1.0] + [0.0] * (dim - 1)
+
+
+def _sentinel_vector(dim: int, k: int) -> list[float]:
+    v = [0.0] * dim
+    v[k % dim] = 1.0
+    v[(k * 7 + 3) % dim] += 0.5
+    return v
+
+
+__all__ = ["LAYOUT", "ChromaStore", "EmbeddingFunctionLike", "WriterStats"]

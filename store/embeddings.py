@@ -89,6 +89,9 @@ class MiniLMEmbeddings(Embeddings):
     model_id = MODEL_ID
     """Recorded on a store's vectors, so vectors of another model are never mixed in."""
 
+    thread_safe = True
+    """Stores may call it from several threads at once (a search need not wait for a write's batch)."""
+
     def __init__(
         self,
         model_path: str | None = None,
@@ -177,6 +180,7 @@ class LazyMiniLMEmbeddings(Embeddings):
     """
 
     model_id = MODEL_ID
+    thread_safe = True
 
     def __init__(self, model_path: str | None = None, **kw: Any) -> None:
         self._args = (model_path, kw)

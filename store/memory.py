@@ -20,7 +20,7 @@ import contextlib
 import hashlib
 import json
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,8 +29,9 @@ from langgraph.store.base import BaseStore, GetOp, PutOp, SearchItem
 from synth_agent.models import PersonaProfile, Trace, Vote, validate_user_id
 
 ROOT = "synth_agent"
-_KINDS = ("votes", "personas", "traces", "judgments", "pending_votes")
-"""Everything kept per user; forget_user deletes each kind (pending_votes: A/B pairs awaiting a vote)."""
+_KINDS = ("votes", "personas", "traces", "judgments", "pending_votes", "lift")
+"""Everything kept per user; forget_user deletes each kind (pending_votes: A/B pairs awaiting a vote;
+lift: one event per redeemed A/B token, :mod:`synth_agent.lift`)."""
 
 
 def encode_label(text: str) -> str:
@@ -56,6 +57,90 @@ class AddVotesResult:
     duplicates: int
 
 
+@dataclass
+class _Ticket:
+    """One ``add_votes`` call waiting for the group commit."""
+
+    by_user: dict[str, list[Vote]]
+    future: asyncio.Future[dict[str, list[bool]]]
+
+
+class _UserGate:
+    """Per-user access: vote rounds share a user, a forget or a persona save has it alone.
+
+    Exclusive holders queue one after another; while one holds or waits, new vote rounds leave
+    that user's tickets for later (``busy``), and the holder waits for rounds already in flight.
+    Entries are dropped when unused, so memory does not grow with the number of users.
+    """
+
+    def __init__(self) -> None:
+        self._shared: dict[str, int] = {}
+        self._exclusive: dict[str, int] = {}  # holders + waiters
+        self._owner: dict[str, bool] = {}
+        self._cond: asyncio.Condition | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def _cv(self) -> asyncio.Condition:
+        """The condition of the running loop (a memory used from one ``asyncio.run`` after another is fine)."""
+        loop = asyncio.get_running_loop()
+        if self._cond is None or (self._loop is not loop and not self._shared and not self._exclusive):
+            self._cond, self._loop = asyncio.Condition(), loop
+        return self._cond
+
+    def busy(self, user: str) -> bool:
+        return user in self._exclusive
+
+    @contextlib.asynccontextmanager
+    async def shared(self, users: Iterable[str]) -> AsyncIterator[None]:
+        users = list(users)
+        for u in users:
+            self._shared[u] = self._shared.get(u, 0) + 1
+        try:
+            yield
+        finally:
+            async with self._cv:
+                for u in users:
+                    if self._shared[u] <= 1:
+                        del self._shared[u]
+                    else:
+                        self._shared[u] -= 1
+                self._cv.notify_all()
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self, user: str) -> AsyncIterator[None]:
+        async with self._cv:
+            self._exclusive[user] = self._exclusive.get(user, 0) + 1
+            try:
+                await self._cv.wait_for(lambda: not self._owner.get(user) and not self._shared.get(user))
+            except BaseException:
+                self._release(user, owned=False)
+                raise
+            self._owner[user] = True
+        try:
+            yield
+        finally:
+            async with self._cv:
+                self._release(user, owned=True)
+
+    def _release(self, user: str, *, owned: bool) -> None:
+        if owned:
+            del self._owner[user]
+        if self._exclusive[user] <= 1:
+            del self._exclusive[user]
+        else:
+            self._exclusive[user] -= 1
+        self._cv.notify_all()
+
+    async def idle(self, user: str) -> None:
+        """Until nobody holds or waits for ``user`` exclusively."""
+        async with self._cv:
+            await self._cv.wait_for(lambda: user not in self._exclusive)
+
+    def __len__(self) -> int:
+        return len(self._shared) + len(self._exclusive)
+
+
 def _hash(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, ensure_ascii=False).encode()).hexdigest()[:32]
 
@@ -70,9 +155,23 @@ class PreferenceMemory:
     """The preference-memory API of synth-agent on top of a LangGraph ``BaseStore``.
 
     One instance per tenant; all data is namespaced by tenant then user, so one
-    tenant can never read another's users. Writes for one user are serialised by
-    an instance-level ``asyncio.Lock`` (idempotent vote ingest, distinct persona
-    versions); use a single instance per tenant per process.
+    tenant can never read another's users. Votes go through a group commit with
+    per-caller atomicity (see :meth:`_enqueue_votes`); a forget or a persona save has
+    its user to itself. Both rely on instance state: use a single instance per tenant
+    per process.
+
+        >>> import asyncio
+        >>> from langgraph.store.memory import InMemoryStore
+        >>> from synth_agent.models import Vote
+        >>> memory = PreferenceMemory(InMemoryStore(), tenant="acme")
+        >>> vote = Vote(user_id="ana@example.com", context=[{"role": "user", "content": "Hi"}],
+        ...             chosen="Hello!", rejected="Go away.")
+        >>> asyncio.run(memory.add_votes([vote, vote])).added  # the same vote twice is stored once
+        1
+        >>> [v.chosen for v in asyncio.run(memory.list_votes("ana@example.com"))]
+        ['Hello!']
+        >>> asyncio.run(PreferenceMemory(memory.store, tenant="other").list_votes("ana@example.com"))
+        []
     """
 
     def __init__(self, store: BaseStore, tenant: str = "default", *, page_size: int = 500) -> None:
@@ -88,8 +187,11 @@ class PreferenceMemory:
         self.page_size = page_size
         self.tenant = tenant
         self._tenant_label = encode_label(tenant)
-        self._locks: dict[str, asyncio.Lock] = {}
-        self._pending: dict[str, list[tuple[list[Vote], asyncio.Future[list[bool]]]]] = {}
+        self._gate = _UserGate()
+        self._tickets: list[_Ticket] = []
+        self._runner: asyncio.Task[None] | None = None
+        self._in_flight: set[tuple[str, str]] = set()  # (user, vote id) of rounds not finished yet
+        self._running: set[asyncio.Task[None]] = set()
         self._last_arrival = 0
 
     # ------------------------------------------------------------------ namespaces
@@ -110,11 +212,8 @@ class PreferenceMemory:
     def _user_ns(self, user_id: str, kind: str | None = None) -> tuple[str, ...]:
         return user_namespace(self.tenant, user_id, kind)
 
-    def _lock(self, user_id: str) -> asyncio.Lock:
-        lock = self._locks.get(user_id)
-        if lock is None:
-            lock = self._locks[user_id] = asyncio.Lock()
-        return lock
+    def _lock(self, user_id: str) -> contextlib.AbstractAsyncContextManager[None]:
+        return self._gate.exclusive(user_id)
 
     def _arrival_ns(self) -> int:
         """Strictly increasing wall-clock nanoseconds, so arrival order is never ambiguous."""
@@ -166,79 +265,118 @@ class PreferenceMemory:
         return AddVotesResult(added=added, duplicates=len(checked) - added)
 
     async def _enqueue_votes(self, by_user: dict[str, list[Vote]]) -> dict[str, list[bool]]:
-        """Group commit: callers queue their votes, whoever holds the users' locks writes the queue.
+        """Group commit with per-caller atomicity: callers queue tickets, rounds write them.
 
-        200 concurrent ``add_vote`` calls thus become a few batched store writes
-        instead of 200 serialised round trips, while the per-user locks keep the
-        check-then-put (idempotency) atomic within this instance. Locks are taken
-        in sorted order, so multi-user callers cannot deadlock.
+        A round (run by a background task, so a caller that goes away never strands the others)
+        takes every queued ticket: one read batch checks which votes and users already exist,
+        then each ticket's puts go to the store as its own batch, all at once. The store
+        coalesces them into one commit and, should that commit fail, retries each batch alone,
+        so a caller's votes are stored completely or not at all and one caller's failure is
+        nobody else's. Two rounds overlap (one prepares while the other commits), so the store's
+        writer is never idle between commits. A ticket waits for a later round when it touches a
+        user being forgotten (or whose persona is being saved), or a vote id still in flight.
         """
-        loop = asyncio.get_running_loop()
-        futs: dict[str, asyncio.Future[list[bool]]] = {}
-        for user_id, votes in by_user.items():
-            futs[user_id] = loop.create_future()
-            self._pending.setdefault(user_id, []).append((votes, futs[user_id]))
-        async with contextlib.AsyncExitStack() as stack:
-            for user_id in sorted(by_user):
-                await stack.enter_async_context(self._lock(user_id))
-            batches = {u: b for u in sorted(by_user) if (b := self._pending.pop(u, []))}
-            if batches:
-                entries = [entry for b in batches.values() for entry in b]
-                try:
-                    flags = await self._write_votes(
-                        {u: [v for vs, _ in b for v in vs] for u, b in batches.items()}
-                    )
-                except Exception as exc:  # every waiter in this batch sees the failure
-                    for _, f in entries:
-                        if not f.done():
-                            f.set_exception(exc)
-                except BaseException:  # cancelled: hand the others' votes to the next lock holder
-                    mine = set(map(id, futs.values()))
-                    for u, b in batches.items():
-                        self._pending.setdefault(u, [])[:0] = [e for e in b if id(e[1]) not in mine]
-                    raise
-                else:
-                    for u, b in batches.items():
-                        i = 0
-                        for vs, f in b:
-                            f.set_result(flags[u][i : i + len(vs)])
-                            i += len(vs)
-        return {u: await f for u, f in futs.items()}
+        ticket = _Ticket(by_user, asyncio.get_running_loop().create_future())
+        self._tickets.append(ticket)
+        if self._runner is None or self._runner.done():
+            self._runner = asyncio.get_running_loop().create_task(self._rounds(), name="vote-group-commit")
+        return await ticket.future
 
-    async def _write_votes(self, by_user: dict[str, list[Vote]]) -> dict[str, list[bool]]:
-        """Write the votes not stored yet (caller holds the users' locks); per vote: was it new."""
-        wanted = [(u, k) for u, votes in by_user.items() for k in dict.fromkeys(v.id for v in votes)]
-        existing: dict[str, set[str]] = {}
-        for start in range(0, len(wanted), self.page_size):
-            chunk = wanted[start : start + self.page_size]
-            found = await self.store.abatch([GetOp(self._user_ns(u, "votes"), k) for u, k in chunk])
-            for (u, k), item in zip(chunk, found, strict=True):
-                if item is not None:
-                    existing.setdefault(u, set()).add(k)
-        ops: list[PutOp] = []
-        flags: dict[str, list[bool]] = {}
-        for user_id, votes in by_user.items():
-            ns = self._user_ns(user_id, "votes")
-            seen = set(existing.get(user_id, ()))
-            flags[user_id] = []
-            for vote in votes:
-                flags[user_id].append(vote.id not in seen)
-                if vote.id in seen:
-                    continue
-                seen.add(vote.id)
-                value = {
-                    "vote": vote.model_dump(mode="json"),
-                    "text": vote.query_text,
-                    "vote_id": vote.id,
-                    "arrival_ns": self._arrival_ns(),
-                    "timestamp": vote.timestamp.timestamp() if vote.timestamp else None,
-                }
-                ops.append(PutOp(ns, vote.id, value, index=["text"]))
-            if any(flags[user_id]):
-                ops.append(self._register(user_id))
-        for start in range(0, len(ops), self.page_size):
-            await self.store.abatch(ops[start : start + self.page_size])
-        return flags
+    _MAX_ROUNDS = 2
+
+    async def _rounds(self) -> None:
+        running = self._running
+        while self._tickets:
+            live = {t for t in running if not t.done()}
+            take: list[_Ticket] = []
+            later: list[_Ticket] = []
+            claimed: set[tuple[str, str]] = set()
+            for t in self._tickets:
+                ids = {(u, v.id) for u, vs in t.by_user.items() for v in vs}
+                if len(live) >= self._MAX_ROUNDS or any(self._gate.busy(u) for u in t.by_user) or ids & (
+                    claimed | self._in_flight
+                ):
+                    later.append(t)
+                else:
+                    take.append(t)
+                    claimed |= ids
+            self._tickets = later
+            if take:
+                self._in_flight |= claimed
+                task = asyncio.get_running_loop().create_task(self._round_task(take, claimed))
+                running.add(task)
+                task.add_done_callback(running.discard)
+                continue
+            # Nothing can start now: wait for a round to finish, or for a forget/persona save to end.
+            waiters: set[asyncio.Future[Any]] = set(live)
+            blocked = next((u for t in later for u in t.by_user if self._gate.busy(u)), None)
+            idle = asyncio.ensure_future(self._gate.idle(blocked)) if blocked is not None else None
+            if idle is not None:
+                waiters.add(idle)
+            if waiters:
+                await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            else:
+                await asyncio.sleep(0)  # let finished rounds' callbacks run; never spin without yielding
+            if idle is not None and not idle.done():
+                idle.cancel()
+
+    async def _round_task(self, take: list[_Ticket], claimed: set[tuple[str, str]]) -> None:
+        try:
+            async with self._gate.shared({u for t in take for u in t.by_user}):
+                await self._round(take)
+        except Exception as exc:
+            for t in take:
+                if not t.future.done():
+                    t.future.set_exception(exc)
+        finally:
+            self._in_flight -= claimed
+
+    async def _round(self, tickets: list[_Ticket]) -> None:
+        votes_of = [(t, u, v) for t in tickets for u, vs in t.by_user.items() for v in vs]
+        wanted = list(dict.fromkeys((u, v.id) for _, u, v in votes_of))
+        users = list(dict.fromkeys(u for _, u, _ in votes_of))
+        reads: list[GetOp] = [GetOp(self._user_ns(u, "votes"), k) for u, k in wanted]
+        reads += [GetOp(self._users_ns(), encode_label(u)) for u in users]
+        found: list[Any] = []
+        for start in range(0, len(reads), self.page_size):
+            found += await self.store.abatch(reads[start : start + self.page_size])
+        existing = {key for key, item in zip(wanted, found, strict=False) if item is not None}
+        registered = {u for u, item in zip(users, found[len(wanted) :], strict=True) if item is not None}
+        plans: list[tuple[_Ticket, dict[str, list[bool]], list[PutOp]]] = []
+        for t in tickets:
+            flags: dict[str, list[bool]] = {}
+            ops: list[PutOp] = []
+            for user_id, votes in t.by_user.items():
+                ns = self._user_ns(user_id, "votes")
+                seen: set[str] = set()
+                flags[user_id] = []
+                for vote in votes:
+                    new = (user_id, vote.id) not in existing and vote.id not in seen
+                    flags[user_id].append(new)
+                    if not new:
+                        continue
+                    seen.add(vote.id)
+                    value = {
+                        "vote": vote.model_dump(mode="json"),
+                        "text": vote.query_text,
+                        "vote_id": vote.id,
+                        "arrival_ns": self._arrival_ns(),
+                        "timestamp": vote.timestamp.timestamp() if vote.timestamp else None,
+                    }
+                    ops.append(PutOp(ns, vote.id, value, index=["text"]))
+                if any(flags[user_id]) and user_id not in registered:
+                    ops.append(self._register(user_id))
+            plans.append((t, flags, ops))
+        results = await asyncio.gather(
+            *(self.store.abatch(ops) for _, _, ops in plans if ops), return_exceptions=True
+        )
+        it = iter(results)
+        for t, flags, ops in plans:
+            outcome = next(it) if ops else None
+            if isinstance(outcome, BaseException):
+                t.future.set_exception(outcome)
+            elif not t.future.done():
+                t.future.set_result(flags)
 
     async def list_votes(self, user_id: str) -> list[Vote]:
         """All of a user's votes in time order (timestamp if given, else arrival; ties by arrival)."""
@@ -303,6 +441,20 @@ class PreferenceMemory:
         items = await self._persona_items(user_id)
         return PersonaProfile.model_validate(items[-1].value["profile"]) if items else None
 
+    async def update_persona_meta(self, user_id: str, version: int, patch: dict[str, Any]) -> PersonaProfile | None:
+        """Merge ``patch`` into the ``meta`` of saved version ``version`` (e.g. a demotion by live A/B votes);
+        the version number and everything else stay. None if that version does not exist."""
+        async with self._lock(user_id):
+            ns = self._user_ns(user_id, "personas")
+            item = await self.store.aget(ns, f"{version:010d}")
+            if item is None:
+                return None
+            old = PersonaProfile.model_validate(item.value["profile"])
+            new = PersonaProfile.model_validate({**old.model_dump(), "meta": {**old.meta, **patch}})
+            value = {"version": version, "profile": new.model_dump(mode="json")}
+            await self.store.abatch([PutOp(ns, f"{version:010d}", value, index=False)])
+        return new
+
     async def persona_history(self, user_id: str) -> list[PersonaProfile]:
         """Every saved version, oldest first."""
         return [
@@ -327,10 +479,8 @@ class PreferenceMemory:
             )
             for t in traces
         ]
-        for start in range(0, len(ops), self.page_size):
-            await self.store.abatch(ops[start : start + self.page_size])
         if ops:
-            await self.store.abatch([self._register(user_id)])
+            await self.store.abatch([*ops, self._register(user_id)])  # one batch: all or nothing
 
     async def get_traces(self, user_id: str) -> list[Trace]:
         items = await self._all(self._user_ns(user_id, "traces"))
@@ -366,18 +516,21 @@ class PreferenceMemory:
     # ------------------------------------------------------------------ users
 
     async def forget_user(self, user_id: str) -> dict[str, int]:
-        """Delete everything stored for ``user_id`` (GDPR-style); returns counts per kind."""
+        """Delete everything stored for ``user_id`` (GDPR-style); returns counts per kind.
+
+        All deletions go to the store as one batch; with :class:`~store.chroma.ChromaStore`
+        the call returns once the data is erased for good (keys destroyed, vectors scrubbed).
+        """
         counts: dict[str, int] = {}
+        ops: list[PutOp] = []
         async with self._lock(user_id):
             for kind in _KINDS:
                 ns = self._user_ns(user_id, kind)
                 items = await self._all(ns)
-                for start in range(0, len(items), self.page_size):
-                    await self.store.abatch(
-                        [PutOp(ns, it.key, None) for it in items[start : start + self.page_size]]
-                    )
+                ops += [PutOp(ns, it.key, None) for it in items]
                 counts[kind] = len(items)
-            await self.store.adelete(self._users_ns(), encode_label(user_id))
+            ops.append(PutOp(self._users_ns(), encode_label(user_id), None))
+            await self.store.abatch(ops)
         return counts
 
     async def list_users(self) -> list[str]:

@@ -12,22 +12,23 @@ Ctrl-C or SIGTERM, and if the command is killed outright (:mod:`synth_agent.life
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import sys
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
-from synth_agent.config import Settings
+if TYPE_CHECKING:
+    from rich.progress import Progress
+    from rich.table import Table
+
+    from synth_agent.config import Settings
 
 T = TypeVar("T")
 
@@ -43,7 +44,8 @@ app = typer.Typer(
         "130 interrupted; 143 terminated. Errors are one line; --debug shows the traceback."
     ),
     no_args_is_help=True,
-    rich_markup_mode="rich",
+    # plain help: typer's rich help imports rich.markdown and renders panels, ~0.1 s of CPU per `--help`
+    rich_markup_mode=None,
     pretty_exceptions_enable=False,
 )
 
@@ -65,12 +67,71 @@ EXIT_CODES: dict[int, str] = {
 
 @dataclass
 class CLIState:
-    settings: Settings
+    """What the global options decided. Settings are read from the environment on first use, so
+    ``--help`` and argument errors never import pydantic-settings."""
+
+    overrides: dict[str, Any]
     tenant: str
     debug: bool = False
+    _settings: Settings | None = None
+
+    @property
+    def settings(self) -> Settings:
+        if self._settings is None:
+            from synth_agent.config import Settings
+
+            try:
+                self._settings = Settings(**self.overrides)  # flags validated like the environment
+            except ValueError as exc:  # a malformed environment variable or flag
+                _fail(f"invalid configuration: {_one_line(exc)} (a field `name` is set by SYNTH_AGENT_NAME or its "
+                      "flag; base_url/api_key by OPENAI_BASE_URL/OPENAI_API_KEY)", 2)
+        return self._settings
+
+
+# Our own packages; everything else is "third party" for quiet_third_party.
+_OWN = ("synth_agent", "store", "graphs")
+
+
+def quiet_third_party(*, verbose: bool = False) -> None:
+    """Keep libraries' noise out of CLI output and server logs unless ``--verbose``.
+
+    Hidden by default: warnings raised inside third-party modules (our own still show), progress
+    bars of libraries that honour ``TQDM_DISABLE`` / ``HF_HUB_DISABLE_PROGRESS_BARS``, and their
+    info-level logs (only warnings and errors pass). Set in this process and inherited by the
+    processes it starts (the simulator, a Chroma child). Cheap: no library is imported here.
+    """
+    import logging
+    import warnings
+
+    if verbose:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        return
+    own = "|".join(_OWN)
+    warnings.filterwarnings("ignore", module=rf"^(?!(?:{own})(?:\.|$))")
+    for var in ("TQDM_DISABLE", "HF_HUB_DISABLE_PROGRESS_BARS"):
+        os.environ.setdefault(var, "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    for name in ("chromadb", "httpx", "httpcore", "onnxruntime", "opentelemetry", "langchain", "openai", "aiohttp"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _table(*columns: Any, **kw: Any) -> Table:
+    from rich.table import Table
+
+    return Table(*columns, **kw)
+
+
+def _progress() -> Progress:
+    """The progress bar of long commands (on stderr, so piped output stays clean)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=err)
 
 
 def _run(coro: Coroutine[Any, Any, T]) -> T:
+    import asyncio  # not at module level: `--help` and argument errors never need an event loop
+
     return asyncio.run(coro)
 
 
@@ -82,7 +143,7 @@ def _fail(msg: str, code: int = 1) -> NoReturn:
 
 def _check_user(value: Any) -> Any:
     """Option callback: user ids are validated before anything is opened (exit 2 with the reason)."""
-    from synth_agent.models import validate_user_id
+    from synth_agent.ids import validate_user_id
 
     for v in value if isinstance(value, list | tuple) else [value]:
         if v is None:
@@ -95,7 +156,7 @@ def _check_user(value: Any) -> Any:
 
 
 def _check_tenant(value: str) -> str:
-    from synth_agent.models import validate_user_id
+    from synth_agent.ids import validate_user_id
 
     try:
         return validate_user_id(value)
@@ -105,7 +166,7 @@ def _check_tenant(value: str) -> str:
 
 def _check_texts(value: Any) -> Any:
     """Option callback for free text (prompts, answers): must be valid Unicode (argv may carry bad bytes)."""
-    from synth_agent.models import check_text
+    from synth_agent.ids import check_text
 
     for v in value if isinstance(value, list | tuple) else [value]:
         if isinstance(v, str):
@@ -133,6 +194,8 @@ def main_options(
     model: Annotated[str | None, typer.Option(help="Model name (env SYNTH_AGENT_MODEL).")] = None,
     api_key: Annotated[str | None, typer.Option(help="API key (env OPENAI_API_KEY).")] = None,
     debug: Annotated[bool, typer.Option("--debug", help="Show the full traceback when a command fails.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", help="Also show libraries' warnings, progress bars and "
+                                          "info logs (hidden by default).")] = False,
 ) -> None:
     """Global options apply to every command.
 
@@ -140,6 +203,7 @@ def main_options(
     store error, declined confirmation); 2 invalid input (bad option or user id, invalid vote
     lines); 130 interrupted; 143 terminated.
     """
+    quiet_third_party(verbose=verbose)
     overrides: dict[str, Any] = {}
     if home is not None:
         overrides["home"] = home
@@ -149,11 +213,7 @@ def main_options(
         overrides["model"] = model
     if api_key is not None:
         overrides["api_key"] = api_key
-    try:
-        settings = Settings().model_copy(update=overrides)
-    except ValueError as exc:  # a malformed environment variable
-        _fail(f"invalid configuration: {exc}", 2)
-    ctx.obj = CLIState(settings, tenant, debug)
+    ctx.obj = CLIState(overrides, tenant, debug)
 
 
 def _state(ctx: typer.Context) -> CLIState:
@@ -205,7 +265,7 @@ def ingest(
         f"[green]ingested[/] {added} new vote(s), {dups} already stored, "
         f"{len(parsed.issues)} invalid line(s) skipped, {len(counts)} user(s)."
     )
-    table = Table("user", "votes stored")
+    table = _table("user", "votes stored")
     for u, n in counts.items():
         table.add_row(escape(u), str(n))
     out.print(table)
@@ -228,7 +288,7 @@ def votes(
         for v in vs:
             print(v.model_dump_json())
         return
-    table = Table("#", "id", "time", "prompt", "chosen", title=f"{len(vs)} vote(s) of {escape(user)}")
+    table = _table("#", "id", "time", "prompt", "chosen", title=f"{len(vs)} vote(s) of {escape(user)}")
     for i, v in enumerate(vs, 1):
         table.add_row(
             str(i), escape(v.id), v.timestamp.isoformat() if v.timestamp else "-",
@@ -243,9 +303,10 @@ def forget(
     user: UserOpt,
     yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation (needed without a terminal).")] = False,
 ) -> None:
-    """Delete everything stored about a user: votes, personas, history, cached judgments.
+    """Delete everything stored about a user: votes, personas, history, cached judgments, checkpoints.
 
-    Asks for confirmation; without a terminal (a pipe, a script, CI) it refuses unless ``--yes``.
+    Returns once the erasure is on disk (docs/store.md). Asks for confirmation; without a
+    terminal (a pipe, a script, CI) it refuses unless ``--yes``.
     """
     from synth_agent.services import open_memory
 
@@ -259,18 +320,29 @@ def forget(
     from synth_agent.scale.settings import ScaleSettings
 
     dsn = ScaleSettings().queue
-    if dsn:  # scale-out mode: also stop the user's jobs and erase them from Postgres (docs/deploy.md)
-        from synth_agent.scale.queue import forget_everywhere
 
-        counts = _run(forget_everywhere(dsn, open_memory(st.settings, st.tenant), user))
-    else:
-        counts = _run(open_memory(st.settings, st.tenant).forget_user(user))
+    async def go() -> dict[str, int]:
+        memory = open_memory(st.settings, st.tenant)
+        if dsn:  # scale-out mode: also stop the user's jobs and erase them from Postgres (docs/deploy.md)
+            from synth_agent.scale.queue import forget_everywhere
+
+            return dict(await forget_everywhere(dsn, memory, user))
+        versions = len(await memory.persona_history(user))
+        counts: dict[str, int] = await memory.forget_user(user)
+        if (st.settings.home / "checkpoints.sqlite").exists():  # synthesis checkpoints hold the votes too
+            from graphs.synthesis import erase_synthesis_checkpoints, open_checkpointer
+
+            async with open_checkpointer(st.settings.home) as cp:
+                await erase_synthesis_checkpoints(cp, st.tenant, user, versions)
+        return counts
+
+    counts = _run(go())
     out.print(f"forgot {escape(repr(user))}: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
 
 
 @app.command()
 def reindex(ctx: typer.Context) -> None:
-    """Re-embed every stored item with the current embedding model (after changing the model)."""
+    """Re-embed every stored item with a new embedding model."""
     from synth_agent.services import open_store
 
     st = _state(ctx)
@@ -291,7 +363,10 @@ def sim_endpoint(
         help="Share of requests that fail (500/429/timeout/malformed).", min=0, max=1)] = 0.0,
     seed: Annotated[int, typer.Option(help="Seed of the simulated LLM and of fault injection.")] = 0,
 ) -> None:
-    """Run the offline simulated LLM as an OpenAI-compatible endpoint (stats at /stats)."""
+    """Run the offline simulated LLM (OpenAI-compatible).
+
+    Request counters and the most requests in flight at /stats.
+    """
     from synth_agent.sim.server import serve_sim
 
     err.print(f"simulator on http://{host}:{port}/v1 — point OPENAI_BASE_URL there; Ctrl-C stops it")
@@ -342,27 +417,28 @@ def fit(
     seed: Annotated[int, typer.Option(help="Seed for splits and random search.")] = 0,
     concurrency: Annotated[int, typer.Option(help="Users fitted at once.")] = 8,
 ) -> None:
-    """Learn a persona + demos for users from their stored votes (saved as a new version)."""
-    from synth_agent.engine import Synthesizer
-    from synth_agent.services import open_services, simulator_if_needed
+    """Learn a persona + demos from a user's stored votes.
 
-    st = _state(ctx)
+    Saved as a new persona version; a user without new votes since the last fit is left as is.
+    """
     if not user and not all_users:
         _fail("say which users: --user U (repeatable) or --all", 2)
     if concurrency < 1:
         _bad("--concurrency", "must be at least 1")
+    from synth_agent.engine import Synthesizer
+    from synth_agent.services import open_services, simulator_if_needed
+
+    st = _state(ctx)
     cfg = _fit_config(n_trials=trials, n_demo_candidates=candidates, seed=seed)
     with simulator_if_needed(st.settings) as settings:
+        import asyncio
 
         async def go() -> list[Any]:
             async with open_services(settings, st.tenant) as svc:
                 users = list(user or []) or await svc.memory.list_users()
                 synth = Synthesizer(svc.llm, svc.memory, cfg)
                 sem = asyncio.Semaphore(concurrency)
-                with Progress(
-                    TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=err,
-                ) as prog:
+                with _progress() as prog:
                     task = prog.add_task("fitting users", total=len(users))
 
                     async def one(u: str) -> Any:
@@ -375,7 +451,7 @@ def fit(
                 return list(zip(users, results, strict=True))
 
         results = _run(go())
-    table = Table("user", "result", "val acc", "LLM requests")
+    table = _table("user", "result", "val acc", "LLM requests")
     failed = 0
     for u, r in results:
         if isinstance(r, BaseException):
@@ -399,6 +475,7 @@ def persona(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Show a user's current persona (or its history)."""
+    from synth_agent.lift import history_rows, load_user_lift, with_live
     from synth_agent.services import open_memory
 
     st = _state(ctx)
@@ -406,15 +483,31 @@ def persona(
     profiles = _run(memory.persona_history(user)) if history else [p for p in [_run(memory.current_persona(user))] if p]
     if not profiles:
         _fail(f"no persona for {user!r} yet: ingest votes, then run `synth-agent fit --user {user}`")
+    lift = _run(load_user_lift(memory, user))
+    profiles = [with_live(p, lift) for p in profiles]
     if as_json:
         print(json.dumps([json.loads(p.model_dump_json()) for p in profiles], indent=2, ensure_ascii=False)
               if history else profiles[0].model_dump_json(indent=2))
         return
-    for p in profiles:
+    for p, row in zip(profiles, history_rows(profiles, lift), strict=True):
         acc = f"{p.val_accuracy:.0%}" if p.val_accuracy is not None else "-"
         out.rule(f"{escape(p.user_id)} · v{p.version} · {p.created_at:%Y-%m-%d %H:%M} · val acc {acc} · "
                  f"{len(p.demos)} demos")
+        out.print(_drift_line(row), markup=False, highlight=False)
         out.print(p.persona, markup=False, highlight=False)
+
+
+def _drift_line(row: dict[str, Any]) -> str:
+    """One version's served configuration, cross-validated accuracy and live A/B win rate, in words."""
+    cv = row["cv_accuracy"]
+    cv_text = (f"cross-validated {cv:.0%} vs default {row['cv_default']:.0%}" if cv is not None
+               and row["cv_default"] is not None else "not cross-validated (fitted before selection)")
+    live = row["live"]
+    live_text = (f"live: personalized won {live['wins']}/{live['votes']} A/B votes "
+                 f"({live['win_rate']:.0%}, 95% CI {live['ci_low']:.0%}–{live['ci_high']:.0%})"
+                 if live["votes"] else "live: no A/B votes yet")
+    served = row["served"] + (" (demoted by live votes)" if row["demoted"] else "")
+    return f"serves {served} · {cv_text} · {live_text}"
 
 
 def _current_profile(st: CLIState, user: str) -> Any:
@@ -433,18 +526,21 @@ def judge(
     b: Annotated[str, typer.Option("--b", help="Response B.", callback=_check_texts)],
     mode: Annotated[str, typer.Option(help="cot or logprob.")] = "cot",
 ) -> None:
-    """Which of two responses would this user prefer? (judged in both orders)"""
-    from synth_agent.engine import Judge
-    from synth_agent.models import Message
-    from synth_agent.services import open_llm, simulator_if_needed
+    """Which of two responses would this user prefer?
 
-    st = _state(ctx)
+    Judged in both orders with the user's persona and demos (the default judge without a persona).
+    """
     if mode not in ("cot", "logprob"):
         _bad("--mode", "must be 'cot' or 'logprob'")
     if not prompt.strip():
         _bad("--prompt", "must not be empty")
     if a.strip() == b.strip():
         _bad("--b", "the two responses are identical; nothing to judge")
+    from synth_agent.engine import Judge
+    from synth_agent.models import Message
+    from synth_agent.services import open_llm, simulator_if_needed
+
+    st = _state(ctx)
     profile = _current_profile(st, user)
     with simulator_if_needed(st.settings) as settings:
 
@@ -472,12 +568,7 @@ def rerank(
                                                  callback=_check_texts)],
     strategy: Annotated[str, typer.Option(help="knockout or round_robin.")] = "knockout",
 ) -> None:
-    """Rank candidate responses for a user with their personalized judge."""
-    from synth_agent.engine import Judge, rank
-    from synth_agent.models import Message
-    from synth_agent.services import open_llm, simulator_if_needed
-
-    st = _state(ctx)
+    """Rank candidate responses with the user's judge."""
     if len(candidate) < 2:
         _bad("--candidate", "give at least two")
     if any(not c.strip() for c in candidate):
@@ -486,6 +577,11 @@ def rerank(
         _bad("--strategy", "must be 'knockout' or 'round_robin'")
     if not prompt.strip():
         _bad("--prompt", "must not be empty")
+    from synth_agent.engine import Judge, rank
+    from synth_agent.models import Message
+    from synth_agent.services import open_llm, simulator_if_needed
+
+    st = _state(ctx)
     profile = _current_profile(st, user)
     with simulator_if_needed(st.settings) as settings:
 
@@ -500,7 +596,7 @@ def rerank(
                 await llm.aclose()
 
         res = _run(go())
-    table = Table("rank", "candidate", "score", title=f"winner: candidate {res.winner + 1}")
+    table = _table("rank", "candidate", "score", title=f"winner: candidate {res.winner + 1}")
     for r, i in enumerate(res.order, 1):
         table.add_row(str(r), f"{i + 1}: {escape(candidate[i][:60])}", f"{res.scores[i]:.3f}")
     out.print(table)
@@ -512,23 +608,82 @@ def export_prompt(
     user: UserOpt,
     fmt: Annotated[str, typer.Option("--format", help="system | messages | json")] = "system",
 ) -> None:
-    """Export a user's persona as a system prompt, a judge message list, or JSON."""
+    """Export a user's persona as a prompt, messages or JSON.
+
+    ``system``: a system prompt for any model; ``messages``: the judge's prompt as chat messages;
+    ``json``: the whole profile.
+    """
+    if fmt not in ("system", "messages", "json"):
+        _bad("--format", "must be one of: system, messages, json")
     from synth_agent.export import export_profile
 
     st = _state(ctx)
-    if fmt not in ("system", "messages", "json"):
-        _bad("--format", "must be one of: system, messages, json")
     profile = _current_profile(st, user)
     if profile is None:
         _fail(f"no persona for {user!r} yet: run `synth-agent fit --user {user}` first")
     print(export_profile(profile, fmt))  # type: ignore[arg-type]
 
 
+@app.command()
+def report(
+    ctx: typer.Context,
+    user: Annotated[str | None, typer.Option("--user", "-u", help="One user (default: the whole tenant).")] = None,
+    plot: Annotated[Path, typer.Option("--plot", help="Where to write the plot (PNG).")] = Path("lift.png"),
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+) -> None:
+    """Live lift: how often users pick the personalized answer in A/B votes, per user and persona version.
+
+    Prints the tenant's (or one user's) win rate of personalized vs plain answers with 95% intervals,
+    each user's served configuration and cross-validated accuracy, and writes a plot of the win rate
+    over time with persona versions marked.
+    """
+    from synth_agent.report import collect, write_lift_plot
+    from synth_agent.services import open_memory
+
+    st = _state(ctx)
+    if user is not None:
+        _check_user(user)
+    memory = open_memory(st.settings, st.tenant)
+    rep = _run(collect(memory, [user] if user is not None else None))
+    if user is not None and not rep.users:
+        _fail(f"nothing stored for {user!r} in tenant {st.tenant!r}")
+    if as_json:
+        print(json.dumps(rep.as_dict(), indent=2, ensure_ascii=False))
+    else:
+        t = rep.total
+        lo, hi = t.interval()
+        scope = f"user {user!r}" if user else f"tenant {st.tenant!r} ({len(rep.users)} users)"
+        out.print(f"live lift for {escape(scope)}: personalized won {t.wins} of {t.n} A/B votes"
+                  + (f" = {t.rate:.0%} (95% CI {lo:.0%}–{hi:.0%})" if t.n else ""))
+        table = Table("user", "version", "serves", "cross-validated", "live A/B (won/votes)", "95% CI",
+                      title="Per user, current persona version")
+        for u in rep.users:
+            row = u.rows[-1] if u.rows else None
+            if row is None:
+                table.add_row(escape(u.user_id), "-", "default", "-", f"{u.lift.overall.wins}/{u.lift.overall.n}", "-")
+                continue
+            live = row["live"]
+            cv = row["cv_accuracy"]
+            table.add_row(
+                escape(u.user_id), f"v{row['version']}",
+                row["served"] + (" (demoted)" if row["demoted"] else ""),
+                f"{cv:.0%} vs {row['cv_default']:.0%}" if cv is not None and row["cv_default"] is not None else "-",
+                f"{live['wins']}/{live['votes']}",
+                f"{live['ci_low']:.0%}–{live['ci_high']:.0%}" if live["votes"] else "-",
+            )  # fmt: skip
+        out.print(table)
+    if rep.total.n:
+        write_lift_plot(rep, plot, title=f"user {user}" if user else f"tenant {st.tenant}")
+        (err if as_json else out).print(f"plot: {plot}")
+    else:
+        (err if as_json else out).print("no A/B votes between a personalized and a plain answer yet: no plot")
+
+
 @app.command("eval")
 def eval_cmd(
     ctx: typer.Context,
     file: Annotated[Path, typer.Argument(help="Votes JSONL (uses `split` when present).")],
-    methods: Annotated[str, typer.Option(help="Comma-separated methods.")] = "default,persona,demos,persona_demos,unverified,memory",
+    methods: Annotated[str, typer.Option(help="Comma-separated methods (served: what the per-user guard serves).")] = "default,persona,demos,persona_demos,served,unverified,memory",
     out_dir: Annotated[Path, typer.Option("--out", help="Directory for report.json and plots.")] = Path("eval-out"),
     curve: Annotated[str, typer.Option(help="Context sizes for the accuracy-vs-votes curve, e.g. 5,7,10 ('' = off).")] = "5,7,10",
     seed: Annotated[int, typer.Option(help="Seed for splits and random search.")] = 0,
@@ -536,15 +691,10 @@ def eval_cmd(
     trials: Annotated[int, typer.Option(help="Bootstrap trials.")] = 4,
     candidates: Annotated[int, typer.Option(help="Demo-set candidates.")] = 4,
 ) -> None:
-    """Evaluate judges on held-out votes: accuracy per method with 95% CIs, per-user table, plots."""
-    from synth_agent.evaluate import ALL_METHODS, evaluate, write_plots
-    from synth_agent.services import open_llm, simulator_if_needed
+    """Evaluate judges on held-out votes: accuracy, plots.
 
-    st = _state(ctx)
-    method_list = [m.strip() for m in methods.split(",") if m.strip()]
-    unknown = [m for m in method_list if m not in ALL_METHODS]
-    if unknown or not method_list:
-        _bad("--methods", f"unknown method(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(ALL_METHODS)}")
+    Accuracy per method with 95% CIs, a per-user table, report.json and plots in --out.
+    """
     try:
         sizes = [int(x) for x in curve.split(",") if x.strip()] if curve else []
     except ValueError:
@@ -553,6 +703,14 @@ def eval_cmd(
         _bad("--curve", "vote counts must be at least 1")
     if concurrency < 1:
         _bad("--concurrency", "must be at least 1")
+    from synth_agent.evaluate import ALL_METHODS, evaluate, write_plots
+    from synth_agent.services import open_llm, simulator_if_needed
+
+    st = _state(ctx)
+    method_list = [m.strip() for m in methods.split(",") if m.strip()]
+    unknown = [m for m in method_list if m not in ALL_METHODS]
+    if unknown or not method_list:
+        _bad("--methods", f"unknown method(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(ALL_METHODS)}")
     cfg = _fit_config(seed=seed, n_trials=trials, n_demo_candidates=candidates)
     parsed = _read_votes(file, st)
     n_users = len({v.user_id for v in parsed.votes})
@@ -561,10 +719,7 @@ def eval_cmd(
         async def go() -> Any:
             llm = open_llm(settings)
             try:
-                with Progress(
-                    TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=err,
-                ) as prog:
+                with _progress() as prog:
                     task = prog.add_task("evaluating users", total=n_users)
                     return await evaluate(
                         llm, parsed.votes, methods=method_list, config=cfg, concurrency=concurrency,
@@ -587,7 +742,14 @@ def eval_cmd(
 
 def print_user_table(report: Any, limit: int = 50) -> None:
     methods = list(report.methods)
-    table = Table("user", "context", "target", *methods, title="Per-user accuracy (both orders)")
+    from rich.table import Column
+
+    # method headers wrap at their underscores, never ellipsize: at 80 columns "persona" and
+    # "persona_demos" must not both read "perso…"; user ids are cut (the JSON report has them whole)
+    table = _table(Column("user", overflow="ellipsis", no_wrap=True, max_width=18), Column("ctx", min_width=3),
+                   Column("held-out", overflow="fold", min_width=4),
+                   *(Column(m.replace("_", " "), overflow="fold", justify="right", min_width=5) for m in methods),
+                   title="Per-user accuracy (both orders; ctx: votes seen, held-out: votes judged)")
     for u in report.users[:limit]:
         cells = [f"{a:.0%}" if (a := u.accuracy(m)) is not None else "-" for m in methods]
         table.add_row(escape(u.user_id), str(u.n_context), str(u.n_target), *cells)
@@ -597,10 +759,19 @@ def print_user_table(report: Any, limit: int = 50) -> None:
 
 
 def print_report(report: Any) -> None:
-    table = Table("method", "accuracy", "95% CI", "users", "judgments", title="Accuracy on held-out votes (both orders)")
+    table = _table("method", "accuracy", "95% CI", "users", "judgments", title="Accuracy on held-out votes (both orders)")
     for m, s in report.methods.items():
         table.add_row(m, f"{s.accuracy:.1%}", f"{s.ci_low:.1%} – {s.ci_high:.1%}", str(s.n_users), str(s.n_judgments))
     out.print(table)
+    if "default" in report.methods:
+        for m in ("persona_demos", "served"):
+            if m in report.methods:
+                below, level, above = report.versus_default(m)
+                out.print(f"{m} vs the default judge, per user: below for {below}, level for {level}, above for {above}")
+    if "served" in report.methods:
+        served = [u.selection["served"] for u in report.users if u.selection]
+        out.print("the per-user guard serves: " + ", ".join(
+            f"{c} to {served.count(c)}" for c in ("persona_demos", "persona", "demos", "default")))
     if report.curve:
         slope = f"{report.curve_slope * 100:+.2f} points per vote" if report.curve_slope is not None else "-"
         out.print("accuracy vs context votes: " + ", ".join(
@@ -614,7 +785,7 @@ def _register_subcommands() -> None:
     from synth_agent.judge_server import judge_server_app
     from synth_agent.proxy.cli import register as register_proxy
 
-    app.add_typer(judge_server_app, name="judge-server")
+    app.add_typer(judge_server_app, name="judge-server", short_help="Launch a self-hosted judge (vLLM or SGLang).")
     register_proxy(app)
 
 

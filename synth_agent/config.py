@@ -6,7 +6,7 @@
 | ``CHROMA_HOST`` / ``CHROMA_PORT`` | use a Chroma server over HTTP instead of the embedded store | unset |
 | ``OPENAI_BASE_URL`` | OpenAI-compatible endpoint (OpenAI, vLLM, SGLang, Ollama, the simulator) | simulator ``http://127.0.0.1:8765/v1`` |
 | ``OPENAI_API_KEY`` | key for that endpoint | ``sim`` |
-| ``SYNTH_AGENT_MODEL`` | model name for judge/persona calls | ``sim-judge`` |
+| ``SYNTH_AGENT_MODEL`` | model name for judge/persona calls | ``sim`` (the simulator's) |
 | ``SYNTH_AGENT_MAX_CONCURRENCY`` | most requests in flight per endpoint (the adaptive limit's ceiling) | ``16`` |
 | ``SYNTH_AGENT_ADAPTIVE_CONCURRENCY`` | adapt in-flight requests to the server's capacity (``0``: always the maximum) | ``1`` |
 | ``SYNTH_AGENT_REQUEST_TIMEOUT`` | seconds per HTTP attempt (time queued on our side never counts) | ``60`` |
@@ -30,21 +30,23 @@ DEFAULT_SIM_URL = "http://127.0.0.1:8765/v1"
 class Settings(BaseSettings):
     """Process settings. Construct explicitly (``Settings(home=...)``) or let env vars fill it."""
 
-    model_config = SettingsConfigDict(env_prefix="SYNTH_AGENT_", extra="ignore", populate_by_name=True)
+    # Validated when loaded (SYNTH_AGENT_MAX_CONCURRENCY=0 fails at start-up, naming the variable), and
+    # frozen: a changed copy is ``settings.model_copy(update=...)`` or ``Settings(**overrides)``.
+    model_config = SettingsConfigDict(env_prefix="SYNTH_AGENT_", extra="ignore", populate_by_name=True, frozen=True)
 
     home: Path = Field(default=Path(".synth-agent"))
     chroma_host: str | None = Field(default=None, validation_alias="CHROMA_HOST")
-    chroma_port: int = Field(default=8000, validation_alias="CHROMA_PORT")
-    base_url: str = Field(default=DEFAULT_SIM_URL, validation_alias="OPENAI_BASE_URL")
+    chroma_port: int = Field(default=8000, ge=1, le=65535, validation_alias="CHROMA_PORT")
+    base_url: str = Field(default=DEFAULT_SIM_URL, min_length=1, validation_alias="OPENAI_BASE_URL")
     api_key: str = Field(default="sim", validation_alias="OPENAI_API_KEY")
-    model: str = "sim-judge"
-    max_concurrency: int = 16
+    model: str = Field(default="sim", min_length=1)
+    max_concurrency: int = Field(default=16, ge=1)
     adaptive_concurrency: bool = True
-    rate_limit: float = 0.0
-    request_timeout: float = 60.0
-    max_retries: int = 6
-    context_length: int | None = None
-    max_content_chars: int = 32_000
+    rate_limit: float = Field(default=0.0, ge=0)
+    request_timeout: float = Field(default=60.0, gt=0)
+    max_retries: int = Field(default=6, ge=0)
+    context_length: int | None = Field(default=None, ge=1)
+    max_content_chars: int = Field(default=32_000, ge=1)
     llm_disk_cache: bool = False
 
     @property

@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -134,6 +135,21 @@ async def run(settings: Settings, population: Population, labelled: list[Vote], 
     console.print(f"done in {time.perf_counter() - t0:.1f}s")
 
 
+# What one run with the default sizes cost, measured on the simulator (seed 0; `python -m synth_agent.demo`
+# prints its own "LLM usage" table at the end): shown before a run against a real endpoint starts.
+MEASURED_COST = {"users": 20, "votes": 15, "requests": 3342, "prompt_tokens": 10_100_000, "completion_tokens": 335_000}
+
+
+def cost_notice(users: int, votes: int) -> str:
+    """What a run of this size costs, in words (scaled from the measured default run by users × votes)."""
+    m = MEASURED_COST
+    scale = (users * votes) / (m["users"] * m["votes"])
+    return (f"this demo makes about {m['requests'] * scale:,.0f} LLM requests with about "
+            f"{m['prompt_tokens'] * scale / 1e6:.1f}M prompt and {m['completion_tokens'] * scale / 1e6:.2f}M completion "
+            f"tokens ({users} users × {votes} votes; measured: {m['requests']:,} requests, "
+            f"{m['prompt_tokens'] / 1e6:.1f}M prompt tokens at {m['users']} × {m['votes']} on the simulator)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description="synth-agent end-to-end demo (offline simulator by default)")
     ap.add_argument("--users", type=int, default=20)
@@ -141,18 +157,31 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("out/demo"))
     ap.add_argument("--home", type=Path, default=Path(".synth-agent/demo"), help="store directory (wiped first)")
+    ap.add_argument("--yes", action="store_true", help="run against a real endpoint without asking (it costs money)")
+    ap.add_argument("--verbose", action="store_true", help="also show libraries' warnings and progress bars")
     args = ap.parse_args()
+    from synth_agent.cli import quiet_third_party
+
+    quiet_third_party(verbose=args.verbose)
     settings = Settings().model_copy(update={"home": args.home})
-    if settings.chroma_host is None and args.home.exists():
-        shutil.rmtree(args.home)
     with simulator_if_needed(settings, quiet=True) as live:
         if live.base_url != settings.base_url:
             console.print(
                 "[bold yellow]Running against the offline simulator[/] (a simulated LLM; no real model). "
-                "To use a real model: OPENAI_BASE_URL=... OPENAI_API_KEY=... SYNTH_AGENT_MODEL=... make demo"
+                "To use a real model: OPENAI_BASE_URL=... OPENAI_API_KEY=... SYNTH_AGENT_MODEL=... make demo — "
+                f"against a paid endpoint {cost_notice(args.users, args.votes)}."
             )
         else:
-            console.print(f"[bold]Using endpoint {live.base_url} (model {live.model})[/]")
+            console.print(f"[bold]Using endpoint {live.base_url} (model {live.model})[/]: {cost_notice(args.users, args.votes)}.")
+            if not args.yes:
+                if not sys.stdin.isatty():
+                    console.print("[bold red]error:[/] not starting without confirmation: pass --yes "
+                                  "(make demo DEMO_ARGS=--yes) to run against this endpoint")
+                    raise SystemExit(2)
+                if input("Start? [y/N] ").strip().lower() not in ("y", "yes"):
+                    raise SystemExit(1)
+        if settings.chroma_host is None and args.home.exists():  # only once the run is certain
+            shutil.rmtree(args.home)
         population, labelled = prepare(args.users, args.votes, args.seed, args.out)
         asyncio.run(run(live, population, labelled, args.seed, args.out))
 

@@ -13,6 +13,8 @@ Methods:
 * ``persona_demos`` — the full SynthesizeMe profile;
 * ``unverified`` — persona + demos fitted *without* trace verification (ablation);
 * ``memory`` — a running list of LLM-extracted insights as the judge's context;
+* ``served`` — what the per-user guard actually serves after cross-validated selection
+  (:mod:`synth_agent.engine.selection`): one of the above four, possibly the default judge;
 * ``default_logprob`` / ``persona_demos_logprob`` — the same judges in log-probability mode.
 """
 
@@ -29,6 +31,7 @@ import numpy as np
 
 from synth_agent import prompts
 from synth_agent.engine.judge import Judge, count_correct
+from synth_agent.engine.selection import CONFIGURATIONS, Selection, population_prior
 from synth_agent.engine.synthesize import FitConfig, FitResult, Synthesizer, stable_coin
 from synth_agent.llm.base import ChatBackend
 from synth_agent.models import Vote
@@ -40,10 +43,11 @@ ALL_METHODS = (
     "persona_demos",
     "unverified",
     "memory",
+    "served",
     "default_logprob",
     "persona_demos_logprob",
 )
-DEFAULT_METHODS = ("default", "persona", "demos", "persona_demos", "unverified", "memory")
+DEFAULT_METHODS = ("default", "persona", "demos", "persona_demos", "served", "unverified", "memory")
 
 
 @dataclass
@@ -55,6 +59,10 @@ class UserResult:
     judged: dict[str, int] = field(default_factory=dict)
     persona: str | None = None
     usage: dict[str, int] = field(default_factory=dict)
+    selection: dict[str, Any] | None = None
+    """The guard's cross-validated selection (``profile.meta["selection"]``) when ``served`` was evaluated."""
+    options: dict[str, int] = field(default_factory=dict)
+    """Correct target judgments of each configuration the guard could serve (when ``served`` was evaluated)."""
 
     def accuracy(self, method: str) -> float | None:
         n = self.judged.get(method, 0)
@@ -137,6 +145,27 @@ def bootstrap_ci(
     return float(acc), float(lo), float(hi)
 
 
+def serve_with_tenant_prior(users: Sequence[UserResult], config: FitConfig) -> None:
+    """Score ``served``: the guard's choice per user, with the prior the other evaluated users give
+    (as in a tenant, where a user's prior comes from the tenant's other users; leave-one-out here)."""
+    sc = config.selection
+    sels = {u.user_id: Selection.from_meta(u.selection) for u in users if u.selection}
+    for u in users:
+        sel = sels.get(u.user_id)
+        if sel is None:
+            continue
+        others = [s for uid, s in sels.items() if uid != u.user_id]
+        chosen = sel.apply(sc.z, population_prior(others, min_users=sc.min_prior_users), sc.candidates)
+        u.selection = chosen.as_meta()
+        u.correct["served"] = u.options[chosen.served]
+        u.judged["served"] = 2 * u.n_target
+
+
+def _unselected(config: FitConfig) -> FitConfig:
+    """``config`` without cross-validated selection (methods that judge persona + demos as fitted)."""
+    return replace(config, selection=replace(config.selection, enabled=False))
+
+
 async def _judge_targets(judge: Judge, targets: Sequence[Vote]) -> int:
     """Number of correct judgments over both orders of every target vote."""
     correct, _ = await count_correct(judge, targets, lambda _v: (True, False))
@@ -170,7 +199,9 @@ async def evaluate_user(
     if not targets:
         return "no held-out target votes"
     res = UserResult(user_id, len(context), len(targets))
-    need_fit = {"persona", "demos", "persona_demos", "persona_demos_logprob"} & set(methods)
+    need_fit = {"persona", "demos", "persona_demos", "persona_demos_logprob", "served"} & set(methods)
+    if "served" not in methods:
+        config = _unselected(config)
     fit: FitResult | None = None
     if need_fit:
         fit = await Synthesizer(llm, None, config).fit(user_id, context, save=False)
@@ -178,8 +209,12 @@ async def evaluate_user(
             return fit.message
         res.persona = fit.profile.persona if fit.profile else None
         res.usage = fit.usage
+        res.selection = fit.profile.meta.get("selection") if fit.profile else None
     judges: dict[str, Judge] = {}
-    for m in methods:
+    internal: list[str] = []  # configurations judged only so the guard's choice can be scored
+    if "served" in methods:
+        internal = [c for c in CONFIGURATIONS if c not in methods]
+    for m in [*methods, *internal]:
         if m == "default":
             judges[m] = Judge(llm, call_site="eval_default")
         elif m == "default_logprob":
@@ -192,24 +227,32 @@ async def evaluate_user(
             elif m == "demos":
                 judges[m] = Judge(llm, demos=tuple(fit.bootstrap_demos), call_site="eval_demos")
             elif m == "persona_demos":
-                judges[m] = Judge.from_profile(llm, p, call_site="eval_persona_demos")
+                judges[m] = Judge.from_profile(llm, p, guard=False, call_site="eval_persona_demos")
             else:
-                judges[m] = Judge.from_profile(llm, p, mode="logprob", call_site="eval_persona_demos")
+                judges[m] = Judge.from_profile(llm, p, guard=False, mode="logprob", call_site="eval_persona_demos")
+        elif m == "served":
+            continue  # one of the four configurations: scored after the guard has chosen (see evaluate)
         elif m == "unverified":
-            unv = await Synthesizer(llm, None, replace(config, verify=False)).fit(
+            unv = await Synthesizer(llm, None, _unselected(replace(config, verify=False))).fit(
                 user_id, context, save=False
             )
             if unv.profile is None:
                 return unv.message
-            judges[m] = Judge.from_profile(llm, unv.profile, call_site="eval_unverified")
+            judges[m] = Judge.from_profile(llm, unv.profile, guard=False, call_site="eval_unverified")
         elif m == "memory":
             judges[m] = Judge(llm, persona=await memory_persona(llm, context, config.seed), call_site="eval_memory")
         else:
             raise ValueError(f"unknown method {m!r}; choose from {', '.join(ALL_METHODS)}")
     counts = await asyncio.gather(*(_judge_targets(j, targets) for j in judges.values()))
     for m, c in zip(judges, counts, strict=True):
+        if m in internal:
+            res.options[m] = c
+            continue
         res.correct[m] = c
         res.judged[m] = 2 * len(targets)
+    for c in CONFIGURATIONS:
+        if c in res.correct and "served" in methods:
+            res.options[c] = res.correct[c]
     return res
 
 
@@ -234,10 +277,10 @@ async def context_curve(
             v.model_copy(update={"split": "val"}) for v in sub[k - n_val :]
         ]
         async with sem:
-            fit = await Synthesizer(llm, None, config).fit(uid, sub, save=False)
+            fit = await Synthesizer(llm, None, _unselected(config)).fit(uid, sub, save=False)
             if fit.profile is None:
                 return
-            c = await _judge_targets(Judge.from_profile(llm, fit.profile, call_site="eval_curve"), targets)
+            c = await _judge_targets(Judge.from_profile(llm, fit.profile, guard=False, call_site="eval_curve"), targets)
         per_size[k].append((c, 2 * len(targets)))
 
     await asyncio.gather(*(one(u, vs, k) for u, vs in by_user.items() for k in sizes))
@@ -288,6 +331,8 @@ async def evaluate(
 
     await asyncio.gather(*(run(u, vs) for u, vs in by_user.items()))
     users.sort(key=lambda r: r.user_id)
+    if "served" in methods:
+        serve_with_tenant_prior(users, config)
     summaries = {}
     for m in methods:
         pu = [(u.correct[m], u.judged[m]) for u in users if m in u.judged]

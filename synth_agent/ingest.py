@@ -1,6 +1,6 @@
 """Read vote JSONL files: validate every line, report bad ones by line number, keep the rest.
 
-Accepted shapes per line (see DESIGN.md "Data format"): the reference
+Accepted shapes per line (the README's "Data format" section): the reference
 implementation's dicts, PersonalRewardBench exports (``model`` role, responses as
 message lists), plain strings. A line is either fully valid or reported; nothing
 is half-read.

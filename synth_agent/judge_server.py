@@ -18,7 +18,6 @@ Neither vLLM nor SGLang is a dependency of the default install
 
 from __future__ import annotations
 
-import asyncio
 import importlib.util
 import json
 import shlex
@@ -32,7 +31,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Literal
 
-import httpx
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -191,6 +189,10 @@ async def wait_for_health(
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     start = time.monotonic()
     last = "no answer yet"
+    import asyncio
+
+    import httpx  # here: `synth-agent --help` registers this command without importing an HTTP client
+
     async with httpx.AsyncClient(timeout=max(0.5, min(5.0, interval * 5))) as http:
         while True:
             if process is not None and (rc := process.poll()) is not None:
@@ -273,6 +275,8 @@ def run_server(
             def tick(elapsed: float) -> None:
                 status.update(f"waiting for {health_url}{where} … {elapsed:.0f}s / {health_timeout:g}s")
 
+            import asyncio
+
             ids = asyncio.run(
                 wait_for_health(health_url, max_wait=health_timeout, api_key=api_key, process=process, on_wait=tick)
             )
@@ -312,6 +316,7 @@ judge_server_app = typer.Typer(
         "prefix caching, and print how to point synth-agent (or an endpoint pool) at it."
     ),
     no_args_is_help=True,
+    rich_markup_mode=None,
 )
 
 _PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}

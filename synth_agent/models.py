@@ -28,8 +28,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
-import unicodedata
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -42,6 +40,11 @@ from pydantic import (
     model_validator,
 )
 
+# re-exported: the id and text rules live in a module the CLI can import without pydantic
+from synth_agent.ids import MAX_USER_ID_CHARS as MAX_USER_ID_CHARS
+from synth_agent.ids import check_text as check_text
+from synth_agent.ids import validate_opaque_id as validate_opaque_id
+from synth_agent.ids import validate_user_id as validate_user_id
 from synth_agent.safejson import unsafe_value
 
 Role = Literal["system", "user", "assistant"]
@@ -52,7 +55,6 @@ ROLE_ALIASES: dict[str, str] = {"model": "assistant", "bot": "assistant", "human
 DEFAULT_MAX_CONTENT_CHARS = 32_000
 """Default upper bound on one message's content; override with validation context ``max_content_chars``."""
 
-MAX_USER_ID_CHARS = 256
 MAX_VOTE_ID_CHARS = 256
 MAX_CONTEXT_MESSAGES = 200
 
@@ -62,20 +64,6 @@ MAX_TIMESTAMP = datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)
 _MAX_EPOCH_SECONDS = MAX_TIMESTAMP.timestamp()
 _MAX_EPOCH_MS = _MAX_EPOCH_SECONDS * 1000.0
 
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-# Unicode categories an id must not contain, and why (Cc: control; Cs: lone surrogates, not
-# encodable; Cf: invisible formatting such as zero-width spaces and right-to-left overrides,
-# which make look-alike ids; Zl/Zp: line and paragraph separators).
-_BAD_ID_CATEGORIES = {
-    "Cc": "control characters",
-    "Cs": "lone surrogates (text that is not valid Unicode)",
-    "Cf": "invisible formatting characters (Unicode category Cf, e.g. zero-width spaces or "
-    "right-to-left overrides)",
-    "Zl": "line separators",
-    "Zp": "paragraph separators",
-}
-
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
@@ -84,64 +72,6 @@ def utcnow() -> datetime:
 def _max_chars(info: ValidationInfo | None) -> int:
     ctx = info.context if info is not None and info.context else {}
     return int(ctx.get("max_content_chars", DEFAULT_MAX_CONTENT_CHARS))
-
-
-def check_text(text: str, what: str = "text") -> str:
-    """Return ``text`` if it can be encoded as UTF-8, else raise ``ValueError`` naming the position.
-
-    Python strings (and JSON, through ``\\uXXXX`` escapes) can hold lone surrogates; no
-    store, tokenizer or HTTP peer can: they are refused at the door.
-    """
-    m = _SURROGATE.search(text)
-    if m is not None:
-        raise ValueError(
-            f"{what} is not valid Unicode: a lone surrogate U+{ord(m.group()):04X} at character "
-            f"{m.start()} (text must be encodable as UTF-8)"
-        )
-    return text
-
-
-def validate_opaque_id(value: Any, what: str = "user_id", *, max_chars: int = MAX_USER_ID_CHARS) -> str:
-    """Return ``value`` unchanged if it is usable as an opaque id, else raise ``ValueError`` saying why.
-
-    Ids are opaque (emails, UUIDs, unicode names are all fine). We only refuse ids that
-    cannot be stored faithfully or displayed unambiguously: empty, surrounding whitespace,
-    over ``max_chars`` characters, or holding control characters, lone surrogates,
-    invisible formatting characters (category Cf: zero-width spaces, bidi overrides...)
-    or line/paragraph separators. Ids are never normalised: what is stored is what was sent.
-    """
-    if not isinstance(value, str):
-        raise ValueError(f"{what} must be a string, got {type(value).__name__}")
-    if not value:
-        raise ValueError(f"{what} must not be empty")
-    if len(value) > max_chars:
-        raise ValueError(f"{what} is {len(value)} characters; the limit is {max_chars}")
-    for ch in value:
-        why = _BAD_ID_CATEGORIES.get(unicodedata.category(ch))
-        if why is not None:
-            raise ValueError(f"{what} must not contain {why}; found U+{ord(ch):04X}")
-    if value.strip() != value:
-        raise ValueError(f"{what} must not start or end with whitespace")
-    return value
-
-
-def validate_user_id(user_id: Any) -> str:
-    """Return ``user_id`` unchanged if usable, else raise ``ValueError`` saying why.
-
-    User ids are opaque (emails, UUIDs, unicode names are all fine). Refused: empty,
-    surrounding whitespace, longer than 256 characters, control characters, lone
-    surrogates, invisible formatting characters (Unicode category Cf — zero-width
-    spaces, right-to-left overrides — which make look-alike ids) and line/paragraph
-    separators. See :func:`validate_opaque_id`.
-
-        >>> validate_user_id("zoë@example.com")
-        'zoë@example.com'
-        >>> validate_user_id("admin\u200b")
-        Traceback (most recent call last):
-        ...
-        ValueError: user_id must not contain invisible formatting characters (Unicode category Cf, e.g. zero-width spaces or right-to-left overrides); found U+200B
-    """
-    return validate_opaque_id(user_id, "user_id")
 
 
 class Message(BaseModel):

@@ -22,8 +22,6 @@ import math
 import re
 from typing import Any
 
-import numpy as np
-
 __all__ = ["MAX_JSON_DEPTH", "json_depth", "loads_strict", "storable_problem", "unsafe_value"]
 
 MAX_JSON_DEPTH = 64
@@ -38,6 +36,8 @@ def json_depth(data: str | bytes) -> int:
     Vectorised with numpy over the positions of structural bytes only, so it costs about as much
     as one ``json.loads`` and can run before it on any body.
     """
+    import numpy as np  # here, not at module level: the CLI validates ids through this module's users
+
     raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else bytes(data)
     arr = np.frombuffer(raw, dtype=np.uint8)
     opens = np.flatnonzero((arr == 0x5B) | (arr == 0x7B))

@@ -13,30 +13,48 @@ import os
 import sys
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from typing import Any
-
-import httpx
+from typing import TYPE_CHECKING, Any
 
 from synth_agent.config import DEFAULT_SIM_URL, Settings
-from synth_agent.llm.base import ChatBackend
-from synth_agent.llm.cache import SqliteCache
-from synth_agent.llm.client import EndpointConfig, LLMClient
+
+if TYPE_CHECKING:
+    from synth_agent.llm.base import ChatBackend
+
+# The LLM layer (aiohttp, tenacity...), httpx and the store are imported where they are used:
+# store commands (`votes`, `persona`...) never load an HTTP client, and key-only commands no store.
 
 
-def open_store(settings: Settings, *, reindex: bool = False) -> Any:
-    """The configured LangGraph BaseStore: embedded Chroma, or a Chroma server over HTTP.
+def open_store(settings: Settings, *, reindex: bool = False, server: bool = False, warm: bool = False) -> Any:
+    """The configured LangGraph BaseStore: the local store under ``<home>/chroma``, or a Chroma server.
 
-    ``reindex`` re-embeds every item with the current embedding model first (after a model change).
+    ``server=True`` (long-running services: ``serve``, ``worker``) runs the local directory's
+    Chroma in a child process, so that Chroma never holds this process's GIL; one-shot commands
+    open it in-process, or connect through the server of a synth-agent process that already
+    serves it. With ``CHROMA_HOST`` the shared server is used (values unsealed; the batch journal
+    is kept in ``<home>/store-journal.sqlite3``). ``reindex`` re-embeds every item with the
+    current embedding model first (after a model change, or to migrate an older layout).
+    ``warm`` loads the embedding model now (a server: its first vote write would otherwise pay the
+    model load, seconds); by default it loads on first use, so read-only commands never load it.
     """
     from store.chroma import ChromaStore
     from store.embeddings import LazyMiniLMEmbeddings
 
-    ef = LazyMiniLMEmbeddings()
+    # One intra-op thread: a server's other core stays free for requests while a commit embeds.
+    ef = LazyMiniLMEmbeddings(threads=1 if server else None)
+    settings.home.mkdir(parents=True, exist_ok=True)
+    if warm:
+        ef.embed_query("warm-up")
     if settings.chroma_host:
         return ChromaStore(
-            host=settings.chroma_host, port=settings.chroma_port, embedding_function=ef, reindex=reindex
+            host=settings.chroma_host,
+            port=settings.chroma_port,
+            embedding_function=ef,
+            reindex=reindex,
+            ledger=settings.home / "store-journal.sqlite3",
+            seal=False,
         )
-    settings.home.mkdir(parents=True, exist_ok=True)
+    if server:
+        return ChromaStore.local_server(settings.home / "chroma", embedding_function=ef, reindex=reindex)
     return ChromaStore(path=str(settings.home / "chroma"), embedding_function=ef, reindex=reindex)
 
 
@@ -56,6 +74,9 @@ def open_llm(settings: Settings, *, disk_cache: bool | None = None) -> ChatBacke
     ``SYNTH_AGENT_JUDGE_ENDPOINTS`` (several self-hosted servers) gives an :class:`EndpointPool`;
     otherwise one :class:`LLMClient` for ``OPENAI_BASE_URL``.
     """
+    from synth_agent.llm.cache import SqliteCache
+    from synth_agent.llm.client import EndpointConfig, LLMClient
+
     if os.environ.get("SYNTH_AGENT_JUDGE_ENDPOINTS"):
         from synth_agent.llm.pool import EndpointPool
 
@@ -68,6 +89,8 @@ def open_llm(settings: Settings, *, disk_cache: bool | None = None) -> ChatBacke
 
 
 def endpoint_alive(base_url: str, timeout: float = 0.5) -> bool:
+    import httpx
+
     try:
         r = httpx.get(base_url.rstrip("/") + "/models", timeout=timeout)
         return r.status_code < 500

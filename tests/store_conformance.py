@@ -132,6 +132,26 @@ class BaseStoreConformance:
         page1 = await store.asearch(ns, query="python code", limit=2)
         assert not {h.key for h in page1} & {h.key for h in page2}
 
+    async def test_search_sorting_finds_the_one_distinct_item(self, store: BaseStore) -> None:
+        """LangGraph's ``test_search_sorting`` case: one distinct item among 200 that share one embedding.
+
+        An approximate index can bury the exact match under the duplicates; a namespace of this
+        size must be ranked exactly, so the match comes first with a clearly higher score.
+        """
+        from langgraph.store.base import PutOp
+
+        ns = ("sorting", "u")
+        same = "The weather report for the coast: wind from the west, light rain later."
+        # Trailing spaces do not change the tokens, so all 200 share one vector (distinct strings only
+        # because InMemoryStore cannot embed one text twice in a batch: it dedupes, then miscounts).
+        dups = [PutOp(ns, f"dup{i:03d}", {"text": same + " " * i}) for i in range(200)]
+        await store.abatch([*dups, PutOp(ns, "one", {"text": "mmm"})])
+        hits = await store.asearch(ns, query="mmm", limit=10)
+        assert len(hits) == 10 and hits[0].key == "one"
+        assert hits[0].score is not None and hits[1].score is not None and hits[0].score > hits[1].score
+        offset = await store.asearch(ns, query="mmm", limit=5, offset=1)
+        assert "one" not in {h.key for h in offset} and len(offset) == 5
+
     async def test_unindexed_items_are_not_semantic_hits(self, store: BaseStore) -> None:
         ns = ("idx",)
         await store.aput(ns, "indexed", {"text": TOPICS["garden"]})
@@ -260,6 +280,13 @@ class MemoryConformance:
         assert history[0].demos == [demo] and history[0].persona == "Likes brevity."
         current = await mem.current_persona("pp")
         assert current is not None and current.version == 7
+        # a version's meta can be amended in place (live-lift demotion): same version, other fields kept
+        amended = await mem.update_persona_meta("pp", 1, {"demoted": {"votes": 12}})
+        assert amended is not None and amended.version == 1 and amended.demos == [demo]
+        history = await mem.persona_history("pp")
+        assert history[0].meta == {"demoted": {"votes": 12}} and history[0].persona == "Likes brevity."
+        assert [p.version for p in history] == [1, 2, 3, 4, 5, 6, 7] and not history[6].meta
+        assert await mem.update_persona_meta("pp", 99, {"demoted": True}) is None
         with pytest.raises(ValueError):
             await mem.save_persona({"user_id": "pp", "persona": "x"})  # type: ignore[arg-type]
 
@@ -287,8 +314,11 @@ class MemoryConformance:
                                               verified=True)])
             await mem.put_cached_judgment(user, "key", {"x": 1})
             await store.aput(mem.namespace(user, "pending_votes"), "tok", {"a": "x", "b": "y"}, index=False)
+            await store.aput(mem.namespace(user, "lift"), "tok", {"version": 1, "won": True, "at": "2026-01-01"},
+                             index=False)
         counts = await mem.forget_user("gone")
-        assert counts == {"votes": 3, "personas": 2, "traces": 1, "judgments": 1, "pending_votes": 1}
+        assert counts == {"votes": 3, "personas": 2, "traces": 1, "judgments": 1, "pending_votes": 1, "lift": 1}
+        assert await store.aget(mem.namespace("gone", "lift"), "tok") is None
         assert await store.aget(mem.namespace("gone", "pending_votes"), "tok") is None
         assert await store.aget(mem.namespace("stays", "pending_votes"), "tok") is not None
         assert await mem.list_votes("gone") == [] and await mem.current_persona("gone") is None
@@ -298,7 +328,7 @@ class MemoryConformance:
         assert await mem.count_votes("stays") == 3 and len(await mem.persona_history("stays")) == 2
         assert await mem.get_cached_judgment("stays", "key") == {"x": 1}
         assert await mem.forget_user("gone") == {
-            "votes": 0, "personas": 0, "traces": 0, "judgments": 0, "pending_votes": 0}
+            "votes": 0, "personas": 0, "traces": 0, "judgments": 0, "pending_votes": 0, "lift": 0}
 
     async def test_tenant_isolation(self, store: BaseStore) -> None:
         a, b = PreferenceMemory(store, "tenant.a"), PreferenceMemory(store, "tenant-b")

@@ -229,9 +229,9 @@ async def test_refit_after_new_votes_keeps_the_split_and_reuses_stored_judgments
     assert m2["train_ids"][-4:] == new[:4] and m2["val_ids"][-2:] == new[4:]  # only the new votes were split
     assert second.usage["judgments_reused"] > 0 and m2["reused_traces"] == len(m1["train_ids"])
     # the ledger lives with the user's data and goes with it
-    assert await mem.get_cached_judgment(uid, "ledger:v1:sim-judge") is not None
+    assert await mem.get_cached_judgment(uid, "ledger:v1:sim") is not None
     await mem.forget_user(uid)
-    assert await mem.get_cached_judgment(uid, "ledger:v1:sim-judge") is None
+    assert await mem.get_cached_judgment(uid, "ledger:v1:sim") is None
 
 
 async def test_raced_selection_equals_scoring_every_candidate(population):

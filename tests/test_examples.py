@@ -41,14 +41,20 @@ def test_react_agent(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_ab_voting(capsys: pytest.CaptureFixture[str]) -> None:
-    """The example as shipped (its default user, 24 turns) runs and votes on personalized-vs-plain pairs.
-    Whether personalization wins is asserted below, on a user whose preferences are strong: for this
-    moderate user the early personas (fitted on 5-10 votes) vary with timing and the win rate over
-    24 turns ranged from 43% to 84% in repeated runs (see docs/results.md)."""
+    """The example as shipped (its default user, 24 turns) runs, and reports either its personalized-vs-plain
+    tally or that the per-user guard never served a persona (this moderate user's early personas, fitted on
+    5-10 votes, rarely show a clear gain in cross-validation). Whether personalization wins is asserted below,
+    on a user whose preferences are strong."""
     rate = load("ab_voting").main()
     out = capsys.readouterr().out
     assert "turn 24" in out and "persona v" in out
-    assert not math.isnan(rate) and 0.0 <= rate <= 1.0
+    # either personalized-vs-plain pairs were voted on, or the per-user guard never served a persona
+    served = re.search(r"the per-user guard serves: (\w+)", out)
+    assert served, out
+    if math.isnan(rate):
+        assert "the guard never served this user a persona" in out and "personalized: " not in out
+    else:
+        assert 0.0 <= rate <= 1.0 and "personalized answer chosen in" in out
 
 
 def test_ab_voting_personalized_answers_win_for_a_strong_preference_user(capsys: pytest.CaptureFixture[str]) -> None:

@@ -61,10 +61,14 @@ async def test_full_run_saves_persona_with_json_state(llm: LLMClient) -> None:
     assert events == [f"{n}:{p}" for n in NODES for p in ("start", "end")]
     assert state["status"] == "fitted" and state["run_id"] == "v1"
     json.dumps(state)  # everything in the state is plain JSON
-    assert set(state["usage"]) == {"bootstrap", "persona", "demos"}
+    assert set(state["usage"]) == {"bootstrap", "persona", "demos", "select"}
     assert state["usage"]["persona"]["llm_calls"] == 1
     saved = await mems("acme").current_persona(USER)
     assert saved is not None and saved.version == 1 and saved.persona == state["persona"]
+    # the select node cross-validated persona + demos against the default on all 8 votes, both orders
+    sel = saved.meta["selection"]
+    assert set(sel["cv_accuracy"]) == {"persona_demos", "default"} and sel["n_votes"] == 8
+    assert sel["n_judgments"] == 8 * 2 * 2 and sel["served"] in ("persona_demos", "default")
     assert saved.meta["synthesis_thread"] == synthesis_thread_id("acme", USER, "v1")
     assert len(saved.vote_ids) == 8 and saved.demos
     # no new votes: the next run is a no-op that saves nothing
@@ -220,8 +224,10 @@ def test_sigkill_during_synthesis_resumes_from_checkpoint(tmp_path: Path) -> Non
     assert entries.count("load_votes") == 1 and entries.count("bootstrap") == 1
     assert entries.count("persona") == 2 and entries.count("save") == 1
     assert result == {"version": 1, "history": 1}
-    # the rerun paid only for the persona and the demo search: 1 + 2 candidates x 2 validation votes
-    assert 1 <= second_run <= 1 + 2 * 2
+    # the rerun paid for the persona and the demo search (1 + 2 candidates x 2 validation votes) and the
+    # select node (3 fold personas, 2 validation votes' default traces, 8 votes x 2 orders x 2 judges less
+    # the 6 bootstrap traces it reuses), never for bootstrap's 6 judgments again
+    assert 1 <= second_run <= 1 + 2 * 2 + 3 + 2 + (8 * 2 * 2 - 6)
 
 
 async def test_postgres_without_package_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -76,16 +76,17 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     brain = RecordingBrain()
     with SimEndpoint(brain=brain) as sim:
         settings = Settings(base_url=sim.base_url, home=tmp_path_factory.mktemp("proxy-home"))
+        llm = LLMClient(EndpointConfig(base_url=sim.base_url))
         app = create_app(
             settings,
             ProxySettings(api_keys=f"acme:{KEY}", model_map={"gpt-4o-mini": "sim-chat"}, default_model="gpt-4o-mini"),
             store=InMemoryStore(),
-            llm=LLMClient(EndpointConfig(base_url=sim.base_url)),
+            llm=llm,
             checkpointer=InMemorySaver(),
             fit_config=FitConfig(n_trials=2, n_demo_candidates=2),
             policy=SynthesisPolicy(debounce=0.0),
         )
-        with ProxyServer(app) as srv:
+        with ProxyServer(app, close=[llm]) as srv:
             yield World(sim, brain, srv, app.state.proxy)
 
 
@@ -193,8 +194,13 @@ def test_votes_trigger_background_synthesis_and_persona_endpoints(world: World) 
     raw = client(world).chat.completions.with_raw_response.create(
         model="gpt-4o-mini", user=user, messages=[{"role": "user", "content": q}]
     )
-    assert raw.headers["x-synth-persona-version"] == "1"
-    assert profile["persona"] in world.brain.chats_for(q)[-1][0]["content"]
+    # injected where the per-user guard serves it (6 coin-like votes rarely prove a gain: then nothing is)
+    if profile["meta"]["served"] in ("persona_demos", "persona"):
+        assert raw.headers["x-synth-persona-version"] == "1"
+        assert profile["persona"] in world.brain.chats_for(q)[-1][0]["content"]
+    else:
+        assert raw.headers["x-synth-persona-version"] == "0"
+        assert all(profile["persona"] not in m["content"] for m in world.brain.chats_for(q)[-1])
 
     # forgetting the user also drops the synthesis checkpoints (they hold the votes' text)
     thread = {"configurable": {"thread_id": synthesis_thread_id("acme", user, "v1"), "checkpoint_ns": ""}}

@@ -36,14 +36,15 @@ class World:
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     # slow_ms > upstream_timeout: a simulated "timeout" fault really times the proxy out
     with SimEndpoint(fault_rate=0.3, seed=1, slow_ms=400, retry_after=0.01) as sim:
+        llm = LLMClient(EndpointConfig(base_url=sim.base_url, max_retries=2, timeout=0.25, backoff_max=0.05))
         app = create_app(
             Settings(base_url=sim.base_url, home=tmp_path_factory.mktemp("home")),
             ProxySettings(api_keys=f"acme:{KEY}", synthesis="off", upstream_timeout=0.25, upstream_retries=4,
                           upstream_backoff=0.01, upstream_backoff_max=0.05, key_rate_limit=0),
             store=InMemoryStore(),
-            llm=LLMClient(EndpointConfig(base_url=sim.base_url, max_retries=2, timeout=0.25, backoff_max=0.05)),
+            llm=llm,
         )
-        with ProxyServer(app) as srv:
+        with ProxyServer(app, close=[llm]) as srv:
             yield World(sim, srv, app.state.proxy)
 
 
@@ -127,12 +128,13 @@ def test_persistent_faults_end_in_clean_openai_errors(world: World, kind: str, s
 
 
 def test_upstream_down_is_a_502(tmp_path: Path) -> None:
+    llm = LLMClient(EndpointConfig(base_url="http://127.0.0.1:9/v1", max_retries=0))
     app = create_app(
         Settings(base_url="http://127.0.0.1:9/v1", home=tmp_path),
         ProxySettings(api_keys=f"acme:{KEY}", synthesis="off", upstream_retries=1, upstream_backoff=0.0),
-        store=InMemoryStore(), llm=LLMClient(EndpointConfig(base_url="http://127.0.0.1:9/v1", max_retries=0)),
+        store=InMemoryStore(), llm=llm,
     )
-    with ProxyServer(app) as srv:
+    with ProxyServer(app, close=[llm]) as srv:
         r = httpx.post(f"{srv.base_url}/chat/completions", headers=H, json={"model": "m", "messages": MSGS})
         assert r.status_code == 502 and "connection" in r.json()["error"]["message"]
         assert httpx.get(f"{srv.base_url}/models", headers=H).status_code == 502

@@ -73,11 +73,10 @@ def fuzz_world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, A
             store=store,
             llm=(llm := LLMClient(EndpointConfig(base_url=sim.base_url, max_retries=1))),
         )
-        with ProxyServer(app) as srv:
+        with ProxyServer(app, close=[llm]) as srv:  # an injected client is the caller's to close
             TARGET.srv = srv  # every case, and every probe a check sends, reaches this app in-process
             yield {"app": app, "store": store, "sim": sim, "url": srv.url}
             TARGET.srv = None
-            srv.call(llm.aclose())  # an injected client is the caller's to close
 
 
 def _proxy_settings(**kw: Any) -> ProxySettings:

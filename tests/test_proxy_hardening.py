@@ -83,12 +83,11 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
                           auth_failure_burst=10_000),
             store=store, llm=llm,
         )
-        with ProxyServer(app) as srv:
+        with ProxyServer(app, close=[llm]) as srv:  # an injected client is the caller's to close
             state: ProxyState = app.state.proxy
             srv.call(state.memories("acme").save_persona(  # type: ignore[misc]
                 PersonaProfile(user_id=VICTIM, persona="The user prefers short answers.")))
             yield World(sim, srv, state, store)
-            srv.call(llm.aclose())  # an injected client is the caller's to close
 
 
 def is_error(r: httpx.Response, status: int, code: str | None = None) -> bool:
@@ -224,11 +223,12 @@ def test_x_synth_user_pins_the_user_on_every_route(world: World) -> None:
 def test_failed_auth_is_throttled_per_client_address(tmp_path: Path) -> None:
     from langgraph.store.memory import InMemoryStore
 
+    llm = LLMClient(EndpointConfig(base_url="http://127.0.0.1:9/v1"))
     app = create_app(Settings(base_url="http://127.0.0.1:9/v1", home=tmp_path),
                      ProxySettings(api_keys=f"acme:{KEY}", synthesis="off", auth_failure_burst=20,
                                    auth_failure_rate=0.01),  # no refill while the test runs
-                     store=InMemoryStore(), llm=LLMClient(EndpointConfig(base_url="http://127.0.0.1:9/v1")))
-    with ProxyServer(app) as srv, httpx.Client(base_url=srv.base_url, timeout=10) as c:
+                     store=InMemoryStore(), llm=llm)
+    with ProxyServer(app, close=[llm]) as srv, httpx.Client(base_url=srv.base_url, timeout=10) as c:
         statuses = [c.get("/users/u/persona/history", headers={"Authorization": f"Bearer sk-guess-{i}"}).status_code
                     for i in range(300)]
         assert statuses[:20] == [401] * 20 and set(statuses[20:]) == {429}

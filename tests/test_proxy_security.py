@@ -58,14 +58,15 @@ def hdr(key: str | None = KEY_A, **extra: str) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     with SimEndpoint() as sim:
+        llm = LLMClient(EndpointConfig(base_url=sim.base_url))
         app = create_app(
             Settings(base_url=sim.base_url, home=tmp_path_factory.mktemp("home")),
             ProxySettings(api_keys=f"tenant-a:{KEY_A},tenant-b:{KEY_B}", synthesis="off", max_body_bytes=64 * 1024,
                           max_messages=8, default_model="sim", auth_failure_burst=10_000),
             store=InMemoryStore(),
-            llm=LLMClient(EndpointConfig(base_url=sim.base_url)),
+            llm=llm,
         )
-        with ProxyServer(app) as srv:
+        with ProxyServer(app, close=[llm]) as srv:
             state: ProxyState = app.state.proxy
             srv.call(state.memories("tenant-b").save_persona(  # type: ignore[misc]
                 PersonaProfile(user_id=BOB, persona="The user strongly prefers bullet lists.")))
@@ -199,12 +200,13 @@ def test_bad_requests_get_clear_4xx_and_change_nothing(world: World) -> None:
 
 def test_rate_limit_per_key_with_retry_after(tmp_path: Path) -> None:
     with SimEndpoint() as sim:
+        llm = LLMClient(EndpointConfig(base_url=sim.base_url))
         app = create_app(
             Settings(base_url=sim.base_url, home=tmp_path),
             ProxySettings(api_keys=f"a:{KEY_A},b:{KEY_B}", synthesis="off", key_rate_limit=0.001, key_burst=2),
-            store=InMemoryStore(), llm=LLMClient(EndpointConfig(base_url=sim.base_url)),
+            store=InMemoryStore(), llm=llm,
         )
-        with ProxyServer(app) as srv:
+        with ProxyServer(app, close=[llm]) as srv:
             url = f"{srv.base_url}/users/u/persona/history"
             assert [httpx.get(url, headers=hdr(KEY_A)).status_code for _ in range(2)] == [200, 200]
             r = httpx.get(url, headers=hdr(KEY_A))
@@ -216,9 +218,10 @@ def test_rate_limit_per_key_with_retry_after(tmp_path: Path) -> None:
 def test_no_auth_dev_mode_uses_the_default_tenant(tmp_path: Path) -> None:
     with SimEndpoint() as sim:
         store = InMemoryStore()
+        llm = LLMClient(EndpointConfig(base_url=sim.base_url))
         app = create_app(Settings(base_url=sim.base_url, home=tmp_path), ProxySettings(no_auth=True, synthesis="off"),
-                         store=store, llm=LLMClient(EndpointConfig(base_url=sim.base_url)))
-        with ProxyServer(app) as srv:
+                         store=store, llm=llm)
+        with ProxyServer(app, close=[llm]) as srv:
             r = httpx.post(f"{srv.base_url}/votes", json=a_vote("dev@example.com"))
             assert r.status_code == 200 and r.json()["added"] == 1
             assert srv.call(app.state.proxy.memories("default").count_votes("dev@example.com")) == 1

@@ -42,12 +42,13 @@ def sim() -> Iterator[SimEndpoint]:
 
 
 def serve(sim: SimEndpoint, store: ChromaStore, home: Path, synthesis: str) -> ProxyServer:
+    llm = LLMClient(EndpointConfig(base_url=sim.base_url))
     app = create_app(
         Settings(base_url=sim.base_url, home=home),
         ProxySettings(api_keys=f"acme:{KEY}", synthesis=synthesis, persona_ttl=0),  # type: ignore[arg-type]
-        store=store, llm=LLMClient(EndpointConfig(base_url=sim.base_url)), fit_config=FIT, policy=POLICY,
+        store=store, llm=llm, fit_config=FIT, policy=POLICY,
     )
-    return ProxyServer(app)
+    return ProxyServer(app, close=[llm])
 
 
 def post_votes(srv: ProxyServer, user: str, n: int, seed: int) -> None:
@@ -83,10 +84,14 @@ def test_separate_worker_fits_users_from_the_shared_store(sim: SimEndpoint, ef: 
 
         assert asyncio.run(run_worker()) == 1
         assert persona_status(srv, user) == 200
+        profile = httpx.get(f"{srv.base_url}/users/{quote(user, safe='')}/persona", headers=H, timeout=30).json()
+        assert profile["version"] == 1 and "selection" in profile["meta"]  # fitted and cross-validated by the worker
         raw = openai.OpenAI(base_url=srv.base_url, api_key=KEY, max_retries=0).chat.completions.with_raw_response.create(
             model="sim", user=user, messages=[{"role": "user", "content": "How do I start learning Python?"}]
         )
-        assert raw.headers["x-synth-persona-version"] == "1"  # the worker's persona, read from the shared store
+        # the worker's persona, read from the shared store, injected where its per-user guard serves it
+        injected = profile["meta"]["served"] in ("persona_demos", "persona")
+        assert raw.headers["x-synth-persona-version"] == ("1" if injected else "0")
 
 
 def test_restart_loses_no_vote_and_fits_pending_users_on_startup(sim: SimEndpoint, ef: Any, tmp_path: Path) -> None:

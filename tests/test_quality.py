@@ -42,6 +42,7 @@ from synth_agent.cli import app as cli_app
 from synth_agent.config import Settings
 from synth_agent.engine import FitConfig, Judge, Synthesizer, rank
 from synth_agent.engine.judge import count_correct
+from synth_agent.engine.selection import SelectionConfig
 from synth_agent.evaluate import split_for_eval
 from synth_agent.llm.client import EndpointConfig, LLMClient
 from synth_agent.models import Message, PersonaProfile, Vote
@@ -140,10 +141,12 @@ class PopulationRun:
 @pytest.fixture(scope="module")
 async def population_run() -> PopulationRun:
     """The 24 x 25 seed-0 population: each user's own profile, the next user's profile, and the default
-    judge, in both judge modes, on each user's held-out votes (both orders)."""
+    judge, in both judge modes, on each user's held-out votes (both orders). Profiles as fitted (persona +
+    demos, no per-user guard: what the guard serves is tested in test_personalize.py)."""
     pop, llm = Population(24, seed=0), SimBackend(0)
     contexts, targets = zip(*(split_for_eval(pop.votes(u, 25)) for u in pop.user_ids), strict=True)
-    fits = [await Synthesizer(llm, None, FitConfig(seed=0)).fit(u, c, save=False)
+    unguarded = FitConfig(seed=0, selection=SelectionConfig(enabled=False))
+    fits = [await Synthesizer(llm, None, unguarded).fit(u, c, save=False)
             for u, c in zip(pop.user_ids, contexts, strict=True)]
     profiles = [f.profile for f in fits]
     assert all(p is not None for p in profiles)
@@ -151,8 +154,9 @@ async def population_run() -> PopulationRun:
     for i, tg in enumerate(targets):
         other = profiles[(i + 1) % len(profiles)]
         for mode in ("cot", "logprob"):
-            judges = {"default": Judge(llm, mode=mode), "own": Judge.from_profile(llm, profiles[i], mode=mode),
-                      "other": Judge.from_profile(llm, other, mode=mode)}
+            judges = {"default": Judge(llm, mode=mode),
+                      "own": Judge.from_profile(llm, profiles[i], guard=False, mode=mode),
+                      "other": Judge.from_profile(llm, other, guard=False, mode=mode)}
             for name, judge in judges.items():
                 correct.setdefault(f"{name}/{mode}", []).append(
                     await count_correct(judge, tg, lambda _v: (True, False)))

@@ -112,6 +112,26 @@ class TestChromaServer(BaseStoreConformance, MemoryConformance):
         )
 
 
+class TestChromaServerSealed(BaseStoreConformance, MemoryConformance):
+    """What ``synth-agent serve`` runs: a Chroma server with values sealed by a local ledger."""
+
+    @pytest.fixture
+    def store(self, chroma_server: tuple[str, int], minilm: MiniLMEmbeddings, tmp_path: Path) -> ChromaStore:
+        import chromadb
+        from chromadb.config import Settings
+
+        host, port = chroma_server
+        client = chromadb.HttpClient(host=host, port=port, settings=Settings(anonymized_telemetry=False))
+        return ChromaStore(
+            client=client,
+            ledger=tmp_path / "ledger.sqlite3",
+            seal=True,
+            collection=f"s_{uuid.uuid4().hex[:12]}",
+            embedding_function=minilm,
+            index_fields=["text"],
+        )
+
+
 async def test_server_data_visible_to_a_second_client(chroma_server: tuple[str, int], minilm: MiniLMEmbeddings) -> None:
     """Two clients (as two app servers would) share one Chroma server's data."""
     host, port = chroma_server

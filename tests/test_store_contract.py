@@ -213,3 +213,41 @@ async def test_store_outage_reports_every_concurrent_caller() -> None:
     store.down = False
     assert all(await asyncio.gather(*(mem.add_vote(v) for v in votes)))
     assert await mem.count_votes("f") == 20 and await mem.list_users() == ["f"]
+
+
+async def test_v1_layout_is_refused_then_migrated_by_reindex(tmp_path: Path, minilm: MiniLMEmbeddings) -> None:
+    """A directory written by the first store layout (values in the clear) migrates once, losing nothing."""
+    import chromadb
+    from chromadb.config import Settings as ChromaSettings
+
+    path = tmp_path / "db"
+    client = chromadb.PersistentClient(path=str(path), settings=ChromaSettings(anonymized_telemetry=False))
+    v1 = client.get_or_create_collection("synth_agent_items", embedding_function=None)
+    rows = [
+        ((("synth_agent", "acme", "user", "ana", "votes"), "v1"), {"text": TOPICS["python"], "vote_id": "v1"}, 1, None),
+        ((("synth_agent", "acme", "user", "ana", "personas"), "0000000001"), {"version": 1}, 0, None),
+        ((("notes",), "n"), {"title": "t", "body": TOPICS["garden"]}, 1, ["body"]),
+    ]
+    v1.add(
+        ids=[f"id{i}" for i in range(len(rows))],
+        embeddings=[[0.5, 0.5]] * len(rows),
+        metadatas=[
+            {"ns": json.dumps(list(ns)), "key": key, "value": json.dumps(value), "created_at": "2024-01-01T00:00:00+00:00",
+             "updated_at": "2024-01-02T00:00:00+00:00", "nvec": nvec, **({"index": json.dumps(ix)} if ix else {})}
+            for (ns, key), value, nvec, ix in rows
+        ],
+    )
+    del client, v1
+    with pytest.raises(ValueError, match="reindex"):
+        ChromaStore(path, embedding_function=minilm, index_fields=["text"])
+    store = ChromaStore(path, embedding_function=minilm, index_fields=["text"], reindex=True)
+    assert store.reindexed == 3
+    got = await store.aget(("synth_agent", "acme", "user", "ana", "votes"), "v1")
+    assert got is not None and got.value["vote_id"] == "v1" and got.created_at.year == 2024
+    assert (await store.asearch(("notes",), query="tulips in spring", limit=1))[0].key == "n"  # indexed on body
+    assert (await store.asearch(("synth_agent",), query="python lists", limit=1))[0].key == "v1"
+    assert await store.aget(("synth_agent", "acme", "user", "ana", "personas"), "0000000001") is not None
+    names = {c.name for c in store.client.list_collections()}
+    assert "synth_agent_items" not in names
+    store.close()
+    ChromaStore(path, embedding_function=minilm, index_fields=["text"]).close()  # opens normally now

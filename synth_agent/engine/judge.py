@@ -22,6 +22,7 @@ from typing import Literal
 
 from synth_agent import prompts
 from synth_agent.engine.ledger import JudgmentLedger, pair_digest, prefix_digest
+from synth_agent.engine.selection import served_demos, served_persona
 from synth_agent.llm.base import ChatBackend, Completion
 from synth_agent.models import Demo, Judgment, Message, OrderJudgment, PersonaProfile, Vote, as_messages
 from synth_agent.prompts import ParseError
@@ -52,10 +53,23 @@ class Judge:
     ledger: JudgmentLedger | None = field(default=None, compare=False)
 
     @classmethod
-    def from_profile(cls, llm: ChatBackend, profile: PersonaProfile | None, **kw: object) -> Judge:
+    def from_profile(
+        cls, llm: ChatBackend, profile: PersonaProfile | None, *, guard: bool = True, **kw: object
+    ) -> Judge:
+        """The judge a user is served: what the per-user guard allows of ``profile``
+        (:func:`~synth_agent.engine.selection.served`: persona + demos, persona only, step 1's demos
+        only, or the default judge). ``guard=False`` takes the profile's persona and demos as they are.
+        """
         if profile is None:
             return cls(llm, **kw)  # type: ignore[arg-type]
-        return cls(llm, persona=profile.persona, demos=tuple(profile.demos), **kw)  # type: ignore[arg-type]
+        if not guard:
+            return cls(llm, persona=profile.persona, demos=tuple(profile.demos), **kw)  # type: ignore[arg-type]
+        return cls(llm, persona=served_persona(profile), demos=tuple(served_demos(profile)), **kw)  # type: ignore[arg-type]
+
+    @property
+    def personalized(self) -> bool:
+        """True when the judge carries any user information (a persona or demos)."""
+        return bool(self.persona) or bool(self.demos)
 
     def with_demos(self, demos: Sequence[Demo]) -> Judge:
         return replace(self, demos=tuple(demos))
@@ -172,6 +186,7 @@ def combine_orders(o1: OrderJudgment, o2: OrderJudgment) -> Judgment:
     """Merge the two presentation orders into one verdict on the caller's A/B."""
     pa = [o.p_a if o.p_a is not None else (1.0 if o.preferred == "A" else 0.0) for o in (o1, o2)]
     p_a = sum(pa) / 2
+    preferred: Literal["A", "B", "tie"]
     if o1.preferred == o2.preferred:
         preferred = o1.preferred
         confidence = abs(p_a - 0.5) * 2

@@ -99,6 +99,11 @@ class JudgmentLedger:
     def put(self, key: str, label: Literal["A", "B"], p_first: float | None) -> None:
         self._used[key] = [label, p_first]
 
+    def seed(self, key: str, label: Literal["A", "B"], p_first: float | None) -> None:
+        """Record a verdict known from elsewhere (e.g. a bootstrap trace) unless one is stored; not a hit or miss."""
+        if key not in self._used and key not in self._stored:
+            self._used[key] = [label, p_first]
+
     @property
     def new_entries(self) -> int:
         return len(self._used.keys() - self._stored.keys())
@@ -114,9 +119,12 @@ class JudgmentLedger:
         entries = value.get("entries") if isinstance(value, dict) else None
         return cls(entries if isinstance(entries, dict) else None)
 
-    async def save(self, store: Any, user_id: str, model: str) -> bool:
-        """Persist the entries this fit used or added (older unused ones are dropped). False if nothing to do."""
+    async def save(self, store: Any, user_id: str, model: str, *, keep_unused: bool = False) -> bool:
+        """Persist the entries this fit used or added (older unused ones are dropped, unless ``keep_unused``:
+        a fit split over several processes or graph nodes prunes in its first step only). False if nothing
+        to do."""
         if not isinstance(store, LedgerStore) or (not self.new_entries and self._used.keys() == self._stored.keys()):
             return False
-        await store.put_cached_judgment(user_id, ledger_store_key(model), {"entries": dict(self._used)})
+        entries = {**self._stored, **self._used} if keep_unused else dict(self._used)
+        await store.put_cached_judgment(user_id, ledger_store_key(model), {"entries": entries})
         return True

@@ -37,20 +37,24 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Protocol
 
 import orjson
+from pydantic import ConfigDict
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 from synth_agent import prompts
 from synth_agent.engine.judge import Judge
-from synth_agent.engine.ledger import JudgmentLedger
+from synth_agent.engine.ledger import JudgmentLedger, pair_digest
 from synth_agent.engine.search import RaceResult, race
+from synth_agent.engine.selection import GainPrior, Selection, SelectionConfig, choose, tenant_prior
 from synth_agent.llm.base import ChatBackend, ChatMessage, Completion, LLMStats
 from synth_agent.llm.errors import ContextOverflowError
 from synth_agent.models import Demo, PersonaProfile, Trace, Vote, validate_user_id
 
 ProgressFn = Callable[[str, int, int], None]
-"""``progress(stage, done, total)``; stages: bootstrap, candidates, persona, demos, save."""
+"""``progress(stage, done, total)``; stages: bootstrap, candidates, persona, demos, select, save."""
 
 
-@dataclass(frozen=True)
+# a pydantic dataclass: fields are validated when built (FitConfig(n_trials="x") fails at once), frozen
+@pydantic_dataclass(frozen=True, config=ConfigDict(extra="forbid"))
 class FitConfig:
     """Budgets and knobs of one fit.
 
@@ -85,6 +89,9 @@ class FitConfig:
     """Traces the persona is written from: every verified trace (best trial's first), or only the
     best trial's (the paper's choice). "all" grounds the persona in more evidence; with small
     trials (1–4 traces) "best" under-informs it — measured in the README's eval table."""
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    """Cross-validated choice of the served configuration and the per-user guard (issue 16); see
+    :mod:`synth_agent.engine.selection`. ``SelectionConfig(enabled=False)`` serves persona + demos always."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.train_fraction < 1.0:
@@ -130,6 +137,25 @@ class FitResult:
     bootstrap_demos: list[Demo] = field(default_factory=list)
     traces: list[Trace] = field(default_factory=list)
     usage: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class FitPlan:
+    """What a fit of one user would work on, decided before any LLM call (:meth:`Synthesizer.plan`).
+
+    ``status``: ``"fit"`` (go ahead), ``"not_enough_votes"``, or ``"unchanged"`` (``current`` was fitted
+    on exactly this split with the same budgets, model and prompts: fitting again would pay for nothing new).
+    """
+
+    status: Literal["fit", "not_enough_votes", "unchanged"]
+    train: list[Vote]
+    val: list[Vote]
+    key: str
+    current: PersonaProfile | None
+
+    @property
+    def n_context(self) -> int:
+        return len(self.train) + len(self.val)
 
 
 @dataclass
@@ -239,6 +265,28 @@ def split_votes(
     return list(ordered[:n_train]), list(ordered[n_train:])
 
 
+async def _per_vote(judge: Judge, votes: Sequence[Vote]) -> dict[str, int]:
+    """How many of its two presentation orders ``judge`` gets right, per vote id."""
+
+    async def one(v: Vote) -> tuple[str, int]:
+        (a, _, _), (b, _, _) = await asyncio.gather(
+            judge.judge_order(v.context, v.chosen, v.rejected), judge.judge_order(v.context, v.rejected, v.chosen)
+        )
+        return v.id, (a == "A") + (b == "B")
+
+    return dict(await asyncio.gather(*(one(v) for v in votes)))
+
+
+def selection_meta(selection: Selection | None, bootstrap_demos: Sequence[Demo]) -> dict[str, Any]:
+    """What a saved profile records about selection: the result, and step 1's demos when they are served."""
+    if selection is None:
+        return {}
+    out: dict[str, Any] = {"selection": selection.as_meta()}
+    if selection.served == "demos":
+        out["bootstrap_demos"] = [d.model_dump(mode="json") for d in bootstrap_demos]
+    return out
+
+
 def demo_from_vote(vote: Vote, chosen_first: bool, reasoning: str | None) -> Demo:
     return Demo(
         vote_id=vote.id,
@@ -268,8 +316,20 @@ class Synthesizer:
     Holds no per-user state: many fits (different users, even different
     backends via separate instances) run concurrently in one process.
 
-        >>> Synthesizer  # doctest: +ELLIPSIS
-        <class '...Synthesizer'>
+        >>> import asyncio
+        >>> from langgraph.store.memory import InMemoryStore
+        >>> from store.memory import PreferenceMemory
+        >>> from synth_agent.sim import Population
+        >>> from synth_agent.sim.backend import SimBackend
+        >>> memory = PreferenceMemory(InMemoryStore(), tenant="acme")
+        >>> user = Population(1, seed=0).user_ids[0]
+        >>> _ = asyncio.run(memory.add_votes(Population(1, seed=0).votes(user, 12)))
+        >>> synth = Synthesizer(SimBackend(), memory)
+        >>> fit = asyncio.run(synth.fit(user))
+        >>> fit.status, fit.profile.version, len(fit.profile.demos) > 0
+        ('fitted', 1, True)
+        >>> asyncio.run(synth.fit(user)).status  # no new votes: nothing asked, nothing saved
+        'unchanged'
     """
 
     def __init__(self, llm: ChatBackend, memory: VoteStore | None = None, config: FitConfig | None = None):
@@ -334,6 +394,7 @@ class Synthesizer:
         *,
         progress: ProgressFn | None = None,
         llm: ChatBackend | None = None,
+        call_site: str = "bootstrap",
     ) -> tuple[list[Trace], int]:
         """Bootstrap traces: judge each train vote without user info (stored traces are reused).
 
@@ -343,7 +404,7 @@ class Synthesizer:
         stored: dict[tuple[str, bool, str], Trace] = {}
         if self.memory is not None:
             stored = {(t.vote_id, t.chosen_first, t.model): t for t in await self.memory.get_traces(user_id)}
-        judge = Judge(llm, call_site="bootstrap")
+        judge = Judge(llm, call_site=call_site)
         pending: list[tuple[Vote, bool]] = []
         traces_by_vote: dict[str, Trace] = {}
         for v in train:
@@ -580,11 +641,101 @@ class Synthesizer:
             judgments=result.judgments,
         )  # fmt: skip
 
+    # ------------------------------------------------------------------ selection and guard
+    def cv_folds(self, user_id: str, votes: Sequence[Vote]) -> list[list[Vote]]:
+        """The k folds of cross-validated selection: a seeded shuffle of the votes dealt round robin."""
+        k = min(self.config.selection.folds, len(votes))
+        ids = [v.id for v in votes]
+        stable_rng(self.config.seed, user_id, "cv").shuffle(ids)
+        fold_of = {vid: i % k for i, vid in enumerate(ids)}
+        return [[v for v in votes if fold_of[v.id] == f] for f in range(k)]
+
+    async def select_configuration(
+        self,
+        user_id: str,
+        votes: Sequence[Vote],
+        traces: Sequence[Trace] = (),
+        *,
+        llm: ChatBackend | None = None,
+        ledger: JudgmentLedger | None = None,
+        prior: dict[str, GainPrior] | None = None,
+    ) -> Selection:
+        """Cross-validate persona + demos, persona only, demos only and the default judge on ``votes``
+        (every context vote, both orders) and apply the per-user guard; see :mod:`~synth_agent.engine.selection`.
+
+        Per fold the persona is written from the other folds' verified traces and the demos are drawn from
+        the other folds (the fit's own random-candidate recipe), so nothing scored has seen its own label.
+        ``traces``: default-judge traces already made (step 1's); the rest are made now and stored.
+        ``prior``: the tenant's gain prior (:func:`~synth_agent.engine.selection.tenant_prior`); None: no prior.
+        """
+        llm = llm or self.llm
+        ledger = ledger if ledger is not None else JudgmentLedger()
+        votes = list(votes)
+        known = {t.vote_id for t in traces}
+        missing = [v for v in votes if v.id not in known]
+        extra, _ = await self.verify(user_id, missing, llm=llm, call_site="select") if missing else ([], 0)
+        all_traces = [*traces, *extra]
+        folds = self.cv_folds(user_id, votes)
+        mode = self.config.score_mode
+        default = Judge(llm, call_site="select", mode=mode, ledger=ledger)
+        if mode == "cot":  # a trace is the default judge's verdict in one order: never pay for it twice
+            by_id = {v.id: v for v in votes}
+            prefix = default._ledger_prefix()
+            for t in all_traces:
+                v = by_id.get(t.vote_id)
+                if v is not None and t.model == llm.model:
+                    first, second = (v.chosen, v.rejected) if t.chosen_first else (v.rejected, v.chosen)
+                    ledger.seed(pair_digest(prefix, v.context, first, second), t.predicted, None)
+        sc = self.config.selection
+        scored = [c for c in ("persona_demos", "persona", "demos") if sc.score_all or c in sc.candidates]
+
+        async def per_fold(f: int, inside: list[Vote]) -> dict[str, dict[str, int]]:
+            outside = [v for g, fold in enumerate(folds) if g != f for v in fold]
+            usable_ids = [d.vote_id for d in self._usable(outside, all_traces)]
+            persona = await self.write_persona(outside, all_traces, usable_ids, llm=llm)
+            demos = self.demo_candidates(f"{user_id}\x1fcv{f}", outside, all_traces)[0]
+            every = {
+                "persona_demos": Judge(llm, persona=persona, demos=tuple(demos), call_site="select", mode=mode,
+                                       ledger=ledger),
+                "persona": Judge(llm, persona=persona, call_site="select", mode=mode, ledger=ledger),
+                "demos": Judge(llm, demos=tuple(demos), call_site="select", mode=mode, ledger=ledger),
+            }  # fmt: skip
+            judges = {**{c: every[c] for c in scored}, "default": default}
+            names = list(judges)
+            scores = await asyncio.gather(*(_per_vote(judges[c], inside) for c in names))
+            return dict(zip(names, scores, strict=True))
+
+        per_fold_scores = await asyncio.gather(*(per_fold(f, fold) for f, fold in enumerate(folds)))
+        per_vote: dict[str, list[int]] = {c: [] for c in (*scored, "default")}
+        for f, fold in enumerate(folds):
+            for c in per_vote:
+                per_vote[c] += [per_fold_scores[f][c][v.id] for v in fold]
+        return choose(per_vote, z=sc.z, folds=len(folds), prior=prior, candidates=sc.candidates)
+
     # ------------------------------------------------------------------ all steps
     def fit_key(self, train: Sequence[Vote], val: Sequence[Vote]) -> str:
         """What a fit's result depends on: the votes and their split, the budgets, the model."""
         payload = [[v.id for v in train], [v.id for v in val], asdict(self.config), self.llm.model]
         return hashlib.sha256(orjson.dumps(payload, default=str)).hexdigest()
+
+    def plan(self, votes: Sequence[Vote], current: PersonaProfile | None, *, force: bool = False) -> FitPlan:
+        """The split and whether a fit has anything to do — the one rule both :meth:`fit` and the synthesis
+        graph's ``load_votes`` node follow.
+
+        The split is incremental when ``current`` (the user's saved persona) was fitted by the same model with
+        this rule: its train and validation votes keep their side, so stored judgments stay valid. The fit is
+        ``"unchanged"`` when ``current`` carries the same :meth:`fit_key` (unless ``force``).
+        """
+        previous = None
+        if current is not None and current.model == self.llm.model and current.meta.get("fit_key"):
+            previous = (current.meta.get("train_ids") or [], current.meta.get("val_ids") or [])
+        train, val = split_votes(votes, self.config.train_fraction, previous=previous)
+        key = self.fit_key(train, val)
+        if len(train) + len(val) < self.config.min_votes or not val:
+            return FitPlan("not_enough_votes", train, val, key, current)
+        if not force and current is not None and current.meta.get("fit_key") == key:
+            return FitPlan("unchanged", train, val, key, current)
+        return FitPlan("fit", train, val, key, current)
 
     async def fit(
         self,
@@ -619,20 +770,17 @@ class Synthesizer:
             raise ValueError(f"{len(foreign)} vote(s) passed to fit({user_id!r}) belong to other users")
         current_persona = getattr(self.memory, "current_persona", None)
         current = await current_persona(user_id) if current_persona is not None else None
-        previous = None
-        if current is not None and current.model == self.llm.model and current.meta.get("fit_key"):
-            previous = (current.meta.get("train_ids") or [], current.meta.get("val_ids") or [])
-        train, val = split_votes(votes, cfg.train_fraction, previous=previous)
-        n_context = len(train) + len(val)
-        if n_context < cfg.min_votes or not val:
+        plan = self.plan(votes, current, force=force or not save)
+        train, val, key, n_context = plan.train, plan.val, plan.key, plan.n_context
+        if plan.status == "not_enough_votes":
             return FitResult(
                 user_id, "not_enough_votes",
                 f"{user_id!r} has {n_context} context vote(s); a persona needs at least {cfg.min_votes}. "
                 "The default judge is used until then.",
                 n_context,
             )
-        key = self.fit_key(train, val)
-        if save and not force and current is not None and current.meta.get("fit_key") == key:
+        if plan.status == "unchanged":
+            assert current is not None
             return FitResult(
                 user_id, "unchanged",
                 f"persona v{current.version} for {user_id!r} is already fitted on these {n_context} votes "
@@ -646,6 +794,16 @@ class Synthesizer:
             user_id, persona, train, val, boot.traces, seed_demos=boot.demos, progress=progress, llm=llm,
             ledger=ledger,
         )  # fmt: skip
+        selection = None
+        if cfg.selection.enabled:
+            if progress:
+                progress("select", 0, 1)
+            prior = await tenant_prior(self.memory, user_id, cfg.selection) if self.memory is not None else {}
+            selection = await self.select_configuration(
+                user_id, [*train, *val], boot.traces, llm=llm, ledger=ledger, prior=prior
+            )
+            if progress:
+                progress("select", 1, 1)
         usage = {**llm.usage(), "judgments_reused": ledger.hits, "judgments_new": ledger.misses}
         profile = PersonaProfile(
             user_id=user_id,
@@ -667,6 +825,7 @@ class Synthesizer:
                 "seed": cfg.seed,
                 "usage": usage,
                 "fit_key": key,
+                **selection_meta(selection, boot.demos),
             },
         )
         if save and self.memory is not None:

@@ -80,7 +80,11 @@ class ChatBackend(Protocol):
     """What the engine needs from an LLM endpoint (or a pool of endpoints)."""
 
     model: str
-    stats: LLMStats
+
+    @property
+    def stats(self) -> LLMStats:
+        """Request, token and retry counters per call site (read-only: a pool sums its members')."""
+        ...
 
     async def complete(
         self,

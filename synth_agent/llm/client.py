@@ -80,7 +80,7 @@ class EndpointConfig(BaseModel):
 
     base_url: str
     api_key: str = "sim"
-    model: str = "sim-judge"
+    model: str = "sim"
     max_concurrency: int = Field(
         default=16, ge=1, description="most requests in flight at once (the adaptive limit's ceiling)"
     )
@@ -288,6 +288,19 @@ class LLMClient:
     ``cache``: ``True`` (default) for a private in-memory LRU, ``False`` for none,
     or any :class:`ResponseCache` (e.g. a shared :class:`SqliteCache`). Only
     temperature-0 calls are cached.
+
+        >>> import asyncio
+        >>> from synth_agent.sim.server import SimEndpoint
+        >>> async def ask(url: str) -> tuple[bool, int, int]:
+        ...     async with LLMClient(EndpointConfig(base_url=url, model="sim")) as llm:
+        ...         msgs = [{"role": "user", "content": "Give me one tip for learning Spanish."}]
+        ...         first = await llm.complete(msgs, call_site="doc")
+        ...         again = await llm.complete(msgs, call_site="doc")  # temperature 0: from the cache
+        ...         total = llm.stats.total()
+        ...         return bool(first.text) and again.text == first.text, total.requests, total.cache_hits
+        >>> with SimEndpoint() as sim:
+        ...     asyncio.run(ask(sim.base_url))
+        (True, 1, 1)
     """
 
     def __init__(

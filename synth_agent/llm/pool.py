@@ -99,7 +99,7 @@ class PoolConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     endpoints: list[PoolEndpoint] = Field(min_length=1)
-    model: str = "sim-judge"
+    model: str = "sim"
     api_key: str = "sim"
     member_max_retries: int = Field(
         default=1, ge=0, description="retries inside a member before failing over (keep low: failover is faster)"
@@ -278,6 +278,21 @@ class EndpointPool:
     caches and fails over itself), or with :meth:`from_config`, :meth:`from_file`
     or :meth:`from_env`. Background health checks start with the first request
     (or :meth:`start`) and stop with :meth:`aclose`.
+
+        >>> import asyncio
+        >>> from synth_agent.sim.server import SimEndpoint
+        >>> async def ask(urls: list[str]) -> list[str]:
+        ...     pool = EndpointPool([LLMClient(EndpointConfig(base_url=u, model="sim", max_retries=0), cache=False)
+        ...                          for u in urls])
+        ...     try:
+        ...         await asyncio.gather(*(pool.complete([{"role": "user", "content": f"question {i}"}])
+        ...                                for i in range(8)))
+        ...         return [s.state for s in pool.status()]
+        ...     finally:
+        ...         await pool.aclose()
+        >>> with SimEndpoint() as a, SimEndpoint() as b:
+        ...     asyncio.run(ask([a.base_url, b.base_url]))
+        ['closed', 'closed']
     """
 
     def __init__(

@@ -204,7 +204,9 @@ class LangChainTransport:
         self.config = config
         self._openai = openai
         self.http = openai.DefaultAsyncHttpxClient(
-            timeout=config.timeout, limits=httpx.Limits(max_connections=None, max_keepalive_connections=64)
+            timeout=config.timeout,
+            # openai's stubs name their own vendored httpx type; at run time it is httpx's Limits
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),  # type: ignore[arg-type]
         )
         self.chat_model = ChatOpenAI(
             model=config.model,
@@ -239,7 +241,7 @@ class LangChainTransport:
             raise UnparseableResponseError(f"unreadable body: {e}", cause=e, retryable=True) from e
         except (ValueError, TypeError, KeyError) as e:  # langchain-openai's complaints about odd bodies
             raise UnparseableResponseError(f"not a chat completion: {e!r}", cause=e) from e
-        usage = message.usage_metadata or {}
+        usage: dict[str, Any] = dict(message.usage_metadata or {})
         meta = message.response_metadata or {}
         top = _top_logprobs((meta.get("logprobs") or {}).get("content")) if want_logprobs else None
         return Completion(

@@ -23,7 +23,6 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from langchain_core.runnables import RunnableLambda
@@ -86,7 +85,6 @@ def create_app(
     checkpointer: Checkpointer | None = None,
     fit_config: FitConfig | None = None,
     policy: SynthesisPolicy | None = None,
-    upstream_transport: httpx.AsyncBaseTransport | None = None,
 ) -> FastAPI:
     """Build the proxy app. Nothing is opened until the ASGI lifespan starts.
 
@@ -128,7 +126,9 @@ def create_app(
             else:
                 from synth_agent.services import open_store
 
-                state.store = await asyncio.to_thread(open_store, settings)
+                # the embedding model loads now, not on the first vote write (flat write latency)
+                state.store = await asyncio.to_thread(open_store, settings, server=True, warm=True)
+                stack.push_async_callback(asyncio.to_thread, state.store.close)  # last out: stops its Chroma
             memories = TenantMemories(state.store)
             if llm is not None:
                 state.llm = llm
@@ -148,7 +148,6 @@ def create_app(
                 ),
                 on_retry=lambda _: metrics.upstream_retries.inc(),
                 on_error=lambda kind: metrics.upstream_errors.labels(kind).inc(),
-                transport=upstream_transport,
             )
             stack.push_async_callback(state.upstream.aclose)
             if proxy.queue:
@@ -180,7 +179,8 @@ def create_app(
                 stack.push_async_callback(state.poller.aclose)
                 state.poller.start(proxy.poll_interval)
             metrics.watch(lambda: state.scheduler.stats if state.scheduler else None,
-                          lambda: state.llm.stats if state.llm else None)
+                          lambda: state.llm.stats if state.llm else None,
+                          lambda: state.personalizer.lift if state.personalizer else None)
             try:
                 yield
             finally:

@@ -38,7 +38,9 @@ _bearer = HTTPBearer(auto_error=False, description="An API key of your tenant: `
                      "(`X-API-Key: <key>` is read too, for clients that cannot set Authorization)")
 
 
-def get_state(request: Request) -> ProxyState:
+async def get_state(request: Request) -> ProxyState:
+    # async on purpose: FastAPI runs a plain ``def`` dependency in its thread pool (40 threads),
+    # a thread hop per request that queued behind the pool at 64 concurrent connections
     return request.app.state.proxy  # type: ignore[no-any-return]
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import re
 import secrets
+from collections.abc import MutableMapping
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
@@ -71,7 +72,7 @@ class RequestGuard:
         scope.setdefault("state", {})["request_id"] = rid
         started = False
 
-        async def send_with_id(message: dict[str, Any]) -> None:
+        async def send_with_id(message: MutableMapping[str, Any]) -> None:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True

@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from synth_agent.lift import TenantLift
 from synth_agent.llm.base import LLMStats
 from synth_agent.scheduler import SchedulerStats
 
@@ -31,9 +32,11 @@ class _StatsCollector(Collector):
         self,
         scheduler_stats: Callable[[], SchedulerStats | None],
         llm_stats: Callable[[], LLMStats | None],
+        lift: Callable[[], TenantLift | None] = lambda: None,
     ) -> None:
         self._sched = scheduler_stats
         self._llm = llm_stats
+        self._lift = lift
 
     def collect(self) -> Iterator[Metric]:
         s = self._sched()
@@ -68,6 +71,33 @@ class _StatsCollector(Collector):
                 for attr, fam in fams.items():
                     fam.add_metric([site], float(getattr(st, attr)))
             yield from fams.values()
+        lift = self._lift()
+        if lift is not None:
+            yield from _lift_metrics(lift)
+
+
+def _lift_metrics(lift: TenantLift) -> Iterator[Metric]:
+    """Live lift per tenant (A/B votes personalized vs plain since this process started); no user ids."""
+    votes = CounterMetricFamily("synth_proxy_ab_votes", "A/B votes between a personalized and a plain answer",
+                                labels=["tenant", "winner"])
+    rate = GaugeMetricFamily("synth_proxy_ab_personalized_win_rate",
+                             "share of A/B votes won by the personalized answer", labels=["tenant"])
+    low = GaugeMetricFamily("synth_proxy_ab_personalized_win_rate_ci_low",
+                            "95% Wilson interval of that share, lower end", labels=["tenant"])
+    high = GaugeMetricFamily("synth_proxy_ab_personalized_win_rate_ci_high",
+                             "95% Wilson interval of that share, upper end", labels=["tenant"])
+    demoted = CounterMetricFamily("synth_proxy_persona_demotions",
+                                  "persona versions demoted because they kept losing A/B votes", labels=["tenant"])
+    for tenant, win in lift.snapshot().items():
+        votes.add_metric([tenant, "personalized"], float(win.wins))
+        votes.add_metric([tenant, "plain"], float(win.n - win.wins))
+        lo, hi = win.interval()
+        rate.add_metric([tenant], float(win.rate or 0.0))
+        low.add_metric([tenant], lo)
+        high.add_metric([tenant], hi)
+    for tenant, n in sorted(lift.demotions.items()):
+        demoted.add_metric([tenant], float(n))
+    yield from (votes, rate, low, high, demoted)
 
 
 class ProxyMetrics:
@@ -94,11 +124,14 @@ class ProxyMetrics:
         self._stats: _StatsCollector | None = None
 
     def watch(
-        self, scheduler_stats: Callable[[], SchedulerStats | None], llm_stats: Callable[[], LLMStats | None]
+        self,
+        scheduler_stats: Callable[[], SchedulerStats | None],
+        llm_stats: Callable[[], LLMStats | None],
+        lift: Callable[[], TenantLift | None] = lambda: None,
     ) -> None:
-        """Expose scheduler and LLM counters (called once the lifespan has built them)."""
+        """Expose scheduler, LLM and live-lift counters (called once the lifespan has built them)."""
         if self._stats is None:
-            self._stats = _StatsCollector(scheduler_stats, llm_stats)
+            self._stats = _StatsCollector(scheduler_stats, llm_stats, lift)
             self.registry.register(self._stats)
 
     def render(self) -> bytes:

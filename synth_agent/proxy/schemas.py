@@ -385,7 +385,7 @@ def api_models(limits: Limits = Limits()) -> ApiModels:  # noqa: B008 - frozen, 
         model: str | None = Field(default=None, min_length=1, max_length=256)
         messages: Messages
         candidates: Annotated[
-            list[Annotated[_text_type(L.max_content_chars, min_length=1), AfterValidator(_candidate)]],  # type: ignore[misc]
+            list[Annotated[_text_type(L.max_content_chars, min_length=1), AfterValidator(_candidate)]],  # type: ignore[misc, valid-type]
             Field(min_length=2, max_length=L.max_candidates),
         ] | None = Field(default=None, description="answers to rank (non-empty text); generated when omitted")
         n: int | None = Field(default=None, ge=2, le=L.max_candidates,
@@ -406,9 +406,10 @@ def api_models(limits: Limits = Limits()) -> ApiModels:  # noqa: B008 - frozen, 
 
         @model_validator(mode="after")
         def _pair(self) -> Self:
-            if not self.a.strip() and not self.b.strip():
+            a, b = str(self.a), str(self.b)
+            if not a.strip() and not b.strip():
                 raise ValueError("a and b are both empty; nothing to judge")
-            if self.a.strip() == self.b.strip():
+            if a.strip() == b.strip():
                 raise ValueError("a and b are identical; nothing to judge")
             return self
 

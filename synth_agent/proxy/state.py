@@ -11,6 +11,7 @@ from langgraph.store.base import BaseStore
 from graphs.chat import Personalizer, TenantMemories
 from synth_agent.config import Settings
 from synth_agent.llm.base import ChatBackend
+from synth_agent.models import PersonaProfile
 from synth_agent.proxy.auth import ApiKey, AuthThrottle, KeyRing, RateLimiter
 from synth_agent.proxy.errors import ProxyError
 from synth_agent.proxy.metrics import ProxyMetrics
@@ -54,12 +55,29 @@ class ProxyState:
     poller: StorePoller | None = None
     checkpointer: Any = None
     background: set[asyncio.Task[Any]] = field(default_factory=set)
+    _persona_reads: dict[tuple[str, str], asyncio.Future[PersonaProfile | None]] = field(default_factory=dict)
 
     def ready(self) -> tuple[TenantMemories, Personalizer, Upstream, ChatBackend]:
         if self.memories is None or self.personalizer is None or self.upstream is None or self.llm is None:
             raise ProxyError(503, "the proxy is starting up or shutting down; retry shortly", code="not_ready",
                              headers={"Retry-After": "1"})
         return self.memories, self.personalizer, self.upstream, self.llm
+
+    async def persona(self, tenant: str, user: str) -> PersonaProfile | None:
+        """The user's current persona through the personalizer's cache, one store read per user at a time.
+
+        When the cached entry expires under load, every concurrent request for that user would
+        otherwise read the store at once (64 connections: 64 reads queued on the thread pool);
+        they share the first one's read instead. A cancelled request never cancels the shared read.
+        """
+        _, personalizer, _, _ = self.ready()
+        key = (tenant, user)
+        read = self._persona_reads.get(key)
+        if read is None:
+            read = asyncio.ensure_future(personalizer.persona(tenant, user))
+            self._persona_reads[key] = read
+            read.add_done_callback(lambda _: self._persona_reads.pop(key, None))
+        return await asyncio.shield(read)
 
     def notify_vote(self, tenant: str, user: str) -> None:
         if self.scheduler is not None:

@@ -7,6 +7,11 @@ failures (429, 408, 5xx, timeouts, dropped connections) are retried with jittere
 exponential backoff that honours ``Retry-After``; when retries run out the caller
 gets a :class:`~synth_agent.proxy.errors.ProxyError` 502 (504 if the last failure
 was a timeout). A stream is retried only before its first byte reaches the client.
+
+The HTTP client is one ``aiohttp`` session per app (opened on the server's event loop),
+with ``orjson`` for the body: at 64 concurrent connections httpx's connection pool
+(which scans every pooled connection on each request) cost about half of the proxy's
+CPU; ``bench/proxy_overhead.py`` measures the whole path.
 """
 
 from __future__ import annotations
@@ -16,15 +21,16 @@ import email.utils
 import json
 import random
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
+import aiohttp
+import orjson
 
 from synth_agent.proxy.errors import ProxyError, error_body
 
-__all__ = ["Upstream", "UpstreamConfig", "upstream_message"]
+__all__ = ["Upstream", "UpstreamConfig", "UpstreamResponse", "upstream_message"]
 
 _RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
 
@@ -39,7 +45,34 @@ class UpstreamConfig:
     backoff_max: float = 2.0
 
 
-def _retry_after(resp: httpx.Response) -> float | None:
+class UpstreamResponse:
+    """The upstream's answer: status, headers and, once read (always, unless streaming), the body."""
+
+    def __init__(self, raw: aiohttp.ClientResponse) -> None:
+        self.raw = raw
+        self.status_code = raw.status
+        self.headers: Mapping[str, str] = raw.headers
+        self.content = b""
+
+    async def aread(self) -> bytes:
+        try:
+            self.content = await self.raw.read()
+        finally:
+            self.raw.release()
+        return self.content
+
+    async def aclose(self) -> None:
+        self.raw.release()
+
+    @property
+    def text(self) -> str:
+        return self.content.decode("utf-8", "replace")
+
+    def json(self) -> Any:
+        return orjson.loads(self.content)
+
+
+def _retry_after(resp: UpstreamResponse) -> float | None:
     try:
         if (ms := resp.headers.get("retry-after-ms")) is not None:
             return max(0.0, float(ms) / 1000)
@@ -54,7 +87,7 @@ def _retry_after(resp: httpx.Response) -> float | None:
         return None
 
 
-def upstream_message(resp: httpx.Response) -> str:
+def upstream_message(resp: UpstreamResponse) -> str:
     """The upstream's error message (OpenAI, vLLM or FastAPI style), shortened to one line."""
     try:
         body = resp.json()
@@ -70,8 +103,18 @@ def upstream_message(resp: httpx.Response) -> str:
         return resp.text[:300]
 
 
+def _dumps(body: dict[str, Any]) -> bytes:
+    try:
+        return orjson.dumps(body)
+    except TypeError:  # integers beyond 64 bits (valid JSON, passed through as sent)
+        return json.dumps(body, ensure_ascii=False).encode()
+
+
 class Upstream:
-    """One upstream endpoint. ``on_retry(reason)`` / ``on_error(reason)`` feed the metrics."""
+    """One upstream endpoint. ``on_retry(reason)`` / ``on_error(reason)`` feed the metrics.
+
+    The HTTP session is opened on first use, on the event loop that serves the app.
+    """
 
     def __init__(
         self,
@@ -79,64 +122,70 @@ class Upstream:
         *,
         on_retry: Callable[[str], None] | None = None,
         on_error: Callable[[str], None] | None = None,
-        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.config = config
         self.base_url = config.base_url.rstrip("/")
         self._on_retry = on_retry or (lambda _: None)
         self._on_error = on_error or (lambda _: None)
         self._rng = random.Random()
-        limits = httpx.Limits(max_connections=512, max_keepalive_connections=128)
-        self.client = httpx.AsyncClient(
-            timeout=httpx.Timeout(config.timeout, connect=min(10.0, config.timeout)),
-            limits=limits,
-            transport=transport,
-        )
+        # the timeout bounds connecting and each wait for bytes (a long stream is fine while it flows)
+        self._timeout = aiohttp.ClientTimeout(total=None, connect=min(10.0, config.timeout),
+                                              sock_read=config.timeout)
+        self._headers = {"Authorization": f"Bearer {config.api_key}", "Accept": "application/json"}
+        self._json_headers = {**self._headers, "Content-Type": "application/json"}
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=512, ttl_dns_cache=300), timeout=self._timeout,
+                raise_for_status=False,
+            )
+        return self._session
 
     async def aclose(self) -> None:
-        await self.client.aclose()
+        if self._session is not None:
+            await self._session.close()
 
-    def _headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.config.api_key}", "Accept": "application/json"}
-
-    def _delay(self, attempt: int, resp: httpx.Response | None) -> float:
+    def _delay(self, attempt: int, resp: UpstreamResponse | None) -> float:
         server = _retry_after(resp) if resp is not None else None
         if server is not None:
             return min(server, self.config.backoff_max)
         base = min(self.config.backoff_max, self.config.backoff * 2 ** (attempt - 1))
         return base * (0.5 + 0.5 * self._rng.random())
 
-    async def _send(self, method: str, path: str, body: dict[str, Any] | None, *, stream: bool) -> httpx.Response:
-        """A response that is final: success, or an error not worth retrying. Raises ProxyError when out of retries."""
+    async def _send(
+        self, method: str, path: str, body: dict[str, Any] | None, *, stream: bool
+    ) -> UpstreamResponse:
+        """A response that is final: success, or an error not worth retrying. Raises ProxyError when out of retries.
+
+        Unless ``stream``, the body has been read (``.content``) and the connection released.
+        """
         attempts = self.config.retries + 1
-        last_reason = ""
-        timed_out = False
+        url = self.base_url + path
+        data = _dumps(body) if body is not None else None
+        headers = self._json_headers if body is not None else self._headers
+        last_reason = kind = ""
         for attempt in range(1, attempts + 1):
-            resp: httpx.Response | None = None
+            resp: UpstreamResponse | None = None
             try:
-                req = self.client.build_request(
-                    method, self.base_url + path, headers=self._headers(),
-                    content=json.dumps(body, ensure_ascii=False).encode() if body is not None else None,
-                )
-                if body is not None:
-                    req.headers["Content-Type"] = "application/json"
-                resp = await self.client.send(req, stream=stream)
-            except httpx.TimeoutException:
-                timed_out, last_reason = True, "timeout"
-            except httpx.TransportError as exc:
-                timed_out, last_reason = False, f"connection ({type(exc).__name__})"
-            else:
+                resp = UpstreamResponse(await self.session.request(method, url, data=data, headers=headers))
                 if resp.status_code not in _RETRY_STATUS:
+                    if not stream:
+                        await resp.aread()
                     return resp
-                if stream:
-                    await resp.aread()
-                    await resp.aclose()
-                timed_out, last_reason = False, f"HTTP {resp.status_code}: {upstream_message(resp)}"
-            self._on_error("timeout" if timed_out else str(resp.status_code) if resp is not None else "connection")
+                await resp.aread()  # the error's message; releases the connection
+                kind, last_reason = str(resp.status_code), f"HTTP {resp.status_code}: {upstream_message(resp)}"
+            except TimeoutError:  # aiohttp's connect/read timeouts are TimeoutErrors
+                kind = last_reason = "timeout"
+            except aiohttp.ClientError as exc:
+                kind, last_reason = "connection", f"connection ({type(exc).__name__})"
+            self._on_error(kind)
             if attempt < attempts:
                 self._on_retry(last_reason)
                 await asyncio.sleep(self._delay(attempt, resp))
-        if timed_out:
+        if kind == "timeout":
             raise ProxyError(
                 504,
                 f"the upstream model endpoint did not answer within {self.config.timeout:g}s "
@@ -149,21 +198,21 @@ class Upstream:
             code="upstream_unavailable",
         )
 
-    async def request_json(self, method: str, path: str, body: dict[str, Any] | None = None) -> httpx.Response:
-        """Non-streaming call; returns the upstream's final response (2xx, or a non-retryable 4xx)."""
+    async def request_json(self, method: str, path: str, body: dict[str, Any] | None = None) -> UpstreamResponse:
+        """Non-streaming call; returns the upstream's final response (2xx, or a non-retryable 4xx), body read."""
         return await self._send(method, path, body, stream=False)
 
-    async def open_stream(self, path: str, body: dict[str, Any]) -> httpx.Response:
-        """Start a streaming call; the caller must ``aclose()`` the returned response."""
+    async def open_stream(self, path: str, body: dict[str, Any]) -> UpstreamResponse:
+        """Start a streaming call; the caller must ``aclose()`` the returned response (``relay`` does)."""
         return await self._send("POST", path, body, stream=True)
 
-    async def relay(self, resp: httpx.Response) -> AsyncIterator[bytes]:
+    async def relay(self, resp: UpstreamResponse) -> AsyncIterator[bytes]:
         """Pass the upstream's SSE bytes through; a mid-stream failure ends with an OpenAI error event."""
         try:
-            async for chunk in resp.aiter_raw():
+            async for chunk in resp.raw.content.iter_any():
                 yield chunk
-        except httpx.HTTPError as exc:
-            kind = "timeout" if isinstance(exc, httpx.TimeoutException) else "stream_broken"
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            kind = "timeout" if isinstance(exc, TimeoutError) else "stream_broken"
             self._on_error(kind)
             err = error_body(
                 f"the upstream stream broke off ({type(exc).__name__}); the answer is incomplete",

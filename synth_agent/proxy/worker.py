@@ -132,10 +132,11 @@ async def open_worker(settings: Any, *, poll_interval: float = 5.0, **kw: Any) -
     from graphs.synthesis import open_checkpointer
     from synth_agent.services import open_llm, open_store
 
-    store = await asyncio.to_thread(open_store, settings)
+    store = await asyncio.to_thread(open_store, settings, server=True)
     llm = open_llm(settings)
     try:
         async with open_checkpointer(settings.home) as cp:
             yield SynthesisWorker(store, llm, cp, poll_interval=poll_interval, **kw)
     finally:
         await llm.aclose()
+        await asyncio.to_thread(store.close)

@@ -228,7 +228,7 @@ async def open_queue_worker(settings: Any, dsn: str, *, options: WorkerOptions |
     from synth_agent.services import open_llm, open_store
 
     await ensure_schema(dsn)
-    store = await asyncio.to_thread(open_store, settings)
+    store = await asyncio.to_thread(open_store, settings, server=True)  # one embedding thread, like serve
     llm = open_llm(settings)
     pool = open_pool(dsn, max_size=4 + 2 * (options or WorkerOptions()).concurrency)
     await pool.open(wait=True)

@@ -21,7 +21,7 @@ T = TypeVar("T", bound=BaseModel)
 class SimBackend:
     """Answers like the simulator endpoint; counts calls and (approximate) tokens per call site."""
 
-    def __init__(self, seed: int = 0, model: str = "sim-judge") -> None:
+    def __init__(self, seed: int = 0, model: str = "sim") -> None:
         self.brain = SimBrain(seed)
         self.model = model
         self.stats = LLMStats()

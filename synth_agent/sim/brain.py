@@ -416,7 +416,7 @@ class SimBrain:
             parts.append(f"Response {pick} reads slightly better overall.")
             parts.append(f"Prediction: {pick}")
             return " ".join(parts)
-        by = {"A": [], "B": []}
+        by: dict[str, list[str]] = {"A": [], "B": []}
         for i in noticed:
             by["A" if delta[i] > 0 else "B"].append(_MORE[TRAITS[i]])
         desc = [f"Response {x} {join_phrases(by[x])}" for x in ("A", "B") if by[x]]

@@ -586,7 +586,8 @@ async def _stream(
             and logprobs["content"]
             and "".join(e["token"] for e in logprobs["content"]) == text
         ):
-            pieces = [(e["token"], {"content": [e], "refusal": None}) for e in logprobs["content"]]
+            pieces: list[tuple[str, dict[str, Any] | None]] = [
+                (e["token"], {"content": [e], "refusal": None}) for e in logprobs["content"]]
         else:
             pieces = [(text[i : i + 16], None) for i in range(0, len(text), 16)]
             if logprobs is not None and pieces:  # tokens do not line up with text: attach them all once

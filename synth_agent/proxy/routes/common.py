@@ -6,17 +6,18 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
 from fastapi import Response
 from pydantic import BaseModel
 
 from synth_agent import prompts
+from synth_agent.engine.selection import served_persona
 from synth_agent.llm.errors import LLMError, LLMTimeoutError
 from synth_agent.models import Message, PersonaProfile
 from synth_agent.prompts import ParseError
 from synth_agent.proxy.deps import resolve_user
 from synth_agent.proxy.errors import ProxyError, error_response
 from synth_agent.proxy.state import ProxyState
+from synth_agent.proxy.upstream import UpstreamResponse
 
 log = logging.getLogger("synth_agent.proxy")
 
@@ -76,24 +77,26 @@ def raw_messages(req: BaseModel) -> list[dict[str, Any]]:
 
 
 def with_persona(messages: list[dict[str, Any]], profile: PersonaProfile | None) -> list[dict[str, Any]]:
-    if profile is None:
+    """``messages`` with the user's persona first as a system message, where the per-user guard serves one."""
+    persona = served_persona(profile)
+    if persona is None:
         return messages
-    return [{"role": "system", "content": prompts.generation_system_prompt(profile.persona)}, *messages]
+    return [{"role": "system", "content": prompts.generation_system_prompt(persona)}, *messages]
 
 
 async def persona_of(st: ProxyState, tenant: str, user: str | None) -> PersonaProfile | None:
     """Cached persona; a store hiccup degrades to an unpersonalized answer instead of an error."""
     if user is None:
         return None
-    _, personalizer, _, _ = st.ready()
+    st.ready()  # 503 while starting or stopping (not swallowed below)
     try:
-        return await personalizer.persona(tenant, user)
+        return await st.persona(tenant, user)
     except Exception:
         log.exception("could not read the persona of a user of tenant %r; answering without it", tenant)
         return None
 
 
-def upstream_error(resp: httpx.Response, request_id: str | None) -> Response:
+def upstream_error(resp: UpstreamResponse, request_id: str | None) -> Response:
     """An upstream 4xx, in our error format with its message (auth failures are the proxy's problem: 502)."""
     from synth_agent.proxy.upstream import upstream_message
 

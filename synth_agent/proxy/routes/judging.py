@@ -45,7 +45,7 @@ def router(models: ApiModels) -> APIRouter:
             "scores": result.scores,
             "order": result.order,
             "strategy": result.strategy,
-            "personalized_judge": profile is not None,
+            "personalized_judge": judge.personalized,
             "persona_version": profile.version if profile else 0,
             "candidates": candidates,
         }
@@ -70,7 +70,7 @@ def router(models: ApiModels) -> APIRouter:
         return {
             "object": "judgment",
             **verdict.model_dump(mode="json"),
-            "personalized": profile is not None,
+            "personalized": judge.personalized,
             "persona_version": profile.version if profile else 0,
         }
 

@@ -5,6 +5,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Request
 from fastapi.responses import Response, StreamingResponse
 
+from synth_agent.engine.selection import served_persona
 from synth_agent.proxy.deps import AuthCaller, JsonCaller, PinnedUser, State, resolve_user
 from synth_agent.proxy.errors import request_id_of, responses
 from synth_agent.proxy.routes.common import PERSONA_HEADER, persona_of, upstream_error, with_persona
@@ -55,8 +56,9 @@ def router(models: ApiModels) -> APIRouter:
         profile = await persona_of(st, caller.tenant, user)
         out = {**body, "model": st.proxy.upstream_model(req.model),  # type: ignore[attr-defined]
                "messages": with_persona(body["messages"], profile)}
-        headers = {PERSONA_HEADER: str(profile.version if profile else 0)}
-        if profile is not None:
+        injected = profile is not None and served_persona(profile) is not None  # the per-user guard
+        headers = {PERSONA_HEADER: str(profile.version if injected and profile else 0)}
+        if injected:
             st.metrics.persona_injections.inc()
         rid = request_id_of(request)
         if req.stream:  # type: ignore[attr-defined]

@@ -11,8 +11,9 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Query
 from fastapi.responses import Response
 
-from graphs.synthesis import synthesis_thread_id
+from graphs.synthesis import erase_synthesis_checkpoints
 from synth_agent.export import export_profile
+from synth_agent.lift import load_user_lift, with_live
 from synth_agent.models import PersonaProfile
 from synth_agent.proxy.deps import AuthCaller, PathUser, State
 from synth_agent.proxy.errors import ProxyError, responses
@@ -38,15 +39,9 @@ async def _profile(st: ProxyState, tenant: str, user: str) -> PersonaProfile:
 
 
 async def _forget_checkpoints(st: ProxyState, tenant: str, user: str, versions: int) -> None:
-    """Synthesis checkpoints hold the user's votes too: drop the threads of every version fitted or pending."""
-    cp = st.checkpointer
-    if cp is None or not hasattr(cp, "adelete_thread"):
-        return
-    for v in range(1, versions + 2):
-        try:
-            await cp.adelete_thread(synthesis_thread_id(tenant, user, f"v{v}"))
-        except Exception:
-            log.exception("could not delete a synthesis checkpoint of a forgotten user")
+    """Synthesis checkpoints hold the user's votes too: erase them (a failure is a 500: DELETE again)."""
+    if st.checkpointer is not None:
+        await erase_synthesis_checkpoints(st.checkpointer, tenant, user, versions)
 
 
 def router(models: ApiModels) -> APIRouter:
@@ -54,15 +49,22 @@ def router(models: ApiModels) -> APIRouter:
 
     @r.get("/v1/users/{user}/persona/history", response_model=PersonaHistory, responses=_READ_ERRORS)
     async def persona_history(st: State, caller: AuthCaller, user: PathUser) -> dict[str, Any]:
-        """Every persona version, oldest first (empty for unknown users)."""
+        """Every persona version, oldest first (empty for unknown users); each version's ``meta.live`` holds
+        its live A/B win rate and ``meta.selection`` its cross-validated accuracy per configuration."""
         memories, _, _, _ = st.ready()
-        history = await memories(caller.tenant).persona_history(user)
-        return {"object": "list", "data": history}
+        memory = memories(caller.tenant)
+        history, lift = await asyncio.gather(memory.persona_history(user), load_user_lift(memory, user))
+        return {"object": "list", "data": [with_live(p, lift) for p in history]}
 
     @r.get("/v1/users/{user}/persona", response_model=PersonaProfile, responses=_READ_ERRORS)
     async def persona(st: State, caller: AuthCaller, user: PathUser) -> PersonaProfile:
-        """The current persona (404 until one was learned)."""
-        return await _profile(st, caller.tenant, user)
+        """The current persona (404 until one was learned), with the user's own figures: ``meta.served`` (what
+        the per-user guard serves: persona_demos, persona, demos or default), ``meta.selection`` (cross-validated
+        accuracy per configuration) and ``meta.live`` (A/B win rate of personalized vs plain answers, overall
+        and for this version, with 95% intervals)."""
+        memories, _, _, _ = st.ready()
+        profile = await _profile(st, caller.tenant, user)
+        return with_live(profile, await load_user_lift(memories(caller.tenant), user))
 
     @r.get(
         "/v1/users/{user}/prompt",
@@ -109,10 +111,13 @@ def router(models: ApiModels) -> APIRouter:
         if isinstance(sched, SynthesisScheduler) and sched.is_busy(tenant, user):
             # A fit already running would save a persona after this delete: forget again once it ends.
             async def again() -> None:
-                await sched.wait_user_idle(tenant, user)
-                await memories(tenant).forget_user(user)
-                personalizer.invalidate(tenant, user)
-                await _forget_checkpoints(st, tenant, user, versions + 1)
+                try:
+                    await sched.wait_user_idle(tenant, user)
+                    await memories(tenant).forget_user(user)
+                    personalizer.invalidate(tenant, user)
+                    await _forget_checkpoints(st, tenant, user, versions + 1)
+                except Exception:
+                    log.exception("could not repeat the forget of a user whose fit was running")
 
             task = asyncio.get_running_loop().create_task(again())
             st.background.add(task)

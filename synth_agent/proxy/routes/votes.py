@@ -6,6 +6,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Path
 
 from graphs.chat import VoteError
+from synth_agent.engine.selection import served_persona
 from synth_agent.ingest import parse_vote
 from synth_agent.proxy.deps import JsonCaller, PinnedUser, State, resolve_user
 from synth_agent.proxy.errors import ProxyError, responses
@@ -31,7 +32,7 @@ def router(models: ApiModels) -> APIRouter:
     ) -> dict[str, Any]:
         """Store votes (all or nothing: one invalid vote stores none); schedules background synthesis."""
         memories, _, _, _ = st.ready()
-        items = payload if isinstance(payload, list) else getattr(payload, "votes", None) or [payload]
+        items: list[Any] = payload if isinstance(payload, list) else getattr(payload, "votes", None) or [payload]
         votes, errors = [], []
         for i, item in enumerate(items):
             data = item.model_dump(exclude_none=True)
@@ -44,7 +45,11 @@ def router(models: ApiModels) -> APIRouter:
             shown = "; ".join(errors[:5]) + (f"; and {len(errors) - 5} more" if len(errors) > 5 else "")
             raise ProxyError(400, f"{len(errors)} of {len(items)} votes are invalid; nothing was stored: {shown}",
                              param="votes", code="invalid_vote")
-        result = await memories(caller.tenant).add_votes(votes)
+        try:
+            result = await memories(caller.tenant).add_votes(votes)
+        except ValueError as exc:  # refused by the store before anything was written (e.g. text not UTF-8)
+            raise ProxyError(400, f"invalid votes; nothing was stored: {exc}", param="votes",
+                             code="invalid_vote") from None
         st.metrics.votes.inc(result.added)
         users = sorted({v.user_id for v in votes})
         for u in users:
@@ -59,14 +64,15 @@ def router(models: ApiModels) -> APIRouter:
         pinned: PinnedUser,
         req: Annotated[ABRequest, Body(openapi_examples=EXAMPLES["ab"])],  # type: ignore[valid-type]
     ) -> dict[str, Any]:
-        """Two candidate answers and a vote token: with vs without the persona once one exists."""
+        """Two candidate answers and a vote token: with vs without the persona once one is served (the per-user
+        guard may serve none); the vote then counts toward the user's live lift."""
         _, personalizer, upstream, _ = st.ready()
         turn = await user_turn(st, caller.tenant, pinned, req)
         profile = turn.profile
         messages = raw_messages(req)
         base = generation_body(st, req, messages)
         seed = req.seed or 0  # type: ignore[attr-defined]
-        if profile is not None:
+        if served_persona(profile) is not None:  # the guard serves a persona: personalized vs plain
             bodies = [{**base, "messages": with_persona(messages, profile)}, base]
             if req.seed is not None:  # type: ignore[attr-defined]
                 bodies = [{**b, "seed": seed} for b in bodies]
@@ -77,7 +83,7 @@ def router(models: ApiModels) -> APIRouter:
         texts = await asyncio.gather(*(upstream.chat_text(b) for b in bodies))
         cands = [{"index": i, "text": t, "personalized": f} for i, (t, f) in enumerate(zip(texts, flags, strict=True))]
         opened = await personalizer.open_vote(
-            caller.tenant, turn.user, turn.context, cands, profile.version if profile else None, None
+            caller.tenant, turn.user, turn.context, cands, profile.version if profile and flags[0] else None, None
         )
         return {"object": "ab.pair", **opened}
 

@@ -1,0 +1,237 @@
+"""The store's ledger: a small local SQLite file beside the Chroma data that holds what must be erasable.
+
+Chroma cannot erase bytes on its own: its write log (``embeddings_queue``) keeps rows
+until the vector segment persists, SQLite keeps deleted rows in free pages, page splits
+leave stale copies of rows, and a deleted HNSW element keeps its vector in
+``data_level0.bin``. None of that can be scrubbed without ``VACUUM``, which blocks the
+whole database. So the store never gives Chroma anything it would have to erase:
+every item is sealed (AES-256-GCM) with a data key of its own, and the keys live here.
+Deleting an item destroys its key, which turns every copy Chroma ever made of it
+(write log, free pages, server backups) into noise. This file is small and written
+only by us, so it *can* be erased exactly:
+
+* ``PRAGMA secure_delete = ON``: deleted rows are overwritten with zeros, never left in
+  free space; every connection to this file sets it, so no page is ever freed dirty.
+* WAL mode with ``synchronous = FULL``: a key is on disk before the item it opens is
+  written to Chroma (an acknowledged write survives a crash), and after destroying keys
+  ``PRAGMA wal_checkpoint(TRUNCATE)`` empties the WAL file, so no old frame survives.
+
+It also holds the **batch journal**: one row per batch in flight (see
+:mod:`store.chroma`), written before the batch touches Chroma and removed when it is
+done, so a batch interrupted by a crash is rolled back (or, past its commit point,
+finished) the next time the store opens. And the HMAC secret behind item ids and
+namespace tokens, so no user id or label is ever written to Chroma in the clear.
+
+One ledger per store directory; several processes may open it (SQLite locking).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import sqlite3
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+LEDGER_FILE = "synth_agent_ledger.sqlite3"
+"""File name of the ledger inside a store directory."""
+
+KEY_BYTES = 32
+_CACHE = 100_000  # data keys kept in memory (32 bytes each): reads of hot items never touch the file
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS keys (kid TEXT PRIMARY KEY, key BLOB NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS journal (
+    txn TEXT PRIMARY KEY, owner TEXT NOT NULL, state TEXT NOT NULL, created REAL NOT NULL, body TEXT NOT NULL
+);
+"""
+
+
+def process_owner() -> str:
+    """Identifies this process in journal rows: ``host:pid:start-time`` (a reused pid is not the same owner)."""
+    try:
+        with open(f"/proc/{os.getpid()}/stat", "rb") as fh:
+            start = fh.read().rsplit(b")", 1)[1].split()[19].decode()
+    except OSError:
+        start = "0"
+    return f"{os.uname().nodename}:{os.getpid()}:{start}"
+
+
+def owner_alive(owner: str) -> bool:
+    """Whether the process that wrote a journal row still runs (other hosts: assumed alive)."""
+    host, _, rest = owner.partition(":")
+    pid_text, _, start = rest.partition(":")
+    if host != os.uname().nodename or not pid_text.isdigit():
+        return True
+    try:
+        with open(f"/proc/{pid_text}/stat", "rb") as fh:
+            return fh.read().rsplit(b")", 1)[1].split()[19].decode() == start
+    except (OSError, IndexError):
+        return False
+
+
+class Ledger:
+    """Data keys, HMAC secret and batch journal in one SQLite file (``secure_delete``, WAL, fsync).
+
+    Thread safe: one connection used under a lock (statements take microseconds).
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._conn = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=60)
+        self._conn.execute("PRAGMA secure_delete = ON")
+        self._conn.execute("PRAGMA journal_mode = WAL")
+        self._conn.execute("PRAGMA synchronous = FULL")
+        self._conn.executescript(_SCHEMA)
+        self._cache: OrderedDict[str, bytes] = OrderedDict()
+        self._secret: bytes | None = None
+        self.owner = process_owner()
+
+    # ------------------------------------------------------------------ secret
+
+    def secret(self) -> bytes:
+        """The store's HMAC secret (created on first use; never leaves this file and memory)."""
+        if self._secret is None:
+            with self._lock:
+                self._conn.execute(
+                    "INSERT OR IGNORE INTO meta (k, v) VALUES ('hmac_secret', ?)", (secrets.token_bytes(KEY_BYTES),)
+                )
+                row = self._conn.execute("SELECT v FROM meta WHERE k = 'hmac_secret'").fetchone()
+            self._secret = bytes(row[0])
+        return self._secret
+
+    # ------------------------------------------------------------------ data keys
+
+    def keys(self, kids: Iterable[str]) -> dict[str, bytes]:
+        """The data keys that exist among ``kids`` (a destroyed or never-made key is simply absent)."""
+        out: dict[str, bytes] = {}
+        missing: list[str] = []
+        with self._lock:
+            for kid in kids:
+                key = self._cache.get(kid)
+                if key is None:
+                    missing.append(kid)
+                else:
+                    self._cache.move_to_end(kid)
+                    out[kid] = key
+            for start in range(0, len(missing), 500):
+                chunk = missing[start : start + 500]
+                marks = ",".join("?" * len(chunk))
+                for kid, key in self._conn.execute(f"SELECT kid, key FROM keys WHERE kid IN ({marks})", chunk):
+                    out[kid] = bytes(key)
+                    self._remember(kid, bytes(key))
+        return out
+
+    def ensure_keys(self, kids: Iterable[str]) -> dict[str, bytes]:
+        """Keys for ``kids``, making (durably, in one transaction) those that do not exist yet."""
+        wanted = list(dict.fromkeys(kids))
+        have = self.keys(wanted)
+        new = {kid: secrets.token_bytes(KEY_BYTES) for kid in wanted if kid not in have}
+        if new:
+            with self._lock:
+                self._conn.execute("BEGIN IMMEDIATE")
+                try:
+                    self._conn.executemany("INSERT OR IGNORE INTO keys (kid, key) VALUES (?, ?)", list(new.items()))
+                    marks = ",".join("?" * len(new))
+                    stored = dict(self._conn.execute(f"SELECT kid, key FROM keys WHERE kid IN ({marks})", list(new)))
+                    self._conn.execute("COMMIT")
+                except BaseException:
+                    self._conn.execute("ROLLBACK")
+                    raise
+                for kid, key in stored.items():  # another process may have won the race: use its key
+                    have[kid] = bytes(key)
+                    self._remember(kid, bytes(key))
+        return have
+
+    def destroy(self, kids: Iterable[str]) -> int:
+        """Erase keys for good: zeroed in the file (secure_delete) and in the WAL (checkpoint + truncate)."""
+        kids = list(dict.fromkeys(kids))
+        if not kids:
+            return 0
+        with self._lock:
+            for kid in kids:
+                self._cache.pop(kid, None)
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                n = 0
+                for start in range(0, len(kids), 500):
+                    chunk = kids[start : start + 500]
+                    cur = self._conn.execute(f"DELETE FROM keys WHERE kid IN ({','.join('?' * len(chunk))})", chunk)
+                    n += cur.rowcount
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._truncate_wal()
+        return n
+
+    def checkpoint(self) -> None:
+        """Copy the WAL into the database file and truncate it (after deleting anything sensitive)."""
+        with self._lock:
+            self._truncate_wal()
+
+    def _remember(self, kid: str, key: bytes) -> None:
+        self._cache[kid] = key
+        if len(self._cache) > _CACHE:
+            self._cache.popitem(last=False)
+
+    def _truncate_wal(self) -> None:
+        """Checkpoint every WAL frame into the database and cut the WAL file to zero bytes.
+
+        Another connection reading at that moment can make the checkpoint incomplete; retry
+        briefly, then raise: an erasure must not be reported done while old frames remain.
+        """
+        for attempt in range(100):
+            busy, _, _ = self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            if not busy:
+                return
+            time.sleep(min(0.01 * (attempt + 1), 0.1))
+        raise RuntimeError(f"could not truncate the WAL of {self.path}: another process keeps reading it")
+
+    # ------------------------------------------------------------------ journal
+
+    def journal_open(self, txn: str, body: dict[str, Any]) -> None:
+        with self._lock:
+            self._conn.execute(
+                "INSERT INTO journal (txn, owner, state, created, body) VALUES (?, ?, 'open', ?, ?)",
+                (txn, self.owner, time.time(), json.dumps(body)),
+            )
+
+    def journal_state(self, txn: str, state: str, body: dict[str, Any] | None = None) -> None:
+        with self._lock:
+            if body is None:
+                self._conn.execute("UPDATE journal SET state = ? WHERE txn = ?", (state, txn))
+            else:
+                self._conn.execute("UPDATE journal SET state = ?, body = ? WHERE txn = ?", (state, json.dumps(body), txn))
+
+    def journal_close(self, txn: str) -> None:
+        with self._lock:
+            self._conn.execute("DELETE FROM journal WHERE txn = ?", (txn,))
+
+    def journal_orphans(self) -> list[tuple[str, str, dict[str, Any]]]:
+        """Batches left behind by processes that are gone: ``(txn, state, body)``, oldest first."""
+        with self._lock:
+            rows = self._conn.execute("SELECT txn, owner, state, body FROM journal ORDER BY created").fetchall()
+        return [
+            (txn, state, json.loads(body))
+            for txn, owner, state, body in rows
+            if owner != self.owner and not owner_alive(owner)
+        ]
+
+    def close(self) -> None:
+        with self._lock:
+            try:
+                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error:
+                pass
+            self._conn.close()
+
+
+__all__ = ["KEY_BYTES", "LEDGER_FILE", "Ledger", "owner_alive", "process_owner"]

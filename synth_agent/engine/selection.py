@@ -1,0 +1,309 @@
+"""Which configuration a user is served, and the guard that keeps personalization from hurting.
+
+A fit produces a persona and demos, but for some users they judge *worse* than the
+default judge (issue 16: 28 of 120 simulated users; on real data the paper reports the
+same). Four validation votes judged in one order cannot tell which users, so after a fit
+:meth:`~synth_agent.engine.synthesize.Synthesizer.select_configuration` estimates every
+configuration on **all** of the user's context votes by k-fold cross-validation:
+
+* per fold, a persona is written from the verified traces of the *other* folds only and a
+  demo set is drawn (with the fit's own recipe) from the other folds only, so no estimate
+  has seen the labels of the votes it is scored on;
+* every vote of the fold is judged in **both** presentation orders by four judges —
+  ``persona_demos``, ``persona``, ``demos`` and ``default`` (no user information);
+* judgments go through the user's judgment ledger, so a refit pays only for what changed.
+
+**The guard** (:func:`choose`) then serves a personalized configuration only where the
+evidence says it beats the default *for this user*. Per vote, the paired difference
+``d = correct(config) - correct(default)`` (both orders, so ``d`` ∈ {-2..2}) gives the user's
+measured gain ``g`` (mean of ``d``) and its standard error ``s``. Seventeen-odd votes are little
+evidence, so the gain is read as a Bayesian posterior that also knows how much personalization
+gains across the tenant's *other* users (empirical Bayes, :func:`population_prior`): with a prior
+``N(mu, tau²)`` fitted to their gains, the posterior is ``N(m, v)``,
+``v = 1 / (1/s² + 1/tau²)``, ``m = v (g/s² + mu/tau²)``. A configuration is *eligible* when
+``m - z·sqrt(v) > 0`` (``z`` = :attr:`SelectionConfig.z`, 1.645 ≈ 95% one-sided posterior
+probability of a gain); the served configuration is the eligible one with the largest posterior
+gain, else the default judge and no persona. While a tenant has fewer than
+:attr:`SelectionConfig.min_prior_users` users with a selection there is no prior, and the bound is
+the plain one, ``g - z·s`` (stricter: fewer users are served a persona).
+
+Candidates are :attr:`SelectionConfig.candidates` — persona + demos only, by default. Persona only
+and demos only can be made candidates (or cross-validated for the record with ``score_all``),
+but on the simulator's seeds 0–4 letting them compete served them to users they hurt (with 25%
+noise users, 12 of 120 users below the default instead of 6; ``bench/eval_seeds.py --sweep`` prints
+every variant and ``docs/personalization.md`` the figures). A persona version later shown by live A/B traffic to lose to the plain answer is
+*demoted* (:func:`demoted`), which also serves the default.
+
+What is served where (:func:`served` reads it off a profile, every serving path uses it):
+
+=================  ===================================  ============================
+served             judge (``Judge.from_profile``)        chat / proxy system prompt
+=================  ===================================  ============================
+``persona_demos``  persona + selected demos              the persona
+``persona``        persona, no demos                     the persona
+``demos``          step 1's demos, no persona            none
+``default``        default judge                         none
+=================  ===================================  ============================
+
+Profiles saved before selection existed (no ``meta["selection"]``) serve persona + demos.
+
+    >>> sel = choose({"default": [1, 1, 0, 1], "persona_demos": [2, 1, 1, 2],
+    ...               "persona": [1, 1, 0, 1], "demos": [1, 2, 0, 1]}, z=1.0, candidates=("persona_demos", "demos"))
+    >>> sel.served, sel.cv_accuracy["persona_demos"], sel.lower_bound["persona_demos"], sel.lower_bound["demos"]
+    ('persona_demos', 0.75, 0.25, 0.0)
+    >>> sel.rechoose(1.0, {"persona_demos": GainPrior(-0.5, 0.01)})  # a tenant where it never helps
+    'default'
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Literal
+
+from synth_agent.models import Demo, PersonaProfile
+
+__all__ = [
+    "CONFIGURATIONS",
+    "Configuration",
+    "GainPrior",
+    "Selection",
+    "SelectionConfig",
+    "choose",
+    "demoted",
+    "population_prior",
+    "served",
+    "served_demos",
+    "served_persona",
+    "tenant_prior",
+]
+
+Configuration = Literal["persona_demos", "persona", "demos", "default"]
+CONFIGURATIONS: tuple[Configuration, ...] = ("persona_demos", "persona", "demos", "default")
+"""Every configuration cross-validation scores, persona + demos first."""
+PERSONALIZED: tuple[Configuration, ...] = ("persona_demos", "persona", "demos")
+
+
+@dataclass(frozen=True)
+class SelectionConfig:
+    """Knobs of cross-validated selection and the per-user guard.
+
+    ``enabled=False`` skips selection (the profile then serves persona + demos, as before issue 16).
+    ``folds``: k of the k-fold cross-validation over the user's context votes.
+    ``z``: the guard's one-sided confidence multiplier (1.645 ≈ 95%, 1.28 ≈ 90%); larger serves the
+    default to more users. ``candidates``: the personalized configurations the guard may serve (only
+    these and the default are cross-validated unless ``score_all``).
+    ``min_prior_users``: other users of the tenant with a selection needed before their gains form
+    the prior (``bench/eval_seeds.py --sweep`` prints the trade-off of ``z`` and ``candidates``).
+    """
+
+    enabled: bool = True
+    folds: int = 3
+    z: float = 1.645
+    candidates: tuple[str, ...] = ("persona_demos",)
+    min_prior_users: int = 8
+    score_all: bool = False
+    """Cross-validate persona only and demos only even when they are not candidates (for measurement:
+    ``bench/eval_seeds.py`` sets it; a fit then costs about twice the selection judgments)."""
+
+    def __post_init__(self) -> None:
+        if self.folds < 2:
+            raise ValueError("selection folds must be at least 2")
+        if not (math.isfinite(self.z) and self.z >= 0):
+            raise ValueError("selection z must be a finite number >= 0")
+        bad = [c for c in self.candidates if c not in PERSONALIZED]
+        if bad or not self.candidates:
+            raise ValueError(f"selection candidates must be a non-empty subset of {PERSONALIZED}, got {self.candidates}")
+        if self.min_prior_users < 2:
+            raise ValueError("selection min_prior_users must be at least 2")
+
+
+@dataclass(frozen=True)
+class GainPrior:
+    """Normal prior on a configuration's per-vote gain over the default (correct judgments out of 2)."""
+
+    mean: float
+    var: float
+
+
+@dataclass
+class Selection:
+    """What cross-validation found for one user, as stored in ``profile.meta["selection"]``.
+
+    ``cv_accuracy``: per configuration, correct / judged over every context vote in both orders.
+    ``gain`` / ``gain_sd``: per personalized configuration, the mean and standard deviation of the
+    per-vote paired difference to the default (correct judgments out of 2), so the guard can be
+    re-applied (:meth:`rechoose`) with another ``z`` or prior without judging again.
+    ``lower_bound``: the guard's bound on the gain, in accuracy points (0.05 = 5 points), under
+    ``prior`` (the tenant prior used, if any).
+    """
+
+    served: Configuration
+    cv_accuracy: dict[str, float]
+    lower_bound: dict[str, float]
+    n_votes: int
+    n_judgments: int
+    folds: int = 0
+    z: float = 1.645
+    gain: dict[str, float] = field(default_factory=dict)
+    gain_sd: dict[str, float] = field(default_factory=dict)
+    candidates: list[str] = field(default_factory=lambda: ["persona_demos"])
+    prior: dict[str, list[float]] | None = None
+    rule: str = "posterior (tenant prior x this user's cross-validated votes) lower bound of the gain over default > 0"
+
+    def as_meta(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_meta(cls, meta: Mapping[str, Any]) -> Selection:
+        known = {k: meta[k] for k in cls.__dataclass_fields__ if k in meta}
+        return cls(**known)
+
+    def posterior(self, config: str, prior: GainPrior | None) -> tuple[float, float]:
+        """(mean, sd) of this user's gain for ``config`` (per vote, out of 2), given ``prior``."""
+        g, sd, n = self.gain[config], self.gain_sd[config], self.n_votes
+        if n <= 1 or not math.isfinite(sd):
+            return (prior.mean, math.sqrt(prior.var)) if prior is not None else (g, math.inf)
+        se2 = max(sd * sd / n, 1e-6)
+        if prior is None:
+            return g, math.sqrt(se2)
+        v = 1.0 / (1.0 / se2 + 1.0 / prior.var)
+        return v * (g / se2 + prior.mean / prior.var), math.sqrt(v)
+
+    def bounds(self, z: float, prior: Mapping[str, GainPrior] | None = None) -> dict[str, float]:
+        """The guard's lower bound per personalized configuration, in accuracy points."""
+        out = {}
+        for c in self.gain:
+            m, sd = self.posterior(c, (prior or {}).get(c))
+            out[c] = (m - z * sd) / 2
+        return out
+
+    def rechoose(
+        self, z: float, prior: Mapping[str, GainPrior] | None = None, candidates: Sequence[str] | None = None
+    ) -> Configuration:
+        """The configuration the guard serves at ``z`` under ``prior`` (from the stored statistics)."""
+        best: Configuration = "default"
+        best_gain = 0.0
+        bounds = self.bounds(z, prior)
+        for c in candidates if candidates is not None else self.candidates:
+            if c not in self.gain or bounds[c] <= 0:
+                continue
+            m, _ = self.posterior(c, (prior or {}).get(c))
+            if m > best_gain:
+                best, best_gain = c, m  # type: ignore[assignment]
+        return best
+
+    def apply(self, z: float, prior: Mapping[str, GainPrior] | None, candidates: Sequence[str]) -> Selection:
+        """This selection with the guard re-applied (served, bounds, prior recorded)."""
+        return replace(
+            self, served=self.rechoose(z, prior, candidates), lower_bound=self.bounds(z, prior), z=z,
+            candidates=list(candidates), prior={c: [p.mean, p.var] for c, p in prior.items()} if prior else None,
+        )  # fmt: skip
+
+
+def choose(
+    per_vote: Mapping[str, Sequence[int]],
+    *,
+    z: float,
+    folds: int = 0,
+    prior: Mapping[str, GainPrior] | None = None,
+    candidates: Sequence[str] = ("persona_demos",),
+) -> Selection:
+    """The guard: which configuration to serve, from per-vote correct counts (0, 1 or 2 per vote).
+
+    ``per_vote[c][i]`` is how many of vote ``i``'s two presentation orders configuration ``c`` got
+    right; every configuration must list the same votes in the same order, ``default`` included.
+    ``prior``: the tenant's :func:`population_prior` (None: this user's evidence alone).
+    """
+    base = list(per_vote["default"])
+    n = len(base)
+    if any(len(per_vote[c]) != n for c in per_vote):
+        raise ValueError("every configuration must be scored on the same votes")
+    acc = {c: (sum(per_vote[c]) / (2 * n) if n else 0.0) for c in per_vote}
+    gain: dict[str, float] = {}
+    gain_sd: dict[str, float] = {}
+    for c in PERSONALIZED:
+        if c not in per_vote:
+            continue
+        d = [a - b for a, b in zip(per_vote[c], base, strict=True)]
+        mean = sum(d) / n if n else 0.0
+        gain[c] = mean
+        gain_sd[c] = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1)) if n > 1 else math.inf
+    sel = Selection(
+        served="default", cv_accuracy=acc, lower_bound={}, n_votes=n, n_judgments=2 * n * len(per_vote),
+        folds=folds, gain=gain, gain_sd=gain_sd,
+    )  # fmt: skip
+    return sel.apply(z, prior, candidates)
+
+
+def population_prior(selections: Sequence[Selection], *, min_users: int = 8) -> dict[str, GainPrior]:
+    """Empirical-Bayes prior per configuration from other users' selections (method of moments).
+
+    Mean of their measured gains; variance of the gains minus their mean squared standard error (the
+    spread that is real, not measurement noise), floored at 0.01 so one user's evidence can always
+    move it. Empty with fewer than ``min_users`` usable selections.
+    """
+    out: dict[str, GainPrior] = {}
+    for c in PERSONALIZED:
+        pts = [(s.gain[c], s.gain_sd[c] ** 2 / s.n_votes) for s in selections
+               if c in s.gain and s.n_votes > 1 and math.isfinite(s.gain_sd[c])]  # fmt: skip
+        if len(pts) < min_users:
+            continue
+        gains = [g for g, _ in pts]
+        mean = sum(gains) / len(gains)
+        spread = sum((g - mean) ** 2 for g in gains) / len(gains)
+        out[c] = GainPrior(mean, max(0.01, spread - sum(se2 for _, se2 in pts) / len(pts)))
+    return out
+
+
+async def tenant_prior(memory: Any, user_id: str, config: SelectionConfig, *, limit: int = 500) -> dict[str, GainPrior]:
+    """The prior for ``user_id`` from the current selections of up to ``limit`` other users of the same
+    tenant (``memory``: a ``PreferenceMemory``; anything without ``list_users``/``current_persona`` gives none)."""
+    list_users = getattr(memory, "list_users", None)
+    current = getattr(memory, "current_persona", None)
+    if list_users is None or current is None:
+        return {}
+    others = [u for u in await list_users() if u != user_id][:limit]
+    profiles = await asyncio.gather(*(current(u) for u in others))
+    sels = [
+        Selection.from_meta(p.meta["selection"]) for p in profiles
+        if p is not None and isinstance(p.meta.get("selection"), Mapping) and p.meta["selection"].get("gain")
+    ]  # fmt: skip
+    return population_prior(sels, min_users=config.min_prior_users)
+
+
+# ---------------------------------------------------------------- serving
+
+def demoted(profile: PersonaProfile) -> bool:
+    """True when live A/B traffic showed this persona version losing to the plain answer."""
+    return bool(profile.meta.get("demoted"))
+
+
+def served(profile: PersonaProfile | None) -> Configuration:
+    """The configuration the guard serves for ``profile`` (``default`` for no profile or a demoted one)."""
+    if profile is None or demoted(profile):
+        return "default"
+    sel = profile.meta.get("selection")
+    if not isinstance(sel, Mapping):
+        return "persona_demos"  # fitted before selection existed: served as it always was
+    s = sel.get("served")
+    return s if s in CONFIGURATIONS else "persona_demos"
+
+
+def served_persona(profile: PersonaProfile | None) -> str | None:
+    """The persona text to inject as a system prompt / give the judge, or None where the guard says no."""
+    if profile is None or served(profile) not in ("persona_demos", "persona"):
+        return None
+    return profile.persona
+
+
+def served_demos(profile: PersonaProfile | None) -> list[Demo]:
+    """The judge's few-shot demos under the guard (step 1's for ``demos``, none for ``persona``/``default``)."""
+    s = served(profile)
+    if profile is None or s in ("persona", "default"):
+        return []
+    if s == "demos":
+        return [Demo.model_validate(d) for d in profile.meta.get("bootstrap_demos") or []]
+    return list(profile.demos)

@@ -1,0 +1,178 @@
+"""The proxy's upstream client: bodies forwarded faithfully, streams relayed, broken streams end in an error event.
+
+The upstream here is a small ASGI app that misbehaves on request (the body's ``mode``
+field, which the proxy forwards as sent like any unknown field): it echoes what it
+received, breaks a stream off, or stalls one past the proxy's upstream timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+from langgraph.store.memory import InMemoryStore
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, StreamingResponse
+from starlette.routing import Route
+
+from synth_agent.config import Settings
+from synth_agent.llm.client import EndpointConfig, LLMClient
+from synth_agent.models import PersonaProfile
+from synth_agent.proxy import ProxyServer, ProxySettings, ProxyState, create_app
+from synth_agent.serving import ThreadedServer, freeze_heap_after_startup
+
+KEY = "sk-upstream"
+H = {"Authorization": f"Bearer {KEY}"}
+USER = "ana@example.com"
+
+
+def _completion(text: str) -> dict[str, Any]:
+    return {"id": "c1", "object": "chat.completion", "created": 0, "model": "m",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}]}
+
+
+def _chunk(text: str) -> bytes:
+    delta = {"id": "c1", "object": "chat.completion.chunk", "created": 0, "model": "m",
+             "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}]}
+    return f"data: {json.dumps(delta)}\n\n".encode()
+
+
+async def chat(request: Request) -> Any:
+    raw = await request.body()
+    body = json.loads(raw)
+    mode = body.get("mode", "echo")
+    if mode == "echo":
+        return JSONResponse(_completion(raw.decode()))
+
+    async def events() -> AsyncIterator[bytes]:
+        yield _chunk("Hello")
+        yield _chunk(" there")
+        if mode == "break":
+            raise RuntimeError("the upstream dies mid-stream")
+        await asyncio.sleep(3)  # "stall": longer than the proxy's upstream timeout
+        yield b"data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
+async def healthz(request: Request) -> Any:
+    return JSONResponse({"ok": True})
+
+
+@dataclass
+class World:
+    srv: ProxyServer
+    state: ProxyState
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    upstream_app = Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"]),
+                                     Route("/healthz", healthz)])
+    with ThreadedServer(upstream_app, name="fake-upstream") as up:
+        llm = LLMClient(EndpointConfig(base_url=up.base_url))
+        app = create_app(
+            Settings(base_url=up.base_url, home=tmp_path_factory.mktemp("home")),
+            ProxySettings(api_keys=f"acme:{KEY}", synthesis="off", key_rate_limit=0, upstream_timeout=0.5,
+                          upstream_retries=0),
+            store=InMemoryStore(), llm=llm,
+        )
+        with ProxyServer(app, close=[llm]) as srv:
+            state: ProxyState = app.state.proxy
+            srv.call(state.memories("acme").save_persona(  # type: ignore[misc]
+                PersonaProfile(user_id=USER, persona="The user prefers short answers.")))
+            yield World(srv, state)
+
+
+def test_the_body_is_forwarded_as_sent_plus_the_persona(world: World) -> None:
+    big = 2**70  # valid JSON, beyond 64 bits: passed through exactly
+    body = {"model": "m", "user": USER, "messages": [{"role": "user", "content": "Grüß dich 👋"}],
+            "vendor_extra": {"big": big, "list": [1, 2.5, None, True]}}
+    r = httpx.post(f"{world.srv.base_url}/chat/completions", headers=H, json=body, timeout=10)
+    assert r.status_code == 200, r.text
+    assert r.headers["x-synth-persona-version"] == "1"
+    sent = json.loads(r.json()["choices"][0]["message"]["content"])
+    assert sent["vendor_extra"] == {"big": big, "list": [1, 2.5, None, True]}
+    assert sent["messages"][0]["role"] == "system" and "short answers" in sent["messages"][0]["content"]
+    assert sent["messages"][1:] == body["messages"]
+
+
+@pytest.mark.parametrize(("mode", "code"), [("break", "upstream_stream_broken"), ("stall", "upstream_timeout")])
+def test_a_stream_that_breaks_off_ends_with_an_error_event(world: World, mode: str, code: str) -> None:
+    body = {"model": "m", "user": USER, "stream": True, "mode": mode,
+            "messages": [{"role": "user", "content": "hi"}]}
+    with httpx.stream("POST", f"{world.srv.base_url}/chat/completions", headers=H, json=body, timeout=10) as r:
+        assert r.status_code == 200
+        events = [line[len("data: "):] for line in r.iter_lines() if line.startswith("data: ")]
+    texts = [json.loads(e)["choices"][0]["delta"]["content"] for e in events[:-1]]
+    assert texts == ["Hello", " there"]  # what arrived was relayed as it came
+    assert json.loads(events[-1])["error"]["code"] == code
+    # the proxy keeps serving, and counts the failure
+    assert httpx.get(f"{world.srv.url}/healthz").status_code == 200
+    metrics = httpx.get(f"{world.srv.url}/metrics").text
+    kind = code.removeprefix("upstream_")
+    assert any(line.startswith(f'synth_proxy_upstream_errors_total{{kind="{kind}"}}') for line in metrics.splitlines())
+
+
+def test_concurrent_persona_misses_share_one_store_read(world: World) -> None:
+    state = world.state
+    personalizer = state.personalizer
+    assert personalizer is not None
+    reads = 0
+    real = personalizer.persona
+
+    async def slow_read(tenant: str, user: str, store: Any = None) -> Any:
+        nonlocal reads
+        reads += 1
+        await asyncio.sleep(0.2)
+        return await real(tenant, user)
+
+    async def go() -> list[Any]:
+        personalizer.persona = slow_read  # type: ignore[method-assign]
+        try:
+            first = asyncio.ensure_future(state.persona("acme", USER))
+            await asyncio.sleep(0.01)
+            first.cancel()  # a caller that goes away does not cancel the read the others wait for
+            return await asyncio.gather(*(state.persona("acme", USER) for _ in range(20)))
+        finally:
+            personalizer.persona = real  # type: ignore[method-assign]
+
+    profiles = world.srv.call(go())
+    assert reads == 1
+    assert {p.version for p in profiles} == {1}
+    assert not state._persona_reads  # nothing left behind once the read is done
+
+
+def test_freeze_heap_after_startup_passes_the_lifespan_through() -> None:
+    seen: list[str] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen.append(scope["type"])
+        if scope["type"] == "lifespan":
+            await receive()
+            await send({"type": "lifespan.startup.complete"})
+
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "lifespan.startup"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    before = gc.get_freeze_count()
+    try:
+        asyncio.run(freeze_heap_after_startup(app)({"type": "lifespan"}, receive, send))
+        assert sent == [{"type": "lifespan.startup.complete"}] and seen == ["lifespan"]
+        assert gc.get_freeze_count() > before  # the heap built during startup is out of the collector's way
+        asyncio.run(freeze_heap_after_startup(app)({"type": "http"}, receive, send))
+        assert seen == ["lifespan", "http"]
+    finally:
+        gc.unfreeze()
