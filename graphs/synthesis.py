@@ -37,6 +37,7 @@ from dataclasses import fields, replace
 from typing import Annotated, Any, Literal
 
 from langchain_core.runnables import RunnableConfig
+from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.graph import END, START, StateGraph
 from langgraph.graph.state import CompiledStateGraph
 from langgraph.runtime import Runtime
@@ -146,7 +147,7 @@ def synthesis_thread_id(tenant_id: str, user_id: str, run_id: str) -> str:
 
 
 async def erase_synthesis_checkpoints(
-    checkpointer: Checkpointer, tenant_id: str, user_id: str, versions: int = 0
+    checkpointer: BaseCheckpointSaver[Any], tenant_id: str, user_id: str, versions: int = 0
 ) -> list[str]:
     """Erase every synthesis checkpoint thread of one user (they hold the user's votes in the clear).
 

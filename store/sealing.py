@@ -43,6 +43,7 @@ class Codec:
     def __init__(self, secret: bytes = b"") -> None:
         self.secret = secret
         self.sealed = bool(secret)
+        self._aead: Any
         if self.sealed:
             from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 

@@ -250,9 +250,9 @@ async def evaluate_user(
             continue
         res.correct[m] = c
         res.judged[m] = 2 * len(targets)
-    for c in CONFIGURATIONS:
-        if c in res.correct and "served" in methods:
-            res.options[c] = res.correct[c]
+    for name in CONFIGURATIONS:
+        if name in res.correct and "served" in methods:
+            res.options[name] = res.correct[name]
     return res
 
 

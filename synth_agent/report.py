@@ -97,9 +97,9 @@ def write_lift_plot(report: LiftReport, path: str | Path, *, title: str = "") ->
 
     per_version: dict[int, list[int]] = {}
     for e in events:
-        w = per_version.setdefault(e.version, [0, 0])
-        w[0] += e.personalized_won
-        w[1] += 1
+        tally = per_version.setdefault(e.version, [0, 0])
+        tally[0] += e.personalized_won
+        tally[1] += 1
     versions = sorted(per_version)
     rates = [WinRate(*per_version[v]) for v in versions]
     vals = [100 * (r.rate or 0.0) for r in rates]

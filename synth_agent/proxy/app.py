@@ -121,15 +121,17 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with contextlib.AsyncExitStack() as stack:
+            opened: BaseStore
             if store is not None:
-                state.store = store
+                opened = store
             else:
                 from synth_agent.services import open_store
 
                 # the embedding model loads now, not on the first vote write (flat write latency)
-                state.store = await asyncio.to_thread(open_store, settings, server=True, warm=True)
-                stack.push_async_callback(asyncio.to_thread, state.store.close)  # last out: stops its Chroma
-            memories = TenantMemories(state.store)
+                opened = await asyncio.to_thread(open_store, settings, server=True, warm=True)
+                stack.push_async_callback(asyncio.to_thread, opened.close)  # type: ignore[attr-defined]  # last out: stops its Chroma
+            state.store = opened
+            memories = TenantMemories(opened)
             if llm is not None:
                 state.llm = llm
             else:
@@ -175,7 +177,7 @@ def create_app(
             state.memories = memories
             if isinstance(state.scheduler, SynthesisScheduler):
                 # Votes stored while no scheduler ran (crash, restart, other writers) get their check.
-                state.poller = StorePoller(state.store, memories, state.scheduler)
+                state.poller = StorePoller(opened, memories, state.scheduler)
                 stack.push_async_callback(state.poller.aclose)
                 state.poller.start(proxy.poll_interval)
             metrics.watch(lambda: state.scheduler.stats if state.scheduler else None,
