@@ -655,7 +655,7 @@ def report(
         scope = f"user {user!r}" if user else f"tenant {st.tenant!r} ({len(rep.users)} users)"
         out.print(f"live lift for {escape(scope)}: personalized won {t.wins} of {t.n} A/B votes"
                   + (f" = {t.rate:.0%} (95% CI {lo:.0%}–{hi:.0%})" if t.n else ""))
-        table = Table("user", "version", "serves", "cross-validated", "live A/B (won/votes)", "95% CI",
+        table = _table("user", "version", "serves", "cross-validated", "live A/B (won/votes)", "95% CI",
                       title="Per user, current persona version")
         for u in rep.users:
             row = u.rows[-1] if u.rows else None
