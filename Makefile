@@ -35,6 +35,7 @@ bench: venv
 	$(PY) bench/chat_overhead.py
 	$(PY) bench/proxy_overhead.py
 	$(PY) bench/judge_throughput.py
+	$(PY) bench/fit_throughput.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -412,14 +412,21 @@ class PreferenceMemory:
         items = await self._all(self._user_ns(user_id, "personas"))
         return sorted(items, key=lambda it: int(it.value["version"]))
 
-    async def save_persona(self, profile: PersonaProfile) -> PersonaProfile:
-        """Save ``profile`` as a new version (latest + 1); older versions are kept as history."""
+    async def save_persona(self, profile: PersonaProfile, *, version: int | None = None) -> PersonaProfile:
+        """Save ``profile`` as a new version (latest + 1); older versions are kept as history.
+
+        ``version``: a number allocated elsewhere (the scale-out mode's Postgres counter); it must be
+        above every stored version, else ValueError and nothing is written.
+        """
         if not isinstance(profile, PersonaProfile):
             raise ValueError(f"save_persona takes a PersonaProfile, got {type(profile).__name__}")
         profile = PersonaProfile.model_validate(profile.model_dump())
         async with self._lock(profile.user_id):
             items = await self._persona_items(profile.user_id)
-            version = (int(items[-1].value["version"]) if items else 0) + 1
+            latest = int(items[-1].value["version"]) if items else 0
+            if version is not None and version <= latest:
+                raise ValueError(f"persona version {version} is not above the stored v{latest}")
+            version = version if version is not None else latest + 1
             saved = profile.model_copy(update={"version": version})
             value = {"version": version, "profile": saved.model_dump(mode="json")}
             await self.store.abatch(

@@ -317,9 +317,16 @@ def forget(
                   "pass --yes to confirm")
         if not typer.confirm(f"Forget everything about {user!r}?", default=False):
             _fail(f"{user!r} was not forgotten: confirmation declined")
+    from synth_agent.scale.settings import ScaleSettings
+
+    dsn = ScaleSettings().queue
 
     async def go() -> dict[str, int]:
         memory = open_memory(st.settings, st.tenant)
+        if dsn:  # scale-out mode: also stop the user's jobs and erase them from Postgres (docs/deploy.md)
+            from synth_agent.scale.queue import forget_everywhere
+
+            return dict(await forget_everywhere(dsn, memory, user))
         versions = len(await memory.persona_history(user))
         counts: dict[str, int] = await memory.forget_user(user)
         if (st.settings.home / "checkpoints.sqlite").exists():  # synthesis checkpoints hold the votes too

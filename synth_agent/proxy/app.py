@@ -105,6 +105,9 @@ def create_app(
             )
     if proxy.no_auth:
         keys = None
+    if proxy.queue and store is None and not settings.chroma_host:
+        raise ValueError("the scale-out mode (queue) needs the shared Chroma server: set CHROMA_HOST; "
+                         "see docs/deploy.md")
     metrics = ProxyMetrics()
     models = api_models(Limits(
         max_content_chars=settings.max_content_chars, max_messages=proxy.max_messages,
@@ -149,7 +152,16 @@ def create_app(
                 on_error=lambda kind: metrics.upstream_errors.labels(kind).inc(),
             )
             stack.push_async_callback(state.upstream.aclose)
-            if proxy.synthesis == "inline":
+            if proxy.queue:
+                # Scale-out mode: fits run in `synth-agent worker --queue` processes; votes enqueue them.
+                from synth_agent.scale.queue import QueueScheduler
+                from synth_agent.scale.settings import ScaleSettings
+
+                qs = QueueScheduler(proxy.queue, memories, policy or ScaleSettings().policy())
+                await qs.open()
+                stack.push_async_callback(qs.aclose, drain=True, drain_timeout=proxy.drain_timeout)
+                state.scheduler = qs
+            elif proxy.synthesis == "inline":
                 cp = checkpointer
                 if cp is None:
                     cp = await stack.enter_async_context(open_checkpointer(settings.home))
@@ -160,10 +172,10 @@ def create_app(
                 stack.push_async_callback(state.scheduler.aclose, drain=True, drain_timeout=proxy.drain_timeout)
             state.personalizer = Personalizer(
                 RunnableLambda(_no_agent), llm=state.llm, store=state.store, memory_for=memories,
-                scheduler=state.scheduler, persona_ttl=proxy.persona_ttl,
+                scheduler=state.scheduler, persona_ttl=proxy.persona_ttl,  # type: ignore[arg-type]
             )
             state.memories = memories
-            if state.scheduler is not None:
+            if isinstance(state.scheduler, SynthesisScheduler):
                 # Votes stored while no scheduler ran (crash, restart, other writers) get their check.
                 state.poller = StorePoller(opened, memories, state.scheduler)
                 stack.push_async_callback(state.poller.aclose)

@@ -50,6 +50,9 @@ def register(app: typer.Typer) -> None:
         synthesis: Annotated[str | None, typer.Option(
             help="'inline': fit personas in this process; 'off': a `synth-agent worker` does it.")] = None,
         poll_interval: Annotated[float | None, typer.Option(help="Inline mode: re-scan the store every N seconds.")] = None,
+        queue: Annotated[str | None, typer.Option(
+            help="Scale-out mode: Postgres DSN of the job queue; votes enqueue fits for `synth-agent worker "
+            "--queue` (env SYNTH_AGENT_QUEUE; see docs/deploy.md).")] = None,
         chroma_host: Annotated[str | None, typer.Option(help="Chroma server host (env CHROMA_HOST).")] = None,
         chroma_port: Annotated[int | None, typer.Option(help="Chroma server port (env CHROMA_PORT).")] = None,
         log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
@@ -79,7 +82,7 @@ def register(app: typer.Typer) -> None:
             "host": host, "port": port, "upstream_base_url": upstream_base_url,
             "upstream_api_key": upstream_api_key, "model_map": model_map, "default_model": default_model,
             "keys_file": keys_file, "key_rate_limit": rate_limit, "key_burst": burst, "synthesis": synthesis,
-            "poll_interval": poll_interval,
+            "poll_interval": poll_interval, "queue": queue,
         }
         if simulator and upstream_base_url is not None:
             raise typer.BadParameter("give --simulator or --upstream-base-url, not both", param_hint="'--simulator'")
@@ -90,11 +93,16 @@ def register(app: typer.Typer) -> None:
             if simulator:
                 proxy = proxy.model_copy(update={"upstream_base_url": None, "upstream_api_key": None})
             settings = _settings(ctx, chroma_host, chroma_port)
+            if proxy.queue:
+                from synth_agent.scale.settings import check_scale_config
+
+                check_scale_config(proxy.queue, settings.chroma_host)
             with simulator_if_needed(settings, force=simulator) as live:
                 app = create_app(live, proxy)
                 auth = "OFF (--no-auth, tenant 'default')" if proxy.no_auth else "API keys"
                 typer.echo(f"synth-agent proxy on http://{proxy.host}:{proxy.port}/v1 -> "
-                           f"{proxy.upstream_base_url or live.base_url}; auth: {auth}; synthesis: {proxy.synthesis}; "
+                           f"{proxy.upstream_base_url or live.base_url}; auth: {auth}; "
+                           f"synthesis: {'queue (workers)' if proxy.queue else proxy.synthesis}; "
                            f"access log: {'on' if access_log else 'off (--access-log)'}; docs: http://{proxy.host}:{proxy.port}/docs",
                            err=True)
                 uvicorn.run(freeze_heap_after_startup(app), host=proxy.host, port=proxy.port, log_level=log_level,
@@ -106,18 +114,57 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def worker(
         ctx: typer.Context,
-        poll_interval: Annotated[float, typer.Option(help="Seconds between store scans.")] = 5.0,
+        poll_interval: Annotated[float, typer.Option(help="Seconds between store scans (without --queue).")] = 5.0,
+        queue: Annotated[str | None, typer.Option(
+            help="Scale-out mode: take fits from this Postgres job queue instead of scanning the store "
+            "(env SYNTH_AGENT_QUEUE; see docs/deploy.md).")] = None,
+        concurrency: Annotated[int, typer.Option(min=1, help="--queue: fits at once in this process.")] = 2,
+        max_attempts: Annotated[int, typer.Option(min=1, help="--queue: attempts per job (backoff 2^n s).")] = 5,
+        heartbeat: Annotated[float, typer.Option(min=0.1, help="--queue: seconds between heartbeats.")] = 5.0,
+        stall_timeout: Annotated[float, typer.Option(
+            min=0.5, help="--queue: a worker silent this long is dead; its jobs are retried.")] = 30.0,
         chroma_host: Annotated[str | None, typer.Option(help="Chroma server host (env CHROMA_HOST).")] = None,
         chroma_port: Annotated[int | None, typer.Option(help="Chroma server port (env CHROMA_PORT).")] = None,
     ) -> None:
-        """Fit personas apart from the proxy (serve --synthesis off).
-
-        Uses the same store and home as the proxy.
-        """
-        from synth_agent.proxy.worker import open_worker
+        """Fit personas in the background: from the Postgres job queue (--queue), or for a proxy running
+        with --synthesis off by scanning the store (same store and home)."""
         from synth_agent.services import simulator_if_needed
 
         settings = _settings(ctx, chroma_host, chroma_port)
+        from synth_agent.scale.settings import ScaleSettings
+
+        try:
+            scale = ScaleSettings(queue=queue) if queue else ScaleSettings()
+            if scale.queue:
+                from synth_agent.scale.settings import check_scale_config
+
+                check_scale_config(scale.queue, settings.chroma_host)
+        except ValueError as exc:
+            from pydantic import ValidationError
+
+            msg = ("; ".join(f"SYNTH_AGENT_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors())
+                   if isinstance(exc, ValidationError) else str(exc))
+            typer.echo(f"error: {msg}", err=True)
+            raise typer.Exit(2) from None
+
+        async def scan(live: Any, stop: asyncio.Event) -> None:
+            from synth_agent.proxy.worker import open_worker
+
+            async with open_worker(live, poll_interval=poll_interval) as w:
+                typer.echo(f"synth-agent worker: scanning the store every {poll_interval:g}s; Ctrl-C to stop", err=True)
+                await w.run(stop)
+
+        async def from_queue(live: Any, stop: asyncio.Event) -> None:
+            from synth_agent.scale.worker import WorkerOptions, open_queue_worker
+
+            opts = WorkerOptions(concurrency=concurrency, max_attempts=max_attempts, heartbeat=heartbeat,
+                                 stall_timeout=stall_timeout)
+            assert scale.queue is not None
+            async with open_queue_worker(live, scale.queue, options=opts, policy=scale.policy(),
+                                         fit_config=scale.fit_config()) as w:
+                typer.echo(f"synth-agent worker {opts.name}: fitting from the Postgres queue, {concurrency} at "
+                           "once; Ctrl-C to stop", err=True)
+                await w.run(stop)
 
         import asyncio
 
@@ -126,9 +173,25 @@ def register(app: typer.Typer) -> None:
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, stop.set)
-            async with open_worker(live, poll_interval=poll_interval) as w:
-                typer.echo(f"synth-agent worker: scanning the store every {poll_interval:g}s; Ctrl-C to stop", err=True)
-                await w.run(stop)
+            await (from_queue(live, stop) if scale.queue else scan(live, stop))
 
         with simulator_if_needed(settings) as live:
             asyncio.run(main(live))
+
+    @app.command()
+    def postgres(
+        data: Annotated[Path, typer.Option(help="Data directory (created and initialised on first start).")] = Path(
+            ".synth-agent/postgres"),
+        port: Annotated[int, typer.Option(help="TCP port (0: a free one).")] = 5432,
+        host: Annotated[str, typer.Option(help="Listen address (loopback only by default).")] = "127.0.0.1",
+    ) -> None:
+        """Run a local PostgreSQL for the scale-out mode (the binaries ship in the pinned `pgserver` wheel);
+        prints the DSN for SYNTH_AGENT_QUEUE. For one machine and tests; see docs/deploy.md for production."""
+        from synth_agent.scale.postgres import PostgresNotFound, serve_forever
+
+        try:
+            code = serve_forever(data.absolute(), port, host)
+        except (PostgresNotFound, RuntimeError, OSError) as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+        raise typer.Exit(code)

@@ -13,6 +13,7 @@
 | ``SYNTH_AGENT_MAX_BODY_BYTES`` / ``_MAX_JSON_DEPTH`` | largest request body / deepest JSON nesting accepted | ``1048576`` / ``64`` |
 | ``SYNTH_AGENT_MAX_MESSAGES`` / ``_MAX_CANDIDATES`` / ``_MAX_BATCH_VOTES`` | messages per conversation / rerank candidates / votes per request | ``256`` / ``8`` / ``1000`` |
 | ``SYNTH_AGENT_SYNTHESIS`` | ``inline`` (in this process) or ``off`` (a ``synth-agent worker`` does it) | ``inline`` |
+| ``SYNTH_AGENT_QUEUE`` | scale-out mode: a Postgres DSN; votes enqueue fits for ``synth-agent worker --queue`` (docs/deploy.md) | unset |
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ class ProxySettings(BaseSettings):
 
     persona_ttl: float = Field(default=30.0, ge=0, description="seconds a cached persona is trusted")
     synthesis: Literal["inline", "off"] = "inline"
+    queue: str | None = Field(default=None, description="Postgres DSN of the synthesis job queue (scale-out mode)")
     drain_timeout: float = Field(default=10.0, ge=0, description="shutdown: let running syntheses finish")
     poll_interval: float | None = Field(
         default=None, description="inline mode: also poll the store every N seconds (other writers)"

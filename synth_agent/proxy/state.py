@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from langgraph.store.base import BaseStore
 
@@ -20,6 +20,9 @@ from synth_agent.proxy.settings import ProxySettings
 from synth_agent.proxy.upstream import Upstream
 from synth_agent.proxy.worker import StorePoller
 from synth_agent.scheduler import SynthesisScheduler
+
+if TYPE_CHECKING:
+    from synth_agent.scale.queue import QueueScheduler
 
 __all__ = ["Caller", "ProxyState"]
 
@@ -48,7 +51,7 @@ class ProxyState:
     llm: ChatBackend | None = None
     upstream: Upstream | None = None
     personalizer: Personalizer | None = None
-    scheduler: SynthesisScheduler | None = None
+    scheduler: SynthesisScheduler | QueueScheduler | None = None  # QueueScheduler: scale-out mode
     poller: StorePoller | None = None
     checkpointer: Any = None
     background: set[asyncio.Task[Any]] = field(default_factory=set)

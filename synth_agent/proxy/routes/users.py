@@ -20,6 +20,7 @@ from synth_agent.proxy.errors import ProxyError, responses
 from synth_agent.proxy.routes.common import PERSONA_HEADER
 from synth_agent.proxy.schemas import ApiModels, PersonaHistory, UserDeleted
 from synth_agent.proxy.state import ProxyState
+from synth_agent.scheduler import SynthesisScheduler
 
 log = logging.getLogger("synth_agent.proxy")
 
@@ -93,12 +94,21 @@ def router(models: ApiModels) -> APIRouter:
         """Forget everything stored for this user in the caller's tenant (votes, personas, pending pairs)."""
         memories, personalizer, _, _ = st.ready()
         tenant = caller.tenant
+        sched = st.scheduler
+        if getattr(sched, "distributed", False):
+            # Scale-out mode: queued jobs cancelled, a running one aborted, then Chroma and Postgres erased.
+            try:
+                counts = await sched.forget(memories(tenant), user)  # type: ignore[union-attr]
+            except TimeoutError as exc:
+                raise ProxyError(503, f"{exc}; nothing was deleted, retry shortly", code="fit_running",
+                                 headers={"Retry-After": "5"}) from None
+            personalizer.invalidate(tenant, user)
+            return {"object": "user.deleted", "deleted": counts}
         versions = len(await memories(tenant).persona_history(user))
         counts = await memories(tenant).forget_user(user)
         personalizer.invalidate(tenant, user)
         await _forget_checkpoints(st, tenant, user, versions)
-        sched = st.scheduler
-        if sched is not None and sched.is_busy(tenant, user):
+        if isinstance(sched, SynthesisScheduler) and sched.is_busy(tenant, user):
             # A fit already running would save a persona after this delete: forget again once it ends.
             async def again() -> None:
                 try:
