@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from store.server import chroma_cli
 from synth_agent.scale.postgres import LocalPostgres, free_port
 
 __all__ = ["LocalCluster", "Proc"]
@@ -49,14 +50,6 @@ class Proc:
             return self.log.read_text(errors="replace")[-n:]
         except OSError:
             return ""
-
-
-def _chroma_cli() -> str:
-    local = Path(sys.executable).parent / "chroma"
-    found = str(local) if local.exists() else shutil.which("chroma")
-    if not found:
-        raise RuntimeError("the 'chroma' CLI is not installed (it comes with chromadb)")
-    return found
 
 
 def _http_ok(url: str, timeout: float = 2.0) -> bool:
@@ -187,7 +180,7 @@ class LocalCluster:
         fh = log.open("ab")
         try:
             popen = subprocess.Popen(
-                [_chroma_cli(), "run", "--path", str(self.base / "chroma"), "--host", "127.0.0.1", "--port", str(port)],
+                [chroma_cli(), "run", "--path", str(self.base / "chroma"), "--host", "127.0.0.1", "--port", str(port)],
                 stdout=fh, stderr=subprocess.STDOUT, env=child_env(), preexec_fn=parent_death_preexec(),
             )
         finally:
