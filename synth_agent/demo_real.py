@@ -31,6 +31,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from synth_agent.config import Settings
 from synth_agent.engine import FitConfig, Synthesizer
+from synth_agent.engine.selection import SelectionConfig
 from synth_agent.engine.synthesize import FitResult
 from synth_agent.evaluate import EvalReport
 from synth_agent.judge_server import JudgeServerError, LocalJudgeServer, ServerSpec, resolve_gguf
@@ -41,9 +42,10 @@ from synth_agent.prompts import ParseError
 console = Console()
 
 TINY = FitConfig(n_trials=1, n_demo_candidates=1, max_bootstrapped_demos=1, max_labeled_demos=1, candidate_wave=2,
-                 score_mode="logprob")  # fmt: skip
+                 score_mode="logprob", selection=SelectionConfig(enabled=False))  # fmt: skip
 """The smallest budgets, validation scored with the one-token log-probability judge: on a shared 2-core
-machine a user's fit with chain-of-thought scoring took ~12 minutes (simulated answers are long)."""
+machine a user's fit with chain-of-thought scoring took ~12 minutes (simulated answers are long). No
+cross-validated selection (it writes one persona per fold): the demo evaluates persona + demos itself."""
 METHODS = ("default_logprob", "persona_demos_logprob")
 """Log-probability judges: one generated token per judgment (on CPU, reading the prompt is the cost)."""
 CAPTION = (
