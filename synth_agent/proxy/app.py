@@ -20,9 +20,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
+import aiohttp
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from langchain_core.runnables import RunnableLambda
@@ -85,6 +86,7 @@ def create_app(
     checkpointer: Checkpointer | None = None,
     fit_config: FitConfig | None = None,
     policy: SynthesisPolicy | None = None,
+    upstream_trace_configs: Sequence[aiohttp.TraceConfig] = (),
 ) -> FastAPI:
     """Build the proxy app. Nothing is opened until the ASGI lifespan starts.
 
@@ -92,7 +94,8 @@ def create_app(
     ``proxy``: upstream, auth, limits (default: env). ``store``/``llm``/``checkpointer``
     override what ``settings`` would open (tests, embedding the proxy in a larger app).
     ``keys``: the key ring (default: ``SYNTH_AGENT_API_KEYS`` + ``--keys-file``); refused if
-    empty unless ``proxy.no_auth``.
+    empty unless ``proxy.no_auth``. ``upstream_trace_configs``: aiohttp request tracing on the
+    upstream session (what the upstream was sent, timings).
     """
     settings = settings or Settings()
     proxy = proxy or ProxySettings()
@@ -150,6 +153,7 @@ def create_app(
                 ),
                 on_retry=lambda _: metrics.upstream_retries.inc(),
                 on_error=lambda kind: metrics.upstream_errors.labels(kind).inc(),
+                trace_configs=upstream_trace_configs,
             )
             stack.push_async_callback(state.upstream.aclose)
             if proxy.queue:

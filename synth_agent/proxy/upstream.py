@@ -21,7 +21,7 @@ import email.utils
 import json
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -122,8 +122,10 @@ class Upstream:
         *,
         on_retry: Callable[[str], None] | None = None,
         on_error: Callable[[str], None] | None = None,
+        trace_configs: Sequence[aiohttp.TraceConfig] = (),
     ) -> None:
         self.config = config
+        self._trace_configs = list(trace_configs)  # aiohttp request tracing (observability, tests)
         self.base_url = config.base_url.rstrip("/")
         self._on_retry = on_retry or (lambda _: None)
         self._on_error = on_error or (lambda _: None)
@@ -140,7 +142,7 @@ class Upstream:
         if self._session is None:
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=512, ttl_dns_cache=300), timeout=self._timeout,
-                raise_for_status=False,
+                raise_for_status=False, trace_configs=self._trace_configs or None,
             )
         return self._session
 

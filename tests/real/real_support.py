@@ -10,6 +10,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import httpx
 
 from synth_agent.ingest import read_jsonl
@@ -86,6 +87,31 @@ class RecordingTransport(httpx.AsyncBaseTransport):
 
     async def aclose(self) -> None:
         await self.inner.aclose()
+
+    def chats(self) -> list[dict[str, Any]]:
+        """Bodies of the chat completions sent, in order."""
+        return [b for b in self.bodies if "messages" in b]
+
+
+class RecordingTrace:
+    """aiohttp request tracing for the proxy's upstream session: keeps the JSON bodies it sent."""
+
+    def __init__(self) -> None:
+        self.bodies: list[dict[str, Any]] = []
+        self.config = aiohttp.TraceConfig()
+        self.config.on_request_start.append(self._start)
+        self.config.on_request_chunk_sent.append(self._chunk)
+        self.config.on_request_end.append(self._end)
+
+    async def _start(self, _session: Any, ctx: Any, _params: Any) -> None:
+        ctx.body = bytearray()
+
+    async def _chunk(self, _session: Any, ctx: Any, params: aiohttp.TraceRequestChunkSentParams) -> None:
+        ctx.body.extend(params.chunk)
+
+    async def _end(self, _session: Any, ctx: Any, _params: Any) -> None:
+        if ctx.body:
+            self.bodies.append(json.loads(bytes(ctx.body)))
 
     def chats(self) -> list[dict[str, Any]]:
         """Bodies of the chat completions sent, in order."""

@@ -112,7 +112,8 @@ async def test_fit_on_long_votes_keeps_every_prompt_inside_the_context_window(
     memory = PreferenceMemory(InMemoryStore(), "acme")
     await memory.add_votes(votes)
     # default demo budgets (up to 4 traces + 4 labels); log-probability scoring (one token per judgment)
-    cfg = FitConfig(n_trials=1, n_demo_candidates=1, score_mode="logprob", persona_max_tokens=160)
+    cfg = FitConfig(n_trials=1, n_demo_candidates=1, score_mode="logprob", persona_max_tokens=160,
+                    selection=SelectionConfig(enabled=False))  # selection writes one persona per fold
     user = votes[0].user_id
     # A previous fit's verified traces for every train vote: this refit judges no train vote again
     # and goes straight to scoring candidate demo sets (the step that overflows).

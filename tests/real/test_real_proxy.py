@@ -1,6 +1,6 @@
 """The proxy in front of the real llama.cpp server: plain and streamed chat completions, persona injected.
 
-A recording transport between the proxy and the server shows exactly what the
+aiohttp request tracing on the proxy's upstream session shows exactly what the
 real server received; the answers are the real model's.
 """
 
@@ -13,7 +13,7 @@ import openai
 import pytest
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.store.memory import InMemoryStore
-from real_support import PERSONA, USER, RecordingTransport, endpoint
+from real_support import PERSONA, USER, RecordingTrace, endpoint
 
 from synth_agent.config import Settings
 from synth_agent.judge_server import LocalJudgeServer
@@ -27,8 +27,8 @@ QUESTION = "How do I reverse a list in Python?"
 
 
 @pytest.fixture(scope="module")
-def proxy(real_server: LocalJudgeServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ProxyServer, RecordingTransport]]:
-    recorder = RecordingTransport()
+def proxy(real_server: LocalJudgeServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ProxyServer, RecordingTrace]]:
+    recorder = RecordingTrace()
     home: Path = tmp_path_factory.mktemp("real-proxy")
     app = create_app(
         Settings(base_url=real_server.base_url, api_key="none", model=real_server.model, home=home),
@@ -37,7 +37,7 @@ def proxy(real_server: LocalJudgeServer, tmp_path_factory: pytest.TempPathFactor
             upstream_timeout=300, model_map={"gpt-4o-mini": real_server.model}, synthesis="off",
         ),
         store=InMemoryStore(), llm=LLMClient(endpoint(real_server)), checkpointer=InMemorySaver(),
-        upstream_transport=recorder,
+        upstream_trace_configs=[recorder.config],
     )  # fmt: skip
     with ProxyServer(app) as srv:
         memories = app.state.proxy.memories
@@ -49,7 +49,7 @@ def client(srv: ProxyServer) -> openai.OpenAI:
     return openai.OpenAI(base_url=srv.base_url, api_key=KEY, max_retries=0, timeout=300)
 
 
-def test_plain_chat_completion_reaches_the_real_model_with_the_persona(proxy: tuple[ProxyServer, RecordingTransport]) -> None:
+def test_plain_chat_completion_reaches_the_real_model_with_the_persona(proxy: tuple[ProxyServer, RecordingTrace]) -> None:
     srv, recorder = proxy
     raw = client(srv).chat.completions.with_raw_response.create(
         model="gpt-4o-mini", user=USER, max_tokens=48, messages=[{"role": "user", "content": QUESTION}]
@@ -72,7 +72,7 @@ def test_plain_chat_completion_reaches_the_real_model_with_the_persona(proxy: tu
     assert recorder.chats()[-1]["messages"] == [{"role": "user", "content": QUESTION}]
 
 
-def test_streamed_chat_completion_is_passed_through_chunk_by_chunk(proxy: tuple[ProxyServer, RecordingTransport]) -> None:
+def test_streamed_chat_completion_is_passed_through_chunk_by_chunk(proxy: tuple[ProxyServer, RecordingTrace]) -> None:
     srv, recorder = proxy
     stream = client(srv).chat.completions.create(
         model="gpt-4o-mini", user=USER, max_tokens=48, stream=True,
