@@ -47,10 +47,12 @@ thread) against Chroma directly.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import json
 import logging
+import os
 import threading
 import time
 import uuid
@@ -274,12 +276,25 @@ class _Write:
     index: list[str] | None = None
     created: str | None = None  # kept as given by migrations; else taken from the stored item or now
     updated: str | None = None
+    only_new: bool = False  # create-only (``insert``): a no-op when the key is already stored
+    inserted: bool = False  # set by the commit that stored an ``only_new`` write
+    vectors: list[Any] | None = None  # the texts' vectors, filled by the embedding stage
 
 
 @dataclass
 class _Submission:
     writes: list[_Write]
     future: concurrent.futures.Future[None] = field(default_factory=concurrent.futures.Future)
+    todo: int = 0  # texts the embedding stage has not embedded yet; the writer commits it at 0
+    error: BaseException | None = None  # the embedding failed: fail the submission, write nothing
+
+
+@dataclass
+class _EmbedJob:
+    """Up to ``embed_batch`` texts of one submission, for one embedding worker."""
+
+    sub: _Submission
+    slots: list[tuple[_Write, int]]  # (write, index of the text in write.texts)
 
 
 @dataclass
@@ -290,6 +305,8 @@ class WriterStats:
     submissions: int = 0
     writes: int = 0
     largest_commit: int = 0
+    embed_calls: int = 0
+    texts_embedded: int = 0
     failed_commits: int = 0
     isolated_retries: int = 0
     rollbacks: int = 0
@@ -345,6 +362,9 @@ class ChromaStore(BaseStore):
         exact_search_limit: int = 1000,
         max_commit: int = 512,
         sync_threshold: int = 64,
+        embed_workers: int | None = None,
+        embed_batch: int = 32,
+        embed_nice: int = 0,
         _server: LocalChromaServer | None = None,
     ) -> None:
         if sum(x is not None for x in (path, client, host)) > 1:
@@ -353,6 +373,9 @@ class ChromaStore(BaseStore):
             raise ValueError(f"collection name {collection!r} is too short: Chroma needs at least 3 characters")
         if exact_search_limit < 1 or max_commit < 1 or sync_threshold < 2:
             raise ValueError("exact_search_limit and max_commit must be >= 1, sync_threshold >= 2")
+        if (embed_workers is not None and embed_workers < 0) or embed_batch < 1 or not 0 <= embed_nice <= 19:
+            raise ValueError("embed_workers must be >= 0, embed_batch >= 1 and embed_nice between 0 and 19")
+        self._embed_cfg = (embed_workers, embed_batch, embed_nice)
         from chromadb.config import Settings as ChromaSettings
 
         self._server = _server
@@ -465,7 +488,7 @@ class ChromaStore(BaseStore):
         self.stats = WriterStats()
         self._memory_journal: dict[str, tuple[str, dict[str, Any]]] = {}
         self._known_ns: set[str] = set()
-        self._queue: list[_Submission] = []
+        self._queue: collections.deque[_Submission] = collections.deque()
         self._cv = threading.Condition()
         self._closing = False
         self._consecutive_failures = 0
@@ -474,6 +497,14 @@ class ChromaStore(BaseStore):
         self.last_error: str | None = None
         self._writer = threading.Thread(target=self._write_loop, name=f"chroma-writer-{collection}", daemon=True)
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        workers, self.embed_batch, self.embed_nice = self._embed_cfg
+        if workers is None:
+            workers = min(4, os.cpu_count() or 1)
+        self._embed_jobs: collections.deque[_EmbedJob] = collections.deque()
+        self._embedders = [
+            threading.Thread(target=self._embed_loop, name=f"chroma-embed-{collection}-{i}", daemon=True)
+            for i in range(workers if self._embedder is not None else 0)
+        ]
 
         self._recover()
         legacy = self._legacy_collection()
@@ -485,6 +516,8 @@ class ChromaStore(BaseStore):
                 "clear, slower per-user queries); migrate it once with `synth-agent reindex` "
                 "(ChromaStore(..., reindex=True))"
             )
+        for t in self._embedders:
+            t.start()
         self._writer.start()
         if reindex:
             self.reindexed = self._migrate_v1(legacy) if legacy is not None else self.reindex()
@@ -665,6 +698,73 @@ class ChromaStore(BaseStore):
         if writes:
             await asyncio.wrap_future(self._submit(writes))
         return results
+
+    def insert(self, ops: Sequence[PutOp]) -> list[bool]:
+        """Create-only puts, as one atomic batch: each item is written only if its key is not stored yet.
+
+        Returns, per op, whether it was written (False: the key was already there, or an earlier
+        op of the same call put it). Idempotent writers (votes with ids) need no read before the
+        write: the check happens inside the commit, against the state it commits on.
+
+            >>> import tempfile
+            >>> from langgraph.store.base import PutOp
+            >>> st = ChromaStore(path=tempfile.mkdtemp())
+            >>> st.insert([PutOp(("n",), "a", {"x": 1}), PutOp(("n",), "a", {"x": 2})])
+            [True, False]
+            >>> st.insert([PutOp(("n",), "a", {"x": 3})]), st.get(("n",), "a").value
+            ([False], {'x': 1})
+        """
+        writes = self._prepare_inserts(ops)
+        self._submit(writes).result()
+        return [w.inserted for w in writes]
+
+    async def ainsert(self, ops: Sequence[PutOp]) -> list[bool]:
+        """Async twin of :meth:`insert`."""
+        return (await self.ainsert_batches([ops]))[0]  # type: ignore[return-value]
+
+    async def ainsert_batches(self, batches: Sequence[Sequence[PutOp]]) -> list[list[bool] | BaseException]:
+        """Several :meth:`insert` calls at once: each batch is all or nothing on its own.
+
+        All are prepared in one worker-thread call and queued together, so they usually share
+        one commit; a batch that fails (invalid, or a backend error) returns its exception and
+        fails no other. The group commit of :class:`~store.memory.PreferenceMemory` uses this.
+        """
+        def prepare() -> list[list[_Write] | BaseException]:
+            out: list[list[_Write] | BaseException] = []
+            for ops in batches:
+                try:
+                    out.append(self._prepare_inserts(ops))
+                except Exception as exc:  # noqa: BLE001 - that batch's error, not the others'
+                    out.append(exc)
+            return out
+
+        prepared = await asyncio.to_thread(prepare)
+        ok = [w for w in prepared if not isinstance(w, BaseException)]
+        futures = iter(self._submit_many(ok) if ok else [])
+        waits = [asyncio.wrap_future(next(futures)) if not isinstance(w, BaseException) else None for w in prepared]
+        done = await asyncio.gather(*(f for f in waits if f is not None), return_exceptions=True)
+        results: list[list[bool] | BaseException] = []
+        it = iter(done)
+        for writes in prepared:
+            if isinstance(writes, BaseException):
+                results.append(writes)
+                continue
+            outcome = next(it)
+            results.append(outcome if isinstance(outcome, BaseException) else [w.inserted for w in writes])
+        return results
+
+    def _prepare_inserts(self, ops: Sequence[PutOp]) -> list[_Write]:
+        writes = []
+        for op in ops:
+            if not isinstance(op, PutOp) or op.value is None:
+                raise ValueError("insert takes PutOps with a value (create-only puts); use batch() for deletes")
+            validate_op_namespace(op)
+            if not op.namespace:
+                raise InvalidNamespaceError("Namespace cannot be empty.")
+            w = self._prepare(op if isinstance(op.value, dict) else op._replace(value=dict(op.value)))
+            w.only_new = True
+            writes.append(w)
+        return writes
 
     def _reads_and_prepare(self, ops: list[Op]) -> tuple[list[Result], list[_Write]]:
         results: list[Result] = [None] * len(ops)
@@ -941,19 +1041,83 @@ class ChromaStore(BaseStore):
     # ------------------------------------------------------------------ the writer
 
     def _submit(self, writes: list[_Write]) -> concurrent.futures.Future[None]:
-        sub = _Submission(writes)
+        return self._submit_many([writes])[0]
+
+    def _submit_many(self, batches: Sequence[list[_Write]]) -> list[concurrent.futures.Future[None]]:
+        """Queue batches for the writer (each stored all or nothing), their texts for the embedding stage."""
+        subs = [_Submission(writes) for writes in batches]
+        jobs: list[_EmbedJob] = []
+        if self._embedders:
+            for sub in subs:
+                slots = [(w, j) for w in sub.writes if w.value is not None and w.vectors is None for j in range(len(w.texts))]
+                for w in sub.writes:
+                    if w.value is not None and w.vectors is None and w.texts:
+                        w.vectors = [None] * len(w.texts)
+                sub.todo = len(slots)
+                jobs += [_EmbedJob(sub, slots[i : i + self.embed_batch]) for i in range(0, len(slots), self.embed_batch)]
         with self._cv:
             if self._closing:
                 raise RuntimeError("this ChromaStore is closed")
-            self._queue.append(sub)
-            self._cv.notify()
-        return sub.future
+            self._queue.extend(subs)
+            self._embed_jobs.extend(jobs)
+            self._cv.notify_all()
+        return [sub.future for sub in subs]
+
+    # The embedding stage: ``embed_workers`` threads embed queued texts (ONNX Runtime releases the
+    # GIL, so they use every core) while the writer commits earlier batches. Jobs are taken in
+    # queue order, so the writer, which commits in submission order, rarely waits.
+
+    def _embed_loop(self) -> None:
+        if self.embed_nice and hasattr(os, "setpriority") and hasattr(threading, "get_native_id"):
+            # Linux: a thread's own nice value. Requests, reads and /healthz then pre-empt embedding.
+            with contextlib.suppress(OSError):
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.embed_nice)
+        assert self._embedder is not None
+        while True:
+            with self._cv:
+                while not self._embed_jobs and not self._closing:
+                    self._cv.wait()
+                if not self._embed_jobs:
+                    return
+                jobs = [self._embed_jobs.popleft()]
+                n = len(jobs[0].slots)
+                while self._embed_jobs and n + len(self._embed_jobs[0].slots) <= self.embed_batch:
+                    jobs.append(self._embed_jobs.popleft())
+                    n += len(jobs[-1].slots)
+            live = [j for j in jobs if j.sub.error is None]
+            texts = list(dict.fromkeys(w.texts[k] for j in live for w, k in j.slots))  # identical texts once
+            error: BaseException | None = None
+            if texts:
+                try:
+                    vectors = self._embedder.documents(texts)
+                    if len(vectors) != len(texts):
+                        raise ValueError(f"the embedding function returned {len(vectors)} vectors for {len(texts)} texts")
+                except BaseException as exc:  # noqa: BLE001 - the submissions fail, the worker lives on
+                    error = exc
+                else:
+                    by_text = dict(zip(texts, vectors, strict=True))
+                    for j in live:
+                        for w, k in j.slots:
+                            w.vectors[k] = by_text[w.texts[k]]  # type: ignore[index]
+            with self._cv:
+                if texts:
+                    self.stats.embed_calls += 1
+                    self.stats.texts_embedded += len(texts)
+                for j in jobs:
+                    if error is not None and j.sub.error is None:
+                        j.sub.error = error
+                    j.sub.todo -= len(j.slots)
+                self._cv.notify_all()
 
     def _write_loop(self) -> None:
         while True:
             with self._cv:
-                while not self._queue and not self._closing:
-                    if not self._cv.wait(timeout=self.probe_interval) and self._consecutive_failures:
+                while not (self._queue and self._queue[0].todo == 0) and not (self._closing and not self._queue):
+                    if (
+                        not self._cv.wait(timeout=self.probe_interval)
+                        and self._consecutive_failures
+                        and not self._queue
+                    ):
                         break  # idle after failures: see below whether the backend is back
                 if not self._queue and self._closing:
                     return
@@ -964,10 +1128,11 @@ class ChromaStore(BaseStore):
             self._run(take)
 
     def _take(self) -> list[_Submission]:
+        """Queued submissions from the head that are embedded, up to ``max_commit`` writes (always one)."""
         take: list[_Submission] = []
         n = 0
-        while self._queue and (not take or n + len(self._queue[0].writes) <= self.max_commit):
-            sub = self._queue.pop(0)
+        while self._queue and self._queue[0].todo == 0 and (not take or n + len(self._queue[0].writes) <= self.max_commit):
+            sub = self._queue.popleft()
             take.append(sub)
             n += len(sub.writes)
         return take
@@ -982,7 +1147,14 @@ class ChromaStore(BaseStore):
             self._consecutive_failures = 0
 
     def _run(self, subs: list[_Submission]) -> None:
-        live = [s for s in subs if s.future.set_running_or_notify_cancel()]
+        live = []
+        for s in subs:
+            if not s.future.set_running_or_notify_cancel():
+                continue
+            if s.error is not None:  # its texts could not be embedded: nothing of it is written
+                s.future.set_exception(s.error)
+                continue
+            live.append(s)
         if not live:
             return
         self.stats.submissions += len(live)
@@ -1037,24 +1209,40 @@ class ChromaStore(BaseStore):
 
     def _commit_inner(self, writes: list[_Write]) -> None:
         by_id: dict[str, _Write] = {}
+        fresh: set[str] = set()  # create-only puts that follow a delete of their key in this commit
         for w in writes:
-            by_id.pop(w.iid, None)
+            w.inserted = False
+            prev = by_id.pop(w.iid, None)
+            if w.only_new and prev is not None and prev.value is not None:
+                by_id[w.iid] = prev  # an earlier put of this commit holds the key: the insert is a no-op
+                continue
+            fresh.discard(w.iid)
+            if w.only_new and prev is not None:
+                fresh.add(w.iid)
             by_id[w.iid] = w  # the last write of an item wins, in submission order
         ids = list(by_id)
         old_meta: dict[str, dict[str, Any]] = {}
         for start in range(0, len(ids), _PAGE):
             res = self._items.get(ids=ids[start : start + _PAGE], include=["metadatas"])
             old_meta.update({rid: dict(m or {}) for rid, m in zip(res["ids"], res["metadatas"] or [], strict=True)})
+        for iid in [i for i, w in by_id.items() if w.only_new and i not in fresh and i in old_meta]:
+            del by_id[iid]  # create-only, and already stored
         old_docs = self._open_items(list(old_meta), list(old_meta.values()))
         puts = [w for w in by_id.values() if w.value is not None]
         dels = [w for w in by_id.values() if w.value is None and w.iid in old_meta]
         if not puts and not dels:
             return
 
-        flat = [t for w in puts for t in w.texts]
-        vectors = self._embedder.documents(flat) if flat and self._embedder else []
-        if len(vectors) != len(flat):
-            raise ValueError(f"the embedding function returned {len(vectors)} vectors for {len(flat)} texts")
+        unembedded = [w for w in puts if w.texts and w.vectors is None]  # no embedding stage, or a retry
+        flat = [t for w in unembedded for t in w.texts]
+        if flat:
+            assert self._embedder is not None
+            vectors = self._embedder.documents(flat)
+            if len(vectors) != len(flat):
+                raise ValueError(f"the embedding function returned {len(vectors)} vectors for {len(flat)} texts")
+            it = iter(vectors)
+            for w in unembedded:
+                w.vectors = [next(it) for _ in w.texts]
 
         new_ns = self._new_namespaces({w.ns for w in puts})
         keys = (
@@ -1065,7 +1253,6 @@ class ChromaStore(BaseStore):
         now = datetime.now(UTC).isoformat()
         txn = uuid.uuid4().hex
         item_ids, item_meta, vec_ids, vec_emb, vec_meta = [], [], [], [], []
-        it = iter(vectors)
         stale: list[str] = []
         for w in puts:
             old = old_docs.get(w.iid)
@@ -1082,7 +1269,7 @@ class ChromaStore(BaseStore):
             item_meta.append({"b": self.codec.seal(w.iid, doc, keys.get(w.iid)), "n": self._ntok(w.ns), "v": len(w.texts), **toks})
             for j in range(len(w.texts)):
                 vec_ids.append(f"{w.iid}.{j}")
-                vec_emb.append(next(it))
+                vec_emb.append(w.vectors[j])  # type: ignore[index]
                 vec_meta.append({"i": w.iid, **toks})
             old_n = int(old_meta.get(w.iid, {}).get("v", 0))
             stale += [f"{w.iid}.{j}" for j in range(len(w.texts), old_n)]
@@ -1142,6 +1329,8 @@ class ChromaStore(BaseStore):
         self._journal_close(txn)
         if dels and self.ledger is not None:
             self.ledger.checkpoint()  # the journal row is zeroed in the file too, not only in the WAL
+        for w in puts:
+            w.inserted = w.only_new
         self.stats.commits += 1
         self.stats.writes += len(by_id)
         self.stats.largest_commit = max(self.stats.largest_commit, len(by_id))
@@ -1349,6 +1538,9 @@ class ChromaStore(BaseStore):
             self._cv.notify_all()
         if self._writer.is_alive() and threading.current_thread() is not self._writer:
             self._writer.join()
+        for t in self._embedders:
+            if t.is_alive() and threading.current_thread() is not t:
+                t.join()
         if self._pool is not None:
             self._pool.shutdown(wait=True)
         if self.ledger is not None:

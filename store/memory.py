@@ -331,7 +331,20 @@ class PreferenceMemory:
         finally:
             self._in_flight -= claimed
 
+    def _vote_put(self, user_id: str, vote: Vote) -> PutOp:
+        value = {
+            "vote": vote.model_dump(mode="json"),
+            "text": vote.query_text,
+            "vote_id": vote.id,
+            "arrival_ns": self._arrival_ns(),
+            "timestamp": vote.timestamp.timestamp() if vote.timestamp else None,
+        }
+        return PutOp(self._user_ns(user_id, "votes"), vote.id, value, index=["text"])
+
     async def _round(self, tickets: list[_Ticket]) -> None:
+        if callable(getattr(self.store, "ainsert_batches", None)):
+            await self._round_create_only(tickets)
+            return
         votes_of = [(t, u, v) for t in tickets for u, vs in t.by_user.items() for v in vs]
         wanted = list(dict.fromkeys((u, v.id) for _, u, v in votes_of))
         users = list(dict.fromkeys(u for _, u, _ in votes_of))
@@ -356,14 +369,7 @@ class PreferenceMemory:
                     if not new:
                         continue
                     seen.add(vote.id)
-                    value = {
-                        "vote": vote.model_dump(mode="json"),
-                        "text": vote.query_text,
-                        "vote_id": vote.id,
-                        "arrival_ns": self._arrival_ns(),
-                        "timestamp": vote.timestamp.timestamp() if vote.timestamp else None,
-                    }
-                    ops.append(PutOp(ns, vote.id, value, index=["text"]))
+                    ops.append(self._vote_put(user_id, vote))
                 if any(flags[user_id]) and user_id not in registered:
                     ops.append(self._register(user_id))
             plans.append((t, flags, ops))
@@ -377,6 +383,39 @@ class PreferenceMemory:
                 t.future.set_exception(outcome)
             elif not t.future.done():
                 t.future.set_result(flags)
+
+    async def _round_create_only(self, tickets: list[_Ticket]) -> None:
+        """A round on a store with create-only batches (``ChromaStore.ainsert_batches``): no read first.
+
+        Each ticket is one create-only batch (its votes, plus the user's registration); the store
+        tells which votes were new, checked inside the commit, so a round costs one commit.
+        """
+        plans: list[tuple[_Ticket, list[PutOp], list[tuple[str, int | None]]]] = []
+        for t in tickets:
+            ops: list[PutOp] = []
+            where: list[tuple[str, int | None]] = []  # per vote: its user and the index of its op (None: repeat)
+            for user_id, votes in t.by_user.items():
+                seen: set[str] = set()
+                for vote in votes:
+                    if vote.id in seen:
+                        where.append((user_id, None))
+                        continue
+                    seen.add(vote.id)
+                    where.append((user_id, len(ops)))
+                    ops.append(self._vote_put(user_id, vote))
+                ops.append(self._register(user_id))
+            plans.append((t, ops, where))
+        results = await self.store.ainsert_batches([ops for _, ops, _ in plans])  # type: ignore[attr-defined]
+        for (t, _, where), outcome in zip(plans, results, strict=True):
+            if t.future.done():
+                continue
+            if isinstance(outcome, BaseException):
+                t.future.set_exception(outcome)
+                continue
+            flags: dict[str, list[bool]] = {u: [] for u in t.by_user}
+            for user_id, i in where:
+                flags[user_id].append(i is not None and bool(outcome[i]))
+            t.future.set_result(flags)
 
     async def list_votes(self, user_id: str) -> list[Vote]:
         """All of a user's votes in time order (timestamp if given, else arrival; ties by arrival)."""

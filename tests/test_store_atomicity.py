@@ -159,7 +159,7 @@ async def test_invalid_text_is_refused_before_anything_is_written(tmp_path: Path
     store.close()
 
 
-async def test_group_commit_one_embedding_batch_per_commit(tmp_path: Path, minilm: MiniLMEmbeddings) -> None:
+async def test_group_commit_embeds_in_batches_and_upserts_once_per_commit(tmp_path: Path, minilm: MiniLMEmbeddings) -> None:
     calls: list[int] = []
 
     class Counting(MiniLMEmbeddings):
@@ -177,7 +177,9 @@ async def test_group_commit_one_embedding_batch_per_commit(tmp_path: Path, minil
     assert all(flags) and sum((await mem.users_with_counts()).values()) == 200
     s = store.stats
     assert s.commits < 200 / 4 and s.largest_commit > 10  # 200 writers coalesced into a few commits
-    assert len(calls) == s.commits and sum(calls) == 200  # one embedding call per commit, each vote once
+    # the embedding stage embeds each vote once, in batches of at most embed_batch texts
+    assert sum(calls) == 200 and max(calls) <= store.embed_batch and len(calls) <= 200 / 4
+    assert s.texts_embedded == 200 and s.embed_calls == len(calls)
     upserts = [c for c in client.calls if c[1] == "upsert" and c[0].endswith(".v2")]
     assert len(upserts) == s.commits  # one items upsert per commit
     store.close()
