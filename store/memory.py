@@ -360,7 +360,6 @@ class PreferenceMemory:
             flags: dict[str, list[bool]] = {}
             ops: list[PutOp] = []
             for user_id, votes in t.by_user.items():
-                ns = self._user_ns(user_id, "votes")
                 seen: set[str] = set()
                 flags[user_id] = []
                 for vote in votes:
