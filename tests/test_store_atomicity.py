@@ -296,3 +296,45 @@ async def test_vote_rounds_make_progress_with_duplicates_and_forgets() -> None:
     counts = await mem.users_with_counts()
     assert all(n >= 0 for n in counts.values())
     assert all(len(ids) == len(set(ids)) for ids in [[v.id for v in await mem.list_votes(u)] for u in counts])
+
+
+async def test_create_only_batches_write_absent_keys_once(tmp_path: Path, minilm: MiniLMEmbeddings) -> None:
+    """``insert``: the existence check runs inside the commit, so concurrent inserts of one key store it once."""
+    store = _store(tmp_path, _client(tmp_path), minilm)
+    await store.aput(("n",), "old", {"text": "was here"})
+    batches = [[PutOp(("n",), "k", {"text": f"writer {i}"}), PutOp(("n",), "old", {"text": "again"})] for i in range(20)]
+    results = await store.ainsert_batches(batches)
+    assert not any(isinstance(r, BaseException) for r in results)
+    assert sum(r[0] for r in results) == 1 and not any(r[1] for r in results)  # type: ignore[index]
+    winner = next(i for i, r in enumerate(results) if r[0])  # type: ignore[index]
+    assert (await store.aget(("n",), "k")).value == {"text": f"writer {winner}"}  # type: ignore[union-attr]
+    assert (await store.aget(("n",), "old")).value == {"text": "was here"}  # type: ignore[union-attr]
+    # a key deleted earlier in the same commit is absent for a later insert
+    await store.abatch([PutOp(("n",), "old", None)])
+    assert await store.ainsert([PutOp(("n",), "old", {"text": "new"})]) == [True]
+    with pytest.raises(ValueError, match="create-only"):
+        store.insert([PutOp(("n",), "x", None)])
+    bad = await store.ainsert_batches([[PutOp(("n",), "y", {"text": "\ud800"})], [PutOp(("n",), "z", {"text": "fine"})]])
+    assert isinstance(bad[0], ValueError) and bad[1] == [True]  # an invalid batch fails alone
+    assert await store.aget(("n",), "y") is None
+    store.close()
+
+
+async def test_an_embedding_failure_fails_only_its_batch(tmp_path: Path) -> None:
+    """The embedding stage runs before the commit: a batch whose texts cannot be embedded stores nothing."""
+
+    def embed(texts: list[str]) -> list[list[float]]:
+        if any("poison" in t for t in texts):
+            raise RuntimeError("embedding failed")
+        return [[1.0, float(len(t))] for t in texts]
+
+    store = ChromaStore(client=_client(tmp_path), ledger=tmp_path / LEDGER_FILE, embedding_function=embed,
+                        index_fields=["text"], embed_batch=1)
+    mem = PreferenceMemory(store)
+    ok = [mem.add_vote(vote("ann@x.io", i)) for i in range(10)]
+    res = await asyncio.gather(*ok, mem.add_vote(vote("bob@x.io", 0, text="poison")), return_exceptions=True)
+    assert res[:10] == [True] * 10 and isinstance(res[10], RuntimeError)
+    assert await mem.count_votes("ann@x.io") == 10 and await mem.count_votes("bob@x.io") == 0
+    assert "bob@x.io" not in await mem.list_users()
+    assert store.health()["ok"]
+    store.close()
