@@ -725,10 +725,19 @@ class ChromaStore(BaseStore):
     async def ainsert_batches(self, batches: Sequence[Sequence[PutOp]]) -> list[list[bool] | BaseException]:
         """Several :meth:`insert` calls at once: each batch is all or nothing on its own.
 
-        All are prepared in one worker-thread call and queued together, so they usually share
-        one commit; a batch that fails (invalid, or a backend error) returns its exception and
-        fails no other. The group commit of :class:`~store.memory.PreferenceMemory` uses this.
+        A batch that fails (invalid, or a backend error) returns its exception and fails no other.
         """
+        return list(await asyncio.gather(*await self.ainsert_each(batches), return_exceptions=True))
+
+    async def ainsert_each(self, batches: Sequence[Sequence[PutOp]]) -> list[asyncio.Future[list[bool]]]:
+        """Queue several create-only batches; one future per batch, done as soon as *its* commit lands.
+
+        All batches are prepared in one worker-thread call and queued together, so they usually
+        share a commit. Callers that answer many requests (the group commit of
+        :class:`~store.memory.PreferenceMemory`) can then answer each as its batch is stored,
+        instead of all at once when the last one is.
+        """
+
         def prepare() -> list[list[_Write] | BaseException]:
             out: list[list[_Write] | BaseException] = []
             for ops in batches:
@@ -739,19 +748,18 @@ class ChromaStore(BaseStore):
             return out
 
         prepared = await asyncio.to_thread(prepare)
+        loop = asyncio.get_running_loop()
         ok = [w for w in prepared if not isinstance(w, BaseException)]
-        futures = iter(self._submit_many(ok) if ok else [])
-        waits = [asyncio.wrap_future(next(futures)) if not isinstance(w, BaseException) else None for w in prepared]
-        done = await asyncio.gather(*(f for f in waits if f is not None), return_exceptions=True)
-        results: list[list[bool] | BaseException] = []
-        it = iter(done)
+        submitted = iter(self._submit_many(ok) if ok else [])
+        out: list[asyncio.Future[list[bool]]] = []
         for writes in prepared:
+            fut: asyncio.Future[list[bool]] = loop.create_future()
             if isinstance(writes, BaseException):
-                results.append(writes)
-                continue
-            outcome = next(it)
-            results.append(outcome if isinstance(outcome, BaseException) else [w.inserted for w in writes])
-        return results
+                fut.set_exception(writes)
+            else:
+                _chain_inserted(next(submitted), fut, writes, loop)
+            out.append(fut)
+        return out
 
     def _prepare_inserts(self, ops: Sequence[PutOp]) -> list[_Write]:
         writes = []
@@ -1556,6 +1564,32 @@ class ChromaStore(BaseStore):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _chain_inserted(
+    src: concurrent.futures.Future[None],
+    dst: asyncio.Future[list[bool]],
+    writes: list[_Write],
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    """Resolve ``dst`` (in ``loop``) with the writes' ``inserted`` flags once the writer is done with ``src``."""
+
+    def settle(f: concurrent.futures.Future[None]) -> None:
+        if dst.done():
+            return
+        if f.cancelled():
+            dst.cancel()
+        elif f.exception() is not None:
+            dst.set_exception(f.exception())  # type: ignore[arg-type]
+        else:
+            dst.set_result([w.inserted for w in writes])
+
+    def cancel_src(d: asyncio.Future[list[bool]]) -> None:
+        if d.cancelled():
+            src.cancel()  # not committed yet: the writer skips it
+
+    dst.add_done_callback(cancel_src)
+    src.add_done_callback(lambda f: loop.call_soon_threadsafe(settle, f))
 
 
 def _scrub_vector(dim: int) -> list[float]:

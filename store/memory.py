@@ -342,7 +342,7 @@ class PreferenceMemory:
         return PutOp(self._user_ns(user_id, "votes"), vote.id, value, index=["text"])
 
     async def _round(self, tickets: list[_Ticket]) -> None:
-        if callable(getattr(self.store, "ainsert_batches", None)):
+        if callable(getattr(self.store, "ainsert_each", None)):
             await self._round_create_only(tickets)
             return
         votes_of = [(t, u, v) for t in tickets for u, vs in t.by_user.items() for v in vs]
@@ -384,7 +384,7 @@ class PreferenceMemory:
                 t.future.set_result(flags)
 
     async def _round_create_only(self, tickets: list[_Ticket]) -> None:
-        """A round on a store with create-only batches (``ChromaStore.ainsert_batches``): no read first.
+        """A round on a store with create-only batches (``ChromaStore.ainsert_each``): no read first.
 
         Each ticket is one create-only batch (its votes, plus the user's registration); the store
         tells which votes were new, checked inside the commit, so a round costs one commit.
@@ -404,17 +404,27 @@ class PreferenceMemory:
                     ops.append(self._vote_put(user_id, vote))
                 ops.append(self._register(user_id))
             plans.append((t, ops, where))
-        results = await self.store.ainsert_batches([ops for _, ops, _ in plans])  # type: ignore[attr-defined]
-        for (t, _, where), outcome in zip(plans, results, strict=True):
+        futures = await self.store.ainsert_each([ops for _, ops, _ in plans])  # type: ignore[attr-defined]
+
+        def answer(t: _Ticket, where: list[tuple[str, int | None]], done: asyncio.Future[list[bool]]) -> None:
+            # each caller is answered as soon as its own batch is stored, not when the round ends
             if t.future.done():
-                continue
-            if isinstance(outcome, BaseException):
-                t.future.set_exception(outcome)
-                continue
+                return
+            if done.cancelled():
+                t.future.cancel()
+                return
+            if done.exception() is not None:
+                t.future.set_exception(done.exception())  # type: ignore[arg-type]
+                return
+            outcome = done.result()
             flags: dict[str, list[bool]] = {u: [] for u in t.by_user}
             for user_id, i in where:
                 flags[user_id].append(i is not None and bool(outcome[i]))
             t.future.set_result(flags)
+
+        for (t, _, where), fut in zip(plans, futures, strict=True):
+            fut.add_done_callback(lambda f, t=t, where=where: answer(t, where, f))  # type: ignore[misc]
+        await asyncio.gather(*futures, return_exceptions=True)
 
     async def list_votes(self, user_id: str) -> list[Vote]:
         """All of a user's votes in time order (timestamp if given, else arrival; ties by arrival)."""

@@ -54,7 +54,8 @@ def open_store(settings: Settings, *, reindex: bool = False, server: bool = Fals
             seal=False,
         )
     if server:
-        return ChromaStore.local_server(settings.home / "chroma", embedding_function=ef, reindex=reindex)
+        # Embedding threads at a lower priority: requests, reads and /healthz pre-empt them.
+        return ChromaStore.local_server(settings.home / "chroma", embedding_function=ef, reindex=reindex, embed_nice=10)
     return ChromaStore(path=str(settings.home / "chroma"), embedding_function=ef, reindex=reindex)
 
 
