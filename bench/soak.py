@@ -83,6 +83,7 @@ class Mix:
         self.lat: dict[str, list[float]] = defaultdict(list)
         self.errors: dict[str, list[str]] = defaultdict(list)
         self.n = 0
+        self.t0 = time.perf_counter()
 
     def expected(self) -> dict[str, set[str]]:
         """Acknowledged votes that must be stored: sent after every delete of their user had answered."""
@@ -240,6 +241,12 @@ def main() -> None:
         "latency_p99_ms": {k: round(pct(v, 0.99), 1) for k, v in mix.lat.items() if v},
         "acknowledged_votes_checked": acked, "acknowledged_votes_missing": sum(len(v) for v in lost.values()),
         "missing_examples": {u: ids[:3] for u, ids in list(lost.items())[:3]},
+        # when each missing vote was sent, and that user's deletes (sent, answered), seconds into the run
+        "missing_timeline": {
+            u: {"votes_sent": [round(t - mix.t0, 2) for uu, vid, t in mix.acked if uu == u and vid in ids],
+                "deletes": [(round(a - mix.t0, 2), round(b - mix.t0, 2)) for a, b in mix.deletes.get(u, [])]}
+            for u, ids in list(lost.items())[:3]
+        },
         "rss_start_mb": round(totals[0][1], 1), "rss_end_mb": round(totals[-1][1], 1),
         "rss_by_process_end_mb": {k.split("[")[0]: round(v, 1) for k, v in samples[-1][1].items()},
         "rss_slope_after_warmup_mb_per_min": round(slope_mb_per_min(after), 3),
