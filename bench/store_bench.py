@@ -228,7 +228,9 @@ def main() -> None:
     ap.add_argument("--chunk-users", type=int, default=5, help="users per add_votes call (default 5: 100 votes)")
     ap.add_argument("--writers", type=int, default=8, help="add_votes calls in flight (default 8)")
     ap.add_argument("--mode", choices=["server", "inprocess"], default="server")
-    ap.add_argument("--threads", type=int, default=None, help="ONNX intra-op threads (default: all cores)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="ONNX intra-op threads per embedding call (default 1, as synth-agent's own store: "
+                    "the store's embedding stage runs one call per core)")
     ap.add_argument("--paths", action="store_true", help="also time the alternative per-user query paths")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dir", help="keep the store in this directory instead of a temp dir")

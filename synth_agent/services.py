@@ -39,8 +39,9 @@ def open_store(settings: Settings, *, reindex: bool = False, server: bool = Fals
     from store.chroma import ChromaStore
     from store.embeddings import LazyMiniLMEmbeddings
 
-    # One intra-op thread: a server's other core stays free for requests while a commit embeds.
-    ef = LazyMiniLMEmbeddings(threads=1 if server else None)
+    # One intra-op thread per call: the store's embedding stage runs one call per core at once
+    # (more threads per call would oversubscribe the cores).
+    ef = LazyMiniLMEmbeddings(threads=1)
     settings.home.mkdir(parents=True, exist_ok=True)
     if warm:
         ef.embed_query("warm-up")
