@@ -25,9 +25,11 @@ Larger candidate sets go to Chroma's HNSW index, widening the request until enou
 hits survive the filters, and a short answer from the index is never taken as the
 whole truth (the search falls back to an exhaustive scan).
 
-**Writes: group commit, all or nothing.** Puts are handed to one writer thread per
-store. While a commit is in flight new puts queue; the next commit takes all of them
-(up to ``max_commit`` items): one embedding call, one upsert per collection. A commit
+**Writes: group commit, all or nothing.** Puts are queued; an embedding stage
+(``embed_workers`` threads, one per core by default) embeds their texts in batches while one
+writer thread per store commits, in submission order, the batches already embedded (up to
+``max_commit`` items per commit): one upsert per collection. ``insert`` (create-only puts)
+checks inside the commit whether a key exists, so idempotent writers need no read first. A commit
 is journaled in the ledger before it touches Chroma; vectors and new namespaces are
 staged first (invisible: nothing refers to them yet), then the items upsert publishes
 the batch. If anything fails before that point the batch is rolled back (compensating
