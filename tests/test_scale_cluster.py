@@ -24,7 +24,7 @@ import pytest
 
 from graphs.synthesis import synthesis_thread_id
 from synth_agent.scale.cluster import LocalCluster
-from synth_agent.scale.queue import user_key
+from synth_agent.scale.queue import PRIVATE_COLUMNS, user_key
 from synth_agent.sim.population import Population, vote_to_json
 
 pytestmark = pytest.mark.slow
@@ -262,6 +262,11 @@ def test_forget_with_a_queued_job_cancels_it_and_leaves_nothing(cluster: LocalCl
     marker = "ZEBRA-" + str(int(time.time()))  # a string only this user's votes contain
     assert cluster.base is not None
     pgdata, chroma_dir = cluster.base / "pg" / "data", cluster.base / "chroma"
+    # Postgres compresses large values (pglz): a compressed copy of the marker would be invisible to a
+    # byte scan, not gone. Store this test's rows uncompressed so the scan sees every copy there is.
+    for table, columns in PRIVATE_COLUMNS.items():
+        for column in columns:
+            cluster.execute(f'ALTER TABLE "{table}" ALTER COLUMN "{column}" SET STORAGE EXTERNAL')
     votes = [vote_to_json(v) for v in population.votes(user, 10)]
     for v in votes:
         v["chosen"] = f"{v['chosen']} {marker}"
@@ -285,9 +290,15 @@ def test_forget_with_a_queued_job_cancels_it_and_leaves_nothing(cluster: LocalCl
         assert blobs_before and all(b.startswith("s") for b in blobs_before.values())
         # Control: the byte scan finds what is there. The user's id is in PGDATA (job args, checkpoints,
         # WAL), and the user's sealed records are in the Chroma server's files.
+        cluster.execute("CHECKPOINT")  # the rows reach the table files too, not only the WAL
         pg_before = _files_containing(pgdata, [user.encode(), marker.encode()])
-        assert pg_before[user.encode()], "control: the user id should be in PGDATA before forget"
+        assert pg_before[user.encode()] and pg_before[marker.encode()], f"control: {pg_before}"
+        assert any(f.startswith("base/") for f in pg_before[marker.encode()]), f"control: {pg_before}"
         print(f"before forget: user id in {pg_before[user.encode()][:5]}, marker in {pg_before[marker.encode()][:5]}")
+        sealed_seen = _files_containing(chroma_dir, [b[1:61].encode() for b in blobs_before.values()])
+        assert all(sealed_seen.values()), "control: every sealed record should be in the Chroma server's files"
+        assert _files_containing(chroma_dir, [user.encode(), marker.encode()]) == {user.encode(): [],
+                                                                                  marker.encode(): []}
         t0 = time.perf_counter()
         r = httpx.delete(f"{cluster.proxy_procs[1].url}/v1/users/{_u(user)}", timeout=120)
         print(f"forget took {time.perf_counter() - t0:.3f}s")
