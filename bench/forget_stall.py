@@ -64,7 +64,42 @@ def measure_purge(dsn: str, rounds: int = 3) -> list[dict[str, Any]]:
         async with AsyncConnectionPool(dsn, min_size=1, max_size=1, kwargs={"autocommit": True}) as pool:
             return [dict(await purge(pool, tables)) for _ in range(rounds)]
 
-    return asyncio.run(go())
+    # Probes: what other requests do to these tables (a key lookup, the queue's job fetch, a checkpoint
+    # read), each in a loop on its own connection while the purges run: their latency is the lock stall.
+    import psycopg
+
+    probes = {
+        "key lookup": "SELECT key FROM synth_store_keys WHERE kid = ANY(%s)",
+        "queue scan": "SELECT count(*) FROM procrastinate_jobs WHERE status = 'todo' AND cardinality(%s::text[]) > 0",
+        "checkpoint read": "SELECT checkpoint_id FROM checkpoints WHERE thread_id = ANY(%s) LIMIT 1",
+    }
+    stop = threading.Event()
+    lat: dict[str, list[float]] = {k: [] for k in probes}
+
+    def probe(name: str, sql: str) -> None:
+        rng = random.Random(name)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            while not stop.is_set():
+                arg = [f"probe-{rng.random()}" for _ in range(8)]
+                t0 = time.perf_counter()
+                conn.execute(sql, (arg,)).fetchall()
+                lat[name].append((time.perf_counter() - t0) * 1000)
+                time.sleep(0.002)
+
+    threads = [threading.Thread(target=probe, args=kv, daemon=True) for kv in probes.items()]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    quiet = {k: len(v) for k, v in lat.items()}
+    out = asyncio.run(go())
+    stop.set()
+    for t in threads:
+        t.join()
+    for name, xs in lat.items():
+        before, during = xs[: quiet[name]], xs[quiet[name]:]
+        print(f"  probe {name:>15}: without purge p50 {pct(before, 50):5.1f} ms max {max(before):6.1f} ms | "
+              f"during purges p50 {pct(during, 50):5.1f} ms p99 {pct(during, 99):6.1f} ms max {max(during):6.1f} ms")
+    return out
 
 
 def main() -> None:
@@ -128,6 +163,7 @@ def main() -> None:
         stop.set()
         for t in threads:
             t.join()
+        print("purge alone, with probes on the tables it rewrites:")
         purge_alone = measure_purge(c.dsn)
 
     def overlaps(s: tuple[float, float, str, int]) -> bool:
