@@ -64,6 +64,18 @@ async def _vacuum_full(conn: Any, table: str, *, attempts: int = 50) -> int:
     raise TimeoutError(f"could not lock {table} for the erasure rewrite after {attempts} attempts")
 
 
+async def _wal_segments(conn: Any) -> int | None:
+    """Files in pg_wal (for the report; needs superuser or pg_monitor, else None)."""
+    from psycopg import errors
+
+    try:
+        cur = await conn.execute("SELECT count(*) FROM pg_ls_waldir()")
+        row = await cur.fetchone()
+        return int(row[0]) if row else None
+    except errors.InsufficientPrivilege:
+        return None
+
+
 async def purge(pool: Any, tables: Iterable[str]) -> PurgeReport:
     """Rewrite ``tables`` and retire the WAL that held their old rows; return when that is on disk.
 
@@ -87,8 +99,7 @@ async def purge(pool: Any, tables: Iterable[str]) -> PurgeReport:
             for t in present:
                 retries += await _vacuum_full(conn, t)
             await conn.execute("RESET lock_timeout")
-            cur = await conn.execute("SELECT count(*) FROM pg_ls_waldir()")
-            before = int((await cur.fetchone())[0])
+            before = await _wal_segments(conn)
             # The switch closes the segment holding the old rows; the checkpoint writes the rewritten
             # tables out, unlinks the old table files and, its redo point being in the new segment,
             # removes every older one (unlinks it, with wal_recycle = off). Measured necessary, each:
@@ -96,11 +107,11 @@ async def purge(pool: Any, tables: Iterable[str]) -> PurgeReport:
             # segment is renamed to a future one, contents intact (docs/deploy.md).
             await conn.execute("SELECT pg_switch_wal()")
             await conn.execute("CHECKPOINT")
-            cur = await conn.execute("SELECT count(*) FROM pg_ls_waldir()")
-            after = int((await cur.fetchone())[0])
+            after = await _wal_segments(conn)
         finally:
             await conn.execute("SELECT pg_advisory_unlock(%s)", (PURGE_LOCK,))
+    removed = max(0, before - after) if before is not None and after is not None else None
     report = PurgeReport(tables=present, seconds=round(time.perf_counter() - started, 4),
-                         lock_retries=retries, wal_segments_removed=max(0, before - after))
+                         lock_retries=retries, wal_segments_removed=removed)
     log.info("erasure purge: %s", report)
     return report
