@@ -174,7 +174,13 @@ class QueueScheduler:
     """Marks the scale-out scheduler for the proxy's forget route."""
 
     def __init__(self, dsn: str, memory_for: Callable[[str], Any], policy: SynthesisPolicy | None = None,
-                 *, abort_timeout: float = 60.0) -> None:
+                 *, abort_timeout: float = 60.0, purge: bool | None = None) -> None:
+        if purge is None:
+            from synth_agent.scale.settings import ScaleSettings
+
+            purge = ScaleSettings().forget_purge
+        self.purge = purge
+        """Whether a forget makes the deletion reach Postgres's files (``SYNTH_AGENT_FORGET_PURGE``)."""
         self.dsn = dsn
         self.memory_for = memory_for
         self.policy = policy or SynthesisPolicy()
@@ -315,7 +321,7 @@ class QueueScheduler:
         await self.cancel_user(memory.tenant, user_id)
         counts: dict[str, int] = await memory.forget_user(user_id)
         ledger = getattr(getattr(memory, "store", None), "ledger", None)
-        await self.erase_user(memory.tenant, user_id, ledger=ledger)
+        await self.erase_user(memory.tenant, user_id, ledger=ledger, purge=self.purge)
         return counts
 
     async def erase_user(self, tenant_id: str, user_id: str, *, ledger: Any = None,
