@@ -386,3 +386,33 @@ async def test_private_columns_are_never_sampled_by_analyze(schema: str) -> None
     for table, columns in PRIVATE_COLUMNS.items():
         for column in columns:
             assert targets[(table, column)] == 0, (table, column)
+
+
+async def test_a_purge_that_cannot_lock_a_table_leaves_it_owed_and_the_next_purge_finishes_it(
+        schema: str, pg: LocalPostgres) -> None:
+    from synth_agent.scale.erasure import PENDING_TABLE, purge
+
+    marker = "OWED-MARKER-41d2"
+    pool = open_pool(schema)
+    await pool.open()
+    try:
+        async with await psycopg.AsyncConnection.connect(schema, autocommit=True) as conn:
+            await conn.execute("INSERT INTO synth_runs (tenant_id, user_id, worker, started_at) VALUES ('t', %s, 'w', 0)",
+                               (marker,))
+            await conn.execute("DELETE FROM synth_runs WHERE user_id = %s", (marker,))
+        async with await psycopg.AsyncConnection.connect(schema) as holder:  # a long reader holds a lock
+            await holder.execute("LOCK TABLE synth_runs IN ACCESS SHARE MODE")
+            with pytest.raises(TimeoutError):
+                await purge(pool, ["synth_runs"], lock_attempts=2)
+            await holder.rollback()
+        async with await psycopg.AsyncConnection.connect(schema, autocommit=True) as conn:
+            cur = await conn.execute(f"SELECT relname FROM {PENDING_TABLE}")
+            assert [r[0] for r in await cur.fetchall()] == ["synth_runs"]
+        report = await purge(pool, [])  # e.g. the next user's forget
+        assert "synth_runs" in report["tables"]
+        assert _files_with(pg.data_dir, marker.encode()) == []
+        async with await psycopg.AsyncConnection.connect(schema, autocommit=True) as conn:
+            cur = await conn.execute(f"SELECT count(*) FROM {PENDING_TABLE}")
+            assert (await cur.fetchone())[0] == 0
+    finally:
+        await pool.close()

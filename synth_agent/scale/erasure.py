@@ -27,7 +27,9 @@
 the tables are kept small (the keys table is hash-partitioned and only the partitions that
 held a destroyed key are rewritten; finished jobs are deleted by the workers), the lock is
 requested with a short ``lock_timeout`` (a waiting exclusive request would queue every
-later reader behind it) and retried, and purges are serialised by an advisory lock.
+later reader behind it) and retried, and purges are serialised by an advisory lock. The tables
+to rewrite are recorded in ``synth_purge_pending`` first and struck off only after the
+checkpoint, so a purge that fails is completed by the next one.
 The figures (forget latency, the stall other users see) are in docs/deploy.md.
 """
 
@@ -39,11 +41,13 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["PURGE_LOCK", "PurgeReport", "purge"]
+__all__ = ["PENDING_TABLE", "PURGE_LOCK", "PurgeReport", "purge"]
 
 log = logging.getLogger("synth_agent.scale.erasure")
 
 PURGE_LOCK = 0x5AE7_E8A5  # pg_advisory_lock key: one purge at a time
+PENDING_TABLE = "synth_purge_pending"
+"""Names of tables whose rewrite is owed (created by :func:`synth_agent.scale.queue.ensure_schema`)."""
 _LOCK_TIMEOUT_MS = 200
 
 
@@ -76,19 +80,28 @@ async def _wal_segments(conn: Any) -> int | None:
         return None
 
 
-async def purge(pool: Any, tables: Iterable[str]) -> PurgeReport:
+async def purge(pool: Any, tables: Iterable[str], *, lock_attempts: int = 50) -> PurgeReport:
     """Rewrite ``tables`` and retire the WAL that held their old rows; return when that is on disk.
 
     ``pool``: an async psycopg pool on the scale-out Postgres, as a role that owns the tables
     and may run ``CHECKPOINT`` (superuser or ``pg_checkpoint``) and ``pg_switch_wal()``.
+    Tables a failed purge left owed are rewritten too. TimeoutError if a table stays locked by
+    others for ``lock_attempts`` tries (about 20 s by default); the table stays owed.
     """
     started = time.perf_counter()
     wanted = list(dict.fromkeys(t for t in tables if t))
     retries = 0
     async with pool.connection() as conn:
         await conn.set_autocommit(True)
+        # Recorded first, removed only once rewritten and checkpointed: a purge that fails (lock
+        # timeout, lost connection, a crash) is finished by the next one, whoever's forget runs it.
+        if wanted:
+            await conn.execute(f"INSERT INTO {PENDING_TABLE} (relname) SELECT unnest(%s::text[]) "
+                               "ON CONFLICT DO NOTHING", (wanted,))
         await conn.execute("SELECT pg_advisory_lock(%s)", (PURGE_LOCK,))
         try:
+            cur = await conn.execute(f"SELECT relname FROM {PENDING_TABLE} ORDER BY relname")
+            wanted = list(dict.fromkeys([*wanted, *(r[0] for r in await cur.fetchall())]))
             await conn.execute(f"SET lock_timeout = '{_LOCK_TIMEOUT_MS}ms'")
             present = []
             for t in wanted:
@@ -97,7 +110,7 @@ async def purge(pool: Any, tables: Iterable[str]) -> PurgeReport:
                 if row and row[0]:
                     present.append(t)
             for t in present:
-                retries += await _vacuum_full(conn, t)
+                retries += await _vacuum_full(conn, t, attempts=lock_attempts)
             await conn.execute("RESET lock_timeout")
             before = await _wal_segments(conn)
             # The switch closes the segment holding the old rows; the checkpoint writes the rewritten
@@ -108,6 +121,7 @@ async def purge(pool: Any, tables: Iterable[str]) -> PurgeReport:
             await conn.execute("SELECT pg_switch_wal()")
             await conn.execute("CHECKPOINT")
             after = await _wal_segments(conn)
+            await conn.execute(f"DELETE FROM {PENDING_TABLE} WHERE relname = ANY(%s)", (wanted,))
         finally:
             await conn.execute("SELECT pg_advisory_unlock(%s)", (PURGE_LOCK,))
     removed = max(0, before - after) if before is not None and after is not None else None

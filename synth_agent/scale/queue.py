@@ -23,6 +23,8 @@ an advisory lock so that replicas starting together do not race):
   nodes executed, queue latency). Tests read it to prove single-flight; the bench reads the
   latency from it.
 * the LangGraph checkpoints (``AsyncPostgresSaver``), one thread per persona version.
+* ``synth_purge_pending``: tables whose erasure rewrite is owed (:mod:`synth_agent.scale.erasure`).
+* the store's key ledger (``synth_store_keys``, ``synth_store_meta``; :mod:`synth_agent.scale.ledger`).
 """
 
 from __future__ import annotations
@@ -80,6 +82,7 @@ CREATE TABLE IF NOT EXISTS synth_runs (
     nodes text[] NOT NULL DEFAULT '{}'
 );
 CREATE INDEX IF NOT EXISTS synth_runs_user_idx ON synth_runs (tenant_id, user_id);
+CREATE TABLE IF NOT EXISTS synth_purge_pending (relname text PRIMARY KEY);
 """
 
 PRIVATE_COLUMNS = {
