@@ -84,7 +84,7 @@ from langgraph.store.base import (
     validate_op_namespace,
 )
 
-from store.ledger import LEDGER_FILE, Ledger
+from store.ledger import LEDGER_FILE, KeyLedger, Ledger
 from store.sealing import Codec, SealError
 
 if TYPE_CHECKING:
@@ -328,7 +328,8 @@ class ChromaStore(BaseStore):
     none for a Chroma server (values are then stored in the clear, the journal is kept in
     memory, and erasure on the server is the operator's job: see ``docs/store.md``).
     ``seal``: seal values with per-item keys (default: whenever there is a ledger and a
-    ``path``; pass ``seal=False`` for a ledger that only journals).
+    ``path``; pass ``seal=False`` for a ledger that only journals). Replicas sharing a Chroma
+    server share a ledger in Postgres (``synth_agent.scale.ledger.PgLedger``, ``seal=True``).
 
     Without ``embedding_function`` the store has no vector index and a search ``query`` is
     ignored (as in ``InMemoryStore``). ``index_fields`` are the JSON paths embedded on
@@ -359,7 +360,7 @@ class ChromaStore(BaseStore):
         embedding_function: EmbeddingFunctionLike | None = None,
         index_fields: list[str] | None = None,
         reindex: bool = False,
-        ledger: Ledger | str | Path | bool | None = None,
+        ledger: KeyLedger | str | Path | bool | None = None,
         seal: bool | None = None,
         exact_search_limit: int = 1000,
         max_commit: int = 512,
@@ -418,7 +419,7 @@ class ChromaStore(BaseStore):
         embedding_function: EmbeddingFunctionLike | None,
         index_fields: list[str] | None,
         reindex: bool,
-        ledger: Ledger | str | Path | bool | None,
+        ledger: KeyLedger | str | Path | bool | None,
         seal: bool | None,
         exact_search_limit: int,
         max_commit: int,
@@ -431,9 +432,9 @@ class ChromaStore(BaseStore):
         if ledger is None:
             ledger = self.path / LEDGER_FILE if self.path is not None else False
         if ledger is False:
-            self.ledger: Ledger | None = None
+            self.ledger: KeyLedger | None = None
         else:
-            self.ledger = ledger if isinstance(ledger, Ledger) else Ledger(Path(ledger))  # type: ignore[arg-type]
+            self.ledger = Ledger(Path(ledger)) if isinstance(ledger, (str, Path)) else ledger  # type: ignore[assignment]
         if seal is None:
             seal = self.ledger is not None and (self.path is not None or self._server is not None)
         if seal and self.ledger is None:

@@ -36,7 +36,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 LEDGER_FILE = "synth_agent_ledger.sqlite3"
 """File name of the ledger inside a store directory."""
@@ -73,6 +73,25 @@ def owner_alive(owner: str) -> bool:
             return fh.read().rsplit(b")", 1)[1].split()[19].decode() == start
     except (OSError, IndexError):
         return False
+
+
+@runtime_checkable
+class KeyLedger(Protocol):
+    """What :class:`store.chroma.ChromaStore` needs from a ledger: this file's :class:`Ledger`, or one
+    shared by many processes (the scale-out mode's Postgres ledger, ``synth_agent.scale.ledger``)."""
+
+    owner: str
+
+    def secret(self) -> bytes: ...
+    def keys(self, kids: Iterable[str]) -> dict[str, bytes]: ...
+    def ensure_keys(self, kids: Iterable[str]) -> dict[str, bytes]: ...
+    def destroy(self, kids: Iterable[str]) -> int: ...
+    def checkpoint(self) -> None: ...
+    def journal_open(self, txn: str, body: dict[str, Any]) -> None: ...
+    def journal_state(self, txn: str, state: str, body: dict[str, Any] | None = None) -> None: ...
+    def journal_close(self, txn: str) -> None: ...
+    def journal_orphans(self) -> list[tuple[str, str, dict[str, Any]]]: ...
+    def close(self) -> None: ...
 
 
 class Ledger:
@@ -234,4 +253,4 @@ class Ledger:
             self._conn.close()
 
 
-__all__ = ["KEY_BYTES", "LEDGER_FILE", "Ledger", "owner_alive", "process_owner"]
+__all__ = ["KEY_BYTES", "KeyLedger", "LEDGER_FILE", "Ledger", "owner_alive", "process_owner"]

@@ -322,7 +322,7 @@ def forget(
     dsn = ScaleSettings().queue
 
     async def go() -> dict[str, int]:
-        memory = open_memory(st.settings, st.tenant)
+        memory = open_memory(st.settings, st.tenant, queue=dsn)
         if dsn:  # scale-out mode: also stop the user's jobs and erase them from Postgres (docs/deploy.md)
             from synth_agent.scale.queue import forget_everywhere
 

@@ -24,14 +24,17 @@ if TYPE_CHECKING:
 # store commands (`votes`, `persona`...) never load an HTTP client, and key-only commands no store.
 
 
-def open_store(settings: Settings, *, reindex: bool = False, server: bool = False, warm: bool = False) -> Any:
+def open_store(settings: Settings, *, reindex: bool = False, server: bool = False, warm: bool = False,
+               queue: str | None = None) -> Any:
     """The configured LangGraph BaseStore: the local store under ``<home>/chroma``, or a Chroma server.
 
     ``server=True`` (long-running services: ``serve``, ``worker``) runs the local directory's
     Chroma in a child process, so that Chroma never holds this process's GIL; one-shot commands
     open it in-process, or connect through the server of a synth-agent process that already
-    serves it. With ``CHROMA_HOST`` the shared server is used (values unsealed; the batch journal
-    is kept in ``<home>/store-journal.sqlite3``). ``reindex`` re-embeds every item with the
+    serves it. With ``CHROMA_HOST`` the shared server is used; in the scale-out mode (``queue``: the
+    Postgres DSN) values are sealed with data keys kept in that Postgres
+    (:class:`synth_agent.scale.ledger.PgLedger`), without it they are stored unsealed. The batch
+    journal is kept in ``<home>/store-journal.sqlite3``. ``reindex`` re-embeds every item with the
     current embedding model first (after a model change, or to migrate an older layout).
     ``warm`` loads the embedding model now (a server: its first vote write would otherwise pay the
     model load, seconds); by default it loads on first use, so read-only commands never load it.
@@ -45,6 +48,17 @@ def open_store(settings: Settings, *, reindex: bool = False, server: bool = Fals
     settings.home.mkdir(parents=True, exist_ok=True)
     if warm:
         ef.embed_query("warm-up")
+    if settings.chroma_host and queue:
+        from synth_agent.scale.ledger import PgLedger
+
+        return ChromaStore(
+            host=settings.chroma_host,
+            port=settings.chroma_port,
+            embedding_function=ef,
+            reindex=reindex,
+            ledger=PgLedger(queue, journal=settings.home / "store-journal.sqlite3"),
+            seal=True,
+        )
     if settings.chroma_host:
         return ChromaStore(
             host=settings.chroma_host,
@@ -60,10 +74,10 @@ def open_store(settings: Settings, *, reindex: bool = False, server: bool = Fals
     return ChromaStore(path=str(settings.home / "chroma"), embedding_function=ef, reindex=reindex)
 
 
-def open_memory(settings: Settings, tenant: str = "default") -> Any:
+def open_memory(settings: Settings, tenant: str = "default", *, queue: str | None = None) -> Any:
     from store.memory import PreferenceMemory
 
-    return PreferenceMemory(open_store(settings), tenant=tenant)
+    return PreferenceMemory(open_store(settings, queue=queue), tenant=tenant)
 
 
 def open_llm(settings: Settings, *, disk_cache: bool | None = None) -> ChatBackend:

@@ -15,6 +15,7 @@ import concurrent.futures as cf
 import time
 from collections import defaultdict
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -23,7 +24,7 @@ import pytest
 
 from graphs.synthesis import synthesis_thread_id
 from synth_agent.scale.cluster import LocalCluster
-from synth_agent.scale.queue import user_key
+from synth_agent.scale.queue import PRIVATE_COLUMNS, user_key
 from synth_agent.sim.population import Population, vote_to_json
 
 pytestmark = pytest.mark.slow
@@ -226,9 +227,46 @@ def _chroma_mentions(cluster: LocalCluster, needle: str) -> int:
     return hits
 
 
+def _files_containing(root: Path, needles: list[bytes]) -> dict[bytes, list[str]]:
+    """Every file under ``root`` (read as bytes, all of it) that contains each needle."""
+    hits: dict[bytes, list[str]] = {n: [] for n in needles}
+    for path in sorted(root.rglob("*")):
+        if not path.is_file() or path.is_symlink():
+            continue
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:  # a WAL segment or temp file removed while we walk
+            continue
+        for n in needles:
+            if n in data:
+                hits[n].append(str(path.relative_to(root)))
+    return hits
+
+
+def _item_blobs(cluster: LocalCluster) -> dict[str, str]:
+    """id -> sealed blob of every item record on the Chroma server."""
+    import chromadb
+
+    assert cluster.chroma is not None
+    client = chromadb.HttpClient(host="127.0.0.1", port=cluster.chroma.port)
+    out: dict[str, str] = {}
+    for col in client.list_collections():
+        if col.name.endswith(".v2"):
+            got = client.get_collection(col.name, embedding_function=None).get(include=["metadatas"])
+            out.update({i: str((m or {}).get("b", "")) for i, m in zip(got["ids"], got["metadatas"] or [], strict=True)})
+    return out
+
+
 def test_forget_with_a_queued_job_cancels_it_and_leaves_nothing(cluster: LocalCluster, population: Population) -> None:
     user = population.user_ids[N_USERS + 1]
     marker = "ZEBRA-" + str(int(time.time()))  # a string only this user's votes contain
+    assert cluster.base is not None
+    pgdata, chroma_dir = cluster.base / "pg" / "data", cluster.base / "chroma"
+    # Postgres compresses large values (pglz): a compressed copy of the marker would be invisible to a
+    # byte scan, not gone. Store this test's rows uncompressed so the scan sees every copy there is.
+    for table, columns in PRIVATE_COLUMNS.items():
+        for column in columns:
+            cluster.execute(f'ALTER TABLE "{table}" ALTER COLUMN "{column}" SET STORAGE EXTERNAL')
     votes = [vote_to_json(v) for v in population.votes(user, 10)]
     for v in votes:
         v["chosen"] = f"{v['chosen']} {marker}"
@@ -246,12 +284,40 @@ def test_forget_with_a_queued_job_cancels_it_and_leaves_nothing(cluster: LocalCl
         assert cluster.query_one("SELECT count(*) FROM procrastinate_jobs WHERE lock = %s AND status = 'doing'",
                                  (key,)) == 1
         _wait(lambda: _postgres_mentions(cluster, marker), 30, "the checkpoint to hold the user's votes", cluster)
-        assert _chroma_mentions(cluster, marker) > 0
+        # The Chroma server only ever sees sealed blobs, opaque ids and keyed tokens (the ledger is in Postgres).
+        assert _chroma_mentions(cluster, marker) == 0 and _chroma_mentions(cluster, user) == 0
+        blobs_before = _item_blobs(cluster)
+        assert blobs_before and all(b.startswith("s") for b in blobs_before.values())
+        # Control: the byte scan finds what is there. The user's id is in PGDATA (job args, checkpoints,
+        # WAL), and the user's sealed records are in the Chroma server's files.
+        cluster.execute("CHECKPOINT")  # the rows reach the table files too, not only the WAL
+        pg_before = _files_containing(pgdata, [user.encode(), marker.encode()])
+        assert pg_before[user.encode()] and pg_before[marker.encode()], f"control: {pg_before}"
+        assert any(f.startswith("base/") for f in pg_before[marker.encode()]), f"control: {pg_before}"
+        print(f"before forget: user id in {pg_before[user.encode()][:5]}, marker in {pg_before[marker.encode()][:5]}")
+        sealed_seen = _files_containing(chroma_dir, [b[1:61].encode() for b in blobs_before.values()])
+        assert all(sealed_seen.values()), "control: every sealed record should be in the Chroma server's files"
+        assert _files_containing(chroma_dir, [user.encode(), marker.encode()]) == {user.encode(): [],
+                                                                                  marker.encode(): []}
+        t0 = time.perf_counter()
         r = httpx.delete(f"{cluster.proxy_procs[1].url}/v1/users/{_u(user)}", timeout=120)
+        print(f"forget took {time.perf_counter() - t0:.3f}s")
         assert r.status_code == 200, r.text
         assert r.json()["deleted"]["votes"] == 10
     finally:
         cluster.sim.configure(latency_ms=50)
+    mine = {i: b for i, b in blobs_before.items() if i not in _item_blobs(cluster)}
+    assert len(mine) >= 10  # the user's votes (and persona/namespace records) are gone from the API ...
+    chunks = {i: b[1:61].encode() for i, b in mine.items()}
+    in_chroma = _files_containing(chroma_dir, list(chunks.values()))
+    # ... their ciphertext may stay in the Chroma server's write log, but no key opens it any more.
+    assert cluster.query("SELECT kid FROM synth_store_keys WHERE kid = ANY(%s)", (list(mine),)) == []
+    print(f"sealed records of the user still in Chroma's files after forget: {sum(bool(v) for v in in_chroma.values())}"
+          f"/{len(chunks)} (ciphertext without a key)")
+    # Every byte of both data directories: neither the marker nor the user id.
+    for root in (chroma_dir, pgdata):
+        left = _files_containing(root, [user.encode(), marker.encode()])
+        assert left == {user.encode(): [], marker.encode(): []}, (root, left)
     # The queued job is gone and never runs; the running one was aborted and saved nothing.
     time.sleep(3.0)  # several queue polls and abort checks of both workers
     assert cluster.query("SELECT id FROM procrastinate_jobs WHERE id = %s", (queued[0][0],)) == []

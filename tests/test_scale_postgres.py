@@ -303,3 +303,116 @@ async def test_a_failing_fit_is_retried_with_backoff_then_succeeds(schema: str) 
         finally:
             await llm.aclose()
             await pool.close()
+
+
+# ---------------------------------------------------------------------- the shared key ledger and the purge
+
+
+def test_pg_ledger_is_shared_and_never_serves_a_stale_key(pg: LocalPostgres, tmp_path: Path) -> None:
+    """Two ledgers (two replicas): a key made by one is the key the other uses; a key destroyed by
+    one is gone for the other at once; re-creating an item after that gives a new key both see."""
+    from synth_agent.scale.ledger import PgLedger
+
+    a = PgLedger(pg.dsn, journal=tmp_path / "a.sqlite3")
+    b = PgLedger(pg.dsn, journal=tmp_path / "b.sqlite3")
+    try:
+        assert a.secret() == b.secret() and len(a.secret()) == 32
+        ka = a.ensure_keys(["item-1", "item-2"])
+        assert b.ensure_keys(["item-2", "item-1"]) == ka  # the race's winner is used by everyone
+        assert b.keys(["item-1", "item-3"]) == {"item-1": ka["item-1"]}
+        assert b.destroy(["item-1"]) == 1
+        assert a.keys(["item-1"]) == {}  # no cache in front of Postgres
+        assert b.dirty_tables() and b.dirty_tables() == []  # handed over once, to the purge
+        fresh = b.ensure_keys(["item-1"])["item-1"]
+        assert fresh != ka["item-1"] and a.keys(["item-1"]) == {"item-1": fresh}
+        # The journal stays local to each process.
+        a.journal_open("t1", {"x": 1})
+        assert b.journal_orphans() == [] and a.journal_orphans() == []
+        a.journal_close("t1")
+    finally:
+        a.close()
+        b.close()
+
+
+def _files_with(root: Path, needle: bytes) -> list[str]:
+    out = []
+    for p in root.rglob("*"):
+        try:
+            if p.is_file() and needle in p.read_bytes():
+                out.append(str(p.relative_to(root)))
+        except FileNotFoundError:
+            pass
+    return out
+
+
+async def test_purge_removes_deleted_rows_from_table_files_and_wal(schema: str, pg: LocalPostgres) -> None:
+    """A deleted row's bytes are in the table file and the WAL until the purge; after it, nowhere in
+    PGDATA. (Control first: the scan finds the row before the purge.) Plain VACUUM is not enough."""
+    from synth_agent.scale.erasure import purge
+
+    marker = b"PURGE-MARKER-8c1f"
+    async with await psycopg.AsyncConnection.connect(schema, autocommit=True) as conn:
+        await conn.execute("INSERT INTO synth_runs (tenant_id, user_id, worker, started_at) "
+                           "SELECT 't', 'other-' || g, 'w', 0 FROM generate_series(1, 200) g")
+        await conn.execute("INSERT INTO synth_runs (tenant_id, user_id, worker, started_at) VALUES ('t', %s, 'w', 0)",
+                           (marker.decode(),))
+        await conn.execute("CHECKPOINT")
+        assert any(f.startswith("base/") for f in _files_with(pg.data_dir, marker))  # control
+        await conn.execute("DELETE FROM synth_runs WHERE user_id = %s", (marker.decode(),))
+        await conn.execute("VACUUM synth_runs")
+        await conn.execute("CHECKPOINT")
+        assert _files_with(pg.data_dir, marker), "plain VACUUM + CHECKPOINT should leave the bytes (else drop FULL)"
+    pool = open_pool(schema)
+    await pool.open()
+    try:
+        report = await purge(pool, ["synth_runs", "no_such_table"])
+    finally:
+        await pool.close()
+    assert report["tables"] == ["synth_runs"]
+    assert _files_with(pg.data_dir, marker) == []
+    async with await psycopg.AsyncConnection.connect(schema, autocommit=True) as conn:
+        cur = await conn.execute("SELECT count(*) FROM synth_runs WHERE user_id LIKE 'other-%'")
+        assert (await cur.fetchone())[0] == 200  # other users' rows are untouched
+
+
+async def test_private_columns_are_never_sampled_by_analyze(schema: str) -> None:
+    from synth_agent.scale.queue import PRIVATE_COLUMNS
+
+    async with await psycopg.AsyncConnection.connect(schema, autocommit=True) as conn:
+        cur = await conn.execute(
+            "SELECT c.relname, a.attname, a.attstattarget FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid "
+            "WHERE c.relname = ANY(%s) AND a.attnum > 0 AND NOT a.attisdropped", (list(PRIVATE_COLUMNS),))
+        targets = {(t, c): s for t, c, s in await cur.fetchall()}
+    for table, columns in PRIVATE_COLUMNS.items():
+        for column in columns:
+            assert targets[(table, column)] == 0, (table, column)
+
+
+async def test_a_purge_that_cannot_lock_a_table_leaves_it_owed_and_the_next_purge_finishes_it(
+        schema: str, pg: LocalPostgres) -> None:
+    from synth_agent.scale.erasure import PENDING_TABLE, purge
+
+    marker = "OWED-MARKER-41d2"
+    pool = open_pool(schema)
+    await pool.open()
+    try:
+        async with await psycopg.AsyncConnection.connect(schema, autocommit=True) as conn:
+            await conn.execute("INSERT INTO synth_runs (tenant_id, user_id, worker, started_at) VALUES ('t', %s, 'w', 0)",
+                               (marker,))
+            await conn.execute("DELETE FROM synth_runs WHERE user_id = %s", (marker,))
+        async with await psycopg.AsyncConnection.connect(schema) as holder:  # a long reader holds a lock
+            await holder.execute("LOCK TABLE synth_runs IN ACCESS SHARE MODE")
+            with pytest.raises(TimeoutError):
+                await purge(pool, ["synth_runs"], lock_attempts=2)
+            await holder.rollback()
+        async with await psycopg.AsyncConnection.connect(schema, autocommit=True) as conn:
+            cur = await conn.execute(f"SELECT relname FROM {PENDING_TABLE}")
+            assert [r[0] for r in await cur.fetchall()] == ["synth_runs"]
+        report = await purge(pool, [])  # e.g. the next user's forget
+        assert "synth_runs" in report["tables"]
+        assert _files_with(pg.data_dir, marker.encode()) == []
+        async with await psycopg.AsyncConnection.connect(schema, autocommit=True) as conn:
+            cur = await conn.execute(f"SELECT count(*) FROM {PENDING_TABLE}")
+            assert (await cur.fetchone())[0] == 0
+    finally:
+        await pool.close()

@@ -131,7 +131,7 @@ def create_app(
                 from synth_agent.services import open_store
 
                 # the embedding model loads now, not on the first vote write (flat write latency)
-                opened = await asyncio.to_thread(open_store, settings, server=True, warm=True)
+                opened = await asyncio.to_thread(open_store, settings, server=True, warm=True, queue=proxy.queue)
                 stack.push_async_callback(asyncio.to_thread, opened.close)  # type: ignore[attr-defined]  # last out: stops its Chroma
             state.store = opened
             memories = TenantMemories(opened)

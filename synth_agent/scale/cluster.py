@@ -253,6 +253,13 @@ class LocalCluster:
         except psycopg.errors.UndefinedTable:
             return []
 
+    def execute(self, sql: str, params: Any = None) -> None:
+        """Run one statement that returns no rows (DDL, maintenance)."""
+        import psycopg
+
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            conn.execute(sql, params)  # type: ignore[arg-type]
+
     def query_one(self, sql: str, params: Any = None, default: Any = None) -> Any:
         rows = self.query(sql, params)
         return rows[0][0] if rows and rows[0] else default

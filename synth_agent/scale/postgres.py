@@ -37,7 +37,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["LocalPostgres", "PostgresNotFound", "find_pg_bin"]
+__all__ = ["ERASURE_SETTINGS", "LocalPostgres", "PostgresNotFound", "find_pg_bin"]
+
+ERASURE_SETTINGS = {
+    "wal_recycle": "off",  # a WAL segment past the redo point is unlinked, not renamed for reuse with its contents
+    "wal_keep_size": "0",  # ... and none is kept back for standbys (there are none here)
+    "archive_mode": "off",  # no copy of a segment outside pg_wal
+    "log_error_verbosity": "terse",  # no DETAIL lines: a unique violation's DETAIL prints the key (a user's lock)
+    "log_min_error_statement": "panic",  # failing statements are not copied into the log
+}
+"""Server settings under which a forget's :func:`~synth_agent.scale.erasure.purge` leaves no bytes of the
+user in PGDATA or the server log (docs/deploy.md: what to set on a Postgres you run yourself)."""
 
 
 class PostgresNotFound(RuntimeError):
@@ -179,7 +189,8 @@ class LocalPostgres:
         try:
             self.proc = subprocess.Popen(
                 [str(self._bin / "postgres"), "-D", str(self.data_dir), "-p", str(self.port), "-h", self.host,
-                 "-c", "unix_socket_directories=", "-c", "max_connections=200", "-c", "listen_addresses=" + self.host],
+                 "-c", "unix_socket_directories=", "-c", "max_connections=200", "-c", "listen_addresses=" + self.host,
+                 *[arg for k, v in ERASURE_SETTINGS.items() for arg in ("-c", f"{k}={v}")]],
                 stdout=log, stderr=subprocess.STDOUT, cwd=str(self.data_dir), preexec_fn=_preexec(self._ids),
                 start_new_session=True,
             )

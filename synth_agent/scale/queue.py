@@ -23,6 +23,8 @@ an advisory lock so that replicas starting together do not race):
   nodes executed, queue latency). Tests read it to prove single-flight; the bench reads the
   latency from it.
 * the LangGraph checkpoints (``AsyncPostgresSaver``), one thread per persona version.
+* ``synth_purge_pending``: tables whose erasure rewrite is owed (:mod:`synth_agent.scale.erasure`).
+* the store's key ledger (``synth_store_keys``, ``synth_store_meta``; :mod:`synth_agent.scale.ledger`).
 """
 
 from __future__ import annotations
@@ -80,7 +82,19 @@ CREATE TABLE IF NOT EXISTS synth_runs (
     nodes text[] NOT NULL DEFAULT '{}'
 );
 CREATE INDEX IF NOT EXISTS synth_runs_user_idx ON synth_runs (tenant_id, user_id);
+CREATE TABLE IF NOT EXISTS synth_purge_pending (relname text PRIMARY KEY);
 """
+
+PRIVATE_COLUMNS = {
+    "procrastinate_jobs": ("args", "lock", "queueing_lock"),
+    "synth_runs": ("tenant_id", "user_id"),
+    "synth_persona_versions": ("tenant_id", "user_id"),
+    "checkpoints": ("thread_id", "checkpoint", "metadata"),
+    "checkpoint_blobs": ("thread_id", "blob"),
+    "checkpoint_writes": ("thread_id", "blob"),
+}
+"""Columns that can hold a user's id or data: ``ANALYZE`` never samples them (``SET STATISTICS 0``),
+so ``pg_statistic`` never keeps a copy that a forget would have to find."""
 
 
 def user_key(tenant_id: str, user_id: str) -> str:
@@ -124,8 +138,24 @@ async def ensure_schema(dsn: str) -> None:
                     await conn.execute(SchemaManager.get_schema())  # type: ignore[arg-type]
             await conn.execute(TABLES)  # type: ignore[arg-type]
             await AsyncPostgresSaver(conn).setup()  # type: ignore[arg-type]
+            await _no_statistics(conn)
         finally:
             await conn.execute("SELECT pg_advisory_unlock(%s)", (_SCHEMA_LOCK,))
+
+
+async def _no_statistics(conn: Any) -> None:
+    from psycopg import sql
+
+    cur = await conn.execute(
+        "SELECT c.relname, a.attname FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid "
+        "WHERE c.relname = ANY(%s) AND a.attname = ANY(%s) AND a.attnum > 0 AND c.relkind = 'r' "
+        "AND c.relnamespace = 'public'::regnamespace AND coalesce(a.attstattarget, -1) <> 0",
+        (list(PRIVATE_COLUMNS), sorted({c for cols in PRIVATE_COLUMNS.values() for c in cols})))
+    for row in await cur.fetchall():
+        table, column = (row["relname"], row["attname"]) if isinstance(row, dict) else row
+        if column in PRIVATE_COLUMNS.get(table, ()):
+            await conn.execute(sql.SQL("ALTER TABLE {} ALTER COLUMN {} SET STATISTICS 0").format(
+                sql.Identifier(table), sql.Identifier(column)))
 
 
 def open_pool(dsn: str, *, max_size: int = 4) -> AsyncConnectionPool:
@@ -147,7 +177,13 @@ class QueueScheduler:
     """Marks the scale-out scheduler for the proxy's forget route."""
 
     def __init__(self, dsn: str, memory_for: Callable[[str], Any], policy: SynthesisPolicy | None = None,
-                 *, abort_timeout: float = 60.0) -> None:
+                 *, abort_timeout: float = 60.0, purge: bool | None = None) -> None:
+        if purge is None:
+            from synth_agent.scale.settings import ScaleSettings
+
+            purge = ScaleSettings().forget_purge
+        self.purge = purge
+        """Whether a forget makes the deletion reach Postgres's files (``SYNTH_AGENT_FORGET_PURGE``)."""
         self.dsn = dsn
         self.memory_for = memory_for
         self.policy = policy or SynthesisPolicy()
@@ -287,13 +323,21 @@ class QueueScheduler:
         fit does not stop."""
         await self.cancel_user(memory.tenant, user_id)
         counts: dict[str, int] = await memory.forget_user(user_id)
-        await self.erase_user(memory.tenant, user_id)
+        ledger = getattr(getattr(memory, "store", None), "ledger", None)
+        await self.erase_user(memory.tenant, user_id, ledger=ledger, purge=self.purge)
         return counts
 
-    async def erase_user(self, tenant_id: str, user_id: str) -> dict[str, int]:
+    async def erase_user(self, tenant_id: str, user_id: str, *, ledger: Any = None,
+                         purge: bool = True) -> dict[str, Any]:
         """Delete every row that names this user: checkpoints, job rows (args hold the ids), run records,
-        the version counter. Call after :meth:`cancel_user` (and after the store's forget)."""
+        the version counter. Call after :meth:`cancel_user` (and after the store's forget).
+
+        ``purge`` (default): then make the deletion reach the files (:func:`synth_agent.scale.erasure.purge`):
+        the tables that held the rows, and the key partitions ``ledger`` (the store's
+        :class:`~synth_agent.scale.ledger.PgLedger`) destroyed keys in, are rewritten and the WAL that
+        held the old rows is removed."""
         from synth_agent.scale.checkpoints import erase_user_threads
+        from synth_agent.scale.erasure import purge as purge_files
 
         key = user_key(tenant_id, user_id)
         async with self.pool.connection() as conn:
@@ -305,9 +349,24 @@ class QueueScheduler:
             cur = await conn.execute("DELETE FROM synth_runs WHERE tenant_id = %s AND user_id = %s",
                                      (tenant_id, user_id))
             runs = cur.rowcount
-            await conn.execute("DELETE FROM synth_persona_versions WHERE tenant_id = %s AND user_id = %s",
-                               (tenant_id, user_id))
-        return {"checkpoint_threads": threads, "jobs": jobs, "runs": runs}
+            cur = await conn.execute("DELETE FROM synth_persona_versions WHERE tenant_id = %s AND user_id = %s",
+                                     (tenant_id, user_id))
+            counters = cur.rowcount
+        out: dict[str, Any] = {"checkpoint_threads": threads, "jobs": jobs, "runs": runs}
+        if purge:
+            # Finished jobs were deleted by the workers (their args are in dead tuples): always rewrite.
+            tables = ["procrastinate_jobs"]
+            if threads:
+                tables += ["checkpoints", "checkpoint_blobs", "checkpoint_writes"]
+            if runs:
+                tables.append("synth_runs")
+            if counters:
+                tables.append("synth_persona_versions")
+            dirty = getattr(ledger, "dirty_tables", None)
+            if dirty is not None:
+                tables += dirty()
+            out["purge"] = dict(await purge_files(self.pool, tables))
+        return out
 
 
 async def forget_everywhere(dsn: str, memory: Any, user_id: str) -> dict[str, int]:

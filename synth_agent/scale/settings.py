@@ -8,6 +8,7 @@
 | ``SYNTH_AGENT_REFIT_EVERY`` | ... or after this many new votes (``0``: off) | ``50`` |
 | ``SYNTH_AGENT_DEBOUNCE`` | seconds a queued fit waits, so a burst of votes is one fit | ``2`` |
 | ``SYNTH_AGENT_FIT_TRIALS`` / ``SYNTH_AGENT_FIT_DEMO_CANDIDATES`` | fit budgets (``FitConfig.n_trials`` / ``n_demo_candidates``) | engine defaults |
+| ``SYNTH_AGENT_FORGET_PURGE`` | a forget rewrites the touched tables and retires the WAL (:mod:`~synth_agent.scale.erasure`); ``0``: rows only | ``1`` |
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ class ScaleSettings(BaseSettings):
     debounce: float = Field(default=2.0, ge=0)
     fit_trials: int | None = Field(default=None, ge=1)
     fit_demo_candidates: int | None = Field(default=None, ge=1)
+    forget_purge: bool = True
 
     def policy(self) -> SynthesisPolicy:
         return SynthesisPolicy(first_fit=self.first_fit, growth=self.refit_growth,

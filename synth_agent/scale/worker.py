@@ -203,6 +203,7 @@ class QueueWorker:
                 install_signal_handlers=False, update_heartbeat_interval=o.heartbeat,
                 stalled_worker_timeout=o.stall_timeout, fetch_job_polling_interval=o.poll_interval,
                 abort_job_polling_interval=min(1.0, o.poll_interval), shutdown_graceful_timeout=0,
+                delete_jobs="successful",  # a finished job's args (user ids) do not pile up in Postgres
             ))
             reaper = asyncio.create_task(self._reaper())
             stopped = asyncio.create_task(stop.wait())
@@ -228,7 +229,7 @@ async def open_queue_worker(settings: Any, dsn: str, *, options: WorkerOptions |
     from synth_agent.services import open_llm, open_store
 
     await ensure_schema(dsn)
-    store = await asyncio.to_thread(open_store, settings, server=True)  # one embedding thread, like serve
+    store = await asyncio.to_thread(open_store, settings, server=True, queue=dsn)  # one embedding thread, like serve
     llm = open_llm(settings)
     pool = open_pool(dsn, max_size=4 + 2 * (options or WorkerOptions()).concurrency)
     await pool.open(wait=True)
