@@ -9,10 +9,12 @@ per pair.
 
 Groups: *key-only* commands never open the store or an endpoint (help, argument errors);
 *store* commands read or change the local store (``votes``, ``persona``, ``export-prompt``,
-``forget``). CPU is the child's user + system time (``os.wait4``), which a loaded machine
-inflates less than wall time.
+``forget``); *floor* rows are not commands but what any in-process store command must pay
+whatever this project does: the tree's Python importing ``chromadb`` (and LangGraph's
+``BaseStore``, which ``ChromaStore`` implements), measured the same way. CPU is the child's user +
+system time (``os.wait4``), which a loaded machine inflates less than wall time.
 
-    .venv/bin/python bench/startup.py [--runs 7] [--baseline /work/baseline]
+    .venv/bin/python bench/startup.py [--runs 7] [--baseline /work/baseline] [--only store]
 """
 
 from __future__ import annotations
@@ -31,9 +33,15 @@ HERE = Path(__file__).resolve().parent.parent
 USER = "bench-user@example.com"
 
 
+PYTHON = "python"
+"""A command whose argv starts with this runs the tree's ``.venv/bin/python`` instead of ``synth-agent``."""
+
+
 def commands() -> list[tuple[str, str, list[str]]]:
     """(group, label, argv) of every measured command."""
     return [
+        ("floor", "python: import chromadb", [PYTHON, "-c", "import chromadb"]),
+        ("floor", "... + langgraph BaseStore", [PYTHON, "-c", "import chromadb, langgraph.store.base"]),
         ("key-only", "--help", ["--help"]),
         ("key-only", "votes --help", ["votes", "--help"]),
         ("key-only", "invalid user id (exit 2)", ["votes", "--user", " padded "]),
@@ -47,6 +55,8 @@ def commands() -> list[tuple[str, str, list[str]]]:
 
 def run_once(exe: Path, argv: list[str], env: dict[str, str], cwd: Path) -> tuple[float, float, int]:
     """(wall s, CPU s, exit code) of one run."""
+    if argv[:1] == [PYTHON]:
+        exe, argv = exe.parent / "python", argv[1:]
     start = time.perf_counter()
     proc = subprocess.Popen([str(exe), *argv], env=env, cwd=cwd, stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -76,6 +86,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=7, help="measured runs per command (after one warm-up run)")
     ap.add_argument("--baseline", type=Path, default=None, help="another checkout with its own .venv")
+    ap.add_argument("--only", action="append", choices=["floor", "key-only", "store"],
+                    help="measure only this group (repeatable; default: all)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="startup-bench-") as tmp:
         work = Path(tmp)
@@ -100,6 +112,8 @@ def main() -> None:
             head += f"{'old wall':>10}{'old CPU':>9}{'new/old wall':>14}"
         print(head + "  exit")
         for group, label, argv in commands():
+            if args.only and group not in args.only:
+                continue
             res: dict[str, list[tuple[float, float, int]]] = {name: [] for name, _ in trees}
             for i in range(args.runs + 1):
                 order = trees if i % 2 == 0 else trees[::-1]

@@ -317,7 +317,7 @@ def forget(
                   "pass --yes to confirm")
         if not typer.confirm(f"Forget everything about {user!r}?", default=False):
             _fail(f"{user!r} was not forgotten: confirmation declined")
-    from synth_agent.scale.settings import ScaleSettings
+    from synth_agent.scale.settings import ScaleSettings  # cheap: pydantic-settings only, no engine
 
     dsn = ScaleSettings().queue
 
@@ -326,7 +326,7 @@ def forget(
         if dsn:  # scale-out mode: also stop the user's jobs and erase them from Postgres (docs/deploy.md)
             from synth_agent.scale.queue import forget_everywhere
 
-            return dict(await forget_everywhere(dsn, memory, user))
+            return await forget_everywhere(dsn, memory, user)
         versions = len(await memory.persona_history(user))
         counts: dict[str, int] = await memory.forget_user(user)
         if (st.settings.home / "checkpoints.sqlite").exists():  # synthesis checkpoints hold the votes too

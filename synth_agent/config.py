@@ -29,13 +29,33 @@ DEFAULT_SIM_URL = "http://127.0.0.1:8765/v1"
 
 
 class Settings(BaseSettings):
-    """Process settings. Construct explicitly (``Settings(home=...)``) or let env vars fill it."""
+    """Process settings. Construct explicitly (``Settings(home=...)``) or let env vars fill it.
+
+    One convention for ``Settings``, :class:`~synth_agent.llm.EndpointConfig` and
+    :class:`~synth_agent.engine.FitConfig`: validated when built, frozen, and **strict in Python**
+    (a value of the wrong type is an error naming the field, not a silent conversion), while
+    **text from outside is parsed**: environment variables (``SYNTH_AGENT_MAX_CONCURRENCY=4``,
+    ``SYNTH_AGENT_ADAPTIVE_CONCURRENCY=0``) and CLI flags. Two conversions are not errors: a path
+    may be given as ``str``, and a ``float`` field takes an ``int``.
+
+        >>> Settings(max_concurrency=4, home="data").home
+        PosixPath('data')
+        >>> Settings(max_concurrency="4")
+        Traceback (most recent call last):
+        ...
+        pydantic_core._pydantic_core.ValidationError: 1 validation error for Settings
+        max_concurrency
+          Input should be a valid integer [type=int_type, input_value='4', input_type=str]
+        ...
+    """
 
     # Validated when loaded (SYNTH_AGENT_MAX_CONCURRENCY=0 fails at start-up, naming the variable), and
-    # frozen: a changed copy is ``settings.model_copy(update=...)`` or ``Settings(**overrides)``.
-    model_config = SettingsConfigDict(env_prefix="SYNTH_AGENT_", extra="ignore", populate_by_name=True, frozen=True)
+    # frozen: a changed copy is ``settings.model_copy(update=...)`` or ``Settings(**overrides)``. Strict:
+    # pydantic-settings still parses environment strings for strict models (its env source coerces them).
+    model_config = SettingsConfigDict(env_prefix="SYNTH_AGENT_", extra="ignore", populate_by_name=True, frozen=True,
+                                      strict=True)
 
-    home: Path = Field(default=Path(".synth-agent"))
+    home: Path = Field(default=Path(".synth-agent"), strict=False)  # a str path is fine
     chroma_host: str | None = Field(default=None, validation_alias="CHROMA_HOST")
     chroma_port: int = Field(default=8000, ge=1, le=65535, validation_alias="CHROMA_PORT")
     base_url: str = Field(default=DEFAULT_SIM_URL, min_length=1, validation_alias="OPENAI_BASE_URL")

@@ -1,5 +1,7 @@
 """One convention for configuration: Settings, EndpointConfig and FitConfig are validated when built
-(a bad value fails at load time, naming the field) and frozen (a changed copy is a new object)."""
+(a bad value fails at load time, naming the field), frozen (a changed copy is a new object), and strict
+in Python (a value of the wrong type is refused) while text from outside (environment variables, CLI
+flags) is parsed."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from pydantic import ValidationError
 
 from synth_agent.config import Settings
 from synth_agent.engine import FitConfig
+from synth_agent.engine.selection import SelectionConfig
 from synth_agent.llm import EndpointConfig
 
 
@@ -45,7 +48,8 @@ def test_endpoint_config_validated_and_frozen() -> None:
 
 
 def test_fit_config_validated_when_built_and_frozen() -> None:
-    assert FitConfig(n_trials="3").n_trials == 3  # type: ignore[arg-type]  # numeric strings are read as numbers
+    with pytest.raises(ValidationError, match="n_trials"):
+        FitConfig(n_trials="3")  # type: ignore[arg-type]  # strict: a string is not silently read as a number
     with pytest.raises(ValidationError, match="n_trials"):
         FitConfig(n_trials="three")  # type: ignore[arg-type]
     with pytest.raises(ValidationError, match="score_mode"):
@@ -70,3 +74,50 @@ def test_cli_reports_a_bad_environment_variable_in_one_line_before_anything_runs
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "max_concurrency" in lines[0] and "Traceback" not in r.stderr
     assert not (tmp_path / "home").exists()  # nothing was opened or created
+
+
+@pytest.mark.parametrize(("build", "field"), [
+    (lambda: Settings(max_concurrency="4"), "max_concurrency"),
+    (lambda: Settings(adaptive_concurrency=0), "adaptive_concurrency"),
+    (lambda: Settings(llm_disk_cache="yes"), "llm_disk_cache"),
+    (lambda: Settings(chroma_port=8000.0), "chroma_port"),
+    (lambda: EndpointConfig(base_url="http://x/v1", max_concurrency="4"), "max_concurrency"),
+    (lambda: EndpointConfig(base_url="http://x/v1", probe_server="no"), "probe_server"),
+    (lambda: FitConfig(seed=1.5), "seed"),
+    (lambda: FitConfig(verify=1), "verify"),
+    (lambda: SelectionConfig(folds="3"), "folds"),
+])
+def test_python_values_of_the_wrong_type_are_refused(build, field: str) -> None:
+    with pytest.raises(ValidationError, match=field):
+        build()
+
+
+def test_the_two_conversions_that_are_not_errors(tmp_path) -> None:
+    assert Settings(home=str(tmp_path)).home == tmp_path  # a str path
+    assert EndpointConfig(base_url="http://x/v1", timeout=5).timeout == 5.0  # an int for a float
+    assert FitConfig(train_fraction=1 / 2, target_accuracy=1).target_accuracy == 1.0
+    assert SelectionConfig(candidates=["persona"]).candidates == ("persona",)  # a list for a tuple
+
+
+def test_environment_strings_are_parsed(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    for var, value in {"SYNTH_AGENT_MAX_CONCURRENCY": "3", "SYNTH_AGENT_ADAPTIVE_CONCURRENCY": "0",
+                       "SYNTH_AGENT_REQUEST_TIMEOUT": "2.5", "SYNTH_AGENT_CONTEXT_LENGTH": "4096", "CHROMA_PORT": "8001",
+                       "SYNTH_AGENT_LLM_DISK_CACHE": "true", "SYNTH_AGENT_HOME": str(tmp_path),
+                       "SYNTH_AGENT_STRUCTURED_OUTPUT": "json_schema"}.items():
+        monkeypatch.setenv(var, value)
+    s = Settings()
+    assert (s.max_concurrency, s.adaptive_concurrency, s.request_timeout, s.context_length, s.chroma_port,
+            s.llm_disk_cache, s.home, s.structured_output) == (3, False, 2.5, 4096, 8001, True, tmp_path, "json_schema")
+    cfg = EndpointConfig.from_settings(s)  # the environment reaches EndpointConfig through Settings, typed
+    assert (cfg.max_concurrency, cfg.adaptive_concurrency, cfg.timeout, cfg.context_length) == (3, False, 2.5, 4096)
+
+
+def test_cli_flags_are_parsed_into_the_same_configs(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from synth_agent.cli import app
+
+    r = CliRunner().invoke(app, ["--home", str(tmp_path / "h"), "fit", "--user", "u", "--trials", "x"])
+    assert r.exit_code == 2 and "--trials" in r.output  # a bad number is a usage error...
+    r = CliRunner().invoke(app, ["--home", str(tmp_path / "h"), "fit", "--user", "u", "--trials", "0"])
+    assert r.exit_code == 2 and "n_trials must be at least 1" in r.output  # ...and a parsed one is validated

@@ -300,12 +300,13 @@ def test_proxy_serves_the_guard_and_exposes_live_lift(tmp_path: Path) -> None:
     key = "sk-pz-1"
     h = {"Authorization": f"Bearer {key}"}
     with SimEndpoint() as sim:
+        llm = LLMClient(EndpointConfig(base_url=sim.base_url))  # ours: closed on the server's loop (close=)
         app = create_app(
             Settings(base_url=sim.base_url, home=tmp_path / "home"),
             ProxySettings(api_keys=f"{TENANT}:{key}", default_model="sim", synthesis="off"),
-            store=InMemoryStore(), llm=LLMClient(EndpointConfig(base_url=sim.base_url)), checkpointer=InMemorySaver(),
+            store=InMemoryStore(), llm=llm, checkpointer=InMemorySaver(),
         )
-        with ProxyServer(app) as srv:
+        with ProxyServer(app, close=[llm]) as srv:
             state = app.state.proxy
             for user, config in (("kept@x.org", "persona_demos"), ("guarded@x.org", "default")):
                 srv.call(state.memories(TENANT).save_persona(guarded_profile(user, config)))

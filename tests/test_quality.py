@@ -199,13 +199,14 @@ class Proxy:
 def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
     """A real proxy over the simulator; ``STRONG``'s votes posted to ``/v1/votes`` and learned in the background."""
     with SimEndpoint() as sim:
+        llm = LLMClient(EndpointConfig(base_url=sim.base_url))  # ours: closed on the server's loop (close=)
         app = create_app(
             Settings(base_url=sim.base_url, home=tmp_path_factory.mktemp("quality-proxy")),
             ProxySettings(api_keys=f"acme:{KEY}", default_model="sim"),
-            store=InMemoryStore(), llm=LLMClient(EndpointConfig(base_url=sim.base_url)),
+            store=InMemoryStore(), llm=llm,
             checkpointer=InMemorySaver(), fit_config=FitConfig(seed=0), policy=SynthesisPolicy(debounce=0.0),
         )
-        with ProxyServer(app) as srv:
+        with ProxyServer(app, close=[llm]) as srv:
             p = Proxy(srv, srv.base_url)
             p.post("/votes", {"votes": [vote_to_json(v) for v in strong_votes()]})
             state = app.state.proxy

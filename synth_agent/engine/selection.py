@@ -63,6 +63,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
+from pydantic import ConfigDict, Field
+from pydantic.dataclasses import dataclass as pydantic_dataclass
+
 from synth_agent.models import Demo, PersonaProfile
 
 __all__ = [
@@ -86,7 +89,7 @@ CONFIGURATIONS: tuple[Configuration, ...] = ("persona_demos", "persona", "demos"
 PERSONALIZED: tuple[Configuration, ...] = ("persona_demos", "persona", "demos")
 
 
-@dataclass(frozen=True)
+@pydantic_dataclass(frozen=True, config=ConfigDict(extra="forbid", strict=True))  # as FitConfig
 class SelectionConfig:
     """Knobs of cross-validated selection and the per-user guard.
 
@@ -102,7 +105,7 @@ class SelectionConfig:
     enabled: bool = True
     folds: int = 3
     z: float = 1.645
-    candidates: tuple[str, ...] = ("persona_demos",)
+    candidates: tuple[str, ...] = Field(default=("persona_demos",), strict=False)  # a list is fine too
     min_prior_users: int = 8
     score_all: bool = False
     """Cross-validate persona only and demos only even when they are not candidates (for measurement:

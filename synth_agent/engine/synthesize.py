@@ -54,8 +54,9 @@ ProgressFn = Callable[[str, int, int], None]
 """``progress(stage, done, total)``; stages: bootstrap, candidates, persona, demos, select, save."""
 
 
-# a pydantic dataclass: fields are validated when built (FitConfig(n_trials="x") fails at once), frozen
-@pydantic_dataclass(frozen=True, config=ConfigDict(extra="forbid"))
+# a pydantic dataclass: fields are validated when built and strictly (FitConfig(n_trials="3") fails at once,
+# naming the field, like Settings and EndpointConfig; the CLI and ScaleSettings parse strings first), frozen
+@pydantic_dataclass(frozen=True, config=ConfigDict(extra="forbid", strict=True))
 class FitConfig:
     """Budgets and knobs of one fit.
 

@@ -74,9 +74,14 @@ __all__ = [
 
 
 class EndpointConfig(BaseModel):
-    """How to reach one endpoint and how hard to push it."""
+    """How to reach one endpoint and how hard to push it.
 
-    model_config = ConfigDict(frozen=True)
+    Validated when built and frozen, like :class:`~synth_agent.config.Settings`: values of the
+    wrong type are refused (``max_concurrency="4"`` is an error, ``timeout=5`` is a float);
+    environment variables reach it through ``Settings``, which parses their strings.
+    """
+
+    model_config = ConfigDict(frozen=True, strict=True)
 
     base_url: str
     api_key: str = "sim"

@@ -14,12 +14,14 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from synth_agent.engine.synthesize import FitConfig
-from synth_agent.scheduler import SynthesisPolicy
+if TYPE_CHECKING:  # imported where used: `synth-agent forget` reads only `queue` and never needs the engine
+    from synth_agent.engine.synthesize import FitConfig
+    from synth_agent.scheduler import SynthesisPolicy
 
 __all__ = ["ScaleSettings", "check_scale_config", "redact_dsn"]
 
@@ -64,12 +66,16 @@ class ScaleSettings(BaseSettings):
     forget_purge: bool = True
 
     def policy(self) -> SynthesisPolicy:
+        from synth_agent.scheduler import SynthesisPolicy
+
         return SynthesisPolicy(first_fit=self.first_fit, growth=self.refit_growth,
                                refit_every=self.refit_every or None, debounce=self.debounce)
 
     def fit_config(self) -> FitConfig | None:
         if self.fit_trials is None and self.fit_demo_candidates is None:
             return None
+        from synth_agent.engine.synthesize import FitConfig
+
         base = FitConfig()
         return replace(base, n_trials=self.fit_trials or base.n_trials,
                        n_demo_candidates=self.fit_demo_candidates or base.n_demo_candidates)
