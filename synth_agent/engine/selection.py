@@ -38,8 +38,8 @@ put 13 and 15 of 120 users below the default on two of them; the mixture keeps e
 
 Candidates are :attr:`SelectionConfig.candidates` — persona + demos only, by default. Persona only
 and demos only can be made candidates (or cross-validated for the record with ``score_all``),
-but on the simulator's seeds 0–4 letting them compete served them to users they hurt (with 25%
-noise users, 12 of 120 users below the default instead of 6; ``bench/eval_seeds.py --sweep`` prints
+but on the simulator letting them compete served them to users they hurt (six populations, 720
+users: 56 or 74 below the default instead of 43, at no gain in mean; ``bench/eval_seeds.py --sweep`` prints
 every variant and ``docs/personalization.md`` the figures). A persona version later shown by live A/B traffic to lose to the plain answer is
 *demoted* (:func:`demoted`), which also serves the default.
 
