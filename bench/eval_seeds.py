@@ -14,6 +14,14 @@ and ``FitConfig(seed=seed)`` at the paper's budgets. Prints per-seed and mean ta
     python bench/eval_seeds.py                       # seeds 0-4, all of the above
     python bench/eval_seeds.py --seeds 0 --no-traces  # one seed, method table only
     python bench/eval_seeds.py --json out.json        # also write every figure as JSON
+    python bench/eval_seeds.py --no-traces --oracle-votes 40  # + what a guard that knew each user's gain could do
+
+``--oracle-votes N`` refits every user (same seed, same fit) and judges N *fresh* votes of the same
+simulated user (another salt) with persona + demos and the default judge: a far better estimate of the
+user's real gain than anything a fit can see. It prints what an oracle guard that serves persona + demos
+exactly where that fresh gain exceeds a threshold scores on the held-out votes (accuracy, users below
+default), and how the cross-validated gain, the held-out gain and the fresh gain correlate: the bound on
+what *any* decision rule over persona + demos vs the default can reach on this measurement.
 
 It uses only APIs that predate the honest simulator (issue 16), so the same file measures
 the old code too: ``cd $(mktemp -d) && PYTHONPATH=/work/baseline /work/baseline/.venv/bin/python
@@ -31,7 +39,8 @@ import sys
 import time
 from typing import Any
 
-from synth_agent.engine import FitConfig
+from synth_agent.engine import FitConfig, Synthesizer
+from synth_agent.engine.judge import Judge, count_correct
 from synth_agent.evaluate import ALL_METHODS, EvalReport, evaluate
 from synth_agent.sim.backend import SimBackend
 from synth_agent.sim.population import Population
@@ -104,6 +113,8 @@ async def one_seed(seed: int, args: argparse.Namespace) -> dict[str, Any]:
     if "served" in METHODS:
         out["guard"] = {u.user_id: {"selection": u.selection, "options": u.options, "judged": 2 * u.n_target}
                         for u in report.users}
+    if args.oracle_votes:
+        out["oracle"] = await fresh_gains(pop, votes, seed, args.oracle_votes)
     if args.traces:
         best = await evaluate(SimBackend(seed), votes, methods=("persona", "persona_demos"),
                               config=FitConfig(seed=seed, persona_traces="best"))
@@ -113,6 +124,54 @@ async def one_seed(seed: int, args: argparse.Namespace) -> dict[str, Any]:
         }
     out["seconds"] = time.perf_counter() - t0
     return out
+
+
+async def fresh_gains(pop: Population, votes: list[Any], seed: int, n_fresh: int) -> dict[str, float]:
+    """Per user: persona + demos minus default accuracy on ``n_fresh`` fresh votes of the same simulated user
+    (the fit is the one ``evaluate`` made: same votes, same seed, deterministic)."""
+    from synth_agent.evaluate import split_for_eval
+
+    llm = SimBackend(seed)
+    by_user: dict[str, list[Any]] = {}
+    for v in votes:
+        by_user.setdefault(v.user_id, []).append(v)
+
+    async def one(uid: str, vs: list[Any]) -> tuple[str, float]:
+        context, _ = split_for_eval(vs)
+        fit = await Synthesizer(llm, None, fit_config(seed)).fit(uid, context, save=False)
+        fresh = pop.votes(uid, n_fresh, salt=1)
+        both = lambda _v: (True, False)  # noqa: E731
+        (pd, n), (d, _) = await asyncio.gather(
+            count_correct(Judge.from_profile(llm, fit.profile, guard=False), fresh, both),
+            count_correct(Judge(llm), fresh, both))
+        return uid, (pd - d) / n
+
+    return dict(await asyncio.gather(*(one(u, vs) for u, vs in by_user.items())))
+
+
+def print_oracle(results: list[dict[str, Any]]) -> None:
+    """What a guard that knew each user's gain (from fresh votes) would score on the held-out votes."""
+    import numpy as np
+
+    rows = [(r["oracle"][u], acc["persona_demos"], acc["default"],
+             ((r.get("guard", {}).get(u) or {}).get("selection") or {}).get("gain", {}).get("persona_demos"))
+            for r in results for u, acc in r["per_user"].items()]
+    fresh = np.array([x[0] for x in rows])
+    held = np.array([x[1] - x[2] for x in rows])
+    print(f"\noracle guard: fresh-vote gain of persona + demos over default per user ({len(rows)} users): mean "
+          f"{100 * fresh.mean():+.1f} points, sd {100 * fresh.std():.1f}; below 0 for {int((fresh < 0).sum())}")
+    cv = [x[3] for x in rows if x[3] is not None]
+    corr = f"corr(fresh, held-out gain) {np.corrcoef(fresh, held)[0, 1]:.2f}"
+    if len(cv) == len(rows):
+        corr += (f", corr(cross-validated, held-out) {np.corrcoef(cv, held)[0, 1]:.2f}, "
+                 f"corr(cross-validated, fresh) {np.corrcoef(cv, fresh)[0, 1]:.2f}")
+    print(corr)
+    for t in (-0.05, 0.0, 0.05, 0.10, 0.15):
+        served = [pd if g > t else d for g, pd, d, _ in rows]
+        below = sum(1 for g, pd, d, _ in rows if g > t and pd < d)
+        print(f"  serve persona + demos where fresh gain > {100 * t:+.0f} points: served "
+              f"{pct(statistics.fmean(served))}, below default {below}/{len(rows)}, "
+              f"default served {sum(1 for g, *_ in rows if g <= t)}")
 
 
 def pct(x: float) -> str:
@@ -157,6 +216,8 @@ def print_tables(results: list[dict[str, Any]], args: argparse.Namespace) -> Non
                   f"and personalization to {sum(r['strong_served_personalized'] for r in results)} of {n_strong} others")
     if args.sweep and "served" in METHODS:
         print_sweep(results)
+    if args.oracle_votes:
+        print_oracle(results)
     print("\nusers below the default judge, per method (sum over seeds):  " + ", ".join(
         f"{m} {sum(r['below_default'][m] for r in results)}/{sum(r['users'] for r in results)}"
         for m in METHODS if m != "default"))
@@ -222,6 +283,8 @@ def main() -> None:
     ap.add_argument("--json", help="write every figure (per seed and per user) to this file")
     ap.add_argument("--sweep", action="store_true",
                     help="also re-apply the per-user guard at other settings (no new judgments)")
+    ap.add_argument("--oracle-votes", type=int, default=0, metavar="N",
+                    help="also judge N fresh votes per user to bound what any guard can reach (see above)")
     args = ap.parse_args()
     results = asyncio.run(main_async(args))
     print_tables(results, args)

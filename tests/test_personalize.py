@@ -102,9 +102,21 @@ def test_population_prior_separates_real_spread_from_measurement_noise() -> None
                          gain_sd={"persona_demos": sd})
 
     assert population_prior([sel(0.2, 1.0)] * 7, min_users=8) == {}  # too few users: no prior
-    prior = population_prior([sel(g, 1.0) for g in (0.1, 0.3, 0.2, 0.4, 0.0, 0.2, 0.3, 0.1)], min_users=8)
-    assert prior["persona_demos"].mean == pytest.approx(0.2)
-    assert prior["persona_demos"].var == 0.01  # their spread (0.015) is all noise (1/16): floored
+    gains = (0.1, 0.3, 0.2, 0.4, 0.0, 0.2, 0.3, 0.1)  # their spread (0.015) is all noise (1/16 each)
+    few = population_prior([sel(g, 1.0) for g in gains], min_users=8)["persona_demos"]
+    many = population_prior([sel(g, 1.0) for g in gains * 3], min_users=8)["persona_demos"]
+    assert few.mean == pytest.approx(0.2) and many.mean == pytest.approx(0.2)
+    # eight users cannot tell "everyone gains the same" from a real spread, twenty-four can: the prior says so
+    assert few.var > 3 * many.var
+    # so a user whose own votes show no gain is served the persona on the word of 24 such users, not of 8
+    me = Selection("default", {}, {}, n_votes=17, n_judgments=68, gain={"persona_demos": 0.0},
+                   gain_sd={"persona_demos": 1.0})
+    assert me.rechoose(1.645, {"persona_demos": few}) == "default"
+    assert me.rechoose(1.645, {"persona_demos": many}) == "persona_demos"
+    # a real spread between users is kept (not shrunk to the floor): the prior is wide
+    spread = population_prior([sel(g, 0.4) for g in (-0.6, 0.8, 0.1, 1.0, -0.3, 0.5, 0.2, 0.9, -0.1, 0.6)],
+                              min_users=8)["persona_demos"]
+    assert spread.var > 0.2 and spread.mean == pytest.approx(0.31)
 
 
 def test_every_serving_view_follows_the_guard() -> None:
