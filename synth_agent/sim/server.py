@@ -32,11 +32,12 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 import httpx
+import orjson
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from synth_agent.serving import ThreadedServer
@@ -272,6 +273,27 @@ def _error(
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+def _inline_refs(schema: dict[str, Any]) -> dict[str, Any]:
+    """A pydantic JSON schema with its ``$defs`` inlined (for ``openapi_extra``, where ``#/$defs`` would not resolve)."""
+    defs = schema.pop("$defs", {})
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                return walk(defs[ref.removeprefix("#/$defs/")])
+            return {k: walk(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [walk(v) for v in node]
+        return node
+
+    return walk(schema)  # type: ignore[no-any-return]
+
+
+def _json(content: Any) -> Response:
+    return Response(orjson.dumps(content), media_type="application/json")
+
+
 def _logprob_entry(token: str, logprob: float) -> dict[str, Any]:
     return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
 
@@ -445,8 +467,19 @@ def create_sim_app(
         except ValueError as e:
             return _error(400, str(e), type_="invalid_request_error")
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatRequest, request: Request) -> Any:
+    @app.post(
+        "/v1/chat/completions",
+        openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+            "schema": _inline_refs(ChatRequest.model_json_schema())}}}},
+    )
+    async def chat_completions(request: Request) -> Any:
+        # The body is validated here rather than by a ``body: ChatRequest`` parameter: pydantic reads
+        # the raw bytes (no stdlib json.loads, no dependency solving) and the answer is serialized with
+        # orjson -- the simulator is the server side of every benchmark, so its CPU per request counts.
+        try:
+            body = ChatRequest.model_validate_json(await request.body())
+        except ValidationError as e:
+            raise RequestValidationError(e.errors(include_url=False)) from None
         state.enter()
         streaming = False
         slot = False
@@ -528,7 +561,7 @@ def create_sim_app(
                 return _error(499, "client closed request", type_="client_closed")
             with state.lock:
                 state.completions += 1
-            return {
+            return _json({
                 "id": cid,
                 "object": "chat.completion",
                 "created": created,
@@ -543,7 +576,7 @@ def create_sim_app(
                     }
                 ],
                 "usage": usage,
-            }
+            })
         finally:
             if slot and state.slot_queue is not None:
                 state.slot_queue.give()
