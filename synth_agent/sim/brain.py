@@ -245,6 +245,7 @@ class SimBrain:
         self._personas: dict[str, dict[str, float]] = {}
         self._models: dict[tuple[Any, ...], tuple[np.ndarray, np.ndarray]] = {}
         self._noise: dict[tuple[Any, ...], float] = {}
+        self._styles: dict[str, dict[str, float]] = {}
 
     def _memo(self, cache: dict[Any, Any], key: Any, make: Any) -> Any:
         try:
@@ -596,7 +597,7 @@ class SimBrain:
         rng = np.random.default_rng([self.seed % (2**32), _hash_int("chat", key, t_key) % (2**63)])
         levels = random_levels(rng)
         if system:
-            levels.update(style_from_text(system))
+            levels.update(self._memo(self._styles, system, lambda: style_from_text(system)))
         text = render_response(prompt, levels, rng)
         if max_tokens is not None and max_tokens > 0:
             words = text.split(" ")
