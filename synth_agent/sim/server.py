@@ -40,7 +40,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from synth_agent.serving import ThreadedServer
+from synth_agent.serving import ThreadedServer, freeze_heap_after_startup
 from synth_agent.sim.slots import SlotQueue
 
 logger = logging.getLogger(__name__)
@@ -667,7 +667,8 @@ def serve_sim(
     """
     if access_log is None:
         access_log = os.environ.get(ACCESS_LOG_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
-    uvicorn.run(create_sim_app(**kwargs), host=host, port=port, log_level=log_level, access_log=access_log)
+    app = freeze_heap_after_startup(create_sim_app(**kwargs))
+    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=access_log)
 
 
 class SimEndpoint(ThreadedServer):
