@@ -659,16 +659,24 @@ and formatting a log line per request is ~5% of the simulator's CPU under benchm
 
 
 def serve_sim(
-    host: str = "127.0.0.1", port: int = 8765, *, log_level: str = "info", access_log: bool | None = None, **kwargs: Any
+    host: str = "127.0.0.1",
+    port: int = 8765,
+    *,
+    log_level: str = "info",
+    access_log: bool | None = None,
+    loop: str = "asyncio",
+    **kwargs: Any,
 ) -> None:
     """Run the simulated endpoint in the foreground (``synth-agent sim-endpoint``); kwargs go to create_sim_app.
 
     ``access_log``: one line per request (default on, unless ``SYNTH_AGENT_SIM_ACCESS_LOG=0``).
+    ``loop``: uvicorn's event loop. asyncio's serves 64 saturating connections fairly (p99 55-61 ms at
+    ~1,850 chat answers/s on this machine); uvloop's let some wait (p99 0.4-0.7 s at the same rate).
     """
     if access_log is None:
         access_log = os.environ.get(ACCESS_LOG_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
     app = freeze_heap_after_startup(create_sim_app(**kwargs))
-    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=access_log)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=access_log, loop=loop)
 
 
 class SimEndpoint(ThreadedServer):
