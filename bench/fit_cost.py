@@ -11,12 +11,13 @@ Token figures are the simulator's own ``usage`` counts (what a server would bill
 2. refits through a preference memory: the same user again with no new votes, then after
    ``--new-votes`` more votes (a fresh client each time, so only what the memory keeps counts);
 3. ``--users`` users fitted concurrently through one client (``--concurrency`` in flight at most),
-   against one user alone through the same kind of client: wall-clock ratio.
+   against one user alone through the same kind of client: wall-clock ratio (median of ``--rounds``
+   alternating rounds), with client and simulator CPU per request and the floors of the N-user wall.
 
 It uses only APIs that exist since the first release, so the same file measures an older
 checkout (run it with that checkout's interpreter from a directory outside both trees).
 
-    python bench/fit_cost.py [--latency-ms 50] [--users 20] [--votes 12] [--solo 5] [--concurrency 64]
+    python bench/fit_cost.py [--latency-ms 50] [--users 20] [--votes 12] [--solo 5] [--concurrency 64] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -67,6 +68,8 @@ async def fit_once(ep: SimProcess, uid: str, votes: list | None, cfg: FitConfig,
     out["status"] = res.status
     out["steps"] = {s: by_site.get(s, {}).get("prompt_tokens", 0) for s in STEPS}
     out["steps"]["(logprob scoring)"] = sum(v["prompt_tokens"] for k, v in by_site.items() if k.endswith(":logprob"))
+    out["step_requests"] = {s: by_site.get(s, {}).get("requests", 0) for s in STEPS}
+    out["step_requests"]["(logprob scoring)"] = sum(v["requests"] for k, v in by_site.items() if k.endswith(":logprob"))
     return out
 
 
@@ -112,6 +115,8 @@ def main() -> None:
     ap.add_argument("--solo", type=int, default=5, help="users fitted one at a time for the per-fit figures")
     ap.add_argument("--concurrency", type=int, default=64, help="max requests in flight per client")
     ap.add_argument("--config", action="append", default=[], metavar="KEY=VALUE", help="FitConfig override")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="rounds of (1 user, N users concurrently), alternating; medians reported")  # fmt: skip
     args = ap.parse_args()
     cfg = FitConfig(seed=0, **parse_overrides(args.config))
     pop = Population(args.users, seed=0)
@@ -123,8 +128,13 @@ def main() -> None:
         uid = pop.user_ids[0]
         refit_rows = asyncio.run(refits(ep, uid, pop.votes(uid, args.votes + args.new_votes), args.votes, cfg,
                                         args.concurrency))  # fmt: skip
-        one = asyncio.run(fit_many(ep, Population(1, seed=0), args.votes, cfg, args.concurrency))
-        many = asyncio.run(fit_many(ep, pop, args.votes, cfg, args.concurrency))
+        ones, manys = [], []
+        for _ in range(max(1, args.rounds)):  # alternating, so a burst of load elsewhere hits both sides
+            ones.append(asyncio.run(fit_many(ep, Population(1, seed=0), args.votes, cfg, args.concurrency)))
+            manys.append(asyncio.run(fit_many(ep, pop, args.votes, cfg, args.concurrency)))
+    one = {k: statistics.median(r[k] for r in ones) for k in ones[0]}
+    many = {k: statistics.median(r[k] for r in manys) for k in manys[0]}
+    ratios = [m["wall_s"] / o["wall_s"] for o, m in zip(ones, manys, strict=True)]
 
     def med(key: str) -> float:
         return statistics.median(s[key] for s in solo)
@@ -138,10 +148,16 @@ def main() -> None:
               f"{med('completion_tokens'):,.0f}",
               f"{med('wall_s'):.2f} ({max(s['wall_s'] for s in solo):.2f})")  # fmt: skip
     console.print(t)
-    steps = Table(title="Where the prompt tokens went (median per fit)")
+    steps = Table(title="Where the requests and prompt tokens went, per step (call site), median per fit; the "
+                        "refits of the next table in the last rows. persona: the fit's persona and one per "
+                        "cross-validation fold; select: cross-validated selection's judgments and traces")  # fmt: skip
+    steps.add_column("fit")
     for step in solo[0]["steps"]:
         steps.add_column(step, justify="right")
-    steps.add_row(*(f"{statistics.median(s['steps'][k] for s in solo):,.0f}" for k in solo[0]["steps"]))
+    steps.add_row("requests", *(f"{statistics.median(s['step_requests'][k] for s in solo):,.0f}" for k in solo[0]["steps"]))
+    steps.add_row("prompt tokens", *(f"{statistics.median(s['steps'][k] for s in solo):,.0f}" for k in solo[0]["steps"]))
+    for label, row in (("refit after new votes: requests", "step_requests"), ("refit after new votes: tokens", "steps")):
+        steps.add_row(label, *(f"{refit_rows[2][row][k]:,}" for k in solo[0]["steps"]))
     console.print(steps)
     r = Table(title="Refits of one user through a preference memory (fresh client each time)")
     for col in ("fit", "LLM requests", "prompt tokens", "wall (s)", "persona version after", "status"):
@@ -151,14 +167,31 @@ def main() -> None:
         r.add_row(label, str(row["requests"]), f"{row['prompt_tokens']:,}", f"{row['wall_s']:.2f}",
                   str(row["version"]), row["status"])  # fmt: skip
     console.print(r)
-    c = Table(title=f"{args.users} users fitted concurrently vs one, one client ({args.concurrency} in flight at most)")
-    for col in ("wall, 1 user (s)", f"wall, {args.users} users (s)", "ratio", "requests / user", "prompt tokens / user",
-                "client CPU (s)", "simulator CPU (s)"):  # fmt: skip
+    c = Table(title=f"{args.users} users fitted concurrently vs one, one client ({args.concurrency} in flight at "
+                    f"most; median of {len(ratios)} alternating rounds)")  # fmt: skip
+    for col in ("wall, 1 user (s)", f"wall, {args.users} users (s)", "ratio (per round)", "requests / user",
+                "prompt tokens / user", "client CPU (s)", "simulator CPU (s)"):  # fmt: skip
         c.add_column(col, justify="right")
-    c.add_row(f"{one['wall_s']:.2f}", f"{many['wall_s']:.2f}", f"{many['wall_s'] / one['wall_s']:.1f}x",
+    c.add_row(f"{one['wall_s']:.2f}", f"{many['wall_s']:.2f}",
+              f"{statistics.median(ratios):.1f}x ({', '.join(f'{r:.1f}' for r in ratios)})",
               f"{many['requests']:.1f}", f"{many['prompt_tokens']:,.0f}", f"{many['client_cpu_s']:.2f}",
               f"{many['sim_cpu_s']:.2f}")  # fmt: skip
     console.print(c)
+    # Where the N-user wall goes: CPU per request on each side, and the floors the run cannot go below.
+    n_req = many["requests"] * args.users
+    cores = os.cpu_count() or 1
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    a = Table(title=f"CPU per request in the {args.users}-user run, and the floors of its wall time")
+    for col in ("requests", "client CPU ms / request", "simulator CPU ms / request",
+                f"CPU floor on {cores} cores (s)", f"in-flight floor: requests x latency / {args.concurrency} (s)",
+                "critical path: 1 user's wall (s)", "load average (1 min)"):  # fmt: skip
+        a.add_column(col, justify="right")
+    a.add_row(f"{n_req:,.0f}", f"{1000 * many['client_cpu_s'] / n_req:.2f}", f"{1000 * many['sim_cpu_s'] / n_req:.2f}",
+              f"{(many['client_cpu_s'] + many['sim_cpu_s']) / cores:.2f}",
+              f"{n_req * args.latency_ms / 1000 / args.concurrency:.2f}", f"{one['wall_s']:.2f}", f"{load:.2f}")  # fmt: skip
+    console.print(a)
+    console.print("Client CPU is this bench process's (the fits, the LLM client and the bench's own bookkeeping); "
+                  "the CPU floor assumes both processes spread perfectly over every core and nothing else runs.")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -189,6 +189,7 @@ def main() -> None:
                 [str(HERE / ".venv" / "bin" / "synth-agent"), "sim-endpoint", "--port", str(sim_port),
                  "--latency-ms", f"{args.latency_ms:g}"],
                 cwd=work, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                env={**os.environ, "SYNTH_AGENT_SIM_ACCESS_LOG": "0"},  # its output goes nowhere: do not format it
             )
             procs.append(sim)
             sim_url = f"http://127.0.0.1:{sim_port}/v1"

@@ -144,3 +144,19 @@ def test_ledger_keys_separate_judges_and_orders():
     assert p != prefix_digest(**{**base, "persona": "Q"}) != prefix_digest(**{**base, "model": "m2"})
     assert p != prefix_digest(**{**base, "demos": [demo.model_copy(update={"reasoning": "other"})]})
     assert pair_digest(p, ctx, "x", "y") != pair_digest(p, ctx, "y", "x")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('{"reasoning": "short answers", "preferred": "B"}', ("B", "short answers")),  # one object: fast path
+        ('  {"preferred": "A", "reasoning": "x {nested} y"}\n', ("A", "x {nested} y")),
+        ('Sure! {"reasoning": "r", "preferred": "A"} hope that helps', ("A", "r")),  # scanned
+        ('{"a": 1} {"reasoning": "r", "preferred": "B"}', ("B", '{"a": 1} {"reasoning": "r", "preferred": "B"}')),
+        ('{"reasoning": "r", "preferred": "A"} trailing }', ("A", "r")),  # not one object: the scan finds it
+        ('{"reasoning": "r", "preferred": "A", "score": NaN}', ("A", "r")),  # stdlib-only JSON: the scan reads it
+    ],
+)
+def test_judge_answers_parse_the_same_with_and_without_the_fast_path(text, expected):
+    parsed = prompts.parse_judgment(text)
+    assert (parsed.preferred, parsed.reasoning) == expected

@@ -231,3 +231,20 @@ async def test_stats_reset_admin_config_and_in_flight(ep: SimEndpoint) -> None:
         assert s["completions"] == 5 and s["max_in_flight"] == 5 and s["in_flight"] == 0
         s = (await http.post("/stats/reset")).json()
         assert s["completions"] == 0 and s["requests_total"] == 0 and s["max_in_flight"] == 0
+
+
+@pytest.mark.parametrize(("env", "expected"), [(None, True), ("1", True), ("0", False), ("off", False)])
+def test_serve_sim_access_log_follows_the_environment(monkeypatch: pytest.MonkeyPatch, env: str | None, expected: bool) -> None:
+    """``SimProcess`` starts the simulator with ``SYNTH_AGENT_SIM_ACCESS_LOG=0`` (its output goes nowhere)."""
+    import synth_agent.sim.server as server
+
+    seen: dict[str, object] = {}
+    monkeypatch.setattr(server.uvicorn, "run", lambda app, **kw: seen.update(kw, app=app))
+    if env is None:
+        monkeypatch.delenv(server.ACCESS_LOG_ENV, raising=False)
+    else:
+        monkeypatch.setenv(server.ACCESS_LOG_ENV, env)
+    server.serve_sim(port=1)
+    assert seen["access_log"] is expected and seen["port"] == 1
+    server.serve_sim(port=1, access_log=not expected)  # an explicit argument wins
+    assert seen["access_log"] is (not expected)

@@ -31,6 +31,8 @@ from functools import cache
 from importlib import resources
 from typing import Literal
 
+import orjson
+
 from synth_agent.models import Demo, Message
 
 ChatMessage = dict[str, str]
@@ -185,6 +187,17 @@ class ParsedJudgment:
 
 
 def _first_json_object(text: str) -> dict[str, object] | None:
+    stripped = text.strip()
+    if stripped.startswith("{") and stripped.endswith("}"):
+        # The common case, an answer that is exactly one JSON object (JSON mode): the scan below would
+        # find this same object, so parse it at once (the scan costs ~0.1 ms per judgment in Python).
+        try:
+            obj = orjson.loads(stripped)
+        except orjson.JSONDecodeError:
+            pass
+        else:
+            if isinstance(obj, dict):
+                return obj
     start = text.find("{")
     while start != -1:
         depth = 0

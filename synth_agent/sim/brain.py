@@ -236,6 +236,26 @@ class SimBrain:
         self.seed = int(seed)
         self._cache_size = cache_size
         self._tv: dict[str, np.ndarray] = {}
+        # Memos of pure functions of prompt text (a fit sends the same demos, personas and pairs over
+        # and over): parsed pair blocks, demo answers, parsed personas, user models and noise draws.
+        # Each is bounded by ``cache_size`` and cleared when full, like the trait cache; none of them
+        # changes an answer (``tests/test_sim_golden.py`` pins the replies).
+        self._pairs: dict[str, _Pair | None] = {}
+        self._answers: dict[str, tuple[str, str] | None] = {}
+        self._personas: dict[str, dict[str, float]] = {}
+        self._models: dict[tuple[Any, ...], tuple[np.ndarray, np.ndarray]] = {}
+        self._noise: dict[tuple[Any, ...], float] = {}
+        self._styles: dict[str, dict[str, float]] = {}
+
+    def _memo(self, cache: dict[Any, Any], key: Any, make: Any) -> Any:
+        try:
+            return cache[key]
+        except KeyError:
+            pass
+        if len(cache) >= self._cache_size:
+            cache.clear()
+        value = cache[key] = make()
+        return value
 
     # ------------------------------------------------------------------ entry point
 
@@ -305,41 +325,83 @@ class SimBrain:
 
     def _judge_inputs(
         self, system: str, msgs: list[tuple[str, str]]
-    ) -> tuple[_Pair, dict[str, float], list[tuple[_Pair, str, str]]] | None:
-        """(pair to judge, persona weights, demos as (pair, label, reasoning)) or None if no pair."""
+    ) -> tuple[_Pair, dict[str, float], list[tuple[_Pair, str, str]], str] | None:
+        """(pair to judge, persona weights, demos as (pair, label, reasoning), persona text) or None if no pair."""
         turns = [(r, c) for r, c in msgs if r != "system"]
         last_user = next((i for i in range(len(turns) - 1, -1, -1) if turns[i][0] == "user"), None)
         if last_user is None:
             return None
-        pair = _parse_pair(turns[last_user][1])
+        pair = self._pair(turns[last_user][1])
         if pair is None:
             return None
-        persona_text = _block("persona", system)
-        persona = parse_preferences(persona_text) if persona_text else {}
+        persona_text = _block("persona", system) or ""
+        persona = self._memo(self._personas, persona_text, lambda: parse_preferences(persona_text)) if persona_text else {}
         demos: list[tuple[_Pair, str, str]] = []
         for i in range(last_user - 1):
             if turns[i][0] == "user" and turns[i + 1][0] == "assistant":
-                dp = _parse_pair(turns[i][1])
-                label = _parse_label(turns[i + 1][1])
-                if dp is not None and label is not None:
-                    reasoning = ""
-                    try:
-                        obj = json.loads(turns[i + 1][1])
-                        reasoning = str(obj.get("reasoning", "")) if isinstance(obj, dict) else ""
-                    except (json.JSONDecodeError, TypeError, ValueError):
-                        pass
-                    demos.append((dp, label, reasoning))
-        return pair, persona, demos
+                dp = self._pair(turns[i][1])
+                answer = self._answer(turns[i + 1][1])
+                if dp is not None and answer is not None:
+                    demos.append((dp, *answer))
+        return pair, persona, demos, persona_text
+
+    def _pair(self, text: str) -> _Pair | None:
+        return self._memo(self._pairs, text, lambda: _parse_pair(text))  # type: ignore[no-any-return]
+
+    def _answer(self, text: str) -> tuple[str, str] | None:
+        """(label, reasoning) of a demo's answer turn, None without a label."""
+
+        def read() -> tuple[str, str] | None:
+            label = _parse_label(text)
+            if label is None:
+                return None
+            reasoning = ""
+            try:
+                obj = json.loads(text)
+                reasoning = str(obj.get("reasoning", "")) if isinstance(obj, dict) else ""
+            except (json.JSONDecodeError, TypeError, ValueError):
+                pass
+            return label, reasoning
+
+        return self._memo(self._answers, text, read)  # type: ignore[no-any-return]
+
+    def _noise_draw(self, *parts: object) -> float:
+        return self._memo(self._noise, parts, lambda: _gauss(self.seed, *parts))  # type: ignore[no-any-return]
 
     def _decide(
         self,
         pair: _Pair,
         persona: dict[str, float],
         demos: list[tuple[_Pair, str, str]],
+        persona_text: str,
         temperature: float,
         seed: int | None,
     ) -> _Decision:
         delta = self._delta(pair)
+        key = (persona_text, *((dp.a, dp.b, lab) for dp, lab, _ in demos))
+        w, d_vec = self._memo(self._models, key, lambda: self._user_direction(persona, demos))
+        # judge quirks, identical with and without user information: a fixed taste for one of the two
+        # texts (same in both orders), a little order-specific noise, a slight first-position bias,
+        # and sampling noise when temperature > 0
+        lo, hi = sorted((pair.a, pair.b))
+        quirk = self._noise_draw("pair", lo, hi) * (1.0 if pair.a == lo else -1.0)
+        order_noise = self._noise_draw("order", pair.a, pair.b)
+        # at temperature 0 the draw is multiplied by 0 (a finite normal draw: the margin is unchanged)
+        sample = (
+            _gauss(self.seed, "sample", seed, temperature, pair.a, pair.b) * min(temperature, 2.0)
+            if temperature != 0.0
+            else 0.0
+        )
+        margin = (
+            float(w @ delta) + JUDGE_QUIRK * quirk + ORDER_NOISE * order_noise + POSITION_BIAS
+            + SAMPLE_NOISE * sample
+        )
+        return _Decision(margin, self._reasoning(delta, margin >= 0, persona, d_vec, len(demos)))
+
+    def _user_direction(
+        self, persona: dict[str, float], demos: list[tuple[_Pair, str, str]]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(unit decision direction, mean demo evidence) for a persona and demo set."""
         p_vec = _vec(persona)
         d_vec = np.zeros(len(TRAITS))
         if demos:
@@ -350,21 +412,8 @@ class SimBrain:
             evidence = [
                 _salient((1.0 if lab == "A" else -1.0) * self._delta(dp), attend) for dp, lab, _ in demos
             ]
-            w = _unit(self.user_model(p_vec, evidence))
-        else:
-            w = _GENERIC
-        # judge quirks, identical with and without user information: a fixed taste for one of the two
-        # texts (same in both orders), a little order-specific noise, a slight first-position bias,
-        # and sampling noise when temperature > 0
-        lo, hi = sorted((pair.a, pair.b))
-        quirk = _gauss(self.seed, "pair", lo, hi) * (1.0 if pair.a == lo else -1.0)
-        order_noise = _gauss(self.seed, "order", pair.a, pair.b)
-        sample = _gauss(self.seed, "sample", seed, temperature, pair.a, pair.b) * min(temperature, 2.0)
-        margin = (
-            float(w @ delta) + JUDGE_QUIRK * quirk + ORDER_NOISE * order_noise + POSITION_BIAS
-            + SAMPLE_NOISE * sample
-        )
-        return _Decision(margin, self._reasoning(delta, margin >= 0, persona, d_vec, len(demos)))
+            return _unit(self.user_model(p_vec, evidence)), d_vec
+        return _GENERIC, d_vec
 
     @staticmethod
     def user_model(p_vec: np.ndarray, evidence: list[np.ndarray]) -> np.ndarray:
@@ -548,7 +597,7 @@ class SimBrain:
         rng = np.random.default_rng([self.seed % (2**32), _hash_int("chat", key, t_key) % (2**63)])
         levels = random_levels(rng)
         if system:
-            levels.update(style_from_text(system))
+            levels.update(self._memo(self._styles, system, lambda: style_from_text(system)))
         text = render_response(prompt, levels, rng)
         if max_tokens is not None and max_tokens > 0:
             words = text.split(" ")

@@ -835,6 +835,12 @@ COUNT_SCALE: dict[str, int] = {
 """How many items make a count trait reach 1.0 (mirrors :mod:`synth_agent.sim.traits`)."""
 
 
+_TOPIC_KEYWORDS: tuple[tuple[Topic, tuple[tuple[int, re.Pattern[str]], ...]], ...] = tuple(
+    (topic, tuple((len(k), re.compile(rf"\b{re.escape(k)}\b")) for k in topic.keywords)) for topic in TOPICS
+)
+"""Each topic's keywords as (length, whole-word pattern), compiled once (``topic_for`` runs per chat answer)."""
+
+
 def topic_for(prompt: str) -> Topic:
     """The pool topic of ``prompt``: exact pool prompt, else best keyword match, else a generic topic."""
     if not isinstance(prompt, str):
@@ -844,8 +850,8 @@ def topic_for(prompt: str) -> Topic:
         return t
     low = prompt.lower()
     best, score = GENERIC, 0
-    for topic in TOPICS:
-        s = sum(len(k) for k in topic.keywords if re.search(rf"\b{re.escape(k)}\b", low))
+    for topic, keywords in _TOPIC_KEYWORDS:
+        s = sum(n for n, rx in keywords if rx.search(low))
         if s > score:
             best, score = topic, s
     return best
