@@ -30,6 +30,8 @@ from synth_agent.models import PersonaProfile, Trace, Vote, validate_user_id
 
 ROOT = "synth_agent"
 _KINDS = ("votes", "personas", "traces", "judgments", "pending_votes", "lift")
+FIT_KINDS = ("personas", "traces", "judgments")
+"""What a synthesis run writes for a user (and nothing else): erased again when a forget raced a fit."""
 """Everything kept per user; forget_user deletes each kind (pending_votes: A/B pairs awaiting a vote;
 lift: one event per redeemed A/B token, :mod:`synth_agent.lift`)."""
 
@@ -563,21 +565,28 @@ class PreferenceMemory:
 
     # ------------------------------------------------------------------ users
 
-    async def forget_user(self, user_id: str) -> dict[str, int]:
+    async def forget_user(self, user_id: str, *, kinds: Iterable[str] | None = None) -> dict[str, int]:
         """Delete everything stored for ``user_id`` (GDPR-style); returns counts per kind.
 
         All deletions go to the store as one batch; with :class:`~store.chroma.ChromaStore`
         the call returns once the data is erased for good (keys destroyed, vectors scrubbed).
+        ``kinds`` limits the deletion to some of ``_KINDS`` (e.g. only what a fit writes:
+        personas, traces, judgments) and then keeps the user's entry in the tenant's user list.
         """
+        chosen = tuple(_KINDS if kinds is None else kinds)
+        unknown = set(chosen) - set(_KINDS)
+        if unknown:
+            raise ValueError(f"unknown kinds {sorted(unknown)}; expected some of {list(_KINDS)}")
         counts: dict[str, int] = {}
         ops: list[PutOp] = []
         async with self._lock(user_id):
-            for kind in _KINDS:
+            for kind in chosen:
                 ns = self._user_ns(user_id, kind)
                 items = await self._all(ns)
                 ops += [PutOp(ns, it.key, None) for it in items]
                 counts[kind] = len(items)
-            ops.append(PutOp(self._users_ns(), encode_label(user_id), None))
+            if kinds is None:
+                ops.append(PutOp(self._users_ns(), encode_label(user_id), None))
             await self.store.abatch(ops)
         return counts
 
@@ -592,4 +601,4 @@ class PreferenceMemory:
         return dict(zip(users, counts, strict=True))
 
 
-__all__ = ["ROOT", "AddVotesResult", "PreferenceMemory", "decode_label", "encode_label"]
+__all__ = ["FIT_KINDS", "ROOT", "AddVotesResult", "PreferenceMemory", "decode_label", "encode_label"]

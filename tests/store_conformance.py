@@ -17,7 +17,7 @@ import pytest
 from langgraph.store.base import BaseStore, InvalidNamespaceError
 
 from store.embeddings import MiniLMEmbeddings
-from store.memory import PreferenceMemory
+from store.memory import FIT_KINDS, PreferenceMemory
 from synth_agent.models import Demo, Message, PersonaProfile, Trace, Vote
 
 
@@ -266,6 +266,22 @@ class MemoryConformance:
             await mem.put_cached_judgment("v", "k", {"bad": object()})
         with pytest.raises(ValueError):
             PreferenceMemory(store, tenant="")
+
+    async def test_forget_fit_kinds_keeps_votes(self, store: BaseStore) -> None:
+        # a forget that raced a running fit erases what the fit wrote afterwards, never later votes
+        mem = PreferenceMemory(store)
+        vote = make_vote("raced", "a vote cast after the user was forgotten")
+        await mem.add_vote(vote)
+        await mem.save_persona(PersonaProfile(user_id="raced", persona="likes short answers"))
+        await mem.put_traces("raced", [Trace(vote_id=vote.id, chosen_first=True, reasoning="r", predicted="A", verified=True)])
+        counts = await mem.forget_user("raced", kinds=FIT_KINDS)
+        assert counts == {"personas": 1, "traces": 1, "judgments": 0}
+        assert [v.id for v in await mem.list_votes("raced")] == [vote.id]
+        assert await mem.persona_history("raced") == [] and await mem.get_traces("raced") == []
+        assert await mem.list_users() == ["raced"]
+        with pytest.raises(ValueError, match="unknown kinds"):
+            await mem.forget_user("raced", kinds=["votez"])
+        assert await mem.count_votes("raced") == 1
 
     async def test_relevant_votes_semantic(self, store: BaseStore) -> None:
         mem = PreferenceMemory(store)

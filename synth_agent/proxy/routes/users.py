@@ -12,6 +12,7 @@ from fastapi import APIRouter, Query
 from fastapi.responses import Response
 
 from graphs.synthesis import erase_synthesis_checkpoints
+from store.memory import FIT_KINDS
 from synth_agent.export import export_profile
 from synth_agent.lift import load_user_lift, with_live
 from synth_agent.models import PersonaProfile
@@ -109,11 +110,13 @@ def router(models: ApiModels) -> APIRouter:
         personalizer.invalidate(tenant, user)
         await _forget_checkpoints(st, tenant, user, versions)
         if isinstance(sched, SynthesisScheduler) and sched.is_busy(tenant, user):
-            # A fit already running would save a persona after this delete: forget again once it ends.
+            # A fit already running would save a persona after this delete: once it ends, erase what a
+            # fit writes (personas, traces, judgments, checkpoints) — never votes, which the user may
+            # have cast (and had acknowledged) after this DELETE answered.
             async def again() -> None:
                 try:
                     await sched.wait_user_idle(tenant, user)
-                    await memories(tenant).forget_user(user)
+                    await memories(tenant).forget_user(user, kinds=FIT_KINDS)
                     personalizer.invalidate(tenant, user)
                     await _forget_checkpoints(st, tenant, user, versions + 1)
                 except Exception:
