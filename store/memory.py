@@ -30,10 +30,10 @@ from synth_agent.models import PersonaProfile, Trace, Vote, validate_user_id
 
 ROOT = "synth_agent"
 _KINDS = ("votes", "personas", "traces", "judgments", "pending_votes", "lift")
-FIT_KINDS = ("personas", "traces", "judgments")
-"""What a synthesis run writes for a user (and nothing else): erased again when a forget raced a fit."""
 """Everything kept per user; forget_user deletes each kind (pending_votes: A/B pairs awaiting a vote;
 lift: one event per redeemed A/B token, :mod:`synth_agent.lift`)."""
+FIT_KINDS = ("personas", "traces", "judgments")
+"""What a synthesis run writes for a user (and nothing else): erased again when a forget raced a fit."""
 
 
 def encode_label(text: str) -> str:
