@@ -5,6 +5,7 @@ exact matching of a user's checkpoint threads."""
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 import tempfile
@@ -416,3 +417,23 @@ async def test_a_purge_that_cannot_lock_a_table_leaves_it_owed_and_the_next_purg
             assert (await cur.fetchone())[0] == 0
     finally:
         await pool.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="the privilege drop happens only as root")
+def test_unreachable_binaries_say_what_to_do(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As root PostgreSQL runs as ``nobody``; binaries under a mode-700 directory (a clone in
+    ``mktemp -d``) used to fail with a bare PermissionError from exec."""
+    tmp_path = Path(tempfile.mkdtemp(prefix="synth-pg-"))  # pytest's own tmp root is mode 700
+    locked = tmp_path / "locked"
+    (locked / "bin").mkdir(parents=True)
+    for name in ("initdb", "postgres"):
+        (locked / "bin" / name).write_text("#!/bin/sh\n")
+        (locked / "bin" / name).chmod(0o755)
+    locked.chmod(0o700)
+    tmp_path.chmod(0o755)
+    monkeypatch.setenv("SYNTH_AGENT_PG_BIN", str(locked / "bin"))
+    server = LocalPostgres(tmp_path / "data")
+    with pytest.raises(RuntimeError, match=rf"cannot enter {locked}.*chmod o\+x"):
+        server.initdb()
+    assert not (tmp_path / "data" / "PG_VERSION").exists()
+    subprocess.run(["rm", "-rf", str(tmp_path)], check=False)

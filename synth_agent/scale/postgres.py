@@ -157,15 +157,22 @@ class LocalPostgres:
             os.lchown(p, uid, gid)
 
     def _check_traversable(self) -> None:
+        """As root, fail with what to do if ``nobody`` cannot reach the data directory or the binaries.
+
+        Without this, a clone under a mode-700 directory (``mktemp -d``) fails with a bare
+        ``PermissionError`` from ``exec`` after the privilege drop.
+        """
         if self._ids is None:
             return
-        for parent in self.data_dir.parents:
-            mode = parent.stat().st_mode
-            if parent.stat().st_uid != self._ids[0] and not mode & 0o001:
-                raise RuntimeError(
-                    f"PostgreSQL runs as an unprivileged user here (we are root), and it cannot enter {parent}: "
-                    "put the data directory under a traversable path (e.g. /tmp or /var/lib) or chmod o+x it"
-                )
+        for what, path in (("the data directory", self.data_dir), ("the PostgreSQL binaries", self._bin)):
+            for parent in [*reversed(path.parents)] + ([path] if what != "the data directory" else []):
+                st = parent.stat()
+                if st.st_uid != self._ids[0] and not st.st_mode & 0o001:
+                    raise RuntimeError(
+                        f"PostgreSQL runs as an unprivileged user here (we are root; SYNTH_AGENT_PG_USER), "
+                        f"and it cannot enter {parent} to reach {what} ({path}): chmod o+x {parent}, or put "
+                        "it under a traversable path (e.g. /tmp or /var/lib)"
+                    )
 
     def initdb(self) -> None:
         if (self.data_dir / "PG_VERSION").exists():
