@@ -14,7 +14,7 @@ whatever this project does: the tree's Python importing ``chromadb`` (and LangGr
 ``BaseStore``, which ``ChromaStore`` implements), measured the same way. CPU is the child's user +
 system time (``os.wait4``), which a loaded machine inflates less than wall time.
 
-    .venv/bin/python bench/startup.py [--runs 7] [--baseline /work/baseline] [--only store]
+    .venv/bin/python bench/startup.py [--runs 7] [--baseline /work/baseline] [--only store] [--no-bytecode-cache]
 """
 
 from __future__ import annotations
@@ -66,8 +66,15 @@ def run_once(exe: Path, argv: list[str], env: dict[str, str], cwd: Path) -> tupl
     return wall, usage.ru_utime + usage.ru_stime, proc.returncode
 
 
-def prepare(tree: Path, work: Path, name: str, votes_file: Path) -> tuple[Path, dict[str, str]]:
-    """A home with the population's votes and a fitted bench user, made by ``tree``'s own CLI."""
+def prepare(tree: Path, work: Path, name: str, votes_file: Path, bytecode: bool) -> tuple[Path, dict[str, str]]:
+    """A home with the population's votes and a fitted bench user, made by ``tree``'s own CLI.
+
+    ``bytecode``: the children may write and read compiled bytecode, as on a user's machine (a
+    wheel install compiles at install time; an editable one on first run). It goes to a cache
+    of this run's own (``PYTHONPYCACHEPREFIX``), so no tree is written to; the set-up commands
+    and the warm-up run fill it. Without it, with ``PYTHONDONTWRITEBYTECODE`` set (as in some
+    sandboxes), every run compiles the tree's own modules again.
+    """
     exe = tree / ".venv" / "bin" / "synth-agent"
     if not exe.exists():
         raise SystemExit(f"{exe} not found: run `make venv` in {tree}")
@@ -75,6 +82,9 @@ def prepare(tree: Path, work: Path, name: str, votes_file: Path) -> tuple[Path, 
     home.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "SYNTH_AGENT_", "CHROMA_"))}
     env["SYNTH_AGENT_HOME"] = str(home)
+    if bytecode:
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+        env["PYTHONPYCACHEPREFIX"] = str(work / f"pycache-{name}")
     for argv in (["ingest", str(votes_file)], ["fit", "--user", USER]):
         r = subprocess.run([str(exe), *argv], env=env, cwd=home, capture_output=True, text=True)
         if r.returncode != 0:
@@ -88,6 +98,8 @@ def main() -> None:
     ap.add_argument("--baseline", type=Path, default=None, help="another checkout with its own .venv")
     ap.add_argument("--only", action="append", choices=["floor", "key-only", "store"],
                     help="measure only this group (repeatable; default: all)")
+    ap.add_argument("--no-bytecode-cache", dest="bytecode", action="store_false",
+                    help="keep PYTHONDONTWRITEBYTECODE as set (every run then compiles what has no cached bytecode)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="startup-bench-") as tmp:
         work = Path(tmp)
@@ -103,10 +115,11 @@ def main() -> None:
                 for v in pop.votes(uid, 12):
                     f.write(json.dumps({**vote_to_json(v), "user_id": USER if i == 0 else uid}) + "\n")
         trees = [("new", HERE)] + ([("old", args.baseline.resolve())] if args.baseline else [])
-        setups = {name: prepare(tree, work, name, votes_file) for name, tree in trees}
+        setups = {name: prepare(tree, work, name, votes_file, args.bytecode) for name, tree in trees}
+        mode = ("bytecode cached (PYTHONPYCACHEPREFIX in the run's temp dir)" if args.bytecode else
+                "PYTHONDONTWRITEBYTECODE=" + os.environ.get("PYTHONDONTWRITEBYTECODE", "unset"))
         print(f"{len(trees)} tree(s): " + ", ".join(f"{n} = {t}" for n, t in trees)
-              + f"; median of {args.runs} runs (after 1 warm-up); PYTHONDONTWRITEBYTECODE="
-              + os.environ.get("PYTHONDONTWRITEBYTECODE", "unset"))
+              + f"; median of {args.runs} runs (after 1 warm-up); {mode}")
         head = f"{'group':<9} {'command':<34}{'new wall':>9}{'new CPU':>9}"
         if args.baseline:
             head += f"{'old wall':>10}{'old CPU':>9}{'new/old wall':>14}"

@@ -182,6 +182,17 @@ class PersonaCache:
         self.hits = 0
         self.misses = 0
 
+    def cached(self, tenant: str, user: str) -> tuple[bool, PersonaProfile | None]:
+        """``(True, profile)`` when a fresh entry is cached (counted as a hit), else ``(False, None)``.
+
+        Lets a server answer a warm read without creating a task for it (:meth:`get` would not wait).
+        """
+        hit = self._entries.get((tenant, user))
+        if hit is not None and (self.ttl is None or time.monotonic() < hit[0]):
+            self.hits += 1
+            return True, hit[1]
+        return False, None
+
     async def get(self, memory: PreferenceMemory, tenant: str, user: str) -> PersonaProfile | None:
         now = time.monotonic()
         hit = self._entries.get((tenant, user))

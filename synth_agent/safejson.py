@@ -28,6 +28,7 @@ MAX_JSON_DEPTH = 64
 """Default nesting limit: a vote needs about 5 levels, an OpenAI tool schema a dozen or two."""
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 def json_depth(data: str | bytes) -> int:
@@ -85,24 +86,41 @@ def loads_strict(data: str | bytes, *, max_depth: int = MAX_JSON_DEPTH) -> Any:
     numbers beyond a float's range, text that is not valid UTF-8 or holds lone surrogates,
     and objects with a repeated key are refused after.
     """
+    raw: bytes | None = None
     if isinstance(data, bytes | bytearray):
+        raw = bytes(data)
         try:
-            text = bytes(data).decode("utf-8")
+            text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise ValueError(f"the text is not UTF-8 (byte 0x{data[exc.start]:02x} at offset {exc.start})") from None
+        brackets = raw.count(b"[") + raw.count(b"{")  # on the bytes: a str with non-ASCII text is wide
     else:
         text = data
-    if text.count("[") + text.count("{") > max_depth and json_depth(text) > max_depth:
+        brackets = text.count("[") + text.count("{")
+    if brackets > max_depth and json_depth(text) > max_depth:
         raise ValueError(f"nested deeper than {max_depth} levels")
+    overflowed = False
+
+    def finite(literal: str) -> float:
+        nonlocal overflowed
+        number = float(literal)
+        overflowed = overflowed or not math.isfinite(number)
+        return number
+
     try:
-        value = json.loads(text, parse_constant=_constant, object_pairs_hook=_unique_keys)
+        value = json.loads(text, parse_constant=_constant, object_pairs_hook=_unique_keys, parse_float=finite)
     except json.JSONDecodeError as exc:
         raise ValueError(f"not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}") from None
     except RecursionError:  # pragma: no cover - the depth check comes first
         raise ValueError(f"nested deeper than {max_depth} levels") from None
-    problem = storable_problem(value)
-    if problem is not None:
-        raise ValueError(problem)
+    # Parsed with these hooks, a value can still hold a float that overflowed to inf or a lone
+    # surrogate. Text decoded here from strict UTF-8 holds no raw surrogate, so one can only come
+    # from a \uD800-\uDFFF escape: without that and without an overflow the value is storable, and
+    # the full walk (as costly as the parse itself) is skipped. A str argument is always walked.
+    if raw is None or overflowed or (b"\\u" in raw and _SURROGATE_ESCAPE.search(raw) is not None):
+        problem = storable_problem(value)
+        if problem is not None:
+            raise ValueError(problem)
     return value
 
 

@@ -346,3 +346,24 @@ async def test_a_vote_on_a_thread_continues_the_conversation_with_the_pick() -> 
     await p.graph.ainvoke({"messages": [("user", "and then?")]}, cfg, context=ctx)
     sent = p.agent.calls[-1][0]  # type: ignore[attr-defined]
     assert [m.content for m in sent] == ["hi", out["ab"]["b"], "and then?"]
+
+
+async def test_persona_cache_answers_warm_reads_synchronously():
+    """``PersonaCache.cached``: a fresh entry without awaiting (the proxy's hot path), nothing when
+    cold, expired or disabled; only ``get`` reads the store."""
+    from graphs._common import PersonaCache
+
+    store = InMemoryStore()
+    mems = TenantMemories(store)
+    await give_persona(mems, "acme", "zoë@example.com", "The user strongly prefers short, concise answers.")
+    cache = PersonaCache(ttl=60)
+    assert cache.cached("acme", "zoë@example.com") == (False, None)
+    profile = await cache.get(mems("acme"), "acme", "zoë@example.com")
+    assert profile is not None and cache.misses == 1
+    assert cache.cached("acme", "zoë@example.com") == (True, profile) and cache.hits == 1
+    assert cache.cached("other", "zoë@example.com") == (False, None)
+    cache.invalidate("acme", "zoë@example.com")
+    assert cache.cached("acme", "zoë@example.com") == (False, None)
+    off = PersonaCache(ttl=0)
+    await off.get(mems("acme"), "acme", "zoë@example.com")
+    assert off.cached("acme", "zoë@example.com") == (False, None)

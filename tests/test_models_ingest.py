@@ -188,3 +188,30 @@ def test_json_depth_skips_strings_and_escapes():
     assert loads_strict('{"a": [1, 2]}') == {"a": [1, 2]}
     with pytest.raises(ValueError, match="nested deeper than 3"):
         loads_strict("[[[[1]]]]", max_depth=3)
+
+
+@pytest.mark.parametrize("text, problem", [
+    ('{"a": 1e400}', "numbers must be finite"),
+    ('[1.5, -1e999]', "numbers must be finite"),
+    ('{"a": ' + "1" * 320 + '.5}', "numbers must be finite"),
+    ('{"a": "\\ud800"}', "lone surrogate"),
+    ('{"\\uDFFF": 1}', "lone surrogate"),
+    ('["ok", "\\ud83d"]', "lone surrogate"),
+    ('{"a": "\\ud83d\\ude00", "b": 1e308, "c": "\\\\ud800", "d": ' + "1" * 320 + '}', None),
+])
+def test_loads_strict_bytes_and_text_agree(text, problem):
+    """Bytes take a fast path that skips the storable-value walk when the text cannot need it;
+    they must be refused (with the same message) or accepted exactly like the text."""
+    from synth_agent.safejson import loads_strict
+
+    if problem is None:
+        assert loads_strict(text.encode()) == loads_strict(text)
+        return
+    for data in (text, text.encode()):
+        with pytest.raises(ValueError, match=problem):
+            loads_strict(data)
+    with pytest.raises(ValueError) as as_text:
+        loads_strict(text)
+    with pytest.raises(ValueError) as as_bytes:
+        loads_strict(text.encode())
+    assert str(as_text.value) == str(as_bytes.value)

@@ -71,6 +71,9 @@ class ProxyState:
         they share the first one's read instead. A cancelled request never cancels the shared read.
         """
         _, personalizer, _, _ = self.ready()
+        hit, profile = personalizer.personas.cached(tenant, user)
+        if hit:  # warm: no task, no shield, no extra turn of the event loop per chat request
+            return profile
         key = (tenant, user)
         read = self._persona_reads.get(key)
         if read is None:
