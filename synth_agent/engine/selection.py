@@ -268,7 +268,7 @@ class Selection:
         the configuration has gone stale for this user. Empty when the new votes agree with the evidence.
 
             >>> sel = choose({"default": [1, 1, 0, 1], "persona_demos": [2, 2, 1, 2]}, z=1.0)
-            >>> sel.drifted({"default": [2, 2], "persona_demos": [2, 2]}, 1.0), sel.drifted(
+            >>> sel.drifted({"default": [0, 1], "persona_demos": [2, 2]}, 1.0), sel.drifted(
             ...     {"default": [2, 2], "persona_demos": [0, 0]}, 1.0)
             ([], ['persona_demos'])
         """
