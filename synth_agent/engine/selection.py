@@ -9,9 +9,12 @@ configuration on **all** of the user's context votes by k-fold cross-validation:
 * per fold, a persona is written from the verified traces of the *other* folds only and a
   demo set is drawn (with the fit's own recipe) from the other folds only, so no estimate
   has seen the labels of the votes it is scored on;
-* every vote of the fold is judged in **both** presentation orders by four judges —
-  ``persona_demos``, ``persona``, ``demos`` and ``default`` (no user information);
-* judgments go through the user's judgment ledger, so a refit pays only for what changed.
+* every vote of the fold is judged in **both** presentation orders (or one, :attr:`SelectionConfig.orders`)
+  by the candidate configurations and ``default`` (no user information);
+* judgments go through the user's judgment ledger, so a refit pays only for what changed;
+* the per-vote evidence is stored (:attr:`Selection.per_vote`): an incremental refit judges only the
+  user's new votes with the current persona and demos, checks they agree with it (:meth:`Selection.drifted`)
+  and extends it (:meth:`Selection.extend`), see :meth:`~synth_agent.engine.synthesize.Synthesizer.update`.
 
 **The guard** (:func:`choose`) then serves a personalized configuration only where the
 evidence says it beats the default *for this user*. Per vote, the paired difference
