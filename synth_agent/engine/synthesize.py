@@ -24,6 +24,8 @@ Cost control (``bench/fit_cost.py`` measures it):
   votes already judged;
 * fitting again with nothing new (same votes, same budgets, same model and prompts) makes no LLM
   request and saves no new version (:attr:`FitResult.status` ``"unchanged"``);
+* after a few new votes a refit is incremental (:meth:`Synthesizer.update`): only the new votes are
+  judged, persona and demos are kept unless those votes show them stale;
 * the LLM layer caches temperature-0 calls.
 """
 
