@@ -290,6 +290,12 @@ async def test_a_full_refit_when_the_new_votes_show_the_persona_stale_or_the_con
     assert "refit" not in grown.profile.meta and grown.profile.meta["full_fit_votes"] == 24
     # another configuration is never updated incrementally
     assert Synthesizer(SimBackend(), mem, FitConfig(seed=0, n_trials=2)).plan(votes, grown.profile).new == []
+    # how refits are done is not part of the result: no new votes is "unchanged" either way (synth-agent fit --full)
+    full = Synthesizer(SimBackend(), mem, FitConfig(seed=0, incremental=False))
+    assert full.plan(votes, grown.profile).status == "unchanged"
+    await mem.add_votes(population.votes(uid, 26)[24:])
+    more = population.votes(uid, 26)
+    assert more[:24] == votes and synth.plan(more, grown.profile).new and not full.plan(more, grown.profile).new
 
 
 async def test_one_order_selection_judges_each_vote_once_and_gets_the_default_for_free(population):

@@ -827,14 +827,22 @@ class Synthesizer:
         return current.model_copy(update={"vote_ids": [v.id for v in (*plan.train, *plan.val)], "meta": meta})
 
     # ------------------------------------------------------------------ all steps
+    def _result_config(self) -> dict[str, Any]:
+        """The configuration a fitted profile depends on (how refits are done is not part of it). A knob added
+        later is left out at the value that behaves as before, so upgrading does not make every profile stale."""
+        out = {k: v for k, v in asdict(self.config).items() if k not in ("incremental", "full_refit_growth")}
+        if out["selection"].get("orders") == 2:
+            del out["selection"]["orders"]
+        return out
+
     def fit_key(self, train: Sequence[Vote], val: Sequence[Vote]) -> str:
         """What a fit's result depends on: the votes and their split, the budgets, the model."""
-        payload = [[v.id for v in train], [v.id for v in val], asdict(self.config), self.llm.model]
+        payload = [[v.id for v in train], [v.id for v in val], self._result_config(), self.llm.model]
         return hashlib.sha256(orjson.dumps(payload, default=str)).hexdigest()
 
     def config_key(self) -> str:
         """The budgets, prompts and model alone (a profile fitted under another key is never updated incrementally)."""
-        return hashlib.sha256(orjson.dumps([asdict(self.config), self.llm.model], default=str)).hexdigest()
+        return hashlib.sha256(orjson.dumps([self._result_config(), self.llm.model], default=str)).hexdigest()
 
     def _new_votes(self, current: PersonaProfile | None, train: Sequence[Vote], val: Sequence[Vote]) -> list[Vote]:
         """The votes an incremental refit of ``current`` would judge, or [] when it must be a full fit: the
