@@ -62,14 +62,21 @@ def population(n_users: int, seed: int, noise_fraction: float) -> Population:
     return Population(n_users, seed)
 
 
+OVERRIDES: dict[str, Any] = {}
+"""FitConfig overrides from ``--config KEY=VALUE`` (``selection`` as a JSON object of SelectionConfig fields)."""
+
+
 def fit_config(seed: int) -> FitConfig:
-    """The default FitConfig; where the guard exists, it also cross-validates the configurations it does not
-    serve by default (persona only, demos only), so ``--sweep`` can show what serving them would do."""
+    """The default FitConfig (with ``--config`` overrides); where the guard exists, it also cross-validates the
+    configurations it does not serve by default (persona only, demos only), so ``--sweep`` can show what serving
+    them would do."""
+    over = dict(OVERRIDES)
     if "served" not in METHODS:
-        return FitConfig(seed=seed)
+        return FitConfig(seed=seed, **over)
     from synth_agent.engine.selection import SelectionConfig
 
-    return FitConfig(seed=seed, selection=SelectionConfig(score_all=True))  # type: ignore[call-arg]
+    sel = over.pop("selection", {})
+    return FitConfig(seed=seed, selection=SelectionConfig(**{"score_all": True, **sel}), **over)  # type: ignore[call-arg]
 
 
 def below_default(report: EvalReport, method: str) -> tuple[int, int, int]:
@@ -285,7 +292,15 @@ def main() -> None:
                     help="also re-apply the per-user guard at other settings (no new judgments)")
     ap.add_argument("--oracle-votes", type=int, default=0, metavar="N",
                     help="also judge N fresh votes per user to bound what any guard can reach (see above)")
+    ap.add_argument("--config", action="append", default=[], metavar="KEY=VALUE",
+                    help='FitConfig override, repeatable (e.g. --config n_trials=3 --config \'selection={"orders": 1}\')')
     args = ap.parse_args()
+    for item in args.config:
+        key, _, raw = item.partition("=")
+        try:
+            OVERRIDES[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            OVERRIDES[key] = raw
     results = asyncio.run(main_async(args))
     print_tables(results, args)
     if args.json:

@@ -41,7 +41,8 @@ def fit_usage(usage: dict[str, dict[str, int]], n_users: int) -> tuple[float, fl
 
 
 def parse_overrides(items: list[str]) -> dict[str, object]:
-    """``key=value`` FitConfig overrides (values parsed as JSON when they parse, else strings)."""
+    """``key=value`` FitConfig overrides (values parsed as JSON when they parse, else strings);
+    ``selection={"orders": 1}`` becomes a ``SelectionConfig``."""
     out: dict[str, object] = {}
     for item in items:
         key, _, raw = item.partition("=")
@@ -49,6 +50,10 @@ def parse_overrides(items: list[str]) -> dict[str, object]:
             out[key] = json.loads(raw)
         except json.JSONDecodeError:
             out[key] = raw
+    if isinstance(out.get("selection"), dict):
+        from synth_agent.engine.selection import SelectionConfig
+
+        out["selection"] = SelectionConfig(**out["selection"])  # type: ignore[arg-type]
     return out
 
 

@@ -40,7 +40,7 @@ from synth_agent.llm.client import EndpointConfig, LLMClient
 from synth_agent.sim.population import Population
 from synth_agent.sim.server import SimProcess
 
-STEPS = ("bootstrap", "bootstrap_score", "persona", "demo_select", "select")
+STEPS = ("bootstrap", "bootstrap_score", "persona", "demo_select", "select", "refit")
 
 
 def served(ep: SimProcess) -> dict[str, Any]:

@@ -1,5 +1,9 @@
 """The synthesis graph: load_votes → bootstrap → persona → demos → select → save, one node per step.
 
+A user who only added a few votes since a fit with the same configuration goes load_votes → refit instead: the
+engine's incremental refit judges the new votes alone and saves, or (the new votes show the persona stale) hands
+over to bootstrap for a full fit.
+
 Each node calls the matching :class:`~synth_agent.engine.synthesize.Synthesizer`
 step (``select``: cross-validated choice of the served configuration and the per-user guard,
 :mod:`synth_agent.engine.selection`; it judges through the user's judgment ledger) and returns JSON-ready state (votes, traces and demos as dicts), so any
@@ -72,7 +76,9 @@ __all__ = [
 
 log = logging.getLogger("synth_agent.graphs.synthesis")
 
-NODES = ("load_votes", "bootstrap", "persona", "demos", "select", "save")
+NODES = ("load_votes", "refit", "bootstrap", "persona", "demos", "select", "save")
+"""Every node; a run visits ``refit`` (then ends) or the full-fit path ``bootstrap`` … ``save``, or both when
+the incremental refit finds the persona stale."""
 
 NodeEvent = Callable[[str, Literal["start", "end"], dict[str, Any]], Any]
 """``on_event(node, phase, info)``: observability hook (node-entry logs, progress, tests)."""
@@ -131,6 +137,7 @@ class SynthesisState(SynthesisInput, SynthesisOutput, total=False):
     reused_traces: int
     demos: list[dict[str, Any]]
     selection: dict[str, Any] | None
+    new_ids: list[str]
 
 
 class SynthesisContext(IdentityContext, total=False):
@@ -309,7 +316,7 @@ def build_synthesis_graph(
             "train_ids": [v.id for v in train], "val_ids": [v.id for v in val],
             "traces": [], "persona_trace_ids": [], "bootstrap_demos": [], "bootstrap_accuracy": 0.0,
             "reused_traces": 0, "persona": "", "demos": [], "val_accuracy": 0.0, "profile": None, "usage": {},
-            "selection": None,
+            "selection": None, "new_ids": [v.id for v in plan.new],
         }
         kept = {"profile": current.model_dump(mode="json")} if current is not None else {}
         if plan.status == "not_enough_votes":
@@ -334,7 +341,48 @@ def build_synthesis_graph(
         return {**fresh, "status": "loaded", "message": f"{n} votes ({len(train)} train, {len(val)} validation)"}
 
     def after_load(state: SynthesisState) -> str:
-        return "bootstrap" if state.get("status") == "loaded" else END
+        if state.get("status") != "loaded":
+            return END
+        return "refit" if state.get("new_ids") else "bootstrap"
+
+    async def refit_node(state: SynthesisState, config: RunnableConfig, runtime: Runtime) -> dict[str, Any]:
+        """The engine's incremental refit (:meth:`Synthesizer.update`): judge the new votes only and save, or hand
+        over to the full fit when they show the persona stale."""
+        tenant, user = _who(state, config)
+        cfg = deps.config(config)
+        train, val = _votes(state)
+        memory = deps.memory(tenant, runtime.store)
+        fit_id = state.get("fit_id")
+        current = await memory.current_persona(user)
+        if fit_id and current is not None and current.meta.get("fit_id") == fit_id:  # saved, then crashed
+            return {"status": "fitted", "profile": current.model_dump(mode="json"),
+                    "message": f"persona v{current.version} for {user!r} (incremental refit)"}  # fmt: skip
+        async with deps.llm() as backend:
+            llm = CountingBackend(backend)
+            synth = Synthesizer(backend, memory, cfg)
+            plan = synth.plan([*train, *val], current)
+            if plan.status != "fit" or not plan.new:
+                return {"new_ids": []}  # the current persona changed since load_votes: fit in full
+            ledger = await JudgmentLedger.load(memory, user, backend.model)
+            prior = await tenant_prior(memory, user, cfg.selection)
+            sel = await synth.update(user, plan, llm=llm, ledger=ledger, prior=prior)
+            await ledger.save(memory, user, backend.model, keep_unused=True)
+            usage = _usage(state, "refit", llm)
+            if sel is None:
+                return {"new_ids": [], "usage": usage}  # stale: the full fit follows (traces and judgments kept)
+            profile = synth.updated_profile(plan, sel, _total_usage(usage))
+        thread = (config.get("configurable") or {}).get("thread_id")
+        profile.meta.update(synthesis_thread=thread, run_id=state.get("run_id", ""), fit_id=fit_id)
+        saved = await memory.save_persona(profile)
+        return {
+            "status": "fitted", "profile": saved.model_dump(mode="json"), "persona": saved.persona,
+            "selection": saved.meta.get("selection"), "usage": usage,
+            "message": f"persona v{saved.version} for {user!r}: v{current.version if current else 0}'s persona and "
+                       f"demos kept, {len(plan.new)} new vote(s) judged",
+        }  # fmt: skip
+
+    def after_refit(state: SynthesisState) -> str:
+        return END if state.get("status") == "fitted" else "bootstrap"
 
     async def bootstrap(state: SynthesisState, config: RunnableConfig, runtime: Runtime) -> dict[str, Any]:
         tenant, user = _who(state, config)
@@ -412,6 +460,7 @@ def build_synthesis_graph(
             traces = _traces(state)
             async with deps.llm() as backend:
                 model = backend.model
+                config_key = Synthesizer(backend, None, cfg).config_key()
             profile = PersonaProfile(
                 user_id=user,
                 persona=state["persona"],
@@ -435,6 +484,9 @@ def build_synthesis_graph(
                     "run_id": state.get("run_id", ""),
                     "fit_id": fit_id,
                     "fit_key": state.get("fit_key"),
+                    "config_key": config_key,
+                    "full_fit_votes": len(state.get("train_ids", [])) + len(state.get("val_ids", [])),
+                    "demos_status": "selected",
                     **selection_meta(
                         Selection.from_meta(sel) if (sel := state.get("selection")) else None,
                         [Demo.model_validate(d) for d in state.get("bootstrap_demos", [])],
@@ -452,13 +504,15 @@ def build_synthesis_graph(
         SynthesisState, context_schema=SynthesisContext, input_schema=SynthesisInput, output_schema=SynthesisOutput
     )
     builder.add_node("load_votes", node("load_votes", load_votes))
+    builder.add_node("refit", node("refit", refit_node))
     builder.add_node("bootstrap", node("bootstrap", bootstrap))
     builder.add_node("persona", node("persona", persona))
     builder.add_node("demos", node("demos", demos))
     builder.add_node("select", node("select", select))
     builder.add_node("save", node("save", save))
     builder.add_edge(START, "load_votes")
-    builder.add_conditional_edges("load_votes", after_load, ["bootstrap", END])
+    builder.add_conditional_edges("load_votes", after_load, ["refit", "bootstrap", END])
+    builder.add_conditional_edges("refit", after_refit, ["bootstrap", END])
     builder.add_edge("bootstrap", "persona")
     builder.add_edge("persona", "demos")
     builder.add_edge("demos", "select")

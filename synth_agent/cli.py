@@ -416,10 +416,12 @@ def fit(
     candidates: Annotated[int, typer.Option(help="Demo-set candidates (step 3).")] = 4,
     seed: Annotated[int, typer.Option(help="Seed for splits and random search.")] = 0,
     concurrency: Annotated[int, typer.Option(help="Users fitted at once.")] = 8,
+    full: Annotated[bool, typer.Option("--full", help="Refit from scratch even after only a few new votes.")] = False,
 ) -> None:
     """Learn a persona + demos from a user's stored votes.
 
-    Saved as a new persona version; a user without new votes since the last fit is left as is.
+    Saved as a new persona version; a user without new votes since the last fit is left as is, and after a
+    few new votes only those are judged (the persona is kept unless they show it stale; --full refits all).
     """
     if not user and not all_users:
         _fail("say which users: --user U (repeatable) or --all", 2)
@@ -429,7 +431,7 @@ def fit(
     from synth_agent.services import open_services, simulator_if_needed
 
     st = _state(ctx)
-    cfg = _fit_config(n_trials=trials, n_demo_candidates=candidates, seed=seed)
+    cfg = _fit_config(n_trials=trials, n_demo_candidates=candidates, seed=seed, incremental=not full)
     with simulator_if_needed(st.settings) as settings:
         import asyncio
 

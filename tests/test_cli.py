@@ -46,6 +46,7 @@ def test_help_reads_well():
     for cmd in ("ingest", "fit", "eval", "export-prompt"):
         sub = runner.invoke(app, [cmd, "--help"])
         assert sub.exit_code == 0 and "Usage" in sub.output
+    assert "--full" in runner.invoke(app, ["fit", "--help"]).output  # refit from scratch, not incrementally
 
 
 def test_full_user_journey(tmp_path, sim, data):

@@ -219,7 +219,7 @@ async def test_refit_after_new_votes_keeps_the_split_and_reuses_stored_judgments
     votes = population.votes(uid, 18)
     mem = memory()
     await mem.add_votes(votes[:12])
-    synth = Synthesizer(SimBackend(), mem, FitConfig(seed=0))
+    synth = Synthesizer(SimBackend(), mem, FitConfig(seed=0, incremental=False))  # a full refit
     first = await synth.fit(uid)
     await mem.add_votes(votes[12:])
     second = await synth.fit(uid)
@@ -232,6 +232,93 @@ async def test_refit_after_new_votes_keeps_the_split_and_reuses_stored_judgments
     assert await mem.get_cached_judgment(uid, "ledger:v1:sim") is not None
     await mem.forget_user(uid)
     assert await mem.get_cached_judgment(uid, "ledger:v1:sim") is None
+
+
+async def test_refit_after_a_few_new_votes_judges_only_them_and_extends_the_guard(population):
+    """An incremental refit pays for what is new: the new votes' traces and one judgment each by persona + demos
+    (the default judge's verdict is the trace); persona and demos are kept and the guard's evidence grows."""
+    uid = population.user_ids[11]
+    votes = population.votes(uid, 16)
+    mem = memory()
+    await mem.add_votes(votes[:12])
+    llm = SimBackend()
+    synth = Synthesizer(llm, mem, FitConfig(seed=0))
+    first = await synth.fit(uid)
+    asked = llm.stats.total().requests
+    await mem.add_votes(votes[12:])
+    second = await synth.fit(uid)
+    refit_requests = llm.stats.total().requests - asked
+    p1, p2 = first.profile, second.profile
+    assert second.status == "fitted" and p2.version == 2
+    assert p2.persona == p1.persona and p2.demos == p1.demos
+    new = [v.id for v in votes[12:]]
+    assert p2.meta["refit"] == {"kind": "incremental", "from_version": 1, "new_vote_ids": new}
+    assert p2.vote_ids == [*p2.meta["train_ids"], *p2.meta["val_ids"]] and set(p2.vote_ids) == {v.id for v in votes}
+    sel1, sel2 = p1.meta["selection"], p2.meta["selection"]
+    assert sel2["vote_ids"] == [*sel1["vote_ids"], *new] and sel2["n_votes"] == 16
+    for c in sel1["per_vote"]:
+        assert sel2["per_vote"][c][:12] == sel1["per_vote"][c]
+    orders = sel1["orders"]
+    # 4 traces + persona + demos on the 4 new votes (its orders); no persona written, no candidate raced
+    assert refit_requests == 4 + 4 * orders + 4 * (orders - 1) < first.usage["llm_requests"] / 3
+    assert llm.stats.site("persona").requests == first.profile.meta["selection"]["folds"] + 1
+    # the traces are stored: a forced full refit pays nothing for them, and the same votes again are "unchanged"
+    assert (await synth.fit(uid)).status == "unchanged"
+    assert {t.vote_id for t in await mem.get_traces(uid)} >= set(new)
+
+
+async def test_a_full_refit_when_the_new_votes_show_the_persona_stale_or_the_context_grew_a_lot(population):
+    from synth_agent.engine.selection import Selection
+
+    uid = population.user_ids[12]
+    votes = population.votes(uid, 24)
+    mem = memory()
+    await mem.add_votes(votes[:12])
+    synth = Synthesizer(SimBackend(), mem, FitConfig(seed=0))
+    first = await synth.fit(uid)
+    # stale: the stored evidence says persona + demos wins every vote, the new votes cannot agree
+    sel = first.profile.meta["selection"]
+    rigged = {**sel, "per_vote": {"default": [0] * 12, "persona_demos": [2] * 12}}
+    await mem.update_persona_meta(uid, 1, {"selection": rigged})
+    await mem.add_votes(votes[12:14])
+    stale = await synth.fit(uid)
+    assert "refit" not in stale.profile.meta and stale.profile.meta["full_fit_votes"] == 14
+    assert Selection.from_meta(stale.profile.meta["selection"]).n_votes == 14
+    # growth: 14 → 24 votes is more than half again the last full fit: a full refit
+    await mem.add_votes(votes[14:])
+    grown = await synth.fit(uid)
+    assert "refit" not in grown.profile.meta and grown.profile.meta["full_fit_votes"] == 24
+    # another configuration is never updated incrementally
+    assert Synthesizer(SimBackend(), mem, FitConfig(seed=0, n_trials=2)).plan(votes, grown.profile).new == []
+    # how refits are done is not part of the result: no new votes is "unchanged" either way (synth-agent fit --full)
+    full = Synthesizer(SimBackend(), mem, FitConfig(seed=0, incremental=False))
+    assert full.plan(votes, grown.profile).status == "unchanged"
+    await mem.add_votes(population.votes(uid, 26)[24:])
+    more = population.votes(uid, 26)
+    assert more[:24] == votes and synth.plan(more, grown.profile).new and not full.plan(more, grown.profile).new
+
+
+async def test_one_order_selection_judges_each_vote_once_and_gets_the_default_for_free(population):
+    """``SelectionConfig(orders=1)``: every context vote in its bootstrap trace's order; the default judge's
+    verdicts are the traces (no request), persona + demos pays one judgment per vote; counts stay out of 2."""
+    from synth_agent.engine.selection import SelectionConfig
+
+    uid = population.user_ids[13]
+    votes = population.votes(uid, 12)
+    llm = SimBackend()
+    fit = await Synthesizer(llm, None, FitConfig(seed=0, selection=SelectionConfig(orders=1))).fit(uid, votes)
+    sel = fit.profile.meta["selection"]
+    assert sel["orders"] == 1 and sel["n_judgments"] == 2 * 12 and sel["n_votes"] == 12
+    assert sorted(sel["vote_ids"]) == sorted(v.id for v in votes)
+    assert all(x in (0, 2) for c in sel["per_vote"] for x in sel["per_vote"][c])
+    traces = {t.vote_id: t for t in fit.traces}
+    for vid, got in zip(sel["vote_ids"], sel["per_vote"]["default"], strict=True):
+        if vid in traces:  # a train vote: the default judge's verdict is its trace's
+            assert got == 2 * traces[vid].verified
+    # requests at the select call site: the validation votes' traces, the fold personas are "persona",
+    # and one persona + demos judgment per vote (the default judge asked nothing)
+    n_val = len(fit.profile.meta["val_ids"])
+    assert llm.stats.site("select").requests <= n_val + 12
 
 
 async def test_raced_selection_equals_scoring_every_candidate(population):

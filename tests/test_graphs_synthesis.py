@@ -58,7 +58,7 @@ async def test_full_run_saves_persona_with_json_state(llm: LLMClient) -> None:
         on_event=lambda node, phase, info: events.append(f"{node}:{phase}"),
     )
     state = await SynthesisRunner(g, mems).run_state("acme", USER)
-    assert events == [f"{n}:{p}" for n in NODES for p in ("start", "end")]
+    assert events == [f"{n}:{p}" for n in NODES if n != "refit" for p in ("start", "end")]  # a first fit
     assert state["status"] == "fitted" and state["run_id"] == "v1"
     json.dumps(state)  # everything in the state is plain JSON
     assert set(state["usage"]) == {"bootstrap", "persona", "demos", "select"}
@@ -338,3 +338,31 @@ async def test_crash_after_save_resumes_without_saving_twice(llm: LLMClient) -> 
     prof = await runner.run("t", USER, run_id="v1")  # resumes at save
     assert crashes == [1] and prof is not None and prof.version == 1
     assert len(await memory.persona_history(USER)) == 1
+
+
+async def test_a_few_new_votes_take_the_refit_node_and_keep_the_persona(llm: LLMClient, sim: SimEndpoint) -> None:
+    """load_votes → refit: only the new votes are judged (no persona written, no candidate raced); the saved
+    version keeps the persona and demos and its guard evidence covers the new votes."""
+    mems = TenantMemories(InMemoryStore())
+    await mems("t").add_votes(_votes(8))
+    events: list[str] = []
+    g = build_synthesis_graph(
+        llm=llm, memory_for=mems, fit_config=SMALL,
+        on_event=lambda node, phase, info: events.append(node) if phase == "start" else None,
+    )
+    first = await SynthesisRunner(g, mems).run_state("t", USER)
+    assert first["status"] == "fitted"
+    await mems("t").add_votes(_votes(10)[8:])
+    sim.reset_stats()
+    events.clear()
+    state = await SynthesisRunner(g, mems).run_state("t", USER)
+    assert events == ["load_votes", "refit"] and state["status"] == "fitted"
+    v1, v2 = (await mems("t").persona_history(USER))[-2:]
+    assert v2.version == 2 and v2.persona == v1.persona and v2.demos == v1.demos
+    assert v2.meta["refit"]["new_vote_ids"] == [v.id for v in _votes(10)[8:]]
+    assert v2.meta["selection"]["n_votes"] == 10 and len(v2.vote_ids) == 10
+    sel = v2.meta["selection"]
+    assert sim.stats()["completions"] == 2 + 2 * sel["orders"] + 2 * (sel["orders"] - 1)  # traces, p+d, default
+    assert set(state["usage"]) == {"refit"}
+    again = await SynthesisRunner(g, mems).run_state("t", USER)
+    assert again["status"] == "unchanged"

@@ -9,9 +9,12 @@ configuration on **all** of the user's context votes by k-fold cross-validation:
 * per fold, a persona is written from the verified traces of the *other* folds only and a
   demo set is drawn (with the fit's own recipe) from the other folds only, so no estimate
   has seen the labels of the votes it is scored on;
-* every vote of the fold is judged in **both** presentation orders by four judges —
-  ``persona_demos``, ``persona``, ``demos`` and ``default`` (no user information);
-* judgments go through the user's judgment ledger, so a refit pays only for what changed.
+* every vote of the fold is judged in **both** presentation orders (or one, :attr:`SelectionConfig.orders`)
+  by the candidate configurations and ``default`` (no user information);
+* judgments go through the user's judgment ledger, so a refit pays only for what changed;
+* the per-vote evidence is stored (:attr:`Selection.per_vote`): an incremental refit judges only the
+  user's new votes with the current persona and demos, checks they agree with it (:meth:`Selection.drifted`)
+  and extends it (:meth:`Selection.extend`), see :meth:`~synth_agent.engine.synthesize.Synthesizer.update`.
 
 **The guard** (:func:`choose`) then serves a personalized configuration only where the
 evidence says it beats the default *for this user*. Per vote, the paired difference
@@ -119,6 +122,10 @@ class SelectionConfig:
     z: float = 1.645
     candidates: tuple[str, ...] = Field(default=("persona_demos",), strict=False)  # a list is fine too
     min_prior_users: int = 8
+    orders: int = 2
+    """Presentation orders each cross-validated vote is judged in: 2 (both), or 1 — the order the fit's
+    default judge already judged it in (its bootstrap trace's), so the default judge's verdicts cost nothing
+    and the personalized judges pay half. A one-order verdict counts 0 or 2 (the unit stays "out of 2")."""
     score_all: bool = False
     """Cross-validate persona only and demos only even when they are not candidates (for measurement:
     ``bench/eval_seeds.py`` sets it; a fit then costs about twice the selection judgments)."""
@@ -133,6 +140,8 @@ class SelectionConfig:
             raise ValueError(f"selection candidates must be a non-empty subset of {PERSONALIZED}, got {self.candidates}")
         if self.min_prior_users < 2:
             raise ValueError("selection min_prior_users must be at least 2")
+        if self.orders not in (1, 2):
+            raise ValueError("selection orders must be 1 or 2")
 
 
 @dataclass(frozen=True)
@@ -190,6 +199,11 @@ class Selection:
     gain_sd: dict[str, float] = field(default_factory=dict)
     candidates: list[str] = field(default_factory=lambda: ["persona_demos"])
     prior: dict[str, list[float]] | None = None
+    vote_ids: list[str] = field(default_factory=list)
+    """The votes judged, in the order of ``per_vote``'s lists (empty in selections saved before refits kept them)."""
+    per_vote: dict[str, list[int]] = field(default_factory=dict)
+    """Per configuration, correct judgments per vote out of 2: the evidence an incremental refit extends."""
+    orders: int = 2
     rule: str = "posterior (tenant prior x this user's cross-validated votes) lower bound of the gain over default > 0"
 
     def as_meta(self) -> dict[str, Any]:
@@ -251,6 +265,51 @@ class Selection:
                 best, best_gain = c, m  # type: ignore[assignment]
         return best
 
+    def drifted(self, new: Mapping[str, Sequence[int]], z: float) -> list[str]:
+        """Candidates whose gain on ``new`` votes (per-vote correct counts, as ``per_vote``, default included)
+        is below the stored gain by more than ``z`` standard errors of the difference (pooled per-vote spread):
+        the configuration has gone stale for this user. Empty when the new votes agree with the evidence.
+
+            >>> sel = choose({"default": [1, 1, 0, 1], "persona_demos": [2, 2, 1, 2]}, z=1.0)
+            >>> sel.drifted({"default": [0, 1], "persona_demos": [2, 2]}, 1.0), sel.drifted(
+            ...     {"default": [2, 2], "persona_demos": [0, 0]}, 1.0)
+            ([], ['persona_demos'])
+        """
+        out = []
+        for c in self.candidates:
+            if c not in self.per_vote or c not in new or "default" not in self.per_vote:
+                continue
+            old_d = [a - b for a, b in zip(self.per_vote[c], self.per_vote["default"], strict=True)]
+            new_d = [a - b for a, b in zip(new[c], new["default"], strict=True)]
+            if not old_d or not new_d:
+                continue
+            both = old_d + new_d
+            mean = sum(both) / len(both)
+            sd = math.sqrt(sum((x - mean) ** 2 for x in both) / max(len(both) - 1, 1))
+            gap = sum(old_d) / len(old_d) - sum(new_d) / len(new_d)
+            if gap > 0 and gap > z * sd * math.sqrt(1 / len(old_d) + 1 / len(new_d)):
+                out.append(c)
+        return out
+
+    def extend(
+        self,
+        vote_ids: Sequence[str],
+        new: Mapping[str, Sequence[int]],
+        *,
+        z: float,
+        prior: Mapping[str, GainPrior] | None = None,
+        candidates: Sequence[str] | None = None,
+    ) -> Selection:
+        """This selection with ``new`` votes' per-vote evidence (every stored configuration, default included)
+        appended and the guard re-applied: what an incremental refit stores."""
+        if set(new) != set(self.per_vote):
+            raise ValueError(f"new evidence must cover {sorted(self.per_vote)}, got {sorted(new)}")
+        return choose(
+            {c: [*self.per_vote[c], *new[c]] for c in self.per_vote}, z=z, folds=self.folds, prior=prior,
+            candidates=self.candidates if candidates is None else candidates,
+            vote_ids=[*self.vote_ids, *vote_ids], orders=self.orders,
+        )  # fmt: skip
+
     def apply(self, z: float, prior: Mapping[str, GainPrior] | None, candidates: Sequence[str]) -> Selection:
         """This selection with the guard re-applied (served, bounds, prior recorded)."""
         return replace(
@@ -266,12 +325,15 @@ def choose(
     folds: int = 0,
     prior: Mapping[str, GainPrior] | None = None,
     candidates: Sequence[str] = ("persona_demos",),
+    vote_ids: Sequence[str] = (),
+    orders: int = 2,
 ) -> Selection:
     """The guard: which configuration to serve, from per-vote correct counts (0, 1 or 2 per vote).
 
     ``per_vote[c][i]`` is how many of vote ``i``'s two presentation orders configuration ``c`` got
     right; every configuration must list the same votes in the same order, ``default`` included.
     ``prior``: the tenant's :func:`population_prior` (None: this user's evidence alone).
+    ``vote_ids`` (the votes, in that order) and ``orders`` are recorded with the evidence.
     """
     base = list(per_vote["default"])
     n = len(base)
@@ -288,8 +350,9 @@ def choose(
         gain[c] = mean
         gain_sd[c] = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1)) if n > 1 else math.inf
     sel = Selection(
-        served="default", cv_accuracy=acc, lower_bound={}, n_votes=n, n_judgments=2 * n * len(per_vote),
-        folds=folds, gain=gain, gain_sd=gain_sd,
+        served="default", cv_accuracy=acc, lower_bound={}, n_votes=n, n_judgments=orders * n * len(per_vote),
+        folds=folds, gain=gain, gain_sd=gain_sd, vote_ids=list(vote_ids),
+        per_vote={c: list(per_vote[c]) for c in per_vote}, orders=orders,
     )  # fmt: skip
     return sel.apply(z, prior, candidates)
 

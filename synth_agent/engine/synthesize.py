@@ -24,6 +24,8 @@ Cost control (``bench/fit_cost.py`` measures it):
   votes already judged;
 * fitting again with nothing new (same votes, same budgets, same model and prompts) makes no LLM
   request and saves no new version (:attr:`FitResult.status` ``"unchanged"``);
+* after a few new votes a refit is incremental (:meth:`Synthesizer.update`): only the new votes are
+  judged, persona and demos are kept unless those votes show them stale;
 * the LLM layer caches temperature-0 calls.
 """
 
@@ -44,14 +46,15 @@ from synth_agent import prompts
 from synth_agent.engine.judge import Judge
 from synth_agent.engine.ledger import JudgmentLedger, pair_digest
 from synth_agent.engine.search import RaceResult, race
-from synth_agent.engine.selection import GainPrior, Selection, SelectionConfig, choose, tenant_prior
+from synth_agent.engine.selection import GainPrior, Selection, SelectionConfig, choose, demoted, tenant_prior
 from synth_agent.llm.base import ChatBackend, ChatMessage, Completion, LLMStats
 from synth_agent.llm.budget import fits, note, too_long
 from synth_agent.llm.errors import ContextOverflowError, LLMError
 from synth_agent.models import Demo, PersonaProfile, Trace, Vote, validate_user_id
 
 ProgressFn = Callable[[str, int, int], None]
-"""``progress(stage, done, total)``; stages: bootstrap, candidates, persona, demos, select, save."""
+"""``progress(stage, done, total)``; stages: refit (an incremental refit), bootstrap, candidates, persona, demos,
+select, save."""
 
 
 # a pydantic dataclass: fields are validated when built and strictly (FitConfig(n_trials="3") fails at once,
@@ -96,6 +99,12 @@ class FitConfig:
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     """Cross-validated choice of the served configuration and the per-user guard (issue 16); see
     :mod:`synth_agent.engine.selection`. ``SelectionConfig(enabled=False)`` serves persona + demos always."""
+    incremental: bool = True
+    """Refit incrementally when the user only added votes since a fit with this configuration and model: judge
+    the new votes alone (the current persona + demos and the default judge), extend the guard's evidence and keep
+    persona and demos — unless the new votes show them stale (:meth:`Synthesizer.update`); needs selection."""
+    full_refit_growth: float = 0.5
+    """A full refit once the user's context votes exceed the last full fit's by more than this fraction."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.train_fraction < 1.0:
@@ -106,6 +115,8 @@ class FitConfig:
             raise ValueError("persona_traces must be 'all' or 'best'")
         if self.score_mode not in ("cot", "logprob"):
             raise ValueError("score_mode must be 'cot' or 'logprob'")
+        if not self.full_refit_growth >= 0:
+            raise ValueError("full_refit_growth must be >= 0")
         for name in ("n_trials", "n_demo_candidates", "candidate_wave", "max_persona_examples", "persona_max_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
@@ -159,6 +170,9 @@ class FitPlan:
     val: list[Vote]
     key: str
     current: PersonaProfile | None
+    new: list[Vote] = field(default_factory=list)
+    """With ``status="fit"``: the votes added since ``current`` when an incremental refit may do
+    (:meth:`Synthesizer.update`); empty: a full fit."""
 
     @property
     def n_context(self) -> int:
@@ -272,10 +286,18 @@ def split_votes(
     return list(ordered[:n_train]), list(ordered[n_train:])
 
 
-async def _per_vote(judge: Judge, votes: Sequence[Vote]) -> dict[str, int]:
-    """How many of its two presentation orders ``judge`` gets right, per vote id."""
+async def _per_vote(
+    judge: Judge, votes: Sequence[Vote], order: Callable[[Vote], bool] | None = None
+) -> dict[str, int]:
+    """Correct judgments out of 2 per vote id: both presentation orders, or (``order`` given: whether the
+    chosen answer is shown first) that one order, counted 0 or 2."""
 
     async def one(v: Vote) -> tuple[str, int]:
+        if order is not None:
+            cf = order(v)
+            first, second = (v.chosen, v.rejected) if cf else (v.rejected, v.chosen)
+            label, _, _ = await judge.judge_order(v.context, first, second)
+            return v.id, 2 * (label == ("A" if cf else "B"))
         (a, _, _), (b, _, _) = await asyncio.gather(
             judge.judge_order(v.context, v.chosen, v.rejected), judge.judge_order(v.context, v.rejected, v.chosen)
         )
@@ -284,12 +306,27 @@ async def _per_vote(judge: Judge, votes: Sequence[Vote]) -> dict[str, int]:
     return dict(await asyncio.gather(*(one(v) for v in votes)))
 
 
+def _seed_default(default: Judge, votes: Sequence[Vote], traces: Sequence[Trace]) -> None:
+    """A trace is the default judge's verdict in one order: record it in ``default``'s ledger (chain of thought
+    only), so judging that order again costs nothing."""
+    if default.mode != "cot" or default.ledger is None:
+        return
+    by_id = {v.id: v for v in votes}
+    prefix = default._ledger_prefix()
+    for t in traces:
+        v = by_id.get(t.vote_id)
+        if v is not None and t.model == default.llm.model and t.predicted != "tie":  # ties are never kept
+            first, second = (v.chosen, v.rejected) if t.chosen_first else (v.rejected, v.chosen)
+            default.ledger.seed(pair_digest(prefix, v.context, first, second), t.predicted, None)
+
+
 def selection_meta(selection: Selection | None, bootstrap_demos: Sequence[Demo]) -> dict[str, Any]:
-    """What a saved profile records about selection: the result, and step 1's demos when they are served."""
+    """What a saved profile records about selection: the result, and step 1's demos when they are served or
+    scored (an incremental refit judges every scored configuration)."""
     if selection is None:
         return {}
     out: dict[str, Any] = {"selection": selection.as_meta()}
-    if selection.served == "demos":
+    if selection.served == "demos" or "demos" in selection.per_vote:
         out["bootstrap_demos"] = [d.model_dump(mode="json") for d in bootstrap_demos]
     return out
 
@@ -679,7 +716,7 @@ class Synthesizer:
         prior: dict[str, GainPrior] | None = None,
     ) -> Selection:
         """Cross-validate persona + demos, persona only, demos only and the default judge on ``votes``
-        (every context vote, both orders) and apply the per-user guard; see :mod:`~synth_agent.engine.selection`.
+        (every context vote, in both orders or one: :attr:`SelectionConfig.orders`) and apply the per-user guard; see :mod:`~synth_agent.engine.selection`.
 
         Per fold the persona is written from the other folds' verified traces and the demos are drawn from
         the other folds (the fit's own random-candidate recipe), so nothing scored has seen its own label.
@@ -696,16 +733,11 @@ class Synthesizer:
         folds = self.cv_folds(user_id, votes)
         mode = self.config.score_mode
         default = Judge(llm, call_site="select", mode=mode, ledger=ledger)
-        if mode == "cot":  # a trace is the default judge's verdict in one order: never pay for it twice
-            by_id = {v.id: v for v in votes}
-            prefix = default._ledger_prefix()
-            for t in all_traces:
-                v = by_id.get(t.vote_id)
-                if v is not None and t.model == llm.model and t.predicted != "tie":  # ties are never kept
-                    first, second = (v.chosen, v.rejected) if t.chosen_first else (v.rejected, v.chosen)
-                    ledger.seed(pair_digest(prefix, v.context, first, second), t.predicted, None)
+        _seed_default(default, votes, all_traces)
         sc = self.config.selection
         scored = [c for c in ("persona_demos", "persona", "demos") if sc.score_all or c in sc.candidates]
+        # One order per vote: the bootstrap trace's, so the default judge's verdict is already known (seeded above).
+        order = (lambda v: self._order(v, "bootstrap")) if sc.orders == 1 else None
 
         async def per_fold(f: int, inside: list[Vote]) -> dict[str, dict[str, int]]:
             outside = [v for g, fold in enumerate(folds) if g != f for v in fold]
@@ -720,7 +752,7 @@ class Synthesizer:
             }  # fmt: skip
             judges = {**{c: every[c] for c in scored}, "default": default}
             names = list(judges)
-            scores = await asyncio.gather(*(_per_vote(judges[c], inside) for c in names))
+            scores = await asyncio.gather(*(_per_vote(judges[c], inside, order) for c in names))
             return dict(zip(names, scores, strict=True))
 
         per_fold_scores = await asyncio.gather(*(per_fold(f, fold) for f, fold in enumerate(folds)))
@@ -728,13 +760,115 @@ class Synthesizer:
         for f, fold in enumerate(folds):
             for c in per_vote:
                 per_vote[c] += [per_fold_scores[f][c][v.id] for v in fold]
-        return choose(per_vote, z=sc.z, folds=len(folds), prior=prior, candidates=sc.candidates)
+        ids = [v.id for fold in folds for v in fold]
+        return choose(per_vote, z=sc.z, folds=len(folds), prior=prior, candidates=sc.candidates, vote_ids=ids,
+                      orders=sc.orders)  # fmt: skip
+
+    async def update(
+        self,
+        user_id: str,
+        plan: FitPlan,
+        *,
+        llm: ChatBackend | None = None,
+        ledger: JudgmentLedger | None = None,
+        prior: dict[str, GainPrior] | None = None,
+    ) -> Selection | None:
+        """An incremental refit's judging: the guard's evidence extended by the ``plan.new`` votes, or None when
+        they show the current persona + demos stale (then a full fit is due).
+
+        The new votes are judged, in the cross-validation's presentation order(s), by every configuration the
+        current selection holds evidence for — built from the *current* persona and demos, which have never seen
+        these votes, so each is an out-of-sample judgment like cross-validation's — and by the default judge,
+        whose verdict in the bootstrap order is the new vote's bootstrap trace (made and stored here, so a later
+        full fit reuses it). Stale: a candidate's gain on the new votes falls short of its stored gain by more
+        than ``selection.z`` standard errors (:meth:`~synth_agent.engine.selection.Selection.drifted`).
+        """
+        current = plan.current
+        if current is None or not plan.new:
+            raise ValueError("update() needs a plan with a current profile and new votes (see plan())")
+        llm = llm or self.llm
+        ledger = ledger if ledger is not None else JudgmentLedger()
+        sc, mode = self.config.selection, self.config.score_mode
+        sel = Selection.from_meta(current.meta["selection"])
+        traces, _ = await self.verify(user_id, plan.new, llm=llm, call_site="refit")
+        default = Judge(llm, call_site="refit", mode=mode, ledger=ledger)
+        _seed_default(default, plan.new, traces)
+        boot = tuple(Demo.model_validate(d) for d in current.meta.get("bootstrap_demos") or [])
+        every = {
+            "persona_demos": Judge(llm, persona=current.persona, demos=tuple(current.demos), call_site="refit",
+                                   mode=mode, ledger=ledger),
+            "persona": Judge(llm, persona=current.persona, call_site="refit", mode=mode, ledger=ledger),
+            "demos": Judge(llm, demos=boot, call_site="refit", mode=mode, ledger=ledger),
+            "default": default,
+        }  # fmt: skip
+        names = list(sel.per_vote)
+        order = (lambda v: self._order(v, "bootstrap")) if sel.orders == 1 else None
+        scores = await asyncio.gather(*(_per_vote(every[c], plan.new, order) for c in names))
+        new = {c: [sc_[v.id] for v in plan.new] for c, sc_ in zip(names, scores, strict=True)}
+        if sel.drifted(new, sc.z):
+            return None
+        return sel.extend([v.id for v in plan.new], new, z=sc.z, prior=prior, candidates=sc.candidates)
+
+    def updated_profile(self, plan: FitPlan, selection: Selection, usage: dict[str, int]) -> PersonaProfile:
+        """The profile an incremental refit saves: the current persona and demos, with the new votes and the
+        extended selection (``meta["refit"]`` says what was kept)."""
+        current = plan.current
+        assert current is not None
+        transient = ("fit_id", "run_id", "synthesis_thread", "usage", "refit")
+        meta = {k: v for k, v in current.meta.items() if k not in transient}
+        boot = [Demo.model_validate(d) for d in current.meta.get("bootstrap_demos") or []]
+        meta.pop("bootstrap_demos", None)
+        meta.update(
+            train_ids=[v.id for v in plan.train], val_ids=[v.id for v in plan.val], fit_key=plan.key, usage=usage,
+            full_fit_votes=int(current.meta.get("full_fit_votes") or len(current.vote_ids)),
+            refit={"kind": "incremental", "from_version": current.version, "new_vote_ids": [v.id for v in plan.new]},
+            **selection_meta(selection, boot),
+        )  # fmt: skip
+        return current.model_copy(update={"vote_ids": [v.id for v in (*plan.train, *plan.val)], "meta": meta})
 
     # ------------------------------------------------------------------ all steps
+    def _result_config(self) -> dict[str, Any]:
+        """The configuration a fitted profile depends on (how refits are done is not part of it). A knob added
+        later is left out at the value that behaves as before, so upgrading does not make every profile stale."""
+        out = {k: v for k, v in asdict(self.config).items() if k not in ("incremental", "full_refit_growth")}
+        if out["selection"].get("orders") == 2:
+            del out["selection"]["orders"]
+        return out
+
     def fit_key(self, train: Sequence[Vote], val: Sequence[Vote]) -> str:
         """What a fit's result depends on: the votes and their split, the budgets, the model."""
-        payload = [[v.id for v in train], [v.id for v in val], asdict(self.config), self.llm.model]
+        payload = [[v.id for v in train], [v.id for v in val], self._result_config(), self.llm.model]
         return hashlib.sha256(orjson.dumps(payload, default=str)).hexdigest()
+
+    def config_key(self) -> str:
+        """The budgets, prompts and model alone (a profile fitted under another key is never updated incrementally)."""
+        return hashlib.sha256(orjson.dumps([self._result_config(), self.llm.model], default=str)).hexdigest()
+
+    def _new_votes(self, current: PersonaProfile | None, train: Sequence[Vote], val: Sequence[Vote]) -> list[Vote]:
+        """The votes an incremental refit of ``current`` would judge, or [] when it must be a full fit: the
+        configuration, model or prompts changed, the current profile has no per-vote evidence, is demoted or
+        lacks demos, a vote it used is gone or changed sides, or the context grew past ``full_refit_growth``."""
+        cfg = self.config
+        if current is None or not (cfg.incremental and cfg.selection.enabled):
+            return []
+        meta = current.meta
+        sel = meta.get("selection")
+        if (
+            current.model != self.llm.model or meta.get("config_key") != self.config_key() or demoted(current)
+            or meta.get("demos_status") != "selected" or not isinstance(sel, dict)
+            or not sel.get("per_vote") or sorted(sel.get("vote_ids") or []) != sorted(current.vote_ids)
+            or ("demos" in sel["per_vote"] and "bootstrap_demos" not in meta)
+        ):  # fmt: skip
+            return []
+        train_ids, val_ids = {v.id for v in train}, {v.id for v in val}
+        if not set(meta.get("train_ids") or ()) <= train_ids or not set(meta.get("val_ids") or ()) <= val_ids:
+            return []
+        old = set(current.vote_ids)
+        new = [v for v in (*train, *val) if v.id not in old]
+        base = int(meta.get("full_fit_votes") or len(old))
+        if len(train_ids | val_ids) != len(old) + len(new) or len(old) + len(new) > base * (1 + cfg.full_refit_growth):
+            return []
+        return new
 
     def plan(self, votes: Sequence[Vote], current: PersonaProfile | None, *, force: bool = False) -> FitPlan:
         """The split and whether a fit has anything to do — the one rule both :meth:`fit` and the synthesis
@@ -742,7 +876,8 @@ class Synthesizer:
 
         The split is incremental when ``current`` (the user's saved persona) was fitted by the same model with
         this rule: its train and validation votes keep their side, so stored judgments stay valid. The fit is
-        ``"unchanged"`` when ``current`` carries the same :meth:`fit_key` (unless ``force``).
+        ``"unchanged"`` when ``current`` carries the same :meth:`fit_key` (unless ``force``). A ``"fit"`` lists in
+        ``new`` the votes an incremental refit would judge (none with ``force``).
         """
         previous = None
         if current is not None and current.model == self.llm.model and current.meta.get("fit_key"):
@@ -753,7 +888,7 @@ class Synthesizer:
             return FitPlan("not_enough_votes", train, val, key, current)
         if not force and current is not None and current.meta.get("fit_key") == key:
             return FitPlan("unchanged", train, val, key, current)
-        return FitPlan("fit", train, val, key, current)
+        return FitPlan("fit", train, val, key, current, [] if force else self._new_votes(current, train, val))
 
     async def fit(
         self,
@@ -807,6 +942,27 @@ class Synthesizer:
             )  # fmt: skip
         ledger = await JudgmentLedger.load(self.memory, user_id, self.llm.model)
         llm = CountingBackend(self.llm)
+        if plan.new:
+            assert current is not None
+            if progress:
+                progress("refit", 0, len(plan.new))
+            prior = await tenant_prior(self.memory, user_id, cfg.selection) if self.memory is not None else {}
+            updated = await self.update(user_id, plan, llm=llm, ledger=ledger, prior=prior)
+            if progress:
+                progress("refit", len(plan.new), len(plan.new))
+            if updated is not None:
+                usage = {**llm.usage(), "judgments_reused": ledger.hits, "judgments_new": ledger.misses}
+                profile = self.updated_profile(plan, updated, usage)
+                if save and self.memory is not None:
+                    await ledger.save(self.memory, user_id, self.llm.model, keep_unused=True)
+                    profile = await self.memory.save_persona(profile)
+                return FitResult(
+                    user_id, "fitted",
+                    f"persona v{profile.version} for {user_id!r} from {n_context} votes: v{current.version}'s persona "
+                    f"and demos kept, {len(plan.new)} new vote(s) judged (served: {updated.served})",
+                    n_context, profile=profile, usage=usage,
+                )  # fmt: skip
+            # the new votes show the persona stale: a full fit (their traces are stored, its judgments in the ledger)
         boot, persona = await self._steps_one_two(user_id, train, val, llm, ledger, progress)
         demo_error: str | None = None
         try:
@@ -850,6 +1006,8 @@ class Synthesizer:
                 "seed": cfg.seed,
                 "usage": usage,
                 "fit_key": None if demo_error else key,  # a persona without its demos is not "unchanged"
+                "config_key": self.config_key(),
+                "full_fit_votes": n_context,
                 "demos_status": "failed" if demo_error else "selected",
                 **({"demo_error": demo_error} if demo_error else {}),
                 **selection_meta(selection, boot.demos),

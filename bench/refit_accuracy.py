@@ -1,0 +1,146 @@
+"""Accuracy and cost of an incremental refit against a full refit, on the seeded simulator population.
+
+Per seed, ``Population(--users, seed)`` with ``--first + --new + --held`` votes per user (default
+12 + 4 + 9), the in-process simulator (``SimBackend(seed)``) and ``FitConfig(seed=seed)``. Every user is
+fitted on the first ``--first`` votes, then ``--new`` votes are added and the user is refitted twice,
+each from the same first fit in its own preference memory:
+
+* **incremental** — the default: the new votes are judged alone and the guard's evidence extended
+  (:meth:`Synthesizer.update <synth_agent.engine.synthesize.Synthesizer.update>`), or a full fit where
+  the new votes show the persona stale or the context grew too much;
+* **full** — ``FitConfig(incremental=False)``: bootstrap, persona, demos and selection again.
+
+The ``--held`` last votes are never seen by any fit: each arm's *served* judge (the guard's choice,
+re-applied with the leave-one-out prior of the other users of the same arm, as ``synth_agent.evaluate``
+does) judges them in both orders. Prints per seed and mean: served accuracy, users below the default
+judge, persona + demos accuracy, how many refits stayed incremental, and the refits' LLM requests and
+prompt tokens per user (the first fit's for scale).
+
+    python bench/refit_accuracy.py                  # seeds 0-4, 24 users, 12 + 4 + 9 votes
+    python bench/refit_accuracy.py --seeds 0 --new 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import time
+from dataclasses import replace
+from typing import Any
+
+from langgraph.store.memory import InMemoryStore
+
+from store.memory import PreferenceMemory
+from synth_agent.engine import FitConfig, Judge, Synthesizer
+from synth_agent.engine.judge import count_correct
+from synth_agent.engine.selection import Selection, population_prior
+from synth_agent.models import PersonaProfile, Vote
+from synth_agent.sim.backend import SimBackend
+from synth_agent.sim.population import Population
+
+ARMS = ("first", "incremental", "full")
+
+
+def both(_v: Vote) -> tuple[bool, bool]:
+    return (True, False)
+
+
+async def one_user(llm: SimBackend, uid: str, votes: list[Vote], cfg: FitConfig, n_first: int, n_new: int,
+                   tenant: str) -> dict[str, Any]:  # fmt: skip
+    first_votes, new_votes, held = votes[:n_first], votes[n_first : n_first + n_new], votes[n_first + n_new :]
+    out: dict[str, Any] = {"profiles": {}, "usage": {}}
+    for arm, arm_cfg in (("incremental", cfg), ("full", replace(cfg, incremental=False))):
+        mem = PreferenceMemory(InMemoryStore(), tenant=f"{tenant}-{arm}")
+        await mem.add_votes(first_votes)
+        first = await Synthesizer(llm, mem, arm_cfg).fit(uid)
+        await mem.add_votes(new_votes)
+        refit = await Synthesizer(llm, mem, arm_cfg).fit(uid)
+        assert first.profile is not None and refit.profile is not None, (first.message, refit.message)
+        out["profiles"]["first"] = first.profile
+        out["usage"]["first"] = first.usage
+        out["profiles"][arm] = refit.profile
+        out["usage"][arm] = refit.usage
+    out["default"], out["judged"] = await count_correct(Judge(llm, call_site="eval_default"), held, both)
+    out["pd"] = {}
+    for arm in ARMS:
+        p: PersonaProfile = out["profiles"][arm]
+        out["pd"][arm], _ = await count_correct(Judge.from_profile(llm, p, guard=False, call_site="eval_pd"), held, both)
+    return out
+
+
+def served_correct(users: dict[str, dict[str, Any]], arm: str, cfg: FitConfig) -> dict[str, int]:
+    """Per user: correct held-out judgments of what the guard serves in ``arm`` (leave-one-out tenant prior)."""
+    sc = cfg.selection
+    sels = {u: Selection.from_meta(r["profiles"][arm].meta["selection"]) for u, r in users.items()}
+    out = {}
+    for u, sel in sels.items():
+        prior = population_prior([s for v, s in sels.items() if v != u], min_users=sc.min_prior_users)
+        chosen = sel.rechoose(sc.z, prior, sc.candidates)
+        if chosen not in ("persona_demos", "default"):
+            raise SystemExit(f"served {chosen!r}: this bench scores persona_demos and default only")
+        out[u] = users[u]["pd"][arm] if chosen == "persona_demos" else users[u]["default"]
+    return out
+
+
+async def one_seed(seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    pop = Population(args.users, seed=seed)
+    llm = SimBackend(seed)
+    cfg = FitConfig(seed=seed)
+    n = args.first + args.new + args.held
+    t0 = time.perf_counter()
+    results = await asyncio.gather(*(
+        one_user(llm, u, pop.votes(u, n), cfg, args.first, args.new, f"s{seed}") for u in pop.user_ids
+    ))  # fmt: skip
+    users = dict(zip(pop.user_ids, results, strict=True))
+    judged = sum(r["judged"] for r in results)
+    row: dict[str, Any] = {"seed": seed, "default": sum(r["default"] for r in results) / judged}
+    for arm in ARMS:
+        served = served_correct(users, arm, cfg)
+        row[arm] = {
+            "served": sum(served.values()) / judged,
+            "below": sum(1 for u in users if served[u] < users[u]["default"]),
+            "pd": sum(r["pd"][arm] for r in results) / judged,
+            "requests": statistics.fmean(r["usage"][arm]["llm_requests"] for r in results),
+            "prompt_tokens": statistics.fmean(r["usage"][arm]["prompt_tokens"] for r in results),
+        }
+    row["incremental_kept"] = sum(1 for r in results if "refit" in r["profiles"]["incremental"].meta)
+    row["users"] = len(results)
+    row["seconds"] = time.perf_counter() - t0
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2, 3, 4])
+    ap.add_argument("--users", type=int, default=24)
+    ap.add_argument("--first", type=int, default=12, help="votes of the first fit")
+    ap.add_argument("--new", type=int, default=4, help="votes added before the refit")
+    ap.add_argument("--held", type=int, default=9, help="held-out votes judged (both orders) per user")
+    args = ap.parse_args()
+    rows = [asyncio.run(one_seed(s, args)) for s in args.seeds]
+    print(f"{args.users} users per seed: first fit on {args.first} votes, refit after {args.new} more, "
+          f"{args.held} held-out votes judged in both orders; served = the guard's choice (leave-one-out prior)")
+    head = (f"{'seed':>4} {'default':>8} " + " ".join(f"{a + ' served':>18} {'below':>5} {'p+d':>6}" for a in ARMS)
+            + f" {'kept':>5} {'req inc/full/first':>20} {'prompt tok inc/full/first':>28}")  # fmt: skip
+    print(head)
+    print("-" * len(head))
+
+    def line(label: str, get: Any) -> None:
+        cells = " ".join(f"{100 * get(a, 'served'):>18.1f} {get(a, 'below'):>5.1f} {100 * get(a, 'pd'):>6.1f}"
+                         for a in ARMS)  # fmt: skip
+        req = "/".join(f"{get(a, 'requests'):.1f}" for a in ("incremental", "full", "first"))
+        tok = "/".join(f"{get(a, 'prompt_tokens'):,.0f}" for a in ("incremental", "full", "first"))
+        print(f"{label:>4} {100 * get(None, 'default'):>8.1f} {cells} {get(None, 'kept'):>5.1f} {req:>20} {tok:>28}")
+
+    for r in rows:
+        line(str(r["seed"]), lambda a, k, r=r: r["default"] if a is None and k == "default" else (
+            r["incremental_kept"] if a is None else r[a][k]))
+    line("mean", lambda a, k: statistics.fmean(
+        (r["default"] if k == "default" else r["incremental_kept"]) if a is None else r[a][k] for r in rows))
+    print(f"\n'kept': refits that stayed incremental (the rest found the persona stale); "
+          f"{sum(r['seconds'] for r in rows):.0f} s in all")
+
+
+if __name__ == "__main__":
+    main()
