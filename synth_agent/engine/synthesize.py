@@ -591,13 +591,12 @@ class Synthesizer:
             chosen = {vid for vid in trace_ids if vid in by_trace}
             votes = list(train)[: cfg.max_persona_examples]  # time order; rationales only for examples kept
             notes = await self.rationales([v for v in votes if v.id not in chosen], llm=llm, known=rationales)
-            for v in votes:
-                if v.id in chosen:
-                    d = self._trace_demo(v, by_trace[v.id])
-                    examples.append(prompts.TraceExample(d.context, d.first, d.second, by_trace[v.id].reasoning, d.label))
+            for u in votes:
+                if u.id in chosen:
+                    d, text = self._trace_demo(u, by_trace[u.id]), by_trace[u.id].reasoning
                 else:
-                    d, note_text = notes[v.id]
-                    examples.append(prompts.TraceExample(d.context, d.first, d.second, note_text, d.label))
+                    d, text = notes[u.id]
+                examples.append(prompts.TraceExample(d.context, d.first, d.second, text, d.label))
         for vid in trace_ids if cfg.persona_votes == "verified" else ():
             t, v = by_trace.get(vid), by_vote.get(vid)
             if t is None or v is None:
