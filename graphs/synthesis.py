@@ -404,11 +404,12 @@ def build_synthesis_graph(
         }
 
     async def persona(state: SynthesisState, config: RunnableConfig, runtime: Runtime) -> dict[str, Any]:
-        train, _ = _votes(state)
+        train, val = _votes(state)
         async with deps.llm() as backend:
             llm = CountingBackend(backend)
             synth = Synthesizer(backend, None, deps.config(config))
-            text = await synth.write_persona(train, _traces(state), state.get("persona_trace_ids", []), llm=llm)
+            text = await synth.write_persona([*train, *val], _traces(state), state.get("persona_trace_ids", []),
+                                             llm=llm)  # fmt: skip
         return {"persona": text, "usage": _usage(state, "persona", llm)}
 
     async def demos(state: SynthesisState, config: RunnableConfig, runtime: Runtime) -> dict[str, Any]:

@@ -356,6 +356,9 @@ class PersonaProfile(BaseModel):
     demos: list[Demo] = Field(default_factory=list)
     version: int = 0
     val_accuracy: float | None = None
+    """The served demos' accuracy on the validation votes (one order each). The persona is written from every
+    context vote, validation votes included, so this is an in-sample figure; the held-out evidence is
+    ``meta["selection"]`` (cross-validated, see docs/personalization.md)."""
     model: str = ""
     prompt_version: str = ""
     vote_ids: list[str] = Field(default_factory=list)

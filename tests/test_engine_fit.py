@@ -59,7 +59,7 @@ async def test_fit_saves_versioned_profile_within_budget(population):
     res = await Synthesizer(SimBackend(), mem, FitConfig(seed=1)).fit(uid)
     assert res.status == "fitted" and res.profile is not None
     assert res.profile.version == 1 and res.profile.persona.strip()
-    assert res.profile.prompt_version == "persona_writer.v1"
+    assert res.profile.prompt_version == "persona_writer.v2"
     assert 0 < len(res.profile.demos) <= 8
     assert set(res.profile.vote_ids) == {v.id for v in votes}
     # Budget of the issue: at most 100 LLM requests for a 12-vote user at 10 trials / 10 candidates.
@@ -103,11 +103,11 @@ async def test_incremental_refit_reuses_traces(population):
     second = await synth.fit(uid)
     boot_second = llm.stats.site("bootstrap").requests - boot_first
     assert first.profile and second.profile and second.profile.version == 2
-    n_train_first = len(first.profile.meta["train_ids"])
-    n_train_second = len(second.profile.meta["train_ids"])
-    assert second.profile.meta["reused_traces"] == n_train_first
-    # Only the newly added train votes were judged again.
-    assert boot_second == n_train_second - n_train_first
+    # Step 1 verifies every context vote (train and validation: the persona is written from all of them).
+    n_first, n_second = len(first.profile.vote_ids), len(second.profile.vote_ids)
+    assert second.profile.meta["reused_traces"] == n_first
+    # Only the newly added votes were judged again.
+    assert boot_second == n_second - n_first
     history = await mem.persona_history(uid)
     assert [p.version for p in history] == [1, 2]
 
@@ -227,7 +227,7 @@ async def test_refit_after_new_votes_keeps_the_split_and_reuses_stored_judgments
     assert set(m1["train_ids"]) <= set(m2["train_ids"]) and set(m1["val_ids"]) <= set(m2["val_ids"])
     new = [v.id for v in votes[12:]]
     assert m2["train_ids"][-4:] == new[:4] and m2["val_ids"][-2:] == new[4:]  # only the new votes were split
-    assert second.usage["judgments_reused"] > 0 and m2["reused_traces"] == len(m1["train_ids"])
+    assert second.usage["judgments_reused"] > 0 and m2["reused_traces"] == len(first.profile.vote_ids)
     # the ledger lives with the user's data and goes with it
     assert await mem.get_cached_judgment(uid, "ledger:v1:sim") is not None
     await mem.forget_user(uid)
@@ -369,3 +369,45 @@ async def test_persona_writer_trims_examples_when_the_endpoint_reports_a_context
     res = await Synthesizer(llm, None, FitConfig(seed=0, verify=False)).fit(uid, population.votes(uid, 14))
     assert res.profile is not None and res.profile.persona
     assert llm.sizes[0] > 9_000 >= llm.sizes[-1] and len(llm.sizes) >= 2
+
+
+class _Recording(SimBackend):
+    """The simulator, recording every persona-writer prompt and every call site."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.persona_prompts: list[str] = []
+        self.sites: list[str] = []
+
+    async def complete(self, messages, **kw):  # type: ignore[no-untyped-def, override]
+        self.sites.append(kw.get("call_site", ""))
+        if kw.get("call_site") == "persona":
+            self.persona_prompts.append(messages[-1]["content"])
+        return await super().complete(messages, **kw)
+
+
+@pytest.mark.parametrize("persona_votes", ["all", "verified"])
+async def test_persona_writer_sees_every_context_vote_with_a_rationale_where_the_judge_was_wrong(
+    population, persona_votes
+):
+    uid = population.user_ids[5]
+    votes = population.votes(uid, 14)
+    llm = _Recording()
+    res = await Synthesizer(llm, None, FitConfig(seed=0, persona_votes=persona_votes)).fit(uid, votes, save=False)
+    assert res.profile is not None
+    context = set(res.profile.vote_ids)
+    traces = {t.vote_id: t for t in res.traces}
+    assert set(traces) == context  # validation votes are verified too, not only train votes
+    verified = [v for v in votes if traces[v.id].verified]
+    assert 0 < len(verified) < len(votes)  # the case this test is about: the judge got some votes wrong
+    final = llm.persona_prompts[0]  # the fit's own persona is written first, the folds' after it
+    shown = final.count("<example>")
+    rationales = llm.sites.count("persona_rationale")
+    if persona_votes == "all":
+        assert shown == len(votes)  # every context vote, train and validation
+        # each vote the judge got wrong is explained once per fit, however many folds write a persona
+        assert rationales == len(votes) - len(verified)
+        assert all(traces[v.id].reasoning in final for v in verified)
+        assert "The user prefers" in final  # the insight prompt's rationale, where the trace was wrong
+    else:
+        assert shown == len(verified) and rationales == 0

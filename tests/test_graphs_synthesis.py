@@ -62,9 +62,11 @@ async def test_full_run_saves_persona_with_json_state(llm: LLMClient) -> None:
     assert state["status"] == "fitted" and state["run_id"] == "v1"
     json.dumps(state)  # everything in the state is plain JSON
     assert set(state["usage"]) == {"bootstrap", "persona", "demos", "select"}
-    assert state["usage"]["persona"]["llm_calls"] == 1
     saved = await mems("acme").current_persona(USER)
     assert saved is not None and saved.version == 1 and saved.persona == state["persona"]
+    # one persona call, plus one rationale per context vote the default judge got wrong (persona_votes="all")
+    assert saved.meta["n_traces"] == 8
+    assert state["usage"]["persona"]["llm_calls"] == 1 + saved.meta["n_traces"] - saved.meta["n_verified"]
     # the select node cross-validated persona + demos against the default on all 8 votes, both orders
     sel = saved.meta["selection"]
     assert set(sel["cv_accuracy"]) == {"persona_demos", "default"} and sel["n_votes"] == 8
@@ -176,7 +178,8 @@ async def main():
                                   fit_config=FitConfig(n_trials=2, n_demo_candidates=2))
         prof = await SynthesisRunner(g, mems).run("acme", votes[0].user_id)
     history = await memory.persona_history(votes[0].user_id)
-    print(json.dumps({"version": prof.version, "history": len(history)}))
+    print(json.dumps({"version": prof.version, "history": len(history),
+                      "unverified": prof.meta["n_traces"] - prof.meta["n_verified"]}))
 
 asyncio.run(main())
 """
@@ -223,11 +226,12 @@ def test_sigkill_during_synthesis_resumes_from_checkpoint(tmp_path: Path) -> Non
     entries = [line.split(":")[0] for line in log.read_text().split() if line.endswith(":start")]
     assert entries.count("load_votes") == 1 and entries.count("bootstrap") == 1
     assert entries.count("persona") == 2 and entries.count("save") == 1
+    r = result.pop("unverified")  # context votes the persona writer gets a rationale for (one call each)
     assert result == {"version": 1, "history": 1}
-    # the rerun paid for the persona and the demo search (1 + 2 candidates x 2 validation votes) and the
-    # select node (3 fold personas, 2 validation votes' default traces, 8 votes x 2 orders x 2 judges less
-    # the 6 bootstrap traces it reuses), never for bootstrap's 6 judgments again
-    assert 1 <= second_run <= 1 + 2 * 2 + 3 + 2 + (8 * 2 * 2 - 6)
+    # the rerun paid for the persona node (1 + r rationales), the demo search (2 candidates x 2 validation
+    # votes) and the select node (r rationales again: no cache here; 3 fold personas; 8 votes x 2 orders x
+    # 2 judges less the 8 bootstrap traces it reuses), never for bootstrap's 8 judgments again
+    assert 1 <= second_run <= 1 + r + 2 * 2 + r + 3 + (8 * 2 * 2 - 8)
 
 
 async def test_postgres_without_package_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:

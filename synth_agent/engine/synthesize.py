@@ -93,9 +93,16 @@ class FitConfig:
     is served with), or the one-token log-probability judge (fewer tokens; demos then show labels
     only; calls fall back to chain of thought where the endpoint returns no log-probabilities)."""
     persona_traces: Literal["all", "best"] = "all"
-    """Traces the persona is written from: every verified trace (best trial's first), or only the
-    best trial's (the paper's choice). "all" grounds the persona in more evidence; with small
-    trials (1–4 traces) "best" under-informs it — measured in the README's eval table."""
+    """Traces the persona is written from: every verified trace of every context vote (train and
+    validation), or only the best trial's (the paper's choice). "all" grounds the persona in more
+    evidence; with small trials (1–4 traces) "best" under-informs it — measured in the README's eval table."""
+    persona_votes: Literal["all", "verified"] = "all"
+    """Votes the persona writer sees: "verified" — only those whose default-judge trace matched the vote
+    (the paper's choice); "all" — also the others, each with a label-conditioned rationale (the insight
+    prompt: what the choice reveals, one short call per vote). Verified votes are the ones where the user
+    agreed with the generic judge, so a persona written from them alone leans toward generic taste; the
+    votes it drops are where the user departs from it (docs/personalization.md, "What the persona is
+    written from")."""
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     """Cross-validated choice of the served configuration and the per-user guard (issue 16); see
     :mod:`synth_agent.engine.selection`. ``SelectionConfig(enabled=False)`` serves persona + demos always."""
@@ -113,6 +120,8 @@ class FitConfig:
             raise ValueError("min_votes must be at least 2 (one train and one validation vote)")
         if self.persona_traces not in ("all", "best"):
             raise ValueError("persona_traces must be 'all' or 'best'")
+        if self.persona_votes not in ("all", "verified"):
+            raise ValueError("persona_votes must be 'all' or 'verified'")
         if self.score_mode not in ("cot", "logprob"):
             raise ValueError("score_mode must be 'cot' or 'logprob'")
         if not self.full_refit_growth >= 0:
@@ -329,6 +338,13 @@ def selection_meta(selection: Selection | None, bootstrap_demos: Sequence[Demo])
     if selection.served == "demos" or "demos" in selection.per_vote:
         out["bootstrap_demos"] = [d.model_dump(mode="json") for d in bootstrap_demos]
     return out
+
+
+RATIONALE_MAX_TOKENS = 120
+"""Answer cap of one rationale call (one or two sentences)."""
+NO_RATIONALE = "(no rationale: only the user's choice is known)"
+Rationales = dict[str, tuple[Demo, str]]
+"""Vote id -> (the vote as shown to the persona writer, the rationale of its choice)."""
 
 
 def demo_from_vote(vote: Vote, chosen_first: bool, reasoning: str | None) -> Demo:
@@ -565,8 +581,10 @@ class Synthesizer:
         llm: ChatBackend | None = None,
         ledger: JudgmentLedger | None = None,
     ) -> BootstrapOutcome:
-        """Judge train votes without user info, verify against the votes, pick the best trace set."""
-        traces, reused = await self.verify(user_id, train, progress=progress, llm=llm)
+        """Judge the context votes without user info, verify against the votes, pick the best set of train
+        traces. Validation votes are verified too: the persona is written from every context vote (their
+        traces never become demos, and cross-validated selection needs them anyway)."""
+        traces, reused = await self.verify(user_id, [*train, *val], progress=progress, llm=llm)
         cand_list = self.bootstrap_candidates(user_id, train, traces)
         if progress:
             progress("candidates", 0, len(cand_list))
@@ -576,7 +594,7 @@ class Synthesizer:
         best = cand_list[result.best]
         return BootstrapOutcome(
             traces=traces,
-            persona_trace_ids=self._persona_ids(train, traces, best),
+            persona_trace_ids=self._persona_ids([*train, *val], traces, best),
             demos=list(best),
             accuracy=result.accuracy,
             candidates_scored=len(cand_list),
@@ -592,14 +610,31 @@ class Synthesizer:
         trace_ids: Sequence[str],
         *,
         llm: ChatBackend | None = None,
+        rationales: Rationales | None = None,
     ) -> str:
-        """One persona-writer call over the chosen traces; trims examples when they overflow."""
+        """One persona-writer call over the chosen traces; trims examples when they overflow.
+
+        ``train``: the context votes the persona is written from (a fit passes train and validation votes;
+        cross-validation the other folds'). With ``persona_votes="all"`` every one of them is an example:
+        the chosen traces with their reasoning, the rest with a rationale (:meth:`rationales`; ``rationales``:
+        those already made, reused and added to).
+        """
         llm = llm or self.llm
         cfg = self.config
         by_vote = {v.id: v for v in train}
         by_trace = {t.vote_id: t for t in traces}
         examples: list[prompts.TraceExample] = []
-        for vid in trace_ids:
+        if cfg.persona_votes == "all":
+            chosen = {vid for vid in trace_ids if vid in by_trace}
+            votes = list(train)[: cfg.max_persona_examples]  # time order; rationales only for examples kept
+            notes = await self.rationales([v for v in votes if v.id not in chosen], llm=llm, known=rationales)
+            for u in votes:
+                if u.id in chosen:
+                    d, text = self._trace_demo(u, by_trace[u.id]), by_trace[u.id].reasoning
+                else:
+                    d, text = notes[u.id]
+                examples.append(prompts.TraceExample(d.context, d.first, d.second, text, d.label))
+        for vid in trace_ids if cfg.persona_votes == "verified" else ():
             t, v = by_trace.get(vid), by_vote.get(vid)
             if t is None or v is None:
                 continue
@@ -637,6 +672,29 @@ class Synthesizer:
             except prompts.ParseError:
                 note(llm, "persona", "unparseable")
                 raise
+
+    async def rationales(
+        self, votes: Sequence[Vote], *, llm: ChatBackend | None = None, known: Rationales | None = None
+    ) -> Rationales:
+        """Per vote id: the vote as shown (label order) and what the choice reveals about the user, from one
+        short label-conditioned call each (the insight prompt). For votes the default judge got wrong: its
+        reasoning argues for the response the user rejected, but the choice itself is still evidence.
+
+        ``known``: rationales one fit already has (its persona's, shared with the cross-validation folds);
+        only the missing ones are asked for, and they are added to it.
+        """
+        llm = llm or self.llm
+        known = known if known is not None else {}
+
+        async def one(v: Vote) -> tuple[str, tuple[Demo, str]]:
+            d = demo_from_vote(v, self._order(v, "label"), None)
+            msgs = prompts.insight_messages(d.context, d.first, d.second, d.label)
+            comp = await llm.complete(msgs, call_site="persona_rationale", temperature=0.0,
+                                      max_tokens=RATIONALE_MAX_TOKENS)  # fmt: skip
+            return v.id, (d, comp.text.strip() or NO_RATIONALE)
+
+        known.update(await asyncio.gather(*(one(v) for v in votes if v.id not in known)))
+        return {v.id: known[v.id] for v in votes}
 
     # ------------------------------------------------------------------ step 3
     def demo_candidates(
@@ -714,6 +772,7 @@ class Synthesizer:
         llm: ChatBackend | None = None,
         ledger: JudgmentLedger | None = None,
         prior: dict[str, GainPrior] | None = None,
+        rationales: Rationales | None = None,
     ) -> Selection:
         """Cross-validate persona + demos, persona only, demos only and the default judge on ``votes``
         (every context vote, in both orders or one: :attr:`SelectionConfig.orders`) and apply the per-user guard; see :mod:`~synth_agent.engine.selection`.
@@ -722,6 +781,7 @@ class Synthesizer:
         the other folds (the fit's own random-candidate recipe), so nothing scored has seen its own label.
         ``traces``: default-judge traces already made (step 1's); the rest are made now and stored.
         ``prior``: the tenant's gain prior (:func:`~synth_agent.engine.selection.tenant_prior`); None: no prior.
+        ``rationales``: the persona writer's rationales already made (the fit's); the folds share them.
         """
         llm = llm or self.llm
         ledger = ledger if ledger is not None else JudgmentLedger()
@@ -734,6 +794,10 @@ class Synthesizer:
         mode = self.config.score_mode
         default = Judge(llm, call_site="select", mode=mode, ledger=ledger)
         _seed_default(default, votes, all_traces)
+        notes: Rationales = rationales if rationales is not None else {}
+        if self.config.persona_votes == "all":  # made once here, not once per fold
+            verified = {d.vote_id for d in self._usable(votes, all_traces)}
+            await self.rationales([v for v in votes if v.id not in verified], llm=llm, known=notes)
         sc = self.config.selection
         scored = [c for c in ("persona_demos", "persona", "demos") if sc.score_all or c in sc.candidates]
         # One order per vote: the bootstrap trace's, so the default judge's verdict is already known (seeded above).
@@ -742,7 +806,7 @@ class Synthesizer:
         async def per_fold(f: int, inside: list[Vote]) -> dict[str, dict[str, int]]:
             outside = [v for g, fold in enumerate(folds) if g != f for v in fold]
             usable_ids = [d.vote_id for d in self._usable(outside, all_traces)]
-            persona = await self.write_persona(outside, all_traces, usable_ids, llm=llm)
+            persona = await self.write_persona(outside, all_traces, usable_ids, llm=llm, rationales=notes)
             demos = self.demo_candidates(f"{user_id}\x1fcv{f}", outside, all_traces)[0]
             every = {
                 "persona_demos": Judge(llm, persona=persona, demos=tuple(demos), call_site="select", mode=mode,
@@ -963,7 +1027,8 @@ class Synthesizer:
                     n_context, profile=profile, usage=usage,
                 )  # fmt: skip
             # the new votes show the persona stale: a full fit (their traces are stored, its judgments in the ledger)
-        boot, persona = await self._steps_one_two(user_id, train, val, llm, ledger, progress)
+        notes: Rationales = {}  # the persona writer's rationales, shared with cross-validation
+        boot, persona = await self._steps_one_two(user_id, train, val, llm, ledger, progress, notes)
         demo_error: str | None = None
         try:
             sel = await self.select_demos(
@@ -981,7 +1046,7 @@ class Synthesizer:
                 progress("select", 0, 1)
             prior = await tenant_prior(self.memory, user_id, cfg.selection) if self.memory is not None else {}
             selection = await self.select_configuration(
-                user_id, [*train, *val], boot.traces, llm=llm, ledger=ledger, prior=prior
+                user_id, [*train, *val], boot.traces, llm=llm, ledger=ledger, prior=prior, rationales=notes
             )
             if progress:
                 progress("select", 1, 1)
@@ -1044,6 +1109,7 @@ class Synthesizer:
         llm: ChatBackend,
         ledger: JudgmentLedger,
         progress: ProgressFn | None,
+        rationales: Rationales | None = None,
     ) -> tuple[BootstrapOutcome, str]:
         """Bootstrap and persona. With ``persona_traces="all"`` the persona does not depend on step 1's
         winner, so it is written while step 1's candidates are raced (one round trip less)."""
@@ -1051,7 +1117,8 @@ class Synthesizer:
             boot = await self.bootstrap(user_id, train, val, progress=progress, llm=llm, ledger=ledger)
             if progress:
                 progress("persona", 0, 1)
-            persona = await self.write_persona(train, boot.traces, boot.persona_trace_ids, llm=llm)
+            persona = await self.write_persona([*train, *val], boot.traces, boot.persona_trace_ids, llm=llm,
+                                               rationales=rationales)  # fmt: skip
             if progress:
                 progress("persona", 1, 1)
             return boot, persona
@@ -1059,7 +1126,7 @@ class Synthesizer:
         scorer = self._default_scorer(llm, ledger)
         opener = asyncio.ensure_future(self._judge_all(scorer, val))
         try:
-            traces, reused = await self.verify(user_id, train, progress=progress, llm=llm)
+            traces, reused = await self.verify(user_id, [*train, *val], progress=progress, llm=llm)
             await opener
         except BaseException:
             opener.cancel()
@@ -1069,11 +1136,13 @@ class Synthesizer:
         if progress:
             progress("candidates", 0, len(cand_list))
             progress("persona", 0, 1)
-        persona_ids = self._persona_ids(train, traces, ())
+        persona_ids = self._persona_ids([*train, *val], traces, ())
         try:
             async with asyncio.TaskGroup() as tg:  # one failing cancels the other
                 ranking = tg.create_task(self.rank_bootstrap(val, cand_list, llm=llm, ledger=ledger))
-                writing = tg.create_task(self.write_persona(train, traces, persona_ids, llm=llm))
+                writing = tg.create_task(
+                    self.write_persona([*train, *val], traces, persona_ids, llm=llm, rationales=rationales)
+                )
         except BaseExceptionGroup as group:
             raise group.exceptions[0] from None
         ranked, persona = ranking.result(), writing.result()

@@ -38,7 +38,7 @@ from synth_agent.models import Demo, Message
 ChatMessage = dict[str, str]
 
 JUDGE_VERSION = "judge.v1"
-PERSONA_WRITER_VERSION = "persona_writer.v1"
+PERSONA_WRITER_VERSION = "persona_writer.v2"
 INSIGHT_VERSION = "insight.v1"
 GENERATION_VERSION = "generation.v1"
 LABEL_JUDGE_VERSION = "judge_label.v1"
