@@ -577,7 +577,7 @@ class ChromaStore(BaseStore):
             raise
         store.path = Path(path)
         try:
-            store._open_intake(kw.get("intake", False), owner=True)
+            store._open_intake(kw.get("intake", False), owner=not server.attached)
         except BaseException:
             store.close()
             raise

@@ -92,6 +92,7 @@ class _Flight:
     grps: set[str]
     writes: list[_Write]
     future: concurrent.futures.Future[None]
+    forgotten: set[int] = field(default_factory=set)  # rows purged by a forget of this process, which erases them
 
 
 class IntakeJournal:
@@ -372,7 +373,8 @@ class IntakeJournal:
                 self._conn.execute("ROLLBACK")
                 raise
         # Rows purged while their batch was in flight (a forget from another process): erase what it stored.
-        purged = [w for f in ok.values() for s, w in zip(f.seqs, f.writes, strict=True) if s not in removed and w.inserted]
+        purged = [w for f in ok.values() for s, w in zip(f.seqs, f.writes, strict=True)
+                  if s not in removed and s not in f.forgotten and w.inserted]
         if purged:
             from store.chroma import _Write
 
@@ -453,12 +455,16 @@ class IntakeJournal:
             except BaseException:
                 self._conn.execute("ROLLBACK")
                 raise
+            batches = {b for _, b, _ in sel}
+            with self._cv:  # still under the file lock: the drain's settling cannot see the rows gone unmarked
+                waits = []
+                for b, f in self._flights.items():
+                    if b in batches:  # handed to the store already: the caller's deletion that follows erases it
+                        f.forgotten.update(seqs)
+                        waits.append(f.future)
+                if self._threads:
+                    self.backlog -= len(seqs)
             self._truncate_wal()
-        batches = {b for _, b, _ in sel}
-        with self._cv:
-            waits = [f.future for b, f in self._flights.items() if b in batches]
-            if self._threads:
-                self.backlog -= len(seqs)
         concurrent.futures.wait(waits)
         return [sum(1 for n in found.values() if n == t) for t in ntoks]
 
