@@ -232,3 +232,38 @@ def test_a_failed_store_commit_keeps_the_batch_journaled_until_stored(tmp_path: 
         assert sorted(stored_ids(store, "acme", "ana@x.io")) == sorted(f"v{i}" for i in range(8))
     finally:
         store.close()
+
+
+def test_proxy_answers_503_with_retry_after_when_the_backlog_is_full(tmp_path: Path) -> None:
+    import httpx
+
+    from synth_agent.config import Settings
+    from synth_agent.llm.client import EndpointConfig, LLMClient
+    from synth_agent.proxy import ProxyServer, ProxySettings, create_app
+
+    key = "sk-intake"
+    h = {"Authorization": f"Bearer {key}"}
+    store = open_store(tmp_path / "chroma", intake=4)
+    hold(store)
+    llm = LLMClient(EndpointConfig(base_url="http://127.0.0.1:9/v1", max_retries=0))
+    app = create_app(Settings(base_url="http://127.0.0.1:9/v1", home=tmp_path / "home"),
+                     ProxySettings(api_keys=f"acme:{key}", synthesis="off", key_rate_limit=0), store=store, llm=llm)
+
+    def post(i: int) -> httpx.Response:
+        body = {"id": f"p{i}", "user_id": "ana@x.io", "context": [{"role": "user", "content": f"q{i}"}],
+                "chosen": "a", "rejected": "b"}
+        return httpx.post(f"{srv.url}/v1/votes", headers=h, json=body, timeout=30)
+
+    try:
+        with ProxyServer(app, close=[llm]) as srv:
+            assert post(0).json()["added"] == 1 and post(1).json()["added"] == 1  # 2 votes + registration (+1)
+            full = post(2)
+            assert full.status_code == 503 and int(full.headers["Retry-After"]) >= 1
+            assert full.json()["error"]["code"] == "store_backlog" and "nothing was stored" in full.json()["error"]["message"]
+            assert httpx.get(f"{srv.url}/healthz").json()["pending_votes"] == 3
+            release(store)
+            assert store.intake is not None and store.intake.wait_drained(60)
+            assert httpx.get(f"{srv.url}/healthz").json()["pending_votes"] == 0
+            assert post(2).json()["added"] == 1 and post(1).json()["duplicates"] == 1
+    finally:
+        store.close()
