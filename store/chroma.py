@@ -780,17 +780,7 @@ class ChromaStore(BaseStore):
         :class:`~store.memory.PreferenceMemory`) can then answer each as its batch is stored,
         instead of all at once when the last one is.
         """
-
-        def prepare() -> list[list[_Write] | BaseException]:
-            out: list[list[_Write] | BaseException] = []
-            for ops in batches:
-                try:
-                    out.append(self._prepare_inserts(ops))
-                except Exception as exc:  # noqa: BLE001 - that batch's error, not the others'
-                    out.append(exc)
-            return out
-
-        prepared = await asyncio.to_thread(prepare)
+        prepared = await asyncio.to_thread(self._prepare_each, batches)
         loop = asyncio.get_running_loop()
         ok = [w for w in prepared if not isinstance(w, BaseException)]
         submitted = iter(self._submit_many(ok) if ok else [])
@@ -802,6 +792,16 @@ class ChromaStore(BaseStore):
             else:
                 _chain_inserted(next(submitted), fut, writes, loop)
             out.append(fut)
+        return out
+
+    def _prepare_each(self, batches: Sequence[Sequence[PutOp]]) -> list[list[_Write] | BaseException]:
+        """Each create-only batch validated and prepared on its own: its writes, or its error."""
+        out: list[list[_Write] | BaseException] = []
+        for ops in batches:
+            try:
+                out.append(self._prepare_inserts(ops))
+            except Exception as exc:  # noqa: BLE001 - that batch's error, not the others'
+                out.append(exc)
         return out
 
     def _prepare_inserts(self, ops: Sequence[PutOp]) -> list[_Write]:

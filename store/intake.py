@@ -39,7 +39,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-import sqlite3
 import threading
 import time
 import uuid
@@ -50,6 +49,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from langgraph.store.base import Item, PutOp
+
+from store.ledger import close_erasable, connect_erasable, truncate_wal
 
 if TYPE_CHECKING:
     from store.chroma import ChromaStore, _Write
@@ -114,10 +115,7 @@ class IntakeJournal:
         self.accepts = accept and drain
         """Whether writes are acknowledged here (else this process only replays, reads and purges it)."""
         self._lock = threading.Lock()
-        self._conn = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=60)
-        self._conn.execute("PRAGMA secure_delete = ON")
-        self._conn.execute("PRAGMA journal_mode = WAL")
-        self._conn.execute("PRAGMA synchronous = FULL")
+        self._conn = connect_erasable(self.path)
         self._conn.executescript(_SCHEMA)
         self._next_batch = int(self._conn.execute("SELECT COALESCE(MAX(batch), 0) + 1 FROM rows").fetchone()[0])
         self.backlog = int(self._conn.execute("SELECT COUNT(*) FROM rows").fetchone()[0])
@@ -150,18 +148,7 @@ class IntakeJournal:
         """
         if not self.accepts:
             raise RuntimeError("this intake journal does not take writes here (another process drains it)")
-        store = self.store
-
-        def prepare() -> list[list[_Write] | BaseException]:
-            out: list[list[_Write] | BaseException] = []
-            for ops in batches:
-                try:
-                    out.append(store._prepare_inserts(ops))
-                except Exception as exc:  # noqa: BLE001 - that batch's error, not the others'
-                    out.append(exc)
-            return out
-
-        prepared = await asyncio.to_thread(prepare)
+        prepared = await asyncio.to_thread(self.store._prepare_each, batches)
         ok = [b for b in prepared if not isinstance(b, BaseException)]
         n = sum(len(b) for b in ok)
         with self._cv:
@@ -464,17 +451,9 @@ class IntakeJournal:
                         waits.append(f.future)
                 if self._threads:
                     self.backlog -= len(seqs)
-            self._truncate_wal()
+            truncate_wal(self._conn, self.path)
         concurrent.futures.wait(waits)
         return [sum(1 for n in found.values() if n == t) for t in ntoks]
-
-    def _truncate_wal(self) -> None:
-        for attempt in range(100):
-            busy, _, _ = self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-            if not busy:
-                return
-            time.sleep(min(0.01 * (attempt + 1), 0.1))
-        raise RuntimeError(f"could not truncate the WAL of {self.path}: another process keeps reading it")
 
     def status(self) -> dict[str, Any]:
         return {"intake_pending": self.backlog, "intake_limit": self.limit}
@@ -502,11 +481,7 @@ class IntakeJournal:
             if t.is_alive() and threading.current_thread() is not t:
                 t.join()
         with self._lock:
-            try:
-                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            except sqlite3.Error:
-                pass
-            self._conn.close()
+            close_erasable(self._conn)
 
 
 __all__ = ["INTAKE_FILE", "IntakeFull", "IntakeJournal"]
