@@ -359,6 +359,9 @@ class IntakeJournal:
             except BaseException:
                 self._conn.execute("ROLLBACK")
                 raise
+            with self._cv:  # with the rows: whoever sees them gone sees the backlog without them
+                self.backlog -= len(removed)
+                self.drained += len(removed)
         # Rows purged while their batch was in flight (a forget from another process): erase what it stored.
         purged = [w for f in ok.values() for s, w in zip(f.seqs, f.writes, strict=True)
                   if s not in removed and s not in f.forgotten and w.inserted]
@@ -374,8 +377,6 @@ class IntakeJournal:
             for b in ok:
                 self._retry_at.pop(b, None)
                 self._attempts.pop(b, None)
-            self.backlog -= len(removed)
-            self.drained += len(removed)
             self._cv.notify_all()
 
     # ------------------------------------------------------------------ reads, forget, status
