@@ -182,12 +182,16 @@ async def load(
         # Drain: until every acknowledged vote is stored and searchable. A server with an intake journal
         # reports its backlog in /healthz (``pending_votes``); one without acknowledges only stored votes.
         drain_t = time.perf_counter()
-        while True:
-            async with client.get("/healthz") as resp:
-                pending = (await resp.json()).get("pending_votes")
-            if not pending:
-                break
-            await asyncio.sleep(0.02)
+        async with aiohttp.ClientSession(base_url=url, timeout=timeout) as poll:
+            while True:
+                try:
+                    async with poll.get("/healthz") as resp:
+                        pending = (await resp.json()).get("pending_votes")
+                except aiohttp.ClientError:  # a kept-alive connection the server closed: ask again
+                    continue
+                if not pending:
+                    break
+                await asyncio.sleep(0.02)
         drain = time.perf_counter() - drain_t
         cpu1, self1 = cpu_seconds(server_pid), time.process_time()
         done.set()

@@ -83,8 +83,11 @@ class IntakeFull(RuntimeError):
 
 @dataclass
 class _Append:
-    batches: list[list[_Write]]
-    future: concurrent.futures.Future[list[list[bool]]] = field(default_factory=concurrent.futures.Future)
+    ops: list[list[PutOp]]
+    batches: list[list[_Write]] = field(default_factory=list)  # the valid batches, prepared by the appender
+    outcome: list[list[_Write] | BaseException] = field(default_factory=list)
+    future: concurrent.futures.Future[list[list[bool] | BaseException]] = field(
+        default_factory=concurrent.futures.Future)
 
 
 @dataclass
@@ -148,24 +151,25 @@ class IntakeJournal:
         """
         if not self.accepts:
             raise RuntimeError("this intake journal does not take writes here (another process drains it)")
-        prepared = await asyncio.to_thread(self.store._prepare_each, batches)
-        ok = [b for b in prepared if not isinstance(b, BaseException)]
-        n = sum(len(b) for b in ok)
+        ops = [list(b) for b in batches]
+        n = sum(len(b) for b in ops)
         with self._cv:
             if self._closing:
                 raise RuntimeError("this store is closed")
-            if ok and self.backlog + n > self.limit:
+            if self.backlog + n > self.limit:
                 behind = self.backlog
-                rate = max(self.drained / max(time.monotonic() - self._t0, 1e-3), 50.0) if self.drained else 50.0
-                raise IntakeFull(behind, self.limit, max(1.0, min(60.0, (behind + n - self.limit) / rate + 1)))
-            req = _Append(ok)  # type: ignore[arg-type]
-            if ok:
-                self.backlog += n  # reserved now, so concurrent appends cannot overshoot the limit
-                self._appends.append(req)
-                self._cv.notify_all()
-        got: list[list[bool]] = await asyncio.wrap_future(req.future) if ok else []
-        flags = iter(got)
-        return [b if isinstance(b, BaseException) else next(flags) for b in prepared]
+                raise IntakeFull(behind, self.limit, self._retry_after(behind + n - self.limit))
+            req = _Append(ops)
+            self.backlog += n  # reserved now, so concurrent appends cannot overshoot the limit
+            self._appends.append(req)
+            self._cv.notify_all()
+        return await asyncio.wrap_future(req.future)
+
+    def _retry_after(self, excess: int) -> float:
+        """Seconds until ``excess`` more writes have drained, at the rate seen so far (at least 1, at most 60)."""
+        elapsed = time.monotonic() - self._t0
+        rate = self.drained / elapsed if self.drained and elapsed > 1 else 100.0
+        return max(1.0, min(60.0, excess / max(rate, 1.0) + 1))
 
     def _append_loop(self) -> None:
         while True:
@@ -175,19 +179,30 @@ class IntakeJournal:
                 if not self._appends:
                     return
                 reqs, self._appends = self._appends, []
+            refused = 0
+            for req in reqs:  # validation off the event loop: an invalid batch fails alone, journals nothing
+                req.outcome = self.store._prepare_each(req.ops)
+                req.batches = [b for b in req.outcome if not isinstance(b, BaseException)]
+                refused += sum(len(o) for o, b in zip(req.ops, req.outcome, strict=True) if isinstance(b, BaseException))
+            self._unreserve(refused)
             try:
                 results = self._journal(reqs)
             except BaseException as exc:  # noqa: BLE001 - a merged group failed: each request on its own
                 self.last_error = f"{type(exc).__name__}: {exc}"[:300]
                 for req in reqs:
                     try:
-                        req.future.set_result(self._journal([req])[0])
+                        self._answer(req, self._journal([req])[0])
                     except BaseException as own:  # noqa: BLE001
                         self._unreserve(sum(len(b) for b in req.batches))
                         req.future.set_exception(own)
                 continue
             for req, flags in zip(reqs, results, strict=True):
-                req.future.set_result(flags)
+                self._answer(req, flags)
+
+    @staticmethod
+    def _answer(req: _Append, flags: list[list[bool]]) -> None:
+        it = iter(flags)
+        req.future.set_result([b if isinstance(b, BaseException) else next(it) for b in req.outcome])
 
     def _unreserve(self, n: int) -> None:
         with self._cv:
@@ -196,6 +211,8 @@ class IntakeJournal:
     def _journal(self, reqs: list[_Append]) -> list[list[list[bool]]]:
         """One transaction (one fsync) for a group of requests: skip ids journaled or stored, insert the rest."""
         store = self.store
+        if not any(r.batches for r in reqs):
+            return [[] for _ in reqs]
         grp = uuid.uuid4().hex
         key = store.ledger.ensure_keys([f"intake:{grp}"])[f"intake:{grp}"]  # type: ignore[union-attr]
         now = time.time()

@@ -267,3 +267,24 @@ def test_proxy_answers_503_with_retry_after_when_the_backlog_is_full(tmp_path: P
             assert post(2).json()["added"] == 1 and post(1).json()["duplicates"] == 1
     finally:
         store.close()
+
+
+def test_an_invalid_batch_fails_alone_and_journals_nothing(tmp_path: Path) -> None:
+    from langgraph.store.base import PutOp
+
+    store = open_store(tmp_path / "chroma")
+    try:
+        hold(store)
+        assert store.intake is not None
+        good = [PutOp(("n", "a"), "k1", {"text": "fine"}), PutOp(("n", "a"), "k2", {"text": "also fine"})]
+        bad = [PutOp(("n", "b"), "k3", {"text": "fine"}), PutOp(("n", "b"), "k4", {"text": "lone \ud800 surrogate"})]
+        out = asyncio.run(store.intake.append([good, bad]))
+        assert out[0] == [True, True]
+        assert isinstance(out[1], ValueError) and "UTF-8" in str(out[1])
+        assert [it.key for it in store.intake.pending(("n", "a"))] == ["k1", "k2"]
+        assert store.intake.pending(("n", "b")) == [] and store.intake.backlog == 2
+        release(store)
+        assert store.intake.wait_drained(60)
+        assert store.get(("n", "a"), "k2") is not None and store.get(("n", "b"), "k3") is None
+    finally:
+        store.close()
