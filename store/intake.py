@@ -131,6 +131,9 @@ class IntakeJournal:
         self._flights: dict[int, _Flight] = {}
         self._retry_at: dict[int, float] = {}
         self._attempts: dict[int, int] = {}
+        self._key: tuple[str, bytes] | None = None
+        self._key_rows = 0
+        self._key_born = 0.0
         self._t0 = time.monotonic()
         self._closing = False
         self._threads: list[threading.Thread] = []
@@ -171,6 +174,8 @@ class IntakeJournal:
         rate = self.drained / elapsed if self.drained and elapsed > 1 else 100.0
         return max(1.0, min(60.0, excess / max(rate, 1.0) + 1))
 
+    GROUP = 32
+
     def _append_loop(self) -> None:
         while True:
             with self._cv:
@@ -178,7 +183,9 @@ class IntakeJournal:
                     self._cv.wait()
                 if not self._appends:
                     return
-                reqs, self._appends = self._appends, []
+                # At most GROUP requests per transaction: each group's callers are answered at once, and a
+                # smaller wave leaves the event loop free for /healthz and reads in between.
+                reqs, self._appends = self._appends[: self.GROUP], self._appends[self.GROUP :]
             refused = 0
             for req in reqs:  # validation off the event loop: an invalid batch fails alone, journals nothing
                 req.outcome = self.store._prepare_each(req.ops)
@@ -213,8 +220,7 @@ class IntakeJournal:
         store = self.store
         if not any(r.batches for r in reqs):
             return [[] for _ in reqs]
-        grp = uuid.uuid4().hex
-        key = store.ledger.ensure_keys([f"intake:{grp}"])[f"intake:{grp}"]  # type: ignore[union-attr]
+        grp, key = self._group_key()
         now = time.time()
         out: list[list[list[bool]]] = []
         inserted = 0
@@ -260,9 +266,30 @@ class IntakeJournal:
             self.backlog -= reserved - inserted
             self.appended += inserted
             self._cv.notify_all()
-        if not inserted:
-            store.ledger.destroy([f"intake:{grp}"])  # type: ignore[union-attr]
+        self._key_rows += inserted
         return out
+
+    _KEY_ROWS = 2048
+    _KEY_SECONDS = 5.0
+
+    def _group_key(self) -> tuple[str, bytes]:
+        """The data key that seals new rows, and its id: one key for up to ``_KEY_ROWS`` rows or
+        ``_KEY_SECONDS`` (a new key costs an fsync of the ledger); destroyed once its rows are gone."""
+        if self._key is None or self._key_rows >= self._KEY_ROWS or time.monotonic() - self._key_born > self._KEY_SECONDS:
+            grp = uuid.uuid4().hex
+            key = self.store.ledger.ensure_keys([f"intake:{grp}"])[f"intake:{grp}"]  # type: ignore[union-attr]
+            old, self._key = self._key, (grp, key)
+            self._key_rows, self._key_born = 0, time.monotonic()
+            if old is not None:
+                self._retire(old[0])
+        return self._key
+
+    def _retire(self, grp: str) -> None:
+        """Destroy a key no longer used for new rows if none of its rows is left (else the drain will)."""
+        with self._lock:
+            left = self._conn.execute("SELECT 1 FROM rows WHERE grp = ? LIMIT 1", (grp,)).fetchone()
+        if left is None:
+            self.store.ledger.destroy([f"intake:{grp}"])  # type: ignore[union-attr]
 
     # ------------------------------------------------------------------ drain (the background part)
 
@@ -369,7 +396,8 @@ class IntakeJournal:
                     marks = ",".join("?" * len(chunk))
                     removed.update(r[0] for r in self._conn.execute(f"SELECT seq FROM rows WHERE seq IN ({marks})", chunk))
                     self._conn.execute(f"DELETE FROM rows WHERE seq IN ({marks})", chunk)
-                for g in grps:
+                current = self._key[0] if self._key is not None else None
+                for g in grps - {current}:  # the key still sealing new rows is retired by the appender
                     if self._conn.execute("SELECT 1 FROM rows WHERE grp = ? LIMIT 1", (g,)).fetchone() is None:
                         emptied.append(g)
                 self._conn.execute("COMMIT")
@@ -498,6 +526,8 @@ class IntakeJournal:
         for t in self._threads:
             if t.is_alive() and threading.current_thread() is not t:
                 t.join()
+        if self._key is not None:
+            self._retire(self._key[0])
         with self._lock:
             close_erasable(self._conn)
 

@@ -26,10 +26,10 @@ from synth_agent.models import Message, Vote
 
 try:
     from tests.store_conformance import shared_minilm
-    from tests.test_store_erasure import scan
+    from tests.test_store_erasure import ledger_keys, scan
 except ImportError:  # tests/ is not a package: pytest puts tests/ itself on sys.path
     from store_conformance import shared_minilm  # type: ignore[no-redef]
-    from test_store_erasure import scan  # type: ignore[no-redef]
+    from test_store_erasure import ledger_keys, scan  # type: ignore[no-redef]
 
 ROOT = Path(__file__).resolve().parents[1]
 MARKER = "JRNLMARK5T2Q"
@@ -288,3 +288,16 @@ def test_an_invalid_batch_fails_alone_and_journals_nothing(tmp_path: Path) -> No
         assert store.get(("n", "a"), "k2") is not None and store.get(("n", "b"), "k3") is None
     finally:
         store.close()
+
+
+def test_journal_keys_are_destroyed_once_their_rows_are_stored(tmp_path: Path) -> None:
+    path = tmp_path / "chroma"
+    store = open_store(path)
+    try:
+        mem = PreferenceMemory(store, "acme")
+        asyncio.run(mem.add_votes([vote(i) for i in range(5)]))
+        assert [k for k in ledger_keys(path) if k.startswith("intake:")]  # a sealing key while rows exist
+        assert store.intake is not None and store.intake.wait_drained(60)
+    finally:
+        store.close()
+    assert [k for k in ledger_keys(path) if k.startswith("intake:")] == []
