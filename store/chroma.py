@@ -1585,7 +1585,9 @@ class ChromaStore(BaseStore):
     def close(self) -> None:
         """Finish queued writes, then stop the writer (and the local Chroma server this store started)."""
         if self.intake is not None and not self._closing:
-            self.intake.close()  # stores what is journaled (bounded wait; the rest is replayed at the next open)
+            # Store what is journaled first if the backend answers (a bounded wait); what is left is
+            # replayed by the next owner of the directory.
+            self.intake.close(drain=self._consecutive_failures == 0)
         with self._cv:
             if self._closing:
                 return

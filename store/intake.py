@@ -17,9 +17,9 @@ still guarantees:
   already journaled or already stored in Chroma (checked in that order, and rows leave
   the journal only after their Chroma commit, so no id is ever missed in between).
 * **Sealed and erasable** like the ledger: rows hold keyed tokens (item id, namespace
-  token) and a blob sealed under a per-append-group data key kept in the ledger;
+  token) and a blob sealed under a data key kept in the ledger (one per 2,048 rows or 5 s);
   ``secure_delete`` zeroes deleted rows; :meth:`IntakeJournal.purge` (forget) deletes a
-  user's rows and truncates the WAL; a group's key is destroyed once its rows are gone.
+  user's rows and truncates the WAL; a key is destroyed once none of its rows is left.
 * **Readable.** :meth:`IntakeJournal.pending` returns the journaled items of a
   namespace, so :class:`~store.memory.PreferenceMemory` lists and counts them with the
   stored ones (read-your-writes); semantic search sees a vote only once drained.
@@ -361,8 +361,10 @@ class IntakeJournal:
         if not take:
             return False
         futures = self.store._submit_many([w for *_, w in take])
-        for (batch, seqs, grps, writes), fut in zip(take, futures, strict=True):
-            self._flights[batch] = _Flight(seqs, grps, writes, fut)
+        with self._cv:  # a forget in another thread looks through the flights
+            for (batch, seqs, grps, writes), fut in zip(take, futures, strict=True):
+                self._flights[batch] = _Flight(seqs, grps, writes, fut)
+        for fut in futures:
             fut.add_done_callback(self._wake)
         return True
 
