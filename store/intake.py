@@ -150,7 +150,8 @@ class IntakeJournal:
     async def append(self, batches: Sequence[Sequence[PutOp]]) -> list[list[bool] | BaseException]:
         """Journal create-only batches durably; per batch, which of its puts were new (or that batch's error).
 
-        Raises :class:`IntakeFull` (nothing journaled) when the backlog would pass ``limit``.
+        Raises :class:`IntakeFull` (nothing journaled) when the backlog would pass ``limit`` (a batch
+        larger than ``limit`` is taken when the journal is empty, so it is never refused for good).
         """
         if not self.accepts:
             raise RuntimeError("this intake journal does not take writes here (another process drains it)")
@@ -159,7 +160,7 @@ class IntakeJournal:
         with self._cv:
             if self._closing:
                 raise RuntimeError("this store is closed")
-            if self.backlog + n > self.limit:
+            if self.backlog + n > self.limit and self.backlog:  # an empty journal takes any one batch
                 behind = self.backlog
                 raise IntakeFull(behind, self.limit, self._retry_after(behind + n - self.limit))
             req = _Append(ops)

@@ -208,6 +208,8 @@ def test_backlog_limit_refuses_with_nothing_written(tmp_path: Path) -> None:
         release(store)
         assert store.intake is not None and store.intake.wait_drained(60)
         assert asyncio.run(mem.add_votes([vote(2), vote(3)])).added == 2  # room again once drained
+        assert store.intake.wait_drained(60)
+        assert asyncio.run(mem.add_votes([vote(i) for i in range(10, 19)])).added == 9  # > limit: taken when empty
     finally:
         store.close()
 
