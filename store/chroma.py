@@ -90,6 +90,7 @@ from store.sealing import Codec, SealError
 if TYPE_CHECKING:
     import numpy as np
 
+    from store.intake import IntakeJournal
     from store.server import LocalChromaServer
     from synth_agent.config import Settings
 
@@ -368,6 +369,7 @@ class ChromaStore(BaseStore):
         embed_workers: int | None = None,
         embed_batch: int = 32,
         embed_nice: int = 0,
+        intake: bool | int = False,
         _server: LocalChromaServer | None = None,
     ) -> None:
         if sum(x is not None for x in (path, client, host)) > 1:
@@ -383,6 +385,11 @@ class ChromaStore(BaseStore):
 
         self._server = _server
         self._own_lock: Any = None
+        self.intake: IntakeJournal | None = None
+        """The intake journal (:mod:`store.intake`): with ``intake=True`` (or a backlog limit), create-only
+        batches given to ``intake.append`` (``PreferenceMemory`` does so for votes) are acknowledged once
+        journaled, and stored by a background drain."""
+        attached = False
         settings = ChromaSettings(anonymized_telemetry=False)
         if client is None:
             import chromadb
@@ -395,6 +402,7 @@ class ChromaStore(BaseStore):
                 Path(path).mkdir(parents=True, exist_ok=True)
                 running, self._own_lock = attach_or_lock(Path(path))
                 if running is not None:  # a synth-agent server owns this directory: go through it
+                    attached = True
                     client = chromadb.HttpClient(host=running[0], port=running[1], settings=settings)
                 else:
                     client = chromadb.PersistentClient(path=str(path), settings=settings)
@@ -406,6 +414,8 @@ class ChromaStore(BaseStore):
         try:
             self._setup(client, collection, path, embedding_function, index_fields, reindex, ledger, seal,
                         exact_search_limit, max_commit, sync_threshold)
+            if path is not None:
+                self._open_intake(intake, owner=not attached)
         except BaseException:
             if self._own_lock is not None:
                 self._own_lock.release()
@@ -566,7 +576,37 @@ class ChromaStore(BaseStore):
             server.stop()
             raise
         store.path = Path(path)
+        try:
+            store._open_intake(kw.get("intake", False), owner=not server.attached)
+        except BaseException:
+            store.close()
+            raise
         return store
+
+    def _open_intake(self, intake: bool | int, *, owner: bool) -> None:
+        """The directory's intake journal: opened when asked for, or when one exists (its rows must not be missed).
+
+        The process that owns the directory drains it (replaying what a crash left); one attached
+        through another process's server only reads and purges it.
+        """
+        from store.intake import INTAKE_FILE, IntakeJournal
+
+        if self.path is None or not self.sealed or self.ledger is None:
+            if intake:
+                raise ValueError("intake=True needs a local store directory (sealed, with its ledger)")
+            return
+        file = self.path / INTAKE_FILE
+        if not intake and not file.exists():
+            return
+        limit = intake if isinstance(intake, int) and not isinstance(intake, bool) else 20_000
+        self.intake = IntakeJournal(self, file, limit=limit, drain=owner, accept=bool(intake))
+
+    def _stored_ids(self, ids: Sequence[str]) -> set[str]:
+        """Which of ``ids`` are stored items (one indexed lookup per page)."""
+        out: set[str] = set()
+        for start in range(0, len(ids), _PAGE):
+            out.update(self._items.get(ids=list(ids[start : start + _PAGE]), include=[])["ids"])
+        return out
 
     @classmethod
     def from_settings(
@@ -740,17 +780,7 @@ class ChromaStore(BaseStore):
         :class:`~store.memory.PreferenceMemory`) can then answer each as its batch is stored,
         instead of all at once when the last one is.
         """
-
-        def prepare() -> list[list[_Write] | BaseException]:
-            out: list[list[_Write] | BaseException] = []
-            for ops in batches:
-                try:
-                    out.append(self._prepare_inserts(ops))
-                except Exception as exc:  # noqa: BLE001 - that batch's error, not the others'
-                    out.append(exc)
-            return out
-
-        prepared = await asyncio.to_thread(prepare)
+        prepared = await asyncio.to_thread(self._prepare_each, batches)
         loop = asyncio.get_running_loop()
         ok = [w for w in prepared if not isinstance(w, BaseException)]
         submitted = iter(self._submit_many(ok) if ok else [])
@@ -762,6 +792,16 @@ class ChromaStore(BaseStore):
             else:
                 _chain_inserted(next(submitted), fut, writes, loop)
             out.append(fut)
+        return out
+
+    def _prepare_each(self, batches: Sequence[Sequence[PutOp]]) -> list[list[_Write] | BaseException]:
+        """Each create-only batch validated and prepared on its own: its writes, or its error."""
+        out: list[list[_Write] | BaseException] = []
+        for ops in batches:
+            try:
+                out.append(self._prepare_inserts(ops))
+            except Exception as exc:  # noqa: BLE001 - that batch's error, not the others'
+                out.append(exc)
         return out
 
     def _prepare_inserts(self, ops: Sequence[PutOp]) -> list[_Write]:
@@ -1534,6 +1574,8 @@ class ChromaStore(BaseStore):
             pending = sum(len(s.writes) for s in self._queue)
         ok = writer_ok and server_ok and self._consecutive_failures < 3
         out: dict[str, Any] = {"ok": ok, "pending_writes": pending, "commits": self.stats.commits}
+        if self.intake is not None:
+            out.update(self.intake.status())
         if not server_ok:
             out["error"] = "the local Chroma server process is not running"
         elif self._consecutive_failures:
@@ -1542,6 +1584,10 @@ class ChromaStore(BaseStore):
 
     def close(self) -> None:
         """Finish queued writes, then stop the writer (and the local Chroma server this store started)."""
+        if self.intake is not None and not self._closing:
+            # Store what is journaled first if the backend answers (a bounded wait); what is left is
+            # replayed by the next owner of the directory.
+            self.intake.close(drain=self._consecutive_failures == 0)
         with self._cv:
             if self._closing:
                 return

@@ -75,6 +75,35 @@ def owner_alive(owner: str) -> bool:
         return False
 
 
+def connect_erasable(path: Path) -> sqlite3.Connection:
+    """A connection to a SQLite file whose deleted rows must leave no bytes: ``secure_delete`` (zeroed
+    pages), WAL with ``synchronous = FULL`` (durable at commit). Use under a lock of your own."""
+    conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=60)
+    conn.execute("PRAGMA secure_delete = ON")
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA synchronous = FULL")
+    return conn
+
+
+def truncate_wal(conn: sqlite3.Connection, path: Path) -> None:
+    """Checkpoint every WAL frame into the database and cut the WAL to zero bytes, or raise."""
+    for attempt in range(100):
+        busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        if not busy:
+            return
+        time.sleep(min(0.01 * (attempt + 1), 0.1))
+    raise RuntimeError(f"could not truncate the WAL of {path}: another process keeps reading it")
+
+
+def close_erasable(conn: sqlite3.Connection) -> None:
+    """Close, leaving no WAL behind when nobody else reads the file (best effort)."""
+    try:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    except sqlite3.Error:
+        pass
+    conn.close()
+
+
 @runtime_checkable
 class KeyLedger(Protocol):
     """What :class:`store.chroma.ChromaStore` needs from a ledger: this file's :class:`Ledger`, or one
@@ -104,10 +133,7 @@ class Ledger:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._conn = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=60)
-        self._conn.execute("PRAGMA secure_delete = ON")
-        self._conn.execute("PRAGMA journal_mode = WAL")
-        self._conn.execute("PRAGMA synchronous = FULL")
+        self._conn = connect_erasable(self.path)
         self._conn.executescript(_SCHEMA)
         self._cache: OrderedDict[str, bytes] = OrderedDict()
         self._secret: bytes | None = None
@@ -207,12 +233,7 @@ class Ledger:
         Another connection reading at that moment can make the checkpoint incomplete; retry
         briefly, then raise: an erasure must not be reported done while old frames remain.
         """
-        for attempt in range(100):
-            busy, _, _ = self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-            if not busy:
-                return
-            time.sleep(min(0.01 * (attempt + 1), 0.1))
-        raise RuntimeError(f"could not truncate the WAL of {self.path}: another process keeps reading it")
+        truncate_wal(self._conn, self.path)
 
     # ------------------------------------------------------------------ journal
 
@@ -246,11 +267,7 @@ class Ledger:
 
     def close(self) -> None:
         with self._lock:
-            try:
-                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            except sqlite3.Error:
-                pass
-            self._conn.close()
+            close_erasable(self._conn)
 
 
 __all__ = ["KEY_BYTES", "KeyLedger", "LEDGER_FILE", "Ledger", "owner_alive", "process_owner"]

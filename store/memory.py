@@ -262,9 +262,74 @@ class PreferenceMemory:
         by_user: dict[str, list[Vote]] = {}
         for vote in checked:
             by_user.setdefault(vote.user_id, []).append(vote)
-        flags = await self._enqueue_votes(by_user)
+        intake = self._intake()
+        if intake is not None and intake.accepts:
+            flags = await self._journal_votes(intake, by_user)
+        else:
+            flags = await self._enqueue_votes(by_user)
         added = sum(sum(f) for f in flags.values())
         return AddVotesResult(added=added, duplicates=len(checked) - added)
+
+    def _intake(self) -> Any:
+        """The store's intake journal (:mod:`store.intake`), if it has one."""
+        return getattr(self.store, "intake", None)
+
+    def _vote_ops(self, by_user: dict[str, list[Vote]]) -> tuple[list[PutOp], list[tuple[str, int | None]]]:
+        """One create-only batch for a caller's votes (plus each user's registration); per vote, its user
+        and the index of its op (None: a repeat of an id earlier in the call)."""
+        ops: list[PutOp] = []
+        where: list[tuple[str, int | None]] = []
+        for user_id, votes in by_user.items():
+            seen: set[str] = set()
+            for vote in votes:
+                if vote.id in seen:
+                    where.append((user_id, None))
+                    continue
+                seen.add(vote.id)
+                where.append((user_id, len(ops)))
+                ops.append(self._vote_put(user_id, vote))
+            ops.append(self._register(user_id))
+        return ops, where
+
+    @staticmethod
+    def _flags(by_user: dict[str, list[Vote]], where: list[tuple[str, int | None]], outcome: list[bool]) -> dict[str, list[bool]]:
+        flags: dict[str, list[bool]] = {u: [] for u in by_user}
+        for user_id, i in where:
+            flags[user_id].append(i is not None and bool(outcome[i]))
+        return flags
+
+    async def _journal_votes(self, intake: Any, by_user: dict[str, list[Vote]]) -> dict[str, list[bool]]:
+        """Acknowledge once durable in the store's intake journal; its drain stores the batch afterwards.
+
+        Idempotent across journal and store (create-only by vote id); raises
+        :class:`store.intake.IntakeFull` (nothing written) when the store is too far behind.
+        """
+        ops, where = self._vote_ops(by_user)
+        (outcome,) = await intake.append([ops])
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return self._flags(by_user, where, outcome)
+
+    async def _pending(self, ns: tuple[str, ...]) -> list[Any]:
+        intake = self._intake()
+        return await asyncio.to_thread(intake.pending, ns) if intake is not None else []
+
+    async def _all_with_pending(self, ns: tuple[str, ...]) -> list[Any]:
+        """Stored items plus journaled ones not stored yet (read-your-writes). The journal is read first:
+        a row leaves it only after its commit, so an item is never missed in between."""
+        pending = await self._pending(ns)
+        items: list[Any] = await self._all(ns)
+        if pending:
+            have = {it.key for it in items}
+            items += [p for p in pending if p.key not in have]
+        return items
+
+    async def has_vote(self, user_id: str, vote_id: str) -> bool:
+        """Whether the vote is stored or journaled."""
+        ns = self._user_ns(user_id, "votes")
+        if any(p.key == vote_id for p in await self._pending(ns)):
+            return True
+        return await self.store.aget(ns, vote_id) is not None
 
     async def _enqueue_votes(self, by_user: dict[str, list[Vote]]) -> dict[str, list[bool]]:
         """Group commit with per-caller atomicity: callers queue tickets, rounds write them.
@@ -393,18 +458,7 @@ class PreferenceMemory:
         """
         plans: list[tuple[_Ticket, list[PutOp], list[tuple[str, int | None]]]] = []
         for t in tickets:
-            ops: list[PutOp] = []
-            where: list[tuple[str, int | None]] = []  # per vote: its user and the index of its op (None: repeat)
-            for user_id, votes in t.by_user.items():
-                seen: set[str] = set()
-                for vote in votes:
-                    if vote.id in seen:
-                        where.append((user_id, None))
-                        continue
-                    seen.add(vote.id)
-                    where.append((user_id, len(ops)))
-                    ops.append(self._vote_put(user_id, vote))
-                ops.append(self._register(user_id))
+            ops, where = self._vote_ops(t.by_user)
             plans.append((t, ops, where))
         futures = await self.store.ainsert_each([ops for _, ops, _ in plans])  # type: ignore[attr-defined]
 
@@ -418,11 +472,7 @@ class PreferenceMemory:
             if done.exception() is not None:
                 t.future.set_exception(done.exception())  # type: ignore[arg-type]
                 return
-            outcome = done.result()
-            flags: dict[str, list[bool]] = {u: [] for u in t.by_user}
-            for user_id, i in where:
-                flags[user_id].append(i is not None and bool(outcome[i]))
-            t.future.set_result(flags)
+            t.future.set_result(self._flags(t.by_user, where, done.result()))
 
         for (t, _, where), fut in zip(plans, futures, strict=True):
             fut.add_done_callback(lambda f, t=t, where=where: answer(t, where, f))  # type: ignore[misc]
@@ -430,12 +480,13 @@ class PreferenceMemory:
 
     async def list_votes(self, user_id: str) -> list[Vote]:
         """All of a user's votes in time order (timestamp if given, else arrival; ties by arrival)."""
-        items = await self._all(self._user_ns(user_id, "votes"))
+        items = await self._all_with_pending(self._user_ns(user_id, "votes"))
         items.sort(key=lambda it: _vote_order(it.value))
         return [Vote.model_validate(it.value["vote"]) for it in items]
 
     async def count_votes(self, user_id: str) -> int:
-        return len(await self._all(self._user_ns(user_id, "votes")))
+        """Stored votes plus those acknowledged into the store's intake journal and not stored yet."""
+        return len(await self._all_with_pending(self._user_ns(user_id, "votes")))
 
     async def relevant_votes(self, user_id: str, query: str, k: int = 5) -> list[Vote]:
         """The user's ``k`` past votes most similar to ``query``, best first.
@@ -448,6 +499,9 @@ class PreferenceMemory:
         if not isinstance(query, str):
             raise ValueError("query must be a string")
         ns = self._user_ns(user_id, "votes")
+        intake = self._intake()
+        if intake is not None:  # journaled votes are searchable once stored: wait for this user's
+            await asyncio.to_thread(intake.settle, ns)
         if query.strip():
             hits = await self.store.asearch(ns, query=query, limit=k)
             if any(h.score is not None for h in hits):  # no scores at all: the store has no index
@@ -580,11 +634,16 @@ class PreferenceMemory:
         counts: dict[str, int] = {}
         ops: list[PutOp] = []
         async with self._lock(user_id):
+            intake = self._intake()
+            if intake is not None:  # journaled, not stored yet: erased first (and any batch of theirs in flight waited for)
+                reg = [(self._users_ns(), encode_label(user_id))] if kinds is None else []
+                purged = await asyncio.to_thread(intake.purge, [self._user_ns(user_id, k) for k in chosen], reg)
+                counts = dict(zip(chosen, purged, strict=True))
             for kind in chosen:
                 ns = self._user_ns(user_id, kind)
                 items = await self._all(ns)
                 ops += [PutOp(ns, it.key, None) for it in items]
-                counts[kind] = len(items)
+                counts[kind] = counts.get(kind, 0) + len(items)
             if kinds is None:
                 ops.append(PutOp(self._users_ns(), encode_label(user_id), None))
             await self.store.abatch(ops)
@@ -592,7 +651,8 @@ class PreferenceMemory:
 
     async def list_users(self) -> list[str]:
         """Every user of this tenant with stored data, sorted."""
-        return sorted(str(it.value["user_id"]) for it in await self._all(self._users_ns()))
+        items = await self._all_with_pending(self._users_ns())
+        return sorted({str(it.value["user_id"]) for it in items})
 
     async def users_with_counts(self) -> dict[str, int]:
         """Vote count per user of this tenant."""

@@ -70,8 +70,26 @@ def open_store(settings: Settings, *, reindex: bool = False, server: bool = Fals
         )
     if server:
         # Embedding threads at a lower priority: requests, reads and /healthz pre-empt them.
-        return ChromaStore.local_server(settings.home / "chroma", embedding_function=ef, reindex=reindex, embed_nice=10)
+        # Votes are acknowledged once durable in the intake journal and stored in the background
+        # (store.intake); SYNTH_AGENT_INTAKE=0 makes them wait for the Chroma commit, N bounds the backlog.
+        return ChromaStore.local_server(settings.home / "chroma", embedding_function=ef, reindex=reindex, embed_nice=10,
+                                        intake=_intake_setting())
     return ChromaStore(path=str(settings.home / "chroma"), embedding_function=ef, reindex=reindex)
+
+
+def _intake_setting() -> bool | int:
+    raw = os.environ.get("SYNTH_AGENT_INTAKE", "1").strip().lower()
+    if raw in ("0", "false", "no", "off"):
+        return False
+    if raw in ("1", "true", "yes", "on", ""):
+        return True
+    try:
+        limit = int(raw)
+    except ValueError:
+        raise ValueError(f"SYNTH_AGENT_INTAKE must be 0, 1 or a backlog limit (an integer), got {raw!r}") from None
+    if limit < 2:
+        raise ValueError(f"SYNTH_AGENT_INTAKE as a backlog limit must be >= 2, got {limit}")
+    return limit
 
 
 def open_memory(settings: Settings, tenant: str = "default", *, queue: str | None = None) -> Any:

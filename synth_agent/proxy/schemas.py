@@ -229,6 +229,8 @@ class Health(BaseModel):
     auth: bool | None = None
     synthesis: Literal["inline", "off"] | None = None
     synthesis_in_flight: int | None = None
+    pending_votes: int | None = Field(default=None, description="writes acknowledged and not yet "
+                                      "searchable (votes, and new users' registrations) in the store's intake journal")
     store: str | None = Field(default=None, description="the store's error type when degraded")
 
 

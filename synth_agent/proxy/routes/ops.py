@@ -19,6 +19,7 @@ def router(models: ApiModels) -> APIRouter:
         if st.store is None or st.memories is None:
             return JSONResponse({"status": "starting"}, status_code=503)
         health = getattr(st.store, "health", None)
+        h: dict[str, object] = {}
         if callable(health):  # ChromaStore: in-memory state only, never waits on Chroma or a commit
             h = health()
             if not h["ok"]:
@@ -33,6 +34,7 @@ def router(models: ApiModels) -> APIRouter:
             "auth": st.keys is not None,
             "synthesis": st.proxy.synthesis,
             "synthesis_in_flight": st.scheduler.stats.in_flight if st.scheduler else 0,
+            **({"pending_votes": h["intake_pending"]} if "intake_pending" in h else {}),
         })
 
     @r.get("/metrics", response_model=None,

@@ -6,6 +6,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Path
 
 from graphs.chat import VoteError
+from store.intake import IntakeFull
 from synth_agent.engine.selection import served_persona
 from synth_agent.ingest import parse_vote
 from synth_agent.proxy.deps import JsonCaller, PinnedUser, State, resolve_user
@@ -47,6 +48,9 @@ def router(models: ApiModels) -> APIRouter:
                              param="votes", code="invalid_vote")
         try:
             result = await memories(caller.tenant).add_votes(votes)
+        except IntakeFull as exc:  # the store is too far behind: push back instead of queueing without bound
+            raise ProxyError(503, str(exc), code="store_backlog",
+                             headers={"Retry-After": str(max(1, round(exc.retry_after)))}) from None
         except ValueError as exc:  # refused by the store before anything was written (e.g. text not UTF-8)
             raise ProxyError(400, f"invalid votes; nothing was stored: {exc}", param="votes",
                              code="invalid_vote") from None
@@ -106,8 +110,8 @@ def router(models: ApiModels) -> APIRouter:
             memory = memories(caller.tenant)
             # the pair is gone once used: the vote it became (id ab-<token>, under this user only) tells a
             # replay (409) from a token that is unknown, expired or another user's (404)
-            used = await memory.store.aget(memory.namespace(user, "votes"), f"ab-{token}")
-            if used is not None or "already recorded" in str(exc):
+            used = await memory.has_vote(user, f"ab-{token}")
+            if used or "already recorded" in str(exc):
                 raise ProxyError(409, "this A/B token was already redeemed; each pair takes one vote",
                                  param="token", code="vote_token_used") from None
             raise ProxyError(404, str(exc), param="token", code="vote_token") from None

@@ -1,0 +1,538 @@
+"""The intake journal: create-only batches acknowledged once durable in SQLite, stored in Chroma after.
+
+Why: storing a vote costs ~4 ms of embedding CPU, so a request that waits for the
+Chroma commit waits for every embedding queued before it. The journal acknowledges a
+batch once it is *durable* (fsynced here), and a background drain embeds and commits
+journaled batches to Chroma through the store's normal writer (embedding stage, group
+commit, create-only), then deletes them from the journal. What an acknowledgement
+still guarantees:
+
+* **Durable.** A batch is one SQLite transaction (``synchronous = FULL``, WAL): once
+  ``append`` returns it survives ``kill -9``; the drain of the next process that opens
+  the store (the one that owns its directory) replays it. A batch already committed to
+  Chroma but not yet removed here is replayed harmlessly (create-only).
+* **All or nothing.** A batch's rows are written in one transaction and drained as one
+  store submission (one atomic commit).
+* **Idempotent.** Create-only by item id: ``append`` says ``False`` for an id that is
+  already journaled or already stored in Chroma (checked in that order, and rows leave
+  the journal only after their Chroma commit, so no id is ever missed in between).
+* **Sealed and erasable** like the ledger: rows hold keyed tokens (item id, namespace
+  token) and a blob sealed under a data key kept in the ledger (one per 2,048 rows or 5 s);
+  ``secure_delete`` zeroes deleted rows; :meth:`IntakeJournal.purge` (forget) deletes a
+  user's rows and truncates the WAL; a key is destroyed once none of its rows is left.
+* **Readable.** :meth:`IntakeJournal.pending` returns the journaled items of a
+  namespace, so :class:`~store.memory.PreferenceMemory` lists and counts them with the
+  stored ones (read-your-writes); semantic search sees a vote only once drained.
+* **Bounded.** ``limit`` writes may wait at most; beyond it ``append`` raises
+  :class:`IntakeFull` (the proxy answers 503 with ``Retry-After``), so a sustained
+  overload cannot grow the journal without bound.
+
+Only for a store whose directory this process owns (``ChromaStore(path, intake=True)`` or
+``ChromaStore.local_server(..., intake=True)``, as ``synth-agent serve`` opens it). Other
+processes that open the directory while it is served read and purge the journal but do
+not drain it. Not used with a shared Chroma server (the scale-out mode): there an
+acknowledgement still waits for the Chroma commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from langgraph.store.base import Item, PutOp
+
+from store.ledger import close_erasable, connect_erasable, truncate_wal
+
+if TYPE_CHECKING:
+    from store.chroma import ChromaStore, _Write
+
+log = logging.getLogger("synth_agent.store")
+
+INTAKE_FILE = "synth_agent_intake.sqlite3"
+"""File name of the intake journal inside a store directory."""
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS rows (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    batch INTEGER NOT NULL, grp TEXT NOT NULL, iid TEXT NOT NULL UNIQUE, n TEXT NOT NULL,
+    created REAL NOT NULL, body TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS rows_n ON rows (n);
+CREATE INDEX IF NOT EXISTS rows_batch ON rows (batch);
+"""
+
+
+class IntakeFull(RuntimeError):
+    """The journal holds ``limit`` writes not yet stored: try again after ``retry_after`` seconds."""
+
+    def __init__(self, backlog: int, limit: int, retry_after: float) -> None:
+        super().__init__(
+            f"the store is {backlog} writes behind (limit {limit}); nothing was stored, retry in {retry_after:.0f} s"
+        )
+        self.backlog, self.limit, self.retry_after = backlog, limit, retry_after
+
+
+@dataclass
+class _Append:
+    ops: list[list[PutOp]]
+    batches: list[list[_Write]] = field(default_factory=list)  # the valid batches, prepared by the appender
+    outcome: list[list[_Write] | BaseException] = field(default_factory=list)
+    future: concurrent.futures.Future[list[list[bool] | BaseException]] = field(
+        default_factory=concurrent.futures.Future)
+
+
+@dataclass
+class _Flight:
+    seqs: list[int]
+    grps: set[str]
+    writes: list[_Write]
+    future: concurrent.futures.Future[None]
+    forgotten: set[int] = field(default_factory=set)  # rows purged by a forget of this process, which erases them
+
+
+class IntakeJournal:
+    """One store's intake journal (``<store dir>/synth_agent_intake.sqlite3``); see the module docstring.
+
+    ``drain=False``: read and purge only (another process owns the directory and drains it).
+    """
+
+    def __init__(self, store: ChromaStore, path: str | Path, *, limit: int = 20_000, window: int = 512,
+                 drain: bool = True, accept: bool = True) -> None:
+        if store.ledger is None or not store.sealed:
+            raise ValueError("the intake journal needs a sealed store with a ledger (a local store directory)")
+        if limit < 1 or window < 1:
+            raise ValueError("intake limit and window must be >= 1")
+        self.store = store
+        self.path = Path(path)
+        self.limit = limit
+        self.window = window
+        self.accepts = accept and drain
+        """Whether writes are acknowledged here (else this process only replays, reads and purges it)."""
+        self._lock = threading.Lock()
+        self._conn = connect_erasable(self.path)
+        self._conn.executescript(_SCHEMA)
+        self._next_batch = int(self._conn.execute("SELECT COALESCE(MAX(batch), 0) + 1 FROM rows").fetchone()[0])
+        self.backlog = int(self._conn.execute("SELECT COUNT(*) FROM rows").fetchone()[0])
+        """Writes journaled and not yet stored in Chroma (this process's view)."""
+        self.appended = 0
+        self.drained = 0
+        self.last_error: str | None = None
+        self._cv = threading.Condition()
+        self._appends: list[_Append] = []
+        self._flights: dict[int, _Flight] = {}
+        self._retry_at: dict[int, float] = {}
+        self._attempts: dict[int, int] = {}
+        self._key: tuple[str, bytes] | None = None
+        self._key_rows = 0
+        self._key_born = 0.0
+        self._t0 = time.monotonic()
+        self._closing = False
+        self._threads: list[threading.Thread] = []
+        if drain:
+            self._threads = [
+                threading.Thread(target=self._append_loop, name="intake-append", daemon=True),
+                threading.Thread(target=self._drain_loop, name="intake-drain", daemon=True),
+            ]
+            for t in self._threads:
+                t.start()
+
+    # ------------------------------------------------------------------ append (the acknowledged part)
+
+    async def append(self, batches: Sequence[Sequence[PutOp]]) -> list[list[bool] | BaseException]:
+        """Journal create-only batches durably; per batch, which of its puts were new (or that batch's error).
+
+        Raises :class:`IntakeFull` (nothing journaled) when the backlog would pass ``limit`` (a batch
+        larger than ``limit`` is taken when the journal is empty, so it is never refused for good).
+        """
+        if not self.accepts:
+            raise RuntimeError("this intake journal does not take writes here (another process drains it)")
+        ops = [list(b) for b in batches]
+        n = sum(len(b) for b in ops)
+        with self._cv:
+            if self._closing:
+                raise RuntimeError("this store is closed")
+            if self.backlog + n > self.limit and self.backlog:  # an empty journal takes any one batch
+                behind = self.backlog
+                raise IntakeFull(behind, self.limit, self._retry_after(behind + n - self.limit))
+            req = _Append(ops)
+            self.backlog += n  # reserved now, so concurrent appends cannot overshoot the limit
+            self._appends.append(req)
+            self._cv.notify_all()
+        return await asyncio.wrap_future(req.future)
+
+    def _retry_after(self, excess: int) -> float:
+        """Seconds until ``excess`` more writes have drained, at the rate seen so far (at least 1, at most 60)."""
+        elapsed = time.monotonic() - self._t0
+        rate = self.drained / elapsed if self.drained and elapsed > 1 else 100.0
+        return max(1.0, min(60.0, excess / max(rate, 1.0) + 1))
+
+    GROUP = 32
+
+    def _append_loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._appends and not self._closing:
+                    self._cv.wait()
+                if not self._appends:
+                    return
+                # At most GROUP requests per transaction: each group's callers are answered at once, and a
+                # smaller wave leaves the event loop free for /healthz and reads in between.
+                reqs, self._appends = self._appends[: self.GROUP], self._appends[self.GROUP :]
+            refused = 0
+            for req in reqs:  # validation off the event loop: an invalid batch fails alone, journals nothing
+                req.outcome = self.store._prepare_each(req.ops)
+                req.batches = [b for b in req.outcome if not isinstance(b, BaseException)]
+                refused += sum(len(o) for o, b in zip(req.ops, req.outcome, strict=True) if isinstance(b, BaseException))
+            self._unreserve(refused)
+            try:
+                results = self._journal(reqs)
+            except BaseException as exc:  # noqa: BLE001 - a merged group failed: each request on its own
+                self.last_error = f"{type(exc).__name__}: {exc}"[:300]
+                for req in reqs:
+                    try:
+                        self._answer(req, self._journal([req])[0])
+                    except BaseException as own:  # noqa: BLE001
+                        self._unreserve(sum(len(b) for b in req.batches))
+                        req.future.set_exception(own)
+                continue
+            for req, flags in zip(reqs, results, strict=True):
+                self._answer(req, flags)
+
+    @staticmethod
+    def _answer(req: _Append, flags: list[list[bool]]) -> None:
+        it = iter(flags)
+        req.future.set_result([b if isinstance(b, BaseException) else next(it) for b in req.outcome])
+
+    def _unreserve(self, n: int) -> None:
+        with self._cv:
+            self.backlog -= n
+
+    def _journal(self, reqs: list[_Append]) -> list[list[list[bool]]]:
+        """One transaction (one fsync) for a group of requests: skip ids journaled or stored, insert the rest."""
+        store = self.store
+        if not any(r.batches for r in reqs):
+            return [[] for _ in reqs]
+        grp, key = self._group_key()
+        now = time.time()
+        out: list[list[list[bool]]] = []
+        inserted = 0
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                iids = list(dict.fromkeys(w.iid for r in reqs for b in r.batches for w in b))
+                journaled: set[str] = set()
+                for start in range(0, len(iids), 500):
+                    chunk = iids[start : start + 500]
+                    journaled.update(r[0] for r in self._conn.execute(
+                        f"SELECT iid FROM rows WHERE iid IN ({','.join('?' * len(chunk))})", chunk))
+                # Not journaled: either new, or already drained (its row leaves only after its commit).
+                stored = store._stored_ids([i for i in iids if i not in journaled])
+                taken = journaled | stored
+                rows = []
+                for r in reqs:
+                    flags_r = []
+                    for b in r.batches:
+                        batch = self._next_batch
+                        self._next_batch += 1
+                        flags = []
+                        for w in b:
+                            new = w.iid not in taken
+                            flags.append(new)
+                            if new:
+                                taken.add(w.iid)
+                                ix = w.index if w.index is not None else (None if w.texts else False)
+                                doc = {"ns": list(w.ns), "k": w.key, "v": w.value, "ix": ix}
+                                rows.append((batch, grp, w.iid, store._ntok(w.ns), now,
+                                             store.codec.seal(f"intake:{w.iid}", doc, key)))
+                        flags_r.append(flags)
+                    out.append(flags_r)
+                self._conn.executemany(
+                    "INSERT INTO rows (batch, grp, iid, n, created, body) VALUES (?, ?, ?, ?, ?, ?)", rows)
+                self._conn.execute("COMMIT")
+                inserted = len(rows)
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+        reserved = sum(len(b) for r in reqs for b in r.batches)
+        with self._cv:
+            self.backlog -= reserved - inserted
+            self.appended += inserted
+            self._cv.notify_all()
+        self._key_rows += inserted
+        return out
+
+    _KEY_ROWS = 2048
+    _KEY_SECONDS = 5.0
+
+    def _group_key(self) -> tuple[str, bytes]:
+        """The data key that seals new rows, and its id: one key for up to ``_KEY_ROWS`` rows or
+        ``_KEY_SECONDS`` (a new key costs an fsync of the ledger); destroyed once its rows are gone."""
+        if self._key is None or self._key_rows >= self._KEY_ROWS or time.monotonic() - self._key_born > self._KEY_SECONDS:
+            grp = uuid.uuid4().hex
+            key = self.store.ledger.ensure_keys([f"intake:{grp}"])[f"intake:{grp}"]  # type: ignore[union-attr]
+            old, self._key = self._key, (grp, key)
+            self._key_rows, self._key_born = 0, time.monotonic()
+            if old is not None:
+                self._retire(old[0])
+        return self._key
+
+    def _retire(self, grp: str) -> None:
+        """Destroy a key no longer used for new rows if none of its rows is left (else the drain will)."""
+        with self._lock:
+            left = self._conn.execute("SELECT 1 FROM rows WHERE grp = ? LIMIT 1", (grp,)).fetchone()
+        if left is None:
+            self.store.ledger.destroy([f"intake:{grp}"])  # type: ignore[union-attr]
+
+    # ------------------------------------------------------------------ drain (the background part)
+
+    def _drain_loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._closing and not self._room():
+                    self._cv.wait(timeout=0.5)
+                if self._closing:
+                    return
+            try:
+                self._settle_done()
+                if not self._fill():
+                    with self._cv:
+                        self._cv.wait(timeout=0.05 if self._flights else 0.5)
+            except Exception as exc:  # noqa: BLE001 - keep draining; the rows stay journaled
+                self.last_error = f"{type(exc).__name__}: {exc}"[:300]
+                log.exception("intake drain failed; retrying")
+                time.sleep(0.5)
+
+    def _room(self) -> bool:
+        busy = sum(len(f.writes) for f in self._flights.values())
+        return busy < self.window or any(f.future.done() for f in self._flights.values())
+
+    def _fill(self) -> bool:
+        """Submit the oldest journaled batches not in flight (up to ``window`` writes in flight)."""
+        busy = sum(len(f.writes) for f in self._flights.values())
+        room = self.window - busy
+        if room <= 0:
+            return False
+        now = time.monotonic()
+        skip = list(set(self._flights) | {b for b, t in self._retry_at.items() if t > now})
+        with self._lock:
+            rows = self._conn.execute(
+                f"SELECT seq, batch, grp, iid, body FROM rows WHERE batch NOT IN ({','.join('?' * len(skip))}) "
+                "ORDER BY seq LIMIT ?", (*skip, room),
+            ).fetchall()
+        by_batch: dict[int, list[tuple[int, str, str, str]]] = {}
+        for seq, batch, grp, iid, body in rows:
+            by_batch.setdefault(batch, []).append((seq, grp, iid, body))
+        if not by_batch:
+            return False
+        last = max(by_batch)
+        if len(rows) >= room:
+            by_batch.pop(last, None)  # maybe cut short by the LIMIT: take it whole next time
+            if not by_batch:  # one batch larger than the window: take it whole anyway
+                with self._lock:
+                    rs = self._conn.execute("SELECT seq, grp, iid, body FROM rows WHERE batch = ? ORDER BY seq",
+                                            (last,)).fetchall()
+                by_batch = {last: [tuple(r) for r in rs]}  # type: ignore[misc]
+        keys = self.store.ledger.keys({f"intake:{g}" for rs in by_batch.values() for _, g, _, _ in rs})  # type: ignore[union-attr]
+        take: list[tuple[int, list[int], set[str], list[_Write]]] = []
+        for batch, rs in by_batch.items():
+            try:
+                ops = []
+                for _seq, grp, iid, body in rs:
+                    doc = self.store.codec.open(f"intake:{iid}", body, keys.get(f"intake:{grp}"))
+                    ops.append(PutOp(tuple(doc["ns"]), doc["k"], doc["v"], index=doc["ix"]))
+                writes = self.store._prepare_inserts(ops)
+            except Exception as exc:  # noqa: BLE001 - cannot happen for rows we wrote; never drop them silently
+                self.last_error = f"{type(exc).__name__}: {exc}"[:300]
+                log.error("journaled batch %s cannot be prepared (%s); it stays in the journal", batch, exc)
+                self._retry_at[batch] = now + 30
+                continue
+            take.append((batch, [r[0] for r in rs], {r[1] for r in rs}, writes))
+            room -= len(writes)
+            if room <= 0:
+                break
+        if not take:
+            return False
+        futures = self.store._submit_many([w for *_, w in take])
+        with self._cv:  # a forget in another thread looks through the flights
+            for (batch, seqs, grps, writes), fut in zip(take, futures, strict=True):
+                self._flights[batch] = _Flight(seqs, grps, writes, fut)
+        for fut in futures:
+            fut.add_done_callback(self._wake)
+        return True
+
+    def _wake(self, _: object) -> None:
+        with self._cv:
+            self._cv.notify_all()
+
+    def _settle_done(self) -> None:
+        """Remove committed batches from the journal; schedule failed ones for a retry."""
+        done = {b: f for b, f in self._flights.items() if f.future.done()}
+        if not done:
+            return
+        ok = {b: f for b, f in done.items() if f.future.exception() is None}
+        now = time.monotonic()
+        for b, f in done.items():
+            if b not in ok:
+                exc = f.future.exception()
+                self.last_error = f"{type(exc).__name__}: {exc}"[:300]
+                log.warning("storing a journaled batch failed (%s); retrying", self.last_error)
+                self._attempts[b] = self._attempts.get(b, 0) + 1
+                self._retry_at[b] = now + min(5.0, 0.1 * 2 ** min(self._attempts[b], 6))
+        seqs = [s for f in ok.values() for s in f.seqs]
+        grps = {g for f in ok.values() for g in f.grps}
+        removed: set[int] = set()
+        emptied: list[str] = []
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                for start in range(0, len(seqs), 500):
+                    chunk = seqs[start : start + 500]
+                    marks = ",".join("?" * len(chunk))
+                    removed.update(r[0] for r in self._conn.execute(f"SELECT seq FROM rows WHERE seq IN ({marks})", chunk))
+                    self._conn.execute(f"DELETE FROM rows WHERE seq IN ({marks})", chunk)
+                current = self._key[0] if self._key is not None else None
+                for g in grps - {current}:  # the key still sealing new rows is retired by the appender
+                    if self._conn.execute("SELECT 1 FROM rows WHERE grp = ? LIMIT 1", (g,)).fetchone() is None:
+                        emptied.append(g)
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            with self._cv:  # with the rows: whoever sees them gone sees the backlog without them
+                self.backlog -= len(removed)
+                self.drained += len(removed)
+        # Rows purged while their batch was in flight (a forget from another process): erase what it stored.
+        purged = [w for f in ok.values() for s, w in zip(f.seqs, f.writes, strict=True)
+                  if s not in removed and s not in f.forgotten and w.inserted]
+        if purged:
+            from store.chroma import _Write
+
+            self.store._submit([_Write(w.iid, w.ns, w.key, None) for w in purged]).result()
+        if emptied:
+            self.store.ledger.destroy([f"intake:{g}" for g in emptied])  # type: ignore[union-attr]
+        with self._cv:
+            for b in done:
+                self._flights.pop(b, None)
+            for b in ok:
+                self._retry_at.pop(b, None)
+                self._attempts.pop(b, None)
+            self._cv.notify_all()
+
+    # ------------------------------------------------------------------ reads, forget, status
+
+    def pending(self, namespace: Sequence[str]) -> list[Item]:
+        """Journaled (not yet stored) items of exactly ``namespace``, oldest first."""
+        store = self.store
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT grp, iid, created, body FROM rows WHERE n = ? ORDER BY seq", (store._ntok(namespace),)
+            ).fetchall()
+        if not rows:
+            return []
+        keys = store.ledger.keys({f"intake:{g}" for g, _, _, _ in rows})  # type: ignore[union-attr]
+        out = []
+        for grp, iid, created, body in rows:
+            try:
+                doc = store.codec.open(f"intake:{iid}", body, keys.get(f"intake:{grp}"))
+            except ValueError:
+                continue
+            at = datetime.fromtimestamp(created, UTC)
+            out.append(Item(namespace=tuple(doc["ns"]), key=doc["k"], value=doc["v"], created_at=at, updated_at=at))
+        return out
+
+    def count(self, namespace: Sequence[str]) -> int:
+        with self._lock:
+            return int(self._conn.execute("SELECT COUNT(*) FROM rows WHERE n = ?", (self.store._ntok(namespace),)).fetchone()[0])
+
+    def settle(self, namespace: Sequence[str], timeout: float = 60.0) -> bool:
+        """Until no write of ``namespace`` is journaled (stored, or purged); False on timeout."""
+        deadline = time.monotonic() + timeout
+        while self.count(namespace):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+        return True
+
+    def purge(self, namespaces: Sequence[Sequence[str]], items: Sequence[tuple[Sequence[str], str]] = ()) -> list[int]:
+        """Erase the journaled rows of ``namespaces`` and of the ``(namespace, key)`` items (forget).
+
+        Rows are zeroed in the file (``secure_delete``) and the WAL is truncated before this returns;
+        a batch of theirs already handed to the store is waited for, so the caller's deletion of
+        stored items that follows also finds what it wrote. Returns the rows erased per namespace.
+        """
+        store = self.store
+        ntoks = [store._ntok(ns) for ns in namespaces]
+        iids = [store._iid(tuple(ns), key) for ns, key in items]
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                sel = []
+                if ntoks:
+                    sel += self._conn.execute(
+                        f"SELECT seq, batch, n FROM rows WHERE n IN ({','.join('?' * len(ntoks))})", ntoks).fetchall()
+                if iids:
+                    sel += self._conn.execute(
+                        f"SELECT seq, batch, n FROM rows WHERE iid IN ({','.join('?' * len(iids))})", iids).fetchall()
+                found = {s: n for s, _, n in sel}
+                seqs = list(found)
+                for start in range(0, len(seqs), 500):
+                    chunk = seqs[start : start + 500]
+                    self._conn.execute(f"DELETE FROM rows WHERE seq IN ({','.join('?' * len(chunk))})", chunk)
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            batches = {b for _, b, _ in sel}
+            with self._cv:  # still under the file lock: the drain's settling cannot see the rows gone unmarked
+                waits = []
+                for b, f in self._flights.items():
+                    if b in batches:  # handed to the store already: the caller's deletion that follows erases it
+                        f.forgotten.update(seqs)
+                        waits.append(f.future)
+                if self._threads:
+                    self.backlog -= len(seqs)
+            truncate_wal(self._conn, self.path)
+        concurrent.futures.wait(waits)
+        return [sum(1 for n in found.values() if n == t) for t in ntoks]
+
+    def status(self) -> dict[str, Any]:
+        return {"intake_pending": self.backlog, "intake_limit": self.limit}
+
+    def wait_drained(self, timeout: float | None = None) -> bool:
+        """Until every journaled write is stored (tests, benchmarks, shutdown)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._lock:
+                left = self._conn.execute("SELECT COUNT(*) FROM rows").fetchone()[0]
+            if not left:
+                return True
+            if deadline is not None and time.monotonic() > deadline:
+                return False
+            time.sleep(0.02)
+
+    def close(self, *, drain: bool = True, timeout: float = 60.0) -> None:
+        """Stop; with ``drain`` first store what is journaled (what is left is replayed at the next open)."""
+        if self._threads and drain:
+            self.wait_drained(timeout)
+        with self._cv:
+            self._closing = True
+            self._cv.notify_all()
+        for t in self._threads:
+            if t.is_alive() and threading.current_thread() is not t:
+                t.join()
+        if self._key is not None:
+            self._retire(self._key[0])
+        with self._lock:
+            close_erasable(self._conn)
+
+
+__all__ = ["INTAKE_FILE", "IntakeFull", "IntakeJournal"]

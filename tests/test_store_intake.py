@@ -1,0 +1,305 @@
+"""The intake journal (store/intake.py): votes acknowledged once durable, stored by a background drain.
+
+Each case holds the drain back (so the votes are really only in the journal when the guarantee
+is checked), then lets it run: durability across ``kill -9`` of a real process, idempotency
+across journal and store, read-your-writes, forget erasing journaled bytes, backpressure, and a
+Chroma failure that leaves the batch journaled until it is stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from store.chroma import ChromaStore
+from store.intake import INTAKE_FILE, IntakeFull
+from store.memory import PreferenceMemory
+from synth_agent.models import Message, Vote
+
+try:
+    from tests.store_conformance import shared_minilm
+    from tests.test_store_erasure import ledger_keys, scan
+except ImportError:  # tests/ is not a package: pytest puts tests/ itself on sys.path
+    from store_conformance import shared_minilm  # type: ignore[no-redef]
+    from test_store_erasure import ledger_keys, scan  # type: ignore[no-redef]
+
+ROOT = Path(__file__).resolve().parents[1]
+MARKER = "JRNLMARK5T2Q"
+USER = "journal-only-8e2a@example.com"
+
+
+def vote(i: int, user: str = "ana@x.io", text: str = "question") -> Vote:
+    return Vote(id=f"v{i}", user_id=user, context=[Message(role="user", content=f"{text} {i}")], chosen=f"a{i}",
+                rejected=f"b{i}")
+
+
+def hold(store: ChromaStore) -> None:
+    """Stop the drain from handing journaled batches to the store (the journal keeps them)."""
+    assert store.intake is not None
+    store.intake._fill = lambda: False  # type: ignore[method-assign]
+
+
+def release(store: ChromaStore) -> None:
+    assert store.intake is not None
+    del store.intake._fill  # back to the class's method
+    with store.intake._cv:
+        store.intake._cv.notify_all()
+
+
+def stored_ids(store: ChromaStore, tenant: str, user: str) -> list[str]:
+    """Vote ids in Chroma itself (not the journal)."""
+    mem = PreferenceMemory(store, tenant)
+    return [it.key for it in asyncio.run(mem._all(mem._user_ns(user, "votes")))]
+
+
+def open_store(path: Path, **kw: Any) -> ChromaStore:
+    return ChromaStore(path, embedding_function=shared_minilm(), index_fields=["text"], intake=kw.pop("intake", True), **kw)
+
+
+KILLED = textwrap.dedent(
+    """
+    import asyncio, sys, time
+    from store.chroma import ChromaStore
+    from store.memory import PreferenceMemory
+    from synth_agent.models import Message, Vote
+    store = ChromaStore(sys.argv[1], intake=True)  # no embedding function needed to journal
+    store.intake._fill = lambda: False  # nothing reaches Chroma: the votes live only in the journal
+    mem = PreferenceMemory(store, "acme")
+    async def main():
+        votes = [Vote(id=f"k{i}", user_id=f"u{i % 3}@x.io", context=[Message(role="user", content=f"q {i}")],
+                      chosen="a", rejected="b") for i in range(40)]
+        res = await asyncio.gather(*(mem.add_votes([v]) for v in votes))
+        print("ACKED", sum(r.added for r in res), flush=True)
+    asyncio.run(main())
+    time.sleep(600)
+    """
+)
+
+
+def test_acknowledged_journaled_votes_survive_kill_9(tmp_path: Path) -> None:
+    path = tmp_path / "chroma"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "ANONYMIZED_TELEMETRY": "False"}
+    proc = subprocess.Popen([sys.executable, "-c", KILLED, str(path)], stdout=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.strip() == "ACKED 40", line
+        os.killpg(proc.pid, signal.SIGKILL)  # kill -9 right after the acknowledgements
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    store = open_store(path, intake=False)  # the next owner opens the journal it finds and replays it
+    try:
+        assert store.intake is not None and not store.intake.accepts
+        assert stored_ids(store, "acme", "u0@x.io") == []  # nothing had reached Chroma before the kill
+        mem = PreferenceMemory(store, "acme")
+        assert asyncio.run(mem.count_votes("u0@x.io")) == 14  # read-your-writes from the journal
+        assert store.intake.wait_drained(120)
+        for u in range(3):
+            ids = sorted(stored_ids(store, "acme", f"u{u}@x.io"))
+            assert ids == sorted(f"k{i}" for i in range(40) if i % 3 == u)
+        assert asyncio.run(mem.add_votes([Vote(id="k0", user_id="u0@x.io", context=[Message(role="user", content="q 0")],
+                                               chosen="a", rejected="b")])).added == 0
+    finally:
+        store.close()
+
+
+def test_idempotent_across_journal_and_store_and_read_your_writes(tmp_path: Path) -> None:
+    store = open_store(tmp_path / "chroma")
+    mem = PreferenceMemory(store, "acme")
+    try:
+        hold(store)
+
+        async def journaled() -> None:
+            res = await asyncio.gather(*(mem.add_votes([vote(i), vote(i)]) for i in range(10)))
+            assert [(r.added, r.duplicates) for r in res] == [(1, 1)] * 10
+            again = await asyncio.gather(*(mem.add_votes([vote(i)]) for i in range(10)))
+            assert sum(r.added for r in again) == 0  # already journaled
+            assert await mem.count_votes("ana@x.io") == 10
+            assert [v.id for v in await mem.list_votes("ana@x.io")] == [f"v{i}" for i in range(10)]
+            assert await mem.list_users() == ["ana@x.io"]
+            assert await mem.has_vote("ana@x.io", "v3")
+
+        asyncio.run(journaled())
+        assert stored_ids(store, "acme", "ana@x.io") == []
+        release(store)
+
+        async def searched() -> None:  # relevant_votes waits for the user's journaled votes to be stored
+            hits = await mem.relevant_votes("ana@x.io", "question 7", k=1)
+            assert [v.id for v in hits] == ["v7"]
+
+        asyncio.run(searched())
+        assert store.intake is not None and store.intake.wait_drained(60)
+        assert sorted(stored_ids(store, "acme", "ana@x.io")) == sorted(f"v{i}" for i in range(10))
+        res = asyncio.run(mem.add_votes([vote(i) for i in range(12)]))  # stored ones are duplicates too
+        assert (res.added, res.duplicates) == (2, 10)
+        assert store.intake.wait_drained(60)
+        assert asyncio.run(mem.count_votes("ana@x.io")) == 12
+        assert len(stored_ids(store, "acme", "ana@x.io")) == 12
+    finally:
+        store.close()
+
+
+def test_forget_erases_a_vote_still_in_the_journal(tmp_path: Path) -> None:
+    path = tmp_path / "chroma"
+    store = open_store(path)
+    mem = PreferenceMemory(store, "acme")
+    try:
+        asyncio.run(mem.add_votes([vote(i, user=f"keep{i}@x.io") for i in range(5)]))
+        assert store.intake is not None and store.intake.wait_drained(60)
+        hold(store)
+        asyncio.run(mem.add_votes([vote(i, user=USER, text=MARKER) for i in range(6)]))
+        asyncio.run(mem.add_votes([vote(9, user="late@x.io")]))
+        # control: the journal holds the votes, sealed (neither the marker nor the user id in the clear)
+        assert scan(path, [MARKER, USER]) == {}
+        assert asyncio.run(mem.count_votes(USER)) == 6 and stored_ids(store, "acme", USER) == []
+        counts = asyncio.run(mem.forget_user(USER))
+        assert counts["votes"] == 6
+        assert asyncio.run(mem.count_votes(USER)) == 0 and USER not in asyncio.run(mem.list_users())
+        assert scan(path, [MARKER, USER]) == {}
+        assert (path / INTAKE_FILE).exists() and not (path / f"{INTAKE_FILE}-wal").stat().st_size
+        release(store)
+        assert store.intake.wait_drained(60)
+        assert stored_ids(store, "acme", USER) == []  # nothing of it was stored afterwards either
+        assert stored_ids(store, "acme", "late@x.io") == ["v9"]  # another user's journaled vote was
+    finally:
+        store.close()
+
+
+def test_forget_without_seal_keys_leaves_no_plaintext_in_the_journal(tmp_path: Path) -> None:
+    """Before the forget, the scan does find the journal's rows when given their sealed form's key id."""
+    path = tmp_path / "chroma"
+    store = open_store(path)
+    try:
+        hold(store)
+        mem = PreferenceMemory(store, "acme")
+        asyncio.run(mem.add_votes([vote(1, user=USER, text=MARKER)]))
+        assert store.intake is not None
+        assert store.intake.count(mem._user_ns(USER, "votes")) == 1
+        assert scan(path, [store._iid(mem._user_ns(USER, "votes"), "v1")])  # the row is there (keyed id)
+        asyncio.run(mem.forget_user(USER))
+        assert scan(path, [store._iid(mem._user_ns(USER, "votes"), "v1")]) == {}
+    finally:
+        store.close()
+
+
+def test_backlog_limit_refuses_with_nothing_written(tmp_path: Path) -> None:
+    store = open_store(tmp_path / "chroma", intake=5)
+    mem = PreferenceMemory(store, "acme")
+    try:
+        hold(store)
+        assert asyncio.run(mem.add_votes([vote(0), vote(1)])).added == 2  # 2 votes + the user's registration
+        with pytest.raises(IntakeFull) as err:
+            asyncio.run(mem.add_votes([vote(2), vote(3)]))
+        assert err.value.retry_after >= 1 and "nothing was stored" in str(err.value)
+        assert asyncio.run(mem.count_votes("ana@x.io")) == 2
+        release(store)
+        assert store.intake is not None and store.intake.wait_drained(60)
+        assert asyncio.run(mem.add_votes([vote(2), vote(3)])).added == 2  # room again once drained
+        assert store.intake.wait_drained(60)
+        assert asyncio.run(mem.add_votes([vote(i) for i in range(10, 19)])).added == 9  # > limit: taken when empty
+    finally:
+        store.close()
+
+
+def test_a_failed_store_commit_keeps_the_batch_journaled_until_stored(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = open_store(tmp_path / "chroma")
+    mem = PreferenceMemory(store, "acme")
+    real = store._commit_inner
+    fails = {"n": 2}
+
+    def flaky(writes: Any) -> None:
+        if fails["n"]:
+            fails["n"] -= 1
+            raise ConnectionError("injected: Chroma is unreachable")
+        real(writes)
+
+    monkeypatch.setattr(store, "_commit_inner", flaky)
+    try:
+        assert asyncio.run(mem.add_votes([vote(i) for i in range(8)])).added == 8  # acknowledged: durable
+        assert store.intake is not None and store.intake.wait_drained(60)
+        assert fails["n"] == 0 and store.stats.failed_commits >= 2
+        assert sorted(stored_ids(store, "acme", "ana@x.io")) == sorted(f"v{i}" for i in range(8))
+    finally:
+        store.close()
+
+
+def test_proxy_answers_503_with_retry_after_when_the_backlog_is_full(tmp_path: Path) -> None:
+    import httpx
+
+    from synth_agent.config import Settings
+    from synth_agent.llm.client import EndpointConfig, LLMClient
+    from synth_agent.proxy import ProxyServer, ProxySettings, create_app
+
+    key = "sk-intake"
+    h = {"Authorization": f"Bearer {key}"}
+    store = open_store(tmp_path / "chroma", intake=4)
+    hold(store)
+    llm = LLMClient(EndpointConfig(base_url="http://127.0.0.1:9/v1", max_retries=0))
+    app = create_app(Settings(base_url="http://127.0.0.1:9/v1", home=tmp_path / "home"),
+                     ProxySettings(api_keys=f"acme:{key}", synthesis="off", key_rate_limit=0), store=store, llm=llm)
+
+    def post(i: int) -> httpx.Response:
+        body = {"id": f"p{i}", "user_id": "ana@x.io", "context": [{"role": "user", "content": f"q{i}"}],
+                "chosen": "a", "rejected": "b"}
+        return httpx.post(f"{srv.url}/v1/votes", headers=h, json=body, timeout=30)
+
+    try:
+        with ProxyServer(app, close=[llm]) as srv:
+            assert post(0).json()["added"] == 1 and post(1).json()["added"] == 1  # 2 votes + registration (+1)
+            full = post(2)
+            assert full.status_code == 503 and int(full.headers["Retry-After"]) >= 1
+            assert full.json()["error"]["code"] == "store_backlog" and "nothing was stored" in full.json()["error"]["message"]
+            assert httpx.get(f"{srv.url}/healthz").json()["pending_votes"] == 3
+            release(store)
+            assert store.intake is not None and store.intake.wait_drained(60)
+            assert httpx.get(f"{srv.url}/healthz").json()["pending_votes"] == 0
+            assert post(2).json()["added"] == 1 and post(1).json()["duplicates"] == 1
+    finally:
+        store.close()
+
+
+def test_an_invalid_batch_fails_alone_and_journals_nothing(tmp_path: Path) -> None:
+    from langgraph.store.base import PutOp
+
+    store = open_store(tmp_path / "chroma")
+    try:
+        hold(store)
+        assert store.intake is not None
+        good = [PutOp(("n", "a"), "k1", {"text": "fine"}), PutOp(("n", "a"), "k2", {"text": "also fine"})]
+        bad = [PutOp(("n", "b"), "k3", {"text": "fine"}), PutOp(("n", "b"), "k4", {"text": "lone \ud800 surrogate"})]
+        out = asyncio.run(store.intake.append([good, bad]))
+        assert out[0] == [True, True]
+        assert isinstance(out[1], ValueError) and "UTF-8" in str(out[1])
+        assert [it.key for it in store.intake.pending(("n", "a"))] == ["k1", "k2"]
+        assert store.intake.pending(("n", "b")) == [] and store.intake.backlog == 2
+        release(store)
+        assert store.intake.wait_drained(60)
+        assert store.get(("n", "a"), "k2") is not None and store.get(("n", "b"), "k3") is None
+    finally:
+        store.close()
+
+
+def test_journal_keys_are_destroyed_once_their_rows_are_stored(tmp_path: Path) -> None:
+    path = tmp_path / "chroma"
+    store = open_store(path)
+    try:
+        mem = PreferenceMemory(store, "acme")
+        asyncio.run(mem.add_votes([vote(i) for i in range(5)]))
+        assert [k for k in ledger_keys(path) if k.startswith("intake:")]  # a sealing key while rows exist
+        assert store.intake is not None and store.intake.wait_drained(60)
+    finally:
+        store.close()
+    assert [k for k in ledger_keys(path) if k.startswith("intake:")] == []
