@@ -966,15 +966,22 @@ class ChromaStore(BaseStore):
         if members is not None:
             if not members:
                 return []
-            fut = self._read_pool().submit(self._by_ids, self._items, members, ["metadatas"])
+            # Items, and every item's first vector (most items have one), while the query is embedded;
+            # then the further vectors of items that have more. _rank drops vectors of items not
+            # (yet, or any more) stored and beyond an item's count.
+            pool = self._read_pool()
+            fut_items = pool.submit(self._by_ids, self._items, members, ["metadatas"])
+            fut_vec = pool.submit(self._by_ids, self._vectors, [f"{m}.0" for m in members], ["embeddings", "metadatas"])
             q = np.asarray(self._embedder.query(query), dtype=np.float32)
             q = q / max(float(np.linalg.norm(q)), 1e-12)
-            found = fut.result()
+            found = fut_items.result()
             docs = self._open_items(found["ids"], found["metadatas"])
-            vids = [f"{iid}.{j}" for iid, doc in docs.items() for j in range(doc["_v"])]
-            if not vids:
-                return []
-            vec = self._by_ids(self._vectors, vids, ["embeddings", "metadatas"])
+            vec = fut_vec.result()
+            more = [f"{iid}.{j}" for iid, doc in docs.items() for j in range(1, doc["_v"])]
+            if more:
+                extra = self._by_ids(self._vectors, more, ["embeddings", "metadatas"])
+                for k in ("ids", "metadatas", "embeddings"):
+                    vec[k] += extra[k]
             emb = np.asarray(vec["embeddings"], dtype=np.float32) if vec["ids"] else np.zeros((0, len(q)), np.float32)
             return self._rank(vec["ids"], vec["metadatas"], emb, q, flt, want, docs)
         limit = self.exact_search_limit
