@@ -187,6 +187,21 @@ async def drive(args: argparse.Namespace, url: str, pid: int) -> tuple[Mix, list
     return mix, samples
 
 
+def halves(samples: list[tuple[float, dict[str, float]]], warmup: float) -> dict[str, list[float]]:
+    """RSS slope (MB/min) in the first and the second half of the time after ``warmup``, total and per process."""
+    after = [(t, s) for t, s in samples if t >= warmup]
+    if len(after) < 4:
+        return {}
+    mid = (after[0][0] + after[-1][0]) / 2
+    parts = [[p for p in after if p[0] <= mid], [p for p in after if p[0] >= mid]]
+    names = sorted({k.split("[")[0] for _, s in after for k in s})
+    out = {"total": [round(slope_mb_per_min([(t, sum(s.values())) for t, s in part]), 3) for part in parts]}
+    for name in names:
+        out[name] = [round(slope_mb_per_min([(t, sum(v for k, v in s.items() if k.split("[")[0] == name))
+                                             for t, s in part]), 3) for part in parts]
+    return out
+
+
 def plot(samples: list[tuple[float, dict[str, float]]], path: Path, title: str) -> None:
     import matplotlib
 
@@ -251,6 +266,8 @@ def main() -> None:
         "rss_by_process_end_mb": {k.split("[")[0]: round(v, 1) for k, v in samples[-1][1].items()},
         "rss_slope_after_warmup_mb_per_min": round(slope_mb_per_min(after), 3),
         "rss_slope_whole_run_mb_per_min": round(slope_mb_per_min(totals), 3),
+        # Levelling off shows as a smaller slope in the second half of the measured window than in the first.
+        "rss_slope_after_warmup_halves_mb_per_min": halves(samples, args.warmup),
         "rss_slope_after_warmup_by_process_mb_per_min": {
             name: round(slope_mb_per_min([(t, sum(v for k, v in s.items() if k.split("[")[0] == name))
                                           for t, s in samples if t >= args.warmup]), 3)

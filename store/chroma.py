@@ -7,9 +7,8 @@ See ``docs/store.md`` for the whole design; in short:
 * ``<collection>.v2``: one record per item. Its metadata is a *blob* (namespace, key,
   value and timestamps as one JSON document, sealed with the item's own data key when
   the store has a ledger), keyed tokens of every namespace prefix (``t0``, ``t1``, ...),
-  a token of the whole namespace (``n``) and the number of vectors (``v``). A namespace
-  filter is therefore one indexed equality, so a user's reads cost what the user has,
-  not what the store has. Records carry a tiny placeholder vector (Chroma wants one).
+  a token of the whole namespace (``n``) and the number of vectors (``v``). Records
+  carry a tiny placeholder vector (Chroma wants one).
 * ``<collection>.v2.vectors``: one record per embedded text (``<item id>.<j>``), with
   the item id and the prefix tokens: the semantic index.
 * ``<collection>.v2.namespaces``: one record per non-empty namespace (sealed labels,
@@ -18,8 +17,13 @@ See ``docs/store.md`` for the whole design; in short:
 No user text, user id or namespace label is written to Chroma in the clear when a
 ledger is in use (:mod:`store.ledger`, :mod:`store.sealing`).
 
-**Search.** A semantic search first asks for the prefix's vectors (up to
-``exact_search_limit``); if that is all of them, every candidate is scored exactly
+**Reads of one namespace** (one user's votes) look the namespace's item ids up in the
+ledger's namespace index and fetch the records by id, so they cost what the user has, not
+what the store has (Chroma's metadata-filtered ``get`` grows with the collection). Other
+prefixes use the prefix tokens as a Chroma ``where``.
+
+**Search.** A semantic search first gets the prefix's vectors (by id through the index, or
+by the prefix filter, up to ``exact_search_limit``); if that is all of them, every candidate is scored exactly
 (cosine, max over an item's vectors): one user's votes are always ranked exactly.
 Larger candidate sets go to Chroma's HNSW index, widening the request until enough
 hits survive the filters, and a short answer from the index is never taken as the
