@@ -853,13 +853,8 @@ class ChromaStore(BaseStore):
     # ------------------------------------------------------------------ reads
 
     def _fetch(self, ids: Sequence[str], *, search: bool = False) -> dict[str, Item]:
-        ids = list(dict.fromkeys(ids))
-        out: dict[str, Item] = {}
-        for start in range(0, len(ids), _PAGE):
-            res = self._items.get(ids=ids[start : start + _PAGE], include=["metadatas"])
-            for rid, doc in self._open_items(res["ids"], res["metadatas"] or []).items():
-                out[rid] = self._to_item(doc, search=search)
-        return out
+        res = self._by_ids(self._items, list(dict.fromkeys(ids)), ["metadatas"])
+        return {rid: self._to_item(doc, search=search) for rid, doc in self._open_items(res["ids"], res["metadatas"]).items()}
 
     def _pages(self, collection: Any, where: dict[str, Any] | None, include: list[str]) -> Iterator[dict[str, Any]]:
         offset = 0
