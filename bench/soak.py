@@ -38,6 +38,20 @@ from vote_write import KEY, measure, pct  # noqa: E402
 KINDS = {"chat": 0.38, "vote": 0.25, "ab": 0.10, "rerank": 0.05, "judge": 0.05, "persona": 0.15}
 
 
+def parse_mix(text: str) -> dict[str, float]:
+    """``chat=1,persona=2`` -> normalised weights (argparse type)."""
+    out: dict[str, float] = {}
+    for part in text.split(","):
+        kind, _, w = part.partition("=")
+        if kind.strip() not in KINDS:
+            raise argparse.ArgumentTypeError(f"unknown kind {kind.strip()!r}; use {', '.join(KINDS)}")
+        out[kind.strip()] = float(w or 1)
+    total = sum(out.values())
+    if total <= 0:
+        raise argparse.ArgumentTypeError("the mix needs a positive weight")
+    return {k: v / total for k, v in out.items()}
+
+
 def rss_mb(root: int) -> dict[str, float]:
     """Resident memory (MB) of ``root`` and of each descendant, by ``name[pid]``."""
     parents: dict[int, int] = {}
@@ -159,8 +173,10 @@ async def drive(args: argparse.Namespace, url: str, pid: int) -> tuple[Mix, list
     import aiohttp
 
     mix = Mix(url, args.users, args.seed)
-    kinds = list(KINDS) + ["delete"]
-    weights = [w * (1 - args.delete_share) for w in KINDS.values()] + [args.delete_share]
+    def table(mix_w: dict[str, float], delete_share: float) -> tuple[list[str], list[float]]:
+        return list(mix_w) + ["delete"], [w * (1 - delete_share) for w in mix_w.values()] + [delete_share]
+
+    kinds, weights = table(args.mix or KINDS, args.delete_share)
     samples: list[tuple[float, dict[str, float]]] = []
     tasks: set[asyncio.Task[None]] = set()
     timeout = aiohttp.ClientTimeout(total=300)
@@ -177,6 +193,8 @@ async def drive(args: argparse.Namespace, url: str, pid: int) -> tuple[Mix, list
                 errs = sum(len(v) for v in mix.errors.values())
                 total = sum(samples[-1][1].values())
                 print(f"  t={now:5.0f}s  requests ok {done:6d}  errors {errs:4d}  RSS {total:7.1f} MB", flush=True)
+            if args.then_mix and now >= args.then_at:
+                kinds, weights = table(args.then_mix, 0.0)
             task = asyncio.create_task(mix.one(session, mix.rng.choices(kinds, weights)[0]))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
@@ -185,6 +203,21 @@ async def drive(args: argparse.Namespace, url: str, pid: int) -> tuple[Mix, list
         await asyncio.gather(*tasks)
         samples.append((time.monotonic() - t0, rss_mb(pid)))
     return mix, samples
+
+
+def halves(samples: list[tuple[float, dict[str, float]]], warmup: float) -> dict[str, list[float]]:
+    """RSS slope (MB/min) in the first and the second half of the time after ``warmup``, total and per process."""
+    after = [(t, s) for t, s in samples if t >= warmup]
+    if len(after) < 4:
+        return {}
+    mid = (after[0][0] + after[-1][0]) / 2
+    parts = [[p for p in after if p[0] <= mid], [p for p in after if p[0] >= mid]]
+    names = sorted({k.split("[")[0] for _, s in after for k in s})
+    out = {"total": [round(slope_mb_per_min([(t, sum(s.values())) for t, s in part]), 3) for part in parts]}
+    for name in names:
+        out[name] = [round(slope_mb_per_min([(t, sum(v for k, v in s.items() if k.split("[")[0] == name))
+                                             for t, s in part]), 3) for part in parts]
+    return out
 
 
 def plot(samples: list[tuple[float, dict[str, float]]], path: Path, title: str) -> None:
@@ -216,6 +249,13 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=15.0, help="requests per second (default 15)")
     ap.add_argument("--users", type=int, default=60)
     ap.add_argument("--delete-share", type=float, default=0.02)
+    ap.add_argument("--mix", type=parse_mix, default=None,
+                    help="request mix as kind=weight,... (kinds: " + ", ".join(KINDS) + "); default: the issue's mix. "
+                         "E.g. --mix persona=1 --delete-share 0 for reads only (does RSS grow without new data?)")
+    ap.add_argument("--then-mix", type=parse_mix, default=None,
+                    help="switch to this mix (no deletes) after --then-at seconds, e.g. persona=1,chat=1: "
+                         "write data first, then see whether memory grows on reads alone")
+    ap.add_argument("--then-at", type=float, default=180.0)
     ap.add_argument("--warmup", type=float, default=120.0, help="seconds left out of the RSS slope (default 120)")
     ap.add_argument("--sim-latency-ms", type=float, default=20.0)
     ap.add_argument("--seed", type=int, default=0)
@@ -251,6 +291,8 @@ def main() -> None:
         "rss_by_process_end_mb": {k.split("[")[0]: round(v, 1) for k, v in samples[-1][1].items()},
         "rss_slope_after_warmup_mb_per_min": round(slope_mb_per_min(after), 3),
         "rss_slope_whole_run_mb_per_min": round(slope_mb_per_min(totals), 3),
+        # Levelling off shows as a smaller slope in the second half of the measured window than in the first.
+        "rss_slope_after_warmup_halves_mb_per_min": halves(samples, args.warmup),
         "rss_slope_after_warmup_by_process_mb_per_min": {
             name: round(slope_mb_per_min([(t, sum(v for k, v in s.items() if k.split("[")[0] == name))
                                           for t, s in samples if t >= args.warmup]), 3)

@@ -7,9 +7,8 @@ See ``docs/store.md`` for the whole design; in short:
 * ``<collection>.v2``: one record per item. Its metadata is a *blob* (namespace, key,
   value and timestamps as one JSON document, sealed with the item's own data key when
   the store has a ledger), keyed tokens of every namespace prefix (``t0``, ``t1``, ...),
-  a token of the whole namespace (``n``) and the number of vectors (``v``). A namespace
-  filter is therefore one indexed equality, so a user's reads cost what the user has,
-  not what the store has. Records carry a tiny placeholder vector (Chroma wants one).
+  a token of the whole namespace (``n``) and the number of vectors (``v``). Records
+  carry a tiny placeholder vector (Chroma wants one).
 * ``<collection>.v2.vectors``: one record per embedded text (``<item id>.<j>``), with
   the item id and the prefix tokens: the semantic index.
 * ``<collection>.v2.namespaces``: one record per non-empty namespace (sealed labels,
@@ -18,8 +17,13 @@ See ``docs/store.md`` for the whole design; in short:
 No user text, user id or namespace label is written to Chroma in the clear when a
 ledger is in use (:mod:`store.ledger`, :mod:`store.sealing`).
 
-**Search.** A semantic search first asks for the prefix's vectors (up to
-``exact_search_limit``); if that is all of them, every candidate is scored exactly
+**Reads of one namespace** (one user's votes) look the namespace's item ids up in the
+ledger's namespace index and fetch the records by id, so they cost what the user has, not
+what the store has (Chroma's metadata-filtered ``get`` grows with the collection). Other
+prefixes use the prefix tokens as a Chroma ``where``.
+
+**Search.** A semantic search first gets the prefix's vectors (by id through the index, or
+by the prefix filter, up to ``exact_search_limit``); if that is all of them, every candidate is scored exactly
 (cosine, max over an item's vectors): one user's votes are always ranked exactly.
 Larger candidate sets go to Chroma's HNSW index, widening the request until enough
 hits survive the filters, and a short answer from the index is never taken as the
@@ -520,6 +524,7 @@ class ChromaStore(BaseStore):
         ]
 
         self._recover()
+        self._indexed = self._backfill_index()
         legacy = self._legacy_collection()
         self.reindexed: int | None = None
         """Items re-embedded (or migrated from the v1 layout) when opened with ``reindex=True``."""
@@ -888,13 +893,8 @@ class ChromaStore(BaseStore):
     # ------------------------------------------------------------------ reads
 
     def _fetch(self, ids: Sequence[str], *, search: bool = False) -> dict[str, Item]:
-        ids = list(dict.fromkeys(ids))
-        out: dict[str, Item] = {}
-        for start in range(0, len(ids), _PAGE):
-            res = self._items.get(ids=ids[start : start + _PAGE], include=["metadatas"])
-            for rid, doc in self._open_items(res["ids"], res["metadatas"] or []).items():
-                out[rid] = self._to_item(doc, search=search)
-        return out
+        res = self._by_ids(self._items, list(dict.fromkeys(ids)), ["metadatas"])
+        return {rid: self._to_item(doc, search=search) for rid, doc in self._open_items(res["ids"], res["metadatas"]).items()}
 
     def _pages(self, collection: Any, where: dict[str, Any] | None, include: list[str]) -> Iterator[dict[str, Any]]:
         offset = 0
@@ -909,26 +909,120 @@ class ChromaStore(BaseStore):
         if op.limit == 0:
             return []
         where = self._prefix_where(op.namespace_prefix)
+        members = self._members(op.namespace_prefix)
         if not op.query or self._embedder is None:
-            return self._scan(where, op.filter, op.offset, op.limit, unindexed_only=False)
+            return self._scan(where, op.filter, op.offset, op.limit, unindexed_only=False, members=members)
         want = op.offset + op.limit
-        scored = self._scored(where, op.filter, op.query, want)
+        scored = self._scored(where, op.filter, op.query, want, members)
         if len(scored) >= want:
             return scored[op.offset : want]
         # Like InMemoryStore: items stored with index=False fill the page after every scored hit.
         head = scored[op.offset :]
         skip = max(op.offset - len(scored), 0)
-        return head + self._scan(where, op.filter, skip, op.limit - len(head), unindexed_only=True)
+        return head + self._scan(where, op.filter, skip, op.limit - len(head), unindexed_only=True, members=members)
 
-    def _scored(self, where: dict[str, Any] | None, flt: dict[str, Any] | None, query: str, want: int) -> list[SearchItem]:
+    def _members(self, prefix: Sequence[str]) -> list[str] | None:
+        """The ids of the items stored in exactly ``prefix``, from the ledger's namespace index.
+
+        None when the index cannot answer: no index (unsealed store, no ledger, or an older
+        ledger not yet backfilled), the empty prefix, a prefix that has namespaces below it (the
+        index lists only a namespace's own items), or more than ``exact_search_limit`` items (then
+        the prefix filter and the HNSW index are the better tools).
+        """
+        if not self._indexed or not prefix or self.ledger is None:
+            return None
+        kids = self.ledger.members(self._ptok(prefix), self.exact_search_limit + 1)
+        if len(kids) > self.exact_search_limit or any(k.startswith("ns:") for k in kids):
+            return None
+        return kids
+
+    def _index_rows(self, puts: Sequence[_Write], new_ns: dict[str, tuple[str, ...]]) -> dict[str, list[str]]:
+        """Namespace-index tokens for a commit's keys: an item's own namespace, a namespace's proper prefixes."""
+        rows = {w.iid: [self._ptok(w.ns)] for w in puts}
+        rows.update({f"ns:{nid}": [self._ptok(ns[:i]) for i in range(1, len(ns))] for nid, ns in new_ns.items()})
+        return rows
+
+    def _backfill_index(self) -> bool:
+        """Index the items and namespaces of a store written before the namespace index existed.
+
+        Runs when the store opens, once per collection and ledger (an empty store is done at
+        once); True when reads may use the index.
+        """
+        if not self.sealed or self.ledger is None:
+            return False
+        name = self._items.name
+        if self.ledger.members_complete(name):
+            return True
+        t0, added = time.monotonic(), 0
+        for res in self._pages(self._items, None, ["metadatas"]):
+            rows = []
+            for rid, meta in zip(res["ids"], res["metadatas"] or [], strict=True):
+                depth = sum(1 for k in meta or {} if k[:1] == "t" and k[1:].isdigit())
+                if depth:
+                    rows.append((str(meta[f"t{depth - 1}"]), rid))
+            added += self.ledger.add_members(rows)
+        for res in self._pages(self._namespaces, None, ["metadatas"]):
+            rows = [
+                (str(meta[f"t{i}"]), f"ns:{rid}")
+                for rid, meta in zip(res["ids"], res["metadatas"] or [], strict=True)
+                for i in range(int((meta or {}).get("d", 0)) - 1)
+            ]
+            added += self.ledger.add_members(rows)
+        self.ledger.mark_members_complete(name)
+        if added:
+            log.warning("indexed %d namespace entries of %s in %.1fs (once, for per-user reads)", added, name,
+                        time.monotonic() - t0)
+        return True
+
+    def _by_ids(self, collection: Any, ids: Sequence[str], include: list[str]) -> dict[str, Any]:
+        """``collection.get(ids=...)`` in pages, merged (Chroma returns only the ids it has)."""
+        out: dict[str, Any] = {"ids": [], "metadatas": [], "embeddings": []}
+        for start in range(0, len(ids), _PAGE):
+            res = collection.get(ids=list(ids[start : start + _PAGE]), include=include)
+            out["ids"] += list(res["ids"])
+            out["metadatas"] += list(res["metadatas"] or [])
+            if "embeddings" in include and len(res["ids"]):
+                out["embeddings"] += list(res["embeddings"])
+        return out
+
+    def _scored(
+        self,
+        where: dict[str, Any] | None,
+        flt: dict[str, Any] | None,
+        query: str,
+        want: int,
+        members: list[str] | None = None,
+    ) -> list[SearchItem]:
         """The ``want`` best items by cosine similarity: exact for small candidate sets, else via HNSW.
 
-        The prefix's vectors and items are fetched while the query is embedded (three things at
-        once), so a per-user search costs about one round trip.
+        With ``members`` (the namespace's item ids, from the ledger), the items and then their
+        vectors are fetched by id while the query is embedded, and ranked exactly. Otherwise the
+        prefix's vectors and items are fetched by Chroma's metadata filter (three things at once).
         """
         import numpy as np
 
         assert self._embedder is not None
+        if members is not None:
+            if not members:
+                return []
+            # Items, and every item's first vector (most items have one), while the query is embedded;
+            # then the further vectors of items that have more. _rank drops vectors of items not
+            # (yet, or any more) stored and beyond an item's count.
+            pool = self._read_pool()
+            fut_items = pool.submit(self._by_ids, self._items, members, ["metadatas"])
+            fut_vec = pool.submit(self._by_ids, self._vectors, [f"{m}.0" for m in members], ["embeddings", "metadatas"])
+            q = np.asarray(self._embedder.query(query), dtype=np.float32)
+            q = q / max(float(np.linalg.norm(q)), 1e-12)
+            found = fut_items.result()
+            docs = self._open_items(found["ids"], found["metadatas"])
+            vec = fut_vec.result()
+            more = [f"{iid}.{j}" for iid, doc in docs.items() for j in range(1, doc["_v"])]
+            if more:
+                extra = self._by_ids(self._vectors, more, ["embeddings", "metadatas"])
+                for k in ("ids", "metadatas", "embeddings"):
+                    vec[k] += extra[k]
+            emb = np.asarray(vec["embeddings"], dtype=np.float32) if vec["ids"] else np.zeros((0, len(q)), np.float32)
+            return self._rank(vec["ids"], vec["metadatas"], emb, q, flt, want, docs)
         limit = self.exact_search_limit
         pool = self._read_pool()
         fut_vec = pool.submit(self._vectors.get, where=where, limit=limit + 1, include=["embeddings", "metadatas"])
@@ -1039,12 +1133,18 @@ class ChromaStore(BaseStore):
         limit: int,
         *,
         unindexed_only: bool,
+        members: list[str] | None = None,
     ) -> list[SearchItem]:
         if limit <= 0:
             return []
         out: list[SearchItem] = []
         skipped = 0
-        for res in self._pages(self._items, where, ["metadatas"]):
+        pages = (
+            self._pages(self._items, where, ["metadatas"])
+            if members is None
+            else iter([self._by_ids(self._items, members, ["metadatas"])] if members else [])
+        )
+        for res in pages:
             docs = self._open_items(res["ids"], res["metadatas"] or [])
             for rid in res["ids"]:
                 doc = docs.get(rid)
@@ -1297,7 +1397,8 @@ class ChromaStore(BaseStore):
 
         new_ns = self._new_namespaces({w.ns for w in puts})
         keys = (
-            self.ledger.ensure_keys([w.iid for w in puts] + [f"ns:{nid}" for nid in new_ns])
+            self.ledger.ensure_keys([w.iid for w in puts] + [f"ns:{nid}" for nid in new_ns],
+                                    members=self._index_rows(puts, new_ns))  # the namespace index (reads)
             if self.sealed and self.ledger is not None
             else {}
         )

@@ -335,6 +335,37 @@ def test_pg_ledger_is_shared_and_never_serves_a_stale_key(pg: LocalPostgres, tmp
         b.close()
 
 
+def test_pg_ledger_keeps_the_namespace_index(pg: LocalPostgres, tmp_path: Path) -> None:
+    """The scale-out ledger runs the same namespace-index checks as the local one (tests/test_store_index.py):
+    per-user reads by id, rows gone with their keys; a second replica sees the index at once."""
+    from synth_agent.scale.ledger import MEMBERS_TABLE, PgLedger
+
+    try:
+        from tests.test_store_index import check_namespace_index
+    except ImportError:  # run from inside tests/
+        from test_store_index import check_namespace_index  # type: ignore[no-redef]
+
+    with psycopg.connect(pg.dsn, autocommit=True) as conn:  # a fresh index (this module's server is shared)
+        conn.execute(f"DROP TABLE IF EXISTS {MEMBERS_TABLE}")
+        conn.execute("DELETE FROM synth_store_meta WHERE k LIKE 'members:%'")
+    a = PgLedger(pg.dsn, journal=tmp_path / "a.sqlite3")
+    b = PgLedger(pg.dsn, journal=tmp_path / "b.sqlite3")
+    try:
+        check_namespace_index(tmp_path, a)  # the store closes its ledger
+        a = PgLedger(pg.dsn, journal=tmp_path / "a2.sqlite3")
+        assert not b.members_complete("other.v2") and a.members_complete("synth_agent_items.v2")
+        assert b.members_complete("synth_agent_items.v2")
+        a.ensure_keys(["i1", "i2"], members={"i1": ["tok"], "i2": ["tok"]})
+        assert sorted(b.members("tok", 10)) == ["i1", "i2"] and b.members("tok", 1) in (["i1"], ["i2"])
+        assert b.ensure_keys(["i3"], members={"i3": ["tok"]}) and len(a.members("tok", 10)) == 3
+        assert b.add_members([("tok", "no-such-key")]) == 0  # backfill only indexes live keys
+        b.destroy(["i1", "i3"])
+        assert a.members("tok", 10) == ["i2"]
+    finally:
+        a.close()
+        b.close()
+
+
 def _files_with(root: Path, needle: bytes) -> list[str]:
     out = []
     for p in root.rglob("*"):

@@ -22,6 +22,10 @@ three differences:
   retires the WAL. The keys table is hash-partitioned (:data:`PARTITIONS`), so a rewrite
   touches a small slice and blocks only lookups of keys in that slice, for milliseconds,
   however many users the deployment has.
+* **The namespace index** (which item ids a namespace holds, see :mod:`store.ledger`) is a
+  table here too (:data:`MEMBERS_TABLE`), written in the transaction that makes an item's
+  key and deleted in the one that destroys it; its rows are keyed tokens and item ids (the
+  same values the Chroma server stores in the clear), so erasure does not need to purge it.
 * **The batch journal stays local** (a SQLite file in the process's home, as before): it
   is private to the process that writes the batch, and keeping it out of Postgres saves
   three round trips per commit.
@@ -31,16 +35,17 @@ from __future__ import annotations
 
 import secrets
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from store.ledger import KEY_BYTES, Ledger
 
-__all__ = ["KEYS_TABLE", "PARTITIONS", "PgLedger", "ensure_ledger_schema"]
+__all__ = ["KEYS_TABLE", "MEMBERS_TABLE", "PARTITIONS", "PgLedger", "ensure_ledger_schema"]
 
 KEYS_TABLE = "synth_store_keys"
 META_TABLE = "synth_store_meta"
+MEMBERS_TABLE = "synth_store_members"
 PARTITIONS = 32
 _SCHEMA_LOCK = 0x5AE7_1A58  # pg_advisory_xact_lock key: creating the ledger's tables
 
@@ -54,16 +59,20 @@ _DDL = [
     *(f"ALTER TABLE {KEYS_TABLE}_p{i} ALTER COLUMN key SET STATISTICS 0" for i in range(PARTITIONS)),
     f"ALTER TABLE {META_TABLE} ALTER COLUMN v SET STATISTICS 0",
 ]
+_DDL_MEMBERS = [  # added after the keys table: created on its own for deployments that predate it
+    f"CREATE TABLE IF NOT EXISTS {MEMBERS_TABLE} (tok text NOT NULL, kid text NOT NULL, PRIMARY KEY (tok, kid))",
+    f"CREATE INDEX IF NOT EXISTS {MEMBERS_TABLE}_kid ON {MEMBERS_TABLE} (kid)",
+]
 
 
 def ensure_ledger_schema(conn: Any) -> None:
     """Create the ledger's tables if missing (idempotent; serialised across processes). ``conn``: psycopg, sync."""
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
-        present = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (f"{KEYS_TABLE}_p{PARTITIONS - 1}",)).fetchone()
-        if present and present[0]:
-            return
-        for stmt in _DDL:
+        present = conn.execute("SELECT to_regclass(%s) IS NOT NULL, to_regclass(%s) IS NOT NULL",
+                               (f"{KEYS_TABLE}_p{PARTITIONS - 1}", f"{MEMBERS_TABLE}_kid")).fetchone()
+        assert present is not None
+        for stmt in ([] if present[0] else _DDL) + ([] if present[1] else _DDL_MEMBERS):
             conn.execute(stmt)
 
 
@@ -121,15 +130,23 @@ class PgLedger:
             rows = conn.execute(f"SELECT kid, key FROM {KEYS_TABLE} WHERE kid = ANY(%s)", (wanted,)).fetchall()
         return {kid: bytes(key) for kid, key in rows}
 
-    def ensure_keys(self, kids: Iterable[str]) -> dict[str, bytes]:
-        """Keys for ``kids``, making those that do not exist yet (committed before this returns)."""
+    def ensure_keys(self, kids: Iterable[str], members: Mapping[str, Sequence[str]] | None = None) -> dict[str, bytes]:
+        """Keys for ``kids``, making those that do not exist yet (committed before this returns).
+
+        ``members``: namespace-index tokens per kid, written in the same transaction for the keys
+        this call makes (whoever makes a key writes its rows).
+        """
         wanted = list(dict.fromkeys(kids))
         if not wanted:
             return {}
         fresh = [secrets.token_bytes(KEY_BYTES) for _ in wanted]
         with self._pool.connection() as conn, conn.transaction():
-            conn.execute(f"INSERT INTO {KEYS_TABLE} (kid, key) SELECT * FROM unnest(%s::text[], %s::bytea[]) "
-                         "ON CONFLICT DO NOTHING", (wanted, fresh))
+            made = conn.execute(f"INSERT INTO {KEYS_TABLE} (kid, key) SELECT * FROM unnest(%s::text[], %s::bytea[]) "
+                                "ON CONFLICT DO NOTHING RETURNING kid", (wanted, fresh)).fetchall()
+            idx = [(tok, kid) for (kid,) in made for tok in (members or {}).get(kid, ())]
+            if idx:
+                conn.execute(f"INSERT INTO {MEMBERS_TABLE} (tok, kid) SELECT * FROM unnest(%s::text[], %s::text[]) "
+                             "ON CONFLICT DO NOTHING", ([t for t, _ in idx], [k for _, k in idx]))
             rows = conn.execute(f"SELECT kid, key FROM {KEYS_TABLE} WHERE kid = ANY(%s)", (wanted,)).fetchall()
         return {kid: bytes(key) for kid, key in rows}
 
@@ -138,12 +155,44 @@ class PgLedger:
         wanted = list(dict.fromkeys(kids))
         if not wanted:
             return 0
-        with self._pool.connection() as conn:
+        with self._pool.connection() as conn, conn.transaction():
             rows = conn.execute(f"DELETE FROM {KEYS_TABLE} WHERE kid = ANY(%s) RETURNING tableoid::regclass::text",
                                 (wanted,)).fetchall()
+            conn.execute(f"DELETE FROM {MEMBERS_TABLE} WHERE kid = ANY(%s)", (wanted,))
         with self._lock:
             self._dirty.update(r[0] for r in rows)
         return len(rows)
+
+    # ------------------------------------------------------------------ namespace index
+
+    def members(self, tok: str, limit: int) -> list[str]:
+        """Up to ``limit`` kids indexed under ``tok``."""
+        with self._pool.connection() as conn:
+            rows = conn.execute(f"SELECT kid FROM {MEMBERS_TABLE} WHERE tok = %s LIMIT %s", (tok, limit)).fetchall()
+        return [r[0] for r in rows]
+
+    def add_members(self, rows: Iterable[tuple[str, str]]) -> int:
+        """Backfill ``(tok, kid)`` rows for kids whose key exists; the key rows are share-locked meanwhile,
+        so a concurrent :meth:`destroy` waits and then deletes what this added."""
+        rows = list(rows)
+        if not rows:
+            return 0
+        with self._pool.connection() as conn, conn.transaction():
+            cur = conn.execute(
+                f"INSERT INTO {MEMBERS_TABLE} (tok, kid) SELECT v.tok, k.kid FROM {KEYS_TABLE} k "
+                "JOIN unnest(%s::text[], %s::text[]) AS v(tok, kid) ON v.kid = k.kid FOR SHARE OF k "
+                "ON CONFLICT DO NOTHING", ([t for t, _ in rows], [k for _, k in rows]))
+            return cur.rowcount
+
+    def members_complete(self, name: str) -> bool:
+        """Whether collection ``name``'s items all have index rows (false for a deployment older than the index)."""
+        with self._pool.connection() as conn:
+            return conn.execute(f"SELECT 1 FROM {META_TABLE} WHERE k = %s", (f"members:{name}",)).fetchone() is not None
+
+    def mark_members_complete(self, name: str) -> None:
+        with self._pool.connection() as conn:
+            conn.execute(f"INSERT INTO {META_TABLE} (k, v) VALUES (%s, %s) ON CONFLICT DO NOTHING",
+                         (f"members:{name}", b"\x01"))
 
     def dirty_tables(self) -> list[str]:
         """Partitions that held keys destroyed since the last call (taken: the caller purges them)."""
