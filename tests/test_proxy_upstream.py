@@ -125,6 +125,7 @@ def test_concurrent_persona_misses_share_one_store_read(world: World) -> None:
     state = world.state
     personalizer = state.personalizer
     assert personalizer is not None
+    personalizer.invalidate("acme", USER)  # a miss: a warm entry is answered without any read
     reads = 0
     real = personalizer.persona
 

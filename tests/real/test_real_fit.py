@@ -28,7 +28,7 @@ SMALL = FitConfig(n_trials=1, n_demo_candidates=1, max_bootstrapped_demos=1, max
                   persona_max_tokens=160, selection=SelectionConfig(enabled=False))  # fmt: skip
 """Selection (issue 16) writes one persona per fold: it runs in the small fit only (2 folds), to keep the tier short."""
 WITH_SELECTION = dataclasses.replace(SMALL, selection=SelectionConfig(folds=2))
-"""6 votes → 4 train, 2 validation: 4 chain-of-thought bootstrap judgments, 3 candidates × 2 and 1 demo
+"""6 votes → 4 train, 2 validation: 6 chain-of-thought bootstrap judgments (every context vote), 3 candidates × 2 and 1 demo
 set × 2 log-probability judgments, 1 persona."""
 N_VOTES = 6
 
@@ -60,12 +60,13 @@ async def test_small_fit_saves_a_persona_the_real_model_wrote(
         assert "<persona>" not in saved.persona
         assert any(saved.persona in t for t in tap.texts("persona"))  # the real model's own words
         assert saved.meta["selection"]["served"] in ("persona_demos", "default")  # the guard decided what is served
-        assert saved.model == "smollm2" and saved.meta["n_traces"] == 4  # 6 votes: 4 train, 2 validation
+        # step 1 traces every context vote (6 votes: 4 train, 2 validation), the persona is written from all
+        assert saved.model == "smollm2" and saved.meta["n_traces"] == N_VOTES
         assert len(saved.demos) <= SMALL.max_bootstrapped_demos + SMALL.max_labeled_demos
         assert {"bootstrap", "candidates", "persona", "demos", "select", "save"} <= set(stages)
         assert result.usage["llm_requests"] > 0 and result.usage["prompt_tokens"] > 0
         assert llm.stats.total().errors == 0  # no HTTP failure, no prompt the server refused
-        # bootstrap's 4 traces + selection's traces of the 2 validation votes, kept for the next fit
+        # step 1's traces of all 6 votes, kept for the next fit
         assert len(await memory.get_traces(USER)) == N_VOTES
         unreadable = {site: s.unparseable for site, s in llm.stats.by_site.items() if s.unparseable}
     written = [saved.persona]

@@ -47,7 +47,10 @@ def test_cli_starts_serves_prints_settings_and_stops_on_ctrl_c(smollm2_gguf: Pat
         sys.executable, "-m", "synth_agent.cli", "judge-server", "llamacpp", "--model", "smollm2",
         "--port", str(port), "--threads", "1", "--ctx-size", "1024", "--log-file", str(log),
     ]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    # As from a terminal: SIGINT at its default. A test run started as a background job of a
+    # non-interactive shell (`make test &`) inherits SIGINT ignored, and Python then keeps it ignored.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         lines = read_settings(proc, "# context window", timeout=240)
         base = f"http://127.0.0.1:{port}/v1"
