@@ -137,7 +137,7 @@ async def run(settings: Settings, population: Population, labelled: list[Vote], 
 
 # What one run with the default sizes cost, measured on the simulator (seed 0; `python -m synth_agent.demo`
 # prints its own "LLM usage" table at the end): shown before a run against a real endpoint starts.
-MEASURED_COST = {"users": 20, "votes": 15, "requests": 3342, "prompt_tokens": 10_100_000, "completion_tokens": 335_000}
+MEASURED_COST = {"users": 20, "votes": 15, "requests": 3961, "prompt_tokens": 12_100_000, "completion_tokens": 399_000}
 
 
 def cost_notice(users: int, votes: int) -> str:
