@@ -608,10 +608,7 @@ class ChromaStore(BaseStore):
 
     def _stored_ids(self, ids: Sequence[str]) -> set[str]:
         """Which of ``ids`` are stored items (one indexed lookup per page)."""
-        out: set[str] = set()
-        for start in range(0, len(ids), _PAGE):
-            out.update(self._items.get(ids=list(ids[start : start + _PAGE]), include=[])["ids"])
-        return out
+        return set(self._by_ids(self._items, ids, [])["ids"])
 
     @classmethod
     def from_settings(
@@ -1372,10 +1369,8 @@ class ChromaStore(BaseStore):
                 fresh.add(w.iid)
             by_id[w.iid] = w  # the last write of an item wins, in submission order
         ids = list(by_id)
-        old_meta: dict[str, dict[str, Any]] = {}
-        for start in range(0, len(ids), _PAGE):
-            res = self._items.get(ids=ids[start : start + _PAGE], include=["metadatas"])
-            old_meta.update({rid: dict(m or {}) for rid, m in zip(res["ids"], res["metadatas"] or [], strict=True)})
+        res = self._by_ids(self._items, ids, ["metadatas"])
+        old_meta = {rid: dict(m or {}) for rid, m in zip(res["ids"], res["metadatas"], strict=True)}
         for iid in [i for i, w in by_id.items() if w.only_new and i not in fresh and i in old_meta]:
             del by_id[iid]  # create-only, and already stored
         old_docs = self._open_items(list(old_meta), list(old_meta.values()))
