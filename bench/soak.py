@@ -291,11 +291,13 @@ class Trace:
         self.home = home_of(pid)
         self.smaps: list[tuple[float, dict[str, dict[str, float]]]] = []
         self.data: list[tuple[float, int, float]] = []  # (t, votes stored, MB on disk)
+        self.written: list[tuple[float, float]] = []  # (t, votes acknowledged so far, deleted ones included)
         self.trim: dict[str, list[float]] | None = None
 
     def sample(self, now: float, pid: int, mix: Mix) -> None:
         self.smaps.append((now, smaps_mb(pid)))
         self.data.append((now, sum(mix.live.values()), disk_mb(self.home)))
+        self.written.append((now, float(len(mix.acked))))
 
 
 async def drive(args: argparse.Namespace, url: str, pid: int) -> tuple[Mix, list[tuple[float, dict[str, float]]], Trace]:
@@ -377,6 +379,8 @@ def data_report(samples: list[tuple[float, dict[str, float]]], trace: Trace, war
     return {
         "votes_stored_end": trace.data[-1][1] if trace.data else 0,
         "votes_stored_per_min_after_warmup": round(votes_per_min, 1),
+        # Deleted votes count here: Chroma's HNSW index marks a deleted vector, it does not free it.
+        "votes_written_per_min_after_warmup": round(slope_mb_per_min([p for p in trace.written if p[0] >= warmup]), 1),
         "disk_mb_end": round(trace.data[-1][2], 1) if trace.data else None,
         "disk_mb_per_min_after_warmup": round(disk_slope, 3),
         "disk_kb_per_stored_vote": round(disk_slope / votes_per_min * 1000, 2) if per_vote else None,
