@@ -76,8 +76,9 @@ def register(app: typer.Typer) -> None:
         from synth_agent.proxy.app import create_app
         from synth_agent.proxy.settings import ProxySettings
         from synth_agent.services import simulator_if_needed
-        from synth_agent.serving import freeze_heap_after_startup
+        from synth_agent.serving import freeze_heap_after_startup, limit_malloc_arenas
 
+        limit_malloc_arenas()  # before the worker threads start (docs/store.md, "Memory over time")
         flags: dict[str, Any] = {
             "host": host, "port": port, "upstream_base_url": upstream_base_url,
             "upstream_api_key": upstream_api_key, "model_map": model_map, "default_model": default_model,
