@@ -9,9 +9,20 @@ At the end it stops the server and checks that every acknowledged vote of a user
 afterwards is stored. Prints per-kind counts, errors and latency, RSS at start/end, and the
 RSS slope after ``--warmup`` seconds (least squares, MB/min); writes a plot of RSS over time.
 
+What grows is set against the data written: every 5 s it also records each process's anonymous
+and file-backed RSS (``smaps_rollup``), the votes stored (acknowledged since their user's last
+delete) and written, and the bytes under the server's home; it prints votes stored/written per
+minute, disk MB/min and RSS and disk KB per stored vote. A write-heavy mix cannot be flat (new
+votes must live somewhere: Chroma keeps its HNSW indexes in memory, and a deleted vector stays
+in the index); a mix that writes nothing new must be (``--then-mix`` without vote/ab).
+``--malloc-trim`` shows what malloc held free at the end; ``--tracemalloc`` where Python grew.
+RSS is not a timing figure: run it without the bench lock, and note the load it prints.
+
     .venv/bin/python bench/soak.py                               # 10 minutes, this checkout
     .venv/bin/python bench/soak.py --repo /work/baseline         # the same load on another checkout
     .venv/bin/python bench/soak.py --duration 120 --warmup 30    # a quick look
+    .venv/bin/python bench/soak.py --warmup 240 --then-mix chat=38,persona=15,rerank=5,judge=5 --then-at 180
+                                                                 # writes for 3 minutes, then reads only
 """
 
 from __future__ import annotations
