@@ -13,8 +13,8 @@ What grows is set against the data written: every 5 s it also records each proce
 and file-backed RSS (``smaps_rollup``), the votes stored (acknowledged since their user's last
 delete) and written, and the bytes under the server's home; it prints votes stored/written per
 minute, disk MB/min and RSS and disk KB per stored vote. A write-heavy mix cannot be flat (new
-votes must live somewhere: Chroma keeps its HNSW indexes in memory, and a deleted vector stays
-in the index); a mix that writes nothing new must be (``--then-mix`` without vote/ab).
+votes must live somewhere: Chroma keeps its HNSW indexes in memory, and what deletes give back
+is measured, not assumed); a mix that writes nothing new must be (``--then-mix`` without vote/ab).
 ``--malloc-trim`` shows what malloc held free at the end; ``--tracemalloc`` where Python grew.
 RSS is not a timing figure: run it without the bench lock, and note the load it prints.
 
@@ -390,7 +390,7 @@ def data_report(samples: list[tuple[float, dict[str, float]]], trace: Trace, war
     return {
         "votes_stored_end": trace.data[-1][1] if trace.data else 0,
         "votes_stored_per_min_after_warmup": round(votes_per_min, 1),
-        # Deleted votes count here: Chroma's HNSW index marks a deleted vector, it does not free it.
+        # Deleted votes count here: what Chroma's memory follows is what was written.
         "votes_written_per_min_after_warmup": round(slope_mb_per_min([p for p in trace.written if p[0] >= warmup]), 1),
         "disk_mb_end": round(trace.data[-1][2], 1) if trace.data else None,
         "disk_mb_per_min_after_warmup": round(disk_slope, 3),
@@ -472,6 +472,7 @@ def main() -> None:
         "repo": str(repo), "duration_s": args.duration, "rate": args.rate,
         "load_avg_before_after": [round(x, 2) for x in (*load0, *os.getloadavg())],
         "malloc_arena_max": os.environ.get("MALLOC_ARENA_MAX", "unset"),
+        "malloc_trim_s": os.environ.get("SYNTH_AGENT_MALLOC_TRIM_S", "unset"),
         "requests_ok": {k: len(v) for k, v in mix.lat.items()},
         "errors": {k: len(v) for k, v in mix.errors.items()},
         "first_errors": {k: v[:3] for k, v in mix.errors.items()},

@@ -74,6 +74,7 @@ class Settings(BaseSettings):
     llm_disk_cache: bool = False
     llm_cache_mb: float = Field(default=64.0, ge=0)
     llm_cache_entries: int = Field(default=10_000, ge=0)
+    malloc_trim_s: float = Field(default=0.0, ge=0)
 
     @property
     def uses_simulator(self) -> bool:

@@ -77,6 +77,45 @@ def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
     return bool(mallopt(m_arena_max, arenas) == 1)
 
 
+class MallocTrimmer(threading.Thread):
+    """Every ``interval`` seconds, glibc's ``malloc_trim(0)``: hands memory malloc holds free back to the OS.
+
+    Freed Python and native memory often stays in malloc's heaps (fragmented, or in arenas no
+    thread uses now) and counts as RSS; at the end of a 10-minute soak ``malloc_trim`` gave back
+    ~40 MB of a ~400 MB server. ``synth-agent serve`` runs one when ``SYNTH_AGENT_MALLOC_TRIM_S``
+    is above 0. The call runs without the GIL (ctypes releases it); ``durations`` keeps the last
+    100 (seconds). Daemon thread: it ends with the process.
+    """
+
+    def __init__(self, interval: float) -> None:
+        super().__init__(name="malloc-trim", daemon=True)
+        self.interval = interval
+        self.durations: list[float] = []
+        self._stop_event = threading.Event()
+        self._trim = ctypes.CDLL("libc.so.6").malloc_trim
+
+    def run(self) -> None:
+        while not self._stop_event.wait(self.interval):
+            t = time.perf_counter()
+            self._trim(0)
+            self.durations = [*self.durations[-99:], time.perf_counter() - t]
+
+    def stop(self) -> None:
+        self._stop_event.set()
+
+
+def start_malloc_trimmer(interval: float) -> MallocTrimmer | None:
+    """A running :class:`MallocTrimmer`, or None (``interval`` <= 0, or not glibc)."""
+    if interval <= 0 or not sys.platform.startswith("linux"):
+        return None
+    try:
+        trimmer = MallocTrimmer(interval)
+    except (OSError, AttributeError):
+        return None
+    trimmer.start()
+    return trimmer
+
+
 class _LoopServer(uvicorn.Server):
     """Remembers its event loop so other threads can schedule work on it."""
 

@@ -6,6 +6,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -54,3 +55,22 @@ def test_local_server_does_not_log_every_request(tmp_path: Path, monkeypatch: py
     log = (tmp_path / "chroma" / LOG_FILE).read_text(errors="replace")
     # At Chroma's default level each of those 30 upserts writes INFO lines ("Cache miss for collection ...").
     assert " INFO " not in log and "collection_upsert" not in log
+
+
+def test_malloc_trimmer_runs_on_its_interval_and_stops() -> None:
+    from synth_agent.serving import start_malloc_trimmer
+
+    assert start_malloc_trimmer(0) is None  # off by default
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("malloc_trim is glibc's")
+    trimmer = start_malloc_trimmer(0.05)
+    assert trimmer is not None
+    try:
+        deadline = time.monotonic() + 10
+        while len(trimmer.durations) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(trimmer.durations) >= 3 and all(d >= 0 for d in trimmer.durations)
+    finally:
+        trimmer.stop()
+        trimmer.join(timeout=5)
+    assert not trimmer.is_alive()
