@@ -17,6 +17,7 @@
 | ``SYNTH_AGENT_LLM_DISK_CACHE`` | also cache temperature-0 LLM answers on disk (they contain users' votes) | ``0`` |
 | ``SYNTH_AGENT_LLM_CACHE_MB`` | memory for cached temperature-0 LLM answers, per process (``0``: no memory cache) | ``64`` |
 | ``SYNTH_AGENT_LLM_CACHE_ENTRIES`` | most answers in that memory cache (``0``: no memory cache) | ``10000`` |
+| ``SYNTH_AGENT_MALLOC_TRIM_S`` | ``serve``: give memory malloc holds free back to the OS every N seconds (glibc) | ``0`` (off) |
 """
 
 from __future__ import annotations

@@ -83,8 +83,9 @@ class MallocTrimmer(threading.Thread):
     Freed Python and native memory often stays in malloc's heaps (fragmented, or in arenas no
     thread uses now) and counts as RSS; at the end of a 10-minute soak ``malloc_trim`` gave back
     ~40 MB of a ~400 MB server. ``synth-agent serve`` runs one when ``SYNTH_AGENT_MALLOC_TRIM_S``
-    is above 0. The call runs without the GIL (ctypes releases it); ``durations`` keeps the last
-    100 (seconds). Daemon thread: it ends with the process.
+    is above 0 (off by default: in the soak, trimming every 60 s ended the server 44 MB lower
+    with the same RSS slope, so it lowers the level, not the growth). The call runs without the
+    GIL (ctypes releases it); ``durations`` keeps the last 100 (seconds). Daemon thread.
     """
 
     def __init__(self, interval: float) -> None:

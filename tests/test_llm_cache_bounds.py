@@ -97,3 +97,13 @@ def test_judge_pool_gets_the_same_bounded_cache(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setenv("SYNTH_AGENT_LLM_CACHE_ENTRIES", "7")
     pool = open_llm(Settings(home=tmp_path))
     assert isinstance(pool.cache, MemoryCache) and pool.cache.max_entries == 7
+
+
+def test_malloc_trim_interval_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SYNTH_AGENT_MALLOC_TRIM_S", raising=False)
+    assert Settings().malloc_trim_s == 0.0
+    monkeypatch.setenv("SYNTH_AGENT_MALLOC_TRIM_S", "60")
+    assert Settings().malloc_trim_s == 60.0
+    monkeypatch.setenv("SYNTH_AGENT_MALLOC_TRIM_S", "-1")
+    with pytest.raises(ValueError, match="malloc_trim_s"):
+        Settings()
