@@ -9,9 +9,20 @@ At the end it stops the server and checks that every acknowledged vote of a user
 afterwards is stored. Prints per-kind counts, errors and latency, RSS at start/end, and the
 RSS slope after ``--warmup`` seconds (least squares, MB/min); writes a plot of RSS over time.
 
+What grows is set against the data written: every 5 s it also records each process's anonymous
+and file-backed RSS (``smaps_rollup``), the votes stored (acknowledged since their user's last
+delete) and written, and the bytes under the server's home; it prints votes stored/written per
+minute, disk MB/min and RSS and disk KB per stored vote. A write-heavy mix cannot be flat (new
+votes must live somewhere: Chroma keeps its HNSW indexes in memory, and what deletes give back
+is measured, not assumed); a mix that writes nothing new must be (``--then-mix`` without vote/ab).
+``--malloc-trim`` shows what malloc held free at the end; ``--tracemalloc`` where Python grew.
+RSS is not a timing figure: run it without the bench lock, and note the load it prints.
+
     .venv/bin/python bench/soak.py                               # 10 minutes, this checkout
     .venv/bin/python bench/soak.py --repo /work/baseline         # the same load on another checkout
     .venv/bin/python bench/soak.py --duration 120 --warmup 30    # a quick look
+    .venv/bin/python bench/soak.py --warmup 240 --then-mix chat=38,persona=15,rerank=5,judge=5 --then-at 180
+                                                                 # writes for 3 minutes, then reads only
 """
 
 from __future__ import annotations
@@ -23,6 +34,7 @@ import os
 import random
 import signal
 import statistics
+import subprocess
 import sys
 import time
 from collections import defaultdict
@@ -34,6 +46,70 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 from vote_write import KEY, measure, pct  # noqa: E402
+
+TRACEMALLOC_LAUNCHER = """\
+# Written by bench/soak.py --tracemalloc: runs `python -m synth_agent.cli ...` with tracemalloc on and,
+# from the end of the warm-up on, appends every 60 s the allocation sites that grew most (JSON lines).
+import json, os, runpy, sys, threading, time, tracemalloc
+
+OUT = os.environ["SOAK_TRACEMALLOC_OUT"]
+tracemalloc.start(int(os.environ.get("SOAK_TRACEMALLOC_FRAMES", "1")))
+
+def watch():
+    while not os.path.exists(os.environ["SOAK_TRACEMALLOC_GO"]):  # soak.py creates it when the warm-up ends
+        time.sleep(1)
+    base, t0 = tracemalloc.take_snapshot(), time.monotonic()
+    filters = [tracemalloc.Filter(False, tracemalloc.__file__)]
+    base = base.filter_traces(filters)
+    while True:
+        time.sleep(60)
+        snap = tracemalloc.take_snapshot().filter_traces(filters)
+        diff = snap.compare_to(base, "lineno")
+        with open(OUT, "a") as fh:
+            fh.write(json.dumps({
+                "t_after_warmup_s": round(time.monotonic() - t0),
+                "traced_mb": round(tracemalloc.get_traced_memory()[0] / 1e6, 2),
+                "growth_mb": round(sum(d.size_diff for d in diff) / 1e6, 3),
+                "top": [[str(d.traceback), round(d.size_diff / 1e3, 1), d.count_diff] for d in diff[:30]],
+            }) + "\\n")
+
+threading.Thread(target=watch, daemon=True, name="soak-tracemalloc").start()
+sys.argv = ["synth_agent.cli", *sys.argv[1:]]
+runpy.run_module("synth_agent.cli", run_name="__main__", alter_sys=True)
+"""
+
+
+def traced_python(python: str, out: Path) -> str:
+    """A wrapper for ``python`` that starts ``serve`` under :data:`TRACEMALLOC_LAUNCHER` (other commands as is)."""
+    launcher = out / "tracemalloc_launch.py"
+    launcher.write_text(TRACEMALLOC_LAUNCHER)
+    wrapper = out / "python-traced"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        f"export SOAK_TRACEMALLOC_OUT={out / 'tracemalloc.jsonl'} SOAK_TRACEMALLOC_GO={out / 'tracemalloc.go'}\n"
+        f'case "$1 $2 $*" in "-m synth_agent.cli "*" serve "*) shift 2; exec {python} {launcher} "$@";; esac\n'
+        f'exec {python} "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    return str(wrapper)
+
+
+def malloc_trim(root: int) -> dict[str, list[float]]:
+    """RSS (MB) of each process before and after glibc's ``malloc_trim(0)``, called in it through gdb.
+
+    What a trim gives back is memory malloc held free (fragmentation, idle arenas), not data.
+    """
+    out: dict[str, list[float]] = {}
+    before = rss_mb(root)
+    for key in before:
+        pid = key[key.index("[") + 1 : -1]
+        subprocess.run(["gdb", "-p", pid, "-batch", "-ex", "call (int) malloc_trim(0)"], capture_output=True,
+                       timeout=120, check=False)
+    after = rss_mb(root)
+    for key, mb in before.items():
+        out[key.split("[")[0]] = [round(mb, 1), round(after.get(key, float("nan")), 1)]
+    return out
+
 
 KINDS = {"chat": 0.38, "vote": 0.25, "ab": 0.10, "rerank": 0.05, "judge": 0.05, "persona": 0.15}
 
@@ -76,6 +152,51 @@ def rss_mb(root: int) -> dict[str, float]:
     return out
 
 
+def smaps_mb(root: int) -> dict[str, dict[str, float]]:
+    """Anonymous vs file-backed resident memory (MB) of ``root`` and each descendant, from ``smaps_rollup``.
+
+    Anonymous is the heap (malloc arenas, Python objects, HNSW indexes); file-backed is mapped code and
+    files (shared libraries, the ONNX model, SQLite if mmapped): the part that is data cannot hide there.
+    """
+    out: dict[str, dict[str, float]] = {}
+    for key in rss_mb(root):
+        pid = key[key.index("[") + 1 : -1]
+        try:
+            text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+        except OSError:
+            continue
+        kb = {line.split(":")[0]: int(line.split()[1]) for line in text.splitlines()[1:] if line.endswith("kB")}
+        anon, rss = kb.get("Anonymous", 0), kb.get("Rss", 0)
+        out[key] = {"anon": anon / 1024, "file": (rss - anon) / 1024}
+    return out
+
+
+def home_of(pid: int) -> Path | None:
+    """The ``--home`` the measured server was started with (to size its data on disk)."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    for i, arg in enumerate(argv[:-1]):
+        if arg == b"--home":
+            return Path(argv[i + 1].decode())
+    return None
+
+
+def disk_mb(path: Path | None) -> float:
+    """Bytes of every file under ``path`` (MB): what the stored data takes on disk."""
+    if path is None:
+        return float("nan")
+    total = 0
+    for dirpath, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.stat(os.path.join(dirpath, name)).st_size
+            except OSError:
+                continue
+    return total / 1e6
+
+
 def slope_mb_per_min(points: list[tuple[float, float]]) -> float:
     if len(points) < 2:
         return float("nan")
@@ -98,6 +219,7 @@ class Mix:
         self.errors: dict[str, list[str]] = defaultdict(list)
         self.n = 0
         self.t0 = time.perf_counter()
+        self.live: dict[str, int] = defaultdict(int)  # user -> votes acknowledged since their last delete
 
     def expected(self) -> dict[str, set[str]]:
         """Acknowledged votes that must be stored: sent after every delete of their user had answered."""
@@ -127,12 +249,14 @@ class Mix:
                 ok = await self._post(session, "/v1/votes", body)
                 if ok:
                     self.acked.append((user, vid, t))
+                    self.live[user] += 1
             elif kind == "ab":
                 res = await self._post(session, "/v1/ab", {"model": "sim", "user": user, "messages": self.convo()})
                 if res and isinstance(res, dict) and res.get("token") and self.rng.random() < 0.5:
                     receipt = await self._post(session, f"/v1/ab/{res['token']}/vote", {"user": user, "choice": "a"})
                     if receipt and isinstance(receipt, dict) and receipt.get("vote_id"):
                         self.acked.append((user, receipt["vote_id"], t))
+                        self.live[user] += 1
                 ok = bool(res)
             elif kind == "rerank":
                 body = {"model": "sim", "user": user, "messages": self.convo(),
@@ -152,6 +276,8 @@ class Mix:
                     await r.read()
                     ok = r.status == 200
                     self.deletes[user].append((t, time.perf_counter()))
+                    if ok:
+                        self.live[user] = 0
                     if not ok:
                         self.errors[kind].append(str(r.status))
         except Exception as exc:  # noqa: BLE001 - a soak counts failures, it does not stop on them
@@ -169,10 +295,27 @@ class Mix:
             return json.loads(data) or True
 
 
-async def drive(args: argparse.Namespace, url: str, pid: int) -> tuple[Mix, list[tuple[float, dict[str, float]]]]:
+class Trace:
+    """What is sampled every 5 s besides RSS: anonymous/file split, votes stored, bytes on disk."""
+
+    def __init__(self, pid: int) -> None:
+        self.home = home_of(pid)
+        self.smaps: list[tuple[float, dict[str, dict[str, float]]]] = []
+        self.data: list[tuple[float, int, float]] = []  # (t, votes stored, MB on disk)
+        self.written: list[tuple[float, float]] = []  # (t, votes acknowledged so far, deleted ones included)
+        self.trim: dict[str, list[float]] | None = None
+
+    def sample(self, now: float, pid: int, mix: Mix) -> None:
+        self.smaps.append((now, smaps_mb(pid)))
+        self.data.append((now, sum(mix.live.values()), disk_mb(self.home)))
+        self.written.append((now, float(len(mix.acked))))
+
+
+async def drive(args: argparse.Namespace, url: str, pid: int) -> tuple[Mix, list[tuple[float, dict[str, float]]], Trace]:
     import aiohttp
 
     mix = Mix(url, args.users, args.seed)
+    trace = Trace(pid)
     def table(mix_w: dict[str, float], delete_share: float) -> tuple[list[str], list[float]]:
         return list(mix_w) + ["delete"], [w * (1 - delete_share) for w in mix_w.values()] + [delete_share]
 
@@ -188,11 +331,14 @@ async def drive(args: argparse.Namespace, url: str, pid: int) -> tuple[Mix, list
         while (now := time.monotonic() - t0) < args.duration:
             if now >= next_sample:
                 samples.append((now, rss_mb(pid)))
+                trace.sample(now, pid, mix)
                 next_sample += 5.0
                 done = sum(len(v) for v in mix.lat.values())
                 errs = sum(len(v) for v in mix.errors.values())
                 total = sum(samples[-1][1].values())
                 print(f"  t={now:5.0f}s  requests ok {done:6d}  errors {errs:4d}  RSS {total:7.1f} MB", flush=True)
+            if args.tracemalloc and now >= args.warmup and not (go := args.out / "tracemalloc.go").exists():
+                go.touch()
             if args.then_mix and now >= args.then_at:
                 kinds, weights = table(args.then_mix, 0.0)
             task = asyncio.create_task(mix.one(session, mix.rng.choices(kinds, weights)[0]))
@@ -201,8 +347,11 @@ async def drive(args: argparse.Namespace, url: str, pid: int) -> tuple[Mix, list
             i += 1
             await asyncio.sleep(max(0.0, t0 + i / args.rate - time.monotonic()))
         await asyncio.gather(*tasks)
-        samples.append((time.monotonic() - t0, rss_mb(pid)))
-    return mix, samples
+        samples.append((end := time.monotonic() - t0, rss_mb(pid)))
+        trace.sample(end, pid, mix)
+        if args.malloc_trim:
+            trace.trim = await asyncio.to_thread(malloc_trim, pid)
+    return mix, samples, trace
 
 
 def halves(samples: list[tuple[float, dict[str, float]]], warmup: float) -> dict[str, list[float]]:
@@ -218,6 +367,41 @@ def halves(samples: list[tuple[float, dict[str, float]]], warmup: float) -> dict
         out[name] = [round(slope_mb_per_min([(t, sum(v for k, v in s.items() if k.split("[")[0] == name))
                                              for t, s in part]), 3) for part in parts]
     return out
+
+
+def data_report(samples: list[tuple[float, dict[str, float]]], trace: Trace, warmup: float) -> dict[str, object]:
+    """RSS growth set against the data written: is it the data, or something per request?
+
+    New votes must live somewhere (Chroma keeps each collection's HNSW index in memory), so a
+    write-heavy mix cannot be flat; what can be judged is the growth per vote stored, next to the
+    bytes each vote takes on disk. A mix that stores no new data (reads only, or deletes as fast as
+    writes) should show a slope near 0.
+    """
+    votes = [(t, float(n)) for t, n, _ in trace.data if t >= warmup]
+    disk = [(t, mb) for t, _, mb in trace.data if t >= warmup]
+    rss = [(t, sum(s.values())) for t, s in samples if t >= warmup]
+    votes_per_min, disk_slope, rss_slope = slope_mb_per_min(votes), slope_mb_per_min(disk), slope_mb_per_min(rss)
+    names = sorted({k.split("[")[0] for _, s in trace.smaps for k in s})
+
+    def part(name: str, kind: str) -> list[tuple[float, float]]:
+        return [(t, sum(v[kind] for k, v in s.items() if k.split("[")[0] == name)) for t, s in trace.smaps if t >= warmup]
+
+    per_vote = votes_per_min > 0.5  # a mix that stores (almost) nothing has no "per vote"
+    return {
+        "votes_stored_end": trace.data[-1][1] if trace.data else 0,
+        "votes_stored_per_min_after_warmup": round(votes_per_min, 1),
+        # Deleted votes count here: what Chroma's memory follows is what was written.
+        "votes_written_per_min_after_warmup": round(slope_mb_per_min([p for p in trace.written if p[0] >= warmup]), 1),
+        "disk_mb_end": round(trace.data[-1][2], 1) if trace.data else None,
+        "disk_mb_per_min_after_warmup": round(disk_slope, 3),
+        "disk_kb_per_stored_vote": round(disk_slope / votes_per_min * 1000, 2) if per_vote else None,
+        "rss_kb_per_stored_vote": round(rss_slope / votes_per_min * 1024, 2) if per_vote else None,
+        "anon_file_mb_end": {name: {kind: round(sum(v[kind] for k, v in trace.smaps[-1][1].items()
+                                                       if k.split("[")[0] == name), 1) for kind in ("anon", "file")}
+                             for name in names} if trace.smaps else {},
+        "anon_file_slope_after_warmup_mb_per_min": {
+            name: {kind: round(slope_mb_per_min(part(name, kind)), 3) for kind in ("anon", "file")} for name in names},
+    }
 
 
 def plot(samples: list[tuple[float, dict[str, float]]], path: Path, title: str) -> None:
@@ -260,11 +444,23 @@ def main() -> None:
     ap.add_argument("--sim-latency-ms", type=float, default=20.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("."), help="where to write soak.png and soak.json")
+    ap.add_argument("--malloc-trim", action="store_true",
+                    help="at the end, call malloc_trim(0) in the server and Chroma processes (gdb) and report "
+                         "RSS before/after: memory malloc held free, not data")
+    ap.add_argument("--tracemalloc", action="store_true",
+                    help="run the server under tracemalloc; from the warm-up on, the allocation sites that grew "
+                         "most go to <out>/tracemalloc.jsonl every 60 s (slows the server: diagnosis only)")
     args = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: stop the server and simulator we started
     repo = args.repo.resolve()
     python = args.python or str(repo / ".venv" / "bin" / "python")
-    (mix, samples), stored = measure(repo, python, "inline", lambda url, pid: asyncio.run(drive(args, url, pid)),
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.tracemalloc:
+        python = traced_python(python, args.out.resolve())
+        for stale in ("tracemalloc.go", "tracemalloc.jsonl"):
+            (args.out / stale).unlink(missing_ok=True)
+    load0 = os.getloadavg()
+    (mix, samples, trace), stored = measure(repo, python, "inline", lambda url, pid: asyncio.run(drive(args, url, pid)),
                                      seed=args.seed, sim_latency_ms=args.sim_latency_ms)
     totals = [(t, sum(s.values())) for t, s in samples]
     after = [p for p in totals if p[0] >= args.warmup]
@@ -274,6 +470,9 @@ def main() -> None:
     acked = sum(len(v) for v in expected.values())
     report = {
         "repo": str(repo), "duration_s": args.duration, "rate": args.rate,
+        "load_avg_before_after": [round(x, 2) for x in (*load0, *os.getloadavg())],
+        "malloc_arena_max": os.environ.get("MALLOC_ARENA_MAX", "unset"),
+        "malloc_trim_s": os.environ.get("SYNTH_AGENT_MALLOC_TRIM_S", "unset"),
         "requests_ok": {k: len(v) for k, v in mix.lat.items()},
         "errors": {k: len(v) for k, v in mix.errors.items()},
         "first_errors": {k: v[:3] for k, v in mix.errors.items()},
@@ -298,9 +497,15 @@ def main() -> None:
                                           for t, s in samples if t >= args.warmup]), 3)
             for name in sorted({k.split("[")[0] for _, s in samples for k in s})},
     }
+    report.update(data_report(samples, trace, args.warmup))
+    if trace.trim is not None:
+        report["malloc_trim_rss_before_after_mb"] = trace.trim
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "soak.json").write_text(json.dumps({**report, "rss_samples": totals, "rss_samples_by_process": [
-        (t, {k.split("[")[0]: round(v, 1) for k, v in s.items()}) for t, s in samples]}, indent=2))
+        (t, {k.split("[")[0]: round(v, 1) for k, v in s.items()}) for t, s in samples],
+        "smaps_samples": [(t, {k.split("[")[0]: {kk: round(vv, 2) for kk, vv in v.items()} for k, v in s.items()})
+                          for t, s in trace.smaps],
+        "data_samples": trace.data, "load_before": load0, "load_after": os.getloadavg()}, indent=2))
     plot(samples, args.out / "soak.png", f"soak: {args.rate:g} req/s, {repo.name}")
     for k, v in report.items():
         print(f"  {k:36} {v}")

@@ -15,6 +15,9 @@
 | ``SYNTH_AGENT_RATE_LIMIT`` | max requests per second per endpoint (0 = unlimited) | ``0`` |
 | ``SYNTH_AGENT_MAX_CONTENT_CHARS`` | largest accepted message/response | ``32000`` |
 | ``SYNTH_AGENT_LLM_DISK_CACHE`` | also cache temperature-0 LLM answers on disk (they contain users' votes) | ``0`` |
+| ``SYNTH_AGENT_LLM_CACHE_MB`` | memory for cached temperature-0 LLM answers, per process (``0``: no memory cache) | ``64`` |
+| ``SYNTH_AGENT_LLM_CACHE_ENTRIES`` | most answers in that memory cache (``0``: no memory cache) | ``10000`` |
+| ``SYNTH_AGENT_MALLOC_TRIM_S`` | ``serve``: give memory malloc holds free back to the OS every N seconds (glibc) | ``0`` (off) |
 """
 
 from __future__ import annotations
@@ -70,6 +73,9 @@ class Settings(BaseSettings):
     structured_output: Literal["json_object", "json_schema", "json_object_schema"] = "json_object"
     max_content_chars: int = Field(default=32_000, ge=1)
     llm_disk_cache: bool = False
+    llm_cache_mb: float = Field(default=64.0, ge=0)
+    llm_cache_entries: int = Field(default=10_000, ge=0)
+    malloc_trim_s: float = Field(default=0.0, ge=0)
 
     @property
     def uses_simulator(self) -> bool:

@@ -101,21 +101,24 @@ def open_memory(settings: Settings, tenant: str = "default", *, queue: str | Non
 def open_llm(settings: Settings, *, disk_cache: bool | None = None) -> ChatBackend:
     """An LLM backend for the configured endpoint(s).
 
-    Temperature-0 answers are cached in memory; on disk (``<home>/llm-cache.sqlite``) only
-    with ``SYNTH_AGENT_LLM_DISK_CACHE=1``: cached prompts contain users' votes, which
-    ``forget`` cannot pick out of a content-addressed cache.
+    Temperature-0 answers are cached in memory (an LRU bounded by ``SYNTH_AGENT_LLM_CACHE_MB``
+    and ``SYNTH_AGENT_LLM_CACHE_ENTRIES``; either ``0`` turns it off); on disk
+    (``<home>/llm-cache.sqlite``) only with ``SYNTH_AGENT_LLM_DISK_CACHE=1``: cached prompts
+    contain users' votes, which ``forget`` cannot pick out of a content-addressed cache.
 
     ``SYNTH_AGENT_JUDGE_ENDPOINTS`` (several self-hosted servers) gives an :class:`EndpointPool`;
     otherwise one :class:`LLMClient` for ``OPENAI_BASE_URL``.
     """
-    from synth_agent.llm.cache import SqliteCache
+    from synth_agent.llm.cache import MemoryCache, SqliteCache
     from synth_agent.llm.client import EndpointConfig, LLMClient
 
+    cache: Any = False
+    if settings.llm_cache_mb > 0 and settings.llm_cache_entries > 0:
+        cache = MemoryCache(max_entries=settings.llm_cache_entries, max_bytes=max(1, int(settings.llm_cache_mb * 2**20)))
     if os.environ.get("SYNTH_AGENT_JUDGE_ENDPOINTS"):
         from synth_agent.llm.pool import EndpointPool
 
-        return EndpointPool.from_env()
-    cache: Any = True
+        return EndpointPool.from_env(cache=cache)
     if settings.llm_disk_cache if disk_cache is None else disk_cache:
         settings.home.mkdir(parents=True, exist_ok=True)
         cache = SqliteCache(settings.home / "llm-cache.sqlite")

@@ -14,6 +14,7 @@ import asyncio
 import hashlib
 import json
 import sqlite3
+import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -65,29 +66,86 @@ class ResponseCache(Protocol):
     async def set(self, key: str, value: CachedValue) -> None: ...
 
 
-class MemoryCache:
-    """Bounded in-process LRU; the default, scoped to one client (no global state)."""
+DEFAULT_MAX_ENTRIES = 10_000
+DEFAULT_MAX_BYTES = 64 * 2**20
 
-    def __init__(self, max_entries: int = 10_000) -> None:
+
+def value_bytes(value: Any) -> int:
+    """Bytes a JSON-like value takes as Python objects (containers and their items, recursively).
+
+    ``sys.getsizeof`` of each object reached; shared objects are counted once. It is what the
+    cache's byte bound counts: the memory an entry keeps alive, not its length as JSON (a cached
+    answer of 1 kB of JSON is about 3 kB of dicts and strings).
+    """
+    seen: set[int] = set()
+    todo = [value]
+    total = 0
+    while todo:
+        obj = todo.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        total += sys.getsizeof(obj)
+        if isinstance(obj, dict):
+            todo.extend(obj.keys())
+            todo.extend(obj.values())
+        elif isinstance(obj, (list, tuple)):
+            todo.extend(obj)
+    return total
+
+
+class MemoryCache:
+    """Bounded in-process LRU; the default, scoped to one client (no global state).
+
+    Bounded twice, whichever bound is reached first evicts the least recently used answers:
+    ``max_entries`` answers and ``max_bytes`` bytes (keys and values as Python objects, see
+    :func:`value_bytes`), so a few long answers cannot grow it past its byte budget. A value
+    larger than the whole budget is not cached. ``synth-agent serve`` sets both from
+    ``SYNTH_AGENT_LLM_CACHE_ENTRIES`` and ``SYNTH_AGENT_LLM_CACHE_MB``.
+
+        >>> import asyncio
+        >>> cache = MemoryCache(max_entries=100, max_bytes=2_000)
+        >>> for i in range(10):
+        ...     asyncio.run(cache.set(f"k{i}", {"text": "x" * 300}))
+        >>> len(cache) < 10 and cache.nbytes <= 2_000
+        True
+        >>> asyncio.run(cache.get("k9")) is not None, asyncio.run(cache.get("k0"))
+        (True, None)
+    """
+
+    def __init__(self, max_entries: int = DEFAULT_MAX_ENTRIES, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
         if max_entries < 1:
             raise ValueError("MemoryCache max_entries must be >= 1")
+        if max_bytes < 1:
+            raise ValueError("MemoryCache max_bytes must be >= 1")
         self.max_entries = max_entries
-        self._data: OrderedDict[str, CachedValue] = OrderedDict()
+        self.max_bytes = max_bytes
+        self.nbytes = 0
+        """Bytes the cached keys and values take now (as counted for ``max_bytes``)."""
+        self._data: OrderedDict[str, tuple[CachedValue, int]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._data)
 
     async def get(self, key: str) -> CachedValue | None:
-        value = self._data.get(key)
-        if value is not None:
-            self._data.move_to_end(key)
-        return value
+        entry = self._data.get(key)
+        if entry is None:
+            return None
+        self._data.move_to_end(key)
+        return entry[0]
 
     async def set(self, key: str, value: CachedValue) -> None:
-        self._data[key] = value
-        self._data.move_to_end(key)
-        while len(self._data) > self.max_entries:
-            self._data.popitem(last=False)
+        size = sys.getsizeof(key) + value_bytes(value)
+        old = self._data.pop(key, None)
+        if old is not None:
+            self.nbytes -= old[1]
+        if size > self.max_bytes:
+            return  # it would evict everything else and still not fit
+        self._data[key] = (value, size)
+        self.nbytes += size
+        while len(self._data) > self.max_entries or self.nbytes > self.max_bytes:
+            _, (_, dropped) = self._data.popitem(last=False)
+            self.nbytes -= dropped
 
 
 class SqliteCache:

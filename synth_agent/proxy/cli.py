@@ -76,8 +76,9 @@ def register(app: typer.Typer) -> None:
         from synth_agent.proxy.app import create_app
         from synth_agent.proxy.settings import ProxySettings
         from synth_agent.services import simulator_if_needed
-        from synth_agent.serving import freeze_heap_after_startup
+        from synth_agent.serving import freeze_heap_after_startup, limit_malloc_arenas, start_malloc_trimmer
 
+        limit_malloc_arenas()  # before the worker threads start (docs/store.md, "Memory over time")
         flags: dict[str, Any] = {
             "host": host, "port": port, "upstream_base_url": upstream_base_url,
             "upstream_api_key": upstream_api_key, "model_map": model_map, "default_model": default_model,
@@ -97,6 +98,7 @@ def register(app: typer.Typer) -> None:
                 from synth_agent.scale.settings import check_scale_config
 
                 check_scale_config(proxy.queue, settings.chroma_host)
+            start_malloc_trimmer(settings.malloc_trim_s)
             with simulator_if_needed(settings, force=simulator) as live:
                 app = create_app(live, proxy)
                 auth = "OFF (--no-auth, tenant 'default')" if proxy.no_auth else "API keys"
