@@ -84,10 +84,20 @@ class IntakeFull(RuntimeError):
 @dataclass
 class _Append:
     ops: list[list[PutOp]]
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[list[list[bool] | BaseException]]  # on ``loop``, answered by the appender
     batches: list[list[_Write]] = field(default_factory=list)  # the valid batches, prepared by the appender
     outcome: list[list[_Write] | BaseException] = field(default_factory=list)
-    future: concurrent.futures.Future[list[list[bool] | BaseException]] = field(
-        default_factory=concurrent.futures.Future)
+
+
+def _settle(answers: list[tuple[_Append, Any, bool]]) -> None:
+    """On the caller's event loop: one call answers a whole group (a caller that gave up is skipped)."""
+    for req, value, failed in answers:
+        if not req.future.done():
+            if failed:
+                req.future.set_exception(value)
+            else:
+                req.future.set_result(value)
 
 
 @dataclass
@@ -127,6 +137,9 @@ class IntakeJournal:
         self.drained = 0
         self.last_error: str | None = None
         self._cv = threading.Condition()
+        # The appender waits on its own condition (same lock): a request wakes it alone, not the drain
+        # too (the drain is woken once rows are committed, by ``_journal``).
+        self._acv = threading.Condition(self._cv._lock)  # type: ignore[attr-defined]
         self._appends: list[_Append] = []
         self._flights: dict[int, _Flight] = {}
         self._retry_at: dict[int, float] = {}
@@ -157,17 +170,20 @@ class IntakeJournal:
             raise RuntimeError("this intake journal does not take writes here (another process drains it)")
         ops = [list(b) for b in batches]
         n = sum(len(b) for b in ops)
+        loop = asyncio.get_running_loop()
+        req = _Append(ops, loop, loop.create_future())
         with self._cv:
             if self._closing:
                 raise RuntimeError("this store is closed")
             if self.backlog + n > self.limit and self.backlog:  # an empty journal takes any one batch
                 behind = self.backlog
                 raise IntakeFull(behind, self.limit, self._retry_after(behind + n - self.limit))
-            req = _Append(ops)
             self.backlog += n  # reserved now, so concurrent appends cannot overshoot the limit
             self._appends.append(req)
-            self._cv.notify_all()
-        return await asyncio.wrap_future(req.future)
+            self._acv.notify()
+        # A cancelled caller does not cancel the journaling (the batch may be durable already): its
+        # answer is dropped, like a reply to a client that hung up.
+        return await req.future
 
     def _retry_after(self, excess: int) -> float:
         """Seconds until ``excess`` more writes have drained, at the rate seen so far (at least 1, at most 60)."""
@@ -179,38 +195,62 @@ class IntakeJournal:
 
     def _append_loop(self) -> None:
         while True:
-            with self._cv:
+            with self._acv:
                 while not self._appends and not self._closing:
-                    self._cv.wait()
+                    self._acv.wait()
                 if not self._appends:
                     return
                 # At most GROUP requests per transaction: each group's callers are answered at once, and a
                 # smaller wave leaves the event loop free for /healthz and reads in between.
                 reqs, self._appends = self._appends[: self.GROUP], self._appends[self.GROUP :]
-            refused = 0
-            for req in reqs:  # validation off the event loop: an invalid batch fails alone, journals nothing
-                req.outcome = self.store._prepare_each(req.ops)
-                req.batches = [b for b in req.outcome if not isinstance(b, BaseException)]
-                refused += sum(len(o) for o, b in zip(req.ops, req.outcome, strict=True) if isinstance(b, BaseException))
-            self._unreserve(refused)
+            answers: list[tuple[_Append, Any, bool]] = []
             try:
-                results = self._journal(reqs)
-            except BaseException as exc:  # noqa: BLE001 - a merged group failed: each request on its own
+                self._append_group(reqs, answers)
+            except Exception as exc:  # noqa: BLE001 - a bug, not bad input: fail these requests, keep serving
                 self.last_error = f"{type(exc).__name__}: {exc}"[:300]
-                for req in reqs:
-                    try:
-                        self._answer(req, self._journal([req])[0])
-                    except BaseException as own:  # noqa: BLE001
-                        self._unreserve(sum(len(b) for b in req.batches))
-                        req.future.set_exception(own)
-                continue
-            for req, flags in zip(reqs, results, strict=True):
-                self._answer(req, flags)
+                log.exception("intake append failed")
+                answered = {id(a[0]) for a in answers}
+                answers += [(r, exc, True) for r in reqs if id(r) not in answered]
+            finally:
+                self._reply(answers)
 
     @staticmethod
-    def _answer(req: _Append, flags: list[list[bool]]) -> None:
+    def _reply(answers: list[tuple[_Append, Any, bool]]) -> None:
+        """One wake-up of each caller's event loop per group (not one per request)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Append, Any, bool]]] = {}
+        for a in answers:
+            by_loop.setdefault(a[0].loop, []).append(a)
+        for loop, group in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_settle, group)
+            except RuntimeError:  # that loop is closed: nobody is waiting for these answers any more
+                pass
+
+    def _append_group(self, reqs: list[_Append], answers: list[tuple[_Append, Any, bool]]) -> None:
+        """Validate and journal one group of requests; each one's answer goes to ``answers``."""
+        refused = 0
+        for req in reqs:  # validation off the event loop: an invalid batch fails alone, journals nothing
+            req.outcome = self.store._prepare_each(req.ops)
+            req.batches = [b for b in req.outcome if not isinstance(b, BaseException)]
+            refused += sum(len(o) for o, b in zip(req.ops, req.outcome, strict=True) if isinstance(b, BaseException))
+        self._unreserve(refused)
+        try:
+            results = self._journal(reqs)
+        except BaseException as exc:  # noqa: BLE001 - a merged group failed: each request on its own
+            self.last_error = f"{type(exc).__name__}: {exc}"[:300]
+            for req in reqs:
+                try:
+                    answers.append(self._answer(req, self._journal([req])[0]))
+                except BaseException as own:  # noqa: BLE001
+                    self._unreserve(sum(len(b) for b in req.batches))
+                    answers.append((req, own, True))
+            return
+        answers.extend(self._answer(req, flags) for req, flags in zip(reqs, results, strict=True))
+
+    @staticmethod
+    def _answer(req: _Append, flags: list[list[bool]]) -> tuple[_Append, Any, bool]:
         it = iter(flags)
-        req.future.set_result([b if isinstance(b, BaseException) else next(it) for b in req.outcome])
+        return req, [b if isinstance(b, BaseException) else next(it) for b in req.outcome], False
 
     def _unreserve(self, n: int) -> None:
         with self._cv:
@@ -526,6 +566,7 @@ class IntakeJournal:
         with self._cv:
             self._closing = True
             self._cv.notify_all()
+            self._acv.notify_all()
         for t in self._threads:
             if t.is_alive() and threading.current_thread() is not t:
                 t.join()

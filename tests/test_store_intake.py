@@ -303,3 +303,42 @@ def test_journal_keys_are_destroyed_once_their_rows_are_stored(tmp_path: Path) -
     finally:
         store.close()
     assert [k for k in ledger_keys(path) if k.startswith("intake:")] == []
+
+
+def test_a_caller_that_gives_up_does_not_stop_the_journal(tmp_path: Path) -> None:
+    """A request cancelled while its batch is being journaled (a client timeout) loses only its answer:
+    the batch is still journaled once, and the appender keeps answering later requests."""
+    from langgraph.store.base import PutOp
+
+    store = open_store(tmp_path / "chroma")
+    try:
+        hold(store)
+        intake = store.intake
+        assert intake is not None
+        prepare = store._prepare_each
+        started = __import__("threading").Event()
+
+        def slow_prepare(batches: Any) -> Any:
+            started.set()
+            __import__("time").sleep(0.3)  # the caller gives up while its batch is being prepared
+            return prepare(batches)
+
+        store._prepare_each = slow_prepare  # type: ignore[method-assign]
+
+        async def main() -> list[list[bool] | BaseException]:
+            first = asyncio.ensure_future(intake.append([[PutOp(("n", "a"), "k1", {"text": "one"})]]))
+            assert await asyncio.to_thread(started.wait, 30)
+            first.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await first
+            return await asyncio.wait_for(intake.append([[PutOp(("n", "a"), "k2", {"text": "two"})]]), 30)
+
+        assert asyncio.run(main()) == [[True]]
+        assert [it.key for it in intake.pending(("n", "a"))] == ["k1", "k2"]
+        assert intake.backlog == 2
+        store._prepare_each = prepare  # type: ignore[method-assign]
+        release(store)
+        assert intake.wait_drained(60)
+        assert store.get(("n", "a"), "k1") is not None
+    finally:
+        store.close()
