@@ -342,3 +342,58 @@ def test_a_caller_that_gives_up_does_not_stop_the_journal(tmp_path: Path) -> Non
         assert store.get(("n", "a"), "k1") is not None
     finally:
         store.close()
+
+
+def test_the_drain_waits_out_a_burst_of_acknowledgements_but_not_longer_than_defer(tmp_path: Path) -> None:
+    """While appends stream in, the drain defers (the CPU goes to acknowledging); it stores the burst
+    once appends pause, as soon as a reader waits for a namespace (settle), and never later than
+    ``defer`` seconds after a write was journaled."""
+    import threading
+    import time
+
+    from langgraph.store.base import PutOp
+
+    store = open_store(tmp_path / "chroma")
+    intake = store.intake
+    assert intake is not None
+    stop = threading.Event()
+
+    def stream(prefix: str) -> threading.Thread:
+        async def appends() -> None:
+            i = 0
+            while not stop.is_set():
+                await intake.append([[PutOp(("n", prefix), f"{prefix}{i}", {"text": f"burst {i}"})]])
+                i += 1
+                await asyncio.sleep(0.02)
+
+        t = threading.Thread(target=asyncio.run, args=(appends(),), daemon=True)
+        t.start()
+        return t
+
+    def stored(ns: str, key: str) -> bool:
+        return store.get(("n", ns), key) is not None
+
+    try:
+        intake.defer = 60.0
+        t = stream("a")
+        time.sleep(1.5)
+        assert not stored("a", "a0") and intake.pending(("n", "a"))  # deferred while the burst goes on
+        assert intake.settle(("n", "a"), timeout=60)  # a reader waiting: stored now, appends still streaming
+        assert stored("a", "a0") and t.is_alive()
+        stop.set()
+        t.join()
+        deadline = time.monotonic() + 60
+        while intake.backlog and time.monotonic() < deadline:  # the burst is over: the rest is stored
+            time.sleep(0.05)
+        assert intake.backlog == 0
+
+        stop.clear()
+        intake.defer = 0.5
+        t = stream("b")
+        deadline = time.monotonic() + 60
+        while not stored("b", "b0") and time.monotonic() < deadline:  # bounded: stored during the burst
+            time.sleep(0.05)
+        assert stored("b", "b0") and t.is_alive()
+    finally:
+        stop.set()
+        store.close()
