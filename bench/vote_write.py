@@ -116,6 +116,16 @@ def cpu_seconds(root: int) -> dict[str, float]:
     return out
 
 
+def loop_cpu_seconds(pid: int) -> float:
+    """User+system CPU seconds of ``pid``'s main thread: the server's event loop (uvicorn runs it there)."""
+    try:
+        raw = Path(f"/proc/{pid}/task/{pid}/stat").read_bytes()
+    except OSError:
+        return 0.0
+    fields = raw[raw.rindex(b")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def vote(user: str, w: int, i: int) -> dict[str, object]:
     return {"id": f"w{w}-{i}", "user_id": user,
             "context": [{"role": "user", "content": f"Writer {w} asks question {i}: how do I plan a trip to city {i}?"}],
@@ -176,9 +186,11 @@ async def load(
 
         sample = asyncio.create_task(sampler())
         cpu0, self0 = cpu_seconds(server_pid), time.process_time()
+        loop0 = loop_cpu_seconds(server_pid)
         t0 = time.perf_counter() + (0.5 if rate else 0.0)
         await asyncio.gather(*(writer(w) for w in range(writers)))
         wall = time.perf_counter() - t0
+        loop_cpu = loop_cpu_seconds(server_pid) - loop0  # the event loop's CPU while votes were acknowledged
         # Drain: until every acknowledged vote is stored and searchable. A server with an intake journal
         # reports its backlog in /healthz (``pending_votes``); one without acknowledges only stored votes.
         drain_t = time.perf_counter()
@@ -199,7 +211,8 @@ async def load(
     server_cpu = sum(cpu1.get(k, 0.0) - cpu0.get(k, 0.0) for k in cpu1)
     split = {k.split("[")[0]: round(cpu1[k] - cpu0.get(k, 0.0), 2) for k in cpu1 if cpu1[k] - cpu0.get(k, 0.0) > 0.05}
     return {"server_cpu_split_s": split, "wall": wall, "drain": drain, "lat": lat, "errors": errors, "health": health,
-            "health_bad": health_bad, "server_cpu": server_cpu, "client_cpu": self1 - self0}
+            "health_bad": health_bad, "server_cpu": server_cpu, "client_cpu": self1 - self0,
+            "loop_cpu": loop_cpu}
 
 
 COUNT = textwrap.dedent(
@@ -286,6 +299,8 @@ def main() -> None:
         "healthz_p99_ms": round(pct(health, 0.99), 1), "healthz_max_ms": round(max(health), 1),  # type: ignore[arg-type,type-var]
         "healthz_not_200": res["health_bad"],
         "server_cpu_ms_per_vote": round(res["server_cpu"] / max(acked, 1) * 1000, 2),  # type: ignore[operator]
+        # the server's event-loop thread alone, during the writes (parsing, validation, journal hand-off, answers)
+        "loop_cpu_ms_per_vote": round(res["loop_cpu"] / max(acked, 1) * 1000, 2),  # type: ignore[operator]
         "client_cpu_ms_per_vote": round(res["client_cpu"] / max(acked, 1) * 1000, 2),  # type: ignore[operator]
         "load_avg_1m": round(os.getloadavg()[0], 2),
         "server_cpu_split_s": res["server_cpu_split_s"],

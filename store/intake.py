@@ -23,6 +23,11 @@ still guarantees:
 * **Readable.** :meth:`IntakeJournal.pending` returns the journaled items of a
   namespace, so :class:`~store.memory.PreferenceMemory` lists and counts them with the
   stored ones (read-your-writes); semantic search sees a vote only once drained.
+* **Stored promptly, after a burst.** While requests are being acknowledged the drain waits
+  (its embedding and commits would take the cores and the GIL from the acknowledgements), at most
+  ``defer`` seconds (2 s) for any write, never past half the backlog limit, and not at all while a
+  reader waits for its namespace (:meth:`IntakeJournal.settle`: ``relevant_votes``). Under
+  sustained load it runs as before, ``defer`` behind.
 * **Bounded.** ``limit`` writes may wait at most; beyond it ``append`` raises
   :class:`IntakeFull` (the proxy answers 503 with ``Retry-After``), so a sustained
   overload cannot grow the journal without bound.
@@ -38,11 +43,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -84,10 +90,20 @@ class IntakeFull(RuntimeError):
 @dataclass
 class _Append:
     ops: list[list[PutOp]]
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[list[list[bool] | BaseException]]  # on ``loop``, answered by the appender
     batches: list[list[_Write]] = field(default_factory=list)  # the valid batches, prepared by the appender
     outcome: list[list[_Write] | BaseException] = field(default_factory=list)
-    future: concurrent.futures.Future[list[list[bool] | BaseException]] = field(
-        default_factory=concurrent.futures.Future)
+
+
+def _settle(answers: list[tuple[_Append, Any, bool]]) -> None:
+    """On the caller's event loop: one call answers a whole group (a caller that gave up is skipped)."""
+    for req, value, failed in answers:
+        if not req.future.done():
+            if failed:
+                req.future.set_exception(value)
+            else:
+                req.future.set_result(value)
 
 
 @dataclass
@@ -106,7 +122,7 @@ class IntakeJournal:
     """
 
     def __init__(self, store: ChromaStore, path: str | Path, *, limit: int = 20_000, window: int = 512,
-                 drain: bool = True, accept: bool = True) -> None:
+                 drain: bool = True, accept: bool = True, defer: float = 2.0) -> None:
         if store.ledger is None or not store.sealed:
             raise ValueError("the intake journal needs a sealed store with a ledger (a local store directory)")
         if limit < 1 or window < 1:
@@ -115,6 +131,10 @@ class IntakeJournal:
         self.path = Path(path)
         self.limit = limit
         self.window = window
+        self.defer = defer
+        """At most this many seconds a journaled write waits for a burst of acknowledgements to end
+        before the drain stores it (0: never wait); see :meth:`_deferral`."""
+        self._urgent = 0  # readers waiting for the drain (settle, wait_drained): no deferral meanwhile
         self.accepts = accept and drain
         """Whether writes are acknowledged here (else this process only replays, reads and purges it)."""
         self._lock = threading.Lock()
@@ -127,6 +147,9 @@ class IntakeJournal:
         self.drained = 0
         self.last_error: str | None = None
         self._cv = threading.Condition()
+        # The appender waits on its own condition (same lock): a request wakes it alone, not the drain
+        # too (the drain is woken once rows are committed, by ``_journal``).
+        self._acv = threading.Condition(self._cv._lock)  # type: ignore[attr-defined]
         self._appends: list[_Append] = []
         self._flights: dict[int, _Flight] = {}
         self._retry_at: dict[int, float] = {}
@@ -135,6 +158,7 @@ class IntakeJournal:
         self._key_rows = 0
         self._key_born = 0.0
         self._t0 = time.monotonic()
+        self._last_append = 0.0
         self._closing = False
         self._threads: list[threading.Thread] = []
         if drain:
@@ -157,17 +181,21 @@ class IntakeJournal:
             raise RuntimeError("this intake journal does not take writes here (another process drains it)")
         ops = [list(b) for b in batches]
         n = sum(len(b) for b in ops)
+        loop = asyncio.get_running_loop()
+        req = _Append(ops, loop, loop.create_future())
         with self._cv:
             if self._closing:
                 raise RuntimeError("this store is closed")
             if self.backlog + n > self.limit and self.backlog:  # an empty journal takes any one batch
                 behind = self.backlog
                 raise IntakeFull(behind, self.limit, self._retry_after(behind + n - self.limit))
-            req = _Append(ops)
             self.backlog += n  # reserved now, so concurrent appends cannot overshoot the limit
+            self._last_append = time.monotonic()
             self._appends.append(req)
-            self._cv.notify_all()
-        return await asyncio.wrap_future(req.future)
+            self._acv.notify()
+        # A cancelled caller does not cancel the journaling (the batch may be durable already): its
+        # answer is dropped, like a reply to a client that hung up.
+        return await req.future
 
     def _retry_after(self, excess: int) -> float:
         """Seconds until ``excess`` more writes have drained, at the rate seen so far (at least 1, at most 60)."""
@@ -179,38 +207,62 @@ class IntakeJournal:
 
     def _append_loop(self) -> None:
         while True:
-            with self._cv:
+            with self._acv:
                 while not self._appends and not self._closing:
-                    self._cv.wait()
+                    self._acv.wait()
                 if not self._appends:
                     return
                 # At most GROUP requests per transaction: each group's callers are answered at once, and a
                 # smaller wave leaves the event loop free for /healthz and reads in between.
                 reqs, self._appends = self._appends[: self.GROUP], self._appends[self.GROUP :]
-            refused = 0
-            for req in reqs:  # validation off the event loop: an invalid batch fails alone, journals nothing
-                req.outcome = self.store._prepare_each(req.ops)
-                req.batches = [b for b in req.outcome if not isinstance(b, BaseException)]
-                refused += sum(len(o) for o, b in zip(req.ops, req.outcome, strict=True) if isinstance(b, BaseException))
-            self._unreserve(refused)
+            answers: list[tuple[_Append, Any, bool]] = []
             try:
-                results = self._journal(reqs)
-            except BaseException as exc:  # noqa: BLE001 - a merged group failed: each request on its own
+                self._append_group(reqs, answers)
+            except Exception as exc:  # noqa: BLE001 - a bug, not bad input: fail these requests, keep serving
                 self.last_error = f"{type(exc).__name__}: {exc}"[:300]
-                for req in reqs:
-                    try:
-                        self._answer(req, self._journal([req])[0])
-                    except BaseException as own:  # noqa: BLE001
-                        self._unreserve(sum(len(b) for b in req.batches))
-                        req.future.set_exception(own)
-                continue
-            for req, flags in zip(reqs, results, strict=True):
-                self._answer(req, flags)
+                log.exception("intake append failed")
+                answered = {id(a[0]) for a in answers}
+                answers += [(r, exc, True) for r in reqs if id(r) not in answered]
+            finally:
+                self._reply(answers)
 
     @staticmethod
-    def _answer(req: _Append, flags: list[list[bool]]) -> None:
+    def _reply(answers: list[tuple[_Append, Any, bool]]) -> None:
+        """One wake-up of each caller's event loop per group (not one per request)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Append, Any, bool]]] = {}
+        for a in answers:
+            by_loop.setdefault(a[0].loop, []).append(a)
+        for loop, group in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_settle, group)
+            except RuntimeError:  # that loop is closed: nobody is waiting for these answers any more
+                pass
+
+    def _append_group(self, reqs: list[_Append], answers: list[tuple[_Append, Any, bool]]) -> None:
+        """Validate and journal one group of requests; each one's answer goes to ``answers``."""
+        refused = 0
+        for req in reqs:  # validation off the event loop: an invalid batch fails alone, journals nothing
+            req.outcome = self.store._prepare_each(req.ops)
+            req.batches = [b for b in req.outcome if not isinstance(b, BaseException)]
+            refused += sum(len(o) for o, b in zip(req.ops, req.outcome, strict=True) if isinstance(b, BaseException))
+        self._unreserve(refused)
+        try:
+            results = self._journal(reqs)
+        except BaseException as exc:  # noqa: BLE001 - a merged group failed: each request on its own
+            self.last_error = f"{type(exc).__name__}: {exc}"[:300]
+            for req in reqs:
+                try:
+                    answers.append(self._answer(req, self._journal([req])[0]))
+                except BaseException as own:  # noqa: BLE001
+                    self._unreserve(sum(len(b) for b in req.batches))
+                    answers.append((req, own, True))
+            return
+        answers.extend(self._answer(req, flags) for req, flags in zip(reqs, results, strict=True))
+
+    @staticmethod
+    def _answer(req: _Append, flags: list[list[bool]]) -> tuple[_Append, Any, bool]:
         it = iter(flags)
-        req.future.set_result([b if isinstance(b, BaseException) else next(it) for b in req.outcome])
+        return req, [b if isinstance(b, BaseException) else next(it) for b in req.outcome], False
 
     def _unreserve(self, n: int) -> None:
         with self._cv:
@@ -303,6 +355,11 @@ class IntakeJournal:
                     return
             try:
                 self._settle_done()
+                wait = self._deferral()
+                if wait > 0:  # acknowledgements are streaming in: let them have the CPU a while longer
+                    with self._cv:
+                        self._cv.wait(timeout=wait)
+                    continue
                 if not self._fill():
                     with self._cv:
                         self._cv.wait(timeout=0.05 if self._flights else 0.5)
@@ -310,6 +367,34 @@ class IntakeJournal:
                 self.last_error = f"{type(exc).__name__}: {exc}"[:300]
                 log.exception("intake drain failed; retrying")
                 time.sleep(0.5)
+
+    QUIET = 0.2
+    """Seconds without a new append after which a burst of acknowledgements counts as over."""
+
+    def _deferral(self) -> float:
+        """Seconds the drain should wait before handing more journaled writes to the store (0: go now).
+
+        While requests are being acknowledged (an append within ``QUIET`` s), the drain's embedding
+        and commits compete with them for the same cores and the GIL: it waits, so a burst is
+        acknowledged at the event loop's pace, and stores it right after. Bounded: never once the
+        oldest write not yet handed over has waited ``defer`` seconds (so under sustained load the
+        drain runs as before, ``defer`` behind), nor past half the backlog limit, nor while a reader
+        waits for a namespace to be stored (:meth:`settle`, :meth:`wait_drained`, close).
+        """
+        if self.defer <= 0 or self._urgent or self._closing:
+            return 0.0
+        quiet_left = self._last_append + self.QUIET - time.monotonic()
+        if quiet_left <= 0 or self.backlog > self.limit // 2:
+            return 0.0
+        skip = list(self._flights)
+        with self._lock:
+            row = self._conn.execute(
+                f"SELECT created FROM rows WHERE batch NOT IN ({','.join('?' * len(skip))}) ORDER BY seq LIMIT 1",
+                skip).fetchone()
+        if row is None:
+            return 0.0  # nothing to hand over: the regular wait
+        age_left = float(row[0]) + self.defer - time.time()
+        return 0.0 if age_left <= 0 else max(0.005, min(quiet_left, age_left))
 
     def _room(self) -> bool:
         busy = sum(len(f.writes) for f in self._flights.values())
@@ -456,11 +541,24 @@ class IntakeJournal:
     def settle(self, namespace: Sequence[str], timeout: float = 60.0) -> bool:
         """Until no write of ``namespace`` is journaled (stored, or purged); False on timeout."""
         deadline = time.monotonic() + timeout
-        while self.count(namespace):
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.01)
+        with self._hurry():
+            while self.count(namespace):
+                if time.monotonic() > deadline:
+                    return False
+                time.sleep(0.01)
         return True
+
+    @contextlib.contextmanager
+    def _hurry(self) -> Iterator[None]:
+        """While a caller waits for the drain, it does not defer (see :meth:`_deferral`)."""
+        with self._cv:
+            self._urgent += 1
+            self._cv.notify_all()
+        try:
+            yield
+        finally:
+            with self._cv:
+                self._urgent -= 1
 
     def purge(self, namespaces: Sequence[Sequence[str]], items: Sequence[tuple[Sequence[str], str]] = ()) -> list[int]:
         """Erase the journaled rows of ``namespaces`` and of the ``(namespace, key)`` items (forget).
@@ -510,14 +608,15 @@ class IntakeJournal:
     def wait_drained(self, timeout: float | None = None) -> bool:
         """Until every journaled write is stored (tests, benchmarks, shutdown)."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            with self._lock:
-                left = self._conn.execute("SELECT COUNT(*) FROM rows").fetchone()[0]
-            if not left:
-                return True
-            if deadline is not None and time.monotonic() > deadline:
-                return False
-            time.sleep(0.02)
+        with self._hurry():
+            while True:
+                with self._lock:
+                    left = self._conn.execute("SELECT COUNT(*) FROM rows").fetchone()[0]
+                if not left:
+                    return True
+                if deadline is not None and time.monotonic() > deadline:
+                    return False
+                time.sleep(0.02)
 
     def close(self, *, drain: bool = True, timeout: float = 60.0) -> None:
         """Stop; with ``drain`` first store what is journaled (what is left is replayed at the next open)."""
@@ -526,6 +625,7 @@ class IntakeJournal:
         with self._cv:
             self._closing = True
             self._cv.notify_all()
+            self._acv.notify_all()
         for t in self._threads:
             if t.is_alive() and threading.current_thread() is not t:
                 t.join()

@@ -117,6 +117,25 @@ def start_malloc_trimmer(interval: float) -> MallocTrimmer | None:
     return trimmer
 
 
+SERVE_SWITCH_INTERVAL = 0.001
+"""GIL switch interval of a server process (seconds; Python's default is 0.005)."""
+
+
+def favour_the_event_loop(interval: float = SERVE_SWITCH_INTERVAL) -> None:
+    """Shorten the GIL switch interval so the event loop waits less for the GIL.
+
+    The event loop releases the GIL at every poll for I/O; to continue it must get it back
+    from whichever thread took it (the intake journal's appender and drain, the store's
+    writer and embedding threads run Python between their native calls), and a thread that
+    holds the GIL is asked to drop it only after the switch interval. At Python's default of
+    5 ms each turn of a busy loop could wait up to that long, which shows in the latency of
+    every request and of ``/healthz``; at 1 ms the wait is shorter, for a few more GIL hand-offs
+    in the background threads. Process-wide, so meant for the process owner (``synth-agent
+    serve``); measured with ``bench/vote_write.py`` (docs/store.md).
+    """
+    sys.setswitchinterval(interval)
+
+
 class _LoopServer(uvicorn.Server):
     """Remembers its event loop so other threads can schedule work on it."""
 

@@ -303,3 +303,98 @@ def test_journal_keys_are_destroyed_once_their_rows_are_stored(tmp_path: Path) -
     finally:
         store.close()
     assert [k for k in ledger_keys(path) if k.startswith("intake:")] == []
+
+
+def test_a_caller_that_gives_up_does_not_stop_the_journal(tmp_path: Path) -> None:
+    """A request cancelled while its batch is being journaled (a client timeout) loses only its answer:
+    the batch is still journaled once, and the appender keeps answering later requests."""
+    from langgraph.store.base import PutOp
+
+    store = open_store(tmp_path / "chroma")
+    try:
+        hold(store)
+        intake = store.intake
+        assert intake is not None
+        prepare = store._prepare_each
+        started = __import__("threading").Event()
+
+        def slow_prepare(batches: Any) -> Any:
+            started.set()
+            __import__("time").sleep(0.3)  # the caller gives up while its batch is being prepared
+            return prepare(batches)
+
+        store._prepare_each = slow_prepare  # type: ignore[method-assign]
+
+        async def main() -> list[list[bool] | BaseException]:
+            first = asyncio.ensure_future(intake.append([[PutOp(("n", "a"), "k1", {"text": "one"})]]))
+            assert await asyncio.to_thread(started.wait, 30)
+            first.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await first
+            return await asyncio.wait_for(intake.append([[PutOp(("n", "a"), "k2", {"text": "two"})]]), 30)
+
+        assert asyncio.run(main()) == [[True]]
+        assert [it.key for it in intake.pending(("n", "a"))] == ["k1", "k2"]
+        assert intake.backlog == 2
+        store._prepare_each = prepare  # type: ignore[method-assign]
+        release(store)
+        assert intake.wait_drained(60)
+        assert store.get(("n", "a"), "k1") is not None
+    finally:
+        store.close()
+
+
+def test_the_drain_waits_out_a_burst_of_acknowledgements_but_not_longer_than_defer(tmp_path: Path) -> None:
+    """While appends stream in, the drain defers (the CPU goes to acknowledging); it stores the burst
+    once appends pause, as soon as a reader waits for a namespace (settle), and never later than
+    ``defer`` seconds after a write was journaled."""
+    import threading
+    import time
+
+    from langgraph.store.base import PutOp
+
+    store = open_store(tmp_path / "chroma")
+    intake = store.intake
+    assert intake is not None
+    stop = threading.Event()
+
+    def stream(prefix: str) -> threading.Thread:
+        async def appends() -> None:
+            i = 0
+            while not stop.is_set():
+                await intake.append([[PutOp(("n", prefix), f"{prefix}{i}", {"text": f"burst {i}"})]])
+                i += 1
+                await asyncio.sleep(0.02)
+
+        t = threading.Thread(target=asyncio.run, args=(appends(),), daemon=True)
+        t.start()
+        return t
+
+    def stored(ns: str, key: str) -> bool:
+        return store.get(("n", ns), key) is not None
+
+    try:
+        intake.QUIET = 5.0  # a loaded test machine may pause the appender longer than the default 0.2 s
+        intake.defer = 60.0
+        t = stream("a")
+        time.sleep(1.5)
+        assert not stored("a", "a0") and intake.pending(("n", "a"))  # deferred while the burst goes on
+        assert intake.settle(("n", "a"), timeout=60)  # a reader waiting: stored now, appends still streaming
+        assert stored("a", "a0") and t.is_alive()
+        stop.set()
+        t.join()
+        deadline = time.monotonic() + 60
+        while intake.backlog and time.monotonic() < deadline:  # the burst is over: the rest is stored
+            time.sleep(0.05)
+        assert intake.backlog == 0
+
+        stop.clear()
+        intake.defer = 0.5
+        t = stream("b")
+        deadline = time.monotonic() + 60
+        while not stored("b", "b0") and time.monotonic() < deadline:  # bounded: stored during the burst
+            time.sleep(0.05)
+        assert stored("b", "b0") and t.is_alive()
+    finally:
+        stop.set()
+        store.close()

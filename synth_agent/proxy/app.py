@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -36,10 +38,11 @@ from synth_agent.config import Settings
 from synth_agent.engine.synthesize import FitConfig
 from synth_agent.llm.base import ChatBackend
 from synth_agent.proxy.auth import AuthThrottle, KeyRing, RateLimiter
-from synth_agent.proxy.errors import install_error_handlers
-from synth_agent.proxy.guard import BodyGuard, RequestGuard
+from synth_agent.proxy.errors import error_body, error_type, install_error_handlers
+from synth_agent.proxy.guard import BodyGuard, RequestGuard, request_id
 from synth_agent.proxy.metrics import MetricsMiddleware, ProxyMetrics
 from synth_agent.proxy.routes import judging, openai, ops, users, votes
+from synth_agent.proxy.routes.ops import health
 from synth_agent.proxy.schemas import Limits, api_models
 from synth_agent.proxy.settings import ProxySettings
 from synth_agent.proxy.state import Caller, ProxyState
@@ -47,7 +50,7 @@ from synth_agent.proxy.upstream import Upstream, UpstreamConfig
 from synth_agent.proxy.worker import StorePoller
 from synth_agent.scheduler import SynthesisPolicy, SynthesisScheduler
 
-__all__ = ["Caller", "ProxyState", "create_app"]
+__all__ = ["Caller", "ProxyApp", "ProxyState", "create_app"]
 
 log = logging.getLogger("synth_agent.proxy")
 
@@ -74,6 +77,42 @@ def _exact_openapi(app: FastAPI) -> Any:
         return app.openapi_schema
 
     return openapi
+
+
+class ProxyApp(FastAPI):
+    """The proxy's FastAPI app, with ``GET /healthz`` answered at the outermost layer.
+
+    A liveness probe must stay fast when the event loop is saturated by writes. Through the
+    full stack (FastAPI's telemetry, Starlette's error and body-limit layers, the request
+    guard, metrics, the body guard, routing and dependency solving) one probe costs about as
+    much event-loop time as a vote; here it is the store's in-memory health and one small JSON
+    answer. It still carries ``X-Request-ID`` and is counted in ``/metrics`` under ``/healthz``.
+    The route stays declared (OpenAPI; ``HEAD`` and other methods take the normal path).
+    """
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] == "/healthz" and scope["method"] == "GET":
+            await _answer_health(self.state.proxy, scope, send)
+            return
+        await super().__call__(scope, receive, send)
+
+
+async def _answer_health(st: ProxyState, scope: Any, send: Any) -> None:
+    start = time.perf_counter()
+    rid = request_id(scope)
+    try:
+        status, body = await health(st)
+    except Exception as exc:  # the same boundary RequestGuard is for the other routes
+        log.error("unhandled error on GET /healthz (request %s)", rid, exc_info=exc)
+        status, body = 500, error_body(f"internal error; quote request id {rid} when reporting it", type=error_type(500),
+                                       code="internal_error", request_id=rid)
+    payload = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+    await send({"type": "http.response.start", "status": status, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
+        (b"x-request-id", rid.encode())]})
+    await send({"type": "http.response.body", "body": payload})
+    st.metrics.requests.labels("/healthz", "GET", str(status)).inc()
+    st.metrics.latency.labels("/healthz", "GET").observe(time.perf_counter() - start)
 
 
 def create_app(
@@ -192,7 +231,7 @@ def create_app(
             finally:
                 state.memories = state.personalizer = None
 
-    app = FastAPI(
+    app = ProxyApp(
         title="synth-agent proxy",
         version="1",
         description="OpenAI-compatible chat proxy that personalizes answers per user, plus vote, "

@@ -76,7 +76,12 @@ def register(app: typer.Typer) -> None:
         from synth_agent.proxy.app import create_app
         from synth_agent.proxy.settings import ProxySettings
         from synth_agent.services import simulator_if_needed
-        from synth_agent.serving import freeze_heap_after_startup, limit_malloc_arenas, start_malloc_trimmer
+        from synth_agent.serving import (
+            favour_the_event_loop,
+            freeze_heap_after_startup,
+            limit_malloc_arenas,
+            start_malloc_trimmer,
+        )
 
         limit_malloc_arenas()  # before the worker threads start (docs/store.md, "Memory over time")
         flags: dict[str, Any] = {
@@ -107,6 +112,7 @@ def register(app: typer.Typer) -> None:
                            f"synthesis: {'queue (workers)' if proxy.queue else proxy.synthesis}; "
                            f"access log: {'on' if access_log else 'off (--access-log)'}; docs: http://{proxy.host}:{proxy.port}/docs",
                            err=True)
+                favour_the_event_loop()
                 uvicorn.run(freeze_heap_after_startup(app), host=proxy.host, port=proxy.port, log_level=log_level,
                             access_log=access_log)
         except (ValueError, FileNotFoundError) as exc:

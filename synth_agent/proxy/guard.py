@@ -26,8 +26,9 @@ a/persona"). :func:`decode_segment` turns the segment back into the id.
 from __future__ import annotations
 
 import logging
+import os
+import random
 import re
-import secrets
 from collections.abc import MutableMapping
 from typing import Any
 from urllib.parse import unquote_to_bytes
@@ -35,7 +36,7 @@ from urllib.parse import unquote_to_bytes
 from synth_agent.proxy.errors import ProxyError, error_response
 from synth_agent.safejson import loads_strict
 
-__all__ = ["BodyGuard", "RequestGuard", "decode_segment"]
+__all__ = ["BodyGuard", "RequestGuard", "decode_segment", "new_request_id", "request_id"]
 
 log = logging.getLogger("synth_agent.proxy")
 
@@ -49,11 +50,39 @@ def decode_segment(segment: str) -> str:
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
+class _RequestIds:
+    """``req_<16 hex>`` ids: unique, not secret (they correlate log lines), so no system call per request.
+
+    ``secrets.token_hex`` reads ``os.urandom``, which releases the GIL for its ``getrandom`` call: on a
+    busy server the event loop then waits for a drain thread to hand the GIL back (up to the switch
+    interval) on every request. A PRNG seeded from ``os.urandom`` (again in a forked child) is enough
+    for ids that only need to differ.
+    """
+
+    def __init__(self) -> None:
+        self._rng = random.Random(os.urandom(16))
+        os.register_at_fork(after_in_child=lambda: self._rng.seed(os.urandom(16)))
+
+    def next(self) -> str:
+        return f"req_{self._rng.getrandbits(64):016x}"
+
+
+new_request_id = _RequestIds().next
+"""A fresh request id (``req_`` and 16 hex digits)."""
+
+
 def _header(scope: dict[str, Any], name: bytes) -> bytes | None:
     for k, v in scope.get("headers") or ():
         if k.lower() == name:
             return bytes(v)
     return None
+
+
+def request_id(scope: Any) -> str:
+    """The request's id: the client's own ``X-Request-ID`` when it is a short token, else a new one."""
+    given = _header(scope, b"x-request-id")
+    text = given.decode("latin-1") if given else ""
+    return text if _CLIENT_ID.match(text) else new_request_id()
 
 
 class RequestGuard:
@@ -66,9 +95,7 @@ class RequestGuard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        given = _header(scope, b"x-request-id")
-        text = given.decode("latin-1") if given else ""
-        rid = text if _CLIENT_ID.match(text) else f"req_{secrets.token_hex(8)}"
+        rid = request_id(scope)
         scope.setdefault("state", {})["request_id"] = rid
         started = False
 

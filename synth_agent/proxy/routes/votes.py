@@ -4,6 +4,7 @@ import asyncio
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Path
+from fastapi.responses import JSONResponse
 
 from graphs.chat import VoteError
 from store.intake import IntakeFull
@@ -30,7 +31,7 @@ def router(models: ApiModels) -> APIRouter:
             description="One vote, a list of votes, or {\"votes\": [...]}. All or nothing: one invalid vote "
             "stores none. `user_id` may come from X-Synth-User (which then pins it: a vote naming another "
             "user is refused with 403).")],
-    ) -> dict[str, Any]:
+    ) -> JSONResponse:
         """Store votes (all or nothing: one invalid vote stores none); schedules background synthesis."""
         memories, _, _, _ = st.ready()
         items: list[Any] = payload if isinstance(payload, list) else getattr(payload, "votes", None) or [payload]
@@ -58,7 +59,10 @@ def router(models: ApiModels) -> APIRouter:
         users = sorted({v.user_id for v in votes})
         for u in users:
             st.notify_vote(caller.tenant, u)
-        return {"object": "vote.batch", "added": result.added, "duplicates": result.duplicates, "users": users}
+        # Built here, not by FastAPI's response-model pass (a validation and a serialization per vote
+        # write): the shape is VoteBatchResult's, which documents it.
+        return JSONResponse({"object": "vote.batch", "added": result.added, "duplicates": result.duplicates,
+                             "users": users})
 
     @r.post("/v1/ab", response_model=ABPair,
             responses=responses(400, 401, 403, 404, 413, 415, 429, 500, 502, 503, 504))
