@@ -440,3 +440,14 @@ async def test_context_demos_are_every_context_vote_labelled_and_cross_validatio
     assert [d.vote_id for d in synth.demo_candidates("u", outside, [])[0]] == [v.id for v in outside][-12:]
     with pytest.raises(ValueError):
         FitConfig(demo_votes="every")  # type: ignore[arg-type]
+
+
+def test_persona_writer_v3_names_the_note_the_engine_writes_for_a_bare_choice():
+    """persona_writer.v3 tells the writer how to read a vote shown without reasoning (persona_votes="choices"):
+    it must quote the engine's note, or a real LLM cannot tell those examples apart."""
+    from synth_agent import prompts
+
+    text = prompts.load("persona_writer.v3")
+    assert NO_NOTE.strip("()") in text
+    msgs = prompts.persona_messages([], version="persona_writer.v3")
+    assert msgs[0]["content"] == text
