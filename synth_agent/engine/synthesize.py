@@ -105,7 +105,11 @@ class FitConfig:
     persona is written from"). "all" writes the better persona alone (+0.8 points on seeds 0–4, ~7% more
     tokens) but makes the per-user guard serve persona + demos to more users, and on one of eight populations
     more than 1 in 10 then fall below the default judge; "verified" keeps every population at or under
-    1 in 10 (docs/results.md, "Persona from every context vote")."""
+    1 in 10 (docs/results.md, "Persona from every context vote"). "choices" — every context vote with no extra
+    call: verified ones with their trace, the others as the bare choice (:data:`NO_NOTE`), so a claim is weighed
+    against every choice, not only those the generic judge got right (fewer unsupported traits; pair it with
+    ``persona_prompt_version="persona_writer.v3"`` for a real LLM; docs/results.md, "Demos from every context
+    vote")."""
     demo_votes: Literal["search", "context"] = "search"
     """Where the persona judge's demos come from: "search" — step 3's random search over small sets of train
     traces and labelled train votes, raced on the validation votes (the paper's); "context" — every context vote
