@@ -9,6 +9,7 @@ from langgraph.store.memory import InMemoryStore
 
 from store.memory import PreferenceMemory
 from synth_agent.engine import FitConfig, Judge, Synthesizer, rank, split_votes
+from synth_agent.engine.synthesize import NO_NOTE
 from synth_agent.evaluate import evaluate
 from synth_agent.llm.client import EndpointConfig, LLMClient
 from synth_agent.sim.backend import SimBackend
@@ -386,7 +387,7 @@ class _Recording(SimBackend):
         return await super().complete(messages, **kw)
 
 
-@pytest.mark.parametrize("persona_votes", ["all", "verified"])
+@pytest.mark.parametrize("persona_votes", ["all", "verified", "choices"])
 async def test_persona_writer_sees_every_context_vote_with_a_rationale_where_the_judge_was_wrong(
     population, persona_votes
 ):
@@ -409,5 +410,44 @@ async def test_persona_writer_sees_every_context_vote_with_a_rationale_where_the
         assert rationales == len(votes) - len(verified)
         assert all(traces[v.id].reasoning in final for v in verified)
         assert "The user prefers" in final  # the insight prompt's rationale, where the trace was wrong
+    elif persona_votes == "choices":
+        # every context vote, the verified ones with their trace, the others as the bare choice: no extra call
+        assert shown == len(votes) and rationales == 0
+        assert all(traces[v.id].reasoning in final for v in verified)
+        assert final.count(NO_NOTE) == len(votes) - len(verified)
     else:
         assert shown == len(verified) and rationales == 0
+
+
+async def test_context_demos_are_every_context_vote_labelled_and_cross_validation_uses_the_same_recipe(population):
+    """demo_votes="context": the served demos are the user's context votes (train and validation), each labelled
+    with the user's choice; each cross-validation fold's persona + demos judge gets the other folds' votes."""
+    uid = population.user_ids[5]
+    votes = population.votes(uid, 14)
+    llm = _Recording()
+    cfg = FitConfig(seed=0, demo_votes="context", max_context_demos=12)
+    res = await Synthesizer(llm, None, cfg).fit(uid, votes, save=False)
+    assert res.profile is not None
+    demos = res.profile.demos
+    assert [d.vote_id for d in demos] == res.profile.vote_ids[-12:]  # the most recent, in time order
+    by_id = {v.id: v for v in votes}
+    assert all(d.reasoning is None and d.chosen == by_id[d.vote_id].chosen for d in demos)
+    # no search: the one set is judged once per validation vote (its in-sample accuracy), never raced
+    assert 0 < llm.sites.count("demo_select") <= len(res.profile.meta["val_ids"])
+    synth = Synthesizer(SimBackend(0), None, cfg)
+    folds = synth.cv_folds(uid, votes[:10])
+    outside = [v for fold in folds[1:] for v in fold]
+    assert [d.vote_id for d in synth.demo_candidates("u", outside, [])[0]] == [v.id for v in outside][-12:]
+    with pytest.raises(ValueError):
+        FitConfig(demo_votes="every")  # type: ignore[arg-type]
+
+
+def test_persona_writer_v3_names_the_note_the_engine_writes_for_a_bare_choice():
+    """persona_writer.v3 tells the writer how to read a vote shown without reasoning (persona_votes="choices"):
+    it must quote the engine's note, or a real LLM cannot tell those examples apart."""
+    from synth_agent import prompts
+
+    text = prompts.load("persona_writer.v3")
+    assert NO_NOTE.strip("()") in text
+    msgs = prompts.persona_messages([], version="persona_writer.v3")
+    assert msgs[0]["content"] == text

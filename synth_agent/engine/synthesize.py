@@ -96,7 +96,7 @@ class FitConfig:
     """Traces the persona is written from: every verified trace of every context vote (train and
     validation), or only the best trial's (the paper's choice). "all" grounds the persona in more
     evidence; with small trials (1–4 traces) "best" under-informs it — measured in the README's eval table."""
-    persona_votes: Literal["all", "verified"] = "verified"
+    persona_votes: Literal["all", "verified", "choices"] = "verified"
     """Votes the persona writer sees: "verified" — only those whose default-judge trace matched the vote
     (the paper's choice, over every context vote); "all" — also the others, each with a label-conditioned
     rationale (the insight prompt: what the choice reveals, one short call per vote). Verified votes are the
@@ -105,7 +105,17 @@ class FitConfig:
     persona is written from"). "all" writes the better persona alone (+0.8 points on seeds 0–4, ~7% more
     tokens) but makes the per-user guard serve persona + demos to more users, and on one of eight populations
     more than 1 in 10 then fall below the default judge; "verified" keeps every population at or under
-    1 in 10 (docs/results.md, "Persona from every context vote")."""
+    1 in 10 (docs/results.md, "Persona from every context vote"). "choices" — every context vote with no extra
+    call: verified ones with their trace, the others as the bare choice (:data:`NO_NOTE`), so a claim is weighed
+    against every choice, not only those the generic judge got right (fewer unsupported traits; pair it with
+    ``persona_prompt_version="persona_writer.v3"`` for a real LLM; docs/results.md, "Demos from every context
+    vote")."""
+    demo_votes: Literal["search", "context"] = "search"
+    """Where the persona judge's demos come from: "search" — step 3's random search over small sets of train
+    traces and labelled train votes, raced on the validation votes (the paper's); "context" — every context vote
+    (train and validation, the most recent ``max_context_demos``) as a labelled demo, no search."""
+    max_context_demos: int = 16
+    """With ``demo_votes="context"``: at most this many demos (the most recent votes)."""
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     """Cross-validated choice of the served configuration and the per-user guard (issue 16); see
     :mod:`synth_agent.engine.selection`. ``SelectionConfig(enabled=False)`` serves persona + demos always."""
@@ -123,13 +133,16 @@ class FitConfig:
             raise ValueError("min_votes must be at least 2 (one train and one validation vote)")
         if self.persona_traces not in ("all", "best"):
             raise ValueError("persona_traces must be 'all' or 'best'")
-        if self.persona_votes not in ("all", "verified"):
-            raise ValueError("persona_votes must be 'all' or 'verified'")
+        if self.persona_votes not in ("all", "verified", "choices"):
+            raise ValueError("persona_votes must be 'all', 'verified' or 'choices'")
+        if self.demo_votes not in ("search", "context"):
+            raise ValueError("demo_votes must be 'search' or 'context'")
         if self.score_mode not in ("cot", "logprob"):
             raise ValueError("score_mode must be 'cot' or 'logprob'")
         if not self.full_refit_growth >= 0:
             raise ValueError("full_refit_growth must be >= 0")
-        for name in ("n_trials", "n_demo_candidates", "candidate_wave", "max_persona_examples", "persona_max_tokens"):
+        for name in ("n_trials", "n_demo_candidates", "candidate_wave", "max_persona_examples", "persona_max_tokens",
+                     "max_context_demos"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
 
@@ -346,6 +359,8 @@ def selection_meta(selection: Selection | None, bootstrap_demos: Sequence[Demo])
 RATIONALE_MAX_TOKENS = 120
 """Answer cap of one rationale call (one or two sentences)."""
 NO_RATIONALE = "(no rationale: only the user's choice is known)"
+NO_NOTE = "(only the user's choice is known)"
+"""The note of a vote shown to the persona writer without reasoning (``persona_votes="choices"``)."""
 Rationales = dict[str, tuple[Demo, str]]
 """Vote id -> (the vote as shown to the persona writer, the rationale of its choice)."""
 
@@ -627,15 +642,19 @@ class Synthesizer:
         by_vote = {v.id: v for v in train}
         by_trace = {t.vote_id: t for t in traces}
         examples: list[prompts.TraceExample] = []
-        if cfg.persona_votes == "all":
+        if cfg.persona_votes in ("all", "choices"):
             chosen = {vid for vid in trace_ids if vid in by_trace}
             votes = list(train)[: cfg.max_persona_examples]  # time order; rationales only for examples kept
-            notes = await self.rationales([v for v in votes if v.id not in chosen], llm=llm, known=rationales)
+            notes: Rationales = {}
+            if cfg.persona_votes == "all":
+                notes = await self.rationales([v for v in votes if v.id not in chosen], llm=llm, known=rationales)
             for u in votes:
                 if u.id in chosen:
                     d, text = self._trace_demo(u, by_trace[u.id]), by_trace[u.id].reasoning
-                else:
+                elif u.id in notes:
                     d, text = notes[u.id]
+                else:  # "choices": the choice alone, in its label order (no call)
+                    d, text = demo_from_vote(u, self._order(u, "label"), None), NO_NOTE
                 examples.append(prompts.TraceExample(d.context, d.first, d.second, text, d.label))
         for vid in trace_ids if cfg.persona_votes == "verified" else ():
             t, v = by_trace.get(vid), by_vote.get(vid)
@@ -706,6 +725,8 @@ class Synthesizer:
         """Step 3's candidates: ``seed_demos`` (step 1's winner) first when it has demos, then random
         sets of traces and label-only demos (at least one demo each), ``n_demo_candidates`` in all."""
         cfg = self.config
+        if cfg.demo_votes == "context":  # one candidate: the votes themselves, labelled, in time order
+            return [[demo_from_vote(v, self._order(v, "label"), None) for v in list(train)[-cfg.max_context_demos :]]]
         trace_demos = self._usable(train, traces)
         candidates: list[list[Demo]] = [list(seed_demos)] if seed_demos else []
         for k in range(cfg.n_demo_candidates * 3):
@@ -746,7 +767,8 @@ class Synthesizer:
         Candidates: see :meth:`demo_candidates`; ``seed_demos`` (step 1's winner) wins ties.
         """
         llm = llm or self.llm
-        candidates = self.demo_candidates(user_id, train, traces, seed_demos or ())
+        pool = [*train, *val] if self.config.demo_votes == "context" else train
+        candidates = self.demo_candidates(user_id, pool, traces, seed_demos or ())
         if progress:
             progress("demos", 0, len(candidates))
         result = await self._race(self._persona_judge(persona, llm, ledger), val, candidates)
