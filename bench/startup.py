@@ -174,6 +174,8 @@ def main() -> None:
         if args.baseline:
             head += f"{'old wall':>10}{'old CPU':>9}{'new/old wall':>14}"
         print(head + "  exit")
+        if shutil.which("uptime"):  # the load while measuring (set-up done), and again at the end
+            print("load:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(), flush=True)
         servers: dict[str, subprocess.Popen[bytes]] = {}
         try:
             for group, label, argv in commands():
