@@ -47,8 +47,11 @@ def _serve(app: Any, proxy: Any, home: Path, *, log_level: str, access_log: bool
     except OSError as exc:
         typer.echo(f"error: cannot listen on {proxy.host}:{proxy.port}: {exc.strerror or exc}", err=True)
         raise typer.Exit(1) from None
+    port = int(sock.getsockname()[1])
+    if proxy.port == 0:
+        typer.echo(f"synth-agent proxy: port {port} (--port 0)", err=True)
     state = app.state.proxy
-    published = publish(home, proxy.host, int(sock.getsockname()[1]),
+    published = publish(home, proxy.host, port,
                         erases_checkpoints=proxy.synthesis == "inline" and not proxy.queue)
     state.local_token = published.token if published else None
     server = uvicorn.Server(uvicorn.Config(freeze_heap_after_startup(app), host=proxy.host, port=proxy.port,
