@@ -9,12 +9,15 @@ per pair.
 
 Groups: *key-only* commands never open the store or an endpoint (help, argument errors);
 *store* commands read or change the local store (``votes``, ``persona``, ``export-prompt``,
-``forget``); *floor* rows are not commands but what any in-process store command must pay
+``forget``) with no server running, so they open it in their own process; *served* runs the same
+commands while a ``synth-agent serve`` (started here for each tree, stopped at the end) owns the
+home: this tree's CLI then asks it over its API (synth_agent.local_service), an older tree's
+connects to its Chroma child; *floor* rows are not commands but what any in-process store command must pay
 whatever this project does: the tree's Python importing ``chromadb`` (and LangGraph's
 ``BaseStore``, which ``ChromaStore`` implements), measured the same way. CPU is the child's user +
 system time (``os.wait4``), which a loaded machine inflates less than wall time.
 
-    .venv/bin/python bench/startup.py [--runs 7] [--baseline /work/baseline] [--only store] [--no-bytecode-cache]
+    .venv/bin/python bench/startup.py [--runs 7] [--baseline /work/baseline] [--only store] [--only served] [--no-bytecode-cache]
 """
 
 from __future__ import annotations
@@ -50,7 +53,54 @@ def commands() -> list[tuple[str, str, list[str]]]:
         ("store", "persona --user U", ["persona", "--user", USER]),
         ("store", "export-prompt --user U", ["export-prompt", "--user", USER]),
         ("store", "forget --user X --yes", ["forget", "--user", "nobody@example.com", "--yes"]),
+        ("served", "votes --user U", ["votes", "--user", USER]),
+        ("served", "persona --user U", ["persona", "--user", USER]),
+        ("served", "export-prompt --user U", ["export-prompt", "--user", USER]),
+        ("served", "forget --user X --yes", ["forget", "--user", "nobody@example.com", "--yes"]),
     ]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_serve(exe: Path, env: dict[str, str], work: Path, name: str) -> subprocess.Popen[bytes]:
+    """``synth-agent serve`` over the tree's home (API key, no background synthesis), once it is healthy."""
+    import urllib.request
+
+    port = free_port()
+    log = open(work / f"serve-{name}.log", "ab")  # noqa: SIM115 - handed to the child
+    proc = subprocess.Popen([str(exe), "serve", "--port", str(port), "--synthesis", "off", "--log-level", "warning"],
+                            env={**env, "SYNTH_AGENT_API_KEYS": "bench:sk-bench"}, cwd=work, stdin=subprocess.DEVNULL,
+                            stdout=log, stderr=subprocess.STDOUT)
+    log.close()
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"{name}: serve exited with {proc.returncode}: see {work / f'serve-{name}.log'}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as r:
+                if r.status == 200:
+                    time.sleep(1.0)  # let the start-up work (model warm-up, first poll) settle
+                    return proc
+        except OSError:
+            pass
+        time.sleep(0.3)
+    proc.kill()
+    raise SystemExit(f"{name}: serve did not become healthy")
+
+
+def stop_serve(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=30)
 
 
 def run_once(exe: Path, argv: list[str], env: dict[str, str], cwd: Path) -> tuple[float, float, int]:
@@ -96,7 +146,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=7, help="measured runs per command (after one warm-up run)")
     ap.add_argument("--baseline", type=Path, default=None, help="another checkout with its own .venv")
-    ap.add_argument("--only", action="append", choices=["floor", "key-only", "store"],
+    ap.add_argument("--only", action="append", choices=["floor", "key-only", "store", "served"],
                     help="measure only this group (repeatable; default: all)")
     ap.add_argument("--no-bytecode-cache", dest="bytecode", action="store_false",
                     help="keep PYTHONDONTWRITEBYTECODE as set (every run then compiles what has no cached bytecode)")
@@ -124,30 +174,48 @@ def main() -> None:
         if args.baseline:
             head += f"{'old wall':>10}{'old CPU':>9}{'new/old wall':>14}"
         print(head + "  exit")
-        for group, label, argv in commands():
-            if args.only and group not in args.only:
-                continue
-            res: dict[str, list[tuple[float, float, int]]] = {name: [] for name, _ in trees}
-            for i in range(args.runs + 1):
-                order = trees if i % 2 == 0 else trees[::-1]
-                for name, _ in order:
-                    exe, env = setups[name]
-                    r = run_once(exe, argv, env, work)
-                    if i > 0:
-                        res[name].append(r)
-            new = res["new"]
-            line = (f"{group:<9} {label:<34}{statistics.median(w for w, _, _ in new):>8.2f}s"
-                    f"{statistics.median(c for _, c, _ in new):>8.2f}s")
-            codes = {c for _, _, c in new}
-            if args.baseline:
-                old = res["old"]
-                ratio = statistics.median(a[0] / b[0] for a, b in zip(new, old, strict=True))
-                line += (f"{statistics.median(w for w, _, _ in old):>9.2f}s{statistics.median(c for _, c, _ in old):>8.2f}s"
-                         f"{ratio:>14.2f}")
-                codes |= {c for _, _, c in old}
-            print(line + f"  {','.join(map(str, sorted(codes)))}", flush=True)
+        if shutil.which("uptime"):  # the load while measuring (set-up done), and again at the end
+            print("load:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(), flush=True)
+        servers: dict[str, subprocess.Popen[bytes]] = {}
+        try:
+            for group, label, argv in commands():
+                if args.only and group not in args.only:
+                    continue
+                if group == "served" and not servers:
+                    print("served: the same store commands while `synth-agent serve` owns each tree's home", flush=True)
+                    for name, _ in trees:
+                        exe, env = setups[name]
+                        servers[name] = start_serve(exe, env, work, name)
+                measure(group, label, argv, args, trees, setups, work)
+        finally:
+            for proc in servers.values():
+                stop_serve(proc)
         if shutil.which("uptime"):
             print("load:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
+
+
+def measure(group: str, label: str, argv: list[str], args: argparse.Namespace, trees: list[tuple[str, Path]],
+            setups: dict[str, tuple[Path, dict[str, str]]], work: Path) -> None:
+    """One row: the command's median wall and CPU per tree, alternating the trees run by run."""
+    res: dict[str, list[tuple[float, float, int]]] = {name: [] for name, _ in trees}
+    for i in range(args.runs + 1):
+        order = trees if i % 2 == 0 else trees[::-1]
+        for name, _ in order:
+            exe, env = setups[name]
+            r = run_once(exe, argv, env, work)
+            if i > 0:
+                res[name].append(r)
+    new = res["new"]
+    line = (f"{group:<9} {label:<34}{statistics.median(w for w, _, _ in new):>8.2f}s"
+            f"{statistics.median(c for _, c, _ in new):>8.2f}s")
+    codes = {c for _, _, c in new}
+    if args.baseline:
+        old = res["old"]
+        ratio = statistics.median(a[0] / b[0] for a, b in zip(new, old, strict=True))
+        line += (f"{statistics.median(w for w, _, _ in old):>9.2f}s{statistics.median(c for _, c, _ in old):>8.2f}s"
+                 f"{ratio:>14.2f}")
+        codes |= {c for _, _, c in old}
+    print(line + f"  {','.join(map(str, sorted(codes)))}", flush=True)
 
 
 if __name__ == "__main__":

@@ -76,6 +76,13 @@ class CLIState:
     _settings: Settings | None = None
 
     @property
+    def home(self) -> Path:
+        """The store home, without building :attr:`settings` (pydantic-settings is ~0.1-0.3 s of imports)."""
+        from synth_agent.local_service import configured_home
+
+        return self._settings.home if self._settings is not None else configured_home(self.overrides.get("home"))
+
+    @property
     def settings(self) -> Settings:
         if self._settings is None:
             from synth_agent.config import Settings
@@ -221,6 +228,37 @@ def _state(ctx: typer.Context) -> CLIState:
     return ctx.obj
 
 
+def _via_serve(st: CLIState, method: str, path: str, *, missing: str | None = None) -> Any:
+    """Ask the ``synth-agent serve`` that owns this home (docs/cli.md, "Start-up time"); the reply, or
+    None when none runs (or it cannot be reached): then the command opens the store itself.
+
+    ``missing``: the error shown for a 404 (e.g. no persona yet); other errors fail the command.
+    """
+    from synth_agent.local_service import ServiceUnavailable, find
+
+    svc = find(st.home)
+    if svc is None:
+        return None
+    try:
+        reply = svc.request(method, path, tenant=st.tenant)
+    except ServiceUnavailable:
+        return None
+    except OSError as exc:  # connected, then no answer in time
+        _fail(f"the running synth-agent serve (pid {svc.pid}, {svc.url}) did not answer: {_one_line(exc)}")
+    if reply.status == 404 and missing is not None:
+        _fail(missing)
+    if reply.status != 200:
+        message, _code = reply.error
+        _fail(f"the running synth-agent serve (pid {svc.pid}) answered {reply.status}: {message}")
+    return reply
+
+
+def _user_path(user: str, rest: str = "") -> str:
+    from urllib.parse import quote
+
+    return f"/v1/users/{quote(user, safe='')}{rest}"
+
+
 # ---------------------------------------------------------------- votes
 
 
@@ -280,10 +318,16 @@ def votes(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSONL.")] = False,
 ) -> None:
     """List a user's votes in time order."""
-    from synth_agent.services import open_memory
-
     st = _state(ctx)
-    vs = _run(open_memory(st.settings, st.tenant).list_votes(user))
+    reply = _via_serve(st, "GET", _user_path(user, "/votes"))
+    if reply is not None:
+        from synth_agent.models import Vote
+
+        vs = [Vote.model_validate(v) for v in reply.json()["data"]]
+    else:
+        from synth_agent.services import open_memory
+
+        vs = _run(open_memory(st.settings, st.tenant).list_votes(user))
     if as_json:
         for v in vs:
             print(v.model_dump_json())
@@ -317,6 +361,20 @@ def forget(
                   "pass --yes to confirm")
         if not typer.confirm(f"Forget everything about {user!r}?", default=False):
             _fail(f"{user!r} was not forgotten: confirmation declined")
+    reply = _via_serve(st, "DELETE", _user_path(user))
+    if reply is not None:  # the server erased it, as DELETE /v1/users/{user} does for an API client
+        counts = reply.json()["deleted"]
+        if not reply.erases_checkpoints and (st.home / "checkpoints.sqlite").exists():
+            # a server without inline synthesis leaves them to us, as when no server runs
+            from graphs.synthesis import erase_synthesis_checkpoints, open_checkpointer
+
+            async def erase() -> None:
+                async with open_checkpointer(st.home) as cp:  # every thread of the user, by prefix
+                    await erase_synthesis_checkpoints(cp, st.tenant, user)
+
+            _run(erase())
+        out.print(f"forgot {escape(repr(user))}: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
+        return
     from synth_agent.scale.settings import ScaleSettings  # cheap: pydantic-settings only, no engine
 
     dsn = ScaleSettings().queue
@@ -477,16 +535,29 @@ def persona(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Show a user's current persona (or its history)."""
-    from synth_agent.lift import history_rows, load_user_lift, with_live
-    from synth_agent.services import open_memory
+    from synth_agent.lift import history_rows
 
     st = _state(ctx)
-    memory = open_memory(st.settings, st.tenant)
-    profiles = _run(memory.persona_history(user)) if history else [p for p in [_run(memory.current_persona(user))] if p]
+    none_yet = f"no persona for {user!r} yet: ingest votes, then run `synth-agent fit --user {user}`"
+    reply = _via_serve(st, "GET", _user_path(user, "/persona/history" if history else "/persona"), missing=none_yet)
+    lift: Any = None  # None: the server's profiles carry their live figures (meta.live)
+    if reply is not None:
+        from synth_agent.models import PersonaProfile
+
+        body = reply.json()
+        profiles = [PersonaProfile.model_validate(p) for p in (body["data"] if history else [body])]
+    else:
+        from synth_agent.lift import load_user_lift, with_live
+        from synth_agent.services import open_memory
+
+        memory = open_memory(st.settings, st.tenant)
+        profiles = (_run(memory.persona_history(user)) if history
+                    else [p for p in [_run(memory.current_persona(user))] if p])
+        if profiles:
+            lift = _run(load_user_lift(memory, user))
+            profiles = [with_live(p, lift) for p in profiles]
     if not profiles:
-        _fail(f"no persona for {user!r} yet: ingest votes, then run `synth-agent fit --user {user}`")
-    lift = _run(load_user_lift(memory, user))
-    profiles = [with_live(p, lift) for p in profiles]
+        _fail(none_yet)
     if as_json:
         print(json.dumps([json.loads(p.model_dump_json()) for p in profiles], indent=2, ensure_ascii=False)
               if history else profiles[0].model_dump_json(indent=2))
@@ -617,12 +688,17 @@ def export_prompt(
     """
     if fmt not in ("system", "messages", "json"):
         _bad("--format", "must be one of: system, messages, json")
+    st = _state(ctx)
+    none_yet = f"no persona for {user!r} yet: run `synth-agent fit --user {user}` first"
+    reply = _via_serve(st, "GET", _user_path(user, f"/prompt?format={fmt}"), missing=none_yet)
+    if reply is not None:  # the same export_profile text, made by the server
+        print(reply.body.decode("utf-8"))
+        return
     from synth_agent.export import export_profile
 
-    st = _state(ctx)
     profile = _current_profile(st, user)
     if profile is None:
-        _fail(f"no persona for {user!r} yet: run `synth-agent fit --user {user}` first")
+        _fail(none_yet)
     print(export_profile(profile, fmt))  # type: ignore[arg-type]
 
 

@@ -194,9 +194,12 @@ def with_live(profile: PersonaProfile, lift: UserLift) -> PersonaProfile:
     return profile.model_copy(update={"meta": {**profile.meta, "served": served(profile), "live": live}})
 
 
-def history_rows(history: Sequence[PersonaProfile], lift: UserLift) -> list[dict[str, Any]]:
-    """Per persona version: served configuration, cross-validated accuracy, live win rate, demotion."""
-    by_version = lift.by_version()
+def history_rows(history: Sequence[PersonaProfile], lift: UserLift | None = None) -> list[dict[str, Any]]:
+    """Per persona version: served configuration, cross-validated accuracy, live win rate, demotion.
+
+    Without ``lift``, each version's live win rate is the one :func:`with_live` put in its ``meta.live``
+    (profiles as the server's persona routes return them)."""
+    by_version = lift.by_version() if lift is not None else {}
     rows = []
     for p in history:
         sel = p.meta.get("selection") or {}
@@ -210,7 +213,8 @@ def history_rows(history: Sequence[PersonaProfile], lift: UserLift) -> list[dict
             "selected": served,
             "cv_accuracy": cv.get(served),
             "cv_default": cv.get("default"),
-            "live": by_version.get(p.version, WinRate(0, 0)).as_dict(),
+            "live": by_version.get(p.version, WinRate(0, 0)).as_dict() if lift is not None
+            else dict(p.meta["live"]["version"]),
             "demoted": p.meta.get("demoted"),
         })  # fmt: skip
     return rows

@@ -86,6 +86,7 @@ ROUTES: list[tuple[str, str, str, Any]] = [
     ("ab-vote", "POST", "/v1/ab/{token}/vote", {"user": BOB, "choice": "a"}),
     ("rerank", "POST", "/v1/rerank", {"user": BOB, "messages": MSGS, "candidates": ["- a\n- b", "plain text"]}),
     ("judge", "POST", "/v1/judge", {"user": BOB, "messages": MSGS, "a": "- a\n- b", "b": "plain text"}),
+    ("votes-list", "GET", f"/v1/users/{BOB_SEG}/votes", None),
     ("persona", "GET", f"/v1/users/{BOB_SEG}/persona", None),
     ("history", "GET", f"/v1/users/{BOB_SEG}/persona/history", None),
     ("prompt", "GET", f"/v1/users/{BOB_SEG}/prompt?format=json", None),
@@ -130,6 +131,8 @@ def test_cross_tenant_access_fails_on_every_route(world: World, name: str, metho
         assert r.headers["x-synth-persona-version"] == "0"  # B's persona is not injected
     if name == "history":
         assert r.json()["data"] == []
+    if name == "votes-list":  # tenant A's namesake only (the vote POSTed above), never B's vote
+        assert a_vote(BOB)["chosen"] not in [v["chosen"] for v in r.json()["data"]]
     if name == "forget":
         assert r.json()["deleted"]["personas"] == 0  # only tenant A's namesake (votes/pairs made above) went
     if name in ("rerank", "judge"):

@@ -28,6 +28,46 @@ def _settings(ctx: typer.Context, chroma_host: str | None, chroma_port: int | No
     return settings.model_copy(update=update) if update else settings
 
 
+def _serve(app: Any, proxy: Any, home: Path, *, log_level: str, access_log: bool) -> None:
+    """Run the proxy with uvicorn on a socket bound here, published for the local CLI while it serves.
+
+    The port is bound before ``<home>/serve.json`` names it and listens only once the app has
+    started, so a CLI reading the file early is refused and opens the store itself
+    (:mod:`synth_agent.local_service`); the file is removed when the server stops.
+    """
+    import sys
+
+    import uvicorn
+
+    from synth_agent.local_service import bind, publish
+    from synth_agent.serving import freeze_heap_after_startup
+
+    try:
+        sock = bind(proxy.host, proxy.port)
+    except OSError as exc:
+        typer.echo(f"error: cannot listen on {proxy.host}:{proxy.port}: {exc.strerror or exc}", err=True)
+        raise typer.Exit(1) from None
+    port = int(sock.getsockname()[1])
+    if proxy.port == 0:
+        typer.echo(f"synth-agent proxy: port {port} (--port 0)", err=True)
+    state = app.state.proxy
+    published = publish(home, proxy.host, port,
+                        erases_checkpoints=proxy.synthesis == "inline" and not proxy.queue)
+    state.local_token = published.token if published else None
+    server = uvicorn.Server(uvicorn.Config(freeze_heap_after_startup(app), host=proxy.host, port=proxy.port,
+                                           log_level=log_level, access_log=access_log))
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if published is not None:
+            published.close()
+        sock.close()
+    if not server.started:
+        sys.exit(3)  # uvicorn's STARTUP_FAILURE, as uvicorn.run exits
+
+
 def register(app: typer.Typer) -> None:
     """Add ``serve`` and ``worker`` to ``app``."""
 
@@ -71,17 +111,10 @@ def register(app: typer.Typer) -> None:
         stops with the server: on SIGTERM or Ctrl-C after a graceful shutdown, and within a second if
         the server is killed outright.
         """
-        import uvicorn
-
         from synth_agent.proxy.app import create_app
         from synth_agent.proxy.settings import ProxySettings
         from synth_agent.services import simulator_if_needed
-        from synth_agent.serving import (
-            favour_the_event_loop,
-            freeze_heap_after_startup,
-            limit_malloc_arenas,
-            start_malloc_trimmer,
-        )
+        from synth_agent.serving import favour_the_event_loop, limit_malloc_arenas, start_malloc_trimmer
 
         limit_malloc_arenas()  # before the worker threads start (docs/store.md, "Memory over time")
         flags: dict[str, Any] = {
@@ -113,8 +146,7 @@ def register(app: typer.Typer) -> None:
                            f"access log: {'on' if access_log else 'off (--access-log)'}; docs: http://{proxy.host}:{proxy.port}/docs",
                            err=True)
                 favour_the_event_loop()
-                uvicorn.run(freeze_heap_after_startup(app), host=proxy.host, port=proxy.port, log_level=log_level,
-                            access_log=access_log)
+                _serve(app, proxy, live.home, log_level=log_level, access_log=access_log)
         except (ValueError, FileNotFoundError) as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from None

@@ -2,7 +2,8 @@
 
 :func:`authenticate` is the single auth dependency: API key → tenant (``Authorization:
 Bearer`` or ``X-API-Key``), failed-auth throttling per client address, the per-key rate
-limit, and an explicit ``X-Synth-Tenant`` that must match the key's tenant. The
+limit, and an explicit ``X-Synth-Tenant`` that must match the key's tenant (the local CLI's token
+of :mod:`synth_agent.local_service` names its tenant with it instead). The
 ``X-Synth-User`` header *pins* the user (a gateway that authenticated the end user
 sets it): on every route the user is then that header, and a body or path naming
 another user is refused with 403.
@@ -16,6 +17,7 @@ from urllib.parse import unquote
 from fastapi import Depends, Header, Path, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from synth_agent.local_service import loopback_client, token_matches
 from synth_agent.models import validate_user_id
 from synth_agent.proxy.errors import ProxyError
 from synth_agent.proxy.guard import decode_segment
@@ -65,6 +67,8 @@ async def authenticate(
 ) -> Caller:
     """API key → tenant; throttles failures per address and requests per key (see the module docstring)."""
     st: ProxyState = request.app.state.proxy  # not a sub-dependency: one less to solve on every request
+    if st.local_token is not None and (local := _local_owner(request, bearer, tenant, st.local_token)) is not None:
+        return local
     if st.keys is None:
         caller = Caller("default", None)
     else:
@@ -89,6 +93,21 @@ async def authenticate(
     if tenant is not None and tenant != caller.tenant:
         raise ProxyError(403, "this API key does not belong to the requested tenant", code="wrong_tenant")
     return caller
+
+
+def _local_owner(request: Request, bearer: HTTPAuthorizationCredentials | None, tenant: str | None,
+                 token: str) -> Caller | None:
+    """The local CLI of the server's owner: the run's token from a loopback address acts for any tenant
+    (``X-Synth-Tenant``, default ``default``), without a key's rate limit (:mod:`synth_agent.local_service`)."""
+    if bearer is None or not loopback_client(_client(request)) or not token_matches(bearer.credentials, token):
+        return None
+    if tenant is None:
+        return Caller("default", None)
+    try:
+        return Caller(validate_user_id(tenant), None)
+    except ValueError as exc:
+        raise ProxyError(400, f"invalid tenant: {exc}".replace("user_id", "tenant"), param=TENANT_HEADER,
+                         code="invalid_tenant") from None
 
 
 async def json_caller(request: Request, caller: Annotated[Caller, Depends(authenticate)]) -> Caller:

@@ -29,6 +29,7 @@ from synth_agent.models import (
     MAX_VOTE_ID_CHARS,
     Judgment,
     PersonaProfile,
+    Vote,
     check_text,
     parse_timestamp,
     validate_opaque_id,
@@ -50,6 +51,7 @@ __all__ = [
     "RerankResult",
     "UserDeleted",
     "VoteBatchResult",
+    "VoteList",
     "api_models",
     "user_id_pattern",
 ]
@@ -217,6 +219,11 @@ class JudgmentResult(Judgment):
 class PersonaHistory(BaseModel):
     object: Literal["list"] = "list"
     data: list[PersonaProfile]
+
+
+class VoteList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Vote] = Field(description="the user's votes in time order (timestamp if given, else arrival)")
 
 
 class UserDeleted(BaseModel):

@@ -54,6 +54,8 @@ class ProxyState:
     scheduler: SynthesisScheduler | QueueScheduler | None = None  # QueueScheduler: scale-out mode
     poller: StorePoller | None = None
     checkpointer: Any = None
+    local_token: str | None = None
+    """The token ``synth-agent serve`` published for the local CLI (:mod:`synth_agent.local_service`)."""
     background: set[asyncio.Task[Any]] = field(default_factory=set)
     _persona_reads: dict[tuple[str, str], asyncio.Future[PersonaProfile | None]] = field(default_factory=dict)
 

@@ -1,4 +1,4 @@
-"""A user's learned data: persona, history, prompt export, and forgetting everything (``/v1/users/{user}``).
+"""A user's data: votes, persona, history, prompt export, and forgetting everything (``/v1/users/{user}``).
 
 User ids are opaque and travel as one percent-encoded path segment (``quote(user_id, safe="")``);
 a path that is not percent-encoded UTF-8 (``%FF``) is refused before it gets here.
@@ -19,7 +19,7 @@ from synth_agent.models import PersonaProfile
 from synth_agent.proxy.deps import AuthCaller, PathUser, State
 from synth_agent.proxy.errors import ProxyError, responses
 from synth_agent.proxy.routes.common import PERSONA_HEADER
-from synth_agent.proxy.schemas import ApiModels, PersonaHistory, UserDeleted
+from synth_agent.proxy.schemas import ApiModels, PersonaHistory, UserDeleted, VoteList
 from synth_agent.proxy.state import ProxyState
 from synth_agent.scheduler import SynthesisScheduler
 
@@ -47,6 +47,13 @@ async def _forget_checkpoints(st: ProxyState, tenant: str, user: str, versions: 
 
 def router(models: ApiModels) -> APIRouter:
     r = APIRouter(tags=["users"])
+
+    @r.get("/v1/users/{user}/votes", response_model=VoteList, responses=_READ_ERRORS)
+    async def list_votes(st: State, caller: AuthCaller, user: PathUser) -> dict[str, Any]:
+        """The user's stored votes in time order (empty for unknown users), acknowledged ones not yet in
+        Chroma included."""
+        memories, _, _, _ = st.ready()
+        return {"object": "list", "data": await memories(caller.tenant).list_votes(user)}
 
     @r.get("/v1/users/{user}/persona/history", response_model=PersonaHistory, responses=_READ_ERRORS)
     async def persona_history(st: State, caller: AuthCaller, user: PathUser) -> dict[str, Any]:
