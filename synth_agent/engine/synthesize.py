@@ -1076,26 +1076,42 @@ class Synthesizer:
         notes: Rationales = {}  # the persona writer's rationales, shared with cross-validation
         boot, persona = await self._steps_one_two(user_id, train, val, llm, ledger, progress, notes)
         demo_error: str | None = None
-        try:
-            sel = await self.select_demos(
-                user_id, persona, train, val, boot.traces, seed_demos=boot.demos, progress=progress, llm=llm,
-                ledger=ledger,
-            )  # fmt: skip
-        except (LLMError, prompts.ParseError) as e:
-            # The persona is written (minutes of work on a slow judge): keep it, without demos, marked
-            # as such, instead of losing it with the step that failed. The next fit retries step 3.
-            demo_error = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
-            sel = DemoOutcome(demos=[], accuracy=float("nan"), candidates_scored=0)
-        selection = None
-        if cfg.selection.enabled:
+
+        async def step_three() -> DemoOutcome:
+            nonlocal demo_error
+            try:
+                return await self.select_demos(
+                    user_id, persona, train, val, boot.traces, seed_demos=boot.demos, progress=progress, llm=llm,
+                    ledger=ledger,
+                )  # fmt: skip
+            except (LLMError, prompts.ParseError) as e:
+                # The persona is written (minutes of work on a slow judge): keep it, without demos, marked
+                # as such, instead of losing it with the step that failed. The next fit retries step 3.
+                demo_error = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+                return DemoOutcome(demos=[], accuracy=float("nan"), candidates_scored=0)
+
+        async def selecting() -> Selection | None:
+            if not cfg.selection.enabled:
+                return None
             if progress:
                 progress("select", 0, 1)
             prior = await tenant_prior(self.memory, user_id, cfg.selection) if self.memory is not None else {}
-            selection = await self.select_configuration(
+            out = await self.select_configuration(
                 user_id, [*train, *val], boot.traces, llm=llm, ledger=ledger, prior=prior, rationales=notes
             )
             if progress:
                 progress("select", 1, 1)
+            return out
+
+        # Cross-validation needs neither step 3's demos nor the fit's persona: both run at once (their prompts
+        # share no ledger key, so the judgments and the result are those of running them one after the other).
+        try:
+            async with asyncio.TaskGroup() as tg:  # one failing cancels the other
+                demos_task = tg.create_task(step_three())
+                select_task = tg.create_task(selecting())
+        except BaseExceptionGroup as group:
+            raise group.exceptions[0] from None
+        sel, selection = demos_task.result(), select_task.result()
         usage = {**llm.usage(), "judgments_reused": ledger.hits, "judgments_new": ledger.misses}
         profile = PersonaProfile(
             user_id=user_id,
