@@ -942,6 +942,7 @@ class Synthesizer:
         out = {k: v for k, v in asdict(self.config).items() if k not in ("incremental", "full_refit_growth")}
         if out["selection"].get("orders") == 2:
             del out["selection"]["orders"]
+        out["selection"].pop("stop_early", None)  # stopping early never changes what is served
         return out
 
     def fit_key(self, train: Sequence[Vote], val: Sequence[Vote]) -> str:
