@@ -29,6 +29,7 @@ import time
 from dataclasses import replace
 from typing import Any
 
+from fit_accuracy import parse_overrides  # bench/ is on sys.path when a bench script runs
 from langgraph.store.memory import InMemoryStore
 
 from store.memory import PreferenceMemory
@@ -38,6 +39,9 @@ from synth_agent.engine.selection import Selection, population_prior
 from synth_agent.models import PersonaProfile, Vote
 from synth_agent.sim.backend import SimBackend
 from synth_agent.sim.population import Population
+
+OVERRIDES: dict[str, Any] = {}
+"""FitConfig overrides from ``--config KEY=VALUE``."""
 
 ARMS = ("first", "incremental", "full")
 
@@ -86,7 +90,7 @@ def served_correct(users: dict[str, dict[str, Any]], arm: str, cfg: FitConfig) -
 async def one_seed(seed: int, args: argparse.Namespace) -> dict[str, Any]:
     pop = Population(args.users, seed=seed)
     llm = SimBackend(seed)
-    cfg = FitConfig(seed=seed)
+    cfg = FitConfig(seed=seed, **OVERRIDES)  # type: ignore[arg-type]
     n = args.first + args.new + args.held
     t0 = time.perf_counter()
     results = await asyncio.gather(*(
@@ -117,7 +121,10 @@ def main() -> None:
     ap.add_argument("--first", type=int, default=12, help="votes of the first fit")
     ap.add_argument("--new", type=int, default=4, help="votes added before the refit")
     ap.add_argument("--held", type=int, default=9, help="held-out votes judged (both orders) per user")
+    ap.add_argument("--config", action="append", default=[], metavar="KEY=VALUE",
+                    help='FitConfig override, repeatable (e.g. --config \'selection={"stop_early": false}\')')
     args = ap.parse_args()
+    OVERRIDES.update(parse_overrides(args.config))
     rows = [asyncio.run(one_seed(s, args)) for s in args.seeds]
     print(f"{args.users} users per seed: first fit on {args.first} votes, refit after {args.new} more, "
           f"{args.held} held-out votes judged in both orders; served = the guard's choice (leave-one-out prior)")
