@@ -832,7 +832,9 @@ class Synthesizer:
             return await _per_vote(default, votes, order)
 
         # The default judge's counts first (in one order they are the seeded traces: free), with the fold personas.
-        *judges, base = await asyncio.gather(*(fold_judges(f) for f in range(len(folds))), default_counts())
+        judges, base = await asyncio.gather(
+            asyncio.gather(*(fold_judges(f) for f in range(len(folds)))), default_counts()
+        )
         fold_of = {v.id: f for f, fold in enumerate(folds) for v in fold}
         # Judging order: round robin over the folds, so every wave is a cross-section of them.
         queue = [fold[i] for i in range(max(map(len, folds), default=0)) for fold in folds if i < len(fold)]
