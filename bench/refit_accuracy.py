@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import statistics
 import time
 from dataclasses import replace
@@ -107,6 +108,7 @@ async def one_seed(seed: int, args: argparse.Namespace) -> dict[str, Any]:
             "pd": sum(r["pd"][arm] for r in results) / judged,
             "requests": statistics.fmean(r["usage"][arm]["llm_requests"] for r in results),
             "prompt_tokens": statistics.fmean(r["usage"][arm]["prompt_tokens"] for r in results),
+            "per_user": {u: [served[u], users[u]["default"], users[u]["judged"]] for u in users},
         }
     row["incremental_kept"] = sum(1 for r in results if "refit" in r["profiles"]["incremental"].meta)
     row["users"] = len(results)
@@ -123,6 +125,7 @@ def main() -> None:
     ap.add_argument("--held", type=int, default=9, help="held-out votes judged (both orders) per user")
     ap.add_argument("--config", action="append", default=[], metavar="KEY=VALUE",
                     help='FitConfig override, repeatable (e.g. --config \'selection={"stop_early": false}\')')
+    ap.add_argument("--json", help="write every row (per user: served correct, default correct, judged) here")
     args = ap.parse_args()
     OVERRIDES.update(parse_overrides(args.config))
     rows = [asyncio.run(one_seed(s, args)) for s in args.seeds]
@@ -147,6 +150,9 @@ def main() -> None:
         (r["default"] if k == "default" else r["incremental_kept"]) if a is None else r[a][k] for r in rows))
     print(f"\n'kept': refits that stayed incremental (the rest found the persona stale); "
           f"{sum(r['seconds'] for r in rows):.0f} s in all")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as fh:
+            json.dump({"args": vars(args), "rows": rows}, fh, indent=2)
 
 
 if __name__ == "__main__":
