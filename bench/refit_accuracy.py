@@ -126,6 +126,9 @@ def main() -> None:
     ap.add_argument("--config", action="append", default=[], metavar="KEY=VALUE",
                     help='FitConfig override, repeatable (e.g. --config \'selection={"stop_early": false}\')')
     ap.add_argument("--json", help="write every row (per user: served correct, default correct, judged) here")
+    ap.add_argument("--against", metavar="JSON",
+                    help="another run's --json (same seeds and users): print the paired per-user served difference "
+                         "(this run minus that one) per arm, with a 95%% CI over users")
     args = ap.parse_args()
     OVERRIDES.update(parse_overrides(args.config))
     rows = [asyncio.run(one_seed(s, args)) for s in args.seeds]
@@ -153,6 +156,16 @@ def main() -> None:
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump({"args": vars(args), "rows": rows}, fh, indent=2)
+    if args.against:
+        with open(args.against, encoding="utf-8") as fh:
+            other = {r["seed"]: r for r in json.load(fh)["rows"]}
+        print(f"\nserved, this run minus {args.against}, per user (accuracy points): mean [95% CI over users]")
+        for arm in ARMS:
+            d = [(s - other[r["seed"]][arm]["per_user"][u][0]) / n
+                 for r in rows for u, (s, _, n) in r[arm]["per_user"].items()]  # fmt: skip
+            m, se = statistics.fmean(d), statistics.stdev(d) / len(d) ** 0.5
+            print(f"  {arm:>11}: {100 * m:+.2f} [{100 * (m - 1.96 * se):+.2f}, {100 * (m + 1.96 * se):+.2f}] over "
+                  f"{len(d)} users, {sum(x != 0 for x in d)} differ")
 
 
 if __name__ == "__main__":

@@ -271,6 +271,35 @@ async def test_refit_after_a_few_new_votes_judges_only_them_and_extends_the_guar
     assert {t.vote_id for t in await mem.get_traces(uid)} >= set(new)
 
 
+async def test_an_incremental_refit_extends_the_evidence_of_a_selection_that_stopped_early(population):
+    """``SelectionConfig(stop_early=True)``: the skipped votes stay listed, the new votes' evidence is appended to
+    the judged votes', and the profile still counts as fitted on every context vote."""
+    from synth_agent.engine.selection import SelectionConfig
+
+    cfg = FitConfig(seed=0, selection=SelectionConfig(stop_early=True))
+    for uid in population.user_ids:
+        votes = population.votes(uid, 16)
+        mem = memory()
+        await mem.add_votes(votes[:12])
+        synth = Synthesizer(SimBackend(), mem, cfg)
+        first = await synth.fit(uid)
+        sel1 = first.profile.meta["selection"]
+        if sel1["skipped"]:
+            break
+    else:
+        pytest.fail("no user's cross-validation stopped early")
+    assert sorted([*sel1["vote_ids"], *sel1["skipped"]]) == sorted(first.profile.vote_ids)
+    assert sel1["n_judgments"] == sel1["n_votes"] * 2 * 2 < 12 * 2 * 2
+    await mem.add_votes(votes[12:])
+    second = await synth.fit(uid)
+    sel2 = second.profile.meta["selection"]
+    if "refit" in second.profile.meta:  # incremental (a full refit when the new votes show the persona stale)
+        assert sel2["skipped"] == sel1["skipped"]
+        assert sel2["vote_ids"] == [*sel1["vote_ids"], *(v.id for v in votes[12:])]
+    assert sorted([*sel2["vote_ids"], *sel2["skipped"]]) == sorted(second.profile.vote_ids)
+    assert (await synth.fit(uid)).status == "unchanged"
+
+
 async def test_a_full_refit_when_the_new_votes_show_the_persona_stale_or_the_context_grew_a_lot(population):
     from synth_agent.engine.selection import Selection
 

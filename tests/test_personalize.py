@@ -190,7 +190,7 @@ def test_settled_is_the_decision_every_completion_of_the_unjudged_votes_gives() 
 
 
 async def test_stopping_cross_validation_early_serves_what_judging_every_vote_serves() -> None:
-    """``SelectionConfig(stop_early=True)`` (the default): the same served configuration as judging every vote,
+    """``SelectionConfig(stop_early=True)``: the same served configuration as judging every vote,
     with and without a tenant prior, for fewer judgments; the skipped votes are listed and the judged votes'
     evidence is the full run's for those votes."""
     pop = Population(6, seed=3)

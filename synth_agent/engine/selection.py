@@ -130,11 +130,13 @@ class SelectionConfig:
     score_all: bool = False
     """Cross-validate persona only and demos only even when they are not candidates (for measurement:
     ``bench/eval_seeds.py`` sets it; a fit then costs about twice the selection judgments)."""
-    stop_early: bool = True
+    stop_early: bool = False
     """Judge the cross-validated votes in up to three waves and stop as soon as the guard's decision cannot
     change whatever the remaining votes' judgments turn out to be (:func:`settled`, one candidate only): the
     served configuration is exactly the one full judging gives under the fit's prior; the stored evidence then
-    covers the votes judged (:attr:`Selection.skipped` lists the others)."""
+    covers the votes judged (:attr:`Selection.skipped` lists the others). Off by default: a guard re-applied
+    later to that smaller evidence (an incremental refit, ``synth-agent eval``'s leave-one-out prior) served
+    about a point less on ``bench/refit_accuracy.py`` (docs/llm.md, "Stopping cross-validation early")."""
 
     def __post_init__(self) -> None:
         if self.folds < 2:
