@@ -49,6 +49,8 @@ import sys
 import time
 from typing import Any
 
+from fit_accuracy import parse_overrides  # bench/ is on sys.path when a bench script runs
+
 from synth_agent.engine import FitConfig, Synthesizer
 from synth_agent.engine.judge import Judge, count_correct
 from synth_agent.evaluate import ALL_METHODS, EvalReport, evaluate
@@ -86,19 +88,9 @@ def fit_config(seed: int, overrides: dict[str, Any] | None = None, *, score_all:
     from synth_agent.engine.selection import SelectionConfig
 
     sel = over.pop("selection", {})
+    if isinstance(sel, SelectionConfig):  # fit_accuracy.parse_overrides builds one
+        sel = {k: getattr(sel, k) for k in SelectionConfig.__dataclass_fields__ if k != "score_all"}
     return FitConfig(seed=seed, selection=SelectionConfig(**{"score_all": score_all, **sel}), **over)  # type: ignore[call-arg]
-
-
-def parse_config(items: list[str]) -> dict[str, Any]:
-    """``KEY=VALUE`` items as FitConfig overrides (values parsed as JSON where they parse)."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, _, raw = item.partition("=")
-        try:
-            out[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            out[key] = raw
-    return out
 
 
 def fold_shuffle(k: int) -> None:
@@ -171,7 +163,8 @@ async def run_gate(args: argparse.Namespace) -> list[dict[str, Any]]:
             served_pd[arm].append(statistics.fmean(r["served_pd"] for r in runs))
         print(f"seed {seed} done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
     n_ctx = round(args.votes * 0.5) + max(1, round(args.votes * 0.2))
-    print(f"\nPaired gate vs base {json.dumps(base) if base else '(defaults)'}; {args.users} users x {args.votes} votes, "
+    shown = json.dumps(base, default=lambda o: {k: getattr(o, k) for k in o.__dataclass_fields__})
+    print(f"\nPaired gate vs base {shown if base else '(defaults)'}; {args.users} users x {args.votes} votes, "
           f"seeds {','.join(map(str, args.seeds))}, {args.shuffles} fold shuffle(s) averaged per user")
     print("per-user difference candidate - base, accuracy points: mean [95% CI over users]")
 
@@ -426,7 +419,7 @@ def main() -> None:
     ap.add_argument("--shuffles", type=int, default=1,
                     help="with --candidate: cross-validation fold shuffles averaged per user (default 1)")
     args = ap.parse_args()
-    OVERRIDES.update(parse_config(args.config))
+    OVERRIDES.update(parse_overrides(args.config))
     if args.candidate:
         gate = asyncio.run(run_gate(args))
         if args.json:
