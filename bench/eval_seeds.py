@@ -15,6 +15,16 @@ and ``FitConfig(seed=seed)`` at the paper's budgets. Prints per-seed and mean ta
     python bench/eval_seeds.py --seeds 0 --no-traces  # one seed, method table only
     python bench/eval_seeds.py --json out.json        # also write every figure as JSON
     python bench/eval_seeds.py --no-traces --oracle-votes 40  # + what a guard that knew each user's gain could do
+    python bench/eval_seeds.py --candidate '{"selection": {"orders": 1}}' --shuffles 3   # paired gate, see below
+
+``--candidate JSON`` (FitConfig overrides; repeatable, each against the base) is the accuracy gate for a cheaper setting: every user is fitted and
+judged under the base configuration (``--config``) and under the candidate, each with ``--shuffles`` shuffles of
+the cross-validation folds (shuffle 0 is the shipped one; the others re-deal the same votes with another salt, so
+the guard's own fold noise is averaged out instead of read as a difference). Per user it takes the mean over
+shuffles of served and of persona + demos accuracy in each arm and prints the paired difference (candidate minus
+base) with a 95% confidence interval over users (mean +- 1.96 standard errors), per seed and over all seeds, the
+users below the default judge per arm, and the fit cost of each arm. Only ``default``, ``persona_demos`` and
+``served`` are judged there, and persona only / demos only are not cross-validated (``served`` does not depend on them).
 
 ``--oracle-votes N`` refits every user (same seed, same fit) and judges N *fresh* votes of the same
 simulated user (another salt) with persona + demos and the default judge: a far better estimate of the
@@ -38,6 +48,8 @@ import statistics
 import sys
 import time
 from typing import Any
+
+from fit_accuracy import parse_overrides  # bench/ is on sys.path when a bench script runs
 
 from synth_agent.engine import FitConfig, Synthesizer
 from synth_agent.engine.judge import Judge, count_correct
@@ -66,17 +78,124 @@ OVERRIDES: dict[str, Any] = {}
 """FitConfig overrides from ``--config KEY=VALUE`` (``selection`` as a JSON object of SelectionConfig fields)."""
 
 
-def fit_config(seed: int) -> FitConfig:
-    """The default FitConfig (with ``--config`` overrides); where the guard exists, it also cross-validates the
-    configurations it does not serve by default (persona only, demos only), so ``--sweep`` can show what serving
-    them would do."""
-    over = dict(OVERRIDES)
+def fit_config(seed: int, overrides: dict[str, Any] | None = None, *, score_all: bool = True) -> FitConfig:
+    """The default FitConfig (with ``--config`` overrides, or ``overrides``); where the guard exists, it also
+    cross-validates the configurations it does not serve by default (persona only, demos only; ``score_all``),
+    so ``--sweep`` can show what serving them would do."""
+    over = dict(OVERRIDES if overrides is None else overrides)
     if "served" not in METHODS:
         return FitConfig(seed=seed, **over)
     from synth_agent.engine.selection import SelectionConfig
 
     sel = over.pop("selection", {})
-    return FitConfig(seed=seed, selection=SelectionConfig(**{"score_all": True, **sel}), **over)  # type: ignore[call-arg]
+    if isinstance(sel, SelectionConfig):  # fit_accuracy.parse_overrides builds one
+        sel = {k: getattr(sel, k) for k in SelectionConfig.__dataclass_fields__ if k != "score_all"}
+    return FitConfig(seed=seed, selection=SelectionConfig(**{"score_all": score_all, **sel}), **over)  # type: ignore[call-arg]
+
+
+def fold_shuffle(k: int) -> None:
+    """Deal the cross-validation folds with shuffle ``k`` (0: the shipped salt). The bench patches the method
+    rather than adding a product knob: only the fold assignment's salt changes, nothing in the method."""
+    orig = getattr(Synthesizer, "_shipped_cv_folds", Synthesizer.cv_folds)
+    Synthesizer._shipped_cv_folds = orig  # type: ignore[attr-defined]
+    if k == 0:
+        Synthesizer.cv_folds = orig  # type: ignore[method-assign]
+        return
+
+    def cv_folds(self: Synthesizer, user_id: str, votes: Any) -> Any:
+        return orig(self, f"{user_id}\x1ffold-shuffle-{k}", votes)
+
+    Synthesizer.cv_folds = cv_folds  # type: ignore[method-assign]
+
+
+GATE_METHODS = ("default", "persona_demos", "served")
+
+
+async def gate_arm(seed: int, pop: Population, votes: list[Any], overrides: dict[str, Any], shuffle: int,
+                   args: argparse.Namespace) -> dict[str, Any]:  # fmt: skip
+    """One arm of the paired gate: per-user served / persona + demos / default accuracy, users below default, cost."""
+    from fit_accuracy import fit_usage  # bench/ is on sys.path when a bench script runs
+
+    fold_shuffle(shuffle)
+    try:
+        report = await evaluate(SimBackend(seed), votes, methods=GATE_METHODS,
+                                config=fit_config(seed, overrides, score_all=False))  # fmt: skip
+    finally:
+        fold_shuffle(0)
+    req, tok = fit_usage(report.usage, len(report.users))
+    return {
+        "per_user": {u.user_id: {m: u.accuracy(m) for m in GATE_METHODS} for u in report.users},
+        "served_pd": sum(1 for u in report.users if (u.selection or {}).get("served") == "persona_demos"),
+        "fit_requests": req, "fit_tokens": tok,
+    }  # fmt: skip
+
+
+def paired_ci(diffs: list[float]) -> tuple[float, float, float]:
+    """Mean of per-user differences and its 95% confidence interval over users (normal approximation)."""
+    n = len(diffs)
+    mean = statistics.fmean(diffs)
+    se = statistics.stdev(diffs) / n**0.5 if n > 1 else float("nan")
+    return mean, mean - 1.96 * se, mean + 1.96 * se
+
+
+async def run_gate(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Each ``--candidate`` vs the base, paired per user, averaged over fold shuffles; prints per seed and overall."""
+    base = dict(OVERRIDES)
+    cands = [json.loads(c) for c in args.candidate]
+    arms = {"base": base, **{f"candidate {i + 1}": c for i, c in enumerate(cands)}}
+    rows: dict[str, dict[str, dict[str, float]]] = {a: {} for a in arms}  # arm -> seed/user -> metric
+    cost: dict[str, list[tuple[float, float]]] = {a: [] for a in arms}
+    below: dict[str, list[float]] = {a: [] for a in arms}
+    served_pd: dict[str, list[float]] = {a: [] for a in arms}
+    for seed in args.seeds:
+        pop = population(args.users, seed, args.noise_fraction)
+        votes = pop.all_votes(args.votes)
+        t0 = time.perf_counter()
+        for arm, over in arms.items():
+            runs = [await gate_arm(seed, pop, votes, over, k, args) for k in range(args.shuffles)]
+            rows[arm].update({
+                f"{seed}/{u}": {m: statistics.fmean(r["per_user"][u][m] for r in runs) for m in GATE_METHODS}
+                for u in runs[0]["per_user"]
+            })  # fmt: skip
+            cost[arm].append((runs[0]["fit_requests"], runs[0]["fit_tokens"]))
+            below[arm].append(statistics.fmean(
+                sum(1 for a in r["per_user"].values() if a["served"] < a["default"]) for r in runs))
+            served_pd[arm].append(statistics.fmean(r["served_pd"] for r in runs))
+        print(f"seed {seed} done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+    n_ctx = round(args.votes * 0.5) + max(1, round(args.votes * 0.2))
+    shown = json.dumps(base, default=lambda o: {k: getattr(o, k) for k in o.__dataclass_fields__})
+    print(f"\nPaired gate vs base {shown if base else '(defaults)'}; {args.users} users x {args.votes} votes, "
+          f"seeds {','.join(map(str, args.seeds))}, {args.shuffles} fold shuffle(s) averaged per user")
+    print("per-user difference candidate - base, accuracy points: mean [95% CI over users]")
+
+    def arm_line(arm: str) -> str:
+        req = statistics.fmean(c[0] for c in cost[arm])
+        tok = statistics.fmean(c[1] for c in cost[arm])
+        acc = {m: statistics.fmean(r[m] for r in rows[arm].values()) for m in GATE_METHODS}
+        return (f"served {pct(acc['served'])}, persona + demos {pct(acc['persona_demos'])}, default "
+                f"{pct(acc['default'])}; users served < default {sum(below[arm]):.1f} of {len(rows[arm])}, served "
+                f"persona + demos {sum(served_pd[arm]):.1f}; fit {req:.1f} requests / {tok:,.0f} prompt tokens per "
+                f"{n_ctx}-context-vote user")  # fmt: skip
+
+    print(f"  base: {arm_line('base')}")
+    out = []
+    for arm, over in arms.items():
+        if arm == "base":
+            continue
+        print(f"  {arm} {json.dumps(over)}: {arm_line(arm)}")
+        res: dict[str, Any] = {"candidate": over, "below": sum(below[arm]), "below_base": sum(below["base"])}
+        for m in ("served", "persona_demos"):
+            for label, seeds in (("all", args.seeds), *((f"seed {s}", [s]) for s in args.seeds)):
+                keys = [u for u in rows["base"] if int(u.split("/")[0]) in seeds]
+                d = [rows[arm][u][m] - rows["base"][u][m] for u in keys]
+                res.setdefault(m, {})[label] = ci = paired_ci(d)
+                if label == "all":
+                    all_ci = ci
+            print(f"      {m:>13s}: {100 * all_ci[0]:+.2f} [{100 * all_ci[1]:+.2f}, {100 * all_ci[2]:+.2f}] over "
+                  f"{len(rows['base'])} users; per seed "
+                  + ", ".join(f"{s}: {100 * res[m][f'seed {s}'][0]:+.2f}" for s in args.seeds))
+        out.append(res)
+    return out
 
 
 def below_default(report: EvalReport, method: str) -> tuple[int, int, int]:
@@ -294,13 +413,19 @@ def main() -> None:
                     help="also judge N fresh votes per user to bound what any guard can reach (see above)")
     ap.add_argument("--config", action="append", default=[], metavar="KEY=VALUE",
                     help='FitConfig override, repeatable (e.g. --config n_trials=3 --config \'selection={"orders": 1}\')')
+    ap.add_argument("--candidate", action="append", default=[], metavar="JSON",
+                    help='paired accuracy gate: FitConfig overrides as one JSON object, e.g. \'{"n_trials": 2}\' '
+                         "(repeatable: each candidate against the base --config)")
+    ap.add_argument("--shuffles", type=int, default=1,
+                    help="with --candidate: cross-validation fold shuffles averaged per user (default 1)")
     args = ap.parse_args()
-    for item in args.config:
-        key, _, raw = item.partition("=")
-        try:
-            OVERRIDES[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            OVERRIDES[key] = raw
+    OVERRIDES.update(parse_overrides(args.config))
+    if args.candidate:
+        gate = asyncio.run(run_gate(args))
+        if args.json:
+            with open(args.json, "w", encoding="utf-8") as fh:
+                json.dump({"args": vars(args), "gate": gate}, fh, indent=2)
+        return
     results = asyncio.run(main_async(args))
     print_tables(results, args)
     if args.json:

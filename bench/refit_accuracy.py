@@ -24,11 +24,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import statistics
 import time
 from dataclasses import replace
 from typing import Any
 
+from fit_accuracy import parse_overrides  # bench/ is on sys.path when a bench script runs
 from langgraph.store.memory import InMemoryStore
 
 from store.memory import PreferenceMemory
@@ -38,6 +40,9 @@ from synth_agent.engine.selection import Selection, population_prior
 from synth_agent.models import PersonaProfile, Vote
 from synth_agent.sim.backend import SimBackend
 from synth_agent.sim.population import Population
+
+OVERRIDES: dict[str, Any] = {}
+"""FitConfig overrides from ``--config KEY=VALUE``."""
 
 ARMS = ("first", "incremental", "full")
 
@@ -86,7 +91,7 @@ def served_correct(users: dict[str, dict[str, Any]], arm: str, cfg: FitConfig) -
 async def one_seed(seed: int, args: argparse.Namespace) -> dict[str, Any]:
     pop = Population(args.users, seed=seed)
     llm = SimBackend(seed)
-    cfg = FitConfig(seed=seed)
+    cfg = FitConfig(seed=seed, **OVERRIDES)  # type: ignore[arg-type]
     n = args.first + args.new + args.held
     t0 = time.perf_counter()
     results = await asyncio.gather(*(
@@ -103,6 +108,7 @@ async def one_seed(seed: int, args: argparse.Namespace) -> dict[str, Any]:
             "pd": sum(r["pd"][arm] for r in results) / judged,
             "requests": statistics.fmean(r["usage"][arm]["llm_requests"] for r in results),
             "prompt_tokens": statistics.fmean(r["usage"][arm]["prompt_tokens"] for r in results),
+            "per_user": {u: [served[u], users[u]["default"], users[u]["judged"]] for u in users},
         }
     row["incremental_kept"] = sum(1 for r in results if "refit" in r["profiles"]["incremental"].meta)
     row["users"] = len(results)
@@ -117,7 +123,14 @@ def main() -> None:
     ap.add_argument("--first", type=int, default=12, help="votes of the first fit")
     ap.add_argument("--new", type=int, default=4, help="votes added before the refit")
     ap.add_argument("--held", type=int, default=9, help="held-out votes judged (both orders) per user")
+    ap.add_argument("--config", action="append", default=[], metavar="KEY=VALUE",
+                    help='FitConfig override, repeatable (e.g. --config \'selection={"stop_early": false}\')')
+    ap.add_argument("--json", help="write every row (per user: served correct, default correct, judged) here")
+    ap.add_argument("--against", metavar="JSON",
+                    help="another run's --json (same seeds and users): print the paired per-user served difference "
+                         "(this run minus that one) per arm, with a 95%% CI over users")
     args = ap.parse_args()
+    OVERRIDES.update(parse_overrides(args.config))
     rows = [asyncio.run(one_seed(s, args)) for s in args.seeds]
     print(f"{args.users} users per seed: first fit on {args.first} votes, refit after {args.new} more, "
           f"{args.held} held-out votes judged in both orders; served = the guard's choice (leave-one-out prior)")
@@ -140,6 +153,19 @@ def main() -> None:
         (r["default"] if k == "default" else r["incremental_kept"]) if a is None else r[a][k] for r in rows))
     print(f"\n'kept': refits that stayed incremental (the rest found the persona stale); "
           f"{sum(r['seconds'] for r in rows):.0f} s in all")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as fh:
+            json.dump({"args": vars(args), "rows": rows}, fh, indent=2)
+    if args.against:
+        with open(args.against, encoding="utf-8") as fh:
+            other = {r["seed"]: r for r in json.load(fh)["rows"]}
+        print(f"\nserved, this run minus {args.against}, per user (accuracy points): mean [95% CI over users]")
+        for arm in ARMS:
+            d = [(s - other[r["seed"]][arm]["per_user"][u][0]) / n
+                 for r in rows for u, (s, _, n) in r[arm]["per_user"].items()]  # fmt: skip
+            m, se = statistics.fmean(d), statistics.stdev(d) / len(d) ** 0.5
+            print(f"  {arm:>11}: {100 * m:+.2f} [{100 * (m - 1.96 * se):+.2f}, {100 * (m + 1.96 * se):+.2f}] over "
+                  f"{len(d)} users, {sum(x != 0 for x in d)} differ")
 
 
 if __name__ == "__main__":

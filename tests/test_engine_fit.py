@@ -256,9 +256,13 @@ async def test_refit_after_a_few_new_votes_judges_only_them_and_extends_the_guar
     assert p2.meta["refit"] == {"kind": "incremental", "from_version": 1, "new_vote_ids": new}
     assert p2.vote_ids == [*p2.meta["train_ids"], *p2.meta["val_ids"]] and set(p2.vote_ids) == {v.id for v in votes}
     sel1, sel2 = p1.meta["selection"], p2.meta["selection"]
-    assert sel2["vote_ids"] == [*sel1["vote_ids"], *new] and sel2["n_votes"] == 16
+    # the evidence of the votes judged (cross-validation may have stopped early: ``skipped``) grows by the new ones
+    n1 = len(sel1["vote_ids"])
+    assert sorted([*sel1["vote_ids"], *sel1["skipped"]]) == sorted(p1.vote_ids)
+    assert sel2["vote_ids"] == [*sel1["vote_ids"], *new] and sel2["n_votes"] == n1 + 4
+    assert sel2["skipped"] == sel1["skipped"]
     for c in sel1["per_vote"]:
-        assert sel2["per_vote"][c][:12] == sel1["per_vote"][c]
+        assert sel2["per_vote"][c][:n1] == sel1["per_vote"][c]
     orders = sel1["orders"]
     # 4 traces + persona + demos on the 4 new votes (its orders); no persona written, no candidate raced
     assert refit_requests == 4 + 4 * orders + 4 * (orders - 1) < first.usage["llm_requests"] / 3
@@ -266,6 +270,35 @@ async def test_refit_after_a_few_new_votes_judges_only_them_and_extends_the_guar
     # the traces are stored: a forced full refit pays nothing for them, and the same votes again are "unchanged"
     assert (await synth.fit(uid)).status == "unchanged"
     assert {t.vote_id for t in await mem.get_traces(uid)} >= set(new)
+
+
+async def test_an_incremental_refit_extends_the_evidence_of_a_selection_that_stopped_early(population):
+    """``SelectionConfig(stop_early=True)``: the skipped votes stay listed, the new votes' evidence is appended to
+    the judged votes', and the profile still counts as fitted on every context vote."""
+    from synth_agent.engine.selection import SelectionConfig
+
+    cfg = FitConfig(seed=0, selection=SelectionConfig(stop_early=True))
+    for uid in population.user_ids:
+        votes = population.votes(uid, 16)
+        mem = memory()
+        await mem.add_votes(votes[:12])
+        synth = Synthesizer(SimBackend(), mem, cfg)
+        first = await synth.fit(uid)
+        sel1 = first.profile.meta["selection"]
+        if sel1["skipped"]:
+            break
+    else:
+        pytest.fail("no user's cross-validation stopped early")
+    assert sorted([*sel1["vote_ids"], *sel1["skipped"]]) == sorted(first.profile.vote_ids)
+    assert sel1["n_judgments"] == sel1["n_votes"] * 2 * 2 < 12 * 2 * 2
+    await mem.add_votes(votes[12:])
+    second = await synth.fit(uid)
+    sel2 = second.profile.meta["selection"]
+    if "refit" in second.profile.meta:  # incremental (a full refit when the new votes show the persona stale)
+        assert sel2["skipped"] == sel1["skipped"]
+        assert sel2["vote_ids"] == [*sel1["vote_ids"], *(v.id for v in votes[12:])]
+    assert sorted([*sel2["vote_ids"], *sel2["skipped"]]) == sorted(second.profile.vote_ids)
+    assert (await synth.fit(uid)).status == "unchanged"
 
 
 async def test_a_full_refit_when_the_new_votes_show_the_persona_stale_or_the_context_grew_a_lot(population):
@@ -284,7 +317,8 @@ async def test_a_full_refit_when_the_new_votes_show_the_persona_stale_or_the_con
     await mem.add_votes(votes[12:14])
     stale = await synth.fit(uid)
     assert "refit" not in stale.profile.meta and stale.profile.meta["full_fit_votes"] == 14
-    assert Selection.from_meta(stale.profile.meta["selection"]).n_votes == 14
+    stale_sel = Selection.from_meta(stale.profile.meta["selection"])
+    assert stale_sel.n_votes + len(stale_sel.skipped) == 14
     # growth: 14 → 24 votes is more than half again the last full fit: a full refit
     await mem.add_votes(votes[14:])
     grown = await synth.fit(uid)
@@ -307,7 +341,8 @@ async def test_one_order_selection_judges_each_vote_once_and_gets_the_default_fo
     uid = population.user_ids[13]
     votes = population.votes(uid, 12)
     llm = SimBackend()
-    fit = await Synthesizer(llm, None, FitConfig(seed=0, selection=SelectionConfig(orders=1))).fit(uid, votes)
+    one_order = SelectionConfig(orders=1, stop_early=False)  # every vote judged (stopping early: its own test)
+    fit = await Synthesizer(llm, None, FitConfig(seed=0, selection=one_order)).fit(uid, votes)
     sel = fit.profile.meta["selection"]
     assert sel["orders"] == 1 and sel["n_judgments"] == 2 * 12 and sel["n_votes"] == 12
     assert sorted(sel["vote_ids"]) == sorted(v.id for v in votes)

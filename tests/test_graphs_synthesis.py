@@ -67,10 +67,11 @@ async def test_full_run_saves_persona_with_json_state(llm: LLMClient) -> None:
     # one persona call (with persona_votes="all", plus one rationale per vote the default judge got wrong)
     assert saved.meta["n_traces"] == 8
     assert state["usage"]["persona"]["llm_calls"] == 1
-    # the select node cross-validated persona + demos against the default on all 8 votes, both orders
+    # the select node cross-validated persona + demos against the default on the 8 votes, both orders (the votes
+    # left unjudged once the guard's decision was settled are listed as skipped)
     sel = saved.meta["selection"]
-    assert set(sel["cv_accuracy"]) == {"persona_demos", "default"} and sel["n_votes"] == 8
-    assert sel["n_judgments"] == 8 * 2 * 2 and sel["served"] in ("persona_demos", "default")
+    assert set(sel["cv_accuracy"]) == {"persona_demos", "default"} and sel["n_votes"] + len(sel["skipped"]) == 8
+    assert sel["n_judgments"] == sel["n_votes"] * 2 * 2 and sel["served"] in ("persona_demos", "default")
     assert saved.meta["synthesis_thread"] == synthesis_thread_id("acme", USER, "v1")
     assert len(saved.vote_ids) == 8 and saved.demos
     # no new votes: the next run is a no-op that saves nothing

@@ -36,6 +36,7 @@ from synth_agent.engine import FitConfig, Judge, Synthesizer
 from synth_agent.engine.selection import (
     GainPrior,
     Selection,
+    SelectionConfig,
     choose,
     population_prior,
     served,
@@ -153,6 +154,70 @@ def test_every_serving_view_follows_the_guard() -> None:
 # ------------------------------------------------------------------ selection in a fit
 
 
+def test_settled_is_the_decision_every_completion_of_the_unjudged_votes_gives() -> None:
+    """``settled`` against brute force: every way the unjudged votes could be judged, the guard applied to all
+    votes; a decision is returned exactly when they all agree (with and without a tenant prior, one or two orders)."""
+    import itertools
+
+    from synth_agent.engine.selection import settled
+
+    rng = random.Random(5)
+    priors = [None, {"persona_demos": GainPrior(mean=0.3, var=0.05)}, {"persona_demos": GainPrior(-0.2, 0.02)}]
+    decided = undecided = 0
+    for case in range(300):
+        orders = 1 + case % 2
+        counts = (0, 2) if orders == 1 else (0, 1, 2)
+        n_known, n_rest = rng.randint(2, 7), rng.randint(1, 3)
+        bias = rng.choice((0.2, 0.5, 0.8))
+        pd = [rng.choice(counts) if rng.random() > bias else max(counts) for _ in range(n_known)]
+        df = [rng.choice(counts) for _ in range(n_known)]
+        rest_default = [rng.choice((*counts, None)) for _ in range(n_rest)]
+        prior = priors[case % 3]
+        got = settled({"default": df, "persona_demos": pd}, rest_default, z=1.645, prior=prior, orders=orders)
+        outcomes = set()
+        for rest_pd in itertools.product(counts, repeat=n_rest):
+            for rest_df in itertools.product(*[(c,) if c is not None else counts for c in rest_default]):
+                full = choose({"default": df + list(rest_df), "persona_demos": pd + list(rest_pd)}, z=1.645,
+                              prior=prior)  # fmt: skip
+                outcomes.add(full.served)
+        assert got == (outcomes.pop() if len(outcomes) == 1 else None), (pd, df, rest_default, prior, outcomes)
+        decided += got is not None
+        undecided += got is None
+    assert decided > 30 and undecided > 30  # both kinds of case were exercised
+    # several candidates: never settled early (the choice between them needs their joint outcomes)
+    both = ("persona_demos", "demos")
+    assert settled({"default": [0] * 5, "persona_demos": [2] * 5, "demos": [2] * 5}, [0], z=1.0, candidates=both) is None
+
+
+async def test_stopping_cross_validation_early_serves_what_judging_every_vote_serves() -> None:
+    """``SelectionConfig(stop_early=True)``: the same served configuration as judging every vote,
+    with and without a tenant prior, for fewer judgments; the skipped votes are listed and the judged votes'
+    evidence is the full run's for those votes."""
+    pop = Population(6, seed=3)
+    prior = {"persona_demos": GainPrior(mean=0.25, var=0.08)}
+    skipped_any = 0
+    for orders in (1, 2):
+        for p in (None, prior):
+            for uid in pop.user_ids:
+                votes = pop.votes(uid, 16)
+                sels = {}
+                asked = {}
+                for stop in (False, True):
+                    llm = SimBackend(3)
+                    cfg = FitConfig(seed=3, selection=SelectionConfig(orders=orders, stop_early=stop))
+                    sels[stop] = await Synthesizer(llm, None, cfg).select_configuration(uid, votes, prior=p)
+                    asked[stop] = llm.stats.total().requests
+                full, early = sels[False], sels[True]
+                assert early.served == full.served, (uid, orders, p)
+                assert sorted([*early.vote_ids, *early.skipped]) == sorted(full.vote_ids) and not full.skipped
+                idx = {v: i for i, v in enumerate(full.vote_ids)}
+                for c in full.per_vote:
+                    assert early.per_vote[c] == [full.per_vote[c][idx[v]] for v in early.vote_ids]
+                assert asked[True] <= asked[False] and (asked[True] < asked[False]) == bool(early.skipped)
+                skipped_any += bool(early.skipped)
+    assert skipped_any >= 6
+
+
 async def test_fit_records_the_selection_and_a_refit_pays_no_selection_judgment_again() -> None:
     user = strong_user(1)
     memory = PreferenceMemory(InMemoryStore(), TENANT)
@@ -161,7 +226,8 @@ async def test_fit_records_the_selection_and_a_refit_pays_no_selection_judgment_
     fit = await synth.fit(user.user_id)
     assert fit.profile is not None
     sel = fit.profile.meta["selection"]
-    assert sel["n_votes"] == 20 and sel["n_judgments"] == 20 * 2 * 2 and sel["folds"] == 3
+    assert sel["n_votes"] + len(sel["skipped"]) == 20 and sel["n_judgments"] == sel["n_votes"] * 2 * 2
+    assert sel["folds"] == 3
     # a strong preference the default judge does not share: cross-validation sees it, the guard serves it
     assert sel["served"] == "persona_demos", sel
     assert sel["cv_accuracy"]["persona_demos"] >= sel["cv_accuracy"]["default"] + 0.15, sel

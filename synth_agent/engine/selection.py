@@ -92,6 +92,7 @@ __all__ = [
     "served",
     "served_demos",
     "served_persona",
+    "settled",
     "tenant_prior",
 ]
 
@@ -129,6 +130,13 @@ class SelectionConfig:
     score_all: bool = False
     """Cross-validate persona only and demos only even when they are not candidates (for measurement:
     ``bench/eval_seeds.py`` sets it; a fit then costs about twice the selection judgments)."""
+    stop_early: bool = False
+    """Judge the cross-validated votes in up to three waves and stop as soon as the guard's decision cannot
+    change whatever the remaining votes' judgments turn out to be (:func:`settled`, one candidate only): the
+    served configuration is exactly the one full judging gives under the fit's prior; the stored evidence then
+    covers the votes judged (:attr:`Selection.skipped` lists the others). Off by default: a guard re-applied
+    later to that smaller evidence (an incremental refit, ``synth-agent eval``'s leave-one-out prior) served
+    about a point less on ``bench/refit_accuracy.py`` (docs/llm.md, "Stopping cross-validation early")."""
 
     def __post_init__(self) -> None:
         if self.folds < 2:
@@ -204,6 +212,11 @@ class Selection:
     per_vote: dict[str, list[int]] = field(default_factory=dict)
     """Per configuration, correct judgments per vote out of 2: the evidence an incremental refit extends."""
     orders: int = 2
+    skipped: list[str] = field(default_factory=list)
+    """Context votes left unjudged because the decision was already settled (:attr:`SelectionConfig.stop_early`):
+    ``served`` is the guard's decision for every context vote, while ``per_vote``, ``gain``, ``gain_sd``,
+    ``cv_accuracy`` and ``n_votes`` describe only the votes judged (``vote_ids``). Re-applying the guard
+    (:meth:`rechoose`, :meth:`extend`) uses that evidence alone."""
     rule: str = "posterior (tenant prior x this user's cross-validated votes) lower bound of the gain over default > 0"
 
     def as_meta(self) -> dict[str, Any]:
@@ -307,7 +320,7 @@ class Selection:
         return choose(
             {c: [*self.per_vote[c], *new[c]] for c in self.per_vote}, z=z, folds=self.folds, prior=prior,
             candidates=self.candidates if candidates is None else candidates,
-            vote_ids=[*self.vote_ids, *vote_ids], orders=self.orders,
+            vote_ids=[*self.vote_ids, *vote_ids], orders=self.orders, skipped=self.skipped,
         )  # fmt: skip
 
     def apply(self, z: float, prior: Mapping[str, GainPrior] | None, candidates: Sequence[str]) -> Selection:
@@ -327,13 +340,17 @@ def choose(
     candidates: Sequence[str] = ("persona_demos",),
     vote_ids: Sequence[str] = (),
     orders: int = 2,
+    skipped: Sequence[str] = (),
+    served: Configuration | None = None,
 ) -> Selection:
     """The guard: which configuration to serve, from per-vote correct counts (0, 1 or 2 per vote).
 
     ``per_vote[c][i]`` is how many of vote ``i``'s two presentation orders configuration ``c`` got
     right; every configuration must list the same votes in the same order, ``default`` included.
     ``prior``: the tenant's :func:`population_prior` (None: this user's evidence alone).
-    ``vote_ids`` (the votes, in that order) and ``orders`` are recorded with the evidence.
+    ``vote_ids`` (the votes, in that order), ``orders`` and ``skipped`` are recorded with the evidence.
+    ``served``: the decision :func:`settled` found for the whole context when judging stopped early (the
+    evidence then covers fewer votes, and the guard applied to it alone may differ); None: the guard's choice.
     """
     base = list(per_vote["default"])
     n = len(base)
@@ -352,9 +369,65 @@ def choose(
     sel = Selection(
         served="default", cv_accuracy=acc, lower_bound={}, n_votes=n, n_judgments=orders * n * len(per_vote),
         folds=folds, gain=gain, gain_sd=gain_sd, vote_ids=list(vote_ids),
-        per_vote={c: list(per_vote[c]) for c in per_vote}, orders=orders,
+        per_vote={c: list(per_vote[c]) for c in per_vote}, orders=orders, skipped=list(skipped),
     )  # fmt: skip
-    return sel.apply(z, prior, candidates)
+    sel = sel.apply(z, prior, candidates)
+    return sel if served is None else replace(sel, served=served)
+
+
+def settled(
+    per_vote: Mapping[str, Sequence[int]],
+    remaining_default: Sequence[int | None],
+    *,
+    z: float,
+    prior: Mapping[str, GainPrior] | None = None,
+    candidates: Sequence[str] = ("persona_demos",),
+    orders: int = 2,
+) -> Configuration | None:
+    """The configuration the guard serves whatever the unjudged votes turn out to be, or None if they could
+    still change it.
+
+    ``per_vote``: correct counts of the votes judged so far (as :func:`choose` takes them, ``default`` included);
+    ``remaining_default``: per unjudged vote, the default judge's count where already known, else None. Each
+    unjudged vote can add a paired difference ``d = c - c_default`` with ``c`` in {0, 2} (one order) or {0, 1, 2}
+    (both); the guard reads the votes only through the sum and the sum of squares of ``d`` (mean and standard
+    deviation), so every reachable (sum, sum of squares) is enumerated and the guard's own rule
+    (:meth:`Selection.rechoose`) applied to each: one answer for all of them is the answer of full judging.
+    One candidate only (None otherwise: with several, the choice between them would need their joint outcomes).
+
+        >>> settled({"default": [0, 0, 0], "persona_demos": [2, 2, 2]}, [0], z=1.645, orders=1)  # 4th vote: d 0 or 2
+        'persona_demos'
+        >>> settled({"default": [0, 0, 0], "persona_demos": [2, 2, 2]}, [2, 2, 2], z=1.645, orders=1) is None
+        True
+    """
+    if len(candidates) != 1 or candidates[0] not in per_vote:
+        return None
+    (cand,) = candidates
+    known = [a - b for a, b in zip(per_vote[cand], per_vote["default"], strict=True)]
+    counts = (0, 2) if orders == 1 else (0, 1, 2)
+    # (sum, sum of squares) of the unjudged votes' d -> one list of d reaching it
+    states: dict[tuple[int, int], tuple[int, ...]] = {(0, 0): ()}
+    for cd in remaining_default:
+        opts = {c - b for c in counts for b in ((cd,) if cd is not None else counts)}
+        states = {(s + x, q + x * x): rest + (x,) for (s, q), rest in states.items() for x in opts}
+    n = len(known) + len(remaining_default)
+    if n < 2:
+        return None
+    # the extremes first: if the decision can flip, they usually show it at once
+    order = sorted(states, key=lambda sq: -abs(sq[0]))
+    answer: Configuration | None = None
+    for key in order:
+        d = [*known, *states[key]]
+        mean = sum(d) / n
+        sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1))
+        sel = Selection(served="default", cv_accuracy={}, lower_bound={}, n_votes=n, n_judgments=0,
+                        gain={cand: mean}, gain_sd={cand: sd}, candidates=[cand])  # fmt: skip
+        got = sel.rechoose(z, prior, candidates)
+        if answer is None:
+            answer = got
+        elif got != answer:
+            return None
+    return answer
 
 
 def population_prior(selections: Sequence[Selection], *, min_users: int = 8) -> dict[str, GainPrior]:

@@ -46,7 +46,16 @@ from synth_agent import prompts
 from synth_agent.engine.judge import Judge
 from synth_agent.engine.ledger import JudgmentLedger, pair_digest
 from synth_agent.engine.search import RaceResult, race
-from synth_agent.engine.selection import GainPrior, Selection, SelectionConfig, choose, demoted, tenant_prior
+from synth_agent.engine.selection import (
+    Configuration,
+    GainPrior,
+    Selection,
+    SelectionConfig,
+    choose,
+    demoted,
+    settled,
+    tenant_prior,
+)
 from synth_agent.llm.base import ChatBackend, ChatMessage, Completion, LLMStats
 from synth_agent.llm.budget import fits, note, too_long
 from synth_agent.llm.errors import ContextOverflowError, LLMError
@@ -828,7 +837,7 @@ class Synthesizer:
         # One order per vote: the bootstrap trace's, so the default judge's verdict is already known (seeded above).
         order = (lambda v: self._order(v, "bootstrap")) if sc.orders == 1 else None
 
-        async def per_fold(f: int, inside: list[Vote]) -> dict[str, dict[str, int]]:
+        async def fold_judges(f: int) -> dict[str, Judge]:
             outside = [v for g, fold in enumerate(folds) if g != f for v in fold]
             usable_ids = [d.vote_id for d in self._usable(outside, all_traces)]
             persona = await self.write_persona(outside, all_traces, usable_ids, llm=llm, rationales=notes)
@@ -839,19 +848,54 @@ class Synthesizer:
                 "persona": Judge(llm, persona=persona, call_site="select", mode=mode, ledger=ledger),
                 "demos": Judge(llm, demos=tuple(demos), call_site="select", mode=mode, ledger=ledger),
             }  # fmt: skip
-            judges = {**{c: every[c] for c in scored}, "default": default}
-            names = list(judges)
-            scores = await asyncio.gather(*(_per_vote(judges[c], inside, order) for c in names))
-            return dict(zip(names, scores, strict=True))
+            return {c: every[c] for c in scored}
 
-        per_fold_scores = await asyncio.gather(*(per_fold(f, fold) for f, fold in enumerate(folds)))
-        per_vote: dict[str, list[int]] = {c: [] for c in (*scored, "default")}
-        for f, fold in enumerate(folds):
-            for c in per_vote:
-                per_vote[c] += [per_fold_scores[f][c][v.id] for v in fold]
-        ids = [v.id for fold in folds for v in fold]
+        async def default_counts() -> dict[str, int]:
+            return await _per_vote(default, votes, order)
+
+        # The default judge's counts first (in one order they are the seeded traces: free), with the fold personas.
+        judges, base = await asyncio.gather(
+            asyncio.gather(*(fold_judges(f) for f in range(len(folds)))), default_counts()
+        )
+        fold_of = {v.id: f for f, fold in enumerate(folds) for v in fold}
+        # Judging order: round robin over the folds, so every wave is a cross-section of them.
+        queue = [fold[i] for i in range(max(map(len, folds), default=0)) for fold in folds if i < len(fold)]
+        waves = self._cv_waves(len(queue)) if sc.stop_early else [len(queue)]
+        got: dict[str, dict[str, int]] = {c: {} for c in scored}
+        decided: Configuration | None = None
+        done = 0
+        for size in waves:
+            batch = queue[done : done + size]
+            results = await asyncio.gather(*(
+                _per_vote(judges[fold_of[v.id]][c], [v], order) for v in batch for c in scored
+            ))  # fmt: skip
+            for (v, c), r in zip(((v, c) for v in batch for c in scored), results, strict=True):
+                got[c][v.id] = r[v.id]
+            done += size
+            if done < len(queue):
+                judged = queue[:done]
+                decided = settled(
+                    {**{c: [got[c][v.id] for v in judged] for c in scored}, "default": [base[v.id] for v in judged]},
+                    [base[v.id] for v in queue[done:]], z=sc.z, prior=prior, candidates=sc.candidates,
+                    orders=sc.orders,
+                )  # fmt: skip
+                if decided is not None:
+                    break
+        judged_ids = {vid for vid in got[scored[0]]} if scored else set()
+        ids = [v.id for fold in folds for v in fold if v.id in judged_ids]
+        per_vote = {c: [got[c][vid] for vid in ids] for c in scored}
+        per_vote["default"] = [base[vid] for vid in ids]
+        skipped = [v.id for fold in folds for v in fold if v.id not in judged_ids]
         return choose(per_vote, z=sc.z, folds=len(folds), prior=prior, candidates=sc.candidates, vote_ids=ids,
-                      orders=sc.orders)  # fmt: skip
+                      orders=sc.orders, skipped=skipped, served=decided)  # fmt: skip
+
+    @staticmethod
+    def _cv_waves(n: int) -> list[int]:
+        """Cross-validation's judging waves when it may stop early: half the votes, a quarter, the rest (two
+        round trips more than judging at once; on the simulator's 12-vote users they skip about a quarter)."""
+        first = (n + 1) // 2
+        second = (n - first + 1) // 2
+        return [w for w in (first, second, n - first - second) if w > 0]
 
     async def update(
         self,
@@ -922,6 +966,7 @@ class Synthesizer:
         out = {k: v for k, v in asdict(self.config).items() if k not in ("incremental", "full_refit_growth")}
         if out["selection"].get("orders") == 2:
             del out["selection"]["orders"]
+        out["selection"].pop("stop_early", None)  # stopping early never changes what is served
         return out
 
     def fit_key(self, train: Sequence[Vote], val: Sequence[Vote]) -> str:
@@ -945,7 +990,8 @@ class Synthesizer:
         if (
             current.model != self.llm.model or meta.get("config_key") != self.config_key() or demoted(current)
             or meta.get("demos_status") != "selected" or not isinstance(sel, dict)
-            or not sel.get("per_vote") or sorted(sel.get("vote_ids") or []) != sorted(current.vote_ids)
+            or not sel.get("per_vote")
+            or sorted([*(sel.get("vote_ids") or []), *(sel.get("skipped") or [])]) != sorted(current.vote_ids)
             or ("demos" in sel["per_vote"] and "bootstrap_demos" not in meta)
         ):  # fmt: skip
             return []
@@ -1055,26 +1101,42 @@ class Synthesizer:
         notes: Rationales = {}  # the persona writer's rationales, shared with cross-validation
         boot, persona = await self._steps_one_two(user_id, train, val, llm, ledger, progress, notes)
         demo_error: str | None = None
-        try:
-            sel = await self.select_demos(
-                user_id, persona, train, val, boot.traces, seed_demos=boot.demos, progress=progress, llm=llm,
-                ledger=ledger,
-            )  # fmt: skip
-        except (LLMError, prompts.ParseError) as e:
-            # The persona is written (minutes of work on a slow judge): keep it, without demos, marked
-            # as such, instead of losing it with the step that failed. The next fit retries step 3.
-            demo_error = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
-            sel = DemoOutcome(demos=[], accuracy=float("nan"), candidates_scored=0)
-        selection = None
-        if cfg.selection.enabled:
+
+        async def step_three() -> DemoOutcome:
+            nonlocal demo_error
+            try:
+                return await self.select_demos(
+                    user_id, persona, train, val, boot.traces, seed_demos=boot.demos, progress=progress, llm=llm,
+                    ledger=ledger,
+                )  # fmt: skip
+            except (LLMError, prompts.ParseError) as e:
+                # The persona is written (minutes of work on a slow judge): keep it, without demos, marked
+                # as such, instead of losing it with the step that failed. The next fit retries step 3.
+                demo_error = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+                return DemoOutcome(demos=[], accuracy=float("nan"), candidates_scored=0)
+
+        async def selecting() -> Selection | None:
+            if not cfg.selection.enabled:
+                return None
             if progress:
                 progress("select", 0, 1)
             prior = await tenant_prior(self.memory, user_id, cfg.selection) if self.memory is not None else {}
-            selection = await self.select_configuration(
+            out = await self.select_configuration(
                 user_id, [*train, *val], boot.traces, llm=llm, ledger=ledger, prior=prior, rationales=notes
             )
             if progress:
                 progress("select", 1, 1)
+            return out
+
+        # Cross-validation needs neither step 3's demos nor the fit's persona: both run at once (their prompts
+        # share no ledger key, so the judgments and the result are those of running them one after the other).
+        try:
+            async with asyncio.TaskGroup() as tg:  # one failing cancels the other
+                demos_task = tg.create_task(step_three())
+                select_task = tg.create_task(selecting())
+        except BaseExceptionGroup as group:
+            raise group.exceptions[0] from None
+        sel, selection = demos_task.result(), select_task.result()
         usage = {**llm.usage(), "judgments_reused": ledger.hits, "judgments_new": ledger.misses}
         profile = PersonaProfile(
             user_id=user_id,
