@@ -7,9 +7,11 @@ vendored in ``store/assets`` because every package that carries it on PyPI depen
 on sentence-transformers, and with it on torch. Nothing is downloaded at run time.
 
 The vectors are those of the sentence-transformers model (mean pooling over the
-attention mask, L2-normalised, 256 tokens at most) up to int8 quantisation: cosine
-similarity to the float32 PyTorch vectors is >= 0.999 (``tests/test_embeddings.py``),
-so collections written with the earlier torch embedder reopen as they are.
+attention mask, L2-normalised, 256 tokens at most) up to int8 quantisation. By default the
+MatMuls also compute in int8 (:mod:`store.embedding_build`; cosine ~0.99 to the float32
+PyTorch vectors, about a third less CPU per text); ``compute="float32"`` runs the packaged graph (cosine
+>= 0.999). Both are checked against torch vectors in ``tests/test_embeddings.py``, and
+collections written with the earlier torch embedder reopen as they are.
 
 Chroma ships an ONNX MiniLM function of its own, but it downloads the model and pads
 every text to 256 tokens; here batches are padded to their longest text only, which
