@@ -373,6 +373,7 @@ def forget(
                     await erase_synthesis_checkpoints(cp, st.tenant, user)
 
             _run(erase())
+        _clear_disk_llm_cache(st.home)
         out.print(f"forgot {escape(repr(user))}: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
         return
     from synth_agent.scale.settings import ScaleSettings  # cheap: pydantic-settings only, no engine
@@ -395,7 +396,26 @@ def forget(
         return counts
 
     counts = _run(go())
+    _clear_disk_llm_cache(st.settings.home)
     out.print(f"forgot {escape(repr(user))}: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
+
+
+def _clear_disk_llm_cache(home: Path) -> None:
+    """Empty ``<home>/llm-cache.sqlite`` if a run kept one (``SYNTH_AGENT_LLM_DISK_CACHE=1``).
+
+    Its prompts quote users' votes and are addressed by a hash of the whole prompt, so one
+    user's entries cannot be picked out: forgetting anyone drops every cached answer (the
+    rows' bytes overwritten, the WAL truncated).
+    """
+    path = home / "llm-cache.sqlite"
+    if path.exists():
+        from synth_agent.llm.cache import SqliteCache
+
+        cache = SqliteCache(path)
+        try:
+            _run(cache.clear())
+        finally:
+            cache.close()
 
 
 @app.command()

@@ -104,7 +104,7 @@ def open_llm(settings: Settings, *, disk_cache: bool | None = None) -> ChatBacke
     Temperature-0 answers are cached in memory (an LRU bounded by ``SYNTH_AGENT_LLM_CACHE_MB``
     and ``SYNTH_AGENT_LLM_CACHE_ENTRIES``; either ``0`` turns it off); on disk
     (``<home>/llm-cache.sqlite``) only with ``SYNTH_AGENT_LLM_DISK_CACHE=1``: cached prompts
-    contain users' votes, which ``forget`` cannot pick out of a content-addressed cache.
+    contain users' votes and cannot be picked out by user, so ``forget`` empties the cache.
 
     ``SYNTH_AGENT_JUDGE_ENDPOINTS`` (several self-hosted servers) gives an :class:`EndpointPool`;
     otherwise one :class:`LLMClient` for ``OPENAI_BASE_URL``.

@@ -254,3 +254,25 @@ def test_exit_codes_are_documented():
     assert set(EXIT_CODES) == {0, 1, 2, 130, 143}
     help_text = runner.invoke(app, ["--help"]).output
     assert "--debug" in help_text and "Exit codes" in help_text
+
+
+def test_forget_empties_a_kept_llm_disk_cache(tmp_path, capsys):
+    """``SYNTH_AGENT_LLM_DISK_CACHE=1`` keeps prompts quoting votes on disk: forgetting a user drops them all."""
+    import asyncio
+
+    from synth_agent.llm.cache import SqliteCache
+
+    home = tmp_path / "home"
+    f = tmp_path / "v.jsonl"
+    f.write_text(json.dumps({"user_id": "gone@x.org", "context": "q", "chosen": "a", "rejected": "b"}) + "\n")
+    assert run_cli(capsys, "--home", str(home), "ingest", str(f))[0] == 0
+    cache = SqliteCache(home / "llm-cache.sqlite")
+    asyncio.run(cache.set("k", {"text": "zq-cached-prompt-of-gone@x.org"}))
+    cache.close()
+    code, out, _ = run_cli(capsys, "--home", str(home), "forget", "--user", "gone@x.org", "--yes")
+    assert code == 0 and "votes=1" in out
+    blob = b"".join(p.read_bytes() for p in home.glob("llm-cache.sqlite*"))
+    assert b"zq-cached-prompt" not in blob
+    again = SqliteCache(home / "llm-cache.sqlite")
+    assert len(again) == 0
+    again.close()

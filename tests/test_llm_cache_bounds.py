@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 
 from synth_agent.config import Settings
-from synth_agent.llm.cache import MemoryCache, value_bytes
+from synth_agent.llm.cache import MemoryCache, SqliteCache, value_bytes
 from synth_agent.services import open_llm
 
 
@@ -107,3 +108,25 @@ def test_malloc_trim_interval_comes_from_the_environment(monkeypatch: pytest.Mon
     monkeypatch.setenv("SYNTH_AGENT_MALLOC_TRIM_S", "-1")
     with pytest.raises(ValueError, match="malloc_trim_s"):
         Settings()
+
+
+def test_clear_empties_both_caches_and_leaves_no_bytes_on_disk(tmp_path: Path) -> None:
+    """``forget`` clears the answer cache; the on-disk one overwrites the rows' bytes (secure_delete, WAL truncated)."""
+    marker = "zq-forgotten-marker-7731"
+    mem = MemoryCache()
+    disk = SqliteCache(tmp_path / "llm-cache.sqlite")
+
+    async def run() -> None:
+        for cache in (mem, disk):
+            for i in range(50):
+                await cache.set(f"k{i}", {"text": f"{marker} answer {i} " + "x" * 200})
+            assert len(cache) == 50
+            await cache.clear()
+            assert len(cache) == 0 and await cache.get("k1") is None
+
+    asyncio.run(run())
+    assert mem.nbytes == 0
+    blob = b"".join(p.read_bytes() for p in tmp_path.iterdir() if p.is_file())
+    disk.close()
+    blob += b"".join(p.read_bytes() for p in tmp_path.iterdir() if p.is_file())
+    assert marker.encode() not in blob

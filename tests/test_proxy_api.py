@@ -22,6 +22,7 @@ from langgraph.store.memory import InMemoryStore
 from graphs.synthesis import synthesis_thread_id
 from synth_agent.config import Settings
 from synth_agent.engine.synthesize import FitConfig
+from synth_agent.llm.cache import MemoryCache
 from synth_agent.llm.client import EndpointConfig, LLMClient
 from synth_agent.models import PersonaProfile
 from synth_agent.proxy import ProxyServer, ProxySettings, ProxyState, create_app
@@ -288,6 +289,17 @@ def test_forget_user_removes_everything_and_stops_injection(world: World) -> Non
     )
     assert raw.headers["x-synth-persona-version"] == "0"  # the cached persona went with it
     assert world.srv.call(world.state.memories("acme").count_votes(user)) == 0  # type: ignore[misc]
+
+
+def test_forget_empties_the_llm_answer_cache(world: World) -> None:
+    """Cached prompts quote users' votes and cannot be picked out by user: a forget drops them all."""
+    cache = world.state.llm.cache  # type: ignore[union-attr]
+    assert isinstance(cache, MemoryCache)
+    world.srv.call(cache.set("prompt-quoting-forget.cache@example.com", {"text": "their vote text"}))
+    assert len(cache) >= 1
+    d = httpx.delete(f"{world.srv.base_url}/users/{quote('forget.cache@example.com', safe='')}", headers=world.h())
+    assert d.status_code == 200
+    assert len(cache) == 0 and cache.nbytes == 0
 
 
 def test_health_metrics_and_docs(world: World) -> None:

@@ -127,6 +127,11 @@ class MemoryCache:
     def __len__(self) -> int:
         return len(self._data)
 
+    async def clear(self) -> None:
+        """Drop every answer (``forget`` calls it: cached prompts and answers may quote a user's votes)."""
+        self._data.clear()
+        self.nbytes = 0
+
     async def get(self, key: str) -> CachedValue | None:
         entry = self._data.get(key)
         if entry is None:
@@ -187,6 +192,17 @@ class SqliteCache:
 
     async def get(self, key: str) -> CachedValue | None:
         return await asyncio.to_thread(self._get, key)
+
+    def _clear(self) -> None:
+        with self._lock:
+            db = self._db()
+            db.execute("PRAGMA secure_delete=ON")  # the deleted rows' bytes are overwritten, not left in free pages
+            db.execute("DELETE FROM responses")
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    async def clear(self) -> None:
+        """Drop every answer, overwriting their bytes in the file (``forget`` calls it)."""
+        await asyncio.to_thread(self._clear)
 
     async def set(self, key: str, value: CachedValue) -> None:
         await asyncio.to_thread(self._set, key, value)

@@ -15,6 +15,7 @@ from graphs.synthesis import erase_synthesis_checkpoints
 from store.memory import FIT_KINDS
 from synth_agent.export import export_profile
 from synth_agent.lift import load_user_lift, with_live
+from synth_agent.llm.base import ChatBackend
 from synth_agent.models import PersonaProfile
 from synth_agent.proxy.deps import AuthCaller, PathUser, State
 from synth_agent.proxy.errors import ProxyError, responses
@@ -43,6 +44,19 @@ async def _forget_checkpoints(st: ProxyState, tenant: str, user: str, versions: 
     """Synthesis checkpoints hold the user's votes too: erase them (a failure is a 500: DELETE again)."""
     if st.checkpointer is not None:
         await erase_synthesis_checkpoints(st.checkpointer, tenant, user, versions)
+
+
+async def _forget_cached_answers(llm: ChatBackend) -> None:
+    """Empty this server's LLM answer cache: cached prompts and answers quote users' votes.
+
+    The cache is content-addressed (a hash of the whole prompt), so one user's entries cannot be
+    picked out; a forget drops all of them, which costs only re-judging (forgets are rare). A cache
+    without ``clear`` (a user's own :class:`~synth_agent.llm.cache.ResponseCache`) is left as it is.
+    Scale-out workers keep their own in-memory caches until they restart or evict them.
+    """
+    clear = getattr(getattr(llm, "cache", None), "clear", None)
+    if clear is not None:
+        await clear()
 
 
 def router(models: ApiModels) -> APIRouter:
@@ -100,7 +114,7 @@ def router(models: ApiModels) -> APIRouter:
     @r.delete("/v1/users/{user}", response_model=UserDeleted, responses=responses(400, 401, 403, 429, 500, 503))
     async def forget(st: State, caller: AuthCaller, user: PathUser) -> dict[str, Any]:
         """Forget everything stored for this user in the caller's tenant (votes, personas, pending pairs)."""
-        memories, personalizer, _, _ = st.ready()
+        memories, personalizer, _, llm = st.ready()
         tenant = caller.tenant
         sched = st.scheduler
         if getattr(sched, "distributed", False):
@@ -111,10 +125,12 @@ def router(models: ApiModels) -> APIRouter:
                 raise ProxyError(503, f"{exc}; nothing was deleted, retry shortly", code="fit_running",
                                  headers={"Retry-After": "5"}) from None
             personalizer.invalidate(tenant, user)
+            await _forget_cached_answers(llm)
             return {"object": "user.deleted", "deleted": counts}
         versions = len(await memories(tenant).persona_history(user))
         counts = await memories(tenant).forget_user(user)
         personalizer.invalidate(tenant, user)
+        await _forget_cached_answers(llm)
         await _forget_checkpoints(st, tenant, user, versions)
         if isinstance(sched, SynthesisScheduler) and sched.is_busy(tenant, user):
             # A fit already running would save a persona after this delete: once it ends, erase what a
@@ -125,6 +141,7 @@ def router(models: ApiModels) -> APIRouter:
                     await sched.wait_user_idle(tenant, user)
                     await memories(tenant).forget_user(user, kinds=FIT_KINDS)
                     personalizer.invalidate(tenant, user)
+                    await _forget_cached_answers(llm)  # what that fit cached after the first clear
                     await _forget_checkpoints(st, tenant, user, versions + 1)
                 except Exception:
                     log.exception("could not repeat the forget of a user whose fit was running")
