@@ -364,40 +364,36 @@ def forget(
     reply = _via_serve(st, "DELETE", _user_path(user))
     if reply is not None:  # the server erased it, as DELETE /v1/users/{user} does for an API client
         counts = reply.json()["deleted"]
-        if not reply.erases_checkpoints and (st.home / "checkpoints.sqlite").exists():
-            # a server without inline synthesis leaves them to us, as when no server runs
-            from graphs.synthesis import erase_synthesis_checkpoints, open_checkpointer
+        if not reply.erases_checkpoints:  # a server without inline synthesis leaves them to us, as when none runs
+            _run(_erase_checkpoints(st.home, st.tenant, user))
+    else:
+        from synth_agent.scale.settings import ScaleSettings  # cheap: pydantic-settings only, no engine
 
-            async def erase() -> None:
-                async with open_checkpointer(st.home) as cp:  # every thread of the user, by prefix
-                    await erase_synthesis_checkpoints(cp, st.tenant, user)
+        dsn = ScaleSettings().queue
 
-            _run(erase())
-        _clear_disk_llm_cache(st.home)
-        out.print(f"forgot {escape(repr(user))}: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
-        return
-    from synth_agent.scale.settings import ScaleSettings  # cheap: pydantic-settings only, no engine
+        async def go() -> dict[str, int]:
+            memory = open_memory(st.settings, st.tenant, queue=dsn)
+            if dsn:  # scale-out mode: also stop the user's jobs and erase them from Postgres (docs/deploy.md)
+                from synth_agent.scale.queue import forget_everywhere
 
-    dsn = ScaleSettings().queue
+                return await forget_everywhere(dsn, memory, user)
+            versions = len(await memory.persona_history(user))
+            done: dict[str, int] = await memory.forget_user(user)
+            await _erase_checkpoints(st.home, st.tenant, user, versions)
+            return done
 
-    async def go() -> dict[str, int]:
-        memory = open_memory(st.settings, st.tenant, queue=dsn)
-        if dsn:  # scale-out mode: also stop the user's jobs and erase them from Postgres (docs/deploy.md)
-            from synth_agent.scale.queue import forget_everywhere
-
-            return await forget_everywhere(dsn, memory, user)
-        versions = len(await memory.persona_history(user))
-        counts: dict[str, int] = await memory.forget_user(user)
-        if (st.settings.home / "checkpoints.sqlite").exists():  # synthesis checkpoints hold the votes too
-            from graphs.synthesis import erase_synthesis_checkpoints, open_checkpointer
-
-            async with open_checkpointer(st.settings.home) as cp:
-                await erase_synthesis_checkpoints(cp, st.tenant, user, versions)
-        return counts
-
-    counts = _run(go())
-    _clear_disk_llm_cache(st.settings.home)
+        counts = _run(go())
+    _clear_disk_llm_cache(st.home)
     out.print(f"forgot {escape(repr(user))}: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
+
+
+async def _erase_checkpoints(home: Path, tenant: str, user: str, versions: int = 0) -> None:
+    """Erase the user's synthesis checkpoint threads in ``<home>/checkpoints.sqlite`` (they hold the votes too)."""
+    if (home / "checkpoints.sqlite").exists():
+        from graphs.synthesis import erase_synthesis_checkpoints, open_checkpointer
+
+        async with open_checkpointer(home) as cp:  # every thread of the user, by prefix
+            await erase_synthesis_checkpoints(cp, tenant, user, versions)
 
 
 def _clear_disk_llm_cache(home: Path) -> None:
