@@ -130,3 +130,28 @@ def test_clear_empties_both_caches_and_leaves_no_bytes_on_disk(tmp_path: Path) -
     disk.close()
     blob += b"".join(p.read_bytes() for p in tmp_path.iterdir() if p.is_file())
     assert marker.encode() not in blob
+
+
+class _KeyValueOnly:
+    """A user's cache written against the old protocol: get and set, no clear."""
+
+    async def get(self, key: str) -> dict | None:
+        return None
+
+    async def set(self, key: str, value: dict) -> None:
+        return None
+
+
+def test_a_cache_that_cannot_be_cleared_is_refused_at_construction() -> None:
+    """Forget must be able to empty any cache a client uses, so ``clear`` is part of ``ResponseCache``."""
+    from synth_agent.llm.cache import resolve_cache
+    from synth_agent.llm.client import EndpointConfig, LLMClient
+    from synth_agent.llm.pool import EndpointPool
+
+    with pytest.raises(TypeError, match="get, set and clear"):
+        resolve_cache(_KeyValueOnly())  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="ResponseCache"):
+        LLMClient(EndpointConfig(base_url="http://127.0.0.1:9/v1", model="m"), cache=_KeyValueOnly())  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="ResponseCache"):
+        EndpointPool([LLMClient(EndpointConfig(base_url="http://127.0.0.1:9/v1", model="m"))], cache=_KeyValueOnly())  # type: ignore[arg-type]
+    assert isinstance(resolve_cache(True), MemoryCache) and resolve_cache(False) is None

@@ -59,11 +59,35 @@ def cache_key(
 
 @runtime_checkable
 class ResponseCache(Protocol):
-    """Async key/value store for completed answers (never failures)."""
+    """Async key/value store for completed answers (never failures).
+
+    ``clear`` is part of the contract because cached prompts quote users' votes: forgetting a user
+    (``DELETE /v1/users/{u}``, ``synth-agent forget``) empties the cache, since a content-addressed
+    cache cannot pick out one user's entries.
+    """
 
     async def get(self, key: str) -> CachedValue | None: ...
 
     async def set(self, key: str, value: CachedValue) -> None: ...
+
+    async def clear(self) -> None: ...
+
+
+def resolve_cache(cache: ResponseCache | bool) -> ResponseCache | None:
+    """The cache a client uses: ``True`` → a new :class:`MemoryCache`, ``False`` → none, else the given one.
+
+    A cache without ``get``, ``set`` and ``clear`` is refused here, at construction, rather than
+    found out at the first forget (which could then not erase what the cache holds).
+    """
+    if cache is True:
+        return MemoryCache()
+    if cache is False:
+        return None
+    if not isinstance(cache, ResponseCache):
+        raise TypeError(
+            f"cache must be True, False or a ResponseCache (async get, set and clear), not {type(cache).__name__}"
+        )
+    return cache
 
 
 DEFAULT_MAX_ENTRIES = 10_000

@@ -40,7 +40,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_aft
 
 from synth_agent.config import Settings
 from synth_agent.llm.base import CallSiteStats, ChatMessage, Completion, LLMStats, TokenLogprob
-from synth_agent.llm.cache import MemoryCache, ResponseCache, cache_key
+from synth_agent.llm.cache import ResponseCache, cache_key, resolve_cache
 from synth_agent.llm.errors import (
     ContextOverflowError,
     InvalidRequestError,
@@ -322,9 +322,7 @@ class LLMClient:
         self.config = config
         self.model = config.model
         self.stats = LLMStats()
-        self.cache: ResponseCache | None = (
-            MemoryCache() if cache is True else None if cache is False else cache  # type: ignore[assignment]
-        )
+        self.cache: ResponseCache | None = resolve_cache(cache)
         self.retry_log: deque[RetryEvent] = deque(maxlen=retry_log_size)
         self._rng = random.Random(rng_seed)
         self._bound: _LoopBound | None = None

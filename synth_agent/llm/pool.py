@@ -43,7 +43,7 @@ import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from synth_agent.llm.base import ChatMessage, Completion, LLMStats
-from synth_agent.llm.cache import MemoryCache, ResponseCache, cache_key
+from synth_agent.llm.cache import ResponseCache, cache_key, resolve_cache
 from synth_agent.llm.client import (
     EndpointConfig,
     LLMClient,
@@ -331,9 +331,7 @@ class EndpointPool:
         ]
         names = sorted({m.model for m in members})
         self.model = model or "|".join(names)
-        self.cache: ResponseCache | None = (
-            MemoryCache() if cache is True else None if cache is False else cache  # type: ignore[assignment]
-        )
+        self.cache: ResponseCache | None = resolve_cache(cache)
         self.health_interval = health_interval
         self.health_timeout = health_timeout
         self.failure_threshold = failure_threshold

@@ -50,13 +50,12 @@ async def _forget_cached_answers(llm: ChatBackend) -> None:
     """Empty this server's LLM answer cache: cached prompts and answers quote users' votes.
 
     The cache is content-addressed (a hash of the whole prompt), so one user's entries cannot be
-    picked out; a forget drops all of them, which costs only re-judging (forgets are rare). A cache
-    without ``clear`` (a user's own :class:`~synth_agent.llm.cache.ResponseCache`) is left as it is.
-    Scale-out workers keep their own in-memory caches until they restart or evict them.
+    picked out; a forget drops all of them, which costs only re-judging (forgets are rare); ``clear`` is
+    part of :class:`~synth_agent.llm.cache.ResponseCache`, so a user's own cache is emptied too. Scale-out workers keep their own in-memory caches until they restart or evict them.
     """
-    clear = getattr(getattr(llm, "cache", None), "clear", None)
-    if clear is not None:
-        await clear()
+    cache = getattr(llm, "cache", None)  # a ChatBackend need not cache at all
+    if cache is not None:
+        await cache.clear()
 
 
 def router(models: ApiModels) -> APIRouter:
