@@ -14,7 +14,8 @@ commands while a ``synth-agent serve`` (started here for each tree, stopped at t
 home: this tree's CLI then asks it over its API (synth_agent.local_service), an older tree's
 connects to its Chroma child; *floor* rows are not commands but what any in-process store command must pay
 whatever this project does: the tree's Python importing ``chromadb`` (and LangGraph's
-``BaseStore``, which ``ChromaStore`` implements), measured the same way. CPU is the child's user +
+``BaseStore``, which ``ChromaStore`` implements: the read commands no longer import it, they read
+through ``store.reader``), measured the same way. CPU is the child's user +
 system time (``os.wait4``), which a loaded machine inflates less than wall time.
 
     .venv/bin/python bench/startup.py [--runs 7] [--baseline /work/baseline] [--only store] [--only served] [--no-bytecode-cache]

@@ -24,31 +24,19 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from langgraph.store.base import BaseStore, GetOp, PutOp, SearchItem
+from langgraph.store.base import BaseStore, GetOp, PutOp
 
-from synth_agent.models import PersonaProfile, Trace, Vote, validate_user_id
-
-ROOT = "synth_agent"
-_KINDS = ("votes", "personas", "traces", "judgments", "pending_votes", "lift")
-"""Everything kept per user; forget_user deletes each kind (pending_votes: A/B pairs awaiting a vote;
-lift: one event per redeemed A/B token, :mod:`synth_agent.lift`)."""
-FIT_KINDS = ("personas", "traces", "judgments")
-"""What a synthesis run writes for a user (and nothing else): erased again when a forget raced a fit."""
-
-
-def encode_label(text: str) -> str:
-    """Reversible namespace label for an arbitrary non-empty string (no '.', keeps the rest readable)."""
-    return text.replace("%", "%25").replace(".", "%2E").replace("/", "%2F")
-
-
-def decode_label(label: str) -> str:
-    return label.replace("%2F", "/").replace("%2E", ".").replace("%25", "%")
-
-
-def user_namespace(tenant: str, user_id: str, kind: str | None = None) -> tuple[str, ...]:
-    """The layout of per-user data: ``(ROOT, tenant, "user", user[, kind])``, labels encoded."""
-    base = (ROOT, encode_label(tenant), "user", encode_label(validate_user_id(user_id)))
-    return (*base, kind) if kind else base
+from store.memory_view import (  # the layout and the read half live there (no LangGraph import)
+    _KINDS,
+    FIT_KINDS,
+    ROOT,
+    PreferenceView,
+    _vote_order,
+    decode_label,
+    encode_label,
+    user_namespace,
+)
+from synth_agent.models import PersonaProfile, Trace, Vote
 
 
 @dataclass(frozen=True)
@@ -147,13 +135,7 @@ def _hash(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, ensure_ascii=False).encode()).hexdigest()[:32]
 
 
-def _vote_order(value: dict[str, Any]) -> tuple[float, int]:
-    arrival = int(value["arrival_ns"])
-    ts = value.get("timestamp")
-    return (float(ts) if ts is not None else arrival / 1e9, arrival)
-
-
-class PreferenceMemory:
+class PreferenceMemory(PreferenceView):
     """The preference-memory API of synth-agent on top of a LangGraph ``BaseStore``.
 
     One instance per tenant; all data is namespaced by tenant then user, so one
@@ -176,19 +158,12 @@ class PreferenceMemory:
         []
     """
 
+    store: BaseStore
+
     def __init__(self, store: BaseStore, tenant: str = "default", *, page_size: int = 500) -> None:
         if not isinstance(store, BaseStore):
             raise ValueError(f"store must be a LangGraph BaseStore, got {type(store).__name__}")
-        try:
-            validate_user_id(tenant)
-        except ValueError as exc:
-            raise ValueError(f"invalid tenant id: {exc}".replace("user_id", "tenant")) from exc
-        if page_size < 1:
-            raise ValueError(f"page_size must be >= 1, got {page_size}")
-        self.store = store
-        self.page_size = page_size
-        self.tenant = tenant
-        self._tenant_label = encode_label(tenant)
+        super().__init__(store, tenant, page_size=page_size)
         self._gate = _UserGate()
         self._tickets: list[_Ticket] = []
         self._runner: asyncio.Task[None] | None = None
@@ -197,22 +172,6 @@ class PreferenceMemory:
         self._last_arrival = 0
 
     # ------------------------------------------------------------------ namespaces
-
-    def _users_ns(self) -> tuple[str, ...]:
-        return (ROOT, self._tenant_label, "users")
-
-    def namespace(self, user_id: str, kind: str) -> tuple[str, ...]:
-        """The BaseStore namespace holding one kind of this user's data (see ``_KINDS``).
-
-        Public so that layers storing extra per-user data (e.g. pending A/B pairs) put it
-        where ``forget_user`` will find it.
-        """
-        if kind not in _KINDS:
-            raise ValueError(f"unknown kind {kind!r}; use one of {', '.join(_KINDS)}")
-        return self._user_ns(user_id, kind)
-
-    def _user_ns(self, user_id: str, kind: str | None = None) -> tuple[str, ...]:
-        return user_namespace(self.tenant, user_id, kind)
 
     def _lock(self, user_id: str) -> contextlib.AbstractAsyncContextManager[None]:
         return self._gate.exclusive(user_id)
@@ -224,15 +183,6 @@ class PreferenceMemory:
 
     def _register(self, user_id: str) -> PutOp:
         return PutOp(self._users_ns(), encode_label(user_id), {"user_id": user_id}, index=False)
-
-    async def _all(self, namespace: tuple[str, ...], **kwargs: Any) -> list[SearchItem]:
-        """Every item under ``namespace``, paging through the store (no silent caps)."""
-        out: list[SearchItem] = []
-        while True:
-            page = await self.store.asearch(namespace, limit=self.page_size, offset=len(out), **kwargs)
-            out += page
-            if len(page) < self.page_size:
-                return out
 
     # ------------------------------------------------------------------ votes
 
@@ -478,16 +428,6 @@ class PreferenceMemory:
             fut.add_done_callback(lambda f, t=t, where=where: answer(t, where, f))  # type: ignore[misc]
         await asyncio.gather(*futures, return_exceptions=True)
 
-    async def list_votes(self, user_id: str) -> list[Vote]:
-        """All of a user's votes in time order (timestamp if given, else arrival; ties by arrival)."""
-        items = await self._all_with_pending(self._user_ns(user_id, "votes"))
-        items.sort(key=lambda it: _vote_order(it.value))
-        return [Vote.model_validate(it.value["vote"]) for it in items]
-
-    async def count_votes(self, user_id: str) -> int:
-        """Stored votes plus those acknowledged into the store's intake journal and not stored yet."""
-        return len(await self._all_with_pending(self._user_ns(user_id, "votes")))
-
     async def relevant_votes(self, user_id: str, query: str, k: int = 5) -> list[Vote]:
         """The user's ``k`` past votes most similar to ``query``, best first.
 
@@ -511,10 +451,6 @@ class PreferenceMemory:
         return [Vote.model_validate(it.value["vote"]) for it in items[:k]]
 
     # ------------------------------------------------------------------ personas
-
-    async def _persona_items(self, user_id: str) -> list[SearchItem]:
-        items = await self._all(self._user_ns(user_id, "personas"))
-        return sorted(items, key=lambda it: int(it.value["version"]))
 
     async def save_persona(self, profile: PersonaProfile, *, version: int | None = None) -> PersonaProfile:
         """Save ``profile`` as a new version (latest + 1); older versions are kept as history.
@@ -541,10 +477,6 @@ class PreferenceMemory:
             )
         return saved
 
-    async def current_persona(self, user_id: str) -> PersonaProfile | None:
-        items = await self._persona_items(user_id)
-        return PersonaProfile.model_validate(items[-1].value["profile"]) if items else None
-
     async def update_persona_meta(self, user_id: str, version: int, patch: dict[str, Any]) -> PersonaProfile | None:
         """Merge ``patch`` into the ``meta`` of saved version ``version`` (e.g. a demotion by live A/B votes);
         the version number and everything else stay. None if that version does not exist."""
@@ -558,12 +490,6 @@ class PreferenceMemory:
             value = {"version": version, "profile": new.model_dump(mode="json")}
             await self.store.abatch([PutOp(ns, f"{version:010d}", value, index=False)])
         return new
-
-    async def persona_history(self, user_id: str) -> list[PersonaProfile]:
-        """Every saved version, oldest first."""
-        return [
-            PersonaProfile.model_validate(it.value["profile"]) for it in await self._persona_items(user_id)
-        ]
 
     # ------------------------------------------------------------------ traces
 
@@ -661,4 +587,4 @@ class PreferenceMemory:
         return dict(zip(users, counts, strict=True))
 
 
-__all__ = ["FIT_KINDS", "ROOT", "AddVotesResult", "PreferenceMemory", "decode_label", "encode_label"]
+__all__ = ["FIT_KINDS", "ROOT", "AddVotesResult", "PreferenceMemory", "decode_label", "encode_label", "user_namespace"]

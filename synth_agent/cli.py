@@ -325,9 +325,10 @@ def votes(
 
         vs = [Vote.model_validate(v) for v in reply.json()["data"]]
     else:
-        from synth_agent.services import open_memory
+        from synth_agent.services import open_view
 
-        vs = _run(open_memory(st.settings, st.tenant).list_votes(user))
+        with open_view(st.settings, st.tenant) as memory:
+            vs = _run(memory.list_votes(user))
     if as_json:
         for v in vs:
             print(v.model_dump_json())
@@ -370,8 +371,12 @@ def forget(
         from synth_agent.scale.settings import ScaleSettings  # cheap: pydantic-settings only, no engine
 
         dsn = ScaleSettings().queue
+        nothing = None if dsn else _nothing_to_forget(st, user)
 
         async def go() -> dict[str, int]:
+            if nothing is not None:  # nothing stored: no store write, but checkpoints may still hold votes
+                await _erase_checkpoints(st.home, st.tenant, user)
+                return nothing
             memory = open_memory(st.settings, st.tenant, queue=dsn)
             if dsn:  # scale-out mode: also stop the user's jobs and erase them from Postgres (docs/deploy.md)
                 from synth_agent.scale.queue import forget_everywhere
@@ -385,6 +390,23 @@ def forget(
         counts = _run(go())
     _clear_disk_llm_cache(st.home)
     out.print(f"forgot {escape(repr(user))}: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
+
+
+def _nothing_to_forget(st: CLIState, user: str) -> dict[str, int] | None:
+    """Zero counts when the local store holds nothing of ``user`` (not one item, no entry in the user
+    list), found by reading it without LangGraph (:func:`synth_agent.services.open_view`); else None.
+
+    Erasing needs the full store (its writer, journal and key destruction); forgetting a user it
+    holds nothing of needs no store write, so that case is answered without opening it. None too
+    when the store cannot be read that way (then the full store decides, as before).
+    """
+    from store.memory_view import KINDS
+    from synth_agent.services import open_view
+
+    with open_view(st.settings, st.tenant, full=False) as view:
+        if view is None or _run(view.holds(user)):
+            return None
+    return dict.fromkeys(KINDS, 0)
 
 
 async def _erase_checkpoints(home: Path, tenant: str, user: str, versions: int = 0) -> None:
@@ -564,14 +586,14 @@ def persona(
         profiles = [PersonaProfile.model_validate(p) for p in (body["data"] if history else [body])]
     else:
         from synth_agent.lift import load_user_lift, with_live
-        from synth_agent.services import open_memory
+        from synth_agent.services import open_view
 
-        memory = open_memory(st.settings, st.tenant)
-        profiles = (_run(memory.persona_history(user)) if history
-                    else [p for p in [_run(memory.current_persona(user))] if p])
-        if profiles:
-            lift = _run(load_user_lift(memory, user))
-            profiles = [with_live(p, lift) for p in profiles]
+        with open_view(st.settings, st.tenant) as memory:
+            profiles = (_run(memory.persona_history(user)) if history
+                        else [p for p in [_run(memory.current_persona(user))] if p])
+            if profiles:
+                lift = _run(load_user_lift(memory, user))
+                profiles = [with_live(p, lift) for p in profiles]
     if not profiles:
         _fail(none_yet)
     if as_json:
@@ -600,9 +622,10 @@ def _drift_line(row: dict[str, Any]) -> str:
 
 
 def _current_profile(st: CLIState, user: str) -> Any:
-    from synth_agent.services import open_memory
+    from synth_agent.services import open_view
 
-    return _run(open_memory(st.settings, st.tenant).current_persona(user))
+    with open_view(st.settings, st.tenant) as memory:
+        return _run(memory.current_persona(user))
 
 
 @app.command()

@@ -98,6 +98,29 @@ def open_memory(settings: Settings, tenant: str = "default", *, queue: str | Non
     return PreferenceMemory(open_store(settings, queue=queue), tenant=tenant)
 
 
+@contextlib.contextmanager
+def open_view(settings: Settings, tenant: str = "default", *, full: bool = True) -> Iterator[Any]:
+    """Read-only preference memory for one-shot read commands: a :class:`store.memory_view.PreferenceView`
+    over a :class:`store.reader.StoreReader` when the local store can be read that way (it then imports
+    neither LangGraph nor LangChain: docs/cli.md#start-up-time), else the full :func:`open_memory`
+    (``full=False``: None instead).
+
+    The reader holds the store directory until the block ends; the full memory is left open, as
+    :func:`open_memory` leaves it.
+    """
+    if not settings.chroma_host:
+        from store.reader import StoreReader
+
+        reader = StoreReader.open(settings.home / "chroma")
+        if reader is not None:
+            from store.memory_view import PreferenceView
+
+            with reader:
+                yield PreferenceView(reader, tenant)
+            return
+    yield open_memory(settings, tenant) if full else None
+
+
 def open_llm(settings: Settings, *, disk_cache: bool | None = None) -> ChatBackend:
     """An LLM backend for the configured endpoint(s).
 

@@ -7,6 +7,7 @@ import pytest
 import store.chroma
 import store.embeddings
 import store.memory
+import store.memory_view
 import synth_agent.config
 import synth_agent.engine.selection
 import synth_agent.engine.synthesize
@@ -18,7 +19,7 @@ import synth_agent.models
 import synth_agent.safejson
 
 MODULES = [synth_agent.models, synth_agent.engine.synthesize, store.embeddings, synth_agent.safejson, synth_agent.ids,
-           store.chroma, store.memory, synth_agent.llm.client, synth_agent.llm.pool,
+           store.chroma, store.memory, store.memory_view, synth_agent.llm.client, synth_agent.llm.pool,
            synth_agent.engine.selection, synth_agent.lift, synth_agent.config]
 
 # the main public classes: each shows how it is used, and the example runs (offline: simulator, temp dirs)
