@@ -367,3 +367,26 @@ async def test_persona_cache_answers_warm_reads_synchronously():
     off = PersonaCache(ttl=0)
     await off.get(mems("acme"), "acme", "zoë@example.com")
     assert off.cached("acme", "zoë@example.com") == (False, None)
+
+
+async def test_persona_cache_is_bounded():
+    """One entry per user ever served used to stay for the life of the process, expired or not:
+    the cache keeps at most ``max_entries`` (oldest written out first) and drops expired ones on write."""
+    from graphs._common import PersonaCache
+
+    store = InMemoryStore()
+    mems = TenantMemories(store)
+    cache = PersonaCache(ttl=None, max_entries=3)
+    for i in range(10):
+        await cache.get(mems("acme"), "acme", f"u{i}")
+    assert len(cache) == 3 and [cache.cached("acme", f"u{i}")[0] for i in (6, 7, 8, 9)] == [False, True, True, True]
+    cache.put("acme", "u7", None)  # a write makes u7 the newest: u8 is the next out
+    await cache.get(mems("acme"), "acme", "u10")
+    assert [cache.cached("acme", u)[0] for u in ("u7", "u8", "u9", "u10")] == [True, False, True, True]
+
+    short = PersonaCache(ttl=0.05, max_entries=100)
+    for i in range(5):
+        await short.get(mems("acme"), "acme", f"u{i}")
+    await asyncio.sleep(0.06)  # all five expired
+    await short.get(mems("acme"), "acme", "late")
+    assert len(short) == 1
