@@ -197,6 +197,30 @@ async def test_concurrent_double_submit_records_one_vote() -> None:
     assert await mems("acme").count_votes("zoë@example.com") == 1
 
 
+async def test_open_ab_pairs_are_bounded_per_user() -> None:
+    """A pair nobody votes on used to stay until its user was forgotten: a user keeps at most
+    ``max_open_votes`` open pairs (the oldest go first), and expired ones go when a new pair opens."""
+    from graphs.chat import pending_namespace
+
+    store = InMemoryStore()
+    mems = TenantMemories(store)
+    p = Personalizer(RecordingModel(), store=store, memory_for=mems, default_mode="ab", max_open_votes=3,
+                     rng=random.Random(5))
+    tokens = [(await p.graph.ainvoke({"messages": [("user", f"hi {i}")]}, USER))["ab"]["token"] for i in range(5)]
+    ns = pending_namespace("acme", "zoë@example.com")
+    assert sorted(it.key for it in await store.asearch(ns, limit=50)) == sorted(tokens[2:])
+    with pytest.raises(VoteError, match="unknown vote token"):
+        await p.submit_vote(tokens[0], "a", config=USER)
+    await p.submit_vote(tokens[4], "a", config=USER)  # a kept pair still redeems
+    assert await mems("acme").count_votes("zoë@example.com") == 1
+
+    p.vote_ttl = 0.0  # every open pair is now expired: the next one to open clears them
+    fresh = (await p.graph.ainvoke({"messages": [("user", "again")]}, USER))["ab"]["token"]
+    assert [it.key for it in await store.asearch(ns, limit=50)] == [fresh]
+    with pytest.raises(ValueError):
+        Personalizer(RecordingModel(), store=store, max_open_votes=0)
+
+
 async def test_ab_with_persona_is_personalized_vs_plain() -> None:
     store = InMemoryStore()
     mems = TenantMemories(store)
