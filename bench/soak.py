@@ -31,6 +31,7 @@ import argparse
 import asyncio
 import json
 import os
+import pickle
 import random
 import signal
 import statistics
@@ -197,6 +198,50 @@ def disk_mb(path: Path | None) -> float:
     return total / 1e6
 
 
+def hnsw_state(home: Path | None) -> tuple[int, int, float]:
+    """(slots, live items, MB) over every HNSW segment of the store's Chroma, as last persisted.
+
+    chromadb's local HNSW gives every new id a new slot (label) and only marks a deleted one:
+    slots = ``total_elements_added`` of the segment's ``index_metadata.pickle``, live items = its
+    id map; MB = ``data_level0.bin`` + ``link_lists.bin`` (the vectors and links of every slot,
+    deleted ones included: what the index holds in memory). Persisted every ``sync_threshold``
+    (64–256) records per collection, so it lags the live process by that much.
+    """
+    slots = live = 0
+    nbytes = 0
+    if home is None:
+        return 0, 0, 0.0
+    for meta in (home / "chroma").glob("*/index_metadata.pickle"):
+        try:
+            with meta.open("rb") as fh:
+                m = pickle.load(fh)  # noqa: S301 - the file is Chroma's own, written by the server we started
+            slots += int(m.get("total_elements_added") or 0)
+            live += len(m.get("id_to_label") or {})
+            nbytes += sum((meta.parent / f).stat().st_size for f in ("data_level0.bin", "link_lists.bin")
+                          if (meta.parent / f).exists())
+        except (OSError, pickle.UnpicklingError, EOFError, ValueError, TypeError):
+            continue  # being replaced while we read: the next sample gets it
+    return slots, live, nbytes / 1e6
+
+
+def fit_level(points: list[tuple[float, float, float]]) -> tuple[float, float, float]:
+    """Least squares ``rss = a + b * items + c * minutes``: (b in KB per item, c in MB/min, corr(items, t)).
+
+    ``c`` is the growth at a constant amount of stored data; it can only be told apart from ``b``
+    when the data is not growing in step with time (|corr| well below 1, e.g. deletes balancing writes).
+    """
+    import numpy as np
+
+    if len(points) < 4:
+        return float("nan"), float("nan"), float("nan")
+    t = np.array([p[0] / 60 for p in points])
+    n = np.array([p[1] for p in points], dtype=float)
+    y = np.array([p[2] for p in points])
+    corr = float(np.corrcoef(n, t)[0, 1]) if n.std() > 0 else float("nan")
+    coef, *_ = np.linalg.lstsq(np.column_stack([np.ones_like(t), n, t]), y, rcond=None)
+    return float(coef[1] * 1024), float(coef[2]), corr
+
+
 def slope_mb_per_min(points: list[tuple[float, float]]) -> float:
     if len(points) < 2:
         return float("nan")
@@ -304,11 +349,13 @@ class Trace:
         self.data: list[tuple[float, int, float]] = []  # (t, votes stored, MB on disk)
         self.written: list[tuple[float, float]] = []  # (t, votes acknowledged so far, deleted ones included)
         self.trim: dict[str, list[float]] | None = None
+        self.hnsw: list[tuple[float, int, int, float]] = []  # (t, slots, live items, MB) of Chroma's HNSW
 
     def sample(self, now: float, pid: int, mix: Mix) -> None:
         self.smaps.append((now, smaps_mb(pid)))
         self.data.append((now, sum(mix.live.values()), disk_mb(self.home)))
         self.written.append((now, float(len(mix.acked))))
+        self.hnsw.append((now, *hnsw_state(self.home)))
 
 
 async def drive(args: argparse.Namespace, url: str, pid: int) -> tuple[Mix, list[tuple[float, dict[str, float]]], Trace]:
@@ -386,12 +433,35 @@ def data_report(samples: list[tuple[float, dict[str, float]]], trace: Trace, war
     def part(name: str, kind: str) -> list[tuple[float, float]]:
         return [(t, sum(v[kind] for k, v in s.items() if k.split("[")[0] == name)) for t, s in trace.smaps if t >= warmup]
 
-    per_vote = votes_per_min > 0.5  # a mix that stores (almost) nothing has no "per vote"
+    # "Per stored vote" only means something while the stored votes grow: with deletes balancing
+    # writes (the issue's mix reaches that within ~10 minutes) it would divide by ~0.
+    written_per_min = slope_mb_per_min([p for p in trace.written if p[0] >= warmup])
+    per_vote = votes_per_min > max(0.5, 0.1 * written_per_min)
+    chroma = [(t, sum(v for k, v in s.items() if k.split("[")[0] == "chroma")) for t, s in samples]
+    hnsw = {t: (slots, live, mb) for t, slots, live, mb in trace.hnsw}
+    joined = [(t, *hnsw[t], mb) for t, mb in chroma if t >= warmup and t in hnsw]  # (t, slots, live, hnsw MB, RSS)
+    kb_live, c_live, corr_live = fit_level([(t, live, rss) for t, _, live, _, rss in joined])
+    slot_rate = slope_mb_per_min([(t, float(slots)) for t, slots, _, _, _ in joined])
+    hnsw_rate = slope_mb_per_min([(t, mb) for t, _, _, mb, _ in joined])
+    end = trace.hnsw[-1] if trace.hnsw else (0.0, 0, 0, 0.0)
+    out: dict[str, object] = {
+        "hnsw_slots_live_tombstoned_end": [end[1], end[2], end[1] - end[2]],
+        "hnsw_mb_end": round(end[3], 1),
+        "hnsw_slots_per_min_after_warmup": round(slot_rate, 1),
+        "hnsw_mb_per_min_after_warmup": round(hnsw_rate, 3),
+        # Chroma's RSS with the HNSW bytes (live and deleted slots) taken out: what grows besides the index
+        "chroma_rss_slope_net_of_hnsw_mb_per_min": round(slope_mb_per_min([(t, rss - mb) for t, _, _, mb, rss
+                                                                          in joined]), 3),
+        # rss = a + b * live items + c * t: b per stored item, c the growth at constant stored data
+        "chroma_fit_kb_per_live_item": round(kb_live, 2),
+        "chroma_fit_mb_per_min_at_constant_data": round(c_live, 3),
+        "chroma_fit_corr_live_items_time": round(corr_live, 2),
+    }
     return {
         "votes_stored_end": trace.data[-1][1] if trace.data else 0,
         "votes_stored_per_min_after_warmup": round(votes_per_min, 1),
         # Deleted votes count here: what Chroma's memory follows is what was written.
-        "votes_written_per_min_after_warmup": round(slope_mb_per_min([p for p in trace.written if p[0] >= warmup]), 1),
+        "votes_written_per_min_after_warmup": round(written_per_min, 1),
         "disk_mb_end": round(trace.data[-1][2], 1) if trace.data else None,
         "disk_mb_per_min_after_warmup": round(disk_slope, 3),
         "disk_kb_per_stored_vote": round(disk_slope / votes_per_min * 1000, 2) if per_vote else None,
@@ -401,6 +471,7 @@ def data_report(samples: list[tuple[float, dict[str, float]]], trace: Trace, war
                              for name in names} if trace.smaps else {},
         "anon_file_slope_after_warmup_mb_per_min": {
             name: {kind: round(slope_mb_per_min(part(name, kind)), 3) for kind in ("anon", "file")} for name in names},
+        **out,
     }
 
 
@@ -505,7 +576,7 @@ def main() -> None:
         (t, {k.split("[")[0]: round(v, 1) for k, v in s.items()}) for t, s in samples],
         "smaps_samples": [(t, {k.split("[")[0]: {kk: round(vv, 2) for kk, vv in v.items()} for k, v in s.items()})
                           for t, s in trace.smaps],
-        "data_samples": trace.data, "load_before": load0, "load_after": os.getloadavg()}, indent=2))
+        "data_samples": trace.data, "hnsw_samples": trace.hnsw, "load_before": load0, "load_after": os.getloadavg()}, indent=2))
     plot(samples, args.out / "soak.png", f"soak: {args.rate:g} req/s, {repo.name}")
     for k, v in report.items():
         print(f"  {k:36} {v}")

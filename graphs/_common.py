@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -172,13 +173,21 @@ class PersonaCache:
     Invalidated (or refreshed) by the scheduler's listener when a new version is saved;
     ``ttl`` bounds staleness when another process saves personas. ``ttl=0`` disables
     caching (every turn reads the store), which is what module-level graphs use.
+
+    Bounded: entries are kept in the order they were written (which, with one ``ttl``, is the
+    order they expire in); each write drops expired entries from the front and, past
+    ``max_entries``, the oldest. Without that a server kept one profile per user it ever
+    served, expired or not, for as long as it ran.
     """
 
-    def __init__(self, ttl: float | None = 300.0) -> None:
+    def __init__(self, ttl: float | None = 300.0, *, max_entries: int = 10_000) -> None:
         if ttl is not None and ttl < 0:
             raise ValueError("persona cache ttl must be >= 0 (0 disables the cache, None never expires)")
+        if max_entries < 1:
+            raise ValueError("persona cache max_entries must be >= 1")
         self.ttl = ttl
-        self._entries: dict[tuple[str, str], tuple[float, PersonaProfile | None]] = {}
+        self.max_entries = max_entries
+        self._entries: OrderedDict[tuple[str, str], tuple[float, PersonaProfile | None]] = OrderedDict()
         self.hits = 0
         self.misses = 0
 
@@ -202,7 +211,7 @@ class PersonaCache:
         self.misses += 1
         profile = await memory.current_persona(user)
         if self.ttl != 0:
-            self._entries[(tenant, user)] = (now + (self.ttl or 0.0) if self.ttl is not None else 0.0, profile)
+            self._store((tenant, user), now, profile)
         return profile
 
     def put(self, tenant: str, user: str, profile: PersonaProfile | None) -> None:
@@ -212,7 +221,16 @@ class PersonaCache:
         old = self._entries.get((tenant, user))
         if old is not None and old[1] is not None and profile is not None and old[1].version > profile.version:
             return
-        self._entries[(tenant, user)] = (time.monotonic() + (self.ttl or 0.0) if self.ttl is not None else 0.0, profile)
+        self._store((tenant, user), time.monotonic(), profile)
+
+    def _store(self, key: tuple[str, str], now: float, profile: PersonaProfile | None) -> None:
+        self._entries[key] = (now + self.ttl if self.ttl is not None else 0.0, profile)
+        self._entries.move_to_end(key)
+        while self._entries:
+            oldest, (expires, _) = next(iter(self._entries.items()))
+            if len(self._entries) <= self.max_entries and (self.ttl is None or expires > now):
+                break
+            del self._entries[oldest]
 
     def invalidate(self, tenant: str, user: str | None = None) -> None:
         if user is not None:

@@ -45,7 +45,7 @@ from langgraph.graph import END, START, StateGraph
 from langgraph.graph.message import add_messages
 from langgraph.graph.state import CompiledStateGraph
 from langgraph.runtime import Runtime
-from langgraph.store.base import BaseStore
+from langgraph.store.base import BaseStore, PutOp
 from langgraph.types import Checkpointer, Send
 from pydantic import Field
 from typing_extensions import TypedDict
@@ -254,7 +254,8 @@ class Personalizer:
     (default: one per tenant over the run's store). ``scheduler``: notified of votes;
     its saves refresh the persona cache. ``background``: told about each recorded vote
     (:class:`BackgroundSynthesis`; under the LangGraph server, :class:`graphs.server.ServerSynthesis`).
-    ``rng``: A/B presentation order and vote tokens (default: system randomness; pass a seeded
+    ``max_open_votes``: A/B pairs kept open per user (the oldest go first; expired ones, older than
+    ``vote_ttl``, are dropped whenever the user opens a new pair). ``rng``: A/B presentation order and vote tokens (default: system randomness; pass a seeded
     ``random.Random`` only for reproducible tests).
 
     The per-user guard (:mod:`synth_agent.engine.selection`) decides what is served: the persona is
@@ -282,6 +283,7 @@ class Personalizer:
         persona_ttl: float | None = 300.0,
         ab_alternative: Runnable[Any, Any] | None = None,
         vote_ttl: float | None = 7 * 24 * 3600.0,
+        max_open_votes: int = 100,
         rng: random.Random | None = None,
         demotion: DemotionPolicy | None = DemotionPolicy(),
         name: str = "personalized_agent",
@@ -304,6 +306,9 @@ class Personalizer:
         self.rank_strategy: Strategy = rank_strategy
         self.ab_alternative = ab_alternative
         self.vote_ttl = vote_ttl
+        if max_open_votes < 1:
+            raise ValueError("max_open_votes must be at least 1")
+        self.max_open_votes = max_open_votes
         self._rng = rng or random.SystemRandom()
         self._seeded = rng is not None
         self.personas = PersonaCache(persona_ttl)
@@ -668,8 +673,34 @@ class Personalizer:
             "context": [m.model_dump() for m in context],
             "created_at": datetime.now(UTC).isoformat(),
         }
-        await memory.store.aput(pending_namespace(tenant, user), token, value, index=False)
+        ns = pending_namespace(tenant, user)
+        await memory.store.aput(ns, token, value, index=False)
+        await self._prune_open_votes(memory.store, ns, keep=token)
         return {**public, "token": token}
+
+    async def _prune_open_votes(self, store: BaseStore, ns: tuple[str, ...], keep: str) -> None:
+        """Drop the user's expired A/B pairs, and the oldest past ``max_open_votes``.
+
+        A pair nobody votes on was otherwise kept until its user was forgotten (expiry was only
+        checked when a token was redeemed), so a server's stored data grew with every A/B request.
+        """
+        items: list[Any] = []
+        while True:
+            page = await store.asearch(ns, limit=500, offset=len(items))
+            items += page
+            if len(page) < 500:
+                break
+        if len(items) <= 1:
+            return
+        fresh: list[Any] = []
+        stale: list[Any] = []
+        for it in items:
+            expired = self.vote_ttl is not None and _age(it.value.get("created_at")) > self.vote_ttl
+            (stale if expired and it.key != keep else fresh).append(it)
+        fresh.sort(key=lambda it: (it.key == keep, str(it.value.get("created_at") or "")), reverse=True)
+        drop = stale + fresh[self.max_open_votes:]
+        if drop:
+            await store.abatch([PutOp(ns, it.key, None) for it in drop])  # one write for all of them
 
 
 def pending_namespace(tenant_id: str, user_id: str) -> tuple[str, ...]:

@@ -24,7 +24,7 @@ import asyncio
 import inspect
 import logging
 import math
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
@@ -149,12 +149,23 @@ class _Slot:
 
 Key = tuple[str, str]
 
+RUNS_TRACKED_USERS = 10_000
+"""How many users' run counts :meth:`SynthesisScheduler.runs_for` remembers (most recently fitted kept)."""
+
 
 @dataclass
 class _Counters:
     stats: SchedulerStats = field(default_factory=SchedulerStats)
-    runs_per_user: Counter[Key] = field(default_factory=Counter)
+    # Per-user run counts are diagnostics: kept for the most recently fitted users only, so a
+    # long-running server does not hold one entry per user it ever fitted; forget drops the user's.
+    runs_per_user: OrderedDict[Key, int] = field(default_factory=OrderedDict)
     in_flight_per_user: Counter[Key] = field(default_factory=Counter)
+
+    def count_run(self, key: Key, keep: int) -> None:
+        self.runs_per_user[key] = self.runs_per_user.get(key, 0) + 1
+        self.runs_per_user.move_to_end(key)
+        while len(self.runs_per_user) > keep:
+            self.runs_per_user.popitem(last=False)
 
 
 class SynthesisScheduler:
@@ -181,6 +192,7 @@ class SynthesisScheduler:
         self._listeners: list[PersonaListener] = []
         self._c = _Counters()
         self._closing = False
+        self.runs_tracked_users = RUNS_TRACKED_USERS
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -207,7 +219,25 @@ class SynthesisScheduler:
         return s
 
     def runs_for(self, tenant_id: str, user_id: str) -> int:
-        return self._c.runs_per_user[(tenant_id, user_id)]
+        """Fits started for this user (0 once forgotten, or once more than ``runs_tracked_users`` others ran since)."""
+        return self._c.runs_per_user.get((tenant_id, user_id), 0)
+
+    def drop_user(self, tenant_id: str, user_id: str) -> None:
+        """Drop what the scheduler keeps about a forgotten user (run counts; an idle slot).
+
+        A fit still running keeps its slot until it ends (the caller waits for it with
+        :meth:`wait_user_idle` and calls this again); its run count is dropped now and again then.
+        """
+        key = (tenant_id, user_id)
+        self._c.runs_per_user.pop(key, None)
+        slot = self._slots.get(key)
+        if slot is not None and slot.task is None:
+            del self._slots[key]
+
+    @property
+    def tracked_users(self) -> int:
+        """Users the scheduler holds any state for (slots, run counts, fits in flight): bounded, see docs."""
+        return len(self._slots.keys() | self._c.runs_per_user.keys() | self._c.in_flight_per_user.keys())
 
     def is_busy(self, tenant_id: str, user_id: str) -> bool:
         slot = self._slots.get((tenant_id, user_id))
@@ -326,7 +356,7 @@ class SynthesisScheduler:
         st.max_in_flight = max(st.max_in_flight, st.in_flight)
         self._c.in_flight_per_user[key] += 1
         st.max_in_flight_per_user = max(st.max_in_flight_per_user, self._c.in_flight_per_user[key])
-        self._c.runs_per_user[key] += 1
+        self._c.count_run(key, self.runs_tracked_users)
         try:
             saved = await self.runner.run(tenant, user)
         except asyncio.CancelledError:

@@ -197,6 +197,30 @@ async def test_concurrent_double_submit_records_one_vote() -> None:
     assert await mems("acme").count_votes("zoë@example.com") == 1
 
 
+async def test_open_ab_pairs_are_bounded_per_user() -> None:
+    """A pair nobody votes on used to stay until its user was forgotten: a user keeps at most
+    ``max_open_votes`` open pairs (the oldest go first), and expired ones go when a new pair opens."""
+    from graphs.chat import pending_namespace
+
+    store = InMemoryStore()
+    mems = TenantMemories(store)
+    p = Personalizer(RecordingModel(), store=store, memory_for=mems, default_mode="ab", max_open_votes=3,
+                     rng=random.Random(5))
+    tokens = [(await p.graph.ainvoke({"messages": [("user", f"hi {i}")]}, USER))["ab"]["token"] for i in range(5)]
+    ns = pending_namespace("acme", "zoë@example.com")
+    assert sorted(it.key for it in await store.asearch(ns, limit=50)) == sorted(tokens[2:])
+    with pytest.raises(VoteError, match="unknown vote token"):
+        await p.submit_vote(tokens[0], "a", config=USER)
+    await p.submit_vote(tokens[4], "a", config=USER)  # a kept pair still redeems
+    assert await mems("acme").count_votes("zoë@example.com") == 1
+
+    p.vote_ttl = 0.0  # every open pair is now expired: the next one to open clears them
+    fresh = (await p.graph.ainvoke({"messages": [("user", "again")]}, USER))["ab"]["token"]
+    assert [it.key for it in await store.asearch(ns, limit=50)] == [fresh]
+    with pytest.raises(ValueError):
+        Personalizer(RecordingModel(), store=store, max_open_votes=0)
+
+
 async def test_ab_with_persona_is_personalized_vs_plain() -> None:
     store = InMemoryStore()
     mems = TenantMemories(store)
@@ -367,3 +391,26 @@ async def test_persona_cache_answers_warm_reads_synchronously():
     off = PersonaCache(ttl=0)
     await off.get(mems("acme"), "acme", "zoë@example.com")
     assert off.cached("acme", "zoë@example.com") == (False, None)
+
+
+async def test_persona_cache_is_bounded():
+    """One entry per user ever served used to stay for the life of the process, expired or not:
+    the cache keeps at most ``max_entries`` (oldest written out first) and drops expired ones on write."""
+    from graphs._common import PersonaCache
+
+    store = InMemoryStore()
+    mems = TenantMemories(store)
+    cache = PersonaCache(ttl=None, max_entries=3)
+    for i in range(10):
+        await cache.get(mems("acme"), "acme", f"u{i}")
+    assert len(cache) == 3 and [cache.cached("acme", f"u{i}")[0] for i in (6, 7, 8, 9)] == [False, True, True, True]
+    cache.put("acme", "u7", None)  # a write makes u7 the newest: u8 is the next out
+    await cache.get(mems("acme"), "acme", "u10")
+    assert [cache.cached("acme", u)[0] for u in ("u7", "u8", "u9", "u10")] == [True, False, True, True]
+
+    short = PersonaCache(ttl=0.05, max_entries=100)
+    for i in range(5):
+        await short.get(mems("acme"), "acme", f"u{i}")
+    await asyncio.sleep(0.06)  # all five expired
+    await short.get(mems("acme"), "acme", "late")
+    assert len(short) == 1

@@ -71,3 +71,4 @@ def test_forget_during_fit_keeps_votes_cast_after_it(tmp_path: Path) -> None:
             assert srv.call(memory.persona_history(user)) == []  # the raced fit's persona did not
             persona = httpx.get(f"{srv.base_url}/users/{quote(user, safe='')}/persona", headers=h)
             assert persona.status_code == 404
+            assert sched.runs_for("acme", user) == 0 and sched.tracked_users == 0  # the scheduler forgot too

@@ -217,3 +217,44 @@ async def test_many_users_single_flight_each() -> None:
     assert runner.max_active == 1 and sched.stats.max_in_flight_per_user == 1
     assert all(len(mem.personas[f"u{i}"].vote_ids) >= 20 for i in range(30))
     await sched.aclose()
+
+
+async def test_forget_drops_what_the_scheduler_keeps_about_the_user() -> None:
+    """A forgotten user leaves nothing in the scheduler: run counts and idle slots go (they used to stay)."""
+    mem = FakeMemory(votes={"ana": 5, "bo": 5})
+    sched = SynthesisScheduler(FakeRunner(mem), lambda t: mem, FAST)
+    for user in ("ana", "bo"):
+        sched.notify_vote("t", user)
+    await sched.wait_idle()
+    assert sched.runs_for("t", "ana") == 1 and sched.tracked_users == 2
+    sched.drop_user("t", "ana")
+    assert sched.runs_for("t", "ana") == 0 and sched.runs_for("t", "bo") == 1 and sched.tracked_users == 1
+    await sched.aclose()
+
+
+async def test_forget_during_a_run_keeps_the_slot_until_it_ends() -> None:
+    mem = FakeMemory(votes={"ana": 5})
+    runner = FakeRunner(mem)
+    runner.gate = asyncio.Event()
+    sched = SynthesisScheduler(runner, lambda t: mem, FAST)
+    sched.notify_vote("t", "ana")
+    await runner.started.wait()
+    sched.drop_user("t", "ana")
+    assert sched.is_busy("t", "ana")  # single-flight holds: the running fit keeps its slot
+    runner.gate.set()
+    await sched.wait_user_idle("t", "ana")
+    sched.drop_user("t", "ana")  # what the proxy's forget does once the raced fit ended
+    assert sched.tracked_users == 0 and sched.runs_for("t", "ana") == 0
+    await sched.aclose()
+
+
+async def test_run_counts_are_kept_for_a_bounded_number_of_users() -> None:
+    mem = FakeMemory(votes={f"u{i}": 5 for i in range(8)})
+    sched = SynthesisScheduler(FakeRunner(mem), lambda t: mem, FAST)
+    sched.runs_tracked_users = 3
+    for i in range(8):
+        sched.notify_vote("t", f"u{i}")
+        await sched.wait_idle()
+    assert sched.stats.runs_succeeded == 8
+    assert sched.tracked_users == 3 and [sched.runs_for("t", f"u{i}") for i in range(8)] == [0] * 5 + [1] * 3
+    await sched.aclose()

@@ -131,6 +131,8 @@ def router(models: ApiModels) -> APIRouter:
         personalizer.invalidate(tenant, user)
         await _forget_cached_answers(llm)
         await _forget_checkpoints(st, tenant, user, versions)
+        if isinstance(sched, SynthesisScheduler):
+            sched.drop_user(tenant, user)  # its per-user run counts (and an idle slot) go with the user
         if isinstance(sched, SynthesisScheduler) and sched.is_busy(tenant, user):
             # A fit already running would save a persona after this delete: once it ends, erase what a
             # fit writes (personas, traces, judgments, checkpoints) — never votes, which the user may
@@ -142,6 +144,7 @@ def router(models: ApiModels) -> APIRouter:
                     personalizer.invalidate(tenant, user)
                     await _forget_cached_answers(llm)  # what that fit cached after the first clear
                     await _forget_checkpoints(st, tenant, user, versions + 1)
+                    sched.drop_user(tenant, user)  # the run count that fit added
                 except Exception:
                     log.exception("could not repeat the forget of a user whose fit was running")
 
