@@ -89,6 +89,7 @@ from langgraph.store.base import (
 )
 
 from store.ledger import LEDGER_FILE, KeyLedger, Ledger
+from store.reader import index_members, open_records
 from store.sealing import Codec, SealError
 
 if TYPE_CHECKING:
@@ -700,18 +701,7 @@ class ChromaStore(BaseStore):
 
     def _open_items(self, ids: Sequence[str], metas: Sequence[Any]) -> dict[str, dict[str, Any]]:
         """Decoded item documents by id; records whose key is gone (being deleted) are skipped."""
-        keys = self._keys_for([rid for rid, m in zip(ids, metas, strict=True) if m and str(m.get("b", "")).startswith("s")])
-        out: dict[str, dict[str, Any]] = {}
-        for rid, meta in zip(ids, metas, strict=True):
-            if not meta or "b" not in meta:
-                continue
-            try:
-                doc = self.codec.open(rid, str(meta["b"]), keys.get(rid))
-            except SealError:
-                continue
-            doc["_v"] = int(meta.get("v", 0))
-            out[rid] = doc
-        return out
+        return open_records(self.codec, self._keys_for, ids, metas)
 
     @staticmethod
     def _to_item(doc: dict[str, Any], score: float | None = None, *, search: bool = False) -> Item:
@@ -928,10 +918,7 @@ class ChromaStore(BaseStore):
         """
         if not self._indexed or not prefix or self.ledger is None:
             return None
-        kids = self.ledger.members(self._ptok(prefix), self.exact_search_limit + 1)
-        if len(kids) > self.exact_search_limit or any(k.startswith("ns:") for k in kids):
-            return None
-        return kids
+        return index_members(self.ledger, self._ptok(prefix), self.exact_search_limit)
 
     def _index_rows(self, puts: Sequence[_Write], new_ns: dict[str, tuple[str, ...]]) -> dict[str, list[str]]:
         """Namespace-index tokens for a commit's keys: an item's own namespace, a namespace's proper prefixes."""

@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from store.ledger import LEDGER_FILE, Ledger
+from store.ledger import LEDGER_FILE, KeyLedger, Ledger
 from store.sealing import Codec, SealError
 
 INTAKE_FILE = "synth_agent_intake.sqlite3"
@@ -144,8 +144,8 @@ class StoreReader:
         if not prefix:
             raise ValueError("a namespace prefix is needed")
         ptok = self.codec.token("p", _nsjson(prefix))
-        kids = self.ledger.members(ptok, self.exact_search_limit + 1)
-        if len(kids) <= self.exact_search_limit and not any(k.startswith("ns:") for k in kids):
+        kids = index_members(self.ledger, ptok, self.exact_search_limit)
+        if kids is not None:
             for start in range(0, len(kids), _PAGE):  # the namespace's own items, by id
                 res = self._items.get(ids=kids[start : start + _PAGE], include=["metadatas"])
                 yield list(res["ids"]), list(res["metadatas"] or [])
@@ -160,18 +160,11 @@ class StoreReader:
 
     def _open_items(self, ids: Sequence[str], metas: Sequence[Any]) -> dict[str, StoredItem]:
         """Decoded items by id; records whose key is gone (being deleted) are skipped, as ChromaStore does."""
-        keys = self.ledger.keys([rid for rid, m in zip(ids, metas, strict=True) if m and str(m.get("b", "")).startswith("s")])
-        out: dict[str, StoredItem] = {}
-        for rid, meta in zip(ids, metas, strict=True):
-            if not meta or "b" not in meta:
-                continue
-            try:
-                doc = self.codec.open(rid, str(meta["b"]), keys.get(rid))
-            except SealError:
-                continue
-            out[rid] = StoredItem(tuple(doc["ns"]), doc["k"], doc["v"], datetime.fromisoformat(doc["c"]),
-                                  datetime.fromisoformat(doc["u"]))
-        return out
+        return {
+            rid: StoredItem(tuple(doc["ns"]), doc["k"], doc["v"], datetime.fromisoformat(doc["c"]),
+                            datetime.fromisoformat(doc["u"]))
+            for rid, doc in open_records(self.codec, self.ledger.keys, ids, metas).items()
+        }
 
     def close(self) -> None:
         """Close the ledger and give the directory back (Chroma's client needs no closing)."""
@@ -185,6 +178,39 @@ class StoreReader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def index_members(ledger: KeyLedger, ptok: str, limit: int) -> list[str] | None:
+    """The ids of the items stored in exactly the namespace whose prefix token is ``ptok``, from the
+    ledger's namespace index; None when the index cannot list them exactly (the namespace has
+    namespaces below it, which the index lists as ``ns:`` entries, or more than ``limit`` items).
+    Shared by :class:`~store.chroma.ChromaStore` and :class:`StoreReader`, so both read alike."""
+    kids = ledger.members(ptok, limit + 1)
+    if len(kids) > limit or any(k.startswith("ns:") for k in kids):
+        return None
+    return kids
+
+
+def open_records(codec: Codec, keys_for: Callable[[list[str]], dict[str, bytes]], ids: Sequence[str],
+                 metas: Sequence[Any]) -> dict[str, dict[str, Any]]:
+    """Item documents by record id, unsealed with their data keys (``keys_for`` looks them up).
+
+    A record without a blob, or whose key is gone (its item is being deleted: the key goes first,
+    so the bytes are unreadable), is skipped. Shared by :class:`~store.chroma.ChromaStore` and
+    :class:`StoreReader`.
+    """
+    keys = keys_for([rid for rid, m in zip(ids, metas, strict=True) if m and str(m.get("b", "")).startswith("s")])
+    out: dict[str, dict[str, Any]] = {}
+    for rid, meta in zip(ids, metas, strict=True):
+        if not meta or "b" not in meta:
+            continue
+        try:
+            doc = codec.open(rid, str(meta["b"]), keys.get(rid))
+        except SealError:
+            continue
+        doc["_v"] = int(meta.get("v", 0))
+        out[rid] = doc
+    return out
 
 
 def _collection(client: Any, name: str) -> Any:
@@ -216,4 +242,4 @@ def _intake_rows(file: Path) -> bool:
         conn.close()
 
 
-__all__ = ["INTAKE_FILE", "StoreReader", "StoredItem"]
+__all__ = ["INTAKE_FILE", "StoreReader", "StoredItem", "index_members", "open_records"]
