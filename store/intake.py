@@ -96,14 +96,20 @@ class _Append:
     outcome: list[list[_Write] | BaseException] = field(default_factory=list)
 
 
+_WAVE = 32
+
+
 def _settle(answers: list[tuple[_Append, Any, bool]]) -> None:
-    """On the caller's event loop: one call answers a whole group (a caller that gave up is skipped)."""
-    for req, value, failed in answers:
+    """On the caller's event loop: answers a group (a caller that gave up is skipped), ``_WAVE`` callers per
+    loop iteration, so a large group's callers do not hold the loop (and ``/healthz``) all at once."""
+    for req, value, failed in answers[:_WAVE]:
         if not req.future.done():
             if failed:
                 req.future.set_exception(value)
             else:
                 req.future.set_result(value)
+    if len(answers) > _WAVE:  # after the callers just woken, and a look at the sockets in between
+        asyncio.get_running_loop().call_soon(_settle, answers[_WAVE:])
 
 
 @dataclass
@@ -203,7 +209,12 @@ class IntakeJournal:
         rate = self.drained / elapsed if self.drained and elapsed > 1 else 100.0
         return max(1.0, min(60.0, excess / max(rate, 1.0) + 1))
 
-    GROUP = 32
+    GROUP = 256
+    """Requests journaled per transaction at most. A group pays one journal lookup, one Chroma lookup (which
+    ids are stored: an HTTP call to a local Chroma server) and one fsync whatever its size, so under a
+    burst larger groups acknowledge more per second (with 32, a 2-core machine under load spent ~55 ms
+    per group, half of it in the Chroma lookup, and requests queued for the appender); callers are
+    answered in waves of ``_WAVE`` (:func:`_settle`)."""
 
     def _append_loop(self) -> None:
         while True:
@@ -212,8 +223,7 @@ class IntakeJournal:
                     self._acv.wait()
                 if not self._appends:
                     return
-                # At most GROUP requests per transaction: each group's callers are answered at once, and a
-                # smaller wave leaves the event loop free for /healthz and reads in between.
+                # At most GROUP requests per transaction; they are answered in waves (see _settle)
                 reqs, self._appends = self._appends[: self.GROUP], self._appends[self.GROUP :]
             answers: list[tuple[_Append, Any, bool]] = []
             try:

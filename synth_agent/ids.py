@@ -60,10 +60,13 @@ def validate_opaque_id(value: Any, what: str = "user_id", *, max_chars: int = MA
         raise ValueError(f"{what} must not be empty")
     if len(value) > max_chars:
         raise ValueError(f"{what} is {len(value)} characters; the limit is {max_chars}")
-    for ch in value:
-        why = _BAD_ID_CATEGORIES.get(unicodedata.category(ch))
-        if why is not None:
-            raise ValueError(f"{what} must not contain {why}; found U+{ord(ch):04X}")
+    # str.isprintable() is False for every character of the refused categories (and for some
+    # harmless ones, such as non-ASCII spaces): a printable id skips the per-character scan
+    if not value.isprintable():
+        for ch in value:
+            why = _BAD_ID_CATEGORIES.get(unicodedata.category(ch))
+            if why is not None:
+                raise ValueError(f"{what} must not contain {why}; found U+{ord(ch):04X}")
     if value.strip() != value:
         raise ValueError(f"{what} must not start or end with whitespace")
     return value

@@ -36,11 +36,13 @@ from urllib.parse import unquote_to_bytes
 from synth_agent.proxy.errors import ProxyError, error_response
 from synth_agent.safejson import loads_strict
 
-__all__ = ["BodyGuard", "RequestGuard", "decode_segment", "new_request_id", "request_id"]
+__all__ = ["PARSED_BODY", "BodyGuard", "RequestGuard", "decode_segment", "new_request_id", "request_id"]
 
 log = logging.getLogger("synth_agent.proxy")
 
 _BODY_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
+PARSED_BODY = "strict_json_body"
+"""Key of the request state holding the JSON body as :class:`BodyGuard` parsed it (``loads_strict``)."""
 _RAW_PREFIXES = (b"/v1/users/",)
 
 
@@ -174,11 +176,13 @@ class BodyGuard:
             return
         if body and self._is_json(scope):
             try:
-                loads_strict(bytes(body), max_depth=self.max_depth)
+                parsed = loads_strict(bytes(body), max_depth=self.max_depth)
             except ValueError as exc:
                 await ProxyError(400, f"the body is not acceptable JSON: {exc}",
                                  code="invalid_json").response(rid)(scope, receive, send)
                 return
+            # kept for a route that reads it instead of parsing the body again (POST /v1/votes)
+            scope.setdefault("state", {})[PARSED_BODY] = parsed
         replayed = False
 
         async def replay() -> Any:

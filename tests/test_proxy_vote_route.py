@@ -1,0 +1,119 @@
+"""``POST /v1/votes`` solves its dependencies directly: it must answer exactly as FastAPI's own solver would.
+
+The route's handler (:class:`synth_agent.proxy.routes.votes` ``VotesRoute``) skips FastAPI's
+generic per-request machinery for speed. Here the same requests go to two apps, one with that
+route and one where the route is a plain ``APIRoute`` (FastAPI solving the same declaration),
+and every answer — status, headers that matter, body (request ids aside) — must be the same:
+auth, tenant and user pinning, media type, header limits, body validation and the error order.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+import pytest
+from fastapi.routing import APIRoute
+from langgraph.store.memory import InMemoryStore
+
+from synth_agent.config import Settings
+from synth_agent.proxy import ProxySettings, create_app
+from synth_agent.proxy.routes import votes as votes_routes
+from synth_agent.proxy.schemas import api_models
+
+KEY, OTHER = "sk-acme-1", "sk-beta-1"
+H = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+
+
+def vote(user: str | None = "ana@example.com", **kw: Any) -> dict[str, Any]:
+    v = {"user_id": user, "context": "Name a fruit.", "chosen": "Apple.", "rejected": "Stone.", **kw}
+    return {k: x for k, x in v.items() if x is not None}
+
+
+CASES: list[tuple[str, dict[str, Any], bytes | None]] = [
+    ("one vote", H, json.dumps(vote()).encode()),
+    ("a list", H, json.dumps([vote(id="l-1"), vote(id="l-2", chosen="Pear.")]).encode()),
+    ("a batch", H, json.dumps({"votes": [vote(id="b-1")]}).encode()),
+    ("again: duplicates", H, json.dumps({"votes": [vote(id="b-1")]}).encode()),
+    ("no key", {"Content-Type": "application/json"}, json.dumps(vote()).encode()),
+    ("a wrong key", {**H, "Authorization": "Bearer nope"}, json.dumps(vote()).encode()),
+    ("x-api-key", {"X-API-Key": KEY, "Content-Type": "application/json"}, json.dumps(vote(id="k")).encode()),
+    ("basic auth scheme", {**H, "Authorization": "Basic abc"}, json.dumps(vote()).encode()),
+    ("another tenant's key named", {**H, "X-Synth-Tenant": "beta"}, json.dumps(vote()).encode()),
+    ("its own tenant named", {**H, "X-Synth-Tenant": "acme"}, json.dumps(vote(id="t")).encode()),
+    ("tenant header too long", {**H, "X-Synth-Tenant": "t" * 257}, json.dumps(vote()).encode()),
+    ("tenant header too long, bad body", {**H, "X-Synth-Tenant": "t" * 257}, b'{"votes": []}'),
+    ("tenant header too long, no key", {"X-Synth-Tenant": "t" * 257, "Content-Type": "application/json"},
+     json.dumps(vote()).encode()),
+    ("user header too long", {**H, "X-Synth-User": "u" * 2049}, json.dumps(vote(None)).encode()),
+    ("both headers too long", {**H, "X-Synth-Tenant": "t" * 300, "X-Synth-User": "u" * 3000}, b"[]"),
+    ("pinned user", {**H, "X-Synth-User": quote("zoë@example.com", safe="")}, json.dumps(vote(None)).encode()),
+    ("pinned, body names another", {**H, "X-Synth-User": "bob"}, json.dumps(vote("eve")).encode()),
+    ("pin not ASCII", {**H, "X-Synth-User": "zoë".encode()}, json.dumps(vote(None)).encode()),
+    ("pin not UTF-8", {**H, "X-Synth-User": "%FF"}, json.dumps(vote(None)).encode()),
+    ("pin invisible", {**H, "X-Synth-User": "a%E2%80%8B"}, json.dumps(vote(None)).encode()),
+    ("no user at all", H, json.dumps(vote(None)).encode()),
+    ("text/plain", {**H, "Content-Type": "text/plain"}, json.dumps(vote()).encode()),
+    ("no content type", {"Authorization": f"Bearer {KEY}"}, json.dumps(vote()).encode()),
+    ("+json content type", {**H, "Content-Type": "application/vnd.x+json"}, json.dumps(vote()).encode()),
+    ("empty body", H, None),
+    ("null body", H, b"null"),
+    ("a string", H, b'"vote"'),
+    ("a number", H, b"5"),
+    ("an empty list", H, b"[]"),
+    ("an empty batch", H, b'{"votes": []}'),
+    ("an unknown field", H, json.dumps({**vote(), "choosen": "x"}).encode()),
+    ("a wrong type", H, json.dumps(vote(chosen=5)).encode()),
+    ("identical answers", H, json.dumps(vote(chosen="Same.", rejected="Same.")).encode()),
+    ("a bad timestamp", H, json.dumps(vote(timestamp="10000-01-01T00:00:00Z")).encode()),
+    ("a negative timestamp", H, json.dumps(vote(timestamp=-1)).encode()),
+    ("a lone surrogate in an id", H, b'{"user_id": "a", "id": "x\\ud800", "context": "q", "chosen": "a", '
+     b'"rejected": "b"}'),
+    ("an invisible user id", H, json.dumps(vote("a\u200b")).encode()),
+    ("one bad vote in a batch", H, json.dumps({"votes": [vote(id="ok-1"), vote(chosen="")]}).encode()),
+    ("too many votes", H, json.dumps([vote(id=f"m-{i}") for i in range(1001)]).encode()),
+    ("not JSON", H, b"{"),
+]
+
+
+async def _answers(route_class: Any, tmp: Any, monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, ...]]:
+    if route_class is not None:
+        monkeypatch.setattr(votes_routes, "_votes_route", lambda _adapter: route_class)
+    app = create_app(Settings(home=tmp), ProxySettings(api_keys=f"acme:{KEY},beta:{OTHER}", synthesis="off"),
+                     store=InMemoryStore())
+    monkeypatch.undo()
+    out: list[tuple[Any, ...]] = []
+    async with app.router.lifespan_context(app):  # type: ignore[attr-defined]
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
+            for _, headers, body in CASES:
+                r = await client.post("/v1/votes", headers=headers, content=body)
+                payload = r.json()
+                payload.pop("request_id", None)
+                out.append((r.status_code, r.headers.get("www-authenticate"), r.headers.get("retry-after"), payload))
+    return out
+
+
+@pytest.fixture
+async def answers(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[tuple[list[Any], list[Any]]]:
+    direct = await _answers(None, tmp_path / "direct", monkeypatch)
+    generic = await _answers(APIRoute, tmp_path / "generic", monkeypatch)
+    yield direct, generic
+
+
+async def test_the_vote_route_answers_as_fastapis_solver_would(answers: tuple[list[Any], list[Any]]) -> None:
+    direct, generic = answers
+    for (name, _, _), mine, theirs in zip(CASES, direct, generic, strict=True):
+        assert mine == theirs, name
+    statuses = {name: a[0] for (name, _, _), a in zip(CASES, direct, strict=True)}
+    assert statuses["one vote"] == 200 and statuses["no key"] == 401 and statuses["text/plain"] == 415
+    assert statuses["tenant header too long"] == 400 and statuses["pinned, body names another"] == 403
+    assert direct[3][3]["duplicates"] == 1  # the second batch stored nothing new
+
+
+def test_the_vote_route_is_the_direct_one() -> None:
+    routes = [r for r in votes_routes.router(api_models()).routes if getattr(r, "path", None) == "/v1/votes"]
+    assert len(routes) == 1 and type(routes[0]).__name__ == "VotesRoute"
