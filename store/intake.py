@@ -45,6 +45,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
+import os
 import threading
 import time
 import uuid
@@ -152,6 +153,16 @@ class IntakeJournal:
         self._acv = threading.Condition(self._cv._lock)  # type: ignore[attr-defined]
         self._appends: list[_Append] = []
         self._flights: dict[int, _Flight] = {}
+        # The writes of batches journaled by this process, as the appender prepared them (the drain
+        # then neither opens the rows nor validates them again), at most ``cache_limit`` writes;
+        # dropped when stored or purged. Under ``_cv``.
+        self._prepared: dict[int, list[_Write]] = {}
+        self._cached = 0
+        self.cache_limit = 4 * window
+        self._claimed: set[int] = set()  # batches the pre-embedder is embedding right now
+        self._deferring = False
+        self.preembedded = 0
+        """Texts embedded ahead, while the drain deferred to a burst of acknowledgements (:meth:`_preembed_loop`)."""
         self._retry_at: dict[int, float] = {}
         self._attempts: dict[int, int] = {}
         self._key: tuple[str, bytes] | None = None
@@ -166,6 +177,8 @@ class IntakeJournal:
                 threading.Thread(target=self._append_loop, name="intake-append", daemon=True),
                 threading.Thread(target=self._drain_loop, name="intake-drain", daemon=True),
             ]
+            if store._embedder is not None and defer > 0:
+                self._threads.append(threading.Thread(target=self._preembed_loop, name="intake-preembed", daemon=True))
             for t in self._threads:
                 t.start()
 
@@ -290,6 +303,8 @@ class IntakeJournal:
                 stored = store._stored_ids([i for i in iids if i not in journaled])
                 taken = journaled | stored
                 rows = []
+                fresh: dict[int, list[_Write]] = {}
+                ntoks: dict[tuple[str, ...], str] = {}  # one HMAC per namespace of the group
                 for r in reqs:
                     flags_r = []
                     for b in r.batches:
@@ -301,9 +316,11 @@ class IntakeJournal:
                             flags.append(new)
                             if new:
                                 taken.add(w.iid)
+                                fresh.setdefault(batch, []).append(w)
                                 ix = w.index if w.index is not None else (None if w.texts else False)
                                 doc = {"ns": list(w.ns), "k": w.key, "v": w.value, "ix": ix}
-                                rows.append((batch, grp, w.iid, store._ntok(w.ns), now,
+                                ntok = ntoks.get(w.ns) or ntoks.setdefault(w.ns, store._ntok(w.ns))
+                                rows.append((batch, grp, w.iid, ntok, now,
                                              store.codec.seal(f"intake:{w.iid}", doc, key)))
                         flags_r.append(flags)
                     out.append(flags_r)
@@ -316,6 +333,11 @@ class IntakeJournal:
                 raise
         reserved = sum(len(b) for r in reqs for b in r.batches)
         with self._cv:
+            for batch, ws in fresh.items():
+                if self._cached + len(ws) > self.cache_limit:
+                    break  # the drain reads the rest back from the file (as after a restart)
+                self._prepared[batch] = ws
+                self._cached += len(ws)
             self.backlog -= reserved - inserted
             self.appended += inserted
             self._cv.notify_all()
@@ -358,8 +380,14 @@ class IntakeJournal:
                 wait = self._deferral()
                 if wait > 0:  # acknowledgements are streaming in: let them have the CPU a while longer
                     with self._cv:
+                        if not self._deferring:
+                            self._deferring = True
+                            self._cv.notify_all()  # the pre-embedder may use the idle CPU meanwhile
                         self._cv.wait(timeout=wait)
                     continue
+                if self._deferring:
+                    with self._cv:
+                        self._deferring = False
                 if not self._fill():
                     with self._cv:
                         self._cv.wait(timeout=0.05 if self._flights else 0.5)
@@ -407,7 +435,9 @@ class IntakeJournal:
         if room <= 0:
             return False
         now = time.monotonic()
-        skip = list(set(self._flights) | {b for b, t in self._retry_at.items() if t > now})
+        with self._cv:
+            claimed = set(self._claimed)
+        skip = list(set(self._flights) | {b for b, t in self._retry_at.items() if t > now} | claimed)
         with self._lock:
             rows = self._conn.execute(
                 f"SELECT seq, batch, grp, iid, body FROM rows WHERE batch NOT IN ({','.join('?' * len(skip))}) "
@@ -426,9 +456,20 @@ class IntakeJournal:
                     rs = self._conn.execute("SELECT seq, grp, iid, body FROM rows WHERE batch = ? ORDER BY seq",
                                             (last,)).fetchall()
                 by_batch = {last: [tuple(r) for r in rs]}  # type: ignore[misc]
-        keys = self.store.ledger.keys({f"intake:{g}" for rs in by_batch.values() for _, g, _, _ in rs})  # type: ignore[union-attr]
+        with self._cv:
+            cached = {b: self._prepared.get(b) for b in by_batch}
+        # Prepared by this process's appender, and every row still there (a forget may have purged some).
+        ready = {b: ws for b, ws in cached.items() if ws is not None and [w.iid for w in ws] == [r[2] for r in by_batch[b]]}
+        opened = {g for b, rs in by_batch.items() if b not in ready for _, g, _, _ in rs}
+        keys = self.store.ledger.keys({f"intake:{g}" for g in opened}) if opened else {}  # type: ignore[union-attr]
         take: list[tuple[int, list[int], set[str], list[_Write]]] = []
         for batch, rs in by_batch.items():
+            if batch in ready:
+                take.append((batch, [r[0] for r in rs], {r[1] for r in rs}, ready[batch]))
+                room -= len(rs)
+                if room <= 0:
+                    break
+                continue
             try:
                 ops = []
                 for _seq, grp, iid, body in rs:
@@ -510,7 +551,79 @@ class IntakeJournal:
             for b in ok:
                 self._retry_at.pop(b, None)
                 self._attempts.pop(b, None)
+                self._forget_prepared(b)
             self._cv.notify_all()
+
+    def _forget_prepared(self, batch: int) -> None:
+        """Under ``_cv``: drop a batch's prepared writes."""
+        ws = self._prepared.pop(batch, None)
+        if ws is not None:
+            self._cached -= len(ws)
+
+    def _preembed_loop(self) -> None:
+        """While the drain defers to a burst of acknowledgements, embed journaled writes ahead of it.
+
+        Why: during a burst the event loop keeps one core busy and the other is partly idle, yet
+        the drain may not store anything (its commits would take the GIL and the cores from the
+        acknowledgements). Embedding is most of a stored vote's CPU and runs outside the GIL, so
+        this thread (at the store's ``embed_nice``, in small chunks) computes the vectors of
+        batches prepared by the appender meanwhile; the drain then hands them to the store with
+        their vectors, and only the commit is left. It never writes anything: the vectors are
+        the ones the embedding stage would compute (a vector does not depend on its batch), and
+        a forget drops them with the batch. At most ``window`` embedded writes wait for the drain.
+        """
+        store = self.store
+        if store.embed_nice and hasattr(os, "setpriority") and hasattr(threading, "get_native_id"):
+            with contextlib.suppress(OSError):
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), store.embed_nice)
+        assert store._embedder is not None
+        chunk = max(1, min(store.embed_batch, 16))  # short runs: a drain that stops deferring waits for none
+        while True:
+            with self._cv:
+                while True:
+                    if self._closing:
+                        return
+                    todo = self._preembed_todo(chunk) if self._deferring and not self._urgent else []
+                    if todo:
+                        break
+                    self._cv.wait(timeout=0.5)
+                claimed = {b for b, _ in todo}
+                self._claimed |= claimed
+            try:
+                texts = list(dict.fromkeys(t for _, w in todo for t in w.texts))
+                vectors = store._embedder.documents(texts)
+                if len(vectors) != len(texts):
+                    raise ValueError(f"the embedding function returned {len(vectors)} vectors for {len(texts)} texts")
+                by_text = dict(zip(texts, vectors, strict=True))
+                for _, w in todo:
+                    w.vectors = [by_text[t] for t in w.texts]
+            except Exception as exc:  # noqa: BLE001 - the embedding stage will embed them (and report)
+                log.warning("embedding ahead failed (%s); the drain embeds these writes itself", exc)
+                with self._cv:
+                    self._claimed -= claimed
+                    self._cv.notify_all()
+                time.sleep(1.0)
+                continue
+            with self._cv:
+                self._claimed -= claimed
+                self.preembedded += len(texts)
+                self._cv.notify_all()
+
+    def _preembed_todo(self, chunk: int) -> list[tuple[int, _Write]]:
+        """Under ``_cv``: up to ``chunk`` prepared writes, oldest batches first, still without vectors."""
+        ahead = sum(1 for b, ws in self._prepared.items() if b not in self._flights for w in ws if w.vectors is not None)
+        out: list[tuple[int, _Write]] = []
+        n = 0
+        for b, ws in self._prepared.items():  # journal order (dicts keep insertion order)
+            if b in self._flights or b in self._claimed:
+                continue
+            for w in ws:
+                if w.vectors is None and w.texts:
+                    out.append((b, w))
+                    n += len(w.texts)
+                    if n >= chunk or ahead + len(out) >= self.window:
+                        return out
+        return out
 
     # ------------------------------------------------------------------ reads, forget, status
 
@@ -591,6 +704,8 @@ class IntakeJournal:
                 raise
             batches = {b for _, b, _ in sel}
             with self._cv:  # still under the file lock: the drain's settling cannot see the rows gone unmarked
+                for b in batches:  # the forgotten values leave memory too (the rest of a batch is read back)
+                    self._forget_prepared(b)
                 waits = []
                 for b, f in self._flights.items():
                     if b in batches:  # handed to the store already: the caller's deletion that follows erases it

@@ -398,3 +398,78 @@ def test_the_drain_waits_out_a_burst_of_acknowledgements_but_not_longer_than_def
     finally:
         stop.set()
         store.close()
+
+
+def test_writes_embedded_ahead_during_a_burst_are_stored_with_the_same_vectors(tmp_path: Path) -> None:
+    """While the drain defers, the pre-embedder computes the journaled writes' vectors (nothing is
+    stored yet); the drain then commits them without embedding again, and the stored vectors are
+    exactly those the embedding stage computes."""
+    import time
+
+    import numpy as np
+
+    store = open_store(tmp_path / "chroma")
+    intake = store.intake
+    assert intake is not None
+    mem = PreferenceMemory(store, "acme")
+    got: list[np.ndarray] = []
+    want: list[np.ndarray] = []
+    try:
+        intake.QUIET = 60.0  # the burst "goes on" until a reader waits (wait_drained)
+        intake.defer = 60.0
+        asyncio.run(mem.add_votes([vote(i) for i in range(12)]))
+        deadline = time.monotonic() + 60
+        while intake.preembedded < 12 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert intake.preembedded == 12
+        assert stored_ids(store, "acme", "ana@x.io") == []  # embedded ahead, not stored: the drain still defers
+        assert store.stats.texts_embedded == 0
+        assert intake.wait_drained(60)
+        assert sorted(stored_ids(store, "acme", "ana@x.io")) == sorted(f"v{i}" for i in range(12))
+        assert store.stats.texts_embedded == 0  # the embedding stage had nothing left to do
+        assert not intake._prepared and intake._cached == 0  # stored: the prepared writes left memory
+        ref = open_store(tmp_path / "ref", intake=False)  # the same votes through the embedding stage
+        try:
+            asyncio.run(PreferenceMemory(ref, "acme").add_votes([vote(i) for i in range(12)]))
+            assert ref.stats.texts_embedded == 12
+            ns = mem._user_ns("ana@x.io", "votes")
+            for st, out in ((store, got), (ref, want)):
+                res = st._vectors.get(ids=[f"{st._iid(ns, f'v{i}')}.0" for i in range(12)], include=["embeddings"])
+                by_id = dict(zip(res["ids"], res["embeddings"], strict=True))
+                out.extend(np.asarray(by_id[f"{st._iid(ns, f'v{i}')}.0"]) for i in range(12))
+            assert all(np.array_equal(a, b) for a, b in zip(got, want, strict=True))
+        finally:
+            ref.close()
+    finally:
+        store.close()
+
+
+def test_a_batch_partly_forgotten_stores_the_rest_read_back_from_the_journal(tmp_path: Path) -> None:
+    """One add_votes call for two users is one journaled batch; forgetting one user drops the batch's
+    prepared writes from memory (the forgotten values with them), and the drain reads the other
+    user's rows back from the file and stores them."""
+    store = open_store(tmp_path / "chroma")
+    intake = store.intake
+    assert intake is not None
+    mem = PreferenceMemory(store, "acme")
+    try:
+        hold(store)
+        res = asyncio.run(mem.add_votes([vote(1, user=USER, text=MARKER), vote(2, user="keep@x.io")]))
+        assert res.added == 2
+        assert any(MARKER in json_text(w.value) for ws in intake._prepared.values() for w in ws)
+        asyncio.run(mem.forget_user(USER))
+        assert not any(MARKER in json_text(w.value) or USER in json_text(w.value)
+                       for ws in intake._prepared.values() for w in ws)
+        release(store)
+        assert intake.wait_drained(60)
+        assert stored_ids(store, "acme", USER) == []
+        assert stored_ids(store, "acme", "keep@x.io") == ["v2"]
+        assert asyncio.run(mem.list_users()) == ["keep@x.io"]
+    finally:
+        store.close()
+
+
+def json_text(value: Any) -> str:
+    import json
+
+    return json.dumps(value, ensure_ascii=False)
