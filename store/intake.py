@@ -45,7 +45,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
-import os
 import threading
 import time
 import uuid
@@ -159,10 +158,6 @@ class IntakeJournal:
         self._prepared: dict[int, list[_Write]] = {}
         self._cached = 0
         self.cache_limit = 4 * window
-        self._claimed: set[int] = set()  # batches the pre-embedder is embedding right now
-        self._deferring = False
-        self.preembedded = 0
-        """Texts embedded ahead, while the drain deferred to a burst of acknowledgements (:meth:`_preembed_loop`)."""
         self._retry_at: dict[int, float] = {}
         self._attempts: dict[int, int] = {}
         self._key: tuple[str, bytes] | None = None
@@ -177,8 +172,6 @@ class IntakeJournal:
                 threading.Thread(target=self._append_loop, name="intake-append", daemon=True),
                 threading.Thread(target=self._drain_loop, name="intake-drain", daemon=True),
             ]
-            if store._embedder is not None and defer > 0:
-                self._threads.append(threading.Thread(target=self._preembed_loop, name="intake-preembed", daemon=True))
             for t in self._threads:
                 t.start()
 
@@ -380,14 +373,8 @@ class IntakeJournal:
                 wait = self._deferral()
                 if wait > 0:  # acknowledgements are streaming in: let them have the CPU a while longer
                     with self._cv:
-                        if not self._deferring:
-                            self._deferring = True
-                            self._cv.notify_all()  # the pre-embedder may use the idle CPU meanwhile
                         self._cv.wait(timeout=wait)
                     continue
-                if self._deferring:
-                    with self._cv:
-                        self._deferring = False
                 if not self._fill():
                     with self._cv:
                         self._cv.wait(timeout=0.05 if self._flights else 0.5)
@@ -435,9 +422,7 @@ class IntakeJournal:
         if room <= 0:
             return False
         now = time.monotonic()
-        with self._cv:
-            claimed = set(self._claimed)
-        skip = list(set(self._flights) | {b for b, t in self._retry_at.items() if t > now} | claimed)
+        skip = list(set(self._flights) | {b for b, t in self._retry_at.items() if t > now})
         with self._lock:
             rows = self._conn.execute(
                 f"SELECT seq, batch, grp, iid, body FROM rows WHERE batch NOT IN ({','.join('?' * len(skip))}) "
@@ -559,71 +544,6 @@ class IntakeJournal:
         ws = self._prepared.pop(batch, None)
         if ws is not None:
             self._cached -= len(ws)
-
-    def _preembed_loop(self) -> None:
-        """While the drain defers to a burst of acknowledgements, embed journaled writes ahead of it.
-
-        Why: during a burst the event loop keeps one core busy and the other is partly idle, yet
-        the drain may not store anything (its commits would take the GIL and the cores from the
-        acknowledgements). Embedding is most of a stored vote's CPU and runs outside the GIL, so
-        this thread (at the store's ``embed_nice``, in small chunks) computes the vectors of
-        batches prepared by the appender meanwhile; the drain then hands them to the store with
-        their vectors, and only the commit is left. It never writes anything: the vectors are
-        the ones the embedding stage would compute (a vector does not depend on its batch), and
-        a forget drops them with the batch. At most ``window`` embedded writes wait for the drain.
-        """
-        store = self.store
-        if store.embed_nice and hasattr(os, "setpriority") and hasattr(threading, "get_native_id"):
-            with contextlib.suppress(OSError):
-                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), store.embed_nice)
-        assert store._embedder is not None
-        chunk = max(1, min(store.embed_batch, 16))  # short runs: a drain that stops deferring waits for none
-        while True:
-            with self._cv:
-                while True:
-                    if self._closing:
-                        return
-                    todo = self._preembed_todo(chunk) if self._deferring and not self._urgent else []
-                    if todo:
-                        break
-                    self._cv.wait(timeout=0.5)
-                claimed = {b for b, _ in todo}
-                self._claimed |= claimed
-            try:
-                texts = list(dict.fromkeys(t for _, w in todo for t in w.texts))
-                vectors = store._embedder.documents(texts)
-                if len(vectors) != len(texts):
-                    raise ValueError(f"the embedding function returned {len(vectors)} vectors for {len(texts)} texts")
-                by_text = dict(zip(texts, vectors, strict=True))
-                for _, w in todo:
-                    w.vectors = [by_text[t] for t in w.texts]
-            except Exception as exc:  # noqa: BLE001 - the embedding stage will embed them (and report)
-                log.warning("embedding ahead failed (%s); the drain embeds these writes itself", exc)
-                with self._cv:
-                    self._claimed -= claimed
-                    self._cv.notify_all()
-                time.sleep(1.0)
-                continue
-            with self._cv:
-                self._claimed -= claimed
-                self.preembedded += len(texts)
-                self._cv.notify_all()
-
-    def _preembed_todo(self, chunk: int) -> list[tuple[int, _Write]]:
-        """Under ``_cv``: up to ``chunk`` prepared writes, oldest batches first, still without vectors."""
-        ahead = sum(1 for b, ws in self._prepared.items() if b not in self._flights for w in ws if w.vectors is not None)
-        out: list[tuple[int, _Write]] = []
-        n = 0
-        for b, ws in self._prepared.items():  # journal order (dicts keep insertion order)
-            if b in self._flights or b in self._claimed:
-                continue
-            for w in ws:
-                if w.vectors is None and w.texts:
-                    out.append((b, w))
-                    n += len(w.texts)
-                    if n >= chunk or ahead + len(out) >= self.window:
-                        return out
-        return out
 
     # ------------------------------------------------------------------ reads, forget, status
 
