@@ -920,9 +920,14 @@ class ChromaStore(BaseStore):
             return None
         return index_members(self.ledger, self._ptok(prefix), self.exact_search_limit)
 
-    def _index_rows(self, puts: Sequence[_Write], new_ns: dict[str, tuple[str, ...]]) -> dict[str, list[str]]:
+    def _index_rows(
+        self, puts: Sequence[_Write], new_ns: dict[str, tuple[str, ...]],
+        ns_toks: dict[tuple[str, ...], tuple[dict[str, str], str]] | None = None,
+    ) -> dict[str, list[str]]:
         """Namespace-index tokens for a commit's keys: an item's own namespace, a namespace's proper prefixes."""
-        rows = {w.iid: [self._ptok(w.ns)] for w in puts}
+        if ns_toks is None:
+            ns_toks = {ns: (self._prefix_tokens(ns), "") for ns in {w.ns for w in puts}}
+        rows = {w.iid: [ns_toks[w.ns][0][f"t{len(w.ns) - 1}"]] for w in puts}
         rows.update({f"ns:{nid}": [self._ptok(ns[:i]) for i in range(1, len(ns))] for nid, ns in new_ns.items()})
         return rows
 
@@ -1378,9 +1383,11 @@ class ChromaStore(BaseStore):
                 w.vectors = [next(it) for _ in w.texts]
 
         new_ns = self._new_namespaces({w.ns for w in puts})
+        # A namespace's tokens are HMACs: computed once per namespace of the commit, not once per item.
+        ns_toks = {ns: (self._prefix_tokens(ns), self._ntok(ns)) for ns in {w.ns for w in puts}}
         keys = (
             self.ledger.ensure_keys([w.iid for w in puts] + [f"ns:{nid}" for nid in new_ns],
-                                    members=self._index_rows(puts, new_ns))  # the namespace index (reads)
+                                    members=self._index_rows(puts, new_ns, ns_toks))  # the namespace index (reads)
             if self.sealed and self.ledger is not None
             else {}
         )
@@ -1398,9 +1405,9 @@ class ChromaStore(BaseStore):
                 "u": w.updated or now,
                 "ix": w.index,
             }
-            toks = self._prefix_tokens(w.ns)
+            toks, ntok = ns_toks[w.ns]
             item_ids.append(w.iid)
-            item_meta.append({"b": self.codec.seal(w.iid, doc, keys.get(w.iid)), "n": self._ntok(w.ns), "v": len(w.texts), **toks})
+            item_meta.append({"b": self.codec.seal(w.iid, doc, keys.get(w.iid)), "n": ntok, "v": len(w.texts), **toks})
             for j in range(len(w.texts)):
                 vec_ids.append(f"{w.iid}.{j}")
                 vec_emb.append(w.vectors[j])  # type: ignore[index]

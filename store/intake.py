@@ -158,6 +158,12 @@ class IntakeJournal:
         self._acv = threading.Condition(self._cv._lock)  # type: ignore[attr-defined]
         self._appends: list[_Append] = []
         self._flights: dict[int, _Flight] = {}
+        # The writes of batches journaled by this process, as the appender prepared them (the drain
+        # then neither opens the rows nor validates them again), at most ``cache_limit`` writes;
+        # dropped when stored or purged. Under ``_cv``.
+        self._prepared: dict[int, list[_Write]] = {}
+        self._cached = 0
+        self.cache_limit = 4 * window
         self._retry_at: dict[int, float] = {}
         self._attempts: dict[int, int] = {}
         self._key: tuple[str, bytes] | None = None
@@ -300,6 +306,8 @@ class IntakeJournal:
                 stored = store._stored_ids([i for i in iids if i not in journaled])
                 taken = journaled | stored
                 rows = []
+                fresh: dict[int, list[_Write]] = {}
+                ntoks: dict[tuple[str, ...], str] = {}  # one HMAC per namespace of the group
                 for r in reqs:
                     flags_r = []
                     for b in r.batches:
@@ -311,9 +319,11 @@ class IntakeJournal:
                             flags.append(new)
                             if new:
                                 taken.add(w.iid)
+                                fresh.setdefault(batch, []).append(w)
                                 ix = w.index if w.index is not None else (None if w.texts else False)
                                 doc = {"ns": list(w.ns), "k": w.key, "v": w.value, "ix": ix}
-                                rows.append((batch, grp, w.iid, store._ntok(w.ns), now,
+                                ntok = ntoks.get(w.ns) or ntoks.setdefault(w.ns, store._ntok(w.ns))
+                                rows.append((batch, grp, w.iid, ntok, now,
                                              store.codec.seal(f"intake:{w.iid}", doc, key)))
                         flags_r.append(flags)
                     out.append(flags_r)
@@ -326,6 +336,11 @@ class IntakeJournal:
                 raise
         reserved = sum(len(b) for r in reqs for b in r.batches)
         with self._cv:
+            for batch, ws in fresh.items():
+                if self._cached + len(ws) > self.cache_limit:
+                    break  # the drain reads the rest back from the file (as after a restart)
+                self._prepared[batch] = ws
+                self._cached += len(ws)
             self.backlog -= reserved - inserted
             self.appended += inserted
             self._cv.notify_all()
@@ -436,9 +451,20 @@ class IntakeJournal:
                     rs = self._conn.execute("SELECT seq, grp, iid, body FROM rows WHERE batch = ? ORDER BY seq",
                                             (last,)).fetchall()
                 by_batch = {last: [tuple(r) for r in rs]}  # type: ignore[misc]
-        keys = self.store.ledger.keys({f"intake:{g}" for rs in by_batch.values() for _, g, _, _ in rs})  # type: ignore[union-attr]
+        with self._cv:
+            cached = {b: self._prepared.get(b) for b in by_batch}
+        # Prepared by this process's appender, and every row still there (a forget may have purged some).
+        ready = {b: ws for b, ws in cached.items() if ws is not None and [w.iid for w in ws] == [r[2] for r in by_batch[b]]}
+        opened = {g for b, rs in by_batch.items() if b not in ready for _, g, _, _ in rs}
+        keys = self.store.ledger.keys({f"intake:{g}" for g in opened}) if opened else {}  # type: ignore[union-attr]
         take: list[tuple[int, list[int], set[str], list[_Write]]] = []
         for batch, rs in by_batch.items():
+            if batch in ready:
+                take.append((batch, [r[0] for r in rs], {r[1] for r in rs}, ready[batch]))
+                room -= len(rs)
+                if room <= 0:
+                    break
+                continue
             try:
                 ops = []
                 for _seq, grp, iid, body in rs:
@@ -520,7 +546,14 @@ class IntakeJournal:
             for b in ok:
                 self._retry_at.pop(b, None)
                 self._attempts.pop(b, None)
+                self._forget_prepared(b)
             self._cv.notify_all()
+
+    def _forget_prepared(self, batch: int) -> None:
+        """Under ``_cv``: drop a batch's prepared writes."""
+        ws = self._prepared.pop(batch, None)
+        if ws is not None:
+            self._cached -= len(ws)
 
     # ------------------------------------------------------------------ reads, forget, status
 
@@ -601,6 +634,8 @@ class IntakeJournal:
                 raise
             batches = {b for _, b, _ in sel}
             with self._cv:  # still under the file lock: the drain's settling cannot see the rows gone unmarked
+                for b in batches:  # the forgotten values leave memory too (the rest of a batch is read back)
+                    self._forget_prepared(b)
                 waits = []
                 for b, f in self._flights.items():
                     if b in batches:  # handed to the store already: the caller's deletion that follows erases it

@@ -398,3 +398,63 @@ def test_the_drain_waits_out_a_burst_of_acknowledgements_but_not_longer_than_def
     finally:
         stop.set()
         store.close()
+
+
+def test_the_drain_stores_the_writes_the_appender_prepared_without_reopening_rows(tmp_path: Path) -> None:
+    """Batches journaled by this process are drained from the appender's prepared writes (no row is
+    opened and validated a second time); once stored, they leave memory."""
+    store = open_store(tmp_path / "chroma")
+    intake = store.intake
+    assert intake is not None
+    mem = PreferenceMemory(store, "acme")
+    opened: list[str] = []
+    real_open = store.codec.open
+
+    def counting_open(rid: str, blob: str, key: bytes | None) -> dict[str, Any]:
+        if rid.startswith("intake:"):
+            opened.append(rid)
+        return real_open(rid, blob, key)
+
+    try:
+        hold(store)
+        asyncio.run(mem.add_votes([vote(i) for i in range(12)]))
+        assert sum(len(ws) for ws in intake._prepared.values()) == intake._cached == 13  # 12 votes + the user
+        store.codec.open = counting_open  # type: ignore[method-assign]
+        release(store)
+        assert intake.wait_drained(60)
+        assert sorted(stored_ids(store, "acme", "ana@x.io")) == sorted(f"v{i}" for i in range(12))
+        assert opened == []
+        assert not intake._prepared and intake._cached == 0
+    finally:
+        store.close()
+
+
+def test_a_batch_partly_forgotten_stores_the_rest_read_back_from_the_journal(tmp_path: Path) -> None:
+    """One add_votes call for two users is one journaled batch; forgetting one user drops the batch's
+    prepared writes from memory (the forgotten values with them), and the drain reads the other
+    user's rows back from the file and stores them."""
+    store = open_store(tmp_path / "chroma")
+    intake = store.intake
+    assert intake is not None
+    mem = PreferenceMemory(store, "acme")
+    try:
+        hold(store)
+        res = asyncio.run(mem.add_votes([vote(1, user=USER, text=MARKER), vote(2, user="keep@x.io")]))
+        assert res.added == 2
+        assert any(MARKER in json_text(w.value) for ws in intake._prepared.values() for w in ws)
+        asyncio.run(mem.forget_user(USER))
+        assert not any(MARKER in json_text(w.value) or USER in json_text(w.value)
+                       for ws in intake._prepared.values() for w in ws)
+        release(store)
+        assert intake.wait_drained(60)
+        assert stored_ids(store, "acme", USER) == []
+        assert stored_ids(store, "acme", "keep@x.io") == ["v2"]
+        assert asyncio.run(mem.list_users()) == ["keep@x.io"]
+    finally:
+        store.close()
+
+
+def json_text(value: Any) -> str:
+    import json
+
+    return json.dumps(value, ensure_ascii=False)
