@@ -4,6 +4,12 @@
 without persona and demos, with log-probabilities, sampled judgments, persona writing) plus insight
 and chat requests, with the replies the simulator of main at 200f950 gave (before its memoised fast
 path). ``data/make_sim_golden.py`` regenerates it when a behaviour change is intended.
+
+Texts must match exactly; log-probabilities to 1e-12. The simulator's probabilities go through
+numpy's vector arithmetic and libm, which may round the last bit differently on another CPU:
+on an AMD EPYC machine the same code (main at f0df7ff, the pinned versions) gave 4 of the 53
+replies log-probabilities 2-4e-16 away from the pinned ones (one unit in the last place), every
+text identical. A behaviour change moves them by far more than 1e-12.
 """
 
 from __future__ import annotations
@@ -28,6 +34,20 @@ def _reply(brain: SimBrain, case: dict[str, Any]) -> tuple[str, Any]:
     return r.text, rows
 
 
+def _pinned(got: tuple[str, Any], case: dict[str, Any]) -> bool:
+    """The reply is the pinned one: same text, same tokens, log-probabilities within 1e-12."""
+    return got[0] == case["text"] and _same_logprobs(got[1], case["top_logprobs"])
+
+
+def _same_logprobs(got: Any, want: Any) -> bool:
+    if got is None or want is None:
+        return got is None and want is None
+    return len(got) == len(want) and all(
+        len(g) == len(w) and all(gt == wt and abs(gl - wl) <= 1e-12 for (gt, gl), (wt, wl) in zip(g, w, strict=True))
+        for g, w in zip(got, want, strict=True)
+    )
+
+
 def test_golden_cases_cover_every_task() -> None:
     systems = [c["request"]["messages"][0]["content"] for c in CASES]
     assert sum(s.startswith("You are a preference judge") and "<persona>" in s for s in systems) >= 5
@@ -43,13 +63,13 @@ def test_replies_match_the_pinned_ones_in_any_order(order: str) -> None:
     brain = SimBrain(seed=0)
     cases = {"forward": CASES, "reversed": CASES[::-1], "twice": CASES + CASES}[order]
     for case in cases:
-        assert _reply(brain, case) == (case["text"], case["top_logprobs"])
+        assert _pinned(_reply(brain, case), case), case["request"]["messages"][-1]["content"][:80]
 
 
 def test_a_small_cache_gives_the_same_replies() -> None:
     brain = SimBrain(seed=0, cache_size=3)  # caches are cleared again and again
     for case in CASES + CASES[::-1]:
-        assert _reply(brain, case) == (case["text"], case["top_logprobs"])
+        assert _pinned(_reply(brain, case), case), case["request"]["messages"][-1]["content"][:80]
 
 
 async def test_the_http_endpoint_serves_the_pinned_replies() -> None:
@@ -72,4 +92,4 @@ async def test_the_http_endpoint_serves_the_pinned_replies() -> None:
             assert choice["message"]["content"] == case["text"]
             if case["top_logprobs"] is not None:
                 got = [[[alt["token"], alt["logprob"]] for alt in tok["top_logprobs"]] for tok in choice["logprobs"]["content"]]
-                assert got == case["top_logprobs"]
+                assert _same_logprobs(got, case["top_logprobs"])
