@@ -32,6 +32,7 @@ from __future__ import annotations
 import logging
 import random
 import secrets
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -255,7 +256,10 @@ class Personalizer:
     its saves refresh the persona cache. ``background``: told about each recorded vote
     (:class:`BackgroundSynthesis`; under the LangGraph server, :class:`graphs.server.ServerSynthesis`).
     ``max_open_votes``: A/B pairs kept open per user (the oldest go first; expired ones, older than
-    ``vote_ttl``, are dropped whenever the user opens a new pair). ``rng``: A/B presentation order and vote tokens (default: system randomness; pass a seeded
+    ``vote_ttl``, are dropped too). The check lists the user's open pairs, so it runs on the first pair a
+    user opens in this process and then on every ``prune_every``-th: up to ``max_open_votes + prune_every - 1``
+    can be open between checks (per process), and an A/B request does not pay a listing of up to
+    ``max_open_votes`` pairs each time. ``rng``: A/B presentation order and vote tokens (default: system randomness; pass a seeded
     ``random.Random`` only for reproducible tests).
 
     The per-user guard (:mod:`synth_agent.engine.selection`) decides what is served: the persona is
@@ -284,6 +288,7 @@ class Personalizer:
         ab_alternative: Runnable[Any, Any] | None = None,
         vote_ttl: float | None = 7 * 24 * 3600.0,
         max_open_votes: int = 100,
+        prune_every: int = 8,
         rng: random.Random | None = None,
         demotion: DemotionPolicy | None = DemotionPolicy(),
         name: str = "personalized_agent",
@@ -309,6 +314,11 @@ class Personalizer:
         if max_open_votes < 1:
             raise ValueError("max_open_votes must be at least 1")
         self.max_open_votes = max_open_votes
+        if prune_every < 1:
+            raise ValueError("prune_every must be at least 1")
+        self.prune_every = prune_every
+        self._openings: OrderedDict[tuple[str, str], int] = OrderedDict()
+        """Pairs opened per (tenant, user) since the last check, for the 10,000 most recent users."""
         self._rng = rng or random.SystemRandom()
         self._seeded = rng is not None
         self.personas = PersonaCache(persona_ttl)
@@ -329,8 +339,14 @@ class Personalizer:
         self.personas.put(tenant_id, user_id, profile)
 
     def invalidate(self, tenant_id: str, user_id: str | None = None) -> None:
-        """Forget cached personas (after a persona was changed or deleted elsewhere)."""
+        """Forget cached personas (after a persona was changed or deleted elsewhere), and what this
+        process counted about the user's open A/B pairs."""
         self.personas.invalidate(tenant_id, user_id)
+        if user_id is None:
+            for k in [k for k in self._openings if k[0] == tenant_id]:
+                del self._openings[k]
+        else:
+            self._openings.pop((tenant_id, user_id), None)
 
     def memory(self, tenant_id: str, store: BaseStore | None = None) -> PreferenceMemory:
         if self._memory_for is not None:
@@ -675,8 +691,19 @@ class Personalizer:
         }
         ns = pending_namespace(tenant, user)
         await memory.store.aput(ns, token, value, index=False)
-        await self._prune_open_votes(memory.store, ns, keep=token)
+        if self._due_for_pruning(tenant, user):
+            await self._prune_open_votes(memory.store, ns, keep=token)
         return {**public, "token": token}
+
+    def _due_for_pruning(self, tenant: str, user: str) -> bool:
+        """Whether this opening checks the user's open pairs: the first in this process, then every
+        ``prune_every``-th (listing them costs ~36 ms of CPU at 100 open pairs, `bench/ab_prune.py`)."""
+        key = (tenant, user)
+        seen = self._openings.pop(key, None)
+        self._openings[key] = 0 if seen is None else (seen + 1) % self.prune_every
+        while len(self._openings) > 10_000:
+            self._openings.popitem(last=False)
+        return self._openings[key] == 0
 
     async def _prune_open_votes(self, store: BaseStore, ns: tuple[str, ...], keep: str) -> None:
         """Drop the user's expired A/B pairs, and the oldest past ``max_open_votes``.

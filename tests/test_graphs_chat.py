@@ -205,7 +205,7 @@ async def test_open_ab_pairs_are_bounded_per_user() -> None:
     store = InMemoryStore()
     mems = TenantMemories(store)
     p = Personalizer(RecordingModel(), store=store, memory_for=mems, default_mode="ab", max_open_votes=3,
-                     rng=random.Random(5))
+                     prune_every=1, rng=random.Random(5))
     tokens = [(await p.graph.ainvoke({"messages": [("user", f"hi {i}")]}, USER))["ab"]["token"] for i in range(5)]
     ns = pending_namespace("acme", "zoë@example.com")
     assert sorted(it.key for it in await store.asearch(ns, limit=50)) == sorted(tokens[2:])
@@ -219,6 +219,33 @@ async def test_open_ab_pairs_are_bounded_per_user() -> None:
     assert [it.key for it in await store.asearch(ns, limit=50)] == [fresh]
     with pytest.raises(ValueError):
         Personalizer(RecordingModel(), store=store, max_open_votes=0)
+    with pytest.raises(ValueError):
+        Personalizer(RecordingModel(), store=store, prune_every=0)
+
+
+async def test_open_ab_pairs_are_checked_on_the_first_and_every_nth_opening() -> None:
+    """Checking lists the user's open pairs, so it runs on a user's first opening in the process and then
+    every ``prune_every``-th: the bound can be passed by ``prune_every - 1`` between checks, never more."""
+    from graphs.chat import pending_namespace
+
+    store = InMemoryStore()
+    mems = TenantMemories(store)
+    p = Personalizer(RecordingModel(), store=store, memory_for=mems, default_mode="ab", max_open_votes=2,
+                     prune_every=3, rng=random.Random(7))
+    ns = pending_namespace("acme", "zoë@example.com")
+
+    async def open_pairs(n: int) -> list[int]:
+        counts = []
+        for i in range(n):
+            await p.graph.ainvoke({"messages": [("user", f"hi {i}")]}, USER)
+            counts.append(len(await store.asearch(ns, limit=50)))
+        return counts
+
+    # checked at openings 1, 4, 7: the count drops back to the bound there, and never exceeds 2 + 3 - 1
+    assert await open_pairs(7) == [1, 2, 3, 2, 3, 4, 2]
+    p.invalidate("acme", "zoë@example.com")  # forgetting the user drops the count too: the next opening checks
+    p.max_open_votes = 1
+    assert await open_pairs(1) == [1]
 
 
 async def test_ab_with_persona_is_personalized_vs_plain() -> None:
