@@ -138,6 +138,9 @@ class SynthesisState(SynthesisInput, SynthesisOutput, total=False):
     demos: list[dict[str, Any]]
     selection: dict[str, Any] | None
     new_ids: list[str]
+    base_version: int
+    """The persona version that was current when ``load_votes`` ran (0: none): a version saved after it
+    by another run of the same fit is not saved again."""
 
 
 class SynthesisContext(IdentityContext, total=False):
@@ -317,6 +320,7 @@ def build_synthesis_graph(
             "traces": [], "persona_trace_ids": [], "bootstrap_demos": [], "bootstrap_accuracy": 0.0,
             "reused_traces": 0, "persona": "", "demos": [], "val_accuracy": 0.0, "profile": None, "usage": {},
             "selection": None, "new_ids": [v.id for v in plan.new],
+            "base_version": current.version if current is not None else 0,
         }
         kept = {"profile": current.model_dump(mode="json")} if current is not None else {}
         if plan.status == "not_enough_votes":
@@ -373,7 +377,9 @@ def build_synthesis_graph(
             profile = synth.updated_profile(plan, sel, _total_usage(usage))
         thread = (config.get("configurable") or {}).get("thread_id")
         profile.meta.update(synthesis_thread=thread, run_id=state.get("run_id", ""), fit_id=fit_id)
-        saved = await memory.save_persona(profile)
+        saved = await memory.save_persona(profile, since=state.get("base_version"))
+        if saved.meta.get("fit_id") != fit_id:
+            return _saved_by_another_run(saved, user, usage)
         return {
             "status": "fitted", "profile": saved.model_dump(mode="json"), "persona": saved.persona,
             "selection": saved.meta.get("selection"), "usage": usage,
@@ -494,7 +500,9 @@ def build_synthesis_graph(
                     ),
                 },
             )
-            saved = await memory.save_persona(profile)
+            saved = await memory.save_persona(profile, since=state.get("base_version"))
+            if saved.meta.get("fit_id") != fit_id:
+                return _saved_by_another_run(saved, user)
         return {
             "status": "fitted",
             "profile": saved.model_dump(mode="json"),
@@ -520,6 +528,18 @@ def build_synthesis_graph(
     builder.add_edge("select", "save")
     builder.add_edge("save", END)
     return builder.compile(checkpointer=checkpointer, store=store, name=name)
+
+
+def _saved_by_another_run(
+    saved: PersonaProfile, user: str, usage: dict[str, dict[str, int]] | None = None
+) -> dict[str, Any]:
+    """The answer of a run whose result another run had saved first (same votes, settings and model)."""
+    return {
+        "status": "unchanged", "profile": saved.model_dump(mode="json"), "persona": saved.persona,
+        **({"usage": usage} if usage is not None else {}),
+        "message": f"persona v{saved.version} of {user!r} was saved by another run of the same fit while this one "
+                   "ran: nothing saved",
+    }  # fmt: skip
 
 
 def _total_usage(usage: dict[str, dict[str, int]]) -> dict[str, int]:

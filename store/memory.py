@@ -461,11 +461,17 @@ class PreferenceMemory(PreferenceView):
 
     # ------------------------------------------------------------------ personas
 
-    async def save_persona(self, profile: PersonaProfile, *, version: int | None = None) -> PersonaProfile:
+    async def save_persona(
+        self, profile: PersonaProfile, *, version: int | None = None, since: int | None = None
+    ) -> PersonaProfile:
         """Save ``profile`` as a new version (latest + 1); older versions are kept as history.
 
         ``version``: a number allocated elsewhere (the scale-out mode's Postgres counter); it must be
         above every stored version, else ValueError and nothing is written.
+        ``since``: the version that was current when the caller's fit loaded its votes (0: none). If a
+        later version carrying the same ``meta["fit_key"]`` has been saved meanwhile — another run fitted
+        the same votes with the same settings concurrently (a background fit and a manual one) — that
+        version is returned and nothing is written, so one fit's result is never stored twice.
         """
         if not isinstance(profile, PersonaProfile):
             raise ValueError(f"save_persona takes a PersonaProfile, got {type(profile).__name__}")
@@ -473,6 +479,10 @@ class PreferenceMemory(PreferenceView):
         async with self._lock(profile.user_id):
             items = await self._persona_items(profile.user_id)
             latest = int(items[-1].value["version"]) if items else 0
+            if since is not None and items and latest > since:
+                stored = PersonaProfile.model_validate(items[-1].value["profile"])
+                if stored.same_fit(profile):
+                    return stored
             if version is not None and version <= latest:
                 raise ValueError(f"persona version {version} is not above the stored v{latest}")
             version = version if version is not None else latest + 1

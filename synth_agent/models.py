@@ -385,6 +385,12 @@ class PersonaProfile(BaseModel):
             raise ValueError(f"the profile cannot be stored: {problem}")
         return self
 
+    def same_fit(self, other: PersonaProfile) -> bool:
+        """Whether both are results of the same fit input: the same votes and split, settings and model
+        (``meta["fit_key"]``, see ``Synthesizer.fit_key``); a profile without a key matches nothing."""
+        key = self.meta.get("fit_key")
+        return bool(key) and key == other.meta.get("fit_key")
+
 
 Preference = Literal["A", "B", "tie"]
 

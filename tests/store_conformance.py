@@ -322,6 +322,23 @@ class MemoryConformance:
         with pytest.raises(ValueError):
             await mem.save_persona({"user_id": "pp", "persona": "x"})  # type: ignore[arg-type]
 
+    async def test_one_fit_is_saved_once(self, store: BaseStore) -> None:
+        """Two runs of the same fit (same ``fit_key``) racing: the second to save, having started from
+        version ``since``, gets the first's version back and writes nothing; a refit started from that
+        version (forced) and a fit of other votes are saved as usual."""
+        mem = PreferenceMemory(store)
+        fit = {"fit_key": "k1"}
+        a = await mem.save_persona(PersonaProfile(user_id="fk", persona="run a", meta=fit), since=0)
+        b = await mem.save_persona(PersonaProfile(user_id="fk", persona="run b", meta=fit), since=0)
+        assert (a.version, b.version, b.persona) == (1, 1, "run a")
+        assert [p.persona for p in await mem.persona_history("fk")] == ["run a"]
+        forced = await mem.save_persona(PersonaProfile(user_id="fk", persona="forced", meta=fit), since=1)
+        other = await mem.save_persona(PersonaProfile(user_id="fk", persona="more votes", meta={"fit_key": "k2"}),
+                                       since=1)
+        keyless = await mem.save_persona(PersonaProfile(user_id="fk", persona="no key"), since=0)
+        assert (forced.version, other.version, keyless.version) == (2, 3, 4)
+        assert len(await mem.persona_history("fk")) == 4
+
     async def test_traces_and_judgment_cache(self, store: BaseStore) -> None:
         mem = PreferenceMemory(store)
         t1 = Trace(vote_id="v1", chosen_first=True, reasoning="r1", predicted="A", verified=True, model="m")

@@ -69,6 +69,18 @@ async def test_fit_saves_versioned_profile_within_budget(population):
     assert current is not None and current.persona == res.profile.persona
 
 
+async def test_concurrent_fits_of_the_same_votes_save_one_version(population):
+    """Two fits of the same user, votes and settings at once (a scheduler's and a manual one): the one
+    that finishes second returns the version the first saved instead of storing the same fit again."""
+    uid = population.user_ids[1]
+    mem = memory()
+    await mem.add_votes(population.votes(uid, 8))
+    a, b = await asyncio.gather(*(Synthesizer(SimBackend(), mem, FitConfig(seed=1)).fit(uid) for _ in range(2)))
+    assert a.profile is not None and b.profile is not None
+    assert (a.profile.version, b.profile.version) == (1, 1) and a.profile.persona == b.profile.persona
+    assert len(await mem.persona_history(uid)) == 1
+
+
 async def test_not_enough_votes_is_a_result_not_an_error(population):
     uid = population.user_ids[1]
     res = await Synthesizer(SimBackend(), None).fit(uid, population.votes(uid, 4))

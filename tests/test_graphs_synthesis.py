@@ -305,6 +305,20 @@ async def test_same_thread_rerun_fits_all_votes_and_noop_saves_nothing(llm: LLMC
     assert after["status"] == "unchanged" and len(await mems("t").persona_history(USER)) == 3
 
 
+async def test_two_runs_of_the_same_fit_save_one_version(llm: LLMClient) -> None:
+    """A background fit and a manual one of the same votes and settings, running at once on two threads:
+    one saves, the other reports it unchanged and saves nothing (it used to save a second, identical-input
+    version, which also made a later "nothing new" check see another version than the caller's)."""
+    mems = TenantMemories(InMemoryStore())
+    await mems("t").add_votes(_votes(8))
+    g = build_synthesis_graph(llm=llm, memory_for=mems, fit_config=SMALL, checkpointer=InMemorySaver())
+    runs = [{"configurable": {"thread_id": f"thread-{i}", "synth_user_id": USER, "tenant_id": "t"}} for i in (1, 2)]
+    outs = await asyncio.gather(*(g.ainvoke({}, cfg) for cfg in runs))
+    assert sorted(o["status"] for o in outs) == ["fitted", "unchanged"]
+    assert [o["profile"]["version"] for o in outs] == [1, 1]
+    assert len(await mems("t").persona_history(USER)) == 1
+
+
 async def test_due_only_runs_fit_only_when_the_policy_says_so(llm: LLMClient) -> None:
     mems = TenantMemories(InMemoryStore())
     await mems("t").add_votes(_votes(5))
@@ -328,8 +342,8 @@ async def test_crash_after_save_resumes_without_saving_twice(llm: LLMClient) -> 
     real_save = memory.save_persona
     crashes = []
 
-    async def save_then_crash(profile: Any) -> Any:
-        saved = await real_save(profile)
+    async def save_then_crash(profile: Any, **kw: Any) -> Any:
+        saved = await real_save(profile, **kw)
         if not crashes:
             crashes.append(saved.version)
             raise ConnectionError("process died right after the store write")

@@ -969,6 +969,18 @@ class Synthesizer:
         out["selection"].pop("stop_early", None)  # stopping early never changes what is served
         return out
 
+    async def _save(self, profile: PersonaProfile, *, since: int) -> PersonaProfile:
+        """Save ``profile`` unless another run (a background fit racing a manual one) saved the same fit
+        after version ``since``: then that version is returned and nothing is written. Checked through the
+        store's optional ``current_persona`` just before the save (the synthesis graph, which always has a
+        ``PreferenceMemory``, uses ``save_persona(since=...)``, which checks under the user's lock)."""
+        assert self.memory is not None
+        current_persona = getattr(self.memory, "current_persona", None)
+        latest = await current_persona(profile.user_id) if current_persona is not None else None
+        if latest is not None and latest.version > since and latest.same_fit(profile):
+            return latest
+        return await self.memory.save_persona(profile)
+
     def fit_key(self, train: Sequence[Vote], val: Sequence[Vote]) -> str:
         """What a fit's result depends on: the votes and their split, the budgets, the model."""
         payload = [[v.id for v in train], [v.id for v in val], self._result_config(), self.llm.model]
@@ -1090,7 +1102,7 @@ class Synthesizer:
                 profile = self.updated_profile(plan, updated, usage)
                 if save and self.memory is not None:
                     await ledger.save(self.memory, user_id, self.llm.model, keep_unused=True)
-                    profile = await self.memory.save_persona(profile)
+                    profile = await self._save(profile, since=current.version)
                 return FitResult(
                     user_id, "fitted",
                     f"persona v{profile.version} for {user_id!r} from {n_context} votes: v{current.version}'s persona "
@@ -1169,7 +1181,7 @@ class Synthesizer:
             if progress:
                 progress("save", 0, 1)
             await ledger.save(self.memory, user_id, self.llm.model)
-            profile = await self.memory.save_persona(profile)
+            profile = await self._save(profile, since=current.version if current is not None else 0)
             if progress:
                 progress("save", 1, 1)
         summary = (

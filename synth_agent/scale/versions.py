@@ -38,9 +38,11 @@ class PgVersionedMemory(PreferenceMemory):
         super().__init__(store, tenant, **kw)
         self.pool = pool
 
-    async def save_persona(self, profile: PersonaProfile, *, version: int | None = None) -> PersonaProfile:
+    async def save_persona(
+        self, profile: PersonaProfile, *, version: int | None = None, since: int | None = None
+    ) -> PersonaProfile:
         if version is not None:
-            return await super().save_persona(profile, version=version)
+            return await super().save_persona(profile, version=version, since=since)
         async with self.pool.connection() as conn, conn.transaction():
             await conn.execute(
                 "INSERT INTO synth_persona_versions (tenant_id, user_id, version) VALUES (%s, %s, 0) "
@@ -51,8 +53,10 @@ class PgVersionedMemory(PreferenceMemory):
             row = await cur.fetchone()
             counter = int(row[0]) if row else 0
             current = await self.current_persona(profile.user_id)
+            if since is not None and current is not None and current.version > since and current.same_fit(profile):
+                return current  # another worker saved this same fit meanwhile: no new version, no number used
             allocated = max(counter, current.version if current else 0) + 1
-            saved = await super().save_persona(profile, version=allocated)
+            saved = await super().save_persona(profile, version=allocated, since=since)
             await conn.execute(
                 "UPDATE synth_persona_versions SET version = %s WHERE tenant_id = %s AND user_id = %s",
                 (allocated, self.tenant, profile.user_id))
