@@ -32,6 +32,9 @@ user's real gain than anything a fit can see. It prints what an oracle guard tha
 exactly where that fresh gain exceeds a threshold scores on the held-out votes (accuracy, users below
 default), and how the cross-validated gain, the held-out gain and the fresh gain correlate: the bound on
 what *any* decision rule over persona + demos vs the default can reach on this measurement.
+It also prints how well the guard's posterior (its mean gain per user, tenant prior leave-one-out) is
+calibrated against the fresh gain, per band of that posterior: the users' fresh and held-out gains and how
+many of them persona + demos leaves below the default on the held-out votes.
 
 It uses only APIs that predate the honest simulator (issue 16), so the same file measures
 the old code too: ``cd $(mktemp -d) && PYTHONPATH=/work/baseline /work/baseline/.venv/bin/python
@@ -298,6 +301,38 @@ def print_oracle(results: list[dict[str, Any]]) -> None:
         print(f"  serve persona + demos where fresh gain > {100 * t:+.0f} points: served "
               f"{pct(statistics.fmean(served))}, below default {below}/{len(rows)}, "
               f"default served {sum(1 for g, *_ in rows if g <= t)}")
+    if len(cv) == len(rows):
+        print_calibration(results)
+
+
+def print_calibration(results: list[dict[str, Any]]) -> None:
+    """Does the guard's posterior know whom persona + demos hurts? Per band of its posterior mean gain (the
+    tenant prior leave-one-out, as ``served`` uses it): the users' real gain on fresh votes, their gain on the
+    held-out votes, and how many of them persona + demos leaves below the default on the held-out votes."""
+    import numpy as np
+
+    from synth_agent.engine.selection import Selection, population_prior
+
+    post, fresh, held = [], [], []
+    for r in results:
+        sels = {u: Selection.from_meta(g["selection"]) for u, g in r["guard"].items() if g["selection"]}
+        for u, sel in sels.items():
+            prior = population_prior([s for v, s in sels.items() if v != u]).get("persona_demos")
+            post.append(sel.posterior("persona_demos", prior)[0] / 2)  # per vote out of 2 -> accuracy points
+            fresh.append(r["oracle"][u])
+            held.append(r["per_user"][u]["persona_demos"] - r["per_user"][u]["default"])
+    p, f, h = np.array(post), np.array(fresh), np.array(held)
+    slope, icept = np.polyfit(p, f, 1)
+    print(f"\nguard posterior vs fresh gain ({len(p)} users): fresh = {slope:.2f} x posterior mean "
+          f"{100 * icept:+.1f} points (1.00 x +0 if calibrated); truly hurt (fresh gain < 0): {int((f < 0).sum())}; "
+          f"below default on held-out votes although fresh gain > 0: {int(((h < 0) & (f > 0)).sum())}")
+    print("  posterior mean gain   users   fresh gain   held-out gain   p+d below default on held-out")
+    for lo, hi in ((-1.0, 0.0), (0.0, 0.05), (0.05, 0.10), (0.10, 0.15), (0.15, 1.0)):
+        m = (p > lo) & (p <= hi)
+        if m.any():
+            band = f"({max(100 * lo, -100):+.0f}, {min(100 * hi, 100):+.0f}] points"
+            print(f"  {band:>19s}   {int(m.sum()):5d}   {100 * f[m].mean():+9.1f}   {100 * h[m].mean():+12.1f}"
+                  f"   {int((h[m] < 0).sum()):5d} ({100 * (h[m] < 0).mean():.0f}%)")
 
 
 def pct(x: float) -> str:
@@ -369,7 +404,7 @@ def print_sweep(results: list[dict[str, Any]]) -> None:
     print("\nguard variants (re-applied to the same cross-validation results): served accuracy, users below default")
     for prior_on in (True, False):
         for cands in (("persona_demos",), ("persona_demos", "demos"), ("persona_demos", "persona", "demos")):
-            for z in (0.5, 1.0, 1.28, 1.645, 2.0):
+            for z in (0.0, 0.5, 1.0, 1.28, 1.645, 2.0):  # 0: the posterior mean alone (expected accuracy)
                 acc = judged = below = n = dflt = 0
                 for r in results:
                     sels = {u: Selection.from_meta(g["selection"]) for u, g in r["guard"].items() if g["selection"]}
