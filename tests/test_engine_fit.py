@@ -308,6 +308,28 @@ async def test_an_incremental_refit_after_stopping_early_extends_what_judging_ev
     assert exercised, "no user's cross-validation stopped early before an incremental refit"
 
 
+async def test_a_selection_that_skipped_votes_without_its_folds_is_refitted_in_full(population):
+    """A profile saved when stopping early did not yet record its folds (no ``fold_ids``) cannot have its skipped
+    votes judged as the fit would have: its refit is a full fit, never an error."""
+    for uid in population.user_ids:
+        votes = population.votes(uid, 16)
+        mem = memory()
+        await mem.add_votes(votes[:12])
+        synth = Synthesizer(SimBackend(), mem, FitConfig(seed=0))
+        first = await synth.fit(uid)
+        sel = first.profile.meta["selection"]
+        if sel["skipped"]:
+            break
+    else:
+        pytest.fail("no user's cross-validation stopped early")
+    old = {k: v for k, v in sel.items() if k not in ("skipped_default", "fold_ids", "fold_personas")}
+    await mem.update_persona_meta(uid, 1, {"selection": old})
+    await mem.add_votes(votes[12:])
+    second = await synth.fit(uid)
+    assert second.status == "fitted" and "refit" not in second.profile.meta
+    assert second.profile.meta["full_fit_votes"] == 16
+
+
 async def test_a_full_refit_when_the_new_votes_show_the_persona_stale_or_the_context_grew_a_lot(population):
     from synth_agent.engine.selection import Selection
 

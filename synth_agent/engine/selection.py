@@ -216,8 +216,9 @@ class Selection:
     skipped: list[str] = field(default_factory=list)
     """Context votes left unjudged because the decision was already settled (:attr:`SelectionConfig.stop_early`):
     ``served`` is the guard's decision for every context vote, while ``per_vote``, ``gain``, ``gain_sd``,
-    ``cv_accuracy`` and ``n_votes`` describe only the votes judged (``vote_ids``). Re-applying the guard
-    (:meth:`rechoose`, :meth:`extend`) uses that evidence alone."""
+    ``cv_accuracy`` and ``n_votes`` describe only the votes judged (``vote_ids``). :meth:`rechoose` answers as
+    full judging where the skipped votes cannot change its decision, and reads the judged votes alone otherwise;
+    an incremental refit judges them before :meth:`extend` (``skipped_default``, ``fold_ids``, ``fold_personas``)."""
     skipped_default: list[int] = field(default_factory=list)
     """The default judge's counts of the ``skipped`` votes, in that order (judged anyway: they cost nothing in
     one order, and :func:`settled` needed them)."""

@@ -1049,7 +1049,8 @@ class Synthesizer:
     def _new_votes(self, current: PersonaProfile | None, train: Sequence[Vote], val: Sequence[Vote]) -> list[Vote]:
         """The votes an incremental refit of ``current`` would judge, or [] when it must be a full fit: the
         configuration, model or prompts changed, the current profile has no per-vote evidence, is demoted or
-        lacks demos, a vote it used is gone or changed sides, or the context grew past ``full_refit_growth``."""
+        lacks demos, a vote it used is gone or changed sides, the context grew past ``full_refit_growth``, or its
+        cross-validation skipped votes without recording the folds to judge them with (saved before they were)."""
         cfg = self.config
         if current is None or not (cfg.incremental and cfg.selection.enabled):
             return []
@@ -1060,6 +1061,7 @@ class Synthesizer:
             or meta.get("demos_status") != "selected" or not isinstance(sel, dict)
             or not sel.get("per_vote")
             or sorted([*(sel.get("vote_ids") or []), *(sel.get("skipped") or [])]) != sorted(current.vote_ids)
+            or (sel.get("skipped") and not sel.get("fold_ids"))  # stopped early before the folds were kept
             or ("demos" in sel["per_vote"] and "bootstrap_demos" not in meta)
         ):  # fmt: skip
             return []
