@@ -308,6 +308,27 @@ async def test_an_incremental_refit_after_stopping_early_extends_what_judging_ev
     assert exercised, "no user's cross-validation stopped early before an incremental refit"
 
 
+async def test_a_fit_never_asks_the_same_judge_prompt_twice(population):
+    """Step 1's zero-shot candidate and the bootstrap traces judge the validation votes with the same prompt in
+    the bootstrap order: the race reads the trace's verdict (the judgment ledger) instead of asking again."""
+
+    class Recording(SimBackend):
+        def __init__(self) -> None:
+            super().__init__()
+            self.asked: list[tuple[str, int]] = []
+
+        async def complete(self, messages, **kw):  # type: ignore[no-untyped-def]
+            if kw.get("call_site") != "persona":
+                self.asked.append((kw.get("call_site"), hash(tuple((m["role"], m["content"]) for m in messages))))
+            return await super().complete(messages, **kw)
+
+    for uid in population.user_ids[:6]:
+        llm = Recording()
+        await Synthesizer(llm, None, FitConfig(seed=0)).fit(uid, population.votes(uid, 12))
+        prompts = [h for _, h in llm.asked]
+        assert len(prompts) == len(set(prompts)), [site for site, h in llm.asked if prompts.count(h) > 1]
+
+
 async def test_a_selection_that_skipped_votes_without_its_folds_is_refitted_in_full(population):
     """A profile saved when stopping early did not yet record its folds (no ``fold_ids``) cannot have its skipped
     votes judged as the fit would have: its refit is a full fit, never an error."""

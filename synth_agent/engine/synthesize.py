@@ -579,14 +579,16 @@ class Synthesizer:
         return Judge(llm, call_site="bootstrap_score", mode=self.config.score_mode,
                      ledger=ledger if ledger is not None else JudgmentLedger())  # fmt: skip
 
-    async def _judge_all(self, judge: Judge, val: Sequence[Vote]) -> None:
-        """Every validation judgment of ``judge`` at once (fills its ledger)."""
+    async def _judge_all(
+        self, judge: Judge, val: Sequence[Vote], skip: Callable[[Vote, bool], bool] | None = None
+    ) -> None:
+        """Every validation judgment of ``judge`` at once (fills its ledger), but those ``skip`` names."""
 
         async def one(v: Vote, cf: bool) -> None:
             first, second = (v.chosen, v.rejected) if cf else (v.rejected, v.chosen)
             await judge.judge_order(v.context, first, second)
 
-        await asyncio.gather(*(one(v, cf) for v, cf in self._val_jobs(val)))
+        await asyncio.gather(*(one(v, cf) for v, cf in self._val_jobs(val) if skip is None or not skip(v, cf)))
 
     def _persona_ids(self, train: Sequence[Vote], traces: Sequence[Trace], best: Sequence[Demo]) -> list[str]:
         """Traces the persona is written from: all usable ones in time order ("all": prefix-stable across
@@ -615,6 +617,8 @@ class Synthesizer:
         cand_list = self.bootstrap_candidates(user_id, train, traces)
         if progress:
             progress("candidates", 0, len(cand_list))
+        if ledger is not None:  # the validation traces are the zero-shot candidate's verdicts in their order
+            _seed_default(self._default_scorer(llm or self.llm, ledger), val, traces)
         result = await self.rank_bootstrap(val, cand_list, llm=llm, ledger=ledger)
         if progress:
             progress("candidates", len(cand_list), len(cand_list))
@@ -1279,9 +1283,14 @@ class Synthesizer:
             if progress:
                 progress("persona", 1, 1)
             return boot, persona
-        # Step 1's opener (the zero-shot candidate) needs no traces: judge it while the traces are made.
+        # Step 1's opener (the zero-shot candidate) needs no traces: judge it while the traces are made. The
+        # validation votes' traces are the zero-shot judge's verdicts in the bootstrap order (the same prompt):
+        # the opener leaves those orders to them, and they are recorded in the ledger for the race.
         scorer = self._default_scorer(llm, ledger)
-        opener = asyncio.ensure_future(self._judge_all(scorer, val))
+        by_trace = scorer.mode == "cot"
+        opener = asyncio.ensure_future(self._judge_all(
+            scorer, val, skip=(lambda v, cf: cf == self._order(v, "bootstrap")) if by_trace else None
+        ))  # fmt: skip
         try:
             traces, reused = await self.verify(user_id, [*train, *val], progress=progress, llm=llm)
             await opener
@@ -1289,6 +1298,7 @@ class Synthesizer:
             opener.cancel()
             await asyncio.gather(opener, return_exceptions=True)
             raise
+        _seed_default(scorer, val, traces)
         cand_list = self.bootstrap_candidates(user_id, train, traces)
         if progress:
             progress("candidates", 0, len(cand_list))
