@@ -35,12 +35,70 @@ from rich.console import Console
 from rich.table import Table
 
 from store.memory import PreferenceMemory
+from synth_agent import prompts
 from synth_agent.engine import FitConfig, Synthesizer
 from synth_agent.llm.client import EndpointConfig, LLMClient
 from synth_agent.sim.population import Population
 from synth_agent.sim.server import SimProcess
 
 STEPS = ("bootstrap", "bootstrap_score", "persona", "demo_select", "select", "refit")
+
+
+PARTS = ("instructions", "persona", "demos", "vote judged", "other prompts")
+
+
+class PartsBackend:
+    """Wraps the client to split each prompt into its parts (tokens as the simulator counts them: chars / 4).
+
+    Judge prompts: the judge's instructions (system prompt template), the persona addendum, the few-shot demos
+    (every message between the system prompt and the last), the vote judged (the last message). Everything else
+    (persona writer, rationales) is "other prompts". ``repeated_prefix``: tokens of judge prompts' prefixes (all
+    but the last message) already sent earlier in the same fit, what a server with prefix caching could reuse;
+    ``repeated_prompt``: requests whose whole prompt was sent before in the fit (a judgment asked twice).
+    """
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.model = inner, inner.model
+        self.parts = dict.fromkeys(PARTS, 0)
+        self.prefixes: set[int] = set()
+        self.prompts: set[int] = set()
+        self.repeated_prefix = self.repeated_prompt = self.requests = 0
+        self.bases = [prompts.load(prompts.JUDGE_VERSION), prompts.load(prompts.LABEL_JUDGE_VERSION)]
+
+    @property
+    def stats(self) -> Any:
+        return self.inner.stats
+
+    def _count(self, messages: Any) -> None:
+        tok = lambda text: len(text) // 4  # noqa: E731
+        self.requests += 1
+        whole = hash(tuple((m["role"], m["content"]) for m in messages))
+        self.repeated_prompt += whole in self.prompts
+        self.prompts.add(whole)
+        system = messages[0]["content"] if messages and messages[0]["role"] == "system" else ""
+        base = next((b for b in self.bases if system.startswith(b)), None)
+        if base is None:
+            self.parts["other prompts"] += sum(tok(m["content"]) for m in messages)
+            return
+        self.parts["instructions"] += tok(base)
+        self.parts["persona"] += tok(system[len(base):])
+        self.parts["demos"] += sum(tok(m["content"]) for m in messages[1:-1])
+        self.parts["vote judged"] += tok(messages[-1]["content"])
+        prefix = hash(tuple((m["role"], m["content"]) for m in messages[:-1]))
+        if prefix in self.prefixes:
+            self.repeated_prefix += sum(tok(m["content"]) for m in messages[:-1])
+        self.prefixes.add(prefix)
+
+    async def complete(self, messages: Any, **kw: Any) -> Any:
+        self._count(messages)
+        return await self.inner.complete(messages, **kw)
+
+    async def structured(self, messages: Any, schema: Any, **kw: Any) -> Any:
+        self._count(messages)
+        return await self.inner.structured(messages, schema, **kw)
+
+    async def aclose(self) -> None:
+        return None
 
 
 def served(ep: SimProcess) -> dict[str, Any]:
@@ -58,11 +116,14 @@ async def fit_once(ep: SimProcess, uid: str, votes: list | None, cfg: FitConfig,
     """One fit with a fresh client; the simulator's counts for it, wall time, per-step tokens."""
     before = served(ep)
     async with LLMClient(EndpointConfig(base_url=ep.base_url, max_concurrency=concurrency)) as llm:
+        parts = PartsBackend(llm)
         t0 = time.perf_counter()
-        res = await Synthesizer(llm, memory, cfg).fit(uid, votes)
+        res = await Synthesizer(parts, memory, cfg).fit(uid, votes)  # type: ignore[arg-type]
         wall = time.perf_counter() - t0
         by_site = llm.stats.as_dict()
     out = delta(served(ep), before)
+    out["parts"] = {**parts.parts, "repeated prefix": parts.repeated_prefix}
+    out["repeated_prompt"] = parts.repeated_prompt
     out["wall_s"] = wall
     out["version"] = res.profile.version if res.profile else None
     out["status"] = res.status
@@ -159,6 +220,16 @@ def main() -> None:
     for label, row in (("refit after new votes: requests", "step_requests"), ("refit after new votes: tokens", "steps")):
         steps.add_row(label, *(f"{refit_rows[2][row][k]:,}" for k in solo[0]["steps"]))
     console.print(steps)
+    pt = Table(title="Where the prompt tokens went, per prompt part (chars / 4, as the simulator counts), median per "
+                     "fit; 'repeated prefix': judge prompts' prefixes (all but the vote judged) sent earlier in the "
+                     "same fit, what a prefix-caching server could reuse")  # fmt: skip
+    for col in ("fit", *solo[0]["parts"], "requests asking a prompt already asked"):
+        pt.add_column(col, justify="right")
+    pt.add_row("first fit", *(f"{statistics.median(s['parts'][k] for s in solo):,.0f}" for k in solo[0]["parts"]),
+               f"{statistics.median(s['repeated_prompt'] for s in solo):.0f}")  # fmt: skip
+    pt.add_row("refit after new votes", *(f"{refit_rows[2]['parts'][k]:,}" for k in solo[0]["parts"]),
+               str(refit_rows[2]["repeated_prompt"]))  # fmt: skip
+    console.print(pt)
     r = Table(title="Refits of one user through a preference memory (fresh client each time)")
     for col in ("fit", "LLM requests", "prompt tokens", "wall (s)", "persona version after", "status"):
         r.add_column(col, justify="right")

@@ -268,49 +268,99 @@ async def test_refit_after_a_few_new_votes_judges_only_them_and_extends_the_guar
     assert p2.meta["refit"] == {"kind": "incremental", "from_version": 1, "new_vote_ids": new}
     assert p2.vote_ids == [*p2.meta["train_ids"], *p2.meta["val_ids"]] and set(p2.vote_ids) == {v.id for v in votes}
     sel1, sel2 = p1.meta["selection"], p2.meta["selection"]
-    # the evidence of the votes judged (cross-validation may have stopped early: ``skipped``) grows by the new ones
-    n1 = len(sel1["vote_ids"])
+    # the evidence grows by the new votes; votes cross-validation skipped (it stopped early) are judged now
     assert sorted([*sel1["vote_ids"], *sel1["skipped"]]) == sorted(p1.vote_ids)
-    assert sel2["vote_ids"] == [*sel1["vote_ids"], *new] and sel2["n_votes"] == n1 + 4
-    assert sel2["skipped"] == sel1["skipped"]
+    assert sorted(sel2["vote_ids"][:-4]) == sorted(p1.vote_ids) and sel2["vote_ids"][-4:] == new
+    assert sel2["n_votes"] == 16 and sel2["skipped"] == []
+    at = {v: i for i, v in enumerate(sel2["vote_ids"])}
     for c in sel1["per_vote"]:
-        assert sel2["per_vote"][c][:n1] == sel1["per_vote"][c]
+        assert [sel2["per_vote"][c][at[v]] for v in sel1["vote_ids"]] == sel1["per_vote"][c]
     orders = sel1["orders"]
-    # 4 traces + persona + demos on the 4 new votes (its orders); no persona written, no candidate raced
-    assert refit_requests == 4 + 4 * orders + 4 * (orders - 1) < first.usage["llm_requests"] / 3
+    # 4 traces + persona + demos on the 4 new votes (its orders), the skipped votes by their fold's persona + demos;
+    # no persona written, no candidate raced
+    skipped_judgments = len(sel1["skipped"]) * orders
+    assert refit_requests == 4 + 4 * orders + 4 * (orders - 1) + skipped_judgments < first.usage["llm_requests"]
     assert llm.stats.site("persona").requests == first.profile.meta["selection"]["folds"] + 1
     # the traces are stored: a forced full refit pays nothing for them, and the same votes again are "unchanged"
     assert (await synth.fit(uid)).status == "unchanged"
     assert {t.vote_id for t in await mem.get_traces(uid)} >= set(new)
 
 
-async def test_an_incremental_refit_extends_the_evidence_of_a_selection_that_stopped_early(population):
-    """``SelectionConfig(stop_early=True)``: the skipped votes stay listed, the new votes' evidence is appended to
-    the judged votes', and the profile still counts as fitted on every context vote."""
+async def test_an_incremental_refit_after_stopping_early_extends_what_judging_every_vote_stored(population):
+    """``SelectionConfig(stop_early=True)``: the refit first judges the votes cross-validation skipped (with the
+    fold personas stored in the selection), so the refit's selection is exactly the one a fit that judged every
+    vote and was then refitted stores: same evidence, same order, same served configuration, nothing skipped."""
     from synth_agent.engine.selection import SelectionConfig
 
-    cfg = FitConfig(seed=0, selection=SelectionConfig(stop_early=True))
+    exercised = 0
+    for uid in population.user_ids:
+        votes = population.votes(uid, 16)
+        got = {}
+        for stop in (True, False):
+            mem = memory()
+            await mem.add_votes(votes[:12])
+            synth = Synthesizer(SimBackend(), mem, FitConfig(seed=0, selection=SelectionConfig(stop_early=stop)))
+            first = await synth.fit(uid)
+            await mem.add_votes(votes[12:])
+            got[stop] = (first.profile.meta["selection"], (await synth.fit(uid)).profile)
+        (sel1, early), (full1, full) = got[True], got[False]
+        assert sorted([*sel1["vote_ids"], *sel1["skipped"]]) == sorted(full1["vote_ids"]) and not full1["skipped"]
+        assert sel1["served"] == full1["served"]
+        sel2, ref2 = early.meta["selection"], full.meta["selection"]
+        assert ("refit" in early.meta) == ("refit" in full.meta), uid
+        assert sel2["served"] == ref2["served"], uid
+        if "refit" not in early.meta:  # a full refit (the persona went stale) may stop early again: tested above
+            assert sorted([*sel2["vote_ids"], *sel2["skipped"]]) == sorted(ref2["vote_ids"])
+            continue
+        for key in ("vote_ids", "per_vote", "gain", "gain_sd", "n_votes", "skipped", "lower_bound"):
+            assert sel2[key] == ref2[key], (uid, key)
+        if sel1["skipped"]:  # the skipped votes were paid for at the refit, once
+            exercised += 1
+            assert early.meta["usage"]["llm_requests"] > full.meta["usage"]["llm_requests"]
+    assert exercised, "no user's cross-validation stopped early before an incremental refit"
+
+
+async def test_a_fit_never_asks_the_same_judge_prompt_twice(population):
+    """Step 1's zero-shot candidate and the bootstrap traces judge the validation votes with the same prompt in
+    the bootstrap order: the race reads the trace's verdict (the judgment ledger) instead of asking again."""
+
+    class Recording(SimBackend):
+        def __init__(self) -> None:
+            super().__init__()
+            self.asked: list[tuple[str, int]] = []
+
+        async def complete(self, messages, **kw):  # type: ignore[no-untyped-def]
+            if kw.get("call_site") != "persona":
+                self.asked.append((kw.get("call_site"), hash(tuple((m["role"], m["content"]) for m in messages))))
+            return await super().complete(messages, **kw)
+
+    for uid in population.user_ids[:6]:
+        llm = Recording()
+        await Synthesizer(llm, None, FitConfig(seed=0)).fit(uid, population.votes(uid, 12))
+        prompts = [h for _, h in llm.asked]
+        assert len(prompts) == len(set(prompts)), [site for site, h in llm.asked if prompts.count(h) > 1]
+
+
+async def test_a_selection_that_skipped_votes_without_its_folds_is_refitted_in_full(population):
+    """A profile saved when stopping early did not yet record its folds (no ``fold_ids``) cannot have its skipped
+    votes judged as the fit would have: its refit is a full fit, never an error."""
     for uid in population.user_ids:
         votes = population.votes(uid, 16)
         mem = memory()
         await mem.add_votes(votes[:12])
-        synth = Synthesizer(SimBackend(), mem, cfg)
+        synth = Synthesizer(SimBackend(), mem, FitConfig(seed=0))
         first = await synth.fit(uid)
-        sel1 = first.profile.meta["selection"]
-        if sel1["skipped"]:
+        sel = first.profile.meta["selection"]
+        if sel["skipped"]:
             break
     else:
         pytest.fail("no user's cross-validation stopped early")
-    assert sorted([*sel1["vote_ids"], *sel1["skipped"]]) == sorted(first.profile.vote_ids)
-    assert sel1["n_judgments"] == sel1["n_votes"] * 2 * 2 < 12 * 2 * 2
+    old = {k: v for k, v in sel.items() if k not in ("skipped_default", "fold_ids", "fold_personas")}
+    await mem.update_persona_meta(uid, 1, {"selection": old})
     await mem.add_votes(votes[12:])
     second = await synth.fit(uid)
-    sel2 = second.profile.meta["selection"]
-    if "refit" in second.profile.meta:  # incremental (a full refit when the new votes show the persona stale)
-        assert sel2["skipped"] == sel1["skipped"]
-        assert sel2["vote_ids"] == [*sel1["vote_ids"], *(v.id for v in votes[12:])]
-    assert sorted([*sel2["vote_ids"], *sel2["skipped"]]) == sorted(second.profile.vote_ids)
-    assert (await synth.fit(uid)).status == "unchanged"
+    assert second.status == "fitted" and "refit" not in second.profile.meta
+    assert second.profile.meta["full_fit_votes"] == 16
 
 
 async def test_a_full_refit_when_the_new_votes_show_the_persona_stale_or_the_context_grew_a_lot(population):

@@ -130,13 +130,14 @@ class SelectionConfig:
     score_all: bool = False
     """Cross-validate persona only and demos only even when they are not candidates (for measurement:
     ``bench/eval_seeds.py`` sets it; a fit then costs about twice the selection judgments)."""
-    stop_early: bool = False
+    stop_early: bool = True
     """Judge the cross-validated votes in up to three waves and stop as soon as the guard's decision cannot
     change whatever the remaining votes' judgments turn out to be (:func:`settled`, one candidate only): the
     served configuration is exactly the one full judging gives under the fit's prior; the stored evidence then
-    covers the votes judged (:attr:`Selection.skipped` lists the others). Off by default: a guard re-applied
-    later to that smaller evidence (an incremental refit, ``synth-agent eval``'s leave-one-out prior) served
-    about a point less on ``bench/refit_accuracy.py`` (docs/llm.md, "Stopping cross-validation early")."""
+    covers the votes judged (:attr:`Selection.skipped` lists the others, with what judging them needs). An
+    incremental refit judges the skipped votes first (:meth:`~synth_agent.engine.synthesize.Synthesizer.complete_selection`),
+    so it extends exactly the evidence full judging would have stored; ``synth-agent eval``'s leave-one-out prior
+    re-applies the guard to the smaller evidence (docs/llm.md, "Stopping cross-validation early")."""
 
     def __post_init__(self) -> None:
         if self.folds < 2:
@@ -215,8 +216,17 @@ class Selection:
     skipped: list[str] = field(default_factory=list)
     """Context votes left unjudged because the decision was already settled (:attr:`SelectionConfig.stop_early`):
     ``served`` is the guard's decision for every context vote, while ``per_vote``, ``gain``, ``gain_sd``,
-    ``cv_accuracy`` and ``n_votes`` describe only the votes judged (``vote_ids``). Re-applying the guard
-    (:meth:`rechoose`, :meth:`extend`) uses that evidence alone."""
+    ``cv_accuracy`` and ``n_votes`` describe only the votes judged (``vote_ids``). :meth:`rechoose` answers as
+    full judging where the skipped votes cannot change its decision, and reads the judged votes alone otherwise;
+    an incremental refit judges them before :meth:`extend` (``skipped_default``, ``fold_ids``, ``fold_personas``)."""
+    skipped_default: list[int] = field(default_factory=list)
+    """The default judge's counts of the ``skipped`` votes, in that order (judged anyway: they cost nothing in
+    one order, and :func:`settled` needed them)."""
+    fold_ids: list[list[str]] = field(default_factory=list)
+    """With ``skipped`` votes: the cross-validation folds as fitted (vote ids), and ``fold_personas`` the persona
+    each fold was judged with, so an incremental refit can judge the skipped votes exactly as the fit would have
+    (:meth:`~synth_agent.engine.synthesize.Synthesizer.complete_selection`) before re-applying the guard."""
+    fold_personas: list[str] = field(default_factory=list)
     rule: str = "posterior (tenant prior x this user's cross-validated votes) lower bound of the gain over default > 0"
 
     def as_meta(self) -> dict[str, Any]:
@@ -266,11 +276,21 @@ class Selection:
     def rechoose(
         self, z: float, prior: Mapping[str, GainPrior] | None = None, candidates: Sequence[str] | None = None
     ) -> Configuration:
-        """The configuration the guard serves at ``z`` under ``prior`` (from the stored statistics)."""
+        """The configuration the guard serves at ``z`` under ``prior`` (from the stored statistics).
+
+        Where cross-validation stopped early (``skipped``), the answer is the one judging every vote gives
+        whenever the skipped votes cannot change it under this ``z`` and ``prior`` (:func:`settled`); otherwise
+        it reads the votes judged alone (an incremental refit judges the skipped votes first)."""
+        cands = candidates if candidates is not None else self.candidates
+        if self.skipped and len(self.skipped_default) == len(self.skipped) and "default" in self.per_vote:
+            decided = settled(self.per_vote, self.skipped_default, z=z, prior=prior, candidates=cands,
+                              orders=self.orders)  # fmt: skip
+            if decided is not None:
+                return decided
         best: Configuration = "default"
         best_gain = 0.0
         bounds = self.bounds(z, prior)
-        for c in candidates if candidates is not None else self.candidates:
+        for c in cands:
             if c not in self.gain or bounds[c] <= 0:
                 continue
             m, _ = self.posterior(c, (prior or {}).get(c))
@@ -321,7 +341,12 @@ class Selection:
             {c: [*self.per_vote[c], *new[c]] for c in self.per_vote}, z=z, folds=self.folds, prior=prior,
             candidates=self.candidates if candidates is None else candidates,
             vote_ids=[*self.vote_ids, *vote_ids], orders=self.orders, skipped=self.skipped,
-        )  # fmt: skip
+        )._with_folds(self)  # fmt: skip
+
+    def _with_folds(self, other: Selection) -> Selection:
+        """This selection carrying ``other``'s record of skipped votes (their default counts, folds, personas)."""
+        return replace(self, skipped_default=list(other.skipped_default), fold_ids=[list(f) for f in other.fold_ids],
+                       fold_personas=list(other.fold_personas))  # fmt: skip
 
     def apply(self, z: float, prior: Mapping[str, GainPrior] | None, candidates: Sequence[str]) -> Selection:
         """This selection with the guard re-applied (served, bounds, prior recorded)."""
@@ -375,6 +400,17 @@ def choose(
     return sel if served is None else replace(sel, served=served)
 
 
+def _reachable(remaining_default: Sequence[int | None], orders: int) -> dict[tuple[int, int], tuple[int, ...]]:
+    """Every (sum, sum of squares) the unjudged votes' paired differences ``d`` can reach, each with one list of
+    ``d`` reaching it (the guard and the drift test read the votes only through those two sums)."""
+    counts = (0, 2) if orders == 1 else (0, 1, 2)
+    states: dict[tuple[int, int], tuple[int, ...]] = {(0, 0): ()}
+    for cd in remaining_default:
+        opts = {c - b for c in counts for b in ((cd,) if cd is not None else counts)}
+        states = {(s + x, q + x * x): rest + (x,) for (s, q), rest in states.items() for x in opts}
+    return states
+
+
 def settled(
     per_vote: Mapping[str, Sequence[int]],
     remaining_default: Sequence[int | None],
@@ -404,12 +440,7 @@ def settled(
         return None
     (cand,) = candidates
     known = [a - b for a, b in zip(per_vote[cand], per_vote["default"], strict=True)]
-    counts = (0, 2) if orders == 1 else (0, 1, 2)
-    # (sum, sum of squares) of the unjudged votes' d -> one list of d reaching it
-    states: dict[tuple[int, int], tuple[int, ...]] = {(0, 0): ()}
-    for cd in remaining_default:
-        opts = {c - b for c in counts for b in ((cd,) if cd is not None else counts)}
-        states = {(s + x, q + x * x): rest + (x,) for (s, q), rest in states.items() for x in opts}
+    states = _reachable(remaining_default, orders)
     n = len(known) + len(remaining_default)
     if n < 2:
         return None

@@ -35,7 +35,7 @@ import asyncio
 import hashlib
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal, Protocol
 
 import orjson
@@ -579,14 +579,16 @@ class Synthesizer:
         return Judge(llm, call_site="bootstrap_score", mode=self.config.score_mode,
                      ledger=ledger if ledger is not None else JudgmentLedger())  # fmt: skip
 
-    async def _judge_all(self, judge: Judge, val: Sequence[Vote]) -> None:
-        """Every validation judgment of ``judge`` at once (fills its ledger)."""
+    async def _judge_all(
+        self, judge: Judge, val: Sequence[Vote], skip: Callable[[Vote, bool], bool] | None = None
+    ) -> None:
+        """Every validation judgment of ``judge`` at once (fills its ledger), but those ``skip`` names."""
 
         async def one(v: Vote, cf: bool) -> None:
             first, second = (v.chosen, v.rejected) if cf else (v.rejected, v.chosen)
             await judge.judge_order(v.context, first, second)
 
-        await asyncio.gather(*(one(v, cf) for v, cf in self._val_jobs(val)))
+        await asyncio.gather(*(one(v, cf) for v, cf in self._val_jobs(val) if skip is None or not skip(v, cf)))
 
     def _persona_ids(self, train: Sequence[Vote], traces: Sequence[Trace], best: Sequence[Demo]) -> list[str]:
         """Traces the persona is written from: all usable ones in time order ("all": prefix-stable across
@@ -615,6 +617,8 @@ class Synthesizer:
         cand_list = self.bootstrap_candidates(user_id, train, traces)
         if progress:
             progress("candidates", 0, len(cand_list))
+        if ledger is not None:  # the validation traces are the zero-shot candidate's verdicts in their order
+            _seed_default(self._default_scorer(llm or self.llm, ledger), val, traces)
         result = await self.rank_bootstrap(val, cand_list, llm=llm, ledger=ledger)
         if progress:
             progress("candidates", len(cand_list), len(cand_list))
@@ -837,18 +841,13 @@ class Synthesizer:
         # One order per vote: the bootstrap trace's, so the default judge's verdict is already known (seeded above).
         order = (lambda v: self._order(v, "bootstrap")) if sc.orders == 1 else None
 
+        personas: dict[int, str] = {}
+
         async def fold_judges(f: int) -> dict[str, Judge]:
             outside = [v for g, fold in enumerate(folds) if g != f for v in fold]
             usable_ids = [d.vote_id for d in self._usable(outside, all_traces)]
-            persona = await self.write_persona(outside, all_traces, usable_ids, llm=llm, rationales=notes)
-            demos = self.demo_candidates(f"{user_id}\x1fcv{f}", outside, all_traces)[0]
-            every = {
-                "persona_demos": Judge(llm, persona=persona, demos=tuple(demos), call_site="select", mode=mode,
-                                       ledger=ledger),
-                "persona": Judge(llm, persona=persona, call_site="select", mode=mode, ledger=ledger),
-                "demos": Judge(llm, demos=tuple(demos), call_site="select", mode=mode, ledger=ledger),
-            }  # fmt: skip
-            return {c: every[c] for c in scored}
+            personas[f] = await self.write_persona(outside, all_traces, usable_ids, llm=llm, rationales=notes)
+            return self._fold_judges(user_id, folds, f, all_traces, personas[f], scored, llm, ledger, "select")
 
         async def default_counts() -> dict[str, int]:
             return await _per_vote(default, votes, order)
@@ -886,8 +885,73 @@ class Synthesizer:
         per_vote = {c: [got[c][vid] for vid in ids] for c in scored}
         per_vote["default"] = [base[vid] for vid in ids]
         skipped = [v.id for fold in folds for v in fold if v.id not in judged_ids]
-        return choose(per_vote, z=sc.z, folds=len(folds), prior=prior, candidates=sc.candidates, vote_ids=ids,
-                      orders=sc.orders, skipped=skipped, served=decided)  # fmt: skip
+        out = choose(per_vote, z=sc.z, folds=len(folds), prior=prior, candidates=sc.candidates, vote_ids=ids,
+                     orders=sc.orders, skipped=skipped, served=decided)  # fmt: skip
+        if not skipped:
+            return out
+        return replace(out, skipped_default=[base[vid] for vid in skipped], fold_ids=[[v.id for v in f] for f in folds],
+                       fold_personas=[personas[f] for f in range(len(folds))])  # fmt: skip
+
+    def _fold_judges(
+        self, user_id: str, folds: Sequence[Sequence[Vote]], f: int, traces: Sequence[Trace], persona: str,
+        scored: Sequence[str], llm: ChatBackend, ledger: JudgmentLedger, call_site: str,
+    ) -> dict[str, Judge]:
+        """Fold ``f``'s judges of the ``scored`` configurations: ``persona`` (written from the other folds) and
+        demos drawn from the other folds with the fit's recipe (deterministic: a refit rebuilds the same set)."""
+        outside = [v for g, fold in enumerate(folds) if g != f for v in fold]
+        demos = tuple(self.demo_candidates(f"{user_id}\x1fcv{f}", outside, traces)[0])
+        mode = self.config.score_mode
+        every = {
+            "persona_demos": Judge(llm, persona=persona, demos=demos, call_site=call_site, mode=mode, ledger=ledger),
+            "persona": Judge(llm, persona=persona, call_site=call_site, mode=mode, ledger=ledger),
+            "demos": Judge(llm, demos=demos, call_site=call_site, mode=mode, ledger=ledger),
+        }
+        return {c: every[c] for c in scored}
+
+    async def complete_selection(
+        self,
+        user_id: str,
+        sel: Selection,
+        votes: Sequence[Vote],
+        *,
+        llm: ChatBackend | None = None,
+        ledger: JudgmentLedger | None = None,
+        prior: dict[str, GainPrior] | None = None,
+    ) -> Selection:
+        """``sel`` with the votes it skipped (:attr:`SelectionConfig.stop_early`) judged by their fold's judges —
+        the persona stored with the selection, demos rebuilt from the stored traces — so the evidence is exactly
+        what judging every vote would have stored (same votes, same order), and the guard re-applied under
+        ``prior``. ``votes``: the user's context votes, train then validation as split (a superset of the selection's,
+        whose relative order is the fit's). Unchanged when nothing was skipped.
+        """
+        if not sel.skipped:
+            return sel
+        if not sel.fold_ids or len(sel.fold_personas) != len(sel.fold_ids):
+            raise ValueError("this selection skipped votes but does not record its folds; a full fit is due")
+        llm = llm or self.llm
+        ledger = ledger if ledger is not None else JudgmentLedger()
+        by_id = {v.id: v for v in votes}
+        folds = [[by_id[vid] for vid in fold] for fold in sel.fold_ids]
+        fold_of = {vid: f for f, fold in enumerate(sel.fold_ids) for vid in fold}
+        # in the caller's order (the fit's, train then validation): the demo recipe reads the traces in order
+        traces, _ = await self.verify(user_id, [v for v in votes if v.id in fold_of], llm=llm, call_site="refit")
+        scored = [c for c in sel.per_vote if c != "default"]
+        judges = {
+            f: self._fold_judges(user_id, folds, f, traces, sel.fold_personas[f], scored, llm, ledger, "refit")
+            for f in {fold_of[vid] for vid in sel.skipped}
+        }  # fmt: skip
+        order = (lambda v: self._order(v, "bootstrap")) if sel.orders == 1 else None
+        results = await asyncio.gather(*(
+            _per_vote(judges[fold_of[vid]][c], [by_id[vid]], order) for vid in sel.skipped for c in scored
+        ))  # fmt: skip
+        got: dict[str, dict[str, int]] = {c: dict(zip(sel.vote_ids, sel.per_vote[c], strict=True)) for c in sel.per_vote}
+        for (vid, c), r in zip(((vid, c) for vid in sel.skipped for c in scored), results, strict=True):
+            got[c][vid] = r[vid]
+        got["default"].update(zip(sel.skipped, sel.skipped_default, strict=True))
+        # the fit's votes in fold order, then those earlier refits appended (as full judging would have stored them)
+        ids = [vid for fold in sel.fold_ids for vid in fold] + [vid for vid in sel.vote_ids if vid not in fold_of]
+        return choose({c: [got[c][vid] for vid in ids] for c in sel.per_vote}, z=sel.z, folds=sel.folds, prior=prior,
+                      candidates=sel.candidates, vote_ids=ids, orders=sel.orders)  # fmt: skip
 
     @staticmethod
     def _cv_waves(n: int) -> list[int]:
@@ -938,9 +1002,17 @@ class Synthesizer:
         order = (lambda v: self._order(v, "bootstrap")) if sel.orders == 1 else None
         scores = await asyncio.gather(*(_per_vote(every[c], plan.new, order) for c in names))
         new = {c: [sc_[v.id] for v in plan.new] for c, sc_ in zip(names, scores, strict=True)}
+        ids = [v.id for v in plan.new]
+        if sel.skipped:
+            # Cross-validation stopped early: judge the votes it skipped (the fold judges as fitted), so the drift
+            # test and the guard below read, and the profile stores, exactly the evidence full judging would have.
+            # (Deciding without them where they cannot change the decision was exact for what is served, but left
+            # the smaller evidence stored: bench/refit_accuracy.py then served -0.51 points [-1.14, +0.12].)
+            votes = [*plan.train, *plan.val]
+            sel = await self.complete_selection(user_id, sel, votes, llm=llm, ledger=ledger, prior=prior)
         if sel.drifted(new, sc.z):
             return None
-        return sel.extend([v.id for v in plan.new], new, z=sc.z, prior=prior, candidates=sc.candidates)
+        return sel.extend(ids, new, z=sc.z, prior=prior, candidates=sc.candidates)
 
     def updated_profile(self, plan: FitPlan, selection: Selection, usage: dict[str, int]) -> PersonaProfile:
         """The profile an incremental refit saves: the current persona and demos, with the new votes and the
@@ -993,7 +1065,8 @@ class Synthesizer:
     def _new_votes(self, current: PersonaProfile | None, train: Sequence[Vote], val: Sequence[Vote]) -> list[Vote]:
         """The votes an incremental refit of ``current`` would judge, or [] when it must be a full fit: the
         configuration, model or prompts changed, the current profile has no per-vote evidence, is demoted or
-        lacks demos, a vote it used is gone or changed sides, or the context grew past ``full_refit_growth``."""
+        lacks demos, a vote it used is gone or changed sides, the context grew past ``full_refit_growth``, or its
+        cross-validation skipped votes without recording the folds to judge them with (saved before they were)."""
         cfg = self.config
         if current is None or not (cfg.incremental and cfg.selection.enabled):
             return []
@@ -1004,6 +1077,7 @@ class Synthesizer:
             or meta.get("demos_status") != "selected" or not isinstance(sel, dict)
             or not sel.get("per_vote")
             or sorted([*(sel.get("vote_ids") or []), *(sel.get("skipped") or [])]) != sorted(current.vote_ids)
+            or (sel.get("skipped") and not sel.get("fold_ids"))  # stopped early before the folds were kept
             or ("demos" in sel["per_vote"] and "bootstrap_demos" not in meta)
         ):  # fmt: skip
             return []
@@ -1221,9 +1295,14 @@ class Synthesizer:
             if progress:
                 progress("persona", 1, 1)
             return boot, persona
-        # Step 1's opener (the zero-shot candidate) needs no traces: judge it while the traces are made.
+        # Step 1's opener (the zero-shot candidate) needs no traces: judge it while the traces are made. The
+        # validation votes' traces are the zero-shot judge's verdicts in the bootstrap order (the same prompt):
+        # the opener leaves those orders to them, and they are recorded in the ledger for the race.
         scorer = self._default_scorer(llm, ledger)
-        opener = asyncio.ensure_future(self._judge_all(scorer, val))
+        by_trace = scorer.mode == "cot"
+        opener = asyncio.ensure_future(self._judge_all(
+            scorer, val, skip=(lambda v, cf: cf == self._order(v, "bootstrap")) if by_trace else None
+        ))  # fmt: skip
         try:
             traces, reused = await self.verify(user_id, [*train, *val], progress=progress, llm=llm)
             await opener
@@ -1231,6 +1310,7 @@ class Synthesizer:
             opener.cancel()
             await asyncio.gather(opener, return_exceptions=True)
             raise
+        _seed_default(scorer, val, traces)
         cand_list = self.bootstrap_candidates(user_id, train, traces)
         if progress:
             progress("candidates", 0, len(cand_list))
