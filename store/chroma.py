@@ -504,6 +504,10 @@ class ChromaStore(BaseStore):
         self._hnsw_sync = sync_threshold
         self._gen_cv = threading.Condition()
         self._gen_readers: dict[int, int] = {}
+        self._restarting = False
+        self.restart_after_compact = False
+        """Restart the local Chroma server this store started after each compaction (reads wait for it,
+        a few seconds): chromadb 1.5.9 frees a deleted collection's memory only when its process ends."""
         self._compact_token = f"{self.ledger.owner}#{uuid.uuid4().hex[:8]}" if self.ledger is not None else ""
         self._deleted_since_count = 0
         self._gen = 0
@@ -596,6 +600,7 @@ class ChromaStore(BaseStore):
         *,
         embedding_function: EmbeddingFunctionLike | None = None,
         startup_timeout: float = 120.0,
+        restart_after_compact: bool = True,
         **kw: Any,
     ) -> ChromaStore:
         """The store in ``path``, served by ``chroma run`` in a child process that ends with this one.
@@ -624,6 +629,7 @@ class ChromaStore(BaseStore):
         except BaseException:
             server.stop()
             raise
+        store.restart_after_compact = restart_after_compact
         store.path = Path(path)
         try:
             store._open_intake(kw.get("intake", False), owner=not server.attached)
@@ -1723,6 +1729,8 @@ class ChromaStore(BaseStore):
         if not self._owns_dir:
             self._follow_generation()
         with self._gen_cv:
+            if self._restarting:  # the local Chroma server restarts after a compaction: a few seconds
+                self._gen_cv.wait_for(lambda: not self._restarting, timeout=120)
             gen = self._gen
             self._gen_readers[gen] = self._gen_readers.get(gen, 0) + 1
         try:
@@ -1866,7 +1874,31 @@ class ChromaStore(BaseStore):
             except Exception:  # noqa: BLE001 - left for the next open or compaction
                 log.exception("could not delete the previous generation; it is removed at the next open")
                 removed = False
+        if removed and self.restart_after_compact and self._server is not None and not self._server.attached:
+            self._restart_server()
         return CompactionResult(gen + 1, counts[0], counts[1], counts[2], deleted, seconds, removed)
+
+    def _restart_server(self) -> None:
+        """Restart the local Chroma server (writer thread, after a compaction): new reads wait, reads in
+        flight finish first; then a new client and the active generation's collections."""
+        import chromadb
+        from chromadb.config import Settings as ChromaSettings
+
+        assert self._server is not None
+        with self._gen_cv:
+            self._restarting = True
+            self._gen_cv.wait_for(lambda: not self._gen_readers, timeout=30)
+        try:
+            self._server.restart()
+            self.client = chromadb.HttpClient(host=self._server.host, port=self._server.port,
+                                              settings=ChromaSettings(anonymized_telemetry=False))
+            cols = self._generation(self._gen)
+            with self._gen_cv:
+                self._items, self._vectors, self._namespaces = cols
+        finally:
+            with self._gen_cv:
+                self._restarting = False
+                self._gen_cv.notify_all()
 
     def _fault(self, step: str) -> None:
         """Fault injection for tests (``store._compact_fault = fn``): called after each compaction step."""

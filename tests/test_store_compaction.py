@@ -238,10 +238,16 @@ def test_compact_through_the_local_chroma_server(tmp_path: Path, minilm: MiniLME
     path = tmp_path / "db"
     st = ChromaStore.local_server(path, embedding_function=minilm, index_fields=["text"], compact_ratio=0)
     try:
+        assert st._server is not None and st._server.proc is not None
+        pid = st._server.proc.pid
         _fill(st)
         before = _snapshot(st)
         assert st.compact().generation == 1
-        assert _snapshot(st) == before
+        assert st._server.proc.pid != pid  # restarted: chromadb frees a deleted collection's memory only then
+        assert _snapshot(st) == before and st.health()["ok"]
+        st.batch([PutOp(("t", "user5"), "z", {"text": "after the restart"})])
+        assert st.get(("t", "user5"), "z") is not None
+        st.batch([PutOp(("t", "user5"), "z", None)])
     finally:
         st.close()
     st = _open(path, minilm)
