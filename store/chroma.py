@@ -1791,8 +1791,9 @@ class ChromaStore(BaseStore):
         if self._gen_ledger() is None:
             raise ValueError("compaction needs the store's own ledger file (a local directory, or ledger=<file>)")
         if self.path is not None and not self._owns_dir:
-            raise ValueError(f"the store in {self.path} is served by another process (synth-agent serve or worker), "
-                             "which compacts it on its own; stop that process to compact now")
+            raise ValueError(f"the store in {self.path} is served by another process (synth-agent serve or worker); "
+                             "stop that process to compact now, or set SYNTH_AGENT_COMPACT_RATIO for it to compact on "
+                             "its own")
         sub = _Submission([], task=lambda: self._compact_now(progress))
         with self._cv:
             if self._closing:

@@ -454,7 +454,7 @@ app.add_typer(store_app, name="store", short_help="Store maintenance (compact)."
 def store_compact(ctx: typer.Context) -> None:
     """Copy the live records into new collections and drop the old ones (frees what deletes left behind).
 
-    A running `synth-agent serve` compacts its store on its own; stop it to compact now.
+    Refused while `synth-agent serve` or `worker` owns the store (stop it, or set SYNTH_AGENT_COMPACT_RATIO).
     """
     from synth_agent.services import open_store
 

@@ -79,9 +79,10 @@ def open_store(settings: Settings, *, reindex: bool = False, server: bool = Fals
 
 def _compact_setting() -> float:
     """``SYNTH_AGENT_COMPACT_RATIO``: a server compacts its store once records deleted since the last
-    compaction reach this share of the live ones (default 1; 0 never), then restarts its Chroma
-    process (docs/store.md, "Compaction")."""
-    raw = os.environ.get("SYNTH_AGENT_COMPACT_RATIO", "1").strip()
+    compaction reach this share of the live ones, then restarts its Chroma process (docs/store.md,
+    "Compaction"). Default 0 (never): in the soak it flattened Chroma's memory but cost read latency
+    and 8 connection errors not yet explained."""
+    raw = os.environ.get("SYNTH_AGENT_COMPACT_RATIO", "0").strip()
     try:
         ratio = float(raw)
     except ValueError:

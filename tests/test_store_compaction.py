@@ -268,6 +268,15 @@ def test_cli_store_compact(tmp_path: Path, minilm: MiniLMEmbeddings) -> None:
     assert st._gen == 1 and st.count() == 20
     st.close()
 
+    served = ChromaStore.local_server(home / "chroma", embedding_function=minilm, index_fields=["text"])
+    try:  # a server owns the directory: refused with one line, nothing changed
+        run = subprocess.run([sys.executable, "-m", "synth_agent.cli", "--home", str(home), "store", "compact"],
+                             capture_output=True, text=True, timeout=300, cwd=REPO)
+        assert run.returncode == 1 and "served by another process" in run.stderr, run.stderr
+        assert len(run.stderr.strip().splitlines()) == 1 and served._gen == 1 and served.count() == 20
+    finally:
+        served.close()
+
 
 class TestChromaCompacting(BaseStoreConformance, MemoryConformance):
     """The conformance suite on a store that compacts after every commit that deletes something."""
