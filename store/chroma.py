@@ -1912,6 +1912,8 @@ class ChromaStore(BaseStore):
 
     def _copy_into(self, cols: tuple[Any, Any, Any], progress: Callable[[str, int, int], None] | None) -> tuple[int, int, int]:
         """Copy every live record (ids, vectors, metadata, documents) of the active generation into ``cols``."""
+        import numpy as np
+
         items, vectors, namespaces = cols
         conf = {k: v for k, v in (self._vectors.metadata or {}).items() if not k.startswith("hnsw:")}
         if conf:
@@ -1920,18 +1922,19 @@ class ChromaStore(BaseStore):
         for label, src, dst in (("namespaces", self._namespaces, namespaces), ("vectors", self._vectors, vectors),
                                 ("items", self._items, items)):
             ids = [i for i in src.get(include=[])["ids"] if not i.startswith(_FLUSH_PREFIX)]
-            for start in range(0, len(ids), self._max_batch):
-                res = src.get(ids=ids[start : start + self._max_batch], include=["embeddings", "metadatas", "documents"])
+            page = min(self._max_batch, 256)  # small pages, vectors as float32 arrays: little Python work per copy
+            for start in range(0, len(ids), page):
+                res = src.get(ids=ids[start : start + page], include=["embeddings", "metadatas", "documents"])
                 if not len(res["ids"]):
                     continue
                 docs = res.get("documents")
                 kw: dict[str, Any] = {}
                 if docs is not None and any(d is not None for d in docs):
                     kw["documents"] = list(docs)
-                dst.upsert(ids=list(res["ids"]), embeddings=[[float(x) for x in e] for e in res["embeddings"]],
+                dst.upsert(ids=list(res["ids"]), embeddings=np.asarray(res["embeddings"], dtype=np.float32),
                            metadatas=[dict(m or {}) for m in res["metadatas"]], **kw)
                 if progress is not None:
-                    progress(label, min(start + self._max_batch, len(ids)), len(ids))
+                    progress(label, min(start + page, len(ids)), len(ids))
             counts.append(len(ids))
         if counts[1] and self._embedder is not None:
             dim = len(vectors.get(limit=1, include=["embeddings"])["embeddings"][0])
