@@ -46,6 +46,16 @@ then deleted, then the segment is made to persist), deletes its records, and des
 its data key (``secure_delete`` + WAL truncation in the ledger); only then does the
 write return.
 
+**Compaction (generations).** chromadb's local HNSW index never reuses a deleted record's
+slot, so :meth:`ChromaStore.compact` copies the live records into the three collections of the
+next generation (``<collection>.v2g<N>``...; generation 0 keeps the names above), switches to
+them in the ledger in one transaction, then deletes the old ones. It runs in the writer between
+commits (writes queue meanwhile); the owner of the directory runs it on its own once the records
+deleted since the last one (counted in the ledger) reach ``compact_ratio`` x the live records
+(off by default: chromadb 1.5.9 keeps a deleted collection's memory until its process ends).
+Opening the store removes the collections of any other generation: a half-built next one (a
+crash during the copy) or the previous one (a crash after the switch).
+
 Reads never wait for the writer: they run in the caller's thread (``abatch``: a worker
 thread) against Chroma directly.
 """
@@ -88,8 +98,8 @@ from langgraph.store.base import (
     validate_op_namespace,
 )
 
-from store.ledger import LEDGER_FILE, KeyLedger, Ledger
-from store.reader import index_members, open_records
+from store.ledger import LEDGER_FILE, KeyLedger, Ledger, owner_alive
+from store.reader import generation_names, index_members, is_generation_name, open_records
 from store.sealing import Codec, SealError
 
 if TYPE_CHECKING:
@@ -295,6 +305,8 @@ class _Submission:
     future: concurrent.futures.Future[None] = field(default_factory=concurrent.futures.Future)
     todo: int = 0  # texts the embedding stage has not embedded yet; the writer commits it at 0
     error: BaseException | None = None  # the embedding failed: fail the submission, write nothing
+    task: Callable[[], Any] | None = None  # maintenance (a compaction) run by the writer between commits
+    result: Any = None
 
 
 @dataclass
@@ -319,6 +331,20 @@ class WriterStats:
     isolated_retries: int = 0
     rollbacks: int = 0
     recovered: int = 0
+    compactions: int = 0
+
+
+@dataclass
+class CompactionResult:
+    """What one :meth:`ChromaStore.compact` did."""
+
+    generation: int  # the generation now active
+    items: int  # records copied per collection
+    vectors: int
+    namespaces: int
+    deleted_before: int  # records deleted since the previous compaction (the ledger's count)
+    seconds: float  # copy and switch: how long writes waited
+    old_removed: bool  # the previous generation's collections were deleted (else: at the next open or compaction)
 
 
 class ChromaStore(BaseStore):
@@ -375,6 +401,9 @@ class ChromaStore(BaseStore):
         embed_batch: int = 32,
         embed_nice: int = 0,
         intake: bool | int = False,
+        compact_ratio: float = 0.0,
+        compact_min: int = 2000,
+        compact_max_records: int = 200_000,
         _server: LocalChromaServer | None = None,
     ) -> None:
         if sum(x is not None for x in (path, client, host)) > 1:
@@ -385,7 +414,19 @@ class ChromaStore(BaseStore):
             raise ValueError("exact_search_limit and max_commit must be >= 1, sync_threshold >= 2")
         if (embed_workers is not None and embed_workers < 0) or embed_batch < 1 or not 0 <= embed_nice <= 19:
             raise ValueError("embed_workers must be >= 0, embed_batch >= 1 and embed_nice between 0 and 19")
+        if compact_ratio < 0 or compact_min < 1 or compact_max_records < 0:
+            raise ValueError("compact_ratio must be >= 0 (0: never on its own), compact_min >= 1, compact_max_records >= 0")
         self._embed_cfg = (embed_workers, embed_batch, embed_nice)
+        self.compact_ratio = compact_ratio
+        """Compact on its own once records deleted since the last compaction reach this share of the
+        live records (and at least ``compact_min``); 0 (the default) turns it off. Off by default because
+        chromadb 1.5.9 does not give back the memory of a deleted collection while its process runs: in
+        the 15-minute soak, compacting every few minutes made Chroma's RSS grow 6.5 MB/min instead of
+        0.8 (docs/store.md, "Compaction"). See :meth:`compact`."""
+        self.compact_min = compact_min
+        self.compact_max_records = compact_max_records
+        """Stores with more live records than this are compacted only when asked (:meth:`compact`):
+        a compaction holds writes for as long as the copy takes."""
         from chromadb.config import Settings as ChromaSettings
 
         self._server = _server
@@ -416,6 +457,9 @@ class ChromaStore(BaseStore):
                     "ChromaStore needs a place to keep data: path= (a directory), host=/port= (a Chroma "
                     "server) or client="
                 )
+        # Only the process that owns the directory (or started its Chroma server) compacts on its own
+        # and removes generations a crash left behind; processes attached through it follow.
+        self._owns_dir = (path is not None and not attached) or (_server is not None and not _server.attached)
         try:
             self._setup(client, collection, path, embedding_function, index_fields, reindex, ledger, seal,
                         exact_search_limit, max_commit, sync_threshold)
@@ -457,13 +501,24 @@ class ChromaStore(BaseStore):
         self.sealed = bool(seal)
         self.codec = Codec(self.ledger.secret() if self.sealed and self.ledger else b"")
 
-        hnsw = {"sync_threshold": sync_threshold}
-        self._items = client.get_or_create_collection(
-            f"{collection}.v2",
-            embedding_function=None,
-            metadata={"synth_agent_layout": LAYOUT, "synth_agent_sealed": self.sealed},
-            configuration={"hnsw": {**hnsw, "sync_threshold": max(sync_threshold, 256)}},
-        )
+        self._hnsw_sync = sync_threshold
+        self._gen_cv = threading.Condition()
+        self._gen_readers: dict[int, int] = {}
+        self._restarting = False
+        self.restart_after_compact = False
+        """Restart the local Chroma server this store started after each compaction (reads wait for it,
+        a few seconds): chromadb 1.5.9 frees a deleted collection's memory only when its process ends."""
+        self._compact_token = f"{self.ledger.owner}#{uuid.uuid4().hex[:8]}" if self.ledger is not None else ""
+        self._deleted_since_count = 0
+        self._gen = 0
+        gen_ledger = self._gen_ledger()
+        if gen_ledger is not None:
+            self._gen, mark = gen_ledger.generation(collection)
+            if mark is not None and self._owns_dir and not owner_alive(mark.split("#")[0]):
+                gen_ledger.compaction_end(collection, mark, None)  # a compaction that died before its switch
+        self._items, self._vectors, self._namespaces = self._generation(self._gen)
+        if self._owns_dir:
+            self._drop_generations(keep=self._gen)
         recorded_seal = (self._items.metadata or {}).get("synth_agent_sealed")
         if recorded_seal is not None and bool(recorded_seal) != self.sealed:
             raise ValueError(
@@ -471,14 +526,6 @@ class ChromaStore(BaseStore):
                 f"{'sealed' if self.sealed else 'in the clear'}: open it the way it was written "
                 "(sealed stores need their ledger file, synth_agent_ledger.sqlite3)"
             )
-        self._vectors = client.get_or_create_collection(
-            f"{collection}.v2.vectors",
-            embedding_function=None,
-            configuration={"hnsw": {**hnsw, "space": "cosine"}},
-        )
-        self._namespaces = client.get_or_create_collection(
-            f"{collection}.v2.namespaces", embedding_function=None, configuration={"hnsw": hnsw}
-        )
         with warnings.catch_warnings():  # chromadb warns about the "legacy" config of embedding_function=None
             warnings.simplefilter("ignore", DeprecationWarning)
             conf = self._vectors.configuration or {}
@@ -553,6 +600,7 @@ class ChromaStore(BaseStore):
         *,
         embedding_function: EmbeddingFunctionLike | None = None,
         startup_timeout: float = 120.0,
+        restart_after_compact: bool = True,
         **kw: Any,
     ) -> ChromaStore:
         """The store in ``path``, served by ``chroma run`` in a child process that ends with this one.
@@ -581,6 +629,7 @@ class ChromaStore(BaseStore):
         except BaseException:
             server.stop()
             raise
+        store.restart_after_compact = restart_after_compact
         store.path = Path(path)
         try:
             store._open_intake(kw.get("intake", False), owner=not server.attached)
@@ -609,7 +658,8 @@ class ChromaStore(BaseStore):
 
     def _stored_ids(self, ids: Sequence[str]) -> set[str]:
         """Which of ``ids`` are stored items (one indexed lookup per page)."""
-        return set(self._by_ids(self._items, ids, [])["ids"])
+        with self._reading():
+            return set(self._by_ids(self._items, ids, [])["ids"])
 
     @classmethod
     def from_settings(
@@ -810,6 +860,10 @@ class ChromaStore(BaseStore):
         return writes
 
     def _reads_and_prepare(self, ops: list[Op]) -> tuple[list[Result], list[_Write]]:
+        with self._reading():
+            return self._reads_and_prepare_in(ops)
+
+    def _reads_and_prepare_in(self, ops: list[Op]) -> tuple[list[Result], list[_Write]]:
         results: list[Result] = [None] * len(ops)
         puts: dict[tuple[tuple[str, ...], str], PutOp] = {}
         gets: list[tuple[int, GetOp]] = []
@@ -1271,7 +1325,10 @@ class ChromaStore(BaseStore):
         """Queued submissions from the head that are embedded, up to ``max_commit`` writes (always one)."""
         take: list[_Submission] = []
         n = 0
-        while self._queue and self._queue[0].todo == 0 and (not take or n + len(self._queue[0].writes) <= self.max_commit):
+        if self._queue and self._queue[0].task is not None:
+            return [self._queue.popleft()]
+        while (self._queue and self._queue[0].todo == 0 and self._queue[0].task is None
+               and (not take or n + len(self._queue[0].writes) <= self.max_commit)):
             sub = self._queue.popleft()
             take.append(sub)
             n += len(sub.writes)
@@ -1287,6 +1344,23 @@ class ChromaStore(BaseStore):
             self._consecutive_failures = 0
 
     def _run(self, subs: list[_Submission]) -> None:
+        task = subs[0].task
+        if task is not None:
+            sub = subs[0]
+            if sub.future.set_running_or_notify_cancel():
+                try:
+                    sub.result = task()
+                except BaseException as exc:  # noqa: BLE001 - the caller hears about it
+                    sub.future.set_exception(exc)
+                else:
+                    sub.future.set_result(None)
+            return
+        try:
+            self._run_commits(subs)
+        finally:
+            self._maybe_compact()
+
+    def _run_commits(self, subs: list[_Submission]) -> None:
         live = []
         for s in subs:
             if not s.future.set_running_or_notify_cancel():
@@ -1348,6 +1422,7 @@ class ChromaStore(BaseStore):
         self._consecutive_failures = 0
 
     def _commit_inner(self, writes: list[_Write]) -> None:
+        self._follow_generation()
         by_id: dict[str, _Write] = {}
         fresh: set[str] = set()  # create-only puts that follow a delete of their key in this commit
         for w in writes:
@@ -1441,6 +1516,7 @@ class ChromaStore(BaseStore):
             "stale": stale,
         }
         self._journal_open(txn, body)
+        self._fence(txn, body)
         try:
             for sl in self._chunks(len(vec_ids)):
                 self._vectors.upsert(ids=vec_ids[sl], embeddings=vec_emb[sl], metadatas=vec_meta[sl])
@@ -1548,6 +1624,7 @@ class ChromaStore(BaseStore):
                     self._vectors.upsert(ids=found[sl], embeddings=[_scrub_vector(dim)] * n, metadatas=[{"i": ""}] * n)
                 for sl in self._chunks(len(found)):
                     self._vectors.delete(ids=found[sl])
+                self._deleted_since_count += len(found)
                 self._flush_vectors(dim)
         if not dels:
             return
@@ -1561,6 +1638,7 @@ class ChromaStore(BaseStore):
         if emptied:
             self._namespaces.delete(ids=emptied)
             self._known_ns.difference_update(emptied)
+        self._deleted_since_count += len(gone) + len(emptied)
         if self.ledger is not None:
             if self.sealed:
                 self.ledger.destroy(gone + [f"ns:{n}" for n in emptied])
@@ -1595,6 +1673,280 @@ class ChromaStore(BaseStore):
             self.ledger.journal_close(txn)
             self.stats.recovered += 1
             log.warning("recovered an interrupted batch (%s at crash time)", state)
+
+    # ------------------------------------------------------------------ generations and compaction
+    #
+    # chromadb 1.5.9's local HNSW index never reuses the slot of a deleted record: with deletes
+    # balancing writes, the index (memory and data_level0.bin) grows with every record ever written.
+    # A compaction copies the live records (ids, vectors, metadata: no re-embedding, blobs stay
+    # sealed with the same keys) into the collections of the next generation, switches to them in
+    # the ledger (one transaction), then deletes the old ones. It runs in the writer between
+    # commits, so no write of this store lands in the old generation after the copy; writers of
+    # other processes see the ledger's mark after opening their journal row and wait (``_fence``).
+
+    def _gen_ledger(self) -> Ledger | None:
+        """The ledger that records generations: this directory's own file (not a shared Postgres one)."""
+        return self.ledger if isinstance(self.ledger, Ledger) else None
+
+    def _generation(self, gen: int) -> tuple[Any, Any, Any]:
+        """The items, vectors and namespaces collections of generation ``gen`` (created if missing)."""
+        items_name, vectors_name, ns_name = generation_names(self.collection_name, gen)
+        hnsw = {"sync_threshold": self._hnsw_sync}
+        items = self.client.get_or_create_collection(
+            items_name,
+            embedding_function=None,
+            metadata={"synth_agent_layout": LAYOUT, "synth_agent_sealed": self.sealed},
+            configuration={"hnsw": {**hnsw, "sync_threshold": max(self._hnsw_sync, 256)}},
+        )
+        vectors = self.client.get_or_create_collection(
+            vectors_name, embedding_function=None, configuration={"hnsw": {**hnsw, "space": "cosine"}}
+        )
+        namespaces = self.client.get_or_create_collection(ns_name, embedding_function=None, configuration={"hnsw": hnsw})
+        return items, vectors, namespaces
+
+    def _drop_generations(self, keep: int, *, leftover: bool = True) -> list[str]:
+        """Delete the collections of every generation but ``keep`` (a crash left them: a half-built next
+        generation, or the previous one after the switch), and the HNSW directories they leave behind."""
+        keep_names = set(generation_names(self.collection_name, keep))
+        gone = []
+        for col in self.client.list_collections():
+            name = col if isinstance(col, str) else col.name
+            if is_generation_name(self.collection_name, name) and name not in keep_names:
+                with contextlib.suppress(Exception):  # already gone (another process, a retry)
+                    self.client.delete_collection(name)
+                    gone.append(name)
+        if gone:
+            (log.warning if leftover else log.info)(
+                "removed %d collection(s) of an earlier or unfinished compaction: %s", len(gone), ", ".join(gone))
+            if self.path is not None:
+                _remove_orphan_segment_dirs(self.path)
+        return gone
+
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[None]:
+        """Counts a read against the generation it started on, so a compaction deletes the old
+        generation only once the reads that may still use it are done."""
+        if not self._owns_dir:
+            self._follow_generation()
+        with self._gen_cv:
+            if self._restarting:  # the local Chroma server restarts after a compaction: a few seconds
+                self._gen_cv.wait_for(lambda: not self._restarting, timeout=120)
+            gen = self._gen
+            self._gen_readers[gen] = self._gen_readers.get(gen, 0) + 1
+        try:
+            yield
+        finally:
+            with self._gen_cv:
+                self._gen_readers[gen] -= 1
+                if not self._gen_readers[gen]:
+                    del self._gen_readers[gen]
+                    self._gen_cv.notify_all()
+
+    def _switch_to(self, gen: int, cols: tuple[Any, Any, Any] | None = None) -> None:
+        items, vectors, namespaces = cols if cols is not None else self._generation(gen)
+        with self._gen_cv:  # reads starting from here use the new generation
+            self._items, self._vectors, self._namespaces = items, vectors, namespaces
+            self._gen = gen
+
+    def _follow_generation(self) -> None:
+        """Switch to the generation the ledger says is active, if another process compacted."""
+        ledger = self._gen_ledger()
+        if ledger is not None:
+            gen, _ = ledger.generation(self.collection_name)
+            if gen != self._gen:
+                self._switch_to(gen)
+
+    def _fence(self, txn: str, body: dict[str, Any]) -> None:
+        """Called with this commit's journal row open, before it writes: wait while another store
+        compacts, and follow a generation switch made by another process."""
+        ledger = self._gen_ledger()
+        if ledger is None:
+            return
+        deadline = time.monotonic() + 600
+        while True:
+            gen, mark = ledger.generation(self.collection_name)
+            if mark is None or mark == self._compact_token or not owner_alive(mark.split("#")[0]):
+                if gen != self._gen:
+                    self._switch_to(gen)
+                return
+            # The compaction waits for journal rows like ours: step out of its way, then come back.
+            ledger.journal_close(txn)
+            while ledger.generation(self.collection_name)[1] == mark and owner_alive(mark.split("#")[0]):
+                if time.monotonic() > deadline:
+                    raise TimeoutError("a compaction of this store by another process has held writes for 600 s")
+                time.sleep(0.05)
+            ledger.journal_open(txn, body)
+
+    def compact(self, *, progress: Callable[[str, int, int], None] | None = None) -> CompactionResult:
+        """Copy the live records into a new generation of collections, switch to it, delete the old one.
+
+        Bounds what deleted records cost: chromadb's local HNSW index never reuses a deleted
+        record's slot (docs/store.md, "Compaction"). Runs in the writer between commits: writes
+        queue meanwhile (they are not lost, and not duplicated), reads go on against the old
+        generation until the switch. Crash-safe at every step: the ledger says which generation
+        is active, and opening the store removes a half-built or a superseded one.
+        ``progress(collection, copied, total)`` is called from the writer thread as records are copied.
+        Needs the store's own ledger file (a local directory, or ``ledger=`` a file path).
+        """
+        if self._gen_ledger() is None:
+            raise ValueError("compaction needs the store's own ledger file (a local directory, or ledger=<file>)")
+        if self.path is not None and not self._owns_dir:
+            raise ValueError(f"the store in {self.path} is served by another process (synth-agent serve or worker); "
+                             "stop that process to compact now, or set SYNTH_AGENT_COMPACT_RATIO for it to compact on "
+                             "its own")
+        sub = _Submission([], task=lambda: self._compact_now(progress))
+        with self._cv:
+            if self._closing:
+                raise RuntimeError("this ChromaStore is closed")
+            self._queue.append(sub)
+            self._cv.notify_all()
+        sub.future.result()
+        return sub.result  # type: ignore[no-any-return]
+
+    async def acompact(self, *, progress: Callable[[str, int, int], None] | None = None) -> CompactionResult:
+        """Async twin of :meth:`compact` (waits in a worker thread)."""
+        return await asyncio.to_thread(self.compact, progress=progress)
+
+    def _maybe_compact(self) -> None:
+        """After commits (writer thread): count deletes in the ledger; compact when they reach the threshold."""
+        n, self._deleted_since_count = self._deleted_since_count, 0
+        ledger = self._gen_ledger()
+        if not n or ledger is None:
+            return
+        try:
+            total = ledger.count_deletes(self.collection_name, n)
+            if not self._owns_dir or self.compact_ratio <= 0 or total < self.compact_min:
+                return
+            live = int(self._items.count()) + int(self._vectors.count()) + int(self._namespaces.count())
+            if total < self.compact_ratio * live or live > self.compact_max_records:
+                return
+            res = self._compact_now(None)
+            log.info("compacted the store: generation %d, %d items, %d vectors in %.1fs (%d deleted records before)",
+                     res.generation, res.items, res.vectors, res.seconds, res.deleted_before)
+        except Exception:  # noqa: BLE001 - a failed compaction leaves the active generation as it was
+            log.exception("automatic compaction failed; the store stays on its current generation")
+
+    def _compact_now(self, progress: Callable[[str, int, int], None] | None) -> CompactionResult:
+        """The compaction itself, in the writer thread (see :meth:`compact`)."""
+        ledger = self._gen_ledger()
+        assert ledger is not None
+        name, token = self.collection_name, self._compact_token
+        t0 = time.monotonic()
+        if not ledger.compaction_begin(name, token):
+            _, mark = ledger.generation(name)
+            if mark is not None and not owner_alive(mark.split("#")[0]):
+                ledger.compaction_end(name, mark, None)  # left by a process that died
+            if not ledger.compaction_begin(name, token):
+                raise RuntimeError("another process is compacting this store")
+        new_cols: tuple[Any, Any, Any] | None = None
+        try:
+            deadline = time.monotonic() + 60
+            while ledger.live_journal_owners(exclude=""):  # batches of other processes begun before our mark
+                if time.monotonic() > deadline:
+                    raise TimeoutError("other processes kept batches in flight for 60 s; compaction skipped")
+                time.sleep(0.05)
+            gen, _ = ledger.generation(name)
+            if gen != self._gen:
+                self._switch_to(gen)
+            deleted = self._deletes_counted(ledger)
+            self._drop_generations(keep=gen)
+            new_cols = self._generation(gen + 1)
+            counts = self._copy_into(new_cols, progress)
+            if self.sealed:
+                ledger.mark_members_complete(new_cols[0].name)  # same ids: the namespace index holds
+            self._fault("copied")
+        except BaseException:
+            ledger.compaction_end(name, token, None)
+            if new_cols is not None:
+                with contextlib.suppress(Exception):
+                    self._drop_generations(keep=self._gen)
+            raise
+        ledger.compaction_end(name, token, gen + 1)  # the switch
+        old = self._gen
+        self._switch_to(gen + 1, new_cols)
+        seconds = time.monotonic() - t0
+        self.stats.compactions += 1
+        self._fault("switched")
+        with self._gen_cv:  # reads that began on the old generation finish first (bounded)
+            removed = self._gen_cv.wait_for(lambda: not self._gen_readers.get(old), timeout=30)
+        if removed:
+            try:
+                self._drop_generations(keep=gen + 1, leftover=False)
+            except Exception:  # noqa: BLE001 - left for the next open or compaction
+                log.exception("could not delete the previous generation; it is removed at the next open")
+                removed = False
+        if removed and self.restart_after_compact and self._server is not None and not self._server.attached:
+            self._restart_server()
+        return CompactionResult(gen + 1, counts[0], counts[1], counts[2], deleted, seconds, removed)
+
+    def _restart_server(self) -> None:
+        """Restart the local Chroma server (writer thread, after a compaction): new reads wait, reads in
+        flight finish first; then a new client and the active generation's collections."""
+        import chromadb
+        from chromadb.config import Settings as ChromaSettings
+
+        assert self._server is not None
+        with self._gen_cv:
+            self._restarting = True
+            self._gen_cv.wait_for(lambda: not self._gen_readers, timeout=30)
+        try:
+            self._server.restart()
+            self.client = chromadb.HttpClient(host=self._server.host, port=self._server.port,
+                                              settings=ChromaSettings(anonymized_telemetry=False))
+            cols = self._generation(self._gen)
+            with self._gen_cv:
+                self._items, self._vectors, self._namespaces = cols
+        finally:
+            with self._gen_cv:
+                self._restarting = False
+                self._gen_cv.notify_all()
+
+    def _fault(self, step: str) -> None:
+        """Fault injection for tests (``store._compact_fault = fn``): called after each compaction step."""
+        hook = getattr(self, "_compact_fault", None)
+        if hook is not None:
+            hook(step)
+
+    def _deletes_counted(self, ledger: Ledger) -> int:
+        return ledger.count_deletes(self.collection_name, 0)
+
+    def _copy_into(self, cols: tuple[Any, Any, Any], progress: Callable[[str, int, int], None] | None) -> tuple[int, int, int]:
+        """Copy every live record (ids, vectors, metadata, documents) of the active generation into ``cols``."""
+        import numpy as np
+
+        items, vectors, namespaces = cols
+        conf = {k: v for k, v in (self._vectors.metadata or {}).items() if not k.startswith("hnsw:")}
+        if conf:
+            vectors.modify(metadata=conf)  # the embedding model the vectors were made with
+        counts = []
+        for label, src, dst in (("namespaces", self._namespaces, namespaces), ("vectors", self._vectors, vectors),
+                                ("items", self._items, items)):
+            ids = [i for i in src.get(include=[])["ids"] if not i.startswith(_FLUSH_PREFIX)]
+            page = min(self._max_batch, 256)  # small pages, vectors as float32 arrays: little Python work per copy
+            for start in range(0, len(ids), page):
+                res = src.get(ids=ids[start : start + page], include=["embeddings", "metadatas", "documents"])
+                if not len(res["ids"]):
+                    continue
+                docs = res.get("documents")
+                kw: dict[str, Any] = {}
+                if docs is not None and any(d is not None for d in docs):
+                    kw["documents"] = list(docs)
+                dst.upsert(ids=list(res["ids"]), embeddings=np.asarray(res["embeddings"], dtype=np.float32),
+                           metadatas=[dict(m or {}) for m in res["metadatas"]], **kw)
+                if progress is not None:
+                    progress(label, min(start + page, len(ids)), len(ids))
+            counts.append(len(ids))
+        if counts[1] and self._embedder is not None:
+            dim = len(vectors.get(limit=1, include=["embeddings"])["embeddings"][0])
+            self._vectors_flush_into(vectors, dim)
+        return counts[2], counts[1], counts[0]
+
+    def _vectors_flush_into(self, vectors: Any, dim: int) -> None:
+        """The erasure flush's sentinel records, in a new vectors collection (so they never accumulate)."""
+        n = self._sync_threshold
+        ids = [f"{_FLUSH_PREFIX}{k}" for k in range(n)]
+        vectors.upsert(ids=ids, embeddings=[_sentinel_vector(dim, k) for k in range(n)], metadatas=[{"i": ""}] * n)
+
 
     # ------------------------------------------------------------------ maintenance
 
@@ -1654,7 +2006,8 @@ class ChromaStore(BaseStore):
 
     def count(self) -> int:
         """Number of items in the store (all namespaces)."""
-        return int(self._items.count())
+        with self._reading():
+            return int(self._items.count())
 
     def health(self) -> dict[str, Any]:
         """Cheap, non-blocking health: never waits on Chroma or on a commit in flight."""
@@ -1731,6 +2084,37 @@ def _chain_inserted(
     src.add_done_callback(lambda f: loop.call_soon_threadsafe(settle, f))
 
 
+def _remove_orphan_segment_dirs(path: Path) -> int:
+    """Remove HNSW segment directories of deleted collections (chromadb 1.5.9 leaves them on disk).
+
+    A stop-gap, as later chromadb releases do themselves: a directory named by a UUID that is not a
+    segment in Chroma's catalogue belongs to no collection. Reads the catalogue read-only.
+    """
+    import shutil
+    import sqlite3
+
+    db = path / "chroma.sqlite3"
+    if not db.exists():
+        return 0
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+    try:
+        live = {str(r[0]) for r in con.execute("SELECT id FROM segments")}
+    except sqlite3.Error:
+        return 0
+    finally:
+        con.close()
+    removed = 0
+    for d in path.iterdir():
+        try:
+            UUID(d.name)
+        except ValueError:
+            continue
+        if d.is_dir() and d.name not in live:
+            shutil.rmtree(d, ignore_errors=True)
+            removed += 1
+    return removed
+
+
 def _scrub_vector(dim: int) -> list[float]:
     return [1.0] + [0.0] * (dim - 1)
 
@@ -1742,4 +2126,4 @@ def _sentinel_vector(dim: int, k: int) -> list[float]:
     return v
 
 
-__all__ = ["LAYOUT", "ChromaStore", "EmbeddingFunctionLike", "WriterStats"]
+__all__ = ["LAYOUT", "ChromaStore", "CompactionResult", "EmbeddingFunctionLike", "WriterStats"]

@@ -320,6 +320,66 @@ class Ledger:
             if owner != self.owner and not owner_alive(owner)
         ]
 
+    # ------------------------------------------------------------------ collection generations
+
+    def generation(self, name: str) -> tuple[int, str | None]:
+        """``(active generation, owner of a compaction in progress or None)`` of store ``name``.
+
+        A compaction (:meth:`store.chroma.ChromaStore.compact`) copies the live records into the
+        collections of the next generation and switches to them here, in one transaction.
+        """
+        with self._lock:
+            rows = dict(self._conn.execute(
+                "SELECT k, v FROM meta WHERE k IN (?, ?)", (f"gen:{name}", f"compacting:{name}")).fetchall())
+        gen = rows.get(f"gen:{name}")
+        owner = rows.get(f"compacting:{name}")
+        return (int(bytes(gen).decode()) if gen is not None else 0,
+                bytes(owner).decode() if owner is not None else None)
+
+    def compaction_begin(self, name: str, owner: str) -> bool:
+        """Mark a compaction of ``name`` in progress (False: another one is). Writers of other
+        processes see the mark after opening their journal row and wait (see ``ChromaStore``)."""
+        with self._lock:
+            cur = self._conn.execute(
+                "INSERT OR IGNORE INTO meta (k, v) VALUES (?, ?)", (f"compacting:{name}", owner.encode()))
+            return cur.rowcount == 1
+
+    def compaction_end(self, name: str, owner: str, generation: int | None) -> None:
+        """Clear the mark; with ``generation``, switch to it and reset the delete count, atomically."""
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                if generation is not None:
+                    self._conn.execute("INSERT OR REPLACE INTO meta (k, v) VALUES (?, ?)",
+                                       (f"gen:{name}", str(generation).encode()))
+                    self._conn.execute("DELETE FROM meta WHERE k = ?", (f"deletes:{name}",))
+                self._conn.execute("DELETE FROM meta WHERE k = ? AND v = ?", (f"compacting:{name}", owner.encode()))
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+
+    def count_deletes(self, name: str, n: int) -> int:
+        """Add ``n`` records deleted from ``name``'s collections; returns the count since the last compaction."""
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                row = self._conn.execute("SELECT v FROM meta WHERE k = ?", (f"deletes:{name}",)).fetchone()
+                total = (int(bytes(row[0]).decode()) if row else 0) + n
+                self._conn.execute("INSERT OR REPLACE INTO meta (k, v) VALUES (?, ?)",
+                                   (f"deletes:{name}", str(total).encode()))
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+        return total
+
+    def live_journal_owners(self, exclude: str) -> list[str]:
+        """Owners (other than ``exclude``) of batches in flight whose process still runs."""
+        with self._lock:
+            owners = [r[0] for r in self._conn.execute("SELECT DISTINCT owner FROM journal")]
+        return [o for o in owners if o != exclude and owner_alive(o)]
+
     def close(self) -> None:
         with self._lock:
             close_erasable(self._conn)

@@ -84,7 +84,8 @@ class StoreReader:
             client = (chromadb.HttpClient(host=running[0], port=running[1], settings=settings) if running is not None
                       else chromadb.PersistentClient(path=str(path), settings=settings))
             ledger = Ledger(path / LEDGER_FILE)
-            items = _collection(client, f"{collection}.v2")
+            generation, _ = ledger.generation(collection)  # a compaction in progress: its source is still active
+            items = _collection(client, generation_names(collection, generation)[0])
             usable = (
                 items is not None
                 and bool((items.metadata or {}).get("synth_agent_sealed"))
@@ -180,6 +181,21 @@ class StoreReader:
         self.close()
 
 
+def generation_names(collection: str, generation: int) -> tuple[str, str, str]:
+    """Names of the items, vectors and namespaces collections of one generation of store ``collection``.
+
+    Generation 0 keeps the names of the layout before compaction existed; a compaction
+    (:meth:`store.chroma.ChromaStore.compact`) writes generation N+1 and the ledger says which is active.
+    """
+    base = f"{collection}.v2" if generation == 0 else f"{collection}.v2g{generation}"
+    return base, f"{base}.vectors", f"{base}.namespaces"
+
+
+def is_generation_name(collection: str, name: str) -> bool:
+    """Whether ``name`` is a collection of some generation of store ``collection``."""
+    return name == f"{collection}.v2" or name.startswith((f"{collection}.v2.", f"{collection}.v2g"))
+
+
 def index_members(ledger: KeyLedger, ptok: str, limit: int) -> list[str] | None:
     """The ids of the items stored in exactly the namespace whose prefix token is ``ptok``, from the
     ledger's namespace index; None when the index cannot list them exactly (the namespace has
@@ -242,4 +258,5 @@ def _intake_rows(file: Path) -> bool:
         conn.close()
 
 
-__all__ = ["INTAKE_FILE", "StoreReader", "StoredItem", "index_members", "open_records"]
+__all__ = ["INTAKE_FILE", "StoreReader", "StoredItem", "generation_names", "index_members", "is_generation_name",
+           "open_records"]

@@ -228,6 +228,7 @@ class LocalChromaServer:
         self.startup_timeout = startup_timeout
         self.proc: subprocess.Popen[bytes] | None = None
         self.attached = False
+        self.restarting = False
         self._lock: DirectoryLock | None = None
 
     def start(self) -> LocalChromaServer:
@@ -253,10 +254,32 @@ class LocalChromaServer:
             raise
         return self
 
-    def _spawn(self) -> None:
+    def restart(self) -> None:
+        """Stop the child and start a new one on the same port if it is free (else another).
+
+        Why: chromadb 1.5.9 keeps the index of a deleted collection in memory until its process
+        ends; after a compaction (``ChromaStore.compact``) a fresh process loads only the live one.
+        """
+        if self.attached or self.proc is None:
+            raise RuntimeError("only the process that started the Chroma server can restart it")
+        self.restarting = True
+        try:
+            if self.proc.poll() is None:
+                self.proc.terminate()
+                try:
+                    self.proc.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait(timeout=10)
+            self._spawn(port=self.port)
+            DirectoryLock.served[str(self.path.resolve())] = (self.host, self.port)
+        finally:
+            self.restarting = False
+
+    def _spawn(self, port: int | None = None) -> None:
         deadline = time.monotonic() + self.startup_timeout
-        for _attempt in range(5):
-            self.port = _free_port(self.host)
+        for attempt in range(5):
+            self.port = port if port is not None and attempt < 2 else _free_port(self.host)
             log = open(self.path / LOG_FILE, "ab")  # noqa: SIM115 - handed to the child
             try:
                 self.proc = subprocess.Popen(
@@ -285,7 +308,7 @@ class LocalChromaServer:
         raise RuntimeError(f"the Chroma server for {self.path} exited with {self.proc.returncode if self.proc else '?'}:\n{tail}")
 
     def alive(self) -> bool:
-        if self.attached:
+        if self.attached or self.restarting:
             return True
         return self.proc is not None and self.proc.poll() is None
 

@@ -446,6 +446,38 @@ def reindex(ctx: typer.Context) -> None:
     out.print(f"re-embedded {store.reindexed} item(s) with {store.embedding_model}")
 
 
+store_app = typer.Typer(help="Store maintenance.", no_args_is_help=True, rich_markup_mode=None)
+app.add_typer(store_app, name="store", short_help="Store maintenance (compact).")
+
+
+@store_app.command("compact")
+def store_compact(ctx: typer.Context) -> None:
+    """Copy the live records into new collections and drop the old ones (frees what deletes left behind).
+
+    Refused while `synth-agent serve` or `worker` owns the store (stop it, or set SYNTH_AGENT_COMPACT_RATIO).
+    """
+    from synth_agent.services import open_store
+
+    st = _state(ctx)
+    store = open_store(st.settings)
+    try:
+        with _progress() as bar:
+            tasks: dict[str, Any] = {}
+
+            def progress(label: str, done: int, total: int) -> None:
+                if total >= 5000:  # progress only where a copy takes a while
+                    if label not in tasks:
+                        tasks[label] = bar.add_task(f"copying {label}", total=total)
+                    bar.update(tasks[label], completed=done)
+
+            res = store.compact(progress=progress)
+    finally:
+        store.close()
+    out.print(f"[green]compacted[/] the store: generation {res.generation}, {res.items} item(s), {res.vectors} "
+              f"vector(s), {res.namespaces} namespace(s) copied in {res.seconds:.1f}s; {res.deleted_before} "
+              "deleted record(s) no longer held.")
+
+
 # ---------------------------------------------------------------- simulator
 
 

@@ -73,8 +73,23 @@ def open_store(settings: Settings, *, reindex: bool = False, server: bool = Fals
         # Votes are acknowledged once durable in the intake journal and stored in the background
         # (store.intake); SYNTH_AGENT_INTAKE=0 makes them wait for the Chroma commit, N bounds the backlog.
         return ChromaStore.local_server(settings.home / "chroma", embedding_function=ef, reindex=reindex, embed_nice=10,
-                                        intake=_intake_setting())
+                                        intake=_intake_setting(), compact_ratio=_compact_setting())
     return ChromaStore(path=str(settings.home / "chroma"), embedding_function=ef, reindex=reindex)
+
+
+def _compact_setting() -> float:
+    """``SYNTH_AGENT_COMPACT_RATIO``: a server compacts its store once records deleted since the last
+    compaction reach this share of the live ones, then restarts its Chroma process (docs/store.md,
+    "Compaction"). Default 0 (never): in the soak it flattened Chroma's memory but cost read latency
+    and 8 connection errors not yet explained."""
+    raw = os.environ.get("SYNTH_AGENT_COMPACT_RATIO", "0").strip()
+    try:
+        ratio = float(raw)
+    except ValueError:
+        raise ValueError(f"SYNTH_AGENT_COMPACT_RATIO must be a number >= 0, got {raw!r}") from None
+    if not ratio >= 0:
+        raise ValueError(f"SYNTH_AGENT_COMPACT_RATIO must be a number >= 0, got {raw!r}")
+    return ratio
 
 
 def _intake_setting() -> bool | int:
