@@ -264,13 +264,7 @@ class LocalChromaServer:
             raise RuntimeError("only the process that started the Chroma server can restart it")
         self.restarting = True
         try:
-            if self.proc.poll() is None:
-                self.proc.terminate()
-                try:
-                    self.proc.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait(timeout=10)
+            self._end_child()
             self._spawn(port=self.port)
             DirectoryLock.served[str(self.path.resolve())] = (self.host, self.port)
         finally:
@@ -307,6 +301,17 @@ class LocalChromaServer:
         tail = (self.path / LOG_FILE).read_text(errors="replace")[-2000:]
         raise RuntimeError(f"the Chroma server for {self.path} exited with {self.proc.returncode if self.proc else '?'}:\n{tail}")
 
+    def _end_child(self) -> None:
+        """Terminate the child (SIGTERM, 15 s to exit, then SIGKILL) and reap it."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+
     def alive(self) -> bool:
         if self.attached or self.restarting:
             return True
@@ -316,13 +321,7 @@ class LocalChromaServer:
         if not self.attached:
             DirectoryLock.served.pop(str(self.path.resolve()), None)
         if self.proc is not None:
-            if self.proc.poll() is None:
-                self.proc.terminate()
-                try:
-                    self.proc.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait(timeout=10)
+            self._end_child()
             self.proc = None
             with contextlib.suppress(OSError):
                 (self.path / STATE_FILE).unlink()
