@@ -1422,7 +1422,8 @@ class ChromaStore(BaseStore):
         self._consecutive_failures = 0
 
     def _commit_inner(self, writes: list[_Write]) -> None:
-        self._follow_generation()
+        if not self._owns_dir:  # only the owner compacts, in this writer thread: it never has to follow
+            self._follow_generation()
         by_id: dict[str, _Write] = {}
         fresh: set[str] = set()  # create-only puts that follow a delete of their key in this commit
         for w in writes:
@@ -1516,7 +1517,8 @@ class ChromaStore(BaseStore):
             "stale": stale,
         }
         self._journal_open(txn, body)
-        self._fence(txn, body)
+        if not self._owns_dir:  # the owner's own compaction runs between its commits, never during one
+            self._fence(txn, body)
         try:
             for sl in self._chunks(len(vec_ids)):
                 self._vectors.upsert(ids=vec_ids[sl], embeddings=vec_emb[sl], metadatas=vec_meta[sl])
