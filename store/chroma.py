@@ -427,8 +427,6 @@ class ChromaStore(BaseStore):
         self.compact_max_records = compact_max_records
         """Stores with more live records than this are compacted only when asked (:meth:`compact`):
         a compaction holds writes for as long as the copy takes."""
-        from chromadb.config import Settings as ChromaSettings
-
         self._server = _server
         self._own_lock: Any = None
         self.intake: IntakeJournal | None = None
@@ -436,12 +434,11 @@ class ChromaStore(BaseStore):
         batches given to ``intake.append`` (``PreferenceMemory`` does so for votes) are acknowledged once
         journaled, and stored by a background drain."""
         attached = False
-        settings = ChromaSettings(anonymized_telemetry=False)
         if client is None:
             import chromadb
 
             if host is not None:
-                client = chromadb.HttpClient(host=host, port=port or 8000, settings=settings)
+                client = _http_client(host, port or 8000)
             elif path is not None:
                 from store.server import attach_or_lock
 
@@ -449,9 +446,9 @@ class ChromaStore(BaseStore):
                 running, self._own_lock = attach_or_lock(Path(path))
                 if running is not None:  # a synth-agent server owns this directory: go through it
                     attached = True
-                    client = chromadb.HttpClient(host=running[0], port=running[1], settings=settings)
+                    client = _http_client(running[0], running[1])
                 else:
-                    client = chromadb.PersistentClient(path=str(path), settings=settings)
+                    client = chromadb.PersistentClient(path=str(path), settings=_settings())
             else:
                 raise ValueError(
                     "ChromaStore needs a place to keep data: path= (a directory), host=/port= (a Chroma "
@@ -610,13 +607,10 @@ class ChromaStore(BaseStore):
         process already serves ``path``, this store connects to that server instead.
         ``close()`` stops the server this store started.
         """
-        import chromadb
-        from chromadb.config import Settings as ChromaSettings
-
         from store.server import LocalChromaServer
 
         server = LocalChromaServer(Path(path), startup_timeout=startup_timeout).start()
-        client = chromadb.HttpClient(host=server.host, port=server.port, settings=ChromaSettings(anonymized_telemetry=False))
+        client = _http_client(server.host, server.port)
         try:
             store = cls(
                 client=client,
@@ -1884,17 +1878,13 @@ class ChromaStore(BaseStore):
     def _restart_server(self) -> None:
         """Restart the local Chroma server (writer thread, after a compaction): new reads wait, reads in
         flight finish first; then a new client and the active generation's collections."""
-        import chromadb
-        from chromadb.config import Settings as ChromaSettings
-
         assert self._server is not None
         with self._gen_cv:
             self._restarting = True
             self._gen_cv.wait_for(lambda: not self._gen_readers, timeout=30)
         try:
             self._server.restart()
-            self.client = chromadb.HttpClient(host=self._server.host, port=self._server.port,
-                                              settings=ChromaSettings(anonymized_telemetry=False))
+            self.client = _http_client(self._server.host, self._server.port)
             cols = self._generation(self._gen)
             with self._gen_cv:
                 self._items, self._vectors, self._namespaces = cols
@@ -2115,6 +2105,21 @@ def _remove_orphan_segment_dirs(path: Path) -> int:
             shutil.rmtree(d, ignore_errors=True)
             removed += 1
     return removed
+
+
+def _settings() -> Any:
+    """The one Chroma client configuration this store uses (chromadb refuses a second client of the
+    same place with other settings): no telemetry."""
+    from chromadb.config import Settings as ChromaSettings
+
+    return ChromaSettings(anonymized_telemetry=False)
+
+
+def _http_client(host: str, port: int) -> Any:
+    """A client of the Chroma server at ``host:port`` (``chroma run``: ours, another process's, or the user's)."""
+    import chromadb
+
+    return chromadb.HttpClient(host=host, port=port, settings=_settings())
 
 
 def _scrub_vector(dim: int) -> list[float]:
