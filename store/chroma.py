@@ -98,6 +98,7 @@ from langgraph.store.base import (
     validate_op_namespace,
 )
 
+from store.clients import directory_client, http_client
 from store.ledger import LEDGER_FILE, KeyLedger, Ledger, owner_alive
 from store.reader import generation_names, index_members, is_generation_name, open_records
 from store.sealing import Codec, SealError
@@ -435,20 +436,12 @@ class ChromaStore(BaseStore):
         journaled, and stored by a background drain."""
         attached = False
         if client is None:
-            import chromadb
-
             if host is not None:
-                client = _http_client(host, port or 8000)
+                client = http_client(host, port or 8000)
             elif path is not None:
-                from store.server import attach_or_lock
-
                 Path(path).mkdir(parents=True, exist_ok=True)
-                running, self._own_lock = attach_or_lock(Path(path))
-                if running is not None:  # a synth-agent server owns this directory: go through it
-                    attached = True
-                    client = _http_client(running[0], running[1])
-                else:
-                    client = chromadb.PersistentClient(path=str(path), settings=_settings())
+                # a synth-agent server owns this directory (attached): go through it
+                client, self._own_lock, attached = directory_client(Path(path))
             else:
                 raise ValueError(
                     "ChromaStore needs a place to keep data: path= (a directory), host=/port= (a Chroma "
@@ -610,7 +603,7 @@ class ChromaStore(BaseStore):
         from store.server import LocalChromaServer
 
         server = LocalChromaServer(Path(path), startup_timeout=startup_timeout).start()
-        client = _http_client(server.host, server.port)
+        client = http_client(server.host, server.port)
         try:
             store = cls(
                 client=client,
@@ -1884,7 +1877,7 @@ class ChromaStore(BaseStore):
             self._gen_cv.wait_for(lambda: not self._gen_readers, timeout=30)
         try:
             self._server.restart()
-            self.client = _http_client(self._server.host, self._server.port)
+            self.client = http_client(self._server.host, self._server.port)
             cols = self._generation(self._gen)
             with self._gen_cv:
                 self._items, self._vectors, self._namespaces = cols
@@ -2105,21 +2098,6 @@ def _remove_orphan_segment_dirs(path: Path) -> int:
             shutil.rmtree(d, ignore_errors=True)
             removed += 1
     return removed
-
-
-def _settings() -> Any:
-    """The one Chroma client configuration this store uses (chromadb refuses a second client of the
-    same place with other settings): no telemetry."""
-    from chromadb.config import Settings as ChromaSettings
-
-    return ChromaSettings(anonymized_telemetry=False)
-
-
-def _http_client(host: str, port: int) -> Any:
-    """A client of the Chroma server at ``host:port`` (``chroma run``: ours, another process's, or the user's)."""
-    import chromadb
-
-    return chromadb.HttpClient(host=host, port=port, settings=_settings())
 
 
 def _scrub_vector(dim: int) -> list[float]:

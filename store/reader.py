@@ -72,17 +72,11 @@ class StoreReader:
         path = Path(path)
         if not (path / LEDGER_FILE).is_file() or _intake_rows(path / INTAKE_FILE):
             return None
-        import chromadb
-        from chromadb.config import Settings as ChromaSettings
+        from store.clients import directory_client
 
-        from store.server import attach_or_lock
-
-        running, lock = attach_or_lock(path)
+        client, lock, _ = directory_client(path)
         ledger: Ledger | None = None
         try:
-            settings = ChromaSettings(anonymized_telemetry=False)  # as ChromaStore
-            client = (chromadb.HttpClient(host=running[0], port=running[1], settings=settings) if running is not None
-                      else chromadb.PersistentClient(path=str(path), settings=settings))
             ledger = Ledger(path / LEDGER_FILE)
             generation, _ = ledger.generation(collection)  # a compaction in progress: its source is still active
             items = _collection(client, generation_names(collection, generation)[0])

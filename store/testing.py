@@ -4,7 +4,7 @@ Wrap any Chroma client and give it to :class:`~store.chroma.ChromaStore`; every 
 call then goes through :meth:`FaultyClient.hook`, where a :class:`Fault` can raise, stall on
 an event, or kill the process (``os._exit``: a crash with no cleanup at all)::
 
-    client = FaultyClient(chromadb.PersistentClient(path))
+    client = FaultyClient(chromadb.PersistentClient(path, settings=chroma_settings()))  # store.clients
     store = ChromaStore(client=client, ledger=path / "ledger.sqlite3", seal=True)
     client.faults.append(Fault("upsert", collection=".v2", times=1))   # the next items upsert fails
 """
