@@ -665,6 +665,7 @@ class LLMClient:
             limiter.release(ticket, signal, latency=latency, key=kind)
         site.prompt_tokens += completion.prompt_tokens
         site.completion_tokens += completion.completion_tokens
+        site.cached_prompt_tokens += completion.cached_prompt_tokens
         return completion
 
 
@@ -755,6 +756,7 @@ def _to_cache(c: Completion) -> dict[str, Any]:
         "model": c.model,
         "prompt_tokens": c.prompt_tokens,
         "completion_tokens": c.completion_tokens,
+        "cached_prompt_tokens": c.cached_prompt_tokens,
         "top_logprobs": None
         if c.top_logprobs is None
         else [[[t.token, t.logprob] for t in pos] for pos in c.top_logprobs],
@@ -768,6 +770,7 @@ def _from_cache(v: Mapping[str, Any]) -> Completion:
         model=str(v.get("model", "")),
         prompt_tokens=int(v.get("prompt_tokens", 0)),
         completion_tokens=int(v.get("completion_tokens", 0)),
+        cached_prompt_tokens=int(v.get("cached_prompt_tokens", 0)),
         cached=True,
         top_logprobs=None
         if top is None
