@@ -1,7 +1,9 @@
-"""Prompt prefixes a caching server would not compute again: the simulator's model of one.
+"""Prompt prefixes a caching server would not compute again: the simulator's model of one, and the client's gate.
 
-:class:`~synth_agent.sim.prefix_cache.PrefixCache` and the simulator's usage: a request reuses only blocks of
-requests that *finished* before it arrived, within capacity, least recently used evicted first.
+* :class:`~synth_agent.sim.prefix_cache.PrefixCache` and the simulator's usage: a request reuses only blocks of
+  requests that *finished* before it arrived, within capacity, least recently used evicted first.
+* :class:`~synth_agent.llm.prefix_gate.PrefixGate`: the first request with a new prefix goes alone, the others
+  with it follow when it returns; a fit through it gets the same profile and more cached tokens.
 """
 
 from __future__ import annotations
@@ -12,8 +14,12 @@ from typing import Any
 import httpx
 import pytest
 
+from synth_agent.engine import FitConfig, Synthesizer
+from synth_agent.llm.client import EndpointConfig, LLMClient
+from synth_agent.llm.prefix_gate import PrefixGate
+from synth_agent.sim.population import Population
 from synth_agent.sim.prefix_cache import DEFAULT_CAPACITY_TOKENS, PrefixCache
-from synth_agent.sim.server import create_sim_app
+from synth_agent.sim.server import SimEndpoint, create_sim_app
 
 SYSTEM = {"role": "system", "content": "You judge answers. " * 40}  # 760 chars: 11 full blocks of 64
 DEMO = [{"role": "user", "content": "an example pair " * 20}, {"role": "assistant", "content": '{"preferred": "A"}'}]
@@ -138,3 +144,91 @@ async def test_without_the_cache_usage_has_no_details_and_answers_do_not_change(
             bodies.append(got)
     assert all("prompt_tokens_details" not in b["usage"] for b in bodies[1])
     assert [b["choices"] for b in bodies[0]] == [b["choices"] for b in bodies[1]]
+
+
+# ------------------------------------------------------------------ the client's gate
+
+
+async def test_the_gate_sends_a_new_prefix_alone_then_the_rest_together() -> None:
+    gate = PrefixGate(min_tokens=50)
+    started: list[str] = []
+    release = asyncio.Event()
+
+    async def call(name: str) -> str:
+        started.append(name)
+        if name == "first":
+            await release.wait()
+        return name
+
+    shared = (SYSTEM, *DEMO)
+    tasks = [asyncio.create_task(gate.run(prompt(n, *shared), lambda n=n: call(n)))
+             for n in ("first", "second", "third")]  # fmt: skip
+    other = asyncio.create_task(gate.run(prompt("x", {"role": "system", "content": "Other. " * 40}),
+                                         lambda: call("other prefix")))  # fmt: skip
+    short = asyncio.create_task(gate.run(prompt("y", {"role": "system", "content": "tiny"}), lambda: call("short")))
+    await asyncio.sleep(0.05)
+    assert sorted(started) == ["first", "other prefix", "short"]  # followers wait; other prefixes do not
+    release.set()
+    assert await asyncio.gather(*tasks, other, short) == ["first", "second", "third", "other prefix", "short"]
+    assert sorted(started[3:]) == ["second", "third"] and gate.held == 2
+    # a prefix already sent is not held again
+    assert await gate.run(prompt("fourth", *shared), lambda: call("fourth")) == "fourth"
+    assert gate.held == 2
+
+
+async def test_a_failed_or_cancelled_leader_releases_its_followers() -> None:
+    gate = PrefixGate(min_tokens=50)
+    release = asyncio.Event()
+
+    async def failing() -> str:
+        await release.wait()
+        raise RuntimeError("server down")
+
+    async def ok() -> str:
+        return "ok"
+
+    leader = asyncio.create_task(gate.run(prompt("a", SYSTEM), failing))
+    follower = asyncio.create_task(gate.run(prompt("b", SYSTEM), ok))
+    await asyncio.sleep(0.01)
+    assert not follower.done()
+    release.set()
+    with pytest.raises(RuntimeError):
+        await leader
+    assert await follower == "ok"
+
+    hang = asyncio.Event()
+
+    async def hanging() -> str:
+        await hang.wait()
+        return "never"
+
+    other = {"role": "system", "content": "Different. " * 40}
+    leader = asyncio.create_task(gate.run(prompt("a", other), hanging))
+    follower = asyncio.create_task(gate.run(prompt("b", other), ok))
+    await asyncio.sleep(0.01)
+    leader.cancel()
+    assert await follower == "ok"
+
+
+async def test_a_fit_through_the_gate_gets_the_same_profile_and_more_cached_tokens() -> None:
+    population = Population(6, seed=11)
+    uid = population.user_ids[5]
+    votes = population.votes(uid, 12)
+    runs = []
+    for warmup in (0, 256):
+        with SimEndpoint(latency_ms=20) as ep:
+            cfg = EndpointConfig(base_url=ep.base_url, prefix_warmup_tokens=warmup, max_concurrency=64)
+            async with LLMClient(cfg) as llm:
+                res = await Synthesizer(llm, None, FitConfig(seed=5)).fit(uid, votes)
+                total = llm.stats.total()
+            served = ep.stats()
+        assert res.profile is not None
+        # the client counts what the server reported, per call site
+        assert total.cached_prompt_tokens == served["cached_prompt_tokens"] == res.usage["cached_prompt_tokens"]
+        assert total.prompt_tokens == served["prompt_tokens"]
+        runs.append((res.profile, served))
+    (off, off_served), (on, on_served) = runs
+    assert (on.persona, on.demos, on.val_accuracy) == (off.persona, off.demos, off.val_accuracy)
+    assert on.meta.get("selection") == off.meta.get("selection")
+    assert on_served["prompt_tokens"] == off_served["prompt_tokens"]  # the same prompts, sent in another order
+    assert on_served["cached_prompt_tokens"] > off_served["cached_prompt_tokens"]
