@@ -23,6 +23,7 @@ It uses only APIs that exist since the first release, so the same file measures 
 checkout (run it with that checkout's interpreter from a directory outside both trees).
 
     python bench/fit_cost.py [--latency-ms 50] [--users 20] [--votes 12] [--solo 5] [--concurrency 64] [--rounds 3]
+    python bench/fit_cost.py --endpoint prefix_warmup_tokens=512   # EndpointConfig overrides (see prefix_warmup.py)
 """
 
 from __future__ import annotations
@@ -207,8 +208,10 @@ def main() -> None:
     pop = Population(args.users, seed=0)
     console = Console(width=150)
     budgets = f"{cfg.n_trials} trials, {cfg.n_demo_candidates} demo candidates"
-    sim_options: dict[str, Any] = {"latency_ms": args.latency_ms, "per_token_latency_ms": args.per_token_latency_ms}
-    if args.prefix_cache_tokens is not None:  # only then: an older checkout's SimProcess has no such option
+    sim_options: dict[str, Any] = {"latency_ms": args.latency_ms}
+    if args.per_token_latency_ms:  # only when asked: an older checkout's SimProcess may not take it
+        sim_options["per_token_latency_ms"] = args.per_token_latency_ms
+    if args.prefix_cache_tokens is not None:
         sim_options["prefix_cache_tokens"] = args.prefix_cache_tokens
     with SimProcess(**sim_options) as ep:
         solo = [asyncio.run(fit_once(ep, u, pop.votes(u, args.votes), cfg, endpoint))
