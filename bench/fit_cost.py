@@ -3,7 +3,12 @@
 Against the simulator endpoint in its own process with a fixed per-request latency
 (default 50 ms), with the default ``FitConfig`` (``--config KEY=VALUE`` overrides it,
 e.g. ``--config n_trials=10 --config n_demo_candidates=10`` for the paper's budgets).
-Token figures are the simulator's own ``usage`` counts (what a server would bill).
+Token figures are the simulator's own ``usage`` counts (what a server would bill): prompt tokens
+*sent*, the part of them its prefix cache model served (*cached*: ``usage.prompt_tokens_details.
+cached_tokens``, as vLLM and SGLang report it; see ``synth_agent/sim/prefix_cache.py``) and the rest,
+which the server *computed*. The cache is emptied before each fit of parts 1 and 2 and before each
+round of part 3 (the 20 users of a round share it, as on one server); a simulator without the model
+(an older checkout) reports no cached tokens, so there computed = sent.
 
 1. one fit per user, ``--solo`` users one after the other, each with a fresh client (nothing
    cached across users): median requests, prompt tokens, wall time, and where the prompt
@@ -18,6 +23,7 @@ It uses only APIs that exist since the first release, so the same file measures 
 checkout (run it with that checkout's interpreter from a directory outside both trees).
 
     python bench/fit_cost.py [--latency-ms 50] [--users 20] [--votes 12] [--solo 5] [--concurrency 64] [--rounds 3]
+    python bench/fit_cost.py --endpoint prefix_warmup_tokens=512   # EndpointConfig overrides (see prefix_warmup.py)
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import statistics
 import time
 from typing import Any
 
+import httpx
 from fit_accuracy import parse_overrides  # bench/ is on sys.path when a bench script runs
 from langgraph.store.memory import InMemoryStore
 from rich.console import Console
@@ -104,18 +111,24 @@ class PartsBackend:
 def served(ep: SimProcess) -> dict[str, Any]:
     s = ep.stats()
     return {"requests": s["by_path"].get("/v1/chat/completions", 0), "prompt_tokens": s["prompt_tokens"],
-            "completion_tokens": s["completion_tokens"]}  # fmt: skip
+            "completion_tokens": s["completion_tokens"], "cached_tokens": s.get("cached_prompt_tokens", 0)}  # fmt: skip
+
+
+def cold_cache(ep: SimProcess) -> None:
+    """Empty the simulator's prefix cache (vLLM's route); a simulator without one has nothing to empty."""
+    httpx.post(ep.base_url.removesuffix("/v1") + "/reset_prefix_cache", timeout=5)
 
 
 def delta(after: dict[str, Any], before: dict[str, Any]) -> dict[str, Any]:
     return {k: after[k] - before[k] for k in after}
 
 
-async def fit_once(ep: SimProcess, uid: str, votes: list | None, cfg: FitConfig, concurrency: int,
+async def fit_once(ep: SimProcess, uid: str, votes: list | None, cfg: FitConfig, endpoint: dict[str, Any],
                    memory: PreferenceMemory | None = None) -> dict[str, Any]:  # fmt: skip
-    """One fit with a fresh client; the simulator's counts for it, wall time, per-step tokens."""
+    """One fit with a fresh client and a cold prefix cache; the simulator's counts for it, wall time, per-step tokens."""
+    cold_cache(ep)
     before = served(ep)
-    async with LLMClient(EndpointConfig(base_url=ep.base_url, max_concurrency=concurrency)) as llm:
+    async with LLMClient(EndpointConfig(base_url=ep.base_url, **endpoint)) as llm:
         parts = PartsBackend(llm)
         t0 = time.perf_counter()
         res = await Synthesizer(parts, memory, cfg).fit(uid, votes)  # type: ignore[arg-type]
@@ -131,6 +144,10 @@ async def fit_once(ep: SimProcess, uid: str, votes: list | None, cfg: FitConfig,
     out["steps"]["(logprob scoring)"] = sum(v["prompt_tokens"] for k, v in by_site.items() if k.endswith(":logprob"))
     out["step_requests"] = {s: by_site.get(s, {}).get("requests", 0) for s in STEPS}
     out["step_requests"]["(logprob scoring)"] = sum(v["requests"] for k, v in by_site.items() if k.endswith(":logprob"))
+    out["step_computed"] = {s: by_site.get(s, {}).get("prompt_tokens", 0) - by_site.get(s, {}).get("cached_prompt_tokens", 0)
+                            for s in STEPS}  # fmt: skip
+    out["step_computed"]["(logprob scoring)"] = sum(v["prompt_tokens"] - v.get("cached_prompt_tokens", 0)
+                                                    for k, v in by_site.items() if k.endswith(":logprob"))  # fmt: skip
     return out
 
 
@@ -143,56 +160,69 @@ def process_cpu(pid: int | None) -> float:
         return float("nan")
 
 
-async def fit_many(ep: SimProcess, pop: Population, n_votes: int, cfg: FitConfig, concurrency: int) -> dict[str, float]:
+async def fit_many(ep: SimProcess, pop: Population, n_votes: int, cfg: FitConfig, endpoint: dict[str, Any]) -> dict[str, float]:
+    cold_cache(ep)
     before = served(ep)
     sim_pid = getattr(getattr(ep, "_proc", None), "pid", None)
     sim0, cpu0 = process_cpu(sim_pid), time.process_time()
-    async with LLMClient(EndpointConfig(base_url=ep.base_url, max_concurrency=concurrency)) as llm:
+    async with LLMClient(EndpointConfig(base_url=ep.base_url, **endpoint)) as llm:
         t0 = time.perf_counter()
         await asyncio.gather(*(Synthesizer(llm, None, cfg).fit(u, pop.votes(u, n_votes)) for u in pop.user_ids))
         wall = time.perf_counter() - t0
     d = delta(served(ep), before)
     n = len(pop.user_ids)
     return {"wall_s": wall, "requests": d["requests"] / n, "prompt_tokens": d["prompt_tokens"] / n,
-            "client_cpu_s": time.process_time() - cpu0, "sim_cpu_s": process_cpu(sim_pid) - sim0}  # fmt: skip
+            "computed_tokens": (d["prompt_tokens"] - d["cached_tokens"]) / n, "client_cpu_s": time.process_time() - cpu0, "sim_cpu_s": process_cpu(sim_pid) - sim0}  # fmt: skip
 
 
-async def refits(ep: SimProcess, uid: str, votes: list, n_first: int, cfg: FitConfig, concurrency: int) -> list[dict[str, Any]]:
+async def refits(ep: SimProcess, uid: str, votes: list, n_first: int, cfg: FitConfig, endpoint: dict[str, Any]) -> list[dict[str, Any]]:
     memory = PreferenceMemory(InMemoryStore(), tenant="bench")
     await memory.add_votes(votes[:n_first])
-    rows = [await fit_once(ep, uid, None, cfg, concurrency, memory)]
-    rows.append(await fit_once(ep, uid, None, cfg, concurrency, memory))
+    rows = [await fit_once(ep, uid, None, cfg, endpoint, memory)]
+    rows.append(await fit_once(ep, uid, None, cfg, endpoint, memory))
     await memory.add_votes(votes[n_first:])
-    rows.append(await fit_once(ep, uid, None, cfg, concurrency, memory))
+    rows.append(await fit_once(ep, uid, None, cfg, endpoint, memory))
     return rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--latency-ms", type=float, default=50.0)
+    ap.add_argument("--per-token-latency-ms", type=float, default=0.0,
+                    help="simulator latency per generated token on top (a decode-bound server)")  # fmt: skip
+    ap.add_argument("--prefix-cache-tokens", type=int, default=None,
+                    help="capacity of the simulator's prefix cache model (default: the simulator's; 0: none)")  # fmt: skip
     ap.add_argument("--users", type=int, default=20)
     ap.add_argument("--votes", type=int, default=12)
     ap.add_argument("--new-votes", type=int, default=4, help="votes added before the last refit")
     ap.add_argument("--solo", type=int, default=5, help="users fitted one at a time for the per-fit figures")
     ap.add_argument("--concurrency", type=int, default=64, help="max requests in flight per client")
     ap.add_argument("--config", action="append", default=[], metavar="KEY=VALUE", help="FitConfig override")
+    ap.add_argument("--endpoint", action="append", default=[], metavar="KEY=VALUE",
+                    help="EndpointConfig override, e.g. prefix_warmup_tokens=512")  # fmt: skip
     ap.add_argument("--rounds", type=int, default=3,
                     help="rounds of (1 user, N users concurrently), alternating; medians reported")  # fmt: skip
     args = ap.parse_args()
     cfg = FitConfig(seed=0, **parse_overrides(args.config))
+    endpoint = {"max_concurrency": args.concurrency, **parse_overrides(args.endpoint)}
     pop = Population(args.users, seed=0)
     console = Console(width=150)
     budgets = f"{cfg.n_trials} trials, {cfg.n_demo_candidates} demo candidates"
-    with SimProcess(latency_ms=args.latency_ms) as ep:
-        solo = [asyncio.run(fit_once(ep, u, pop.votes(u, args.votes), cfg, args.concurrency))
+    sim_options: dict[str, Any] = {"latency_ms": args.latency_ms}
+    if args.per_token_latency_ms:  # only when asked: an older checkout's SimProcess may not take it
+        sim_options["per_token_latency_ms"] = args.per_token_latency_ms
+    if args.prefix_cache_tokens is not None:
+        sim_options["prefix_cache_tokens"] = args.prefix_cache_tokens
+    with SimProcess(**sim_options) as ep:
+        solo = [asyncio.run(fit_once(ep, u, pop.votes(u, args.votes), cfg, endpoint))
                 for u in pop.user_ids[: args.solo]]  # fmt: skip
         uid = pop.user_ids[0]
         refit_rows = asyncio.run(refits(ep, uid, pop.votes(uid, args.votes + args.new_votes), args.votes, cfg,
-                                        args.concurrency))  # fmt: skip
+                                        endpoint))  # fmt: skip
         ones, manys = [], []
         for _ in range(max(1, args.rounds)):  # alternating, so a burst of load elsewhere hits both sides
-            ones.append(asyncio.run(fit_many(ep, Population(1, seed=0), args.votes, cfg, args.concurrency)))
-            manys.append(asyncio.run(fit_many(ep, pop, args.votes, cfg, args.concurrency)))
+            ones.append(asyncio.run(fit_many(ep, Population(1, seed=0), args.votes, cfg, endpoint)))
+            manys.append(asyncio.run(fit_many(ep, pop, args.votes, cfg, endpoint)))
     one = {k: statistics.median(r[k] for r in ones) for k in ones[0]}
     many = {k: statistics.median(r[k] for r in manys) for k in manys[0]}
     ratios = [m["wall_s"] / o["wall_s"] for o, m in zip(ones, manys, strict=True)]
@@ -200,12 +230,18 @@ def main() -> None:
     def med(key: str) -> float:
         return statistics.median(s[key] for s in solo)
 
-    t = Table(title=f"One fit of a {args.votes}-vote user, simulator at {args.latency_ms:g} ms/request in its own "
+    t = Table(title=f"One fit of a {args.votes}-vote user, simulator at {args.latency_ms:g} ms/request"
+                    f"{f' + {args.per_token_latency_ms:g} ms/token' if args.per_token_latency_ms else ''} in its own "
                     f"process (median of {len(solo)} users, max in brackets; {budgets})")  # fmt: skip
-    for col in ("LLM requests", "prompt tokens", "completion tokens", "wall time (s)"):
+    for s in solo:
+        s["computed_tokens"] = s["prompt_tokens"] - s["cached_tokens"]
+    for col in ("LLM requests", "prompt tokens sent", "cached (server prefix cache)", "computed", "completion tokens",
+                "wall time (s)"):  # fmt: skip
         t.add_column(col, justify="right")
     t.add_row(f"{med('requests'):.0f} ({max(s['requests'] for s in solo)})",
               f"{med('prompt_tokens'):,.0f} ({max(s['prompt_tokens'] for s in solo):,})",
+              f"{med('cached_tokens'):,.0f} ({max(s['cached_tokens'] for s in solo):,})",
+              f"{med('computed_tokens'):,.0f} ({max(s['computed_tokens'] for s in solo):,})",
               f"{med('completion_tokens'):,.0f}",
               f"{med('wall_s'):.2f} ({max(s['wall_s'] for s in solo):.2f})")  # fmt: skip
     console.print(t)
@@ -217,6 +253,8 @@ def main() -> None:
         steps.add_column(step, justify="right")
     steps.add_row("requests", *(f"{statistics.median(s['step_requests'][k] for s in solo):,.0f}" for k in solo[0]["steps"]))
     steps.add_row("prompt tokens", *(f"{statistics.median(s['steps'][k] for s in solo):,.0f}" for k in solo[0]["steps"]))
+    steps.add_row("computed (not cached)",
+                  *(f"{statistics.median(s['step_computed'][k] for s in solo):,.0f}" for k in solo[0]["steps"]))  # fmt: skip
     for label, row in (("refit after new votes: requests", "step_requests"), ("refit after new votes: tokens", "steps")):
         steps.add_row(label, *(f"{refit_rows[2][row][k]:,}" for k in solo[0]["steps"]))
     console.print(steps)
@@ -231,21 +269,23 @@ def main() -> None:
                str(refit_rows[2]["repeated_prompt"]))  # fmt: skip
     console.print(pt)
     r = Table(title="Refits of one user through a preference memory (fresh client each time)")
-    for col in ("fit", "LLM requests", "prompt tokens", "wall (s)", "persona version after", "status"):
+    for col in ("fit", "LLM requests", "prompt tokens", "computed", "wall (s)", "persona version after", "status"):
         r.add_column(col, justify="right")
     labels = [f"first fit, {args.votes} votes", "again, no new votes", f"after {args.new_votes} more votes"]
     for label, row in zip(labels, refit_rows, strict=True):
-        r.add_row(label, str(row["requests"]), f"{row['prompt_tokens']:,}", f"{row['wall_s']:.2f}",
+        r.add_row(label, str(row["requests"]), f"{row['prompt_tokens']:,}",
+                  f"{row['prompt_tokens'] - row['cached_tokens']:,}", f"{row['wall_s']:.2f}",
                   str(row["version"]), row["status"])  # fmt: skip
     console.print(r)
     c = Table(title=f"{args.users} users fitted concurrently vs one, one client ({args.concurrency} in flight at "
                     f"most; median of {len(ratios)} alternating rounds)")  # fmt: skip
     for col in ("wall, 1 user (s)", f"wall, {args.users} users (s)", "ratio (per round)", "requests / user",
-                "prompt tokens / user", "client CPU (s)", "simulator CPU (s)"):  # fmt: skip
+                "prompt tokens / user", "computed / user", "client CPU (s)", "simulator CPU (s)"):  # fmt: skip
         c.add_column(col, justify="right")
     c.add_row(f"{one['wall_s']:.2f}", f"{many['wall_s']:.2f}",
               f"{statistics.median(ratios):.1f}x ({', '.join(f'{r:.1f}' for r in ratios)})",
-              f"{many['requests']:.1f}", f"{many['prompt_tokens']:,.0f}", f"{many['client_cpu_s']:.2f}",
+              f"{many['requests']:.1f}", f"{many['prompt_tokens']:,.0f}", f"{many['computed_tokens']:,.0f}",
+              f"{many['client_cpu_s']:.2f}",
               f"{many['sim_cpu_s']:.2f}")  # fmt: skip
     console.print(c)
     # Where the N-user wall goes: CPU per request on each side, and the floors the run cannot go below.

@@ -481,6 +481,11 @@ def store_compact(ctx: typer.Context) -> None:
 # ---------------------------------------------------------------- simulator
 
 
+SIM_PREFIX_CACHE_TOKENS = 262_144
+"""``synth_agent.sim.prefix_cache.DEFAULT_CAPACITY_TOKENS``, spelled out: importing the simulator here would
+slow every command's start."""
+
+
 @app.command("sim-endpoint")
 def sim_endpoint(
     host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
@@ -490,17 +495,20 @@ def sim_endpoint(
     fault_rate: Annotated[float, typer.Option(
         help="Share of requests that fail (500/429/timeout/malformed).", min=0, max=1)] = 0.0,
     seed: Annotated[int, typer.Option(help="Seed of the simulated LLM and of fault injection.")] = 0,
+    prefix_cache_tokens: Annotated[int, typer.Option(
+        help="Capacity in tokens of the modelled automatic prefix cache (usage reports "
+        "prompt_tokens_details.cached_tokens like vLLM); 0 turns it off.", min=0)] = SIM_PREFIX_CACHE_TOKENS,
 ) -> None:
     """Run the offline simulated LLM (OpenAI-compatible).
 
-    Request counters and the most requests in flight at /stats.
+    Request counters, the most requests in flight and the prompt tokens its prefix cache served at /stats.
     """
     from synth_agent.sim.server import serve_sim
 
     err.print(f"simulator on http://{host}:{port}/v1 — point OPENAI_BASE_URL there; Ctrl-C stops it")
     serve_sim(
         host=host, port=port, latency_ms=latency_ms, per_token_latency_ms=per_token_latency_ms,
-        fault_rate=fault_rate, seed=seed,
+        fault_rate=fault_rate, seed=seed, prefix_cache_tokens=prefix_cache_tokens,
     )
 
 

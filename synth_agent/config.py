@@ -71,6 +71,7 @@ class Settings(BaseSettings):
     max_retries: int = Field(default=6, ge=0)
     context_length: int | None = Field(default=None, ge=1)
     structured_output: Literal["json_object", "json_schema", "json_object_schema"] = "json_object"
+    prefix_warmup_tokens: int = Field(default=0, ge=0)
     max_content_chars: int = Field(default=32_000, ge=1)
     llm_disk_cache: bool = False
     llm_cache_mb: float = Field(default=64.0, ge=0)

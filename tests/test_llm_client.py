@@ -481,6 +481,26 @@ def capture() -> Iterator[tuple[Capture, str]]:
         yield cap, f"{srv.url}/v1"
 
 
+@pytest.mark.parametrize(("details", "cached"), [({"cached_tokens": 3}, 3), (None, 0), ("absent", 0)])
+async def test_cached_prompt_tokens_the_server_reports_are_counted_per_call_site(
+    capture, transport: str, details: object, cached: int
+) -> None:
+    """usage.prompt_tokens_details.cached_tokens (OpenAI, vLLM, SGLang) lands next to prompt_tokens; absent or null: 0."""
+    cap, url = capture
+    body = completion_body("hi")
+    if details != "absent":
+        body["usage"]["prompt_tokens_details"] = details
+    cap.reply = (200, body)
+    cfg = EndpointConfig(base_url=url, model="m", transport=transport, probe_server=False)
+    async with LLMClient(cfg, cache=False) as c:
+        first = await c.complete(msgs("q"), call_site="judge")
+        await c.complete(msgs("another q"), call_site="judge")
+        await c.complete(msgs("q"), call_site="persona")
+    assert first.cached_prompt_tokens == cached
+    assert c.stats.site("judge").prompt_tokens == 10 and c.stats.site("judge").cached_prompt_tokens == 2 * cached
+    assert c.stats.as_dict()["total"]["cached_prompt_tokens"] == 3 * cached
+
+
 async def test_wire_format_json_schema_and_typed_failures(capture, transport: str) -> None:
     cap, url = capture
     cfg = EndpointConfig(base_url=url, model="m", transport=transport, structured_output="json_schema",

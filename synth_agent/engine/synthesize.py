@@ -244,6 +244,7 @@ class CountingBackend:
         self.cached = 0
         self.prompt_tokens = 0
         self.completion_tokens = 0
+        self.cached_prompt_tokens = 0
 
     async def complete(self, messages: Sequence[ChatMessage], **kw: Any) -> Completion:
         comp = await self.inner.complete(messages, **kw)
@@ -253,6 +254,7 @@ class CountingBackend:
         else:
             self.prompt_tokens += comp.prompt_tokens
             self.completion_tokens += comp.completion_tokens
+            self.cached_prompt_tokens += comp.cached_prompt_tokens
         return comp
 
     async def structured(self, messages: Sequence[ChatMessage], schema: Any, **kw: Any) -> Any:
@@ -269,6 +271,7 @@ class CountingBackend:
             "cache_hits": self.cached,
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
+            "cached_prompt_tokens": self.cached_prompt_tokens,
         }
 
 

@@ -33,6 +33,9 @@ class Completion:
     model: str = ""
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_prompt_tokens: int = 0
+    """Of ``prompt_tokens``, those the server served from its prefix cache (``usage.prompt_tokens_details.
+    cached_tokens``: OpenAI, vLLM with ``--enable-prompt-tokens-details``, SGLang); 0 when it does not say."""
     cached: bool = False
     top_logprobs: list[list[TokenLogprob]] | None = None
     """Per generated token, the alternatives with their log-probabilities (when requested and supported)."""
@@ -48,6 +51,8 @@ class CallSiteStats:
     errors: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_prompt_tokens: int = 0
+    """Of ``prompt_tokens``, those the server reported as read from its prefix cache (not computed again)."""
     unparseable: int = 0
     """Answers the call site could not read (each re-ask counts): what a weak model or a cut-off answer costs."""
     trimmed: int = 0
@@ -55,7 +60,7 @@ class CallSiteStats:
 
     def add(self, other: CallSiteStats) -> None:
         for f in ("requests", "retries", "cache_hits", "errors", "prompt_tokens", "completion_tokens",
-                  "unparseable", "trimmed"):  # fmt: skip
+                  "cached_prompt_tokens", "unparseable", "trimmed"):  # fmt: skip
             setattr(self, f, getattr(self, f) + getattr(other, f))
 
 

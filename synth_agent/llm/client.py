@@ -52,6 +52,7 @@ from synth_agent.llm.errors import (
     UnparseableResponseError,
 )
 from synth_agent.llm.limiter import AdaptiveLimiter, LimiterStatus, Signal
+from synth_agent.llm.prefix_gate import PrefixGate
 from synth_agent.llm.server_info import ServerInfo, probe_server
 from synth_agent.llm.transport import ChatTransport, make_transport, normalize_messages
 
@@ -116,6 +117,12 @@ class EndpointConfig(BaseModel):
     context_length: int | None = Field(
         default=None, ge=1, description="the model's context window in tokens; None: as the server states, if it does"
     )
+    prefix_warmup_tokens: int = Field(
+        default=0, ge=0,
+        description="hold requests whose prompt prefix (every message but the last) of at least this many tokens "
+        "is being sent for the first time by another request until that one returns, so a prefix-caching server "
+        "(vLLM, SGLang, llama.cpp) computes the prefix once; 0 = off (synth_agent/llm/prefix_gate.py)",
+    )
     transport: Literal["lean", "langchain"] = Field(
         default="lean", description="lean: aiohttp wire client; langchain: ChatOpenAI (slower, LangChain callbacks)"
     )
@@ -133,6 +140,7 @@ class EndpointConfig(BaseModel):
             "max_retries": settings.max_retries,
             "context_length": settings.context_length,
             "structured_output": settings.structured_output,
+            "prefix_warmup_tokens": settings.prefix_warmup_tokens,
         }
         values.update(overrides)
         return cls(**values)
@@ -288,6 +296,7 @@ class _LoopBound:
             self.throttler = Throttler(rate_limit=burst, period=burst / cfg.rate_limit)
         self.inflight: dict[str, asyncio.Future[Completion]] = {}
         self.transport: ChatTransport = make_transport(cfg)
+        self.prefix_gate = PrefixGate(cfg.prefix_warmup_tokens) if cfg.prefix_warmup_tokens else None
 
 
 class LLMClient:
@@ -551,6 +560,8 @@ class LLMClient:
         kind = (call_site, max_tokens, want_logprobs)
 
         def fetch() -> Awaitable[Completion]:
+            if res.prefix_gate is not None:
+                return res.prefix_gate.run(body["messages"], lambda: self._request(body, call_site, kind, want_logprobs))
             return self._request(body, call_site, kind, want_logprobs)
 
         if temperature != 0 or self.cache is None:
@@ -665,6 +676,7 @@ class LLMClient:
             limiter.release(ticket, signal, latency=latency, key=kind)
         site.prompt_tokens += completion.prompt_tokens
         site.completion_tokens += completion.completion_tokens
+        site.cached_prompt_tokens += completion.cached_prompt_tokens
         return completion
 
 
@@ -755,6 +767,7 @@ def _to_cache(c: Completion) -> dict[str, Any]:
         "model": c.model,
         "prompt_tokens": c.prompt_tokens,
         "completion_tokens": c.completion_tokens,
+        "cached_prompt_tokens": c.cached_prompt_tokens,
         "top_logprobs": None
         if c.top_logprobs is None
         else [[[t.token, t.logprob] for t in pos] for pos in c.top_logprobs],
@@ -768,6 +781,7 @@ def _from_cache(v: Mapping[str, Any]) -> Completion:
         model=str(v.get("model", "")),
         prompt_tokens=int(v.get("prompt_tokens", 0)),
         completion_tokens=int(v.get("completion_tokens", 0)),
+        cached_prompt_tokens=int(v.get("cached_prompt_tokens", 0)),
         cached=True,
         top_logprobs=None
         if top is None

@@ -39,6 +39,7 @@ __all__ = [
     "ChatTransport",
     "LangChainTransport",
     "LeanTransport",
+    "cached_prompt_tokens",
     "make_transport",
     "normalize_messages",
     "parse_chat_completion",
@@ -82,6 +83,16 @@ def _top_logprobs(content: Any) -> list[list[TokenLogprob]]:
     return top
 
 
+def cached_prompt_tokens(usage: Mapping[str, Any]) -> int:
+    """``usage.prompt_tokens_details.cached_tokens``: prompt tokens the server read from its prefix cache.
+
+    OpenAI, SGLang and vLLM (with ``--enable-prompt-tokens-details``) report it; servers that do not
+    (llama.cpp, vLLM without the flag: ``"prompt_tokens_details": null``) count as 0.
+    """
+    details = usage.get("prompt_tokens_details")
+    return int(details.get("cached_tokens") or 0) if isinstance(details, dict) else 0
+
+
 def parse_chat_completion(obj: Any, *, default_model: str, want_logprobs: bool) -> Completion:
     """A decoded ``chat.completion`` body as a Completion; UnparseableResponseError if it is not one."""
     try:
@@ -95,6 +106,7 @@ def parse_chat_completion(obj: Any, *, default_model: str, want_logprobs: bool) 
             model=str(obj.get("model") or default_model),
             prompt_tokens=int(usage.get("prompt_tokens") or 0),
             completion_tokens=int(usage.get("completion_tokens") or 0),
+            cached_prompt_tokens=cached_prompt_tokens(usage),
             top_logprobs=top,
         )
     except (KeyError, IndexError, TypeError, AttributeError, ValueError) as e:
@@ -249,6 +261,8 @@ class LangChainTransport:
             model=str(meta.get("model_name") or self.config.model),
             prompt_tokens=int(usage.get("input_tokens", 0)),
             completion_tokens=int(usage.get("output_tokens", 0)),
+            # langchain-openai maps usage.prompt_tokens_details.cached_tokens to input_token_details.cache_read
+            cached_prompt_tokens=int((usage.get("input_token_details") or {}).get("cache_read") or 0),
             top_logprobs=top,
         )
 

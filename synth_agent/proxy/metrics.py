@@ -66,6 +66,9 @@ class _StatsCollector(Collector):
                 "cache_hits": CounterMetricFamily("synth_proxy_llm_cache_hits", "LLM answers served from cache", labels=["call_site"]),
                 "prompt_tokens": CounterMetricFamily("synth_proxy_llm_prompt_tokens", "LLM prompt tokens", labels=["call_site"]),
                 "completion_tokens": CounterMetricFamily("synth_proxy_llm_completion_tokens", "LLM completion tokens", labels=["call_site"]),
+                "cached_prompt_tokens": CounterMetricFamily(
+                    "synth_proxy_llm_cached_prompt_tokens", "LLM prompt tokens the server read from its prefix cache",
+                    labels=["call_site"]),
                 "unparseable": CounterMetricFamily("synth_proxy_llm_unparseable", "LLM answers the call site could not read", labels=["call_site"]),
             }
             for site, st in sorted(stats.by_site.items()):

@@ -27,7 +27,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -41,6 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from synth_agent.serving import ThreadedServer, freeze_heap_after_startup
+from synth_agent.sim.prefix_cache import DEFAULT_CAPACITY_TOKENS, PrefixCache
 from synth_agent.sim.slots import SlotQueue
 
 logger = logging.getLogger(__name__)
@@ -174,6 +175,9 @@ class SimState:
     completion_tokens: int = 0
     slot_queue: SlotQueue | None = None
     """``slots`` mode: completions served N at a time, the rest queued in the server (like llama.cpp)."""
+    prefix_cache: PrefixCache = field(default_factory=lambda: PrefixCache(0))
+    """The automatic prefix cache model (:mod:`synth_agent.sim.prefix_cache`); capacity 0 = none."""
+    cached_prompt_tokens: int = 0
 
     def __post_init__(self) -> None:
         self.rng.seed(self.seed)
@@ -222,6 +226,8 @@ class SimState:
                 "max_in_flight": self.max_in_flight,
                 "prompt_tokens": self.prompt_tokens,
                 "completion_tokens": self.completion_tokens,
+                "cached_prompt_tokens": self.cached_prompt_tokens,
+                "prefix_cache": self.prefix_cache.snapshot(),
                 **({"slots": self.slot_queue.snapshot()} if self.slot_queue is not None else {}),
             }
 
@@ -231,7 +237,7 @@ class SimState:
             self.by_path.clear()
             self.faults.clear()
             self.max_in_flight = self.in_flight
-            self.prompt_tokens = self.completion_tokens = 0
+            self.prompt_tokens = self.completion_tokens = self.cached_prompt_tokens = 0
         if self.slot_queue is not None:
             self.slot_queue.reset()
 
@@ -362,6 +368,7 @@ def create_sim_app(
     slots: int | None = None,
     advertise_slots: bool = True,
     context_length: int = 4096,
+    prefix_cache_tokens: int = DEFAULT_CAPACITY_TOKENS,
 ) -> FastAPI:
     """Build the simulated endpoint. ``brain`` defaults to ``SimBrain(seed=seed)``.
 
@@ -369,6 +376,11 @@ def create_sim_app(
     inside the server, like a llama.cpp server with N slots; with ``advertise_slots`` it
     states that capacity at ``GET /props`` (``total_slots``, ``n_ctx`` = ``context_length``)
     and ``GET /slots`` as llama.cpp does.
+
+    ``prefix_cache_tokens``: capacity of the automatic prefix cache model
+    (:mod:`synth_agent.sim.prefix_cache`): usage then reports ``prompt_tokens_details.cached_tokens``
+    like vLLM and SGLang, ``/stats`` sums them (``cached_prompt_tokens``), and ``POST /reset_prefix_cache``
+    empties it (vLLM's route). 0 turns it off. Answers and latency do not depend on it.
     """
     if brain is None:
         from synth_agent.sim.brain import SimBrain  # lazy: the server is usable with any brain
@@ -391,6 +403,7 @@ def create_sim_app(
         seed=seed,
         logprobs_supported=logprobs_supported,
         slot_queue=SlotQueue(slots, advertise=advertise_slots, context_length=context_length) if slots else None,
+        prefix_cache=PrefixCache(prefix_cache_tokens),
     )
     app = FastAPI(title="synth-agent simulated LLM", version="1")
     app.state.sim = state
@@ -450,6 +463,11 @@ def create_sim_app(
     @app.get("/stats")
     async def stats() -> dict[str, Any]:
         return state.snapshot()
+
+    @app.post("/reset_prefix_cache")
+    async def reset_prefix_cache() -> Response:
+        state.prefix_cache.clear()
+        return Response(status_code=200)
 
     @app.post("/stats/reset")
     async def reset_stats() -> dict[str, Any]:
@@ -533,9 +551,13 @@ def create_sim_app(
                 text, top = _malformed(text), None
             prompt_tokens = _tokens("".join(m["content"] for m in messages))
             completion_tokens = _tokens(text)
+            prefix = state.prefix_cache
+            blocks = prefix.blocks(messages, body.model) if prefix.enabled else []
+            cached = prefix.lookup(blocks, prompt_tokens)  # only requests finished before this one count
             with state.lock:
                 state.prompt_tokens += prompt_tokens
                 state.completion_tokens += completion_tokens
+                state.cached_prompt_tokens += cached
             logprobs = (
                 {"content": _logprobs_content(text, top, k), "refusal": None}
                 if k and state.logprobs_supported
@@ -543,16 +565,19 @@ def create_sim_app(
             )
             created = int(time.time())
             cid = f"chatcmpl-sim-{uuid.uuid4().hex[:24]}"
-            usage = {
+            usage: dict[str, Any] = {
                 "prompt_tokens": prompt_tokens,
                 "completion_tokens": completion_tokens,
                 "total_tokens": prompt_tokens + completion_tokens,
             }
+            if prefix.enabled:
+                usage["prompt_tokens_details"] = {"cached_tokens": cached}
             if body.stream:
                 streaming = True
                 include_usage = bool(body.stream_options and body.stream_options.include_usage)
                 return StreamingResponse(
-                    _stream(state, request, cid, created, body.model, text, logprobs, usage, include_usage),
+                    _stream(state, request, cid, created, body.model, text, logprobs, usage, include_usage,
+                            finished=lambda: prefix.add(blocks)),
                     media_type="text/event-stream",
                     headers={"Cache-Control": "no-cache"},
                 )
@@ -561,6 +586,7 @@ def create_sim_app(
                 return _error(499, "client closed request", type_="client_closed")
             with state.lock:
                 state.completions += 1
+            prefix.add(blocks)
             return _json({
                 "id": cid,
                 "object": "chat.completion",
@@ -594,8 +620,9 @@ async def _stream(
     model: str,
     text: str,
     logprobs: dict[str, Any] | None,
-    usage: dict[str, int],
+    usage: dict[str, Any],
     include_usage: bool,
+    finished: Callable[[], None] | None = None,
 ) -> AsyncIterator[str]:
     """SSE chunks in the OpenAI format; in-flight accounting ends when the stream does."""
 
@@ -646,6 +673,8 @@ async def _stream(
         yield "data: [DONE]\n\n"
         with state.lock:
             state.completions += 1
+        if finished is not None:
+            finished()
     finally:
         state.leave()
 
@@ -716,7 +745,7 @@ class SimProcess:
 
     def __init__(self, *, host: str = "127.0.0.1", port: int = 0, startup_timeout: float = 30.0,
                  latency_ms: float = 0.0, per_token_latency_ms: float = 0.0, fault_rate: float = 0.0,
-                 seed: int = 0) -> None:
+                 seed: int = 0, prefix_cache_tokens: int | None = None) -> None:
         self.host = host
         self.port = port or _free_port(host)
         self._timeout = startup_timeout
@@ -724,6 +753,7 @@ class SimProcess:
             "--host", host, "--port", str(self.port), "--latency-ms", str(latency_ms),
             "--per-token-latency-ms", str(per_token_latency_ms), "--fault-rate", str(fault_rate),
             "--seed", str(seed),
+            *(["--prefix-cache-tokens", str(prefix_cache_tokens)] if prefix_cache_tokens is not None else []),
         ]
         self._proc: subprocess.Popen[bytes] | None = None
 
@@ -777,6 +807,10 @@ class SimProcess:
 
     def stats(self) -> dict[str, Any]:
         return httpx.get(f"http://{self.host}:{self.port}/stats", timeout=5).json()
+
+    def reset_prefix_cache(self) -> None:
+        """Empty the simulator's prefix cache (vLLM's ``POST /reset_prefix_cache``)."""
+        httpx.post(f"http://{self.host}:{self.port}/reset_prefix_cache", timeout=5).raise_for_status()
 
     def configure(self, **changes: Any) -> None:
         httpx.post(f"http://{self.host}:{self.port}/admin/config", json=changes, timeout=5).raise_for_status()
