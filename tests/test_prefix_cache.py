@@ -232,3 +232,24 @@ async def test_a_fit_through_the_gate_gets_the_same_profile_and_more_cached_toke
     assert on.meta.get("selection") == off.meta.get("selection")
     assert on_served["prompt_tokens"] == off_served["prompt_tokens"]  # the same prompts, sent in another order
     assert on_served["cached_prompt_tokens"] > off_served["cached_prompt_tokens"]
+
+
+async def test_the_gate_holds_a_fits_judgments_never_a_live_one() -> None:
+    """``prefix_warmup_sites`` (default: a fit's call sites): live judgments and chat never wait for a leader."""
+    with SimEndpoint(latency_ms=50) as ep:
+        cfg = EndpointConfig(base_url=ep.base_url, prefix_warmup_tokens=50, adaptive_concurrency=False,
+                             max_concurrency=8)  # fmt: skip
+        assert "select" in cfg.prefix_warmup_sites and "proxy_judge" not in cfg.prefix_warmup_sites
+        async with LLMClient(cfg) as llm:
+
+            async def two_at_once(site: str, system: dict[str, str]) -> list[int]:
+                done = await asyncio.gather(*(llm.complete(prompt(f"pair {i}", system, *DEMO), call_site=site)
+                                              for i in range(2)))  # fmt: skip
+                return sorted(c.cached_prompt_tokens for c in done)
+
+            live = await two_at_once("proxy_judge", SYSTEM)
+            fit = await two_at_once("select", {"role": "system", "content": "Judge as this user would. " * 30})
+            logprob = await two_at_once("select:logprob", {"role": "system", "content": "Label the pair. " * 40})
+    assert live == [0, 0]  # sent together: neither found the other's prefix
+    assert fit[0] == 0 and fit[1] > 0  # the follower waited for its leader and found the prefix cached
+    assert logprob[0] == 0 and logprob[1] > 0

@@ -52,7 +52,7 @@ from synth_agent.llm.errors import (
     UnparseableResponseError,
 )
 from synth_agent.llm.limiter import AdaptiveLimiter, LimiterStatus, Signal
-from synth_agent.llm.prefix_gate import PrefixGate
+from synth_agent.llm.prefix_gate import FIT_CALL_SITES, PrefixGate
 from synth_agent.llm.server_info import ServerInfo, probe_server
 from synth_agent.llm.transport import ChatTransport, make_transport, normalize_messages
 
@@ -122,6 +122,11 @@ class EndpointConfig(BaseModel):
         description="hold requests whose prompt prefix (every message but the last) of at least this many tokens "
         "is being sent for the first time by another request until that one returns, so a prefix-caching server "
         "(vLLM, SGLang, llama.cpp) computes the prefix once; 0 = off (synth_agent/llm/prefix_gate.py)",
+    )
+    prefix_warmup_sites: tuple[str, ...] = Field(
+        default=FIT_CALL_SITES,
+        description="the call sites prefix_warmup_tokens applies to; by default a fit's (background work), so "
+        "live judgments and chat never wait for another request",
     )
     transport: Literal["lean", "langchain"] = Field(
         default="lean", description="lean: aiohttp wire client; langchain: ChatOpenAI (slower, LangChain callbacks)"
@@ -560,7 +565,8 @@ class LLMClient:
         kind = (call_site, max_tokens, want_logprobs)
 
         def fetch() -> Awaitable[Completion]:
-            if res.prefix_gate is not None:
+            # "select:logprob" is the log-probability form of the "select" judgments
+            if res.prefix_gate is not None and call_site.split(":", 1)[0] in self.config.prefix_warmup_sites:
                 return res.prefix_gate.run(body["messages"], lambda: self._request(body, call_site, kind, want_logprobs))
             return self._request(body, call_site, kind, want_logprobs)
 

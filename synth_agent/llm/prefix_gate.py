@@ -22,7 +22,14 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
-__all__ = ["PrefixGate"]
+__all__ = ["FIT_CALL_SITES", "PrefixGate"]
+
+FIT_CALL_SITES: tuple[str, ...] = (
+    "bootstrap", "bootstrap_score", "persona", "persona_rationale", "demo_select", "select", "refit",
+)
+"""The call sites of a SynthesizeMe fit (:mod:`synth_agent.engine`; with or without a ``:logprob`` suffix): background work, where the server's
+compute matters more than one request's wait. ``EndpointConfig.prefix_warmup_sites``' default, so a live
+judgment (``proxy_judge``, ``proxy_rerank``, the chat graph's rerank) is never held behind another request."""
 
 R = TypeVar("R")
 
