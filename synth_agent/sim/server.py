@@ -347,6 +347,104 @@ class _CountRequests:
         await self.app(scope, receive, send)
 
 
+_ROLES = frozenset(("system", "developer", "user", "assistant", "tool", "model"))
+_FORMATS = frozenset(("text", "json_object", "json_schema"))
+
+
+def _opt_int(value: Any, lo: int, hi: int | None = None) -> bool:
+    return value is None or (type(value) is int and value >= lo and (hi is None or value <= hi))
+
+
+def _lean_call(raw: bytes) -> _ChatCall | None:
+    """The request read with ``orjson`` and plain checks, when it is a plain one; None sends it to pydantic.
+
+    Accepts only what :class:`ChatRequest` accepts with the same meaning: string (or null) contents,
+    numbers of the exact JSON type, no streaming. Anything else -- parts lists, ``"0.5"`` for a number,
+    invalid values, bad JSON -- returns None and goes through ``ChatRequest``, so every validation answer
+    (400s and their messages) stays pydantic's.
+    """
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    if type(body) is not dict:
+        return None
+    get = body.get
+    model, messages, temperature = get("model"), get("messages"), get("temperature")
+    if type(model) is not str or not model or type(messages) is not list or not messages:
+        return None
+    if not (temperature is None or (type(temperature) in (int, float) and 0 <= temperature <= 2)):
+        return None
+    max_tokens, max_completion = get("max_tokens"), get("max_completion_tokens")
+    top, seed, n, logprobs = get("top_logprobs"), get("seed"), get("n", 1), get("logprobs")
+    if not (_opt_int(max_tokens, 1) and _opt_int(max_completion, 1) and _opt_int(top, 0, 20)
+            and _opt_int(n, 1, 1) and (seed is None or type(seed) is int)
+            and (logprobs is None or type(logprobs) is bool)):  # fmt: skip
+        return None
+    if get("stream") not in (None, False) or get("stream_options") is not None:
+        return None  # streams are rare: the pydantic path serves them
+    fmt = get("response_format")
+    if fmt is not None and (type(fmt) is not dict or type(fmt.get("type")) is not str or fmt["type"] not in _FORMATS):
+        return None
+    out: list[dict[str, str]] = []
+    for m in messages:
+        if type(m) is not dict:
+            return None
+        role, content = m.get("role"), m.get("content")
+        if type(role) is not str or role not in _ROLES or not (content is None or type(content) is str):
+            return None
+        out.append({"role": role, "content": content or ""})
+    return _ChatCall(
+        model=model,
+        messages=out,
+        temperature=float(temperature) if temperature is not None else 1.0,
+        max_tokens=max_completion or max_tokens,
+        seed=seed,
+        json_mode=fmt is not None and fmt["type"] != "text",
+        top_logprobs=(top or 1) if logprobs else None,
+    )
+
+
+class _SimApp(FastAPI):
+    """The simulator's FastAPI app with a lean path for ``POST /v1/chat/completions``.
+
+    The simulator is the server side of every benchmark, and its CPU per request counts: through
+    FastAPI a completion pays for the middleware stack, routing and pydantic validation (about half
+    of the simulator's CPU in ``bench/fit_cost.py``'s 20-user run). A plain request (see
+    :func:`_lean_call`) is read with ``orjson`` and answered by the same :func:`_serve_chat` as the
+    route, counted like the counting middleware does; any other request -- including every invalid
+    one -- goes through FastAPI unchanged (its body replayed), so the OpenAPI schema and every
+    validation answer are the route's.
+    """
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] != "/v1/chat/completions" or scope["method"] != "POST":
+            await super().__call__(scope, receive, send)
+            return
+        request = Request(scope, receive)
+        raw = await request.body()
+        call = _lean_call(raw)
+        if call is None:
+            replayed = False
+
+            async def replay() -> Any:
+                nonlocal replayed
+                if replayed:
+                    return await receive()
+                replayed = True
+                return {"type": "http.request", "body": raw, "more_body": False}
+
+            await super().__call__(scope, replay, send)
+            return
+        state: SimState = self.state.sim
+        with state.lock:
+            state.requests_total += 1
+            state.by_path[scope["path"]] += 1
+        response = await _serve_chat(state, request, call)
+        await response(scope, receive, send)
+
+
+
 def create_sim_app(
     *,
     brain: Any = None,
@@ -392,7 +490,7 @@ def create_sim_app(
         logprobs_supported=logprobs_supported,
         slot_queue=SlotQueue(slots, advertise=advertise_slots, context_length=context_length) if slots else None,
     )
-    app = FastAPI(title="synth-agent simulated LLM", version="1")
+    app = _SimApp(title="synth-agent simulated LLM", version="1")
     app.state.sim = state
 
     app.add_middleware(_CountRequests, state=state)
@@ -480,110 +578,144 @@ def create_sim_app(
             body = ChatRequest.model_validate_json(await request.body())
         except ValidationError as e:
             raise RequestValidationError(e.errors(include_url=False)) from None
-        state.enter()
-        streaming = False
-        slot = False
-        try:
-            fault = state.draw_fault()
-            if fault is not None:
-                with state.lock:
-                    state.faults[fault] += 1
-            json_mode = body.response_format is not None and body.response_format.type != "text"
-            if fault == "500" or (fault == "malformed" and not json_mode):
-                return _error(
-                    500,
-                    "The simulated server had an error while processing your request.",
-                    type_="server_error",
-                    code="simulated_fault",
-                )
-            if fault == "429":
-                return _error(
-                    429,
-                    "Rate limit reached (simulated). Retry after the indicated delay.",
-                    type_="rate_limit_error",
-                    code="rate_limit_exceeded",
-                    headers={"Retry-After": f"{state.retry_after:g}"},
-                )
-            if fault == "timeout" and not await _sleep_unless_gone(request, state.slow_ms / 1000):
-                return _error(499, "client closed request", type_="client_closed")
-
-            if state.slot_queue is not None and not body.stream:
-                slot = await state.slot_queue.take(request)
-                if not slot:
-                    return _error(499, "client closed request", type_="client_closed")
-            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-            k = (body.top_logprobs or 1) if body.logprobs else None
-            try:
-                reply = state.brain.respond(
-                    messages,
-                    temperature=body.temperature if body.temperature is not None else 1.0,
-                    max_tokens=body.max_completion_tokens or body.max_tokens,
-                    seed=body.seed,
-                    json_mode=json_mode,
-                    top_logprobs=k,
-                )
-                if inspect.isawaitable(reply):
-                    reply = await reply
-            except Exception as e:  # a brain bug should look like a server error, not kill the connection
-                logger.exception("simulated brain failed")
-                return _error(500, f"simulated brain failed: {e!r}", type_="server_error", code="brain_error")
-            text: str = reply.text
-            top = getattr(reply, "top_logprobs", None)
-            if fault == "malformed":
-                text, top = _malformed(text), None
-            prompt_tokens = _tokens("".join(m["content"] for m in messages))
-            completion_tokens = _tokens(text)
-            with state.lock:
-                state.prompt_tokens += prompt_tokens
-                state.completion_tokens += completion_tokens
-            logprobs = (
-                {"content": _logprobs_content(text, top, k), "refusal": None}
-                if k and state.logprobs_supported
-                else None
-            )
-            created = int(time.time())
-            cid = f"chatcmpl-sim-{uuid.uuid4().hex[:24]}"
-            usage = {
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens,
-            }
-            if body.stream:
-                streaming = True
-                include_usage = bool(body.stream_options and body.stream_options.include_usage)
-                return StreamingResponse(
-                    _stream(state, request, cid, created, body.model, text, logprobs, usage, include_usage),
-                    media_type="text/event-stream",
-                    headers={"Cache-Control": "no-cache"},
-                )
-            delay = state.latency_ms + state.per_token_latency_ms * completion_tokens
-            if delay > 0 and not await _sleep_unless_gone(request, delay / 1000):
-                return _error(499, "client closed request", type_="client_closed")
-            with state.lock:
-                state.completions += 1
-            return _json({
-                "id": cid,
-                "object": "chat.completion",
-                "created": created,
-                "model": body.model,
-                "system_fingerprint": "sim",
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": {"role": "assistant", "content": text, "refusal": None},
-                        "logprobs": logprobs,
-                        "finish_reason": "stop",
-                    }
-                ],
-                "usage": usage,
-            })
-        finally:
-            if slot and state.slot_queue is not None:
-                state.slot_queue.give()
-            if not streaming:
-                state.leave()
+        return await _serve_chat(state, request, _ChatCall.of(body))
 
     return app
+
+
+@dataclass(frozen=True, slots=True)
+class _ChatCall:
+    """What a valid chat completion request asks for, however it was read (pydantic or the lean path)."""
+
+    model: str
+    messages: list[dict[str, str]]
+    temperature: float
+    max_tokens: int | None
+    seed: int | None
+    json_mode: bool
+    top_logprobs: int | None
+    """Alternatives per token when log-probs are asked for, else None."""
+    stream: bool = False
+    include_usage: bool = False
+
+    @classmethod
+    def of(cls, body: ChatRequest) -> _ChatCall:
+        return cls(
+            model=body.model,
+            messages=[{"role": m.role, "content": m.text()} for m in body.messages],
+            temperature=body.temperature if body.temperature is not None else 1.0,
+            max_tokens=body.max_completion_tokens or body.max_tokens,
+            seed=body.seed,
+            json_mode=body.response_format is not None and body.response_format.type != "text",
+            top_logprobs=(body.top_logprobs or 1) if body.logprobs else None,
+            stream=bool(body.stream),
+            include_usage=bool(body.stream_options and body.stream_options.include_usage),
+        )
+
+
+async def _serve_chat(state: SimState, request: Request, call: _ChatCall) -> Response:
+    """Answer one validated chat completion: faults, slots, the brain, latency, counters."""
+    state.enter()
+    streaming = False
+    slot = False
+    try:
+        fault = state.draw_fault()
+        if fault is not None:
+            with state.lock:
+                state.faults[fault] += 1
+        json_mode = call.json_mode
+        if fault == "500" or (fault == "malformed" and not json_mode):
+            return _error(
+                500,
+                "The simulated server had an error while processing your request.",
+                type_="server_error",
+                code="simulated_fault",
+            )
+        if fault == "429":
+            return _error(
+                429,
+                "Rate limit reached (simulated). Retry after the indicated delay.",
+                type_="rate_limit_error",
+                code="rate_limit_exceeded",
+                headers={"Retry-After": f"{state.retry_after:g}"},
+            )
+        if fault == "timeout" and not await _sleep_unless_gone(request, state.slow_ms / 1000):
+            return _error(499, "client closed request", type_="client_closed")
+
+        if state.slot_queue is not None and not call.stream:
+            slot = await state.slot_queue.take(request)
+            if not slot:
+                return _error(499, "client closed request", type_="client_closed")
+        messages, k = call.messages, call.top_logprobs
+        try:
+            reply = state.brain.respond(
+                messages,
+                temperature=call.temperature,
+                max_tokens=call.max_tokens,
+                seed=call.seed,
+                json_mode=json_mode,
+                top_logprobs=k,
+            )
+            if inspect.isawaitable(reply):
+                reply = await reply
+        except Exception as e:  # a brain bug should look like a server error, not kill the connection
+            logger.exception("simulated brain failed")
+            return _error(500, f"simulated brain failed: {e!r}", type_="server_error", code="brain_error")
+        text: str = reply.text
+        top = getattr(reply, "top_logprobs", None)
+        if fault == "malformed":
+            text, top = _malformed(text), None
+        prompt_tokens = _tokens("".join(m["content"] for m in messages))
+        completion_tokens = _tokens(text)
+        with state.lock:
+            state.prompt_tokens += prompt_tokens
+            state.completion_tokens += completion_tokens
+        logprobs = (
+            {"content": _logprobs_content(text, top, k), "refusal": None}
+            if k and state.logprobs_supported
+            else None
+        )
+        created = int(time.time())
+        cid = f"chatcmpl-sim-{uuid.uuid4().hex[:24]}"
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        }
+        if call.stream:
+            streaming = True
+            include_usage = call.include_usage
+            return StreamingResponse(
+                _stream(state, request, cid, created, call.model, text, logprobs, usage, include_usage),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache"},
+            )
+        delay = state.latency_ms + state.per_token_latency_ms * completion_tokens
+        if delay > 0 and not await _sleep_unless_gone(request, delay / 1000):
+            return _error(499, "client closed request", type_="client_closed")
+        with state.lock:
+            state.completions += 1
+        return _json({
+            "id": cid,
+            "object": "chat.completion",
+            "created": created,
+            "model": call.model,
+            "system_fingerprint": "sim",
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text, "refusal": None},
+                    "logprobs": logprobs,
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": usage,
+        })
+    finally:
+        if slot and state.slot_queue is not None:
+            state.slot_queue.give()
+        if not streaming:
+            state.leave()
 
 
 async def _stream(
