@@ -581,7 +581,8 @@ class LLMClient:
         The first attempt runs bare; only a retryable failure enters ``tenacity``, which is handed
         that failure as its own first attempt (so its waits, stop rule and retry log are the same as
         if it had run the first attempt). Building an ``AsyncRetrying`` and its callbacks for every
-        call cost ~5-8% of the client's CPU in ``bench/fit_cost.py``, where almost no call fails.
+        call was ~5-8% of the client's samples in a py-spy profile of ``bench/fit_cost.py``, where almost
+        no call fails.
         """
         cfg = self.config
         site = self.stats.site(call_site)

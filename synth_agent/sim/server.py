@@ -409,8 +409,9 @@ class _SimApp(FastAPI):
     """The simulator's FastAPI app with a lean path for ``POST /v1/chat/completions``.
 
     The simulator is the server side of every benchmark, and its CPU per request counts: through
-    FastAPI a completion pays for the middleware stack, routing and pydantic validation (about half
-    of the simulator's CPU in ``bench/fit_cost.py``'s 20-user run). A plain request (see
+    FastAPI a completion pays for the middleware stack, routing and pydantic validation (in a py-spy
+    profile of ``bench/fit_cost.py``'s 20-user run, ~55% of the simulator's busy CPU was outside the brain;
+    with this path its CPU per request went from 1.35 to 0.74-0.82 ms, brain memos included). A plain request (see
     :func:`_lean_call`) is read with ``orjson`` and answered by the same :func:`_serve_chat` as the
     route, counted like the counting middleware does; any other request -- including every invalid
     one -- goes through FastAPI unchanged (its body replayed), so the OpenAPI schema and every
