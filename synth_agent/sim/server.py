@@ -39,6 +39,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from synth_agent.serving import ThreadedServer, freeze_heap_after_startup
 from synth_agent.sim.slots import SlotQueue
@@ -422,8 +423,13 @@ class _SimApp(FastAPI):
         if scope["type"] != "http" or scope["path"] != "/v1/chat/completions" or scope["method"] != "POST":
             await super().__call__(scope, receive, send)
             return
+        state: SimState = self.state.sim
         request = Request(scope, receive)
-        raw = await request.body()
+        try:
+            raw = await request.body()
+        except ClientDisconnect:  # gone while sending the body: counted, nothing to answer
+            self._count(state, scope)
+            return
         call = _lean_call(raw)
         if call is None:
             replayed = False
@@ -437,13 +443,16 @@ class _SimApp(FastAPI):
 
             await super().__call__(scope, replay, send)
             return
-        state: SimState = self.state.sim
-        with state.lock:
-            state.requests_total += 1
-            state.by_path[scope["path"]] += 1
+        self._count(state, scope)
         response = await _serve_chat(state, request, call)
         await response(scope, receive, send)
 
+    @staticmethod
+    def _count(state: SimState, scope: Any) -> None:
+        """What :class:`_CountRequests` counts for requests that go through FastAPI."""
+        with state.lock:
+            state.requests_total += 1
+            state.by_path[scope["path"]] += 1
 
 
 def create_sim_app(
