@@ -356,13 +356,14 @@ def _opt_int(value: Any, lo: int, hi: int | None = None) -> bool:
     return value is None or (type(value) is int and value >= lo and (hi is None or value <= hi))
 
 
-def _lean_call(raw: bytes) -> _ChatCall | None:
+def _lean_call(raw: bytes) -> ChatRequest | None:
     """The request read with ``orjson`` and plain checks, when it is a plain one; None sends it to pydantic.
 
     Accepts only what :class:`ChatRequest` accepts with the same meaning: string (or null) contents,
     numbers of the exact JSON type, no streaming. Anything else -- parts lists, ``"0.5"`` for a number,
     invalid values, bad JSON -- returns None and goes through ``ChatRequest``, so every validation answer
-    (400s and their messages) stays pydantic's.
+    (400s and their messages) stays pydantic's. What it accepts is built with ``model_construct`` (no
+    validation: it was just checked) holding the fields the route reads; unknown fields are dropped.
     """
     try:
         body = orjson.loads(raw)
@@ -387,22 +388,27 @@ def _lean_call(raw: bytes) -> _ChatCall | None:
     fmt = get("response_format")
     if fmt is not None and (type(fmt) is not dict or type(fmt.get("type")) is not str or fmt["type"] not in _FORMATS):
         return None
-    out: list[dict[str, str]] = []
+    out: list[ChatMessageIn] = []
     for m in messages:
         if type(m) is not dict:
             return None
         role, content = m.get("role"), m.get("content")
         if type(role) is not str or role not in _ROLES or not (content is None or type(content) is str):
             return None
-        out.append({"role": role, "content": content or ""})
-    return _ChatCall(
+        out.append(ChatMessageIn.model_construct(role=role, content=content))  # type: ignore[arg-type]  # in _ROLES
+    return ChatRequest.model_construct(
         model=model,
         messages=out,
-        temperature=float(temperature) if temperature is not None else 1.0,
-        max_tokens=max_completion or max_tokens,
+        temperature=float(temperature) if temperature is not None else None,
+        max_tokens=max_tokens,
+        max_completion_tokens=max_completion,
+        response_format=None if fmt is None else ResponseFormat.model_construct(type=fmt["type"]),
+        logprobs=logprobs,
+        top_logprobs=top,
         seed=seed,
-        json_mode=fmt is not None and fmt["type"] != "text",
-        top_logprobs=(top or 1) if logprobs else None,
+        stream=False,
+        stream_options=None,
+        n=n,
     )
 
 
@@ -412,9 +418,9 @@ class _SimApp(FastAPI):
     The simulator is the server side of every benchmark, and its CPU per request counts: through
     FastAPI a completion pays for the middleware stack, routing and pydantic validation (in a py-spy
     profile of ``bench/fit_cost.py``'s 20-user run, ~55% of the simulator's busy CPU was outside the brain;
-    with this path its CPU per request went from 1.35 to 0.74-0.82 ms, brain memos included). A plain request (see
-    :func:`_lean_call`) is read with ``orjson`` and answered by the same :func:`_serve_chat` as the
-    route, counted like the counting middleware does; any other request -- including every invalid
+    with this path and the brain's memos its CPU per request went from 1.3-1.55 to 0.74-0.90 ms). A plain request (see
+    :func:`_lean_call`) is read with ``orjson`` and answered by the same ``serve_chat`` as the
+    route (``app.state.serve_chat``), counted like the counting middleware does; any other request -- including every invalid
     one -- goes through FastAPI unchanged (its body replayed), so the OpenAPI schema and every
     validation answer are the route's.
     """
@@ -444,7 +450,7 @@ class _SimApp(FastAPI):
             await super().__call__(scope, replay, send)
             return
         self._count(state, scope)
-        response = await _serve_chat(state, request, call)
+        response = await self.state.serve_chat(request, call)
         await response(scope, receive, send)
 
     @staticmethod
@@ -588,144 +594,115 @@ def create_sim_app(
             body = ChatRequest.model_validate_json(await request.body())
         except ValidationError as e:
             raise RequestValidationError(e.errors(include_url=False)) from None
-        return await _serve_chat(state, request, _ChatCall.of(body))
+        return await serve_chat(request, body)
 
-    return app
-
-
-@dataclass(frozen=True, slots=True)
-class _ChatCall:
-    """What a valid chat completion request asks for, however it was read (pydantic or the lean path)."""
-
-    model: str
-    messages: list[dict[str, str]]
-    temperature: float
-    max_tokens: int | None
-    seed: int | None
-    json_mode: bool
-    top_logprobs: int | None
-    """Alternatives per token when log-probs are asked for, else None."""
-    stream: bool = False
-    include_usage: bool = False
-
-    @classmethod
-    def of(cls, body: ChatRequest) -> _ChatCall:
-        return cls(
-            model=body.model,
-            messages=[{"role": m.role, "content": m.text()} for m in body.messages],
-            temperature=body.temperature if body.temperature is not None else 1.0,
-            max_tokens=body.max_completion_tokens or body.max_tokens,
-            seed=body.seed,
-            json_mode=body.response_format is not None and body.response_format.type != "text",
-            top_logprobs=(body.top_logprobs or 1) if body.logprobs else None,
-            stream=bool(body.stream),
-            include_usage=bool(body.stream_options and body.stream_options.include_usage),
-        )
-
-
-async def _serve_chat(state: SimState, request: Request, call: _ChatCall) -> Response:
-    """Answer one validated chat completion: faults, slots, the brain, latency, counters."""
-    state.enter()
-    streaming = False
-    slot = False
-    try:
-        fault = state.draw_fault()
-        if fault is not None:
-            with state.lock:
-                state.faults[fault] += 1
-        json_mode = call.json_mode
-        if fault == "500" or (fault == "malformed" and not json_mode):
-            return _error(
-                500,
-                "The simulated server had an error while processing your request.",
-                type_="server_error",
-                code="simulated_fault",
-            )
-        if fault == "429":
-            return _error(
-                429,
-                "Rate limit reached (simulated). Retry after the indicated delay.",
-                type_="rate_limit_error",
-                code="rate_limit_exceeded",
-                headers={"Retry-After": f"{state.retry_after:g}"},
-            )
-        if fault == "timeout" and not await _sleep_unless_gone(request, state.slow_ms / 1000):
-            return _error(499, "client closed request", type_="client_closed")
-
-        if state.slot_queue is not None and not call.stream:
-            slot = await state.slot_queue.take(request)
-            if not slot:
-                return _error(499, "client closed request", type_="client_closed")
-        messages, k = call.messages, call.top_logprobs
+    async def serve_chat(request: Request, body: ChatRequest) -> Any:
+        """Answer one validated request (the route's, or the lean path's: see :class:`_SimApp`)."""
+        state.enter()
+        streaming = False
+        slot = False
         try:
-            reply = state.brain.respond(
-                messages,
-                temperature=call.temperature,
-                max_tokens=call.max_tokens,
-                seed=call.seed,
-                json_mode=json_mode,
-                top_logprobs=k,
+            fault = state.draw_fault()
+            if fault is not None:
+                with state.lock:
+                    state.faults[fault] += 1
+            json_mode = body.response_format is not None and body.response_format.type != "text"
+            if fault == "500" or (fault == "malformed" and not json_mode):
+                return _error(
+                    500,
+                    "The simulated server had an error while processing your request.",
+                    type_="server_error",
+                    code="simulated_fault",
+                )
+            if fault == "429":
+                return _error(
+                    429,
+                    "Rate limit reached (simulated). Retry after the indicated delay.",
+                    type_="rate_limit_error",
+                    code="rate_limit_exceeded",
+                    headers={"Retry-After": f"{state.retry_after:g}"},
+                )
+            if fault == "timeout" and not await _sleep_unless_gone(request, state.slow_ms / 1000):
+                return _error(499, "client closed request", type_="client_closed")
+
+            if state.slot_queue is not None and not body.stream:
+                slot = await state.slot_queue.take(request)
+                if not slot:
+                    return _error(499, "client closed request", type_="client_closed")
+            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+            k = (body.top_logprobs or 1) if body.logprobs else None
+            try:
+                reply = state.brain.respond(
+                    messages,
+                    temperature=body.temperature if body.temperature is not None else 1.0,
+                    max_tokens=body.max_completion_tokens or body.max_tokens,
+                    seed=body.seed,
+                    json_mode=json_mode,
+                    top_logprobs=k,
+                )
+                if inspect.isawaitable(reply):
+                    reply = await reply
+            except Exception as e:  # a brain bug should look like a server error, not kill the connection
+                logger.exception("simulated brain failed")
+                return _error(500, f"simulated brain failed: {e!r}", type_="server_error", code="brain_error")
+            text: str = reply.text
+            top = getattr(reply, "top_logprobs", None)
+            if fault == "malformed":
+                text, top = _malformed(text), None
+            prompt_tokens = _tokens("".join(m["content"] for m in messages))
+            completion_tokens = _tokens(text)
+            with state.lock:
+                state.prompt_tokens += prompt_tokens
+                state.completion_tokens += completion_tokens
+            logprobs = (
+                {"content": _logprobs_content(text, top, k), "refusal": None}
+                if k and state.logprobs_supported
+                else None
             )
-            if inspect.isawaitable(reply):
-                reply = await reply
-        except Exception as e:  # a brain bug should look like a server error, not kill the connection
-            logger.exception("simulated brain failed")
-            return _error(500, f"simulated brain failed: {e!r}", type_="server_error", code="brain_error")
-        text: str = reply.text
-        top = getattr(reply, "top_logprobs", None)
-        if fault == "malformed":
-            text, top = _malformed(text), None
-        prompt_tokens = _tokens("".join(m["content"] for m in messages))
-        completion_tokens = _tokens(text)
-        with state.lock:
-            state.prompt_tokens += prompt_tokens
-            state.completion_tokens += completion_tokens
-        logprobs = (
-            {"content": _logprobs_content(text, top, k), "refusal": None}
-            if k and state.logprobs_supported
-            else None
-        )
-        created = int(time.time())
-        cid = f"chatcmpl-sim-{uuid.uuid4().hex[:24]}"
-        usage = {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-        }
-        if call.stream:
-            streaming = True
-            include_usage = call.include_usage
-            return StreamingResponse(
-                _stream(state, request, cid, created, call.model, text, logprobs, usage, include_usage),
-                media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache"},
-            )
-        delay = state.latency_ms + state.per_token_latency_ms * completion_tokens
-        if delay > 0 and not await _sleep_unless_gone(request, delay / 1000):
-            return _error(499, "client closed request", type_="client_closed")
-        with state.lock:
-            state.completions += 1
-        return _json({
-            "id": cid,
-            "object": "chat.completion",
-            "created": created,
-            "model": call.model,
-            "system_fingerprint": "sim",
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": text, "refusal": None},
-                    "logprobs": logprobs,
-                    "finish_reason": "stop",
-                }
-            ],
-            "usage": usage,
-        })
-    finally:
-        if slot and state.slot_queue is not None:
-            state.slot_queue.give()
-        if not streaming:
-            state.leave()
+            created = int(time.time())
+            cid = f"chatcmpl-sim-{uuid.uuid4().hex[:24]}"
+            usage = {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            }
+            if body.stream:
+                streaming = True
+                include_usage = bool(body.stream_options and body.stream_options.include_usage)
+                return StreamingResponse(
+                    _stream(state, request, cid, created, body.model, text, logprobs, usage, include_usage),
+                    media_type="text/event-stream",
+                    headers={"Cache-Control": "no-cache"},
+                )
+            delay = state.latency_ms + state.per_token_latency_ms * completion_tokens
+            if delay > 0 and not await _sleep_unless_gone(request, delay / 1000):
+                return _error(499, "client closed request", type_="client_closed")
+            with state.lock:
+                state.completions += 1
+            return _json({
+                "id": cid,
+                "object": "chat.completion",
+                "created": created,
+                "model": body.model,
+                "system_fingerprint": "sim",
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": text, "refusal": None},
+                        "logprobs": logprobs,
+                        "finish_reason": "stop",
+                    }
+                ],
+                "usage": usage,
+            })
+        finally:
+            if slot and state.slot_queue is not None:
+                state.slot_queue.give()
+            if not streaming:
+                state.leave()
+
+    app.state.serve_chat = serve_chat
+    return app
 
 
 async def _stream(
