@@ -8,9 +8,22 @@ votes/s acknowledged, write latency, /healthz latency and the drain (until every
 stored and searchable: the rate that counts), then stops the server and counts what was stored
 (with the repository's own code, so any version can be measured).
 
+Two load generators post the same requests (the same bodies, byte for byte):
+
+* ``--load python`` (the default): ``--writers`` aiohttp clients on uvloop in this process. It
+  shares the machine's cores with the server: ~0.3–0.4 ms of client CPU per vote, a quarter of a
+  core during a burst (``client_cpu_ms_per_vote``).
+* ``--load wrk``: the compiled ``wrk`` (``apt-get install -y wrk`` on Debian/Ubuntu, ``brew install
+  wrk`` on macOS) with a Lua script: ``--writers`` connections, one thread, posting the
+  pre-encoded bodies in order (``WRK_LUA``) and stopping once every one is answered; latency
+  percentiles are wrk's own. Only the light /healthz sampler stays in Python. Closed loop like the
+  Python writers, but wrk cannot cap a single connection: the ``writers × votes`` votes go out
+  ``writers`` at a time over ``writers`` connections (each sends ~``votes``). Not with ``--rate``.
+
     .venv/bin/python bench/vote_write.py                                  # this checkout
     .venv/bin/python bench/vote_write.py --repo /work/baseline            # another checkout, same load
     .venv/bin/python bench/vote_write.py --synthesis off                  # fits by a separate worker
+    .venv/bin/python bench/vote_write.py --synthesis off --load wrk       # compiled load generator
 """
 
 from __future__ import annotations
@@ -134,14 +147,130 @@ def vote(user: str, w: int, i: int) -> dict[str, object]:
             "chosen": f"A short, direct plan for trip {i}.", "rejected": f"A long, rambling answer about trip {i}."}
 
 
+def bodies(writers: int, per_writer: int, users: int) -> list[list[bytes]]:
+    """Writer ``w``'s ``per_writer`` request bodies: one distinct vote each (id ``w{w}-{i}``, distinct
+    content: the store dedupes by content hash too), for user ``w % users``. Both load generators post these."""
+    return [[json.dumps(vote(f"user{w % users:02d}@bench", w, i)).encode() for i in range(per_writer)]
+            for w in range(writers)]
+
+
+def expected_ids(writers: int, per_writer: int, users: int) -> dict[str, set[str]]:
+    """``{user: vote ids}`` the load sends, for the check of what was stored."""
+    out: dict[str, set[str]] = {}
+    for w in range(writers):
+        out.setdefault(f"user{w % users:02d}@bench", set()).update(f"w{w}-{i}" for i in range(per_writer))
+    return out
+
+
+# wrk's Lua hooks (one thread, ``-t1``): post the bodies of BENCH_BODIES (one JSON per line) in file order,
+# one per request, on whichever connection is free (closed loop). wrk asks request() once before the run
+# to check the request's shape: that call gets the first body without using it up. Once every body is
+# sent, a free connection gets an empty request (nothing is written and it idles: wrk has no per-connection
+# stop); when the last response is in, the thread stops and prints FINISHED (the caller then ends wrk's
+# fixed-duration wait with SIGINT). wrk calls response() before it records a latency, so every response
+# is timed. done() prints what wrk measured (microseconds) as one JSON line.
+WRK_LUA = textwrap.dedent("""\
+    local bodies, sent, answered, ok, verified = {}, 0, 0, 0, false
+    function init(args)
+      for line in io.lines(os.getenv("BENCH_BODIES")) do
+        bodies[#bodies + 1] = wrk.format("POST", "/v1/votes", {
+          ["Content-Type"] = "application/json",
+          ["Authorization"] = "Bearer " .. os.getenv("BENCH_KEY")}, line)
+      end
+    end
+    function request()
+      if not verified then verified = true; return bodies[1] end
+      if sent >= #bodies then return "" end
+      sent = sent + 1
+      return bodies[sent]
+    end
+    function response(status, headers, body)
+      answered = answered + 1
+      if status >= 200 and status < 300 then ok = ok + 1 end
+      if answered == #bodies then
+        wrk.thread:set("ok", ok)
+        wrk.thread:set("answered", answered)
+        wrk.thread:stop()
+        io.write("FINISHED\\n")
+        io.flush()
+      end
+    end
+    local threads = {}
+    function setup(thread) threads[#threads + 1] = thread end
+    function done(summary, latency, requests)
+      local e, ok, answered = summary.errors, 0, 0
+      for _, t in ipairs(threads) do
+        ok = ok + (t:get("ok") or 0)
+        answered = answered + (t:get("answered") or 0)
+      end
+      io.write(string.format(
+        'BENCH {"requests": %d, "ok": %d, "answered": %d, "duration_us": %d, "non2xx": %d, "connect": %d, '
+        .. '"read": %d, "write": %d, "timeout": %d, "p50": %d, "p90": %d, "p95": %d, "p99": %d, "max": %d}\\n',
+        summary.requests, ok, answered, summary.duration, e.status, e.connect, e.read, e.write, e.timeout,
+        latency:percentile(50), latency:percentile(90), latency:percentile(95), latency:percentile(99), latency.max))
+    end
+""")
+
+
+class WrkBurst:
+    """wrk posting ``lines`` (one request body each) over ``connections`` connections: ``start``, ``finished``
+    (blocks until the last response is in), then ``result`` (what wrk measured, and its CPU seconds).
+
+    wrk sleeps its whole ``-d`` before it reports, and corrects its latencies for coordinated omission
+    with an interval of run time / (requests / connections): samples above twice that interval get
+    synthetic companions. The run is therefore ended (SIGINT) no earlier than 3× the burst's duration,
+    which puts the interval above any latency of the burst, so wrk's percentiles are the measured ones."""
+
+    def __init__(self, url: str, lines: list[bytes], connections: int, limit_s: int = 120) -> None:
+        self.tmp = tempfile.TemporaryDirectory(prefix="vote-wrk-")
+        lua, data = Path(self.tmp.name) / "votes.lua", Path(self.tmp.name) / "bodies.jsonl"
+        lua.write_text(WRK_LUA)
+        data.write_bytes(b"".join(line + b"\n" for line in lines))
+        self.cmd = ["wrk", "-t1", f"-c{connections}", f"-d{limit_s}s", "--timeout", f"{limit_s}s", "-s", str(lua), url]
+        self.env = {**os.environ, "BENCH_BODIES": str(data), "BENCH_KEY": KEY}
+
+    def start(self) -> None:
+        import resource
+
+        self.cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        self.t0 = time.perf_counter()
+        self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def finished(self) -> None:
+        assert self.proc.stdout is not None
+        self.out = []
+        for line in self.proc.stdout:  # ends at FINISHED, or at EOF if wrk hit its -d limit
+            self.out.append(line)
+            if line.startswith("FINISHED"):
+                break
+        self.burst = time.perf_counter() - self.t0
+
+    def result(self) -> dict[str, Any]:
+        import resource
+
+        if self.proc.poll() is None:  # (else wrk ran into its -d limit: the burst never finished)
+            time.sleep(max(0.0, self.t0 + 3 * self.burst - time.perf_counter()))
+            self.proc.send_signal(signal.SIGINT)
+        rest, err = self.proc.communicate(timeout=60)
+        cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        self.tmp.cleanup()
+        line = next((ln for ln in "".join(self.out).splitlines() + rest.splitlines() if ln.startswith("BENCH ")), None)
+        if line is None:
+            raise SystemExit(f"wrk printed no summary:\n{''.join(self.out)}{rest}\n{err}")
+        out: dict[str, Any] = json.loads(line[len("BENCH "):])
+        out["cpu"] = (cpu1.ru_utime + cpu1.ru_stime) - (self.cpu0.ru_utime + self.cpu0.ru_stime)
+        return out
+
+
 async def load(
-    url: str, writers: int, per_writer: int, users: int, server_pid: int, rate: float | None = None
+    url: str, writers: int, per_writer: int, users: int, server_pid: int, rate: float | None = None,
+    generator: str = "python",
 ) -> dict[str, object]:
-    """The writers and the /healthz sampler (aiohttp: a light client, so the server gets the CPU).
+    """The writers (``generator``: ``python`` or ``wrk``) and the /healthz sampler (aiohttp: a light client).
 
     Closed loop by default (each writer sends its next vote when the last one is answered, so
-    latency is about writers / throughput); with ``rate`` the votes are sent on a schedule of
-    ``rate`` votes/s in all (open loop), and latency is what one vote waits at that load.
+    latency is about writers / throughput); with ``rate`` (Python writers only) the votes are sent on
+    a schedule of ``rate`` votes/s in all (open loop), and latency is what one vote waits at that load.
     """
     import aiohttp
 
@@ -160,8 +289,7 @@ async def load(
 
         # Bodies encoded before the clock starts: the load generator shares the machine's cores with the
         # server, and its per-request CPU is not what is measured.
-        bodies = [[json.dumps(vote(f"user{w % users:02d}@bench", w, i)).encode() for i in range(per_writer)]
-                  for w in range(writers)]
+        sends = bodies(writers, per_writer, users)
         post_headers = {"Content-Type": "application/json"}
 
         async def writer(w: int) -> None:
@@ -170,7 +298,7 @@ async def load(
                     await asyncio.sleep(max(0.0, t0 + (i * writers + w) / rate - time.perf_counter()))
                 t = time.perf_counter()
                 try:
-                    async with client.post("/v1/votes", data=bodies[w][i], headers=post_headers) as resp:
+                    async with client.post("/v1/votes", data=sends[w][i], headers=post_headers) as resp:
                         body = await resp.read()
                         ok = resp.status == 200
                         if not ok:
@@ -196,7 +324,14 @@ async def load(
         cpu0, self0 = cpu_seconds(server_pid), time.process_time()
         loop0 = loop_cpu_seconds(server_pid)
         t0 = time.perf_counter() + (0.5 if rate else 0.0)
-        await asyncio.gather(*(writer(w) for w in range(writers)))
+        wrk: dict[str, Any] = {}
+        if generator == "wrk":
+            # in the order w0-0, w1-0, …, w0-1, …: the order the Python writers start them in
+            burst = WrkBurst(url, [sends[w][i] for i in range(per_writer) for w in range(writers)], writers)
+            burst.start()
+            await asyncio.to_thread(burst.finished)
+        else:
+            await asyncio.gather(*(writer(w) for w in range(writers)))
         wall = time.perf_counter() - t0
         loop_cpu = loop_cpu_seconds(server_pid) - loop0  # the event loop's CPU while votes were acknowledged
         client_cpu = time.process_time() - self0  # this process (writers and sampler) while votes were acknowledged
@@ -217,11 +352,25 @@ async def load(
         cpu1 = cpu_seconds(server_pid)
         done.set()
         await sample
+        if generator == "wrk":
+            wrk = await asyncio.to_thread(burst.result)  # wrk's figures (its wait overlapped the drain)
     server_cpu = sum(cpu1.get(k, 0.0) - cpu0.get(k, 0.0) for k in cpu1)
     split = {k.split("[")[0]: round(cpu1[k] - cpu0.get(k, 0.0), 2) for k in cpu1 if cpu1[k] - cpu0.get(k, 0.0) > 0.05}
-    return {"server_cpu_split_s": split, "wall": wall, "drain": drain, "lat": lat, "errors": errors, "health": health,
-            "health_bad": health_bad, "server_cpu": server_cpu, "client_cpu": client_cpu,
-            "loop_cpu": loop_cpu}
+    out: dict[str, object] = {
+        "server_cpu_split_s": split, "wall": wall, "drain": drain, "errors": errors, "health": health,
+        "health_bad": health_bad, "server_cpu": server_cpu, "client_cpu": client_cpu, "loop_cpu": loop_cpu}
+    if wrk:
+        bad = wrk["answered"] - wrk["ok"] + wrk["connect"] + wrk["read"] + wrk["write"] + wrk["timeout"]
+        if bad:
+            errors.append(f"wrk: {wrk}")
+        out.update(acked=wrk["ok"], p50=wrk["p50"] / 1000, p90=wrk["p90"] / 1000, p99=wrk["p99"] / 1000,
+                   max=wrk["max"] / 1000,
+                   generator_cpu=wrk["cpu"], n_errors=bad)
+    else:
+        out.update(acked=len(lat), p50=statistics.median(lat) if lat else None, p90=pct(lat, 0.9) if lat else None,
+                   p99=pct(lat, 0.99) if lat else None,
+                   max=max(lat) if lat else None, generator_cpu=0.0, n_errors=len(errors))
+    return out
 
 
 COUNT = textwrap.dedent(
@@ -290,47 +439,65 @@ def main() -> None:
     ap.add_argument("--users", type=int, default=20)
     ap.add_argument("--synthesis", choices=["inline", "off"], default="inline")
     ap.add_argument("--rate", type=float, help="open loop: send the votes at this many per second in all")
+    ap.add_argument("--load", choices=["python", "wrk"], default="python",
+                    help="load generator: aiohttp writers in this process, or wrk (compiled, Lua script)")
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: stop the server and simulator we started
     repo = args.repo.resolve()
     python = args.python or str(repo / ".venv" / "bin" / "python")
-    res, stored = measure(repo, python, args.synthesis,
-                          lambda url, pid: run(load(url, args.writers, args.votes, args.users, pid, args.rate)))
-    lat, health = res["lat"], res["health"]
+    if args.load == "wrk":
+        if shutil.which("wrk") is None:
+            raise SystemExit("wrk is not installed: `apt-get install -y wrk` (Debian/Ubuntu) or `brew install wrk`")
+        if args.rate:
+            raise SystemExit("--rate needs the Python writers (--load python): wrk runs a closed loop")
+    result, stored = measure(repo, python, args.synthesis,
+                          lambda url, pid: run(load(url, args.writers, args.votes, args.users, pid, args.rate,
+                                                    args.load)))
+    res: dict[str, Any] = result  # type: ignore[assignment]
+    health = res["health"]
     total = args.writers * args.votes
-    acked = len(lat)  # type: ignore[arg-type]
+    acked: int = res["acked"]
     kept = sum(n for n, _, _ in stored.values())
     unique = sum(u for _, u, _ in stored.values())
+    # What was stored against what was sent: no vote the load did not send, none twice, and (when every
+    # request was acknowledged) every one of them.
+    sent = expected_ids(args.writers, args.votes, args.users)
+    stored_ids = {u: set(ids) for u, (_, _, ids) in stored.items()}
+    unexpected = sum(len(ids - sent.get(u, set())) for u, ids in stored_ids.items())
+    missing = sum(len(ids - stored_ids.get(u, set())) for u, ids in sent.items())
+    ms = lambda v: round(v, 1) if v is not None else None  # noqa: E731
     figures = {
-        "repo": str(repo), "synthesis": args.synthesis, "writers": args.writers, "votes": total,
+        "repo": str(repo), "load": args.load, "synthesis": args.synthesis, "writers": args.writers, "votes": total,
         "offered_rate": args.rate or "closed loop",
-        "acknowledged": acked, "errors": len(res["errors"]), "stored": kept, "stored_unique": unique,  # type: ignore[arg-type]
+        "acknowledged": acked, "errors": res["n_errors"], "stored": kept, "stored_unique": unique,
+        "sent_not_stored": missing, "stored_not_sent": unexpected,
         "wall_s": round(res["wall"], 2),
         # acknowledged per second, and stored + searchable per second (the real throughput: until the drain ends)
-        "ack_votes_per_s": round(acked / res["wall"], 1),  # type: ignore[operator]
-        "drain_after_last_ack_s": round(res["drain"], 2),  # type: ignore[arg-type]
-        "stored_votes_per_s": round(acked / (res["wall"] + res["drain"]), 1),  # type: ignore[operator]
-        "write_p50_ms": round(statistics.median(lat), 1) if lat else None,  # type: ignore[arg-type]
-        "write_p99_ms": round(pct(lat, 0.99), 1), "write_max_ms": round(max(lat), 1) if lat else None,  # type: ignore[arg-type,type-var]
-        "healthz_samples": len(health), "healthz_p50_ms": round(statistics.median(health), 1),  # type: ignore[arg-type]
-        "healthz_p99_ms": round(pct(health, 0.99), 1), "healthz_max_ms": round(max(health), 1),  # type: ignore[arg-type,type-var]
+        "ack_votes_per_s": round(acked / res["wall"], 1),
+        "drain_after_last_ack_s": round(res["drain"], 2),
+        "stored_votes_per_s": round(acked / (res["wall"] + res["drain"]), 1),
+        "write_p50_ms": ms(res["p50"]), "write_p90_ms": ms(res["p90"]), "write_p99_ms": ms(res["p99"]), "write_max_ms": ms(res["max"]),
+        "healthz_samples": len(health), "healthz_p50_ms": round(statistics.median(health), 1),
+        "healthz_p99_ms": round(pct(health, 0.99), 1), "healthz_max_ms": round(max(health), 1),
         "healthz_not_200": res["health_bad"],
-        "server_cpu_ms_per_vote": round(res["server_cpu"] / max(acked, 1) * 1000, 2),  # type: ignore[operator]
+        "server_cpu_ms_per_vote": round(res["server_cpu"] / max(acked, 1) * 1000, 2),
         # the server's event-loop thread alone, during the writes (parsing, validation, journal hand-off, answers)
-        "loop_cpu_ms_per_vote": round(res["loop_cpu"] / max(acked, 1) * 1000, 2),  # type: ignore[operator]
-        # the load generator (writers and /healthz sampler) during the writes: it shares the cores
-        "client_cpu_ms_per_vote": round(res["client_cpu"] / max(acked, 1) * 1000, 2),  # type: ignore[operator]
+        "loop_cpu_ms_per_vote": round(res["loop_cpu"] / max(acked, 1) * 1000, 2),
+        # the load generator during the writes (it shares the cores): this process (Python writers and the
+        # /healthz sampler) and, with --load wrk, wrk's own CPU
+        "client_cpu_ms_per_vote": round(res["client_cpu"] / max(acked, 1) * 1000, 2),
+        "wrk_cpu_ms_per_vote": round(res["generator_cpu"] / max(acked, 1) * 1000, 2),
         "load_avg_1m": round(os.getloadavg()[0], 2),
         "server_cpu_split_s": res["server_cpu_split_s"],
     }
     print(f"vote_write: {args.writers} writers x {args.votes} votes, {args.users} users, synthesis={args.synthesis}, "
-          f"repo={repo}")
+          f"load={args.load}, repo={repo}")
     for k, v in figures.items():
         if k not in ("repo",):
             print(f"  {k:18} {v}")
     if res["errors"]:
-        print("  first errors:", res["errors"][:5])  # type: ignore[index]
+        print("  first errors:", res["errors"][:5])
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))
 

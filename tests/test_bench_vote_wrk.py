@@ -1,0 +1,86 @@
+"""``bench/vote_write.py --load wrk`` posts exactly the bodies the Python check expects.
+
+The benchmark's check (every acknowledged vote stored exactly once, nothing stored that was not
+sent) reconstructs the vote ids in Python, so wrk's Lua script must send each prepared body once
+and only those. Two wrk details make that easy to get wrong: wrk calls ``request()`` once before
+the run to check the request's shape (that call must not use up a body), and it has no
+per-connection stop (after the last body a connection must send nothing). A small HTTP server
+records what arrives. Skipped where wrk is not installed (``apt-get install -y wrk``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed")
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "vote_write.py"
+
+
+def _bench() -> Any:
+    spec = importlib.util.spec_from_file_location("vote_write_bench", BENCH)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+class _Recorder(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, as uvicorn: wrk reuses its connections
+    received: list[tuple[str, str, bytes]] = []
+    lock = threading.Lock()
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        with self.lock:
+            self.received.append((self.path, self.headers.get("Authorization", ""), body))
+        status = 400 if json.loads(body)["id"] == "w3-1" else 200  # one refusal: counted as not acknowledged
+        payload = b'{"object":"vote.batch"}'
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_wrk_posts_every_prepared_body_once_and_nothing_else() -> None:
+    bench = _bench()
+    writers, per_writer, users = 12, 3, 5
+    sends = bench.bodies(writers, per_writer, users)
+    lines = [sends[w][i] for i in range(per_writer) for w in range(writers)]
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        burst = bench.WrkBurst(f"http://127.0.0.1:{server.server_address[1]}", lines, writers, limit_s=30)
+        burst.start()
+        burst.finished()
+        res = burst.result()
+    finally:
+        server.shutdown()
+        server.server_close()
+    got = _Recorder.received
+    assert sorted(b for _, _, b in got) == sorted(lines)  # each body once: none skipped, none repeated
+    assert {p for p, _, _ in got} == {"/v1/votes"}
+    assert {a for _, a, _ in got} == {f"Bearer {bench.KEY}"}
+    assert res["answered"] == len(lines) and res["ok"] == len(lines) - 1 and res["non2xx"] == 1
+    assert res["requests"] == len(lines)
+    # The ids the Python check expects are exactly the ids in what was sent, per user.
+    sent: dict[str, set[str]] = {}
+    for _, _, b in got:
+        v = json.loads(b)
+        sent.setdefault(v["user_id"], set()).add(v["id"])
+    assert sent == bench.expected_ids(writers, per_writer, users)
