@@ -253,3 +253,33 @@ async def test_the_gate_holds_a_fits_judgments_never_a_live_one() -> None:
     assert live == [0, 0]  # sent together: neither found the other's prefix
     assert fit[0] == 0 and fit[1] > 0  # the follower waited for its leader and found the prefix cached
     assert logprob[0] == 0 and logprob[1] > 0
+
+
+def _blocks_from_scratch(messages: list[dict[str, str]], model: str, size: int) -> list[int]:
+    """The hash chain over the whole prompt, with no memo (what ``PrefixCache.blocks`` must equal)."""
+    starts, pos = [], 0
+    for m in messages:
+        starts.append((pos, m["role"]))
+        pos += len(m["content"])
+    text, names, name, k = "".join(m["content"] for m in messages), [], hash(model), 0
+    for end in range(size, len(text) + 1, size):
+        first = k
+        while k < len(starts) and starts[k][0] < end:
+            k += 1
+        name = hash((name, text[end - size : end], tuple(starts[first:k]) if k > first else None))
+        names.append(name)
+    return names
+
+
+def test_remembered_prefixes_give_the_same_block_names_as_hashing_from_scratch() -> None:
+    import random
+
+    rng = random.Random(7)
+    cache = PrefixCache(block_tokens=4)  # 16-character blocks: many boundaries inside and between messages
+    prefixes = [[{"role": rng.choice(["system", "user", "assistant"]), "content": "x" * rng.randrange(0, 70)
+                  + str(i)} for i in range(rng.randrange(0, 5))] for _ in range(40)]  # fmt: skip
+    for _ in range(600):
+        prefix = rng.choice(prefixes)
+        messages = [*prefix, {"role": "user", "content": "vote " * rng.randrange(0, 12)}]
+        model = rng.choice(["sim", "other"])
+        assert cache.blocks(messages, model) == _blocks_from_scratch(messages, model, 16)
