@@ -28,9 +28,12 @@ from typing import Any
 import aiohttp
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
+from fastapi.routing import APIRoute
 from langchain_core.runnables import RunnableLambda
 from langgraph.store.base import BaseStore
 from langgraph.types import Checkpointer
+from starlette.middleware.exceptions import ExceptionMiddleware
+from starlette.requests import Request
 
 from graphs.chat import Personalizer, TenantMemories
 from graphs.synthesis import SynthesisRunner, build_synthesis_graph, open_checkpointer
@@ -90,11 +93,74 @@ class ProxyApp(FastAPI):
     The route stays declared (OpenAPI; ``HEAD`` and other methods take the normal path).
     """
 
+    _direct_route: APIRoute | None = None
+    _direct_stack: Any = None
+
+    def serve_directly(self, route: APIRoute) -> None:
+        """Answer ``POST`` on ``route``'s path through the user middleware and the exception handlers only.
+
+        For the proxy's hottest request (``POST /v1/votes``, one per vote): between the user
+        middleware and the route's handler FastAPI and Starlette add their error, telemetry,
+        body-limit, exception and exit-stack layers, route matching over every included router,
+        and ``request_response``'s own exception wrapper and exit stacks — about a third of the
+        event loop's time per vote under a write burst (py-spy, 2026-12-01). This path keeps
+        what the vote route relies on: every ``user_middleware`` in order (``RequestGuard``:
+        request id and the 500 boundary; ``MetricsMiddleware``: the route label; ``BodyGuard``:
+        body limits, strict JSON), Starlette's ``ExceptionMiddleware`` with the app's handlers
+        (``ProxyError``, validation and HTTP errors answer as on every route), and the scope keys
+        the router sets (``app``, ``router``, ``route``, ``endpoint``, ``path_params``). The
+        route's handler must not need FastAPI's solver (no dependencies with ``yield``, no files):
+        :class:`~synth_agent.proxy.routes.votes` ``VotesRoute`` solves its own. The full stack is
+        still taken when FastAPI's native OpenTelemetry is enabled, with an app-wide
+        ``max_body_size`` or a ``root_path`` (so those keep their behaviour), and for other methods.
+        """
+        if getattr(route, "max_body_size", None) is not None or getattr(route, "dependencies", None):
+            return  # a route-level body limit or dependency is FastAPI's to apply: the full stack
+        self._direct_route = route
+        self._direct_stack = None
+
+    def _build_direct_stack(self, route: APIRoute) -> Any:
+        handler = route.get_route_handler()
+        router = self.router
+
+        async def endpoint(scope: Any, receive: Any, send: Any) -> None:
+            scope["app"] = self
+            scope.setdefault("router", router)
+            scope["endpoint"] = route.endpoint
+            scope["path_params"] = {}
+            scope["route"] = route
+            response = await handler(Request(scope, receive, send))
+            await response(scope, receive, send)
+
+        handlers = {k: v for k, v in self.exception_handlers.items() if k not in (500, Exception)}
+        app: Any = ExceptionMiddleware(endpoint, handlers=handlers, debug=self.debug)
+        for cls, args, kwargs in reversed(self.user_middleware):
+            app = cls(app, *args, **kwargs)
+        return app
+
+    def _direct(self, scope: Any) -> bool:
+        route = self._direct_route
+        return (route is not None and scope["method"] == "POST" and scope["path"] == route.path
+                and not scope.get("root_path") and not self.root_path and self.max_body_size is None
+                and not _native_telemetry_on(self))
+
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["path"] == "/healthz" and scope["method"] == "GET":
-            await _answer_health(self.state.proxy, scope, send)
-            return
+        if scope["type"] == "http":
+            if scope["path"] == "/healthz" and scope["method"] == "GET":
+                await _answer_health(self.state.proxy, scope, send)
+                return
+            if self._direct(scope):
+                if self._direct_stack is None:
+                    self._direct_stack = self._build_direct_stack(self._direct_route)  # type: ignore[arg-type]
+                await self._direct_stack(scope, receive, send)
+                return
         await super().__call__(scope, receive, send)
+
+
+def _native_telemetry_on(app: FastAPI) -> bool:
+    """FastAPI's own test for its native OpenTelemetry (an unknown FastAPI: assume it is on, take the full path)."""
+    native = getattr(app, "_native_telemetry", None)
+    return native is None or bool(native.enabled())
 
 
 async def _answer_health(st: ProxyState, scope: Any, send: Any) -> None:
@@ -245,6 +311,10 @@ def create_app(
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.add_middleware(RequestGuard)
     for module in (openai, votes, judging, users, ops):
-        app.include_router(module.router(models))
+        module_router = module.router(models)
+        app.include_router(module_router)
+        for route in module_router.routes:
+            if isinstance(route, APIRoute) and getattr(route, "serve_directly", False):
+                app.serve_directly(route)
     app.openapi = _exact_openapi(app)  # type: ignore[method-assign]
     return app

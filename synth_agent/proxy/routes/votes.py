@@ -36,6 +36,9 @@ def _votes_route(votes_body: TypeAdapter[Any]) -> type[APIRoute]:
     """
 
     class VotesRoute(APIRoute):
+        serve_directly = True
+        """:meth:`synth_agent.proxy.app.ProxyApp.serve_directly` may answer it past FastAPI's own layers."""
+
         def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
             endpoint = self.endpoint
 
