@@ -250,6 +250,12 @@ class SimState:
                 return self.rng.choice(self.fault_kinds)
             return None
 
+    def count_request(self, path: str) -> None:
+        """One HTTP request to ``path`` (``/stats``' ``requests_total`` and ``by_path``)."""
+        with self.lock:
+            self.requests_total += 1
+            self.by_path[path] += 1
+
     def enter(self) -> None:
         with self.lock:
             self.in_flight += 1
@@ -348,9 +354,7 @@ class _CountRequests:
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "http":
-            with self.state.lock:
-                self.state.requests_total += 1
-                self.state.by_path[scope["path"]] += 1
+            self.state.count_request(scope["path"])
         await self.app(scope, receive, send)
 
 
@@ -440,7 +444,7 @@ class _SimApp(FastAPI):
         try:
             raw = await request.body()
         except ClientDisconnect:  # gone while sending the body: counted, nothing to answer
-            self._count(state, scope)
+            state.count_request(scope["path"])
             return
         call = _lean_call(raw)
         if call is None:
@@ -455,16 +459,9 @@ class _SimApp(FastAPI):
 
             await super().__call__(scope, replay, send)
             return
-        self._count(state, scope)
+        state.count_request(scope["path"])  # as _CountRequests counts what goes through FastAPI
         response = await self.state.serve_chat(request, call)
         await response(scope, receive, send)
-
-    @staticmethod
-    def _count(state: SimState, scope: Any) -> None:
-        """What :class:`_CountRequests` counts for requests that go through FastAPI."""
-        with state.lock:
-            state.requests_total += 1
-            state.by_path[scope["path"]] += 1
 
 
 def create_sim_app(
@@ -875,10 +872,18 @@ class SimProcess:
             *(["--prefix-cache-tokens", str(prefix_cache_tokens)] if prefix_cache_tokens is not None else []),
         ]
         self._proc: subprocess.Popen[bytes] | None = None
+        self._http: httpx.Client | None = None
 
     @property
     def base_url(self) -> str:
         return f"http://{self.host}:{self.port}/v1"
+
+    def _control(self) -> httpx.Client:
+        """One HTTP client for this handle's own calls (health, stats, admin): a new ``httpx`` client per
+        call builds an SSL context each time, CPU a benchmark reading ``/stats`` around its rounds would pay."""
+        if self._http is None:
+            self._http = httpx.Client(base_url=f"http://{self.host}:{self.port}", timeout=5)
+        return self._http
 
     def start(self) -> SimProcess:
         """Start the child and wait until it is healthy.
@@ -899,7 +904,7 @@ class SimProcess:
                 if self._proc.poll() is not None:
                     raise RuntimeError(f"simulator process exited with code {self._proc.returncode}")
                 try:
-                    if httpx.get(f"http://{self.host}:{self.port}/healthz", timeout=0.5).status_code == 200:
+                    if self._control().get("/healthz", timeout=0.5).status_code == 200:
                         return self
                 except httpx.HTTPError:
                     pass
@@ -915,6 +920,9 @@ class SimProcess:
         return self._proc.pid if self._proc is not None else None
 
     def stop(self) -> None:
+        http, self._http = self._http, None
+        if http is not None:
+            http.close()
         proc, self._proc = self._proc, None
         if proc is not None and proc.poll() is None:
             proc.terminate()
@@ -925,14 +933,14 @@ class SimProcess:
                 proc.wait()
 
     def stats(self) -> dict[str, Any]:
-        return httpx.get(f"http://{self.host}:{self.port}/stats", timeout=5).json()
+        return self._control().get("/stats").json()  # type: ignore[no-any-return]
 
     def reset_prefix_cache(self) -> None:
         """Empty the simulator's prefix cache (vLLM's ``POST /reset_prefix_cache``)."""
-        httpx.post(f"http://{self.host}:{self.port}/reset_prefix_cache", timeout=5).raise_for_status()
+        self._control().post("/reset_prefix_cache").raise_for_status()
 
     def configure(self, **changes: Any) -> None:
-        httpx.post(f"http://{self.host}:{self.port}/admin/config", json=changes, timeout=5).raise_for_status()
+        self._control().post("/admin/config", json=changes).raise_for_status()
 
     def __enter__(self) -> SimProcess:
         return self.start()
