@@ -17,7 +17,7 @@ import pytest
 from pydantic import ValidationError
 
 from synth_agent.sim.brain import _block, _blocks
-from synth_agent.sim.server import ChatRequest, SimEndpoint, _lean_call
+from synth_agent.sim.server import ChatRequest, SimEndpoint, _brain_messages, _lean_call
 
 PLAIN = {"model": "sim", "messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "hi"}]}
 
@@ -62,11 +62,13 @@ BODIES: list[object] = [
 ]
 
 
-def read(req: ChatRequest) -> tuple[object, ...]:
-    """Every field the chat route reads, as it reads them (with their types)."""
+def read(req: ChatRequest, messages: list[dict[str, str]] | None = None) -> tuple[object, ...]:
+    """Every field the chat route reads, as it reads them (with their types); the lean path's messages apart."""
     fmt = req.response_format
+    messages = _brain_messages(req) if messages is None else messages
     return (
-        req.model, [(m.role, m.text()) for m in req.messages], req.temperature, type(req.temperature),
+        req.model, [(m["role"], m["content"], type(m["content"]), sorted(m)) for m in messages],
+        req.temperature, type(req.temperature),
         req.max_tokens, req.max_completion_tokens, None if fmt is None else fmt.type, req.logprobs,
         req.top_logprobs, req.seed, bool(req.stream), req.stream_options, req.n,
     )  # fmt: skip
@@ -84,7 +86,7 @@ def test_lean_call_reads_what_pydantic_reads_or_refuses(body: object) -> None:
     raw = orjson.dumps(body)
     lean = _lean_call(raw)
     if lean is not None:
-        assert read(lean) == pydantic_call(raw)
+        assert read(*lean) == pydantic_call(raw)
 
 
 def test_lean_call_takes_the_plain_requests_the_fit_sends() -> None:
@@ -131,3 +133,14 @@ def test_blocks_match_the_regex_they_replace() -> None:
         want = [m.group(1) for m in regex.finditer(text)]
         assert list(_blocks("example", text)) == want, text
         assert _block("example", text) == (want[0] if want else None), text
+
+
+def test_the_judges_trait_order_is_numpys_stable_argsort() -> None:
+    """``SimBrain._reasoning`` ranks trait differences with ``sorted`` on plain floats instead of
+    ``np.argsort(-np.abs(x), kind="stable")``: same order on ties, zeros (±0.0) and any values."""
+    import numpy as np
+
+    rng = random.Random(5)
+    for _ in range(3000):
+        x = [rng.choice([0.0, -0.0, 0.25, -0.25, 0.1, rng.uniform(-1, 1)]) for _ in range(9)]
+        assert sorted(range(9), key=lambda i: -abs(x[i])) == np.argsort(-np.abs(np.array(x)), kind="stable").tolist()

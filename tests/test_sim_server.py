@@ -248,3 +248,26 @@ def test_serve_sim_access_log_follows_the_environment(monkeypatch: pytest.Monkey
     assert seen["access_log"] is expected and seen["port"] == 1
     server.serve_sim(port=1, access_log=not expected)  # an explicit argument wins
     assert seen["access_log"] is (not expected)
+
+
+@pytest.mark.parametrize("content", ["plain", [{"type": "text", "text": "parts"}]], ids=["lean path", "route"])
+async def test_a_client_that_hangs_up_during_the_latency_is_noticed_and_not_counted(
+    ep: SimEndpoint, content: object
+) -> None:
+    """A request whose client gives up while the simulator waits out its latency leaves at once (499, not
+    a completion) rather than holding its place in ``in_flight`` for the whole latency; a client that
+    waits gets its answers, one connection after another request."""
+    ep.configure(latency_ms=60_000)
+    body = {"model": "sim", "messages": [{"role": "user", "content": content}]}
+    async with httpx.AsyncClient(base_url=ep.base_url, timeout=0.3) as http:
+        with pytest.raises(httpx.ReadTimeout):
+            await http.post("/chat/completions", json=body)
+    settle(ep)  # waits up to 5 s, far less than the 60 s latency
+    s = ep.stats()
+    assert s["in_flight"] == 0 and s["completions"] == 0
+    ep.configure(latency_ms=20)
+    async with httpx.AsyncClient(base_url=ep.base_url, timeout=5) as http:
+        for _ in range(3):  # kept alive: the watch on one request's connection does not disturb the next
+            assert (await http.post("/chat/completions", json=body)).status_code == 200
+    s = ep.stats()
+    assert s["completions"] == 3 and s["in_flight"] == 0

@@ -131,6 +131,10 @@ def _hash_int(*parts: object) -> int:
     return int.from_bytes(h.digest(), "big")
 
 
+_JSON = json.JSONEncoder(ensure_ascii=False)
+"""``json.dumps(..., ensure_ascii=False)`` without building an encoder per call (a judge reply's)."""
+
+
 def _gauss(*parts: object) -> float:
     """A deterministic standard-normal draw keyed by ``parts``."""
     return float(np.random.default_rng(_hash_int(*parts)).standard_normal())
@@ -459,8 +463,12 @@ class SimBrain:
         self, delta: np.ndarray, pick_a: bool, persona: dict[str, float], d_vec: np.ndarray, n_demos: int
     ) -> str:
         pick, other = ("A", "B") if pick_a else ("B", "A")
-        order = np.argsort(-np.abs(delta), kind="stable")
-        noticed = [int(i) for i in order if abs(delta[i]) >= NOTICE][:MAX_NOTICED]
+        # plain floats: the same values, but ~20 numpy calls and scalar reads on 9-element vectors were most
+        # of this function's CPU (a judge request's); sorted() is stable like argsort(kind="stable")
+        dl: list[float] = delta.tolist()
+        dv: list[float] = d_vec.tolist()
+        order = sorted(range(len(dl)), key=lambda i: -abs(dl[i]))
+        noticed = [i for i in order if abs(dl[i]) >= NOTICE][:MAX_NOTICED]
         parts: list[str] = []
         if persona:
             named = [t for t in (TRAITS[i] for i in noticed) if t in persona] or sorted(
@@ -468,10 +476,10 @@ class SimBrain:
             )[:2]
             cited = [describe_preference(t, persona[t]) for t in named]
             parts.append(f"The persona says the user {join_phrases(cited)}.")
-        if n_demos and np.any(d_vec):
-            top = [int(i) for i in np.argsort(-np.abs(d_vec), kind="stable")[:2] if abs(d_vec[i]) >= 0.1]
-            more = [PHRASES[TRAITS[i]] for i in top if d_vec[i] > 0]
-            fewer = [PHRASES[TRAITS[i]] for i in top if d_vec[i] < 0]
+        if n_demos and any(dv):
+            top = [i for i in sorted(range(len(dv)), key=lambda i: -abs(dv[i]))[:2] if abs(dv[i]) >= 0.1]
+            more = [PHRASES[TRAITS[i]] for i in top if dv[i] > 0]
+            fewer = [PHRASES[TRAITS[i]] for i in top if dv[i] < 0]
             if more or fewer:
                 bits = []
                 if more:
@@ -486,13 +494,13 @@ class SimBrain:
             return " ".join(parts)
         by: dict[str, list[str]] = {"A": [], "B": []}
         for i in noticed:
-            by["A" if delta[i] > 0 else "B"].append(_MORE[TRAITS[i]])
+            by["A" if dl[i] > 0 else "B"].append(_MORE[TRAITS[i]])
         desc = [f"Response {x} {join_phrases(by[x])}" for x in ("A", "B") if by[x]]
         parts.append("; ".join(desc) + ".")
         values: list[str] = []
         dislikes: list[str] = []
         for i in noticed:
-            favours_pick = (delta[i] > 0) == pick_a
+            favours_pick = (dl[i] > 0) == pick_a
             phrase, is_value = _value_phrase(TRAITS[i], favours_pick)
             (values if is_value else dislikes).append(phrase)
         claim = []
@@ -519,7 +527,7 @@ class SimBrain:
             return None
         d = self._decide(*inputs, temperature, seed)
         return BrainReply(
-            json.dumps({"reasoning": d.reasoning, "preferred": d.preferred}, ensure_ascii=False)
+            _JSON.encode({"reasoning": d.reasoning, "preferred": d.preferred})
         )
 
     def _label_judge(
