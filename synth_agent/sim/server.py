@@ -269,7 +269,12 @@ class SimState:
 
 
 def _tokens(text: str) -> int:
-    return max(1, math.ceil(len(text) / 4)) if text else 0
+    return _tokens_of(len(text))
+
+
+def _tokens_of(chars: int) -> int:
+    """The simulator's token count of a text of ``chars`` characters (4 a token, at least 1 unless empty)."""
+    return max(1, math.ceil(chars / 4)) if chars else 0
 
 
 def _error(
@@ -696,7 +701,7 @@ def create_sim_app(
             top = getattr(reply, "top_logprobs", None)
             if fault == "malformed":
                 text, top = _malformed(text), None
-            prompt_tokens = _tokens("".join(m["content"] for m in messages))
+            prompt_tokens = _tokens_of(sum(len(m["content"]) for m in messages))  # = _tokens of the joined text
             completion_tokens = _tokens(text)
             prefix = state.prefix_cache
             blocks = prefix.blocks(messages, body.model) if prefix.enabled else []
