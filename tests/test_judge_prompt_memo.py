@@ -98,3 +98,18 @@ async def test_each_demo_is_rendered_once_per_family_of_judges(monkeypatch: pyte
             await judge.judge_order(v.context, v.chosen, v.rejected)
             await judge.judge_order(v.context, v.rejected, v.chosen)
     assert sorted(calls) == sorted(d.vote_id for d in demos)  # 4 renders for 3 judges x 12 judgments
+
+
+async def test_the_rendered_demos_of_a_long_lived_judge_stay_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Extra demos passed per call are rendered and kept up to a bound, never without limit."""
+    import synth_agent.engine.judge as judge_module
+
+    monkeypatch.setattr(judge_module, "RENDERED_DEMOS_MAX", 3)
+    votes = Population(1, seed=3).all_votes(8)
+    llm = Recorder()
+    judge = Judge(llm, persona=PERSONA)
+    v = votes[-1]
+    for d in demos_from(votes[:7]):
+        await judge.judge_order(v.context, v.chosen, v.rejected, extra_demos=[d])
+        assert llm.sent[-1][1] == prompts.judge_messages(v.context, v.chosen, v.rejected, persona=PERSONA, demos=[d])
+    assert len(judge._turns().demos) <= 3

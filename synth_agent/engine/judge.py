@@ -45,6 +45,8 @@ MAX_PARSE_ATTEMPTS = 3
 REASONING_CHARS = 600
 """Longest reasoning a constrained answer may have: ~150–200 tokens, so the JSON closes within the
 default ``max_tokens`` of 400 instead of being cut off mid-string."""
+RENDERED_DEMOS_MAX = 1024
+"""Most demos a family of judges keeps rendered (a fit uses a few dozen); past it the memo starts over."""
 JUDGMENT_SCHEMA: dict[str, object] = {
     "type": "object",
     "properties": {
@@ -153,6 +155,8 @@ class Judge:
         def turns(d: Demo) -> tuple[ChatMessage, ChatMessage]:
             hit = demo_memo.get((id(d), label_only))
             if hit is None or hit[0] is not d:
+                if len(demo_memo) >= RENDERED_DEMOS_MAX:  # a long-lived judge family (extra demos per call)
+                    demo_memo.clear()
                 hit = demo_memo[(id(d), label_only)] = (d, prompts.demo_turns(d, label_only=label_only))
             return hit[1]
 
