@@ -19,6 +19,10 @@ round of part 3 (the 20 users of a round share it, as on one server); a simulato
    against one user alone through the same kind of client: wall-clock ratio (median of ``--rounds``
    alternating rounds), with client and simulator CPU per request and the floors of the N-user wall.
 
+The fits run as the commands that run them in production do (``synth-agent fit``/``eval``/``worker``,
+see ``synth_agent/runner.py``): on uvloop, with the heap built at start-up frozen out of the garbage
+collector. ``--loop asyncio --no-freeze`` runs them as this script did before 2026-12-01 (session 26).
+
 It uses only APIs that exist since the first release, so the same file measures an older
 checkout (run it with that checkout's interpreter from a directory outside both trees).
 
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import os
 import statistics
 import time
@@ -190,6 +195,18 @@ async def refits(ep: SimProcess, uid: str, votes: list, n_first: int, cfg: FitCo
     return rows
 
 
+def loop_factory(name: str) -> Any:
+    """``asyncio.Runner``'s loop factory: uvloop's for "uvloop" (when installed), else asyncio's (None).
+    Written out here rather than imported from synth_agent.runner, which an older checkout lacks."""
+    if name == "uvloop":
+        try:
+            import uvloop
+        except ImportError:
+            return None
+        return uvloop.new_event_loop
+    return None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--latency-ms", type=float, default=50.0)
@@ -207,11 +224,26 @@ def main() -> None:
                     help="EndpointConfig override, e.g. prefix_warmup_tokens=512")  # fmt: skip
     ap.add_argument("--rounds", type=int, default=3,
                     help="rounds of (1 user, N users concurrently), alternating; medians reported")  # fmt: skip
+    ap.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop",
+                    help="event loop of the fits (uvloop, as synth-agent fit/eval/worker run them)")  # fmt: skip
+    ap.add_argument("--no-freeze", action="store_true",
+                    help="leave the start-up heap in the garbage collector's generations (as before 2026-12-01)")  # fmt: skip
     args = ap.parse_args()
+    factory = loop_factory(args.loop)
+
+    def run(coro: Any) -> Any:
+        with asyncio.Runner(loop_factory=factory) as runner:
+            return runner.run(coro)
+
+    if not args.no_freeze:  # as synth_agent.runner.run_fits does in the commands that run fits
+        gc.collect()
+        gc.freeze()
     cfg = FitConfig(seed=0, **parse_overrides(args.config))
     endpoint = {"max_concurrency": args.concurrency, **parse_overrides(args.endpoint)}
     pop = Population(args.users, seed=0)
     console = Console(width=150)
+    console.print(f"fits on {'uvloop' if factory else 'asyncio'}'s event loop, start-up heap "
+                  f"{'left to the collector' if args.no_freeze else 'frozen'}")  # fmt: skip
     budgets = f"{cfg.n_trials} trials, {cfg.n_demo_candidates} demo candidates"
     sim_options: dict[str, Any] = {"latency_ms": args.latency_ms}
     if args.per_token_latency_ms:  # only when asked: an older checkout's SimProcess may not take it
@@ -219,15 +251,15 @@ def main() -> None:
     if args.prefix_cache_tokens is not None:
         sim_options["prefix_cache_tokens"] = args.prefix_cache_tokens
     with SimProcess(**sim_options) as ep:
-        solo = [asyncio.run(fit_once(ep, u, pop.votes(u, args.votes), cfg, endpoint))
+        solo = [run(fit_once(ep, u, pop.votes(u, args.votes), cfg, endpoint))
                 for u in pop.user_ids[: args.solo]]  # fmt: skip
         uid = pop.user_ids[0]
-        refit_rows = asyncio.run(refits(ep, uid, pop.votes(uid, args.votes + args.new_votes), args.votes, cfg,
+        refit_rows = run(refits(ep, uid, pop.votes(uid, args.votes + args.new_votes), args.votes, cfg,
                                         endpoint))  # fmt: skip
         ones, manys = [], []
         for _ in range(max(1, args.rounds)):  # alternating, so a burst of load elsewhere hits both sides
-            ones.append(asyncio.run(fit_many(ep, Population(1, seed=0), args.votes, cfg, endpoint)))
-            manys.append(asyncio.run(fit_many(ep, pop, args.votes, cfg, endpoint)))
+            ones.append(run(fit_many(ep, Population(1, seed=0), args.votes, cfg, endpoint)))
+            manys.append(run(fit_many(ep, pop, args.votes, cfg, endpoint)))
     one = {k: statistics.median(r[k] for r in ones) for k in ones[0]}
     many = {k: statistics.median(r[k] for r in manys) for k in manys[0]}
     ratios = [m["wall_s"] / o["wall_s"] for o, m in zip(ones, manys, strict=True)]

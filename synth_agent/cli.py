@@ -142,6 +142,24 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(coro)
 
 
+def _fit_loop() -> str:
+    """The event loop of a command that runs fits (``SYNTH_AGENT_EVENT_LOOP``); exit 2 naming it if unknown."""
+    from synth_agent.runner import event_loop_name
+
+    try:
+        return event_loop_name()
+    except ValueError as exc:
+        _fail(str(exc), 2)
+
+
+def _run_fits(coro: Coroutine[Any, Any, T], loop: str) -> T:
+    """:func:`_run` for the commands that run fits: on uvloop unless asked otherwise, the start-up heap
+    frozen (:mod:`synth_agent.runner`)."""
+    from synth_agent.runner import run_fits
+
+    return run_fits(coro, loop=loop)
+
+
 def _fail(msg: str, code: int = 1) -> NoReturn:
     """Print ``error: msg`` (one line; user data in it is escaped, never read as markup) and exit."""
     err.print(f"[bold red]error:[/] {escape(' '.join(msg.split()))}", highlight=False)
@@ -564,15 +582,18 @@ def fit(
     if concurrency < 1:
         _bad("--concurrency", "must be at least 1")
     from synth_agent.engine import Synthesizer
+    from synth_agent.runner import freeze_heap
     from synth_agent.services import open_services, simulator_if_needed
 
     st = _state(ctx)
     cfg = _fit_config(n_trials=trials, n_demo_candidates=candidates, seed=seed, incremental=not full)
+    loop = _fit_loop()
     with simulator_if_needed(st.settings) as settings:
         import asyncio
 
         async def go() -> list[Any]:
             async with open_services(settings, st.tenant) as svc:
+                freeze_heap()  # the store's and the embedder's start-up objects too
                 users = list(user or []) or await svc.memory.list_users()
                 synth = Synthesizer(svc.llm, svc.memory, cfg)
                 sem = asyncio.Semaphore(concurrency)
@@ -588,7 +609,7 @@ def fit(
                     results = await asyncio.gather(*(one(u) for u in users), return_exceptions=True)
                 return list(zip(users, results, strict=True))
 
-        results = _run(go())
+        results = _run_fits(go(), loop)
     table = _table("user", "result", "val acc", "LLM requests")
     failed = 0
     for u, r in results:
@@ -871,6 +892,7 @@ def eval_cmd(
     cfg = _fit_config(seed=seed, n_trials=trials, n_demo_candidates=candidates)
     parsed = _read_votes(file, st)
     n_users = len({v.user_id for v in parsed.votes})
+    loop = _fit_loop()
     with simulator_if_needed(st.settings) as settings:
 
         async def go() -> Any:
@@ -886,7 +908,7 @@ def eval_cmd(
                 await llm.aclose()
 
         try:
-            report = _run(go())
+            report = _run_fits(go(), loop)
         except ValueError as exc:
             _fail(str(exc))
     print_user_table(report)

@@ -18,6 +18,7 @@
 | ``SYNTH_AGENT_LLM_CACHE_MB`` | memory for cached temperature-0 LLM answers, per process (``0``: no memory cache) | ``64`` |
 | ``SYNTH_AGENT_LLM_CACHE_ENTRIES`` | most answers in that memory cache (``0``: no memory cache) | ``10000`` |
 | ``SYNTH_AGENT_MALLOC_TRIM_S`` | ``serve``: give memory malloc holds free back to the OS every N seconds (glibc) | ``0`` (off) |
+| ``SYNTH_AGENT_EVENT_LOOP`` | ``fit``/``eval``/``worker``: ``uvloop`` or ``asyncio`` (see :mod:`synth_agent.runner`) | ``uvloop`` |
 """
 
 from __future__ import annotations

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import gc
 import os
 import socket
 import sys
@@ -20,6 +19,8 @@ from typing import Any, Literal, Self, TypeVar
 
 import httpx
 import uvicorn
+
+from synth_agent.runner import freeze_heap
 
 T = TypeVar("T")
 
@@ -43,8 +44,7 @@ def freeze_heap_after_startup(app: Any) -> Any:
 
         async def send_and_freeze(message: Any) -> None:
             if message["type"] == "lifespan.startup.complete":
-                gc.collect()
-                gc.freeze()
+                freeze_heap()
             await send(message)
 
         await app(scope, receive, send_and_freeze)

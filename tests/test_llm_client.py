@@ -543,3 +543,17 @@ async def test_server_stated_capacity_and_context_length() -> None:
             assert c.concurrency <= 2 and ep.stats()["max_in_flight"] <= 2
     configured = LLMClient(EndpointConfig(base_url="http://x/v1", context_length=2048))
     assert configured.context_length == 2048
+
+
+def test_json_answer_check_fast_path_agrees_with_the_scan() -> None:
+    """_looks_like_json reads a whole-object answer with orjson first; it must say what the scan says."""
+    import random
+
+    from synth_agent.llm.client import _json_objects, _looks_like_json
+
+    cases = ['{"a":1}', ' {"preferred": "A"} ', '{"a": NaN}', "{", "", 'x {"a":1} y', "[1]", '{"a":1} {"b":2}',
+             '{"a": 1e999}', '{"a": 123456789012345678901234567890}', "{} "]  # fmt: skip
+    rnd = random.Random(0)
+    cases += ["".join(rnd.choice('{}[]":,a1 \\nNtrue') for _ in range(rnd.randint(0, 12))) for _ in range(20_000)]
+    for text in cases:
+        assert _looks_like_json(text) == bool(_json_objects(text)), text

@@ -45,6 +45,8 @@ MAX_PARSE_ATTEMPTS = 3
 REASONING_CHARS = 600
 """Longest reasoning a constrained answer may have: ~150–200 tokens, so the JSON closes within the
 default ``max_tokens`` of 400 instead of being cut off mid-string."""
+RENDERED_DEMOS_MAX = 1024
+"""Most demos a family of judges keeps rendered (a fit uses a few dozen); past it the memo starts over."""
 JUDGMENT_SCHEMA: dict[str, object] = {
     "type": "object",
     "properties": {
@@ -54,6 +56,15 @@ JUDGMENT_SCHEMA: dict[str, object] = {
     "required": ["reasoning", "preferred"],
 }
 """The chain-of-thought judge's answer, as sent for constrained decoding (reasoning first, then the letter)."""
+
+
+@dataclass
+class _Rendered:
+    """A family of judges' rendered prompt pieces: the system turn (by ``label_only``) and each demo's turns
+    (by ``(id(demo), label_only)``, with the demo itself, so its id cannot be reused while it is here)."""
+
+    system: dict[bool, ChatMessage] = field(default_factory=dict)
+    demos: dict[tuple[int, bool], tuple[Demo, tuple[ChatMessage, ChatMessage]]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -96,7 +107,9 @@ class Judge:
         return bool(self.persona) or bool(self.demos)
 
     def with_demos(self, demos: Sequence[Demo]) -> Judge:
-        return replace(self, demos=tuple(demos))
+        judge = replace(self, demos=tuple(demos))
+        object.__setattr__(judge, "_rendered", self._turns())  # same persona: the rendered turns still hold
+        return judge
 
     def _ledger_prefix(self) -> str:
         """Digest of everything before the pair (cached on the instance: demos are hashed once)."""
@@ -109,6 +122,52 @@ class Judge:
             )  # fmt: skip
             object.__setattr__(self, "_prefix", cached)
         return cached
+
+    def _turns(self) -> _Rendered:
+        """Rendered prompt pieces of this judge and the judges made from it by :meth:`with_demos` (shared)."""
+        memo = self.__dict__.get("_rendered")
+        if memo is None:
+            memo = _Rendered()
+            object.__setattr__(self, "_rendered", memo)
+        return memo
+
+    def _prompt(
+        self, context: Sequence[Message], first: str, second: str, *, label_only: bool
+    ) -> Callable[[Sequence[Demo]], list[ChatMessage]]:
+        """``build(demos)``: the judge prompt of (first, second) with ``demos``, equal to
+        :func:`prompts.judge_messages` (``label_only``: :func:`prompts.label_judge_messages`).
+
+        The system turn and each demo's turns are rendered once per family of judges (this judge and
+        those :meth:`with_demos` made from it: a fit's candidate demo sets draw on the same demos) instead
+        of once per judgment: rendering the same demos again for every validation vote was ~5% of the
+        client's CPU in a 20-user ``bench/fit_cost.py`` run (py-spy). The memo holds each demo it renders
+        (keyed by identity, so an id is never reused while it is there) and lives as long as the judges.
+        The cached message dicts are shared by the prompts built from them and must not be mutated.
+        """
+        memo = self._turns()
+        system = memo.system.get(label_only)
+        if system is None:
+            version = prompts.LABEL_JUDGE_VERSION if label_only else prompts.JUDGE_VERSION
+            system = memo.system[label_only] = prompts.judge_system_message(self.persona, version=version)
+        last = prompts.pair_turn(context, first, second)
+        demo_memo = memo.demos
+
+        def turns(d: Demo) -> tuple[ChatMessage, ChatMessage]:
+            hit = demo_memo.get((id(d), label_only))
+            if hit is None or hit[0] is not d:
+                if len(demo_memo) >= RENDERED_DEMOS_MAX:  # a long-lived judge family (extra demos per call)
+                    demo_memo.clear()
+                hit = demo_memo[(id(d), label_only)] = (d, prompts.demo_turns(d, label_only=label_only))
+            return hit[1]
+
+        def build(demos: Sequence[Demo]) -> list[ChatMessage]:
+            msgs = [system]
+            for d in demos:
+                msgs.extend(turns(d))
+            msgs.append(last)
+            return msgs
+
+        return build
 
     # ------------------------------------------------------------ one order
     async def judge_order(
@@ -153,9 +212,7 @@ class Judge:
             got = await self._logprob_order(context, first, second, demos)
             if got is not None:
                 return got
-        def build(d: Sequence[Demo]) -> list[ChatMessage]:
-            return prompts.judge_messages(context, first, second, persona=self.persona, demos=d)
-
+        build = self._prompt(context, first, second, label_only=False)
         msgs = self._fitted(build, demos, self.max_tokens, self.call_site)
         for attempt in range(MAX_PARSE_ATTEMPTS):
             # A model that ignored the format is asked again with a different seed (the first
@@ -193,10 +250,7 @@ class Judge:
         self, context: Sequence[Message], first: str, second: str, demos: Sequence[Demo]
     ) -> tuple[OrderLabel, str, float] | None:
         site = self.call_site + ":logprob"
-        msgs = self._fitted(
-            lambda d: prompts.label_judge_messages(context, first, second, persona=self.persona, demos=d),
-            demos, 1, site,
-        )  # fmt: skip
+        msgs = self._fitted(self._prompt(context, first, second, label_only=True), demos, 1, site)
         comp = await self.llm.complete(msgs, call_site=site, max_tokens=1, logprobs=5)
         p_first = label_probability(comp)
         if p_first is None:

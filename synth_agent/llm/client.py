@@ -34,6 +34,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal, TypeVar
 
+import orjson
 from asyncio_throttle import Throttler
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
@@ -273,6 +274,16 @@ def parses_as(schema: type[BaseModel]) -> Callable[[str], bool]:
 
 
 def _looks_like_json(text: str) -> bool:
+    """Whether ``text`` holds a JSON object (the cache keeps only such answers of JSON-mode calls)."""
+    stripped = text.strip()
+    if stripped[:1] == "{" and stripped[-1:] == "}":
+        # The common case, an answer that is exactly one object: the scan below would find it too
+        # (orjson refuses a few things json accepts, e.g. NaN: those still go through the scan).
+        try:
+            if isinstance(orjson.loads(stripped), dict):
+                return True
+        except orjson.JSONDecodeError:
+            pass
     return bool(_json_objects(text))
 
 

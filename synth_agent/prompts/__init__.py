@@ -84,6 +84,28 @@ def judge_answer_json(preferred: Literal["A", "B"], reasoning: str | None) -> st
     return json.dumps({"reasoning": reasoning, "preferred": preferred}, ensure_ascii=False)
 
 
+def judge_system_message(persona: str | None, *, version: str = JUDGE_VERSION) -> ChatMessage:
+    """The system turn of a judge prompt: the instruction ``version`` [+ the persona addendum]."""
+    system = load(version)
+    if persona:
+        system += "\n\n" + load("judge_persona_addendum.v1").replace("{persona}", persona.strip())
+    return {"role": "system", "content": system}
+
+
+def demo_turns(demo: Demo, *, label_only: bool = False) -> tuple[ChatMessage, ChatMessage]:
+    """One demo as its (user, assistant) turns; ``label_only``: the answer is the bare letter (log-prob judge)."""
+    answer = demo.label if label_only else judge_answer_json(demo.label, demo.reasoning)
+    return (
+        {"role": "user", "content": render_pair(demo.context, demo.first, demo.second) + "\n\n" + QUESTION},
+        {"role": "assistant", "content": answer},
+    )
+
+
+def pair_turn(context: Sequence[Message], a: str, b: str) -> ChatMessage:
+    """The last turn of a judge prompt: the pair to judge, in this order."""
+    return {"role": "user", "content": render_pair(context, a, b) + "\n\n" + QUESTION}
+
+
 def judge_messages(
     context: Sequence[Message],
     a: str,
@@ -94,14 +116,10 @@ def judge_messages(
     version: str = JUDGE_VERSION,
 ) -> list[ChatMessage]:
     """Messages for one chain-of-thought judgment of (a, b) in this order."""
-    system = load(version)
-    if persona:
-        system += "\n\n" + load("judge_persona_addendum.v1").replace("{persona}", persona.strip())
-    msgs: list[ChatMessage] = [{"role": "system", "content": system}]
+    msgs: list[ChatMessage] = [judge_system_message(persona, version=version)]
     for d in demos:
-        msgs.append({"role": "user", "content": render_pair(d.context, d.first, d.second) + "\n\n" + QUESTION})
-        msgs.append({"role": "assistant", "content": judge_answer_json(d.label, d.reasoning)})
-    msgs.append({"role": "user", "content": render_pair(context, a, b) + "\n\n" + QUESTION})
+        msgs.extend(demo_turns(d))
+    msgs.append(pair_turn(context, a, b))
     return msgs
 
 
@@ -114,14 +132,10 @@ def label_judge_messages(
     demos: Sequence[Demo] = (),
 ) -> list[ChatMessage]:
     """Messages for a single-token (log-probability) judgment: answers are bare letters."""
-    system = load(LABEL_JUDGE_VERSION)
-    if persona:
-        system += "\n\n" + load("judge_persona_addendum.v1").replace("{persona}", persona.strip())
-    msgs: list[ChatMessage] = [{"role": "system", "content": system}]
+    msgs: list[ChatMessage] = [judge_system_message(persona, version=LABEL_JUDGE_VERSION)]
     for d in demos:
-        msgs.append({"role": "user", "content": render_pair(d.context, d.first, d.second) + "\n\n" + QUESTION})
-        msgs.append({"role": "assistant", "content": d.label})
-    msgs.append({"role": "user", "content": render_pair(context, a, b) + "\n\n" + QUESTION})
+        msgs.extend(demo_turns(d, label_only=True))
+    msgs.append(pair_turn(context, a, b))
     return msgs
 
 

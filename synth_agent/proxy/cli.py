@@ -168,12 +168,14 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Fit personas in the background: from the Postgres job queue (--queue), or for a proxy running
         with --synthesis off by scanning the store (same store and home)."""
+        from synth_agent.runner import event_loop_name, freeze_heap, run_fits
         from synth_agent.services import simulator_if_needed
 
         settings = _settings(ctx, chroma_host, chroma_port)
         from synth_agent.scale.settings import ScaleSettings
 
         try:
+            loop_name = event_loop_name()
             scale = ScaleSettings(queue=queue) if queue else ScaleSettings()
             if scale.queue:
                 from synth_agent.scale.settings import check_scale_config
@@ -191,6 +193,7 @@ def register(app: typer.Typer) -> None:
             from synth_agent.proxy.worker import open_worker
 
             async with open_worker(live, poll_interval=poll_interval) as w:
+                freeze_heap()  # the store's and the embedder's start-up objects too
                 typer.echo(f"synth-agent worker: scanning the store every {poll_interval:g}s; Ctrl-C to stop", err=True)
                 await w.run(stop)
 
@@ -202,6 +205,7 @@ def register(app: typer.Typer) -> None:
             assert scale.queue is not None
             async with open_queue_worker(live, scale.queue, options=opts, policy=scale.policy(),
                                          fit_config=scale.fit_config()) as w:
+                freeze_heap()
                 typer.echo(f"synth-agent worker {opts.name}: fitting from the Postgres queue, {concurrency} at "
                            "once; Ctrl-C to stop", err=True)
                 await w.run(stop)
@@ -216,7 +220,7 @@ def register(app: typer.Typer) -> None:
             await (from_queue(live, stop) if scale.queue else scan(live, stop))
 
         with simulator_if_needed(settings) as live:
-            asyncio.run(main(live))
+            run_fits(main(live), loop=loop_name)  # uvloop unless SYNTH_AGENT_EVENT_LOOP=asyncio
 
     @app.command()
     def postgres(
