@@ -26,7 +26,7 @@ from synth_agent.config import Settings
 from synth_agent.llm.client import EndpointConfig, LLMClient
 from synth_agent.models import PersonaProfile
 from synth_agent.proxy import ProxyServer, ProxySettings, ProxyState, create_app
-from synth_agent.serving import ThreadedServer, freeze_heap_after_startup
+from synth_agent.serving import SERVE_GC_GEN1, ThreadedServer, freeze_heap_after_startup
 
 KEY = "sk-upstream"
 H = {"Authorization": f"Bearer {KEY}"}
@@ -168,12 +168,16 @@ def test_freeze_heap_after_startup_passes_the_lifespan_through() -> None:
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
-    before = gc.get_freeze_count()
+    before, thresholds = gc.get_freeze_count(), gc.get_threshold()
     try:
+        gc.set_threshold(700, 10, 10)  # Python's defaults
         asyncio.run(freeze_heap_after_startup(app)({"type": "lifespan"}, receive, send))
         assert sent == [{"type": "lifespan.startup.complete"}] and seen == ["lifespan"]
         assert gc.get_freeze_count() > before  # the heap built during startup is out of the collector's way
+        # requests in flight are not walked by a generation-1 pass every 10 generation-0 passes
+        assert gc.get_threshold() == (700, SERVE_GC_GEN1, 10) and SERVE_GC_GEN1 > 10
         asyncio.run(freeze_heap_after_startup(app)({"type": "http"}, receive, send))
         assert seen == ["lifespan", "http"]
     finally:
         gc.unfreeze()
+        gc.set_threshold(*thresholds)
