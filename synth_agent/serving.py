@@ -67,6 +67,27 @@ def freeze_heap_after_startup(app: Any) -> Any:
     return wrapped
 
 
+ACCEPT_LISTENERS = 16
+"""Descriptors of the one listening socket a serving process polls (see :func:`accept_listeners`)."""
+
+
+def accept_listeners(sock: socket.socket, n: int = ACCEPT_LISTENERS) -> list[socket.socket]:
+    """``sock`` and ``n - 1`` duplicates of its descriptor, to pass together as uvicorn's ``sockets``.
+
+    libuv (under uvloop, which uvicorn picks when installed) accepts **one** connection per turn
+    of the event loop on each listening handle (libuv/libuv#3696). When 200 clients connect at
+    once the kernel completes every handshake and the clients send their first request, but
+    the server takes them one per loop turn, and under a write burst a turn lasts 10-25 ms:
+    `ss` showed 65-85 established connections waiting in the accept queue, and their first
+    requests waited up to 1.5 s (the p99 of ``bench/vote_write.py``'s bad rounds). Each
+    duplicate is a handle of its own on the **same** socket (one accept queue, one port, no
+    ``SO_REUSEPORT``: a second server on the port still fails to bind), so the loop accepts up
+    to ``n`` connections per turn. An idle server sees no difference (nothing is readable).
+    The caller closes every returned socket.
+    """
+    return [sock, *(sock.dup() for _ in range(max(0, n - 1)))]
+
+
 MALLOC_ARENAS = 2
 """glibc malloc arenas for a serving process and its Chroma child (unless ``MALLOC_ARENA_MAX`` is set)."""
 
