@@ -172,6 +172,24 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"{type(obj).__name__} is not JSON-serializable")
 
 
+def _repeat_key(op: PutOp) -> tuple[Any, ...] | None:
+    """What identifies a put whose preparation can be shared with an identical one (``_prepare_each``'s
+    ``repeats``), or None: only a flat value of strings (a user's registration), a tuple of string
+    labels and a string key, compared by exact type, so two puts share a key only if preparing them
+    gives the same result (``1`` and ``True`` are equal in Python but not in JSON)."""
+    value, index, ns, key = op.value, op.index, op.namespace, op.key
+    if type(value) is not dict or not (index is None or index is False) or type(key) is not str or type(ns) is not tuple:
+        return None
+    items = tuple(value.items())
+    for k, v in items:
+        if type(k) is not str or type(v) is not str:
+            return None
+    for label in ns:
+        if type(label) is not str:
+            return None
+    return (ns, key, items, index)
+
+
 def _dumps(value: Any) -> str:
     try:
         text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=_json_default)
@@ -823,26 +841,42 @@ class ChromaStore(BaseStore):
             out.append(fut)
         return out
 
-    def _prepare_each(self, batches: Sequence[Sequence[PutOp]]) -> list[list[_Write] | BaseException]:
-        """Each create-only batch validated and prepared on its own: its writes, or its error."""
+    def _prepare_each(
+        self, batches: Sequence[Sequence[PutOp]], repeats: dict[tuple[Any, ...], _Write] | None = None,
+    ) -> list[list[_Write] | BaseException]:
+        """Each create-only batch validated and prepared on its own: its writes, or its error.
+
+        ``repeats`` (see :func:`_repeat_key`) lets callers that prepare many batches at once, such as the
+        intake journal's group of requests, prepare an identical small put once: every single-vote
+        request carries its user's registration put, so a group of ~100 requests for 20 users
+        prepared the same 20 puts ~100 times. A repeat shares the first one's ``_Write``; which of
+        them is new is still decided per item id when the group is written (create-only)."""
         out: list[list[_Write] | BaseException] = []
         for ops in batches:
             try:
-                out.append(self._prepare_inserts(ops))
+                out.append(self._prepare_inserts(ops, repeats))
             except Exception as exc:  # noqa: BLE001 - that batch's error, not the others'
                 out.append(exc)
         return out
 
-    def _prepare_inserts(self, ops: Sequence[PutOp]) -> list[_Write]:
+    def _prepare_inserts(
+        self, ops: Sequence[PutOp], repeats: dict[tuple[Any, ...], _Write] | None = None,
+    ) -> list[_Write]:
         writes = []
         for op in ops:
             if not isinstance(op, PutOp) or op.value is None:
                 raise ValueError("insert takes PutOps with a value (create-only puts); use batch() for deletes")
+            seen = _repeat_key(op) if repeats is not None else None
+            if seen is not None and (w := repeats.get(seen)) is not None:  # type: ignore[union-attr]
+                writes.append(w)  # the very same put, prepared and validated already
+                continue
             validate_op_namespace(op)
             if not op.namespace:
                 raise InvalidNamespaceError("Namespace cannot be empty.")
             w = self._prepare(op if isinstance(op.value, dict) else op._replace(value=dict(op.value)))
             w.only_new = True
+            if seen is not None:
+                repeats[seen] = w  # type: ignore[index]
             writes.append(w)
         return writes
 

@@ -257,8 +257,9 @@ class IntakeJournal:
     def _append_group(self, reqs: list[_Append], answers: list[tuple[_Append, Any, bool]]) -> None:
         """Validate and journal one group of requests; each one's answer goes to ``answers``."""
         refused = 0
+        repeats: dict[tuple[Any, ...], Any] = {}  # a put repeated across the group is prepared once
         for req in reqs:  # validation off the event loop: an invalid batch fails alone, journals nothing
-            req.outcome = self.store._prepare_each(req.ops)
+            req.outcome = self.store._prepare_each(req.ops, repeats)
             req.batches = [b for b in req.outcome if not isinstance(b, BaseException)]
             refused += sum(len(o) for o, b in zip(req.ops, req.outcome, strict=True) if isinstance(b, BaseException))
         self._unreserve(refused)

@@ -26,7 +26,7 @@ from synth_agent.config import Settings
 from synth_agent.llm.client import EndpointConfig, LLMClient
 from synth_agent.models import PersonaProfile
 from synth_agent.proxy import ProxyServer, ProxySettings, ProxyState, create_app
-from synth_agent.serving import ThreadedServer, freeze_heap_after_startup
+from synth_agent.serving import SERVE_GC_GEN1, ThreadedServer, accept_listeners, freeze_heap_after_startup
 
 KEY = "sk-upstream"
 H = {"Authorization": f"Bearer {KEY}"}
@@ -151,6 +151,88 @@ def test_concurrent_persona_misses_share_one_store_read(world: World) -> None:
     assert not state._persona_reads  # nothing left behind once the read is done
 
 
+def _loop_turns_to_accept(n_listeners: int, clients: int = 12) -> int:
+    """Connect ``clients`` at once to a uvloop server on ``accept_listeners(sock, n_listeners)`` whose loop
+    does 5 ms of work per turn; the loop turn by which the last connection was accepted."""
+    import socket
+    import time
+
+    import uvloop
+
+    from synth_agent.local_service import bind
+
+    sock = bind("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    listeners = accept_listeners(sock, n_listeners)
+
+    async def main() -> int:
+        loop = asyncio.get_running_loop()
+        turn = 0
+        made: list[int] = []
+
+        class Record(asyncio.Protocol):
+            def connection_made(self, transport: Any) -> None:
+                made.append(turn)
+
+        for listener in listeners:
+            await loop.create_server(Record, sock=listener, backlog=128)
+        conns = [socket.create_connection(("127.0.0.1", port)) for _ in range(clients)]  # the kernel's handshakes
+
+        done = loop.create_future()
+
+        def busy() -> None:  # one callback per loop turn: a loop serving a burst
+            nonlocal turn
+            turn += 1
+            time.sleep(0.005)
+            if len(made) < clients and turn < 500:
+                loop.call_soon(busy)
+            else:
+                done.set_result(None)
+
+        loop.call_soon(busy)
+        await done
+        for c in conns:
+            c.close()
+        assert len(made) == clients
+        return max(made)
+
+    try:
+        return uvloop.run(main())
+    finally:
+        for listener in listeners:
+            listener.close()
+
+
+def test_a_serving_loop_accepts_a_wave_of_connections_in_one_turn_not_one_per_turn() -> None:
+    """libuv accepts one connection per loop turn and listening handle: 12 clients connecting at once waited
+    12 turns of a busy loop (the first wave of a write burst waited up to 1.5 s). With the listening socket's
+    descriptor duplicated (``accept_listeners``) they are all accepted in the first turn."""
+    assert _loop_turns_to_accept(1) == 12  # libuv's one accept per turn, which the duplicates work around
+    assert _loop_turns_to_accept(16) <= 1
+
+
+def test_accept_listeners_share_one_socket_and_the_port_stays_exclusive() -> None:
+    import socket
+
+    from synth_agent.local_service import bind
+
+    sock = bind("127.0.0.1", 0)
+    listeners = accept_listeners(sock, 4)
+    try:
+        assert len(listeners) == 4 and listeners[0] is sock
+        assert len({s.fileno() for s in listeners}) == 4
+        assert {s.getsockname() for s in listeners} == {sock.getsockname()}
+        sock.listen(16)
+        with pytest.raises(OSError):  # no SO_REUSEPORT: a second server on the port still fails to bind
+            bind("127.0.0.1", sock.getsockname()[1]).close()
+        with socket.create_connection(sock.getsockname()):
+            conn, _ = listeners[3].accept()  # any descriptor takes from the one accept queue
+            conn.close()
+    finally:
+        for s in listeners:
+            s.close()
+
+
 def test_freeze_heap_after_startup_passes_the_lifespan_through() -> None:
     seen: list[str] = []
 
@@ -168,12 +250,16 @@ def test_freeze_heap_after_startup_passes_the_lifespan_through() -> None:
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
-    before = gc.get_freeze_count()
+    before, thresholds = gc.get_freeze_count(), gc.get_threshold()
     try:
+        gc.set_threshold(700, 10, 10)  # Python's defaults
         asyncio.run(freeze_heap_after_startup(app)({"type": "lifespan"}, receive, send))
         assert sent == [{"type": "lifespan.startup.complete"}] and seen == ["lifespan"]
         assert gc.get_freeze_count() > before  # the heap built during startup is out of the collector's way
+        # requests in flight are not walked by a generation-1 pass every 10 generation-0 passes
+        assert gc.get_threshold() == (700, SERVE_GC_GEN1, 10) and SERVE_GC_GEN1 > 10
         asyncio.run(freeze_heap_after_startup(app)({"type": "http"}, receive, send))
         assert seen == ["lifespan", "http"]
     finally:
         gc.unfreeze()
+        gc.set_threshold(*thresholds)

@@ -318,10 +318,10 @@ def test_a_caller_that_gives_up_does_not_stop_the_journal(tmp_path: Path) -> Non
         prepare = store._prepare_each
         started = __import__("threading").Event()
 
-        def slow_prepare(batches: Any) -> Any:
+        def slow_prepare(batches: Any, *rest: Any) -> Any:
             started.set()
             __import__("time").sleep(0.3)  # the caller gives up while its batch is being prepared
-            return prepare(batches)
+            return prepare(batches, *rest)
 
         store._prepare_each = slow_prepare  # type: ignore[method-assign]
 
@@ -458,3 +458,65 @@ def json_text(value: Any) -> str:
     import json
 
     return json.dumps(value, ensure_ascii=False)
+
+
+def test_a_put_repeated_across_a_group_is_prepared_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every single-vote request carries its user's registration put: the appender prepares (validates,
+    copies, derives the item id of) each distinct put once per group, and journals the rest as before —
+    each vote once, each registration once, every request acknowledged."""
+    store = open_store(tmp_path / "chroma")
+    try:
+        hold(store)
+        intake = store.intake
+        assert intake is not None
+        prepared: list[tuple[tuple[str, ...], str]] = []
+        prepare = store._prepare
+
+        def counting(op: Any) -> Any:
+            prepared.append((tuple(op.namespace), str(op.key)))
+            return prepare(op)
+
+        monkeypatch.setattr(store, "_prepare", counting)
+        mem = PreferenceMemory(store, "acme")
+        users = ["u0@x.io", "u1@x.io"]
+
+        async def main() -> list[Any]:
+            with intake._cv:  # the appender takes nothing until all ten are queued: one group
+                tasks = [asyncio.ensure_future(mem.add_votes([vote(i, user=users[i % 2])])) for i in range(10)]
+                for _ in range(100):
+                    if len(intake._appends) == 10:
+                        break
+                    await asyncio.sleep(0)
+                assert len(intake._appends) == 10
+            return await asyncio.wait_for(asyncio.gather(*tasks), 60)
+
+        results = asyncio.run(main())
+        assert [(r.added, r.duplicates) for r in results] == [(1, 0)] * 10
+        assert len(prepared) == 12  # 10 votes + one registration per user (not one per request)
+        assert sorted(set(prepared)) == sorted(prepared)
+        assert sorted(asyncio.run(mem.list_users())) == users
+        assert intake.backlog == 12
+        release(store)
+        assert intake.wait_drained(60)
+        assert sorted(asyncio.run(mem.list_users())) == users
+        for u in users:
+            assert sorted(stored_ids(store, "acme", u)) == sorted(f"v{i}" for i in range(10) if users[i % 2] == u)
+    finally:
+        store.close()
+
+
+def test_only_identical_flat_string_puts_share_their_preparation() -> None:
+    """Two puts share a prepared write only if preparing them gives the same result: ``1`` and ``True``
+    are equal in Python, not in JSON; nested values and list namespaces are prepared one by one."""
+    from langgraph.store.base import PutOp
+
+    from store.chroma import _repeat_key
+
+    reg = PutOp(("t", "users"), "ana", {"user_id": "ana"}, index=False)
+    assert _repeat_key(reg) == _repeat_key(PutOp(("t", "users"), "ana", {"user_id": "ana"}, index=False))
+    assert _repeat_key(reg) != _repeat_key(PutOp(("t", "users"), "ana", {"user_id": "ana"}))  # other index
+    assert _repeat_key(reg) != _repeat_key(PutOp(("t", "users"), "ana", {"user_id": "bob"}, index=False))
+    for value in ({"a": 1}, {"a": True}, {"a": 1.0}, {"a": ["x"]}, {"a": {"b": "c"}}, {1: "x"}):
+        assert _repeat_key(PutOp(("t",), "k", value, index=False)) is None
+    assert _repeat_key(PutOp(["t"], "k", {"a": "x"}, index=False)) is None  # type: ignore[arg-type]
+    assert _repeat_key(PutOp(("t",), "k", {"a": "x"}, index=["a"])) is None

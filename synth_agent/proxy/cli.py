@@ -40,7 +40,7 @@ def _serve(app: Any, proxy: Any, home: Path, *, log_level: str, access_log: bool
     import uvicorn
 
     from synth_agent.local_service import bind, publish
-    from synth_agent.serving import freeze_heap_after_startup
+    from synth_agent.serving import accept_listeners, freeze_heap_after_startup
 
     try:
         sock = bind(proxy.host, proxy.port)
@@ -56,14 +56,16 @@ def _serve(app: Any, proxy: Any, home: Path, *, log_level: str, access_log: bool
     state.local_token = published.token if published else None
     server = uvicorn.Server(uvicorn.Config(freeze_heap_after_startup(app), host=proxy.host, port=proxy.port,
                                            log_level=log_level, access_log=access_log))
+    listeners = accept_listeners(sock)  # more than one connection accepted per loop turn
     try:
-        server.run(sockets=[sock])
+        server.run(sockets=listeners)
     except KeyboardInterrupt:
         pass
     finally:
         if published is not None:
             published.close()
-        sock.close()
+        for listener in listeners:
+            listener.close()
     if not server.started:
         sys.exit(3)  # uvicorn's STARTUP_FAILURE, as uvicorn.run exits
 
