@@ -450,6 +450,7 @@ class Capture:
 
     def __init__(self) -> None:
         self.bodies: list[dict] = []
+        self.headers: list[dict[str, str]] = []
         self.reply: tuple[int, dict] = (200, {})
         app = FastAPI()
 
@@ -460,6 +461,7 @@ class Capture:
         @app.post("/v1/chat/completions")
         async def chat(request: Request) -> JSONResponse:
             self.bodies.append(await request.json())
+            self.headers.append(dict(request.headers))
             status, body = self.reply
             return JSONResponse(body, status_code=status)
 
@@ -499,6 +501,20 @@ async def test_cached_prompt_tokens_the_server_reports_are_counted_per_call_site
     assert first.cached_prompt_tokens == cached
     assert c.stats.site("judge").prompt_tokens == 10 and c.stats.site("judge").cached_prompt_tokens == 2 * cached
     assert c.stats.as_dict()["total"]["cached_prompt_tokens"] == 3 * cached
+
+
+async def test_every_request_carries_the_api_key_and_json_content_type(capture, transport: str) -> None:
+    """The lean transport sets these once, as its session's defaults: each request still sends them."""
+    cap, url = capture
+    cap.reply = (200, completion_body("hi"))
+    cfg = EndpointConfig(base_url=url, model="m", api_key="sk-test-7", transport=transport, probe_server=False)
+    async with LLMClient(cfg, cache=False) as c:
+        cap.headers.clear()
+        await c.complete(msgs("q"))
+        await c.complete(msgs("another q"))
+    assert len(cap.headers) == 2
+    for h in cap.headers:
+        assert h["authorization"] == "Bearer sk-test-7" and h["content-type"].startswith("application/json")
 
 
 async def test_wire_format_json_schema_and_typed_failures(capture, transport: str) -> None:
