@@ -196,10 +196,11 @@ class PreferenceMemory(PreferenceView):
         Everything is validated before anything is written, so one bad item stores nothing: each
         vote is validated again here (a ``Vote`` can be changed after it was built, or built with
         ``model_construct``). ``validated=True`` is the caller's word that every vote was just built
-        by ``Vote.model_validate`` (e.g. :func:`synth_agent.ingest.parse_vote`) and not changed since,
-        as the proxy's vote route does: the second pass would repeat the same model's checks on
-        the same values (it was a tenth of the event loop's time per vote). The store checks what it
-        stores either way (ids, namespaces, storable JSON).
+        by ``Vote.model_validate`` (e.g. :func:`synth_agent.ingest.parse_vote`), or from input already
+        checked as strictly (the proxy's vote route: its body model, then ``Vote``'s own vote-level
+        check), and not changed since: the second pass would repeat the same checks on the same
+        values (it was a tenth of the event loop's time per vote). The store checks what it stores
+        either way (ids, namespaces, storable JSON).
         """
         checked: list[Vote] = []
         for i, vote in enumerate(list(votes)):

@@ -153,6 +153,21 @@ def _in_range(dt: datetime) -> datetime:
     return dt
 
 
+def vote_checks(vote: Vote) -> Vote:
+    """The vote-level checks (answers not both empty nor identical, a context with text) and the content-hash
+    id: ``Vote``'s own after-validator, also applied by a caller that builds a ``Vote`` from fields it has
+    already checked (``Vote.model_construct``; the proxy's vote route). Raises ``ValueError``."""
+    if not vote.chosen.strip() and not vote.rejected.strip():
+        raise ValueError("chosen and rejected are both empty; at most one answer of a vote may be empty")
+    if vote.chosen.strip() == vote.rejected.strip():
+        raise ValueError("chosen and rejected are identical; a vote needs two different responses")
+    if not any(m.content.strip() for m in vote.context):
+        raise ValueError("context has no non-empty message")
+    if not vote.id:
+        vote.id = vote_fingerprint(vote.user_id, vote.context, vote.chosen, vote.rejected, vote.timestamp)
+    return vote
+
+
 def parse_timestamp(v: Any) -> datetime | None:
     """A vote time from ISO-8601 text, epoch seconds or milliseconds (or a datetime), in 1970–9999; None if empty."""
     if v is None or v == "":
@@ -265,15 +280,7 @@ class Vote(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> Vote:
-        if not self.chosen.strip() and not self.rejected.strip():
-            raise ValueError("chosen and rejected are both empty; at most one answer of a vote may be empty")
-        if self.chosen.strip() == self.rejected.strip():
-            raise ValueError("chosen and rejected are identical; a vote needs two different responses")
-        if not any(m.content.strip() for m in self.context):
-            raise ValueError("context has no non-empty message")
-        if not self.id:
-            self.id = vote_fingerprint(self.user_id, self.context, self.chosen, self.rejected, self.timestamp)
-        return self
+        return vote_checks(self)
 
     @property
     def query_text(self) -> str:

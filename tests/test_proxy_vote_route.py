@@ -154,3 +154,81 @@ async def test_a_vote_write_skips_fastapis_own_layers(tmp_path: Any) -> None:
                        if ln.startswith("synth_proxy_requests_total") and label in ln]
             assert any('status="200"' in ln and ln.endswith(" 1.0") for ln in counted), counted
             assert any('status="400"' in ln and ln.endswith(" 1.0") for ln in counted), counted  # "{": before routing, unmatched
+
+
+# A body vote that ``VoteIn`` checked is not validated again (``_checked_vote``): the same ``Vote``
+# as ``parse_vote`` gives, or the ``parse_vote`` path (its refusals, in its words) for the rest.
+SHAPES: list[dict[str, Any]] = [
+    vote(id="s-1"),
+    vote(),  # no id: the content hash
+    vote(id="s-2", rejected=""),  # one answer may be empty
+    vote(id="s-3", timestamp="2025-01-01T10:00:00+02:00", split="val"),
+    vote(id="s-4", timestamp=1735725600),
+    vote(id="s-5", timestamp=1735725600123.5),  # milliseconds
+    vote(id="s-6", context="zoë \u00e9\u4e2d \U0001F600", chosen="  Apple.  ", rejected="\tStone."),
+    vote("zoë@example.com", id="s-7"),
+]
+REFUSED: list[dict[str, Any]] = [
+    vote(chosen="Same.", rejected=" Same. "),  # identical once stripped
+    vote(chosen=" ", rejected=""),  # both empty
+    vote(context="   "),  # no text in the context
+]
+OTHER_SHAPES: list[dict[str, Any]] = [
+    vote(id=7),
+    vote(context=[{"role": "human", "content": "Name a fruit."}]),
+    vote(chosen={"role": "model", "content": "Apple."}),
+    vote(chosen=[{"role": "user", "content": "?"}, {"role": "bot", "content": "Apple."}]),
+    vote(chosen={"role": "user", "content": "Apple."}),  # refused by Vote: not an assistant answer
+]
+
+
+@pytest.mark.parametrize("body", SHAPES)
+def test_a_checked_text_vote_is_the_vote_parse_vote_builds(body: dict[str, Any]) -> None:
+    item = votes_routes_adapter().validate_python(body)
+    fast = votes_routes._checked_vote(item, item.user_id)
+    slow = votes_routes.parse_vote(item.model_dump(exclude_none=True))
+    assert fast is not None
+    assert fast.model_dump() == slow.model_dump() and fast.model_dump_json() == slow.model_dump_json()
+    assert fast.query_text == slow.query_text
+
+
+@pytest.mark.parametrize("body", REFUSED + OTHER_SHAPES)
+def test_refused_votes_and_other_shapes_go_through_parse_vote(body: dict[str, Any]) -> None:
+    item = votes_routes_adapter().validate_python(body)
+    assert votes_routes._checked_vote(item, item.user_id) is None
+
+
+def votes_routes_adapter() -> Any:
+    from pydantic import TypeAdapter
+
+    return TypeAdapter(api_models().VoteIn)
+
+
+async def test_a_text_vote_is_validated_once_and_the_others_as_before(tmp_path: Any, monkeypatch: Any) -> None:
+    """The route stores a text vote without a second validation (``parse_vote`` is not called) and still
+    refuses a bad one with parse_vote's 400; a vote of messages goes through ``parse_vote``."""
+    calls: list[Any] = []
+    real = votes_routes.parse_vote
+
+    def counting(data: Any, **kw: Any) -> Any:
+        calls.append(data)
+        return real(data, **kw)
+
+    monkeypatch.setattr(votes_routes, "parse_vote", counting)
+    app = create_app(Settings(home=tmp_path), ProxySettings(api_keys=f"acme:{KEY}", synthesis="off"),
+                     store=InMemoryStore())
+    async with app.router.lifespan_context(app):  # type: ignore[attr-defined]
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
+            r = await client.post("/v1/votes", headers=H, content=json.dumps([vote(id="o-1"), vote()]).encode())
+            assert r.status_code == 200 and r.json()["added"] == 2 and calls == []
+            bad = await client.post("/v1/votes", headers=H, content=json.dumps(
+                vote(id="o-2", chosen="Same.", rejected="Same.")).encode())
+            assert bad.status_code == 400 and "identical" in bad.json()["error"]["message"] and len(calls) == 1
+            msgs = await client.post("/v1/votes", headers=H, content=json.dumps(
+                vote(id="o-3", chosen={"role": "model", "content": "Apple."})).encode())
+            assert msgs.status_code == 200 and msgs.json()["added"] == 1 and len(calls) == 2
+            memory = app.state.proxy.memories("acme")
+            stored = {v.id: v for v in await memory.list_votes("ana@example.com")}
+            assert set(stored) >= {"o-1", "o-3"} and "o-2" not in stored
+            assert stored["o-1"].context[0].content == "Name a fruit." and stored["o-3"].chosen == "Apple."

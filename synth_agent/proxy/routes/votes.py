@@ -14,6 +14,7 @@ from graphs.chat import VoteError
 from store.intake import IntakeFull
 from synth_agent.engine.selection import served_persona
 from synth_agent.ingest import parse_vote
+from synth_agent.models import Message, Vote, parse_timestamp, vote_checks
 from synth_agent.proxy.deps import JsonCaller, PinnedUser, State, resolve_user, solve_json_write
 from synth_agent.proxy.errors import ProxyError, responses
 from synth_agent.proxy.guard import PARSED_BODY
@@ -66,6 +67,38 @@ def _votes_route(votes_body: TypeAdapter[Any]) -> type[APIRoute]:
     return VotesRoute
 
 
+def _checked_vote(item: Any, user_id: str) -> Vote | None:
+    """The :class:`~synth_agent.models.Vote` of one body vote that ``VoteIn`` has just validated, built
+    without validating its fields a second time; None when :func:`~synth_agent.ingest.parse_vote` must.
+
+    Why: a vote write was validated twice on the event loop, by the body type ``VoteIn`` (strict:
+    FastAPI's 422 errors) and again by ``Vote`` (a dump, then every field validator). For the common
+    shape (context, chosen and rejected as text, an id that is text or absent) ``VoteIn`` has already
+    made every check ``Vote``'s field validators make, with the same limits: text within
+    ``max_content_chars`` (the models are built from the same settings) and encodable as UTF-8, the id
+    and user id by the same functions (a pinned user id by ``pinned_user``). Only the conversion is
+    left: the text context becomes one user message, and the timestamp a datetime (by the same
+    ``parse_timestamp``). The vote-level checks (answers empty or identical, a context with no text)
+    and the content-hash id run as in ``Vote``'s own validator (:func:`~synth_agent.models.vote_checks`); when it refuses, None, so
+    ``parse_vote`` refuses the vote in its usual words. Any other shape (messages, an integer id)
+    needs ``Vote``'s normalisation and goes through ``parse_vote``.
+    """
+    context, chosen, rejected, vid = item.context, item.chosen, item.rejected, item.id
+    if type(context) is not str or type(chosen) is not str or type(rejected) is not str:
+        return None
+    if vid is not None and type(vid) is not str:
+        return None
+    ts = item.timestamp
+    vote = Vote.model_construct(
+        id=vid or "", user_id=user_id, context=[Message.model_construct(role="user", content=context)],
+        chosen=chosen, rejected=rejected, timestamp=None if ts is None else parse_timestamp(ts), split=item.split,
+    )
+    try:
+        return vote_checks(vote)
+    except ValueError:
+        return None
+
+
 def router(models: ApiModels) -> APIRouter:
     r = APIRouter(tags=["votes"])
     VotesBody, ABRequest, ABVoteRequest = models.VotesBody, models.ABRequest, models.ABVoteRequest
@@ -85,8 +118,13 @@ def router(models: ApiModels) -> APIRouter:
         items: list[Any] = payload if isinstance(payload, list) else getattr(payload, "votes", None) or [payload]
         votes, errors = [], []
         for i, item in enumerate(items):
+            user_id = resolve_user(pinned, item.user_id, required=True, where=f"votes[{i}].user_id")
+            checked = _checked_vote(item, user_id)  # type: ignore[arg-type]  # required=True: a str
+            if checked is not None:
+                votes.append(checked)
+                continue
             data = item.model_dump(exclude_none=True)
-            data["user_id"] = resolve_user(pinned, data.get("user_id"), required=True, where=f"votes[{i}].user_id")
+            data["user_id"] = user_id
             try:
                 votes.append(parse_vote(data, max_content_chars=st.settings.max_content_chars))
             except ValueError as exc:
@@ -96,7 +134,7 @@ def router(models: ApiModels) -> APIRouter:
             raise ProxyError(400, f"{len(errors)} of {len(items)} votes are invalid; nothing was stored: {shown}",
                              param="votes", code="invalid_vote")
         try:
-            result = await memories(caller.tenant).add_votes(votes, validated=True)  # by parse_vote, just now
+            result = await memories(caller.tenant).add_votes(votes, validated=True)  # just now, once
         except IntakeFull as exc:  # the store is too far behind: push back instead of queueing without bound
             raise ProxyError(503, str(exc), code="store_backlog",
                              headers={"Retry-After": str(max(1, round(exc.retry_after)))}) from None
