@@ -95,10 +95,7 @@ def judge_system_message(persona: str | None, *, version: str = JUDGE_VERSION) -
 def demo_turns(demo: Demo, *, label_only: bool = False) -> tuple[ChatMessage, ChatMessage]:
     """One demo as its (user, assistant) turns; ``label_only``: the answer is the bare letter (log-prob judge)."""
     answer = demo.label if label_only else judge_answer_json(demo.label, demo.reasoning)
-    return (
-        {"role": "user", "content": render_pair(demo.context, demo.first, demo.second) + "\n\n" + QUESTION},
-        {"role": "assistant", "content": answer},
-    )
+    return pair_turn(demo.context, demo.first, demo.second), {"role": "assistant", "content": answer}
 
 
 def pair_turn(context: Sequence[Message], a: str, b: str) -> ChatMessage:

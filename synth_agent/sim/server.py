@@ -41,7 +41,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from synth_agent.serving import ThreadedServer, freeze_heap_after_startup
-from synth_agent.sim.prefix_cache import DEFAULT_CAPACITY_TOKENS, PrefixCache
+from synth_agent.sim.prefix_cache import CHARS_PER_TOKEN, DEFAULT_CAPACITY_TOKENS, PrefixCache
 from synth_agent.sim.slots import SlotQueue
 
 logger = logging.getLogger(__name__)
@@ -273,8 +273,9 @@ def _tokens(text: str) -> int:
 
 
 def _tokens_of(chars: int) -> int:
-    """The simulator's token count of a text of ``chars`` characters (4 a token, at least 1 unless empty)."""
-    return max(1, math.ceil(chars / 4)) if chars else 0
+    """The simulator's token count of a text of ``chars`` characters (``CHARS_PER_TOKEN`` a token, at least 1
+    unless empty): the same token the prefix cache model counts its blocks in."""
+    return max(1, math.ceil(chars / CHARS_PER_TOKEN)) if chars else 0
 
 
 def _error(
