@@ -171,23 +171,46 @@ def expected_ids(writers: int, per_writer: int, users: int) -> dict[str, set[str
 # is timed. done() prints what wrk measured (microseconds) as one JSON line.
 WRK_LUA = textwrap.dedent("""\
     local bodies, sent, answered, ok, verified = {}, 0, 0, 0, false
+    local trace = os.getenv("BENCH_TRACE")
+    local now_us, sent_at, done_at, code = nil, {}, {}, {}
+    if trace then  -- per-request times (CLOCK_MONOTONIC, as Python's time.monotonic), matched by X-Request-ID
+      local ffi = require("ffi")
+      ffi.cdef("typedef struct { long s; long ns; } bench_ts; int clock_gettime(int, bench_ts *);")
+      local ts = ffi.new("bench_ts")
+      now_us = function() ffi.C.clock_gettime(1, ts); return tonumber(ts.s) * 1000000 + tonumber(ts.ns) / 1000 end
+    end
     function init(args)
+      local k = 0
       for line in io.lines(os.getenv("BENCH_BODIES")) do
-        bodies[#bodies + 1] = wrk.format("POST", "/v1/votes", {
-          ["Content-Type"] = "application/json",
-          ["Authorization"] = "Bearer " .. os.getenv("BENCH_KEY")}, line)
+        k = k + 1
+        local headers = {["Content-Type"] = "application/json", ["Authorization"] = "Bearer " .. os.getenv("BENCH_KEY")}
+        if trace then headers["X-Request-ID"] = "bench-" .. k end
+        bodies[k] = wrk.format("POST", "/v1/votes", headers, line)
       end
     end
     function request()
       if not verified then verified = true; return bodies[1] end
       if sent >= #bodies then return "" end
       sent = sent + 1
+      if trace then sent_at[sent] = now_us() end
       return bodies[sent]
     end
     function response(status, headers, body)
       answered = answered + 1
       if status >= 200 and status < 300 then ok = ok + 1 end
+      if trace then
+        local rid = headers["x-request-id"] or headers["X-Request-ID"] or ""
+        local k = tonumber(string.match(rid, "^bench%-(%d+)$"))
+        if k then done_at[k] = now_us(); code[k] = status end
+      end
       if answered == #bodies then
+        if trace then
+          local f = io.open(trace, "w")
+          for k = 1, #bodies do
+            f:write(string.format("%d %.1f %.1f %d\\n", k, sent_at[k] or -1, done_at[k] or -1, code[k] or 0))
+          end
+          f:close()
+        end
         wrk.thread:set("ok", ok)
         wrk.thread:set("answered", answered)
         wrk.thread:stop()
@@ -221,13 +244,16 @@ class WrkBurst:
     synthetic companions. The run is therefore ended (SIGINT) no earlier than 3× the burst's duration,
     which puts the interval above any latency of the burst, so wrk's percentiles are the measured ones."""
 
-    def __init__(self, url: str, lines: list[bytes], connections: int, limit_s: int = 120) -> None:
+    def __init__(self, url: str, lines: list[bytes], connections: int, limit_s: int = 120,
+                 trace: Path | None = None) -> None:
         self.tmp = tempfile.TemporaryDirectory(prefix="vote-wrk-")
         lua, data = Path(self.tmp.name) / "votes.lua", Path(self.tmp.name) / "bodies.jsonl"
         lua.write_text(WRK_LUA)
         data.write_bytes(b"".join(line + b"\n" for line in lines))
         self.cmd = ["wrk", "-t1", f"-c{connections}", f"-d{limit_s}s", "--timeout", f"{limit_s}s", "-s", str(lua), url]
         self.env = {**os.environ, "BENCH_BODIES": str(data), "BENCH_KEY": KEY}
+        if trace is not None:  # each request carries X-Request-ID bench-<k>; see WRK_LUA and read_trace
+            self.env["BENCH_TRACE"] = str(trace)
 
     def start(self) -> None:
         import resource
@@ -262,9 +288,37 @@ class WrkBurst:
         return out
 
 
+def read_trace(path: Path) -> list[tuple[int, float, float, int]]:
+    """``--trace``'s lines as ``(k, sent ms, latency ms, status)``, sent from the burst's first send (k is the
+    body's place in the send order, 1-based: the first ``writers`` are the first wave)."""
+    rows = [(int(k), float(s), float(d), int(c)) for k, s, d, c in (ln.split() for ln in path.read_text().splitlines())]
+    t0 = min(s for _, s, _, _ in rows if s >= 0)
+    return [(k, (s - t0) / 1000, (d - s) / 1000 if d >= 0 and s >= 0 else float("nan"), c) for k, s, d, c in rows]
+
+
+def trace_summary(rows: list[tuple[int, float, float, int]], writers: int, parts: int = 10) -> list[str]:
+    """Which requests make the tail: latency by send time (``parts`` slices of the burst), the first wave
+    against the rest, and the slowest 1 % with their send times."""
+    done = [r for r in rows if r[2] == r[2]]
+    end = max(s for _, s, _, _ in done)
+    out = ["latency by send time (ms from the first send): n, p50, p99, max"]
+    for i in range(parts):
+        lo, hi = end * i / parts, end * (i + 1) / parts
+        lat = [d for _, s, d, _ in done if lo <= s < hi or (i == parts - 1 and s == hi)]
+        if lat:
+            out.append(f"  {lo:6.0f}-{hi:6.0f}  {len(lat):4d}  {pct(lat, 0.5):6.1f}  {pct(lat, 0.99):6.1f}  {max(lat):6.1f}")
+    for name, part in (("first wave", [d for k, _, d, _ in done if k <= writers]),
+                       ("the rest", [d for k, _, d, _ in done if k > writers])):
+        if part:
+            out.append(f"{name:11} n={len(part)} p50={pct(part, 0.5):.1f} p99={pct(part, 0.99):.1f} max={max(part):.1f}")
+    slow = sorted(done, key=lambda r: -r[2])[: max(1, len(done) // 100)]
+    out.append("slowest 1 % (k, sent ms, latency ms): " + ", ".join(f"{k}@{s:.0f}:{d:.0f}" for k, s, d, _ in slow))
+    return out
+
+
 async def load(
     url: str, writers: int, per_writer: int, users: int, server_pid: int, rate: float | None = None,
-    generator: str = "python",
+    generator: str = "python", trace: Path | None = None,
 ) -> dict[str, object]:
     """The writers (``generator``: ``python`` or ``wrk``) and the /healthz sampler (aiohttp: a light client).
 
@@ -327,7 +381,8 @@ async def load(
         wrk: dict[str, Any] = {}
         if generator == "wrk":
             # in the order w0-0, w1-0, …, w0-1, …: the order the Python writers start them in
-            burst = WrkBurst(url, [sends[w][i] for i in range(per_writer) for w in range(writers)], writers)
+            burst = WrkBurst(url, [sends[w][i] for i in range(per_writer) for w in range(writers)], writers,
+                             trace=trace)
             burst.start()
             await asyncio.to_thread(burst.finished)
         else:
@@ -442,6 +497,8 @@ def main() -> None:
     ap.add_argument("--load", choices=["python", "wrk"], default="python",
                     help="load generator: aiohttp writers in this process, or wrk (compiled, Lua script)")
     ap.add_argument("--json", type=Path, help="also write the figures here")
+    ap.add_argument("--trace", type=Path, help="with --load wrk: write each request's send time and latency here "
+                    "(k sent_us answered_us status; CLOCK_MONOTONIC) and print which requests make the tail")
     args = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: stop the server and simulator we started
     repo = args.repo.resolve()
@@ -451,9 +508,11 @@ def main() -> None:
             raise SystemExit("wrk is not installed: `apt-get install -y wrk` (Debian/Ubuntu) or `brew install wrk`")
         if args.rate:
             raise SystemExit("--rate needs the Python writers (--load python): wrk runs a closed loop")
+    elif args.trace:
+        raise SystemExit("--trace needs --load wrk")
     result, stored = measure(repo, python, args.synthesis,
                           lambda url, pid: run(load(url, args.writers, args.votes, args.users, pid, args.rate,
-                                                    args.load)))
+                                                    args.load, args.trace)))
     res: dict[str, Any] = result  # type: ignore[assignment]
     health = res["health"]
     total = args.writers * args.votes
@@ -498,6 +557,9 @@ def main() -> None:
             print(f"  {k:18} {v}")
     if res["errors"]:
         print("  first errors:", res["errors"][:5])
+    if args.trace:
+        for line in trace_summary(read_trace(args.trace), args.writers):
+            print("  " + line)
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))
 

@@ -49,6 +49,8 @@ class _Recorder(BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(payload)))
+        if self.headers.get("X-Request-ID"):  # echoed, as the proxy's RequestGuard does
+            self.send_header("X-Request-ID", self.headers["X-Request-ID"])
         self.end_headers()
         self.wfile.write(payload)
 
@@ -84,3 +86,31 @@ def test_wrk_posts_every_prepared_body_once_and_nothing_else() -> None:
         v = json.loads(b)
         sent.setdefault(v["user_id"], set()).add(v["id"])
     assert sent == bench.expected_ids(writers, per_writer, users)
+
+
+def test_wrk_trace_times_every_request_by_its_place_in_the_send_order(tmp_path: Path) -> None:
+    bench = _bench()
+    writers, per_writer, users = 8, 3, 4
+    sends = bench.bodies(writers, per_writer, users)
+    lines = [sends[w][i] for i in range(per_writer) for w in range(writers)]
+    _Recorder.received = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    trace = tmp_path / "trace.txt"
+    try:
+        burst = bench.WrkBurst(f"http://127.0.0.1:{server.server_address[1]}", lines, writers, limit_s=30, trace=trace)
+        burst.start()
+        burst.finished()
+        burst.result()
+    finally:
+        server.shutdown()
+        server.server_close()
+    rows = bench.read_trace(trace)
+    assert [k for k, _, _, _ in rows] == list(range(1, len(lines) + 1))
+    assert all(d >= 0 and s >= 0 for _, s, d, _ in rows)  # every request was sent and its answer matched
+    assert min(s for _, s, _, _ in rows) == 0
+    assert {k: c for k, _, _, c in rows} == {k + 1: (400 if json.loads(b)["id"] == "w3-1" else 200)
+                                            for k, b in enumerate(lines)}
+    summary = bench.trace_summary(rows, writers)
+    assert summary[0].startswith("latency by send time") and any(s.startswith("first wave") for s in summary)
