@@ -96,12 +96,16 @@ class _Append:
     outcome: list[list[_Write] | BaseException] = field(default_factory=list)
 
 
-_WAVE = 32
+_WAVE = 256
+"""Callers answered per event-loop iteration: a whole group (``IntakeJournal.GROUP``). With 32, a group of
+~100 was answered over 3-4 iterations of a loop busy with new requests (10-25 ms each): its callers waited
+46 ms on average between the group's commit and their answer (17 ms with the whole group at once), and the
+last wave's made the write p99 (``bench/vote_write.py --trace``, docs/store.md, 2026-12-01 session 27)."""
 
 
 def _settle(answers: list[tuple[_Append, Any, bool]]) -> None:
     """On the caller's event loop: answers a group (a caller that gave up is skipped), ``_WAVE`` callers per
-    loop iteration, so a large group's callers do not hold the loop (and ``/healthz``) all at once."""
+    loop iteration (the rest in the next ones)."""
     for req, value, failed in answers[:_WAVE]:
         if not req.future.done():
             if failed:
@@ -219,8 +223,8 @@ class IntakeJournal:
     """Requests journaled per transaction at most. A group pays one journal lookup, one Chroma lookup (which
     ids are stored: an HTTP call to a local Chroma server) and one fsync whatever its size, so under a
     burst larger groups acknowledge more per second (with 32, a 2-core machine under load spent ~55 ms
-    per group, half of it in the Chroma lookup, and requests queued for the appender); callers are
-    answered in waves of ``_WAVE`` (:func:`_settle`)."""
+    per group, half of it in the Chroma lookup, and requests queued for the appender); a group's callers
+    are answered in one loop iteration (``_WAVE``, :func:`_settle`)."""
 
     def _append_loop(self) -> None:
         while True:
@@ -229,7 +233,7 @@ class IntakeJournal:
                     self._acv.wait()
                 if not self._appends:
                     return
-                # At most GROUP requests per transaction; they are answered in waves (see _settle)
+                # At most GROUP requests per transaction (answered together, see _settle)
                 reqs, self._appends = self._appends[: self.GROUP], self._appends[self.GROUP :]
             answers: list[tuple[_Append, Any, bool]] = []
             try:
@@ -306,7 +310,8 @@ class IntakeJournal:
                 # Not journaled: either new, or already drained (its row leaves only after its commit).
                 stored = store._stored_ids([i for i in iids if i not in journaled])
                 taken = journaled | stored
-                rows = []
+                rows: list[tuple[int, str, str, str, float]] = []
+                docs: list[tuple[str, dict[str, Any]]] = []
                 fresh: dict[int, list[_Write]] = {}
                 ntoks: dict[tuple[str, ...], str] = {}  # one HMAC per namespace of the group
                 for r in reqs:
@@ -324,12 +329,11 @@ class IntakeJournal:
                                 ix = w.index if w.index is not None else (None if w.texts else False)
                                 doc = {"ns": list(w.ns), "k": w.key, "v": w.value, "ix": ix}
                                 ntok = ntoks.get(w.ns) or ntoks.setdefault(w.ns, store._ntok(w.ns))
-                                rows.append((batch, grp, w.iid, ntok, now,
-                                             store.codec.seal(f"intake:{w.iid}", doc, key)))
+                                rows.append((batch, grp, w.iid, ntok, now))
+                                docs.append((f"intake:{w.iid}", doc))
                         flags_r.append(flags)
                     out.append(flags_r)
-                self._conn.executemany(
-                    "INSERT INTO rows (batch, grp, iid, n, created, body) VALUES (?, ?, ?, ?, ?, ?)", rows)
+                self._insert(rows, store.codec.seal_many(docs, key))
                 self._conn.execute("COMMIT")
                 inserted = len(rows)
             except BaseException:
@@ -347,6 +351,24 @@ class IntakeJournal:
             self._cv.notify_all()
         self._key_rows += inserted
         return out
+
+    _INSERT_ROWS = 128
+    """Rows per ``INSERT`` statement of :meth:`_insert` (6 parameters each: well under SQLite's 999)."""
+
+    def _insert(self, rows: Sequence[tuple[int, str, str, str, float]], bodies: Sequence[str]) -> None:
+        """Insert a group's rows (inside the caller's transaction) with one statement per ``_INSERT_ROWS``.
+
+        Why not ``executemany``: Python's sqlite3 releases the GIL around every ``sqlite3_step``, one
+        per row, and under a write burst the appender then waited for the event loop to hand the GIL
+        back (up to the switch interval) once per row of its group; a multi-row ``VALUES`` list is
+        one step for up to ``_INSERT_ROWS`` rows. Same rows, same transaction.
+        """
+        values = [(*r, b) for r, b in zip(rows, bodies, strict=True)]
+        for start in range(0, len(values), self._INSERT_ROWS):
+            chunk = values[start : start + self._INSERT_ROWS]
+            marks = ",".join(["(?, ?, ?, ?, ?, ?)"] * len(chunk))
+            self._conn.execute(f"INSERT INTO rows (batch, grp, iid, n, created, body) VALUES {marks}",
+                               [v for row in chunk for v in row])
 
     _KEY_ROWS = 2048
     _KEY_SECONDS = 5.0

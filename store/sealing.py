@@ -28,6 +28,7 @@ import hashlib
 import hmac
 import json
 import os
+from collections.abc import Sequence
 from typing import Any
 
 _NONCE = 12
@@ -68,6 +69,25 @@ class Codec:
         nonce = os.urandom(_NONCE)
         ct = self._aead(key).encrypt(nonce, raw, rid.encode())  # type: ignore[misc]
         return "s" + base64.b64encode(nonce + ct).decode()
+
+    def seal_many(self, docs: Sequence[tuple[str, dict[str, Any]]], key: bytes | None) -> list[str]:
+        """``[seal(rid, doc, key) for rid, doc in docs]``, with one cipher and one read of the OS's randomness.
+
+        Why: :meth:`seal` reads its nonce with ``os.urandom``, a system call that releases the GIL;
+        the intake journal's appender seals a whole group of rows (~100 under a write burst) while
+        the event loop is busy, and each release cost it a wait for the GIL to come back (up to the
+        switch interval). The nonces are the same: 96 random bits each, from one ``os.urandom`` call.
+        """
+        if key is None or not docs:
+            return [self.seal(rid, doc, key) for rid, doc in docs]
+        aead = self._aead(key)
+        nonces = os.urandom(_NONCE * len(docs))
+        out = []
+        for i, (rid, doc) in enumerate(docs):
+            raw = json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+            nonce = nonces[i * _NONCE : (i + 1) * _NONCE]
+            out.append("s" + base64.b64encode(nonce + aead.encrypt(nonce, raw, rid.encode())).decode())
+        return out
 
     def open(self, rid: str, blob: str, key: bytes | None) -> dict[str, Any]:
         if not blob:

@@ -68,7 +68,7 @@ def freeze_heap_after_startup(app: Any) -> Any:
     return wrapped
 
 
-ACCEPT_LISTENERS = 16
+ACCEPT_LISTENERS = 64
 """Descriptors of the one listening socket a serving process polls (see :func:`accept_listeners`)."""
 
 
@@ -83,7 +83,11 @@ def accept_listeners(sock: socket.socket, n: int = ACCEPT_LISTENERS) -> list[soc
     requests waited up to 1.5 s (the p99 of ``bench/vote_write.py``'s bad rounds). Each
     duplicate is a handle of its own on the **same** socket (one accept queue, one port, no
     ``SO_REUSEPORT``: a second server on the port still fails to bind), so the loop accepts up
-    to ``n`` connections per turn. An idle server sees no difference (nothing is readable).
+    to ``n`` connections per turn. An idle server sees no difference (nothing is readable); a
+    new connection wakes every handle, and all but one get ``EAGAIN`` from ``accept`` inside libuv
+    (no Python callback). 64, not 16: with 16 the 200 connections of ``bench/vote_write.py`` took 13
+    turns, and the last ones' first requests reached the handler ~120-320 ms after they were sent,
+    the write p99 of the burst (``--trace``, docs/store.md, 2026-12-01 session 27).
     The caller closes every returned socket.
     """
     return [sock, *(sock.dup() for _ in range(max(0, n - 1)))]

@@ -26,7 +26,13 @@ from synth_agent.config import Settings
 from synth_agent.llm.client import EndpointConfig, LLMClient
 from synth_agent.models import PersonaProfile
 from synth_agent.proxy import ProxyServer, ProxySettings, ProxyState, create_app
-from synth_agent.serving import SERVE_GC_GEN1, ThreadedServer, accept_listeners, freeze_heap_after_startup
+from synth_agent.serving import (
+    ACCEPT_LISTENERS,
+    SERVE_GC_GEN1,
+    ThreadedServer,
+    accept_listeners,
+    freeze_heap_after_startup,
+)
 
 KEY = "sk-upstream"
 H = {"Authorization": f"Bearer {KEY}"}
@@ -209,6 +215,11 @@ def test_a_serving_loop_accepts_a_wave_of_connections_in_one_turn_not_one_per_tu
     descriptor duplicated (``accept_listeners``) they are all accepted in the first turn."""
     assert _loop_turns_to_accept(1) == 12  # libuv's one accept per turn, which the duplicates work around
     assert _loop_turns_to_accept(16) <= 1
+
+
+def test_a_serving_loop_accepts_sixty_connections_in_one_turn() -> None:
+    """The first wave of a 200-writer burst: with 16 descriptors 60 clients took 4 turns of a busy loop."""
+    assert _loop_turns_to_accept(ACCEPT_LISTENERS, clients=60) <= 1
 
 
 def test_accept_listeners_share_one_socket_and_the_port_stays_exclusive() -> None:
