@@ -520,3 +520,59 @@ def test_only_identical_flat_string_puts_share_their_preparation() -> None:
         assert _repeat_key(PutOp(("t",), "k", value, index=False)) is None
     assert _repeat_key(PutOp(["t"], "k", {"a": "x"}, index=False)) is None  # type: ignore[arg-type]
     assert _repeat_key(PutOp(("t",), "k", {"a": "x"}, index=["a"])) is None
+
+
+def test_a_group_is_sealed_with_one_urandom_and_inserted_with_few_statements(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The appender seals a group's rows with one read of the OS's randomness and inserts them with one
+    ``INSERT`` per ``_INSERT_ROWS`` rows (each ``os.urandom`` and each ``sqlite3_step`` releases the GIL,
+    and under a burst the appender then waited for the event loop to hand it back); every row is
+    journaled, opens with its key, and is stored once drained."""
+    from types import SimpleNamespace
+
+    from store import sealing
+
+    store = open_store(tmp_path / "chroma")
+    try:
+        hold(store)
+        intake = store.intake
+        assert intake is not None
+        monkeypatch.setattr(intake, "_INSERT_ROWS", 5, raising=False)
+        inserts: list[str] = []
+        intake._conn.set_trace_callback(lambda sql: inserts.append(sql) if sql.startswith("INSERT") else None)
+        reads: list[int] = []
+        urandom = os.urandom
+
+        def counting(n: int) -> bytes:
+            reads.append(n)
+            return urandom(n)
+
+        monkeypatch.setattr(sealing, "os", SimpleNamespace(urandom=counting))  # the nonces' reads only
+        mem = PreferenceMemory(store, "acme")
+        users = ["u0@x.io", "u1@x.io"]
+
+        async def main() -> list[Any]:
+            with intake._cv:  # the appender takes nothing until all ten are queued: one group
+                tasks = [asyncio.ensure_future(mem.add_votes([vote(i, user=users[i % 2])])) for i in range(10)]
+                for _ in range(100):
+                    if len(intake._appends) == 10:
+                        break
+                    await asyncio.sleep(0)
+                assert len(intake._appends) == 10
+            return await asyncio.wait_for(asyncio.gather(*tasks), 60)
+
+        results = asyncio.run(main())
+        intake._conn.set_trace_callback(None)
+        assert [(r.added, r.duplicates) for r in results] == [(1, 0)] * 10
+        assert reads == [12 * 12]  # 12 rows (10 votes, 2 registrations): one 12-byte nonce each, one read
+        assert len(inserts) == 3  # 12 rows, 5 per statement (executemany: one step per row)
+        assert intake.backlog == 12
+        for u in users:  # read back from the journal: every row opens
+            assert sorted(v.id for v in asyncio.run(mem.list_votes(u))) == sorted(
+                f"v{i}" for i in range(10) if users[i % 2] == u)
+        release(store)
+        assert intake.wait_drained(60)
+        for u in users:
+            assert sorted(stored_ids(store, "acme", u)) == sorted(f"v{i}" for i in range(10) if users[i % 2] == u)
+    finally:
+        store.close()
