@@ -24,6 +24,12 @@ Two load generators post the same requests (the same bodies, byte for byte):
     .venv/bin/python bench/vote_write.py --repo /work/baseline            # another checkout, same load
     .venv/bin/python bench/vote_write.py --synthesis off                  # fits by a separate worker
     .venv/bin/python bench/vote_write.py --synthesis off --load wrk       # compiled load generator
+    .venv/bin/python bench/vote_write.py --synthesis off --load wrk --trace /tmp/t.txt  # which requests make the tail
+
+``--trace`` (with wrk): every request carries ``X-Request-ID: bench-<k>`` (its place in the send order;
+the proxy echoes it), the Lua script notes its send and answer times (CLOCK_MONOTONIC, so a probe in
+the server can be lined up with it), writes them to the file, and the bench prints latency by send
+time, the first wave against the rest and the slowest 1 %.
 """
 
 from __future__ import annotations
