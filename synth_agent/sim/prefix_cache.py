@@ -82,7 +82,8 @@ class PrefixCache:
     one last touch for all its blocks, and the least recently used block is always the last block of the
     leaf run touched longest ago (ties: the deeper first, as the ``OrderedDict`` had them). Eviction takes
     them from a heap of leaf runs by last touch; the order is the ``OrderedDict``'s
-    (``tests/test_prefix_cache.py`` compares them step by step).
+    (``tests/test_prefix_cache.py`` compares them step by step). The one difference: a name twice in one
+    prompt (a 64-bit hash collision, which would already make the model wrong) counts twice here.
     """
 
     def __init__(self, capacity_tokens: int = DEFAULT_CAPACITY_TOKENS, *, block_tokens: int = 16) -> None:
@@ -97,9 +98,9 @@ class PrefixCache:
         self._size = 0
         """Blocks cached."""
         self._leaves: list[tuple[int, int, _Run]] = []
-        self._pushes = count()
-        """Heap of (last touch, tie-break, run) of leaf runs; entries whose run was touched again, got
+        """Heap of (last touch, push number, run) of leaf runs; entries whose run was touched again, got
         children or left the tree since are skipped when they come up."""
+        self._pushes = count()
         self._touch = 0
         self._lock = threading.Lock()
         self._prefix_names: OrderedDict[tuple[Any, ...], tuple[int, ...]] = OrderedDict()
