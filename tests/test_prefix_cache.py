@@ -283,3 +283,57 @@ def test_remembered_prefixes_give_the_same_block_names_as_hashing_from_scratch()
         messages = [*prefix, {"role": "user", "content": "vote " * rng.randrange(0, 12)}]
         model = rng.choice(["sim", "other"])
         assert cache.blocks(messages, model) == _blocks_from_scratch(messages, model, 16)
+
+
+class _MoveToEndLRU:
+    """The LRU as it was written before 2026-12-01 (session 27): an ``OrderedDict`` and a ``move_to_end`` per block."""
+
+    def __init__(self, capacity_blocks: int) -> None:
+        from collections import OrderedDict
+
+        self.capacity_blocks, self.evicted_blocks = capacity_blocks, 0
+        self.present: OrderedDict[int, None] = OrderedDict()
+
+    def add(self, blocks: list[int]) -> None:
+        for name in reversed(blocks[: self.capacity_blocks]):
+            self.present[name] = None
+            self.present.move_to_end(name)
+        while len(self.present) > self.capacity_blocks:
+            self.present.popitem(last=False)
+            self.evicted_blocks += 1
+
+    def lookup(self, blocks: list[int], usable: int) -> int:
+        hit = 0
+        for name in blocks[:usable]:
+            if name not in self.present:
+                break
+            hit += 1
+        return hit
+
+
+@pytest.mark.parametrize("capacity_blocks", [1, 7, 40, 300])
+def test_the_lru_keeps_and_evicts_exactly_what_a_move_to_end_lru_does(capacity_blocks: int) -> None:
+    """Random prompts as hash chains (shared heads, shared middles, fresh tails, some prompts a prefix of
+    others), added and looked up with now and then a clear: after every step the cached blocks, in LRU order,
+    the evictions and every lookup's hit are the reference's."""
+    import random
+
+    rng = random.Random(capacity_blocks)
+    heads = [[rng.getrandbits(8) for _ in range(rng.randrange(1, 60))] for _ in range(12)]
+    middles = [[rng.getrandbits(8) for _ in range(rng.randrange(0, 20))] for _ in range(8)]
+    cache, ref = PrefixCache(capacity_blocks * 16), _MoveToEndLRU(capacity_blocks)
+    for step in range(3000):
+        texts = [*rng.choice(heads), *rng.choice(middles), *(rng.getrandbits(8) for _ in range(rng.randrange(0, 8)))]
+        blocks, name = [], 0
+        for text in texts:  # each block named by its whole prefix, as PrefixCache.blocks names them
+            name = hash((name, text))
+            blocks.append(name)
+        if rng.random() < 0.002:
+            cache.clear()
+            ref.present.clear()
+        usable = rng.randrange(0, len(blocks) + 2)
+        assert cache.lookup(blocks, usable * 16 + 1) == ref.lookup(blocks, usable) * 16, step
+        cache.add(blocks)
+        ref.add(blocks)
+        assert cache._order() == list(ref.present), step  # the same blocks in the same LRU order
+        assert cache.snapshot()["evicted_blocks"] == ref.evicted_blocks, step

@@ -29,9 +29,12 @@ how much of the prompt was cached (a real server's prefill would be shorter).
 
 from __future__ import annotations
 
+import heapq
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from itertools import compress, count
+from operator import ne
 from typing import Any
 
 __all__ = ["DEFAULT_CAPACITY_TOKENS", "PrefixCache"]
@@ -47,8 +50,41 @@ PREFIX_MEMO = 1024
 """Prompt prefixes whose block names are remembered (least recently used forgotten first)."""
 
 
+def _common(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading names ``a`` and ``b`` share (C-level passes)."""
+    return next(compress(count(), map(ne, a, b)), min(len(a), len(b)))
+
+
+class _Run:
+    """A run of blocks in the tree of cached prefixes: blocks every prompt through it has in a row (an edge of a
+    radix tree of block names), and the last touch (``add``) through it, which is every one of its blocks' last."""
+
+    __slots__ = ("children", "depth", "key", "last", "names", "parent")
+
+    def __init__(self, names: list[int], parent: _Run | None, last: int, depth: int) -> None:
+        self.names = names
+        self.key = names[0] if names else 0
+        """Its first block's name: its key among its parent's children."""
+        self.parent = parent
+        self.last = last
+        self.depth = depth
+        """Blocks before this run's first (its position in every prompt through it)."""
+        self.children: dict[int, _Run] = {}
+
+
 class PrefixCache:
-    """A bounded LRU of prompt blocks; thread-safe (``/stats`` reads it from other threads)."""
+    """A bounded LRU of prompt blocks; thread-safe (``/stats`` reads it from other threads).
+
+    The LRU is kept per run of blocks rather than per block: a request's ~175 blocks are mostly a prefix it
+    shares with many others, and an ``OrderedDict`` with a ``move_to_end`` per block was ~14% of the
+    simulator's CPU in fit_cost's 20-user run (docs/llm.md). Blocks are names in a hash chain, so a block is
+    touched only with all the blocks before it: the blocks cached form a tree of prefixes, each run of it has
+    one last touch for all its blocks, and the least recently used block is always the last block of the
+    leaf run touched longest ago (ties: the deeper first, as the ``OrderedDict`` had them). Eviction takes
+    them from a heap of leaf runs by last touch; the order is the ``OrderedDict``'s
+    (``tests/test_prefix_cache.py`` compares them step by step). The one difference: a name twice in one
+    prompt (a 64-bit hash collision, which would already make the model wrong) counts twice here.
+    """
 
     def __init__(self, capacity_tokens: int = DEFAULT_CAPACITY_TOKENS, *, block_tokens: int = 16) -> None:
         if capacity_tokens < 0:
@@ -58,7 +94,14 @@ class PrefixCache:
         self.block_tokens = block_tokens
         self.capacity_blocks = capacity_tokens // block_tokens
         self._block_chars = block_tokens * CHARS_PER_TOKEN
-        self._blocks: OrderedDict[int, None] = OrderedDict()
+        self._root = _Run([], None, 0, 0)
+        self._size = 0
+        """Blocks cached."""
+        self._leaves: list[tuple[int, int, _Run]] = []
+        """Heap of (last touch, push number, run) of leaf runs; entries whose run was touched again, got
+        children or left the tree since are skipped when they come up."""
+        self._pushes = count()
+        self._touch = 0
         self._lock = threading.Lock()
         self._prefix_names: OrderedDict[tuple[Any, ...], tuple[int, ...]] = OrderedDict()
         """Block names of prompt prefixes seen (every message but the last), most recent last: a fit sends one
@@ -111,39 +154,114 @@ class PrefixCache:
         """Prompt tokens served from the cache: the leading blocks present, short of the last prompt token."""
         if not self.enabled:
             return 0
-        usable = max(0, (prompt_tokens - 1) // self.block_tokens)
-        hit = 0
+        usable = min(len(blocks), max(0, (prompt_tokens - 1) // self.block_tokens))
+        i = 0
         with self._lock:
-            present = self._blocks
-            for name in blocks[:usable]:
-                if name not in present:
+            run = self._root
+            while i < usable:
+                child = run.children.get(blocks[i])
+                if child is None:
                     break
-                hit += 1
-        return hit * self.block_tokens
+                names = child.names
+                part = blocks[i : min(i + len(names), usable)]
+                if len(part) == len(names) and part == names:
+                    i += len(names)
+                    run = child
+                    continue
+                i += _common(names, part)
+                break
+        return i * self.block_tokens
 
     def add(self, blocks: Sequence[int]) -> None:
         """A request finished: its blocks become reusable (most recently used, its first block last)."""
         if not self.enabled or not blocks:
             return
+        names = list(blocks[: self.capacity_blocks])
+        n = len(names)
         with self._lock:
-            present = self._blocks
-            for name in reversed(blocks[: self.capacity_blocks]):
-                present[name] = None
-                present.move_to_end(name)
-            while len(present) > self.capacity_blocks:
-                present.popitem(last=False)
-                self.evicted_blocks += 1
+            self._touch = touch = self._touch + 1
+            run, i = self._root, 0
+            while i < n:
+                child = run.children.get(names[i])
+                if child is None:  # new blocks: a new leaf run
+                    child = _Run(names[i:], run, touch, i)
+                    run.children[names[i]] = child
+                    self._size += n - i
+                    run, i = child, n
+                    break
+                have = child.names
+                m = len(have)
+                if names[i : i + m] != have:  # the prompt leaves (or ends inside) this run: split it there
+                    j = _common(have, names[i : i + m])
+                    upper = _Run(have[:j], run, child.last, child.depth)
+                    run.children[names[i]] = upper
+                    del have[:j]
+                    child.parent, child.depth, child.key = upper, child.depth + j, have[0]
+                    upper.children[have[0]] = child
+                    child = upper
+                    m = j
+                child.last = touch
+                run, i = child, i + m
+            if not run.children:
+                heapq.heappush(self._leaves, (touch, next(self._pushes), run))
+            excess = self._size - self.capacity_blocks
+            if excess > 0:
+                self._evict(excess)
+            if len(self._leaves) > 4 * max(1024, self.capacity_blocks):
+                self._reheap()
+
+    def _evict(self, excess: int) -> None:
+        """Drop the ``excess`` least recently used blocks (the lock is held)."""
+        leaves = self._leaves
+        while excess > 0:
+            last, _, run = leaves[0]
+            if run.last != last or run.children or run.parent is None:  # stale entry
+                heapq.heappop(leaves)
+                continue
+            names = run.names
+            k = min(excess, len(names))
+            del names[len(names) - k :]  # its deepest blocks first
+            self._size -= k
+            self.evicted_blocks += k
+            excess -= k
+            if not names:
+                heapq.heappop(leaves)
+                parent = run.parent
+                del parent.children[run.key]
+                run.parent = None
+                if not parent.children and parent is not self._root:  # the parent is a leaf now
+                    heapq.heappush(leaves, (parent.last, next(self._pushes), parent))
+
+    def _reheap(self) -> None:
+        """Rebuild the heap from the leaf runs (stale entries pile up while nothing is evicted)."""
+        self._leaves = [(run.last, next(self._pushes), run) for run in self._runs() if not run.children]
+        heapq.heapify(self._leaves)
+
+    def _runs(self) -> Iterator[_Run]:
+        stack = list(self._root.children.values())
+        while stack:
+            run = stack.pop()
+            yield run
+            stack.extend(run.children.values())
+
+    def _order(self) -> list[int]:
+        """Every cached block, least recently used first (for tests: the ``OrderedDict``'s order)."""
+        with self._lock:
+            runs = sorted(self._runs(), key=lambda r: (r.last, -r.depth))
+            return [name for run in runs for name in reversed(run.names)]
 
     def clear(self) -> None:
         """Drop every block (vLLM's ``POST /reset_prefix_cache``)."""
         with self._lock:
-            self._blocks.clear()
+            self._root = _Run([], None, 0, 0)
+            self._leaves = []
+            self._size = 0
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
             return {
                 "capacity_tokens": self.capacity_blocks * self.block_tokens,
                 "block_tokens": self.block_tokens,
-                "cached_blocks": len(self._blocks),
+                "cached_blocks": self._size,
                 "evicted_blocks": self.evicted_blocks,
             }
