@@ -1904,14 +1904,24 @@ class ChromaStore(BaseStore):
 
     def _restart_server(self) -> None:
         """Restart the local Chroma server (writer thread, after a compaction): new reads wait, reads in
-        flight finish first; then a new client and the active generation's collections."""
+        flight finish first; then the active generation's collections, through the same client.
+
+        The client is kept when the server comes back on its port (the usual case; its connection pool
+        drops the connections the old process closed): every ``chromadb.HttpClient`` registers its
+        System (HTTP session, TLS context) in a class-level registry of chromadb 1.5.9 twice, and its
+        ``close()`` releases only one of them, so a new client per restart leaked one System each
+        (bench/compact_mem.py; docs/store.md, "Compaction")."""
         assert self._server is not None
         with self._gen_cv:
             self._restarting = True
             self._gen_cv.wait_for(lambda: not self._gen_readers, timeout=30)
+        address = (self._server.host, self._server.port)
         try:
             self._server.restart()
-            self.client = http_client(self._server.host, self._server.port)
+            if (self._server.host, self._server.port) != address:  # the port was taken meanwhile (rare)
+                old, self.client = self.client, http_client(self._server.host, self._server.port)
+                with contextlib.suppress(Exception):
+                    old.close()  # gives back one of the two systems chromadb 1.5.9 registers per client
             cols = self._generation(self._gen)
             with self._gen_cv:
                 self._items, self._vectors, self._namespaces = cols

@@ -255,6 +255,36 @@ def test_compact_through_the_local_chroma_server(tmp_path: Path, minilm: MiniLME
     st.close()
 
 
+def test_restarts_after_compaction_do_not_accumulate_http_clients(tmp_path: Path, minilm: MiniLMEmbeddings) -> None:
+    """A restart of the served Chroma keeps the store's HTTP client (same port): chromadb 1.5.9 keeps
+    every ``HttpClient`` it made (its HTTP session and TLS context) registered even after ``close()``,
+    so a new client per restart grew a server that compacts for days by one per compaction."""
+    import gc
+
+    import httpx
+
+    def sessions() -> int:
+        gc.collect()
+        return sum(isinstance(o, httpx.Client) for o in gc.get_objects())
+
+    st = ChromaStore.local_server(tmp_path / "db", embedding_function=minilm, index_fields=["text"], compact_ratio=0)
+    try:
+        assert st._server is not None and st._server.proc is not None
+        _fill(st)
+        st.compact()
+        before, pids = sessions(), {st._server.proc.pid}
+        for _ in range(3):
+            st.batch([PutOp(("t", "user5"), "z", {"text": "churn"})])
+            st.batch([PutOp(("t", "user5"), "z", None)])
+            st.compact()
+            pids.add(st._server.proc.pid)
+        assert len(pids) == 4 and st._gen == 4  # restarted after each compaction
+        assert sessions() == before
+        assert st.get(("t", "user5"), "k1") is not None and st.health()["ok"]
+    finally:
+        st.close()
+
+
 def test_cli_store_compact(tmp_path: Path, minilm: MiniLMEmbeddings) -> None:
     home = tmp_path / "home"
     st = _open(home / "chroma", minilm, compact_ratio=0)
