@@ -80,6 +80,12 @@ def run_arm(args: argparse.Namespace) -> None:
     sys.path.insert(0, str(args.repo))
     sys.path.insert(0, str(HERE))
     tracemalloc.start(args.frames)
+    try:  # as `synth-agent serve` does before its threads start
+        from synth_agent.serving import limit_malloc_arenas
+
+        limit_malloc_arenas()
+    except ImportError:
+        pass
     from hnsw_churn import HashEmbeddings
     from langgraph.store.base import PutOp
 
@@ -139,15 +145,18 @@ def run_arm(args: argparse.Namespace) -> None:
             st.batch([PutOp(("t", f"u{int(k[1:]) % 50}"), k, None) for k in gone])
             add(50)
         t1 = time.monotonic()
+        rss_churned = status_mb("VmRSS")
         if arm != "churn":
             st.compact()
         t2 = time.monotonic()
+        rss_compacted = status_mb("VmRSS")
         st.search(("t",), query="vote text", limit=3)  # a read after the round (and after a restart)
         gc.collect()
         read_ms = sorted(w * 1000 for w in waits)
         waits.clear()
         row = {
             "round": r, "churn_s": round(t1 - t0, 2), "compact_s": round(t2 - t1, 2),
+            "rss_after_churn_mb": round(rss_churned, 1), "rss_after_compact_mb": round(rss_compacted, 1),
             "rss_mb": round(status_mb("VmRSS"), 1), "anon_mb": round(status_mb("RssAnon"), 1),
             "py_heap_mb": round(tracemalloc.get_traced_memory()[0] / 1e6, 2),
             "chroma_rss_mb": round(child_rss_mb(st._server.proc.pid), 1) if st._server and st._server.proc else 0.0,
@@ -162,7 +171,7 @@ def run_arm(args: argparse.Namespace) -> None:
             row["rss_trimmed_mb"] = round(status_mb("VmRSS"), 1)
         rows.append(row)
         print(json.dumps(row), flush=True)
-        if r == args.warm:
+        if r == args.warm and args.diff:
             snap0 = tracemalloc.take_snapshot()
     elapsed = time.monotonic() - t_start
     stop_reader.set()
@@ -206,6 +215,7 @@ def main() -> None:
     ap.add_argument("--trim", action="store_true", help="also RSS after malloc_trim(0), every round")
     ap.add_argument("--reader", action="store_true",
                     help="a thread reads one user's items every 20 ms; per round: read latency p50/p99/max")
+    ap.add_argument("--diff", action="store_true", help="print the tracemalloc snapshot diff (slow)")
     ap.add_argument("--frames", type=int, default=6, help="tracemalloc frames per allocation")
     ap.add_argument("--top", type=int, default=15)
     ap.add_argument("--_arm", help=argparse.SUPPRESS)
@@ -222,6 +232,7 @@ def main() -> None:
         cmd = [python, __file__, "--_arm", arm, "--repo", str(args.repo), "--items", str(args.items),
                "--churn", str(args.churn), "--rounds", str(args.rounds), "--warm", str(args.warm),
                "--embedder", args.embedder, "--frames", str(args.frames), "--top", str(args.top)]
+        cmd += ["--diff"] * args.diff
         cmd += ["--trim"] * args.trim + ["--reader"] * args.reader
         subprocess.run(cmd, check=True, cwd="/tmp", env={**os.environ, "PYTHONPATH": str(args.repo)})
 

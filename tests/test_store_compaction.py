@@ -10,6 +10,7 @@ suite runs on a store that compacts after every commit with a delete.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -283,6 +284,47 @@ def test_restarts_after_compaction_do_not_accumulate_http_clients(tmp_path: Path
         assert st.get(("t", "user5"), "k1") is not None and st.health()["ok"]
     finally:
         st.close()
+
+
+def _children() -> list[int]:
+    """This process's child processes (from /proc)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            if ppid == os.getpid():
+                out.append(int(d.name))
+    return out
+
+
+def test_the_restart_starts_the_child_prepared_during_the_copy(tmp_path: Path, minilm: MiniLMEmbeddings) -> None:
+    """The next Chroma child imports chromadb while the copy runs (reads wait only for its server to
+    start); a compaction that fails ends that spare, and none is left behind either way."""
+    st = ChromaStore.local_server(tmp_path / "db", embedding_function=minilm, index_fields=["text"], compact_ratio=0)
+    try:
+        assert st._server is not None and st._server.proc is not None
+        _fill(st)
+        before = _snapshot(st)
+        assert st.compact().generation == 1
+        assert st._server.proc.args[:2] == [sys.executable, "-c"]  # the spare, now the server
+        assert _children() == [st._server.proc.pid]
+        assert _snapshot(st) == before and st.health()["ok"]
+
+        def fail(step: str) -> None:
+            if step == "copied":
+                raise RuntimeError("injected")
+
+        st._compact_fault = fail  # type: ignore[attr-defined]
+        with pytest.raises(RuntimeError, match="injected"):
+            st.compact()
+        assert _children() == [st._server.proc.pid] and st._gen == 1
+        assert _snapshot(st) == before
+    finally:
+        st.close()
+    assert _children() == []
 
 
 def test_cli_store_compact(tmp_path: Path, minilm: MiniLMEmbeddings) -> None:
