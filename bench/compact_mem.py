@@ -3,23 +3,26 @@
 Issue 10: with automatic compaction on, the server (Python) process grew ~2.4 MB/min faster in the
 soak (docs/store.md, "Compaction"). This harness isolates it: it opens the store the way ``serve``
 does (:meth:`store.chroma.ChromaStore.local_server`: Chroma in a ``chroma run`` child, sealed, with
-a ledger) and runs ``--rounds`` rounds; each deletes ``--churn`` records and adds as many (so the
-stored count stays at ``--items``), then — per arm — compacts (``compact``: the copy, the switch and
-the restart of the Chroma child, as ``serve`` does), compacts without the restart (``norestart``),
-or does nothing more (``churn``: the baseline). After each round it collects garbage and records,
-for this process: RSS, its anonymous part, the Python heap traced by ``tracemalloc`` and how many
-chromadb client systems (``SharedSystemClient._identifier_to_system``) and ``httpx.Client``
-objects are alive; with ``--trim`` also RSS after ``malloc_trim(0)`` (what glibc held free). At the
-end it prints the per-round slope after ``--warm`` rounds (least squares) and the allocation sites
-of the Python heap that grew most between the end of the warm-up and the last round
-(``tracemalloc`` snapshot diff).
+a ledger, 2 malloc arenas) and runs ``--rounds`` rounds; each deletes ``--churn`` records and adds
+as many (so the stored count stays at ``--items``), then — per arm — compacts (``compact``: the copy,
+the switch and the restart of the Chroma child, as ``serve`` does), compacts without the restart
+(``norestart``), or does nothing more (``churn``: the baseline), then searches once. After each
+round it collects garbage and records, for this process: RSS after the churn, after the compaction
+and at the end of the round, its anonymous part, the Python heap traced by ``tracemalloc``, the
+Chroma child's RSS, and how many chromadb client systems (``SharedSystemClient._identifier_to_system``)
+and ``Client``/``System``/``SSLContext`` objects are alive; with ``--trim`` also RSS after
+``malloc_trim(0)`` (what glibc held free; it changes the rounds after it), with ``--reader`` the
+latency of a thread reading one user's items every 20 ms (p50/p99/max per round: reads wait while
+the Chroma child restarts). At the end: the per-round slopes after ``--warm`` rounds (least
+squares); ``--diff`` also the Python heap's allocation sites that grew most from then to the last
+round (``tracemalloc`` snapshot diff; slow).
 
 Each arm runs in a fresh process (RSS is per process), with the interpreter and the code of
 ``--repo`` (default: this checkout), so ``--repo /work/ref`` measures the code before a change.
 
     .venv/bin/python bench/compact_mem.py                                  # arms churn, compact; 10 rounds
+    .venv/bin/python bench/compact_mem.py --arms compact --rounds 6 --churn 100 --reader   # ~2 min
     .venv/bin/python bench/compact_mem.py --arms compact --repo /work/ref --trim
-    .venv/bin/python bench/compact_mem.py --embedder minilm --items 1000 --churn 500
 
 The default embedder is a deterministic 384-d hash (no model: the server's embedder is not what is
 measured); ``--embedder minilm`` uses the real one.

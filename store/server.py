@@ -219,7 +219,11 @@ def child_env() -> dict[str, str]:
 
 
 _SPARE = """\
-import json, sys
+import ctypes, json, sys
+try:  # PR_SET_NAME: named `chroma` (ps, top, /proc/<pid>/status) like the command it stands for
+    ctypes.CDLL(None).prctl(15, b"chroma", 0, 0, 0)
+except (OSError, AttributeError):
+    pass
 from chromadb.cli.cli import app  # the `chroma` command's entry point (chromadb's console script)
 line = sys.stdin.readline()  # the arguments of `chroma run`, once the old server has ended
 if not line.strip():

@@ -310,6 +310,7 @@ def test_the_restart_starts_the_child_prepared_during_the_copy(tmp_path: Path, m
         before = _snapshot(st)
         assert st.compact().generation == 1
         assert st._server.proc.args[:2] == [sys.executable, "-c"]  # the spare, now the server
+        assert Path(f"/proc/{st._server.proc.pid}/comm").read_text().strip() == "chroma"  # named as before
         assert _children() == [st._server.proc.pid]
         assert _snapshot(st) == before and st.health()["ok"]
 
