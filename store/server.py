@@ -274,7 +274,7 @@ class LocalChromaServer:
     def prepare_restart(self) -> None:
         """Start the interpreter of the next child now; :meth:`restart` then only starts its server.
 
-        Why: ``chroma run`` spends 1.5-3 s importing chromadb before its server opens the directory,
+        Why: ``chroma run`` spends ~2 s importing chromadb before its server opens the directory,
         and reads wait while the server restarts. The spare imports it while the old server still
         answers (a compaction's copy) and touches nothing in the directory until :meth:`restart`
         tells it to start, after the old server has ended. Only when ``chroma`` is the console script
