@@ -20,7 +20,7 @@ round (``tracemalloc`` snapshot diff; slow).
 Each arm runs in a fresh process (RSS is per process), with the interpreter and the code of
 ``--repo`` (default: this checkout), so ``--repo /work/ref`` measures the code before a change.
 
-    .venv/bin/python bench/compact_mem.py                                  # arms churn, compact; 10 rounds
+    .venv/bin/python bench/compact_mem.py                                  # arms churn, compact; 6 rounds each
     .venv/bin/python bench/compact_mem.py --arms compact --rounds 6 --churn 100 --reader   # ~2 min
     .venv/bin/python bench/compact_mem.py --arms compact --repo /work/ref --trim
 
@@ -211,8 +211,8 @@ def main() -> None:
     ap.add_argument("--python", help="its interpreter (default: <repo>/.venv/bin/python)")
     ap.add_argument("--arms", default="churn,compact", help="comma-separated: churn, compact, norestart")
     ap.add_argument("--items", type=int, default=1000)
-    ap.add_argument("--churn", type=int, default=500, help="records deleted and added per round (multiple of 50)")
-    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--churn", type=int, default=100, help="records deleted and added per round (multiple of 50)")
+    ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--warm", type=int, default=3, help="rounds before the slope and the heap diff start")
     ap.add_argument("--embedder", choices=("hash", "minilm"), default="hash")
     ap.add_argument("--trim", action="store_true", help="also RSS after malloc_trim(0), every round")
