@@ -218,6 +218,22 @@ def child_env() -> dict[str, str]:
     }
 
 
+_SPARE = """\
+import ctypes, json, sys
+try:  # PR_SET_NAME: named `chroma` (ps, top, /proc/<pid>/status) like the command it stands for
+    ctypes.CDLL(None).prctl(15, b"chroma", 0, 0, 0)
+except (OSError, AttributeError):
+    pass
+from chromadb.cli.cli import app  # the `chroma` command's entry point (chromadb's console script)
+line = sys.stdin.readline()  # the arguments of `chroma run`, once the old server has ended
+if not line.strip():
+    sys.exit(0)  # not needed after all (the compaction failed, or we are stopping)
+sys.argv = ["chroma", *json.loads(line)]
+sys.exit(app())
+"""
+"""A ``chroma`` command that imports chromadb first and starts the server when told (:meth:`LocalChromaServer.prepare_restart`)."""
+
+
 class LocalChromaServer:
     """``chroma run --path <dir>`` on a free loopback port, owned by this process."""
 
@@ -230,6 +246,7 @@ class LocalChromaServer:
         self.attached = False
         self.restarting = False
         self._lock: DirectoryLock | None = None
+        self._spare: subprocess.Popen[bytes] | None = None
 
     def start(self) -> LocalChromaServer:
         """Start the server, or attach to the one another synth-agent process runs for this directory."""
@@ -254,11 +271,53 @@ class LocalChromaServer:
             raise
         return self
 
+    def prepare_restart(self) -> None:
+        """Start the interpreter of the next child now; :meth:`restart` then only starts its server.
+
+        Why: ``chroma run`` spends ~2 s importing chromadb before its server opens the directory,
+        and reads wait while the server restarts. The spare imports it while the old server still
+        answers (a compaction's copy) and touches nothing in the directory until :meth:`restart`
+        tells it to start, after the old server has ended. Only when ``chroma`` is the console script
+        next to this interpreter (else :meth:`restart` starts ``chroma run`` as before).
+        """
+        if self.attached or self.proc is None or self._spare is not None:
+            return
+        if not (Path(sys.executable).parent / "chroma").exists():
+            return
+        log = open(self.path / LOG_FILE, "ab")  # noqa: SIM115 - handed to the child
+        try:
+            self._spare = subprocess.Popen(
+                [sys.executable, "-c", _SPARE],
+                stdin=subprocess.PIPE,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                preexec_fn=_parent_death_preexec(),  # noqa: PLW1509 - only sets the death signal
+                env=child_env(),
+            )
+        finally:
+            log.close()
+
+    def discard_spare(self) -> None:
+        """End the spare of :meth:`prepare_restart` unused (it has not touched the directory yet)."""
+        spare, self._spare = self._spare, None
+        if spare is None:
+            return
+        with contextlib.suppress(OSError):
+            assert spare.stdin is not None
+            spare.stdin.close()
+        spare.terminate()
+        try:
+            spare.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            spare.kill()
+            spare.wait(timeout=10)
+
     def restart(self) -> None:
         """Stop the child and start a new one on the same port if it is free (else another).
 
         Why: chromadb 1.5.9 keeps the index of a deleted collection in memory until its process
         ends; after a compaction (``ChromaStore.compact``) a fresh process loads only the live one.
+        The new one is the spare of :meth:`prepare_restart` when there is one.
         """
         if self.attached or self.proc is None:
             raise RuntimeError("only the process that started the Chroma server can restart it")
@@ -269,23 +328,39 @@ class LocalChromaServer:
             DirectoryLock.served[str(self.path.resolve())] = (self.host, self.port)
         finally:
             self.restarting = False
+            self.discard_spare()
+
+    def _start_child(self) -> subprocess.Popen[bytes]:
+        """``chroma run`` on ``self.port``: the prepared spare if it is still alive, else a new process."""
+        args = ["run", "--path", str(self.path), "--host", self.host, "--port", str(self.port)]
+        spare, self._spare = self._spare, None
+        if spare is not None and spare.poll() is None:
+            try:
+                assert spare.stdin is not None
+                spare.stdin.write(json.dumps(args).encode() + b"\n")
+                spare.stdin.close()
+                return spare
+            except OSError:  # it died meanwhile: start one the usual way
+                spare.kill()
+                spare.wait(timeout=10)
+        log = open(self.path / LOG_FILE, "ab")  # noqa: SIM115 - handed to the child
+        try:
+            return subprocess.Popen(
+                [chroma_cli(), *args],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                preexec_fn=_parent_death_preexec(),  # noqa: PLW1509 - only sets the death signal
+                env=child_env(),
+            )
+        finally:
+            log.close()
 
     def _spawn(self, port: int | None = None) -> None:
         deadline = time.monotonic() + self.startup_timeout
         for attempt in range(5):
             self.port = port if port is not None and attempt < 2 else _free_port(self.host)
-            log = open(self.path / LOG_FILE, "ab")  # noqa: SIM115 - handed to the child
-            try:
-                self.proc = subprocess.Popen(
-                    [chroma_cli(), "run", "--path", str(self.path), "--host", self.host, "--port", str(self.port)],
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    preexec_fn=_parent_death_preexec(),  # noqa: PLW1509 - only sets the death signal
-                    env=child_env(),
-                )
-            finally:
-                log.close()
+            self.proc = self._start_child()
             while time.monotonic() < deadline:
                 if self.proc.poll() is not None:
                     break  # port taken under our feet, or a real failure: retry, then report
@@ -318,6 +393,7 @@ class LocalChromaServer:
         return self.proc is not None and self.proc.poll() is None
 
     def stop(self) -> None:
+        self.discard_spare()
         if not self.attached:
             DirectoryLock.served.pop(str(self.path.resolve()), None)
         if self.proc is not None:

@@ -10,6 +10,7 @@ suite runs on a store that compacts after every commit with a delete.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -253,6 +254,78 @@ def test_compact_through_the_local_chroma_server(tmp_path: Path, minilm: MiniLME
     st = _open(path, minilm)
     assert st._gen == 1 and _snapshot(st) == before
     st.close()
+
+
+def test_restarts_after_compaction_do_not_accumulate_http_clients(tmp_path: Path, minilm: MiniLMEmbeddings) -> None:
+    """A restart of the served Chroma keeps the store's HTTP client (same port): chromadb 1.5.9 keeps
+    every ``HttpClient`` it made (its HTTP session and TLS context) registered even after ``close()``,
+    so a new client per restart grew a server that compacts for days by one per compaction."""
+    import gc
+
+    import httpx
+
+    def sessions() -> int:
+        gc.collect()
+        return sum(isinstance(o, httpx.Client) for o in gc.get_objects())
+
+    st = ChromaStore.local_server(tmp_path / "db", embedding_function=minilm, index_fields=["text"], compact_ratio=0)
+    try:
+        assert st._server is not None and st._server.proc is not None
+        _fill(st)
+        st.compact()
+        before, pids = sessions(), {st._server.proc.pid}
+        for _ in range(3):
+            st.batch([PutOp(("t", "user5"), "z", {"text": "churn"})])
+            st.batch([PutOp(("t", "user5"), "z", None)])
+            st.compact()
+            pids.add(st._server.proc.pid)
+        assert len(pids) == 4 and st._gen == 4  # restarted after each compaction
+        assert sessions() == before
+        assert st.get(("t", "user5"), "k1") is not None and st.health()["ok"]
+    finally:
+        st.close()
+
+
+def _children() -> list[int]:
+    """This process's child processes (from /proc)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            if ppid == os.getpid():
+                out.append(int(d.name))
+    return out
+
+
+def test_the_restart_starts_the_child_prepared_during_the_copy(tmp_path: Path, minilm: MiniLMEmbeddings) -> None:
+    """The next Chroma child imports chromadb while the copy runs (reads wait only for its server to
+    start); a compaction that fails ends that spare, and none is left behind either way."""
+    st = ChromaStore.local_server(tmp_path / "db", embedding_function=minilm, index_fields=["text"], compact_ratio=0)
+    try:
+        assert st._server is not None and st._server.proc is not None
+        _fill(st)
+        before = _snapshot(st)
+        assert st.compact().generation == 1
+        assert st._server.proc.args[:2] == [sys.executable, "-c"]  # the spare, now the server
+        assert Path(f"/proc/{st._server.proc.pid}/comm").read_text().strip() == "chroma"  # named as before
+        assert _children() == [st._server.proc.pid]
+        assert _snapshot(st) == before and st.health()["ok"]
+
+        def fail(step: str) -> None:
+            if step == "copied":
+                raise RuntimeError("injected")
+
+        st._compact_fault = fail  # type: ignore[attr-defined]
+        with pytest.raises(RuntimeError, match="injected"):
+            st.compact()
+        assert _children() == [st._server.proc.pid] and st._gen == 1
+        assert _snapshot(st) == before
+    finally:
+        st.close()
+    assert _children() == []
 
 
 def test_cli_store_compact(tmp_path: Path, minilm: MiniLMEmbeddings) -> None:
