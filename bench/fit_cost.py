@@ -21,7 +21,9 @@ round of part 3 (the 20 users of a round share it, as on one server); a simulato
 
 The fits run as the commands that run them in production do (``synth-agent fit``/``eval``/``worker``,
 see ``synth_agent/runner.py``): on uvloop, with the heap built at start-up frozen out of the garbage
-collector. ``--loop asyncio --no-freeze`` runs them as this script did before 2026-12-01 (session 26).
+collector and young collections every 50,000 allocations instead of 700. ``--loop asyncio --no-freeze
+--gc-young 700`` runs them as this script did before 2026-12-01 (session 26); ``--gc-young 700`` as
+it did before session 27.
 
 It uses only APIs that exist since the first release, so the same file measures an older
 checkout (run it with that checkout's interpreter from a directory outside both trees).
@@ -228,6 +230,9 @@ def main() -> None:
                     help="event loop of the fits (uvloop, as synth-agent fit/eval/worker run them)")  # fmt: skip
     ap.add_argument("--no-freeze", action="store_true",
                     help="leave the start-up heap in the garbage collector's generations (as before 2026-12-01)")  # fmt: skip
+    ap.add_argument("--gc-young", type=int, default=50_000,
+                    help="generation-0 threshold of the collector while the fits run (synth_agent.runner."
+                         "YOUNG_COLLECTION_THRESHOLD; 700: CPython's default, as before session 27)")  # fmt: skip
     args = ap.parse_args()
     factory = loop_factory(args.loop)
 
@@ -238,12 +243,14 @@ def main() -> None:
     if not args.no_freeze:  # as synth_agent.runner.run_fits does in the commands that run fits
         gc.collect()
         gc.freeze()
+    gc.set_threshold(args.gc_young, *gc.get_threshold()[1:])  # as run_fits does while fits run
     cfg = FitConfig(seed=0, **parse_overrides(args.config))
     endpoint = {"max_concurrency": args.concurrency, **parse_overrides(args.endpoint)}
     pop = Population(args.users, seed=0)
     console = Console(width=150)
     console.print(f"fits on {'uvloop' if factory else 'asyncio'}'s event loop, start-up heap "
-                  f"{'left to the collector' if args.no_freeze else 'frozen'}")  # fmt: skip
+                  f"{'left to the collector' if args.no_freeze else 'frozen'}, young collections every "
+                  f"{args.gc_young:,} allocations")  # fmt: skip
     budgets = f"{cfg.n_trials} trials, {cfg.n_demo_candidates} demo candidates"
     sim_options: dict[str, Any] = {"latency_ms": args.latency_ms}
     if args.per_token_latency_ms:  # only when asked: an older checkout's SimProcess may not take it

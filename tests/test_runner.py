@@ -16,7 +16,7 @@ import uvloop
 
 from synth_agent.engine import FitConfig, Synthesizer
 from synth_agent.llm.client import EndpointConfig, LLMClient
-from synth_agent.runner import event_loop_name, run_fits
+from synth_agent.runner import YOUNG_COLLECTION_THRESHOLD, event_loop_name, run_fits
 from synth_agent.sim.population import Population
 from synth_agent.sim.server import SimEndpoint
 
@@ -38,6 +38,30 @@ def test_fits_run_on_uvloop_by_default_with_the_start_up_heap_frozen(monkeypatch
     assert event_loop_name() == "uvloop"
     assert issubclass(run_fits(_loop_type()), uvloop.Loop)
     assert gc.get_freeze_count() > 0
+
+
+async def _thresholds() -> tuple[int, ...]:
+    return gc.get_threshold()
+
+
+def test_young_collections_are_rarer_while_fits_run_and_the_thresholds_come_back(unfreeze):
+    before = gc.get_threshold()
+    try:
+        gc.set_threshold(700, 7, 9)
+        during = run_fits(_thresholds())
+        assert during == (YOUNG_COLLECTION_THRESHOLD, 7, 9) and YOUNG_COLLECTION_THRESHOLD > 700
+        assert gc.get_threshold() == (700, 7, 9)
+        with pytest.raises(ZeroDivisionError):  # put back however the fits end
+            run_fits(_divide_by_zero())
+        assert gc.get_threshold() == (700, 7, 9)
+        gc.set_threshold(10 * YOUNG_COLLECTION_THRESHOLD, 10, 10)  # a process that chose a higher one keeps it
+        assert run_fits(_thresholds()) == (10 * YOUNG_COLLECTION_THRESHOLD, 10, 10)
+    finally:
+        gc.set_threshold(*before)
+
+
+async def _divide_by_zero() -> float:
+    return 1 / 0
 
 
 def test_asyncio_loop_on_request(monkeypatch, unfreeze):
