@@ -284,18 +284,7 @@ class LocalChromaServer:
             return
         if not (Path(sys.executable).parent / "chroma").exists():
             return
-        log = open(self.path / LOG_FILE, "ab")  # noqa: SIM115 - handed to the child
-        try:
-            self._spare = subprocess.Popen(
-                [sys.executable, "-c", _SPARE],
-                stdin=subprocess.PIPE,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                preexec_fn=_parent_death_preexec(),  # noqa: PLW1509 - only sets the death signal
-                env=child_env(),
-            )
-        finally:
-            log.close()
+        self._spare = self._popen([sys.executable, "-c", _SPARE], stdin=subprocess.PIPE)
 
     def discard_spare(self) -> None:
         """End the spare of :meth:`prepare_restart` unused (it has not touched the directory yet)."""
@@ -343,11 +332,15 @@ class LocalChromaServer:
             except OSError:  # it died meanwhile: start one the usual way
                 spare.kill()
                 spare.wait(timeout=10)
+        return self._popen([chroma_cli(), *args], stdin=subprocess.DEVNULL)
+
+    def _popen(self, argv: list[str], *, stdin: int) -> subprocess.Popen[bytes]:
+        """A child of this process with the Chroma log as its output, ended if this process dies."""
         log = open(self.path / LOG_FILE, "ab")  # noqa: SIM115 - handed to the child
         try:
             return subprocess.Popen(
-                [chroma_cli(), *args],
-                stdin=subprocess.DEVNULL,
+                argv,
+                stdin=stdin,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 preexec_fn=_parent_death_preexec(),  # noqa: PLW1509 - only sets the death signal
