@@ -454,6 +454,19 @@ def test_a_batch_partly_forgotten_stores_the_rest_read_back_from_the_journal(tmp
         store.close()
 
 
+async def ten_requests_in_one_group(intake: Any, mem: PreferenceMemory, users: list[str]) -> list[Any]:
+    """Ten one-vote requests, alternating between ``users``, journaled as one group: the appender takes
+    nothing until all ten are queued."""
+    with intake._cv:
+        tasks = [asyncio.ensure_future(mem.add_votes([vote(i, user=users[i % 2])])) for i in range(10)]
+        for _ in range(100):
+            if len(intake._appends) == 10:
+                break
+            await asyncio.sleep(0)
+        assert len(intake._appends) == 10
+    return await asyncio.wait_for(asyncio.gather(*tasks), 60)
+
+
 def json_text(value: Any) -> str:
     import json
 
@@ -480,17 +493,7 @@ def test_a_put_repeated_across_a_group_is_prepared_once(tmp_path: Path, monkeypa
         mem = PreferenceMemory(store, "acme")
         users = ["u0@x.io", "u1@x.io"]
 
-        async def main() -> list[Any]:
-            with intake._cv:  # the appender takes nothing until all ten are queued: one group
-                tasks = [asyncio.ensure_future(mem.add_votes([vote(i, user=users[i % 2])])) for i in range(10)]
-                for _ in range(100):
-                    if len(intake._appends) == 10:
-                        break
-                    await asyncio.sleep(0)
-                assert len(intake._appends) == 10
-            return await asyncio.wait_for(asyncio.gather(*tasks), 60)
-
-        results = asyncio.run(main())
+        results = asyncio.run(ten_requests_in_one_group(intake, mem, users))
         assert [(r.added, r.duplicates) for r in results] == [(1, 0)] * 10
         assert len(prepared) == 12  # 10 votes + one registration per user (not one per request)
         assert sorted(set(prepared)) == sorted(prepared)
@@ -551,17 +554,7 @@ def test_a_group_is_sealed_with_one_urandom_and_inserted_with_few_statements(
         mem = PreferenceMemory(store, "acme")
         users = ["u0@x.io", "u1@x.io"]
 
-        async def main() -> list[Any]:
-            with intake._cv:  # the appender takes nothing until all ten are queued: one group
-                tasks = [asyncio.ensure_future(mem.add_votes([vote(i, user=users[i % 2])])) for i in range(10)]
-                for _ in range(100):
-                    if len(intake._appends) == 10:
-                        break
-                    await asyncio.sleep(0)
-                assert len(intake._appends) == 10
-            return await asyncio.wait_for(asyncio.gather(*tasks), 60)
-
-        results = asyncio.run(main())
+        results = asyncio.run(ten_requests_in_one_group(intake, mem, users))
         intake._conn.set_trace_callback(None)
         assert [(r.added, r.duplicates) for r in results] == [(1, 0)] * 10
         assert reads == [12 * 12]  # 12 rows (10 votes, 2 registrations): one 12-byte nonce each, one read
