@@ -61,14 +61,11 @@ class Codec:
         return base64.urlsafe_b64encode(digest[:16]).decode().rstrip("=")
 
     def seal(self, rid: str, doc: dict[str, Any], key: bytes | None) -> str:
-        raw = json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
         if key is None:
             if self.sealed:
                 raise SealError(f"no data key for record {rid}")
-            return "p" + raw.decode("utf-8")
-        nonce = os.urandom(_NONCE)
-        ct = self._aead(key).encrypt(nonce, raw, rid.encode())  # type: ignore[misc]
-        return "s" + base64.b64encode(nonce + ct).decode()
+            return "p" + _dumps(doc)
+        return _sealed(self._aead(key), os.urandom(_NONCE), rid, doc)
 
     def seal_many(self, docs: Sequence[tuple[str, dict[str, Any]]], key: bytes | None) -> list[str]:
         """``[seal(rid, doc, key) for rid, doc in docs]``, with one cipher and one read of the OS's randomness.
@@ -82,12 +79,7 @@ class Codec:
             return [self.seal(rid, doc, key) for rid, doc in docs]
         aead = self._aead(key)
         nonces = os.urandom(_NONCE * len(docs))
-        out = []
-        for i, (rid, doc) in enumerate(docs):
-            raw = json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-            nonce = nonces[i * _NONCE : (i + 1) * _NONCE]
-            out.append("s" + base64.b64encode(nonce + aead.encrypt(nonce, raw, rid.encode())).decode())
-        return out
+        return [_sealed(aead, nonces[i * _NONCE : (i + 1) * _NONCE], rid, doc) for i, (rid, doc) in enumerate(docs)]
 
     def open(self, rid: str, blob: str, key: bytes | None) -> dict[str, Any]:
         if not blob:
@@ -107,3 +99,13 @@ class Codec:
 
 
 __all__ = ["Codec", "SealError"]
+
+
+def _dumps(doc: dict[str, Any]) -> str:
+    return json.dumps(doc, ensure_ascii=False, separators=(",", ":"))
+
+
+def _sealed(aead: Any, nonce: bytes, rid: str, doc: dict[str, Any]) -> str:
+    """One sealed blob: ``doc`` as compact JSON, encrypted under ``nonce`` with ``rid`` as associated data."""
+    ct = aead.encrypt(nonce, _dumps(doc).encode("utf-8"), rid.encode())
+    return "s" + base64.b64encode(nonce + ct).decode()
