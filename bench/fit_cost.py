@@ -180,11 +180,16 @@ async def fit_many(ep: SimProcess, pop: Population, n_votes: int, cfg: FitConfig
         await asyncio.gather(*(Synthesizer(llm, None, cfg).fit(u, votes[u]) for u in pop.user_ids))
         wall = time.perf_counter() - t0
         client_cpu, sim_cpu = time.process_time() - cpu0, process_cpu(sim_pid) - sim0
+        # How far the adaptive limit fell during the fits (an older checkout's status has no `lowest`: NaN).
+        status = llm.limiter_status() if hasattr(llm, "limiter_status") else None
+        lowest = float(getattr(status, "lowest", float("nan")))
+        decreases = float(getattr(status, "decreases", float("nan")))
     d = delta(served(ep), before)
     n = len(pop.user_ids)
     return {"wall_s": wall, "requests": d["requests"] / n, "prompt_tokens": d["prompt_tokens"] / n,
             "computed_tokens": (d["prompt_tokens"] - d["cached_tokens"]) / n,
-            "client_cpu_s": client_cpu, "sim_cpu_s": sim_cpu}  # fmt: skip
+            "client_cpu_s": client_cpu, "sim_cpu_s": sim_cpu, "limit_lowest": lowest,
+            "limit_decreases": decreases}  # fmt: skip
 
 
 async def refits(ep: SimProcess, uid: str, votes: list, n_first: int, cfg: FitConfig, endpoint: dict[str, Any]) -> list[dict[str, Any]]:
@@ -324,13 +329,15 @@ def main() -> None:
     c = Table(title=f"{args.users} users fitted concurrently vs one, one client ({args.concurrency} in flight at "
                     f"most; median of {len(ratios)} alternating rounds)")  # fmt: skip
     for col in ("wall, 1 user (s)", f"wall, {args.users} users (s)", "ratio (per round)", "requests / user",
-                "prompt tokens / user", "computed / user", "client CPU (s)", "simulator CPU (s)"):  # fmt: skip
+                "prompt tokens / user", "computed / user", "client CPU (s)", "simulator CPU (s)",
+                "lowest limit (decreases) per round"):  # fmt: skip
         c.add_column(col, justify="right")
     c.add_row(f"{one['wall_s']:.2f}", f"{many['wall_s']:.2f}",
-              f"{statistics.median(ratios):.1f}x ({', '.join(f'{r:.1f}' for r in ratios)})",
+              f"{statistics.median(ratios):.2f}x ({', '.join(f'{r:.2f}' for r in ratios)})",
               f"{many['requests']:.1f}", f"{many['prompt_tokens']:,.0f}", f"{many['computed_tokens']:,.0f}",
               f"{many['client_cpu_s']:.2f}",
-              f"{many['sim_cpu_s']:.2f}")  # fmt: skip
+              f"{many['sim_cpu_s']:.2f}",
+              ", ".join(f"{m['limit_lowest']:.0f} ({m['limit_decreases']:.0f})" for m in manys))  # fmt: skip
     console.print(c)
     # Where the N-user wall goes: CPU per request on each side, and the floors the run cannot go below.
     n_req = many["requests"] * args.users

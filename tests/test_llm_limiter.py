@@ -83,6 +83,48 @@ async def test_grows_to_a_wide_server_and_stays_under_the_ceiling() -> None:
     assert lim.limit == 32 and max(seen) == 32 and lim.decreases == 0
 
 
+async def test_a_queue_at_a_server_with_several_slots_still_shrinks_the_limit() -> None:
+    """16 slots, a ceiling of 64: the queue stands (answers one service time apart, wave after wave), so the
+    limit comes down to about the capacity even though each wave's answers arrive together. (Holding slow
+    windows until the queue has stood must neither let the baseline drift up to the queued latency nor let
+    the window after a hold count as a confirmed increase: either kept the limit at 64 here.)"""
+    lim = AdaptiveLimiter(64, timeout=60, min_excess=0.005)
+    server = SlottedServer(16, 0.03)
+    seen = await drive(lim, server, 800)
+    assert lim.decreases >= 1 and lim.limit <= 32 and max(seen[-200:]) <= 32
+
+
+async def test_our_own_event_loop_stalling_does_not_shrink_the_limit() -> None:
+    """A wide, healthy server; the client's event loop blocks for 0.5 s while 32 requests are out.
+
+    Timed from the client (as LLMClient does), every answer of that moment then reads ~0.55 s against a
+    50 ms baseline (ratio ~11): before the limiter required a standing queue, it cut the limit to
+    k/ratio (~3). Those answers are read together, within one baseline, and the requests sent after the
+    stall are answered at the baseline again: the limit stays at 32.
+    """
+    lim = AdaptiveLimiter(32, timeout=60)
+    server = SlottedServer(64, 0.05)
+    answered = 0
+    stalled = False
+
+    async def worker(n: int) -> None:
+        nonlocal answered, stalled
+        for _ in range(n):
+            ticket = await lim.acquire()
+            t0 = time.perf_counter()
+            await server.call()
+            latency = time.perf_counter() - t0  # includes our own loop's delay in reading the answer
+            lim.release(ticket, "ok", latency=latency, key="judge")
+            answered += 1
+            if answered >= 100 and not stalled and lim.in_flight >= 16:
+                stalled = True
+                time.sleep(0.5)  # noqa: ASYNC251 - on purpose: our event loop busy elsewhere (CPU-bound work)
+
+    await asyncio.gather(*(worker(10) for _ in range(32)))
+    assert stalled and answered == 320
+    assert lim.decreases == 0 and lim.limit == 32 and lim.status().lowest == 32
+
+
 async def test_first_burst_is_bounded_by_what_one_slot_finishes_within_the_timeout() -> None:
     lim = AdaptiveLimiter(64, timeout=1.0)
     assert lim.limit == 1  # the first request goes alone

@@ -18,10 +18,21 @@ concurrency-limits (Vegas / Gradient2) and Envoy's adaptive concurrency filter:
   so one congestion episode causes one decision). If the window's median ratio exceeds
   ``tolerance`` and the excess latency is material (``min_excess`` seconds: event-loop
   jitter of a busy client is not server queueing), the limit drops to the capacity
-  estimate. Otherwise, if the window actually used the whole limit, the limit grows:
+  estimate — once the queue has *stood* (below). Otherwise, if the window actually used the whole limit, the limit grows:
   doubling in slow start, then ``+√limit`` per window. An increase that overshoots doubles
   the number of good windows needed before the next probe upwards (up to 32), so the
   limit settles at the capacity instead of oscillating around it.
+* **A standing queue, not a burst** (CoDel's good queue / bad queue). Slow answers shrink the limit
+  only once slow windows have lasted ``SUSTAIN`` (2) baseline latencies, counted from the first slow
+  answer of the first slow window. A server with fewer slots than requests answers them one service time
+  apart, so its first window already spans several baselines (a one-slot server's 8 answers span 7).
+  A burst that a wide server serves all at once but reads late — its process starved of CPU by ours on
+  the same machine — or answers that *we* read late because our own event loop was busy, arrive
+  bunched within about one baseline: that window is held (no decrease, no growth), and the answers of
+  requests sent after it tell whether the queue stands. While slow windows are held the baseline does
+  not drift up (the queue being judged must not become the baseline), and a hold right after an increase
+  slows later probes upwards as an overshoot does. In fit_cost's 20 users at 64 in flight the
+  opening burst read like this (ratio ~2 within ~0.05 s) and cut the limit to ~30 in 3 of 10 rounds.
 * **Overload answers** — timeouts, 429, 502/503/504, refused connections — halve the limit
   at once (requests sent before a change cannot trigger another).
 * **Start safe.** The first request goes alone; its latency ``L`` bounds the first burst to
@@ -67,6 +78,9 @@ MIN_WINDOW = 4
 granted under the current limit."""
 MAX_PROBE_EVERY = 32
 """After increases that overshot, the limit is probed upwards only every this many good windows at most."""
+SUSTAIN = 2.0
+"""Slow windows shrink the limit only once they have lasted this many baseline latencies (a standing queue):
+a server short of slots spreads its answers one service time apart, a transient bunches them."""
 
 
 @dataclass(frozen=True)
@@ -83,6 +97,8 @@ class LimiterStatus:
     """The server's stated capacity, when it told us."""
     increases: int
     decreases: int
+    lowest: int
+    """The lowest limit since the first answer set it (how far a decrease ever went)."""
     overloads: int
     waited: int
     """Requests that had to wait in our queue for a slot."""
@@ -136,13 +152,16 @@ class AdaptiveLimiter:
         self._waiters: deque[asyncio.Future[Ticket]] = deque()
         self._epoch = 0
         self._baseline: dict[Hashable, float] = {}
-        self._window: list[tuple[float, float, float]] = []  # (ratio, excess seconds, mean load while out)
+        # (ratio, excess seconds, mean load while out, baseline seconds, answered at)
+        self._window: list[tuple[float, float, float, float, float]] = []
+        self._slow_since: float | None = None  # when the current run of slow windows began (first slow answer)
         self._area = 0.0  # integral of requests in flight over time (seconds)
         self._last = time.perf_counter()
         self._good = 0  # good windows since the last change
         self._grew = False  # the last change was an increase not yet confirmed by a good window
         self._probe_every = 1  # good windows needed before the next increase (doubles on overshoot)
         self.increases = self.decreases = self.overloads = self.waited = 0
+        self._lowest = self.max_limit  # the lowest limit since settling (status)
         if capacity is not None:
             self.set_capacity(capacity)
 
@@ -170,7 +189,8 @@ class AdaptiveLimiter:
         return LimiterStatus(
             limit=self.limit, ceiling=self.ceiling, in_flight=self._in_flight, queued=len(self._waiters),
             max_in_flight=self._max_in_flight, phase=self._phase, capacity=self.capacity,
-            increases=self.increases, decreases=self.decreases, overloads=self.overloads, waited=self.waited,
+            increases=self.increases, decreases=self.decreases, lowest=min(self._lowest, self.limit) if self.settled else self.limit,
+            overloads=self.overloads, waited=self.waited,
         )  # fmt: skip
 
     def set_capacity(self, capacity: int | None) -> None:
@@ -238,7 +258,7 @@ class AdaptiveLimiter:
             if signal == "overload":
                 self._overload(ticket)
             elif signal == "ok" and latency is not None:
-                self._sample(ticket, latency, key, load)
+                self._sample(ticket, latency, key, load, now)
         self._wake()
 
     # ------------------------------------------------------------ adaptation
@@ -260,12 +280,16 @@ class AdaptiveLimiter:
         if new < self._limit:
             self._limit = float(new)
             self.decreases += 1
+            self._lowest = min(self._lowest, self.limit)
         self._epoch += 1
         self._window.clear()
+        self._slow_since = None
 
-    def _sample(self, ticket: Ticket, latency: float, key: Hashable, load: float) -> None:
+    def _sample(self, ticket: Ticket, latency: float, key: Hashable, load: float, now: float) -> None:
         base = self._baseline.get(key)
-        base = latency if base is None else min(latency, base * (1.0 + DRIFT))
+        # (no drift while slow windows are held: the queue being judged must not become the baseline)
+        drift = 1.0 + DRIFT if self._slow_since is None else 1.0
+        base = latency if base is None else min(latency, base * drift)
         self._baseline[key] = base
         if self._phase == "first":
             # One answer tells us how long a request takes alone: open up to what even a
@@ -279,16 +303,30 @@ class AdaptiveLimiter:
             return
         if ticket.epoch < self._epoch:
             return  # granted under an earlier limit: says nothing about the current one
-        self._window.append((latency / max(base, 1e-9), latency - base, load))
+        self._window.append((latency / max(base, 1e-9), latency - base, load, base, now))
         if len(self._window) < max(MIN_WINDOW, min(self.limit, WINDOW)):
             return
-        ratio = statistics.median(r for r, _, _ in self._window)
-        excess = statistics.median(e for _, e, _ in self._window)
-        used = max(k for _, _, k in self._window) + 0.5  # (a mean: "used the limit" within half a request)
+        ratio = statistics.median(w[0] for w in self._window)
+        excess = statistics.median(w[1] for w in self._window)
+        used = max(w[2] for w in self._window) + 0.5  # (a mean: "used the limit" within half a request)
         if ratio > self.tolerance and excess > self.min_excess:
-            # Queueing at the server: k in flight took `ratio` service times, so it serves ~k/ratio at once.
-            self._decrease(math.floor(statistics.median(k / r for r, _, k in self._window)))
+            if self._slow_since is None:  # the run begins at this window's first slow answer
+                slow = (at for r, e, _, _, at in self._window if r > self.tolerance and e > self.min_excess)
+                self._slow_since = next(slow, self._window[0][4])
+            if now - self._slow_since >= SUSTAIN * statistics.median(w[3] for w in self._window):
+                # A standing queue at the server: k in flight took `ratio` service times, so it serves
+                # ~k/ratio at once.
+                self._decrease(math.floor(statistics.median(k / r for r, _, k, _, _ in self._window)))
+                return
+            # Slow answers bunched within a baseline or two: a transient (a burst read late, our own
+            # event loop busy) until answers of requests sent after it say otherwise. Hold.
+            if self._grew:  # slow right after an increase: probe upwards less often, as after an overshoot
+                self._probe_every = min(MAX_PROBE_EVERY, self._probe_every * 2)
+                self._grew = False
+            self._window.clear()
+            self._good = 0
             return
+        self._slow_since = None
         self._window.clear()
         self._good += 1
         if self._grew:  # the last increase held: probe freely again
