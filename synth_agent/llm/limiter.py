@@ -18,8 +18,8 @@ concurrency-limits (Vegas / Gradient2) and Envoy's adaptive concurrency filter:
   so one congestion episode causes one decision). If the window's median ratio exceeds
   ``tolerance`` and the excess latency is material (``min_excess`` seconds: event-loop
   jitter of a busy client is not server queueing), the limit drops to the capacity
-  estimate — once the queue has *stood* (below). Otherwise, if the window actually used the whole limit, the limit grows:
-  doubling in slow start, then ``+√limit`` per window. An increase that overshoots doubles
+  estimate — once the queue has *stood* (below). Otherwise, if the window actually used
+  the whole limit, the limit grows: doubling in slow start, then ``+√limit`` per window. An increase that overshoots doubles
   the number of good windows needed before the next probe upwards (up to 32), so the
   limit settles at the capacity instead of oscillating around it.
 * **A standing queue, not a burst** (CoDel's good queue / bad queue). Slow answers shrink the limit
@@ -28,11 +28,12 @@ concurrency-limits (Vegas / Gradient2) and Envoy's adaptive concurrency filter:
   apart, so its first window already spans several baselines (a one-slot server's 8 answers span 7).
   A burst that a wide server serves all at once but reads late — its process starved of CPU by ours on
   the same machine — or answers that *we* read late because our own event loop was busy, arrive
-  bunched within about one baseline: that window is held (no decrease, no growth), and the answers of
+  bunched within a baseline or so: that window is held (no decrease, no growth), and the answers of
   requests sent after it tell whether the queue stands. While slow windows are held the baseline does
   not drift up (the queue being judged must not become the baseline), and a hold right after an increase
   slows later probes upwards as an overshoot does. In fit_cost's 20 users at 64 in flight the
-  opening burst read like this (ratio ~2 within ~0.05 s) and cut the limit to ~30 in 3 of 10 rounds.
+  opening burst reads like this: its answers came back at ~2× the baseline over ~1.3 baselines while
+  requests sent meanwhile were answered at 1.0×, and the limit used to be cut to ~30 in some rounds.
 * **Overload answers** — timeouts, 429, 502/503/504, refused connections — halve the limit
   at once (requests sent before a change cannot trigger another).
 * **Start safe.** The first request goes alone; its latency ``L`` bounds the first burst to
