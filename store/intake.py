@@ -505,13 +505,19 @@ class IntakeJournal:
                 break
         if not take:
             return False
-        futures = self.store._submit_many([w for *_, w in take])
+        # Nobody waits for these unless a reader asks the drain to hurry: the writer may gather them into
+        # larger commits (ChromaStore._gather_wait).
+        futures = self.store._submit_many([w for *_, w in take], gather=self._may_gather)
         with self._cv:  # a forget in another thread looks through the flights
             for (batch, seqs, grps, writes), fut in zip(take, futures, strict=True):
                 self._flights[batch] = _Flight(seqs, grps, writes, fut)
         for fut in futures:
             fut.add_done_callback(self._wake)
         return True
+
+    def _may_gather(self) -> bool:
+        """Whether the store's writer may hold drained batches to commit them with more (nobody waits)."""
+        return not self._urgent and not self._closing
 
     def _wake(self, _: object) -> None:
         with self._cv:
@@ -620,6 +626,8 @@ class IntakeJournal:
         with self._cv:
             self._urgent += 1
             self._cv.notify_all()
+        with self.store._cv:  # a writer holding drained batches (_may_gather) commits them now
+            self.store._cv.notify_all()
         try:
             yield
         finally:
@@ -667,7 +675,9 @@ class IntakeJournal:
                 if self._threads:
                     self.backlog -= len(seqs)
             truncate_wal(self._conn, self.path)
-        concurrent.futures.wait(waits)
+        if waits:
+            with self._hurry():  # the writer does not hold them back to gather more (_may_gather)
+                concurrent.futures.wait(waits)
         return [sum(1 for n in found.values() if n == t) for t in ntoks]
 
     def status(self) -> dict[str, Any]:

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import chromadb
 import pytest
@@ -338,3 +339,71 @@ async def test_an_embedding_failure_fails_only_its_batch(tmp_path: Path) -> None
     assert "bob@x.io" not in await mem.list_users()
     assert store.health()["ok"]
     store.close()
+
+
+def _gated_store(tmp_path: Path) -> tuple[ChromaStore, Any]:
+    """A store whose embedding of texts containing "slow" waits for the returned event (one text per call)."""
+    import threading
+
+    gate = threading.Event()
+
+    def embed(texts: list[str]) -> list[list[float]]:
+        if any("slow" in t for t in texts):
+            assert gate.wait(60)
+        return [[1.0, float(len(t))] for t in texts]
+
+    store = ChromaStore(client=_client(tmp_path), ledger=tmp_path / LEDGER_FILE, embedding_function=embed,
+                        index_fields=["text"], embed_batch=1, embed_workers=2)
+    store.gather_hold = 60.0  # held until the slow one is embedded, however loaded the machine
+    return store, gate
+
+
+def _puts(store: ChromaStore, name: str, texts: list[str]) -> list[Any]:
+    return store._prepare_inserts([PutOp(("g", name), f"k{i}", {"text": t}) for i, t in enumerate(texts)])
+
+
+def test_background_batches_are_gathered_into_one_commit_while_more_are_embedded(tmp_path: Path) -> None:
+    """The intake drain's batches (``gather``) embedded first wait for the ones still being embedded behind
+    them and are stored in one commit with them (a commit's cost is mostly per commit)."""
+    import time
+
+    store, gate = _gated_store(tmp_path)
+    try:
+        before = store.stats.commits
+        fast, slow = store._submit_many([_puts(store, "a", ["fast one", "fast two"]), _puts(store, "b", ["slow one"])],
+                                        gather=lambda: True)
+        deadline = time.monotonic() + 30
+        while store._queue and store._queue[0].todo and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.3)  # the fast batch is embedded: without gathering it would be committed by now
+        assert not fast.done()
+        gate.set()
+        fast.result(timeout=60)
+        slow.result(timeout=60)
+        assert store.stats.commits - before == 1 and store.stats.largest_commit == 3
+        assert store.get(("g", "a"), "k1") is not None and store.get(("g", "b"), "k0") is not None
+    finally:
+        gate.set()
+        store.close()
+
+
+@pytest.mark.parametrize("case", ["foreground-behind", "hurried"])
+def test_gathering_never_holds_what_a_caller_waits_for(tmp_path: Path, case: str) -> None:
+    """A background batch is committed without waiting when a foreground write is queued behind it, or as
+    soon as its submitter stops allowing the hold (a reader waits for the drain: ``IntakeJournal._hurry``)."""
+    store, gate = _gated_store(tmp_path)
+    hurry = [False]
+    try:
+        (fast,) = store._submit_many([_puts(store, "a", ["fast one"])], gather=lambda: not hurry[0])
+        if case == "foreground-behind":
+            slow = store._submit(_puts(store, "b", ["slow one"]))
+        else:
+            (slow,) = store._submit_many([_puts(store, "b", ["slow one"])], gather=lambda: not hurry[0])
+            hurry[0] = True
+        fast.result(timeout=60)  # stored while the slow batch is still being embedded
+        assert not slow.done()
+        gate.set()
+        slow.result(timeout=60)
+    finally:
+        gate.set()
+        store.close()
