@@ -569,3 +569,94 @@ def test_a_group_is_sealed_with_one_urandom_and_inserted_with_few_statements(
             assert sorted(stored_ids(store, "acme", u)) == sorted(f"v{i}" for i in range(10) if users[i % 2] == u)
     finally:
         store.close()
+
+
+def test_a_groups_chroma_lookup_runs_while_the_group_is_prepared(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The appender asks Chroma which of a group's item ids are stored (an HTTP call, ~12 ms a group) on its
+    lookup thread while it prepares the group, not after: the first preparation sees the lookup under way,
+    and the group is journaled as before (each vote once, each registration once)."""
+    import threading
+
+    store = open_store(tmp_path / "chroma")
+    try:
+        hold(store)
+        intake = store.intake
+        assert intake is not None
+        looked_up = threading.Event()
+        lookups: list[tuple[str, int]] = []
+        stored = store._stored_ids
+
+        def looking(ids: Any) -> set[str]:
+            lookups.append((threading.current_thread().name, len(ids)))
+            looked_up.set()
+            return stored(ids)
+
+        seen_during_preparation: list[bool] = []
+        prepare = store._prepare
+
+        def preparing(op: Any) -> Any:
+            if not seen_during_preparation:  # the first put of the group: is the lookup on its way?
+                seen_during_preparation.append(looked_up.wait(10))
+            return prepare(op)
+
+        monkeypatch.setattr(store, "_stored_ids", looking)
+        monkeypatch.setattr(store, "_prepare", preparing)
+        mem = PreferenceMemory(store, "acme")
+        users = ["u0@x.io", "u1@x.io"]
+
+        results = asyncio.run(ten_requests_in_one_group(intake, mem, users))
+        assert [(r.added, r.duplicates) for r in results] == [(1, 0)] * 10
+        assert seen_during_preparation == [True]
+        assert len(lookups) == 1 and lookups[0][0].startswith("intake-lookup")
+        assert lookups[0][1] == 12  # the group's 10 votes and 2 registrations, each id once
+        assert intake.backlog == 12
+        release(store)
+        assert intake.wait_drained(60)
+        for u in users:
+            assert sorted(stored_ids(store, "acme", u)) == sorted(f"v{i}" for i in range(10) if users[i % 2] == u)
+    finally:
+        store.close()
+
+
+def test_a_vote_drained_between_the_early_lookup_and_the_journal_read_is_a_duplicate(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The early Chroma lookup may miss a vote the drain commits (and removes from the journal) while the group is
+    prepared; the journal then does not have it either. Chroma is asked again, so it is not journaled a second
+    time: a duplicate, stored once."""
+    import threading
+
+    store = open_store(tmp_path / "chroma")
+    try:
+        hold(store)
+        intake = store.intake
+        assert intake is not None
+        mem = PreferenceMemory(store, "acme")
+        assert asyncio.run(mem.add_votes([vote(0)])).added == 1  # journaled, not stored (held)
+        early_done = threading.Event()
+        stored = store._stored_ids
+
+        def looking(ids: Any) -> set[str]:
+            out = stored(ids)
+            early_done.set()
+            return out
+
+        prepare = store._prepare
+        drained_meanwhile: list[bool] = []
+
+        def preparing(op: Any) -> Any:
+            if not drained_meanwhile:  # the early lookup has answered (vote 0 not stored yet): now drain it
+                assert early_done.wait(10)
+                release(store)
+                drained_meanwhile.append(intake.wait_drained(60))
+            return prepare(op)
+
+        monkeypatch.setattr(store, "_stored_ids", looking)
+        monkeypatch.setattr(store, "_prepare", preparing)
+        again = asyncio.run(mem.add_votes([vote(0)]))
+        assert drained_meanwhile == [True]
+        assert (again.added, again.duplicates) == (0, 1)
+        assert intake.backlog == 0 and intake.wait_drained(60)
+        assert stored_ids(store, "acme", "ana@x.io") == ["v0"]
+    finally:
+        store.close()
