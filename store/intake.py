@@ -125,35 +125,6 @@ class _Flight:
     forgotten: set[int] = field(default_factory=set)  # rows purged by a forget of this process, which erases them
 
 
-@dataclass
-class _StoredLookup:
-    """A group's lookup of stored item ids, started before the group's journal transaction.
-
-    The journal's invariant is that an id leaves the journal only after its Chroma commit, so an id
-    found in neither the journal nor Chroma is new *if* Chroma is asked after the journal was read,
-    or if nothing left the journal since the lookup began: the drain counts what it removes
-    (``IntakeJournal.drained``, updated under the journal's lock), so :meth:`result`, called with
-    that lock held after the journal was read, asks Chroma again when the count moved (a burst
-    defers the drain, so rarely then), for ids the early lookup did not cover, or when it failed.
-    """
-
-    journal: IntakeJournal
-    ids: set[str]
-    drained: int
-    future: concurrent.futures.Future[set[str]]
-
-    def result(self, ids: list[str]) -> set[str]:
-        """Which of ``ids`` are stored (under the journal's lock, after the journal was read)."""
-        try:
-            found = self.future.result()
-        except Exception:  # noqa: BLE001 - asked again below (and that error, if any, is the group's)
-            return self.journal.store._stored_ids(ids)
-        if self.journal.drained != self.drained:  # rows left the journal meanwhile: their commit may be newer
-            return self.journal.store._stored_ids(ids)
-        missing = [i for i in ids if i not in self.ids]
-        return (found & set(ids)) | (self.journal.store._stored_ids(missing) if missing else set())
-
-
 class IntakeJournal:
     """One store's intake journal (``<store dir>/synth_agent_intake.sqlite3``); see the module docstring.
 
@@ -206,7 +177,6 @@ class IntakeJournal:
         self._last_append = 0.0
         self._closing = False
         self._threads: list[threading.Thread] = []
-        self._lookups: concurrent.futures.ThreadPoolExecutor | None = None  # the appender's Chroma lookups
         if drain:
             self._threads = [
                 threading.Thread(target=self._append_loop, name="intake-append", daemon=True),
@@ -290,7 +260,6 @@ class IntakeJournal:
 
     def _append_group(self, reqs: list[_Append], answers: list[tuple[_Append, Any, bool]]) -> None:
         """Validate and journal one group of requests; each one's answer goes to ``answers``."""
-        lookup = self._look_up_stored(reqs)  # in the background while the group is prepared
         refused = 0
         repeats: dict[tuple[Any, ...], Any] = {}  # a put repeated across the group is prepared once
         for req in reqs:  # validation off the event loop: an invalid batch fails alone, journals nothing
@@ -299,7 +268,7 @@ class IntakeJournal:
             refused += sum(len(o) for o, b in zip(req.ops, req.outcome, strict=True) if isinstance(b, BaseException))
         self._unreserve(refused)
         try:
-            results = self._journal(reqs, lookup)
+            results = self._journal(reqs)
         except BaseException as exc:  # noqa: BLE001 - a merged group failed: each request on its own
             self.last_error = f"{type(exc).__name__}: {exc}"[:300]
             for req in reqs:
@@ -320,33 +289,8 @@ class IntakeJournal:
         with self._cv:
             self.backlog -= n
 
-    def _look_up_stored(self, reqs: list[_Append]) -> _StoredLookup:
-        """Start the Chroma lookup of which of the group's item ids are stored, on the lookup thread.
-
-        Why: the lookup is an HTTP call to the local Chroma server, ~12 ms per group whatever its size
-        (docs/store.md, session 27), and the appender used to make it after preparing the group, with
-        every request of the group waiting. The item ids come from the puts' namespaces and keys alone
-        (as :meth:`ChromaStore._prepare` derives them), so the lookup runs while the appender validates
-        and prepares the group. :meth:`_StoredLookup.result` keeps the order that makes the answer
-        right (see there).
-        """
-        iids: dict[str, None] = {}
-        for req in reqs:
-            for ops in req.ops:
-                for op in ops:
-                    try:
-                        iids[self.store._iid(tuple(op.namespace), str(op.key))] = None
-                    except Exception:  # noqa: BLE001 - an invalid put: its batch fails in the preparation
-                        continue
-        if self._lookups is None:
-            self._lookups = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="intake-lookup")
-        return _StoredLookup(self, set(iids), self.drained, self._lookups.submit(self.store._stored_ids, list(iids)))
-
-    def _journal(self, reqs: list[_Append], lookup: _StoredLookup | None = None) -> list[list[list[bool]]]:
-        """One transaction (one fsync) for a group of requests: skip ids journaled or stored, insert the rest.
-
-        ``lookup``: the group's Chroma lookup started ahead (:meth:`_look_up_stored`); without it the
-        lookup is made here."""
+    def _journal(self, reqs: list[_Append]) -> list[list[list[bool]]]:
+        """One transaction (one fsync) for a group of requests: skip ids journaled or stored, insert the rest."""
         store = self.store
         if not any(r.batches for r in reqs):
             return [[] for _ in reqs]
@@ -364,8 +308,7 @@ class IntakeJournal:
                     journaled.update(r[0] for r in self._conn.execute(
                         f"SELECT iid FROM rows WHERE iid IN ({','.join('?' * len(chunk))})", chunk))
                 # Not journaled: either new, or already drained (its row leaves only after its commit).
-                rest = [i for i in iids if i not in journaled]
-                stored = lookup.result(rest) if lookup is not None else store._stored_ids(rest)
+                stored = store._stored_ids([i for i in iids if i not in journaled])
                 taken = journaled | stored
                 rows: list[tuple[int, str, str, str, float]] = []
                 docs: list[tuple[str, dict[str, Any]]] = []
@@ -754,8 +697,6 @@ class IntakeJournal:
         for t in self._threads:
             if t.is_alive() and threading.current_thread() is not t:
                 t.join()
-        if self._lookups is not None:
-            self._lookups.shutdown(wait=True)
         if self._key is not None:
             self._retire(self._key[0])
         with self._lock:

@@ -141,7 +141,6 @@ def router(models: ApiModels) -> APIRouter:
         except ValueError as exc:  # refused by the store before anything was written (e.g. text not UTF-8)
             raise ProxyError(400, f"invalid votes; nothing was stored: {exc}", param="votes",
                              code="invalid_vote") from None
-        await st.turns.share()  # answered with the group: the answers share the loop's turns too
         st.metrics.votes.inc(result.added)
         users = sorted({v.user_id for v in votes})
         for u in users:
