@@ -29,7 +29,12 @@ Two load generators post the same requests (the same bodies, byte for byte):
 ``--trace`` (with wrk): every request carries ``X-Request-ID: bench-<k>`` (its place in the send order;
 the proxy echoes it), the Lua script notes its send and answer times (CLOCK_MONOTONIC, so a probe in
 the server can be lined up with it), writes them to the file, and the bench prints latency by send
-time, the first wave against the rest and the slowest 1 %.
+time, the first wave against the rest and the slowest 1 %. The /healthz samples go to ``FILE.healthz``
+(``hz-<k>`` request ids, the same clock, the burst's start and end on the first line).
+
+``/healthz`` is sampled from before the burst until the drain ends, so most samples fall after the last
+acknowledgement; ``healthz_burst`` and ``healthz_after_burst`` split them (with ~20-50 samples in a ~1 s
+burst and ~500 after it, ``healthz_p99_ms`` is set by the burst's slowest few).
 """
 
 from __future__ import annotations
