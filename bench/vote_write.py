@@ -29,7 +29,12 @@ Two load generators post the same requests (the same bodies, byte for byte):
 ``--trace`` (with wrk): every request carries ``X-Request-ID: bench-<k>`` (its place in the send order;
 the proxy echoes it), the Lua script notes its send and answer times (CLOCK_MONOTONIC, so a probe in
 the server can be lined up with it), writes them to the file, and the bench prints latency by send
-time, the first wave against the rest and the slowest 1 %.
+time, the first wave against the rest and the slowest 1 %. The /healthz samples go to ``FILE.healthz``
+(``hz-<k>`` request ids, the same clock, the burst's start and end on the first line).
+
+``/healthz`` is sampled from before the burst until the drain ends, so most samples fall after the last
+acknowledgement; ``healthz_burst`` and ``healthz_after_burst`` split them (with ~20-50 samples in a ~1 s
+burst and ~500 after it, ``healthz_p99_ms`` is set by the burst's slowest few).
 """
 
 from __future__ import annotations
@@ -338,6 +343,7 @@ async def load(
     lat: list[float] = []
     errors: list[str] = []
     health: list[float] = []
+    health_at: list[float] = []  # each sample's start (perf_counter), to split the burst from the drain after it
     health_bad = 0
     done = asyncio.Event()
     timeout = aiohttp.ClientTimeout(total=600)
@@ -374,10 +380,12 @@ async def load(
             async with aiohttp.ClientSession(base_url=url, timeout=timeout) as hc:
                 while not done.is_set():
                     t = time.perf_counter()
-                    async with hc.get("/healthz") as resp:
+                    rid = {"X-Request-ID": f"hz-{len(health)}"} if trace else None
+                    async with hc.get("/healthz", headers=rid) as resp:
                         await resp.read()
                         health_bad += resp.status != 200
                     health.append((time.perf_counter() - t) * 1000)
+                    health_at.append(t)
                     await asyncio.sleep(0.01)
 
         sample = asyncio.create_task(sampler())
@@ -393,7 +401,8 @@ async def load(
             await asyncio.to_thread(burst.finished)
         else:
             await asyncio.gather(*(writer(w) for w in range(writers)))
-        wall = time.perf_counter() - t0
+        t_end = time.perf_counter()
+        wall = t_end - t0
         loop_cpu = loop_cpu_seconds(server_pid) - loop0  # the event loop's CPU while votes were acknowledged
         client_cpu = time.process_time() - self0  # this process (writers and sampler) while votes were acknowledged
         # Drain: until every acknowledged vote is stored and searchable. A server with an intake journal
@@ -417,7 +426,14 @@ async def load(
             wrk = await asyncio.to_thread(burst.result)  # wrk's figures (its wait overlapped the drain)
     server_cpu = sum(cpu1.get(k, 0.0) - cpu0.get(k, 0.0) for k in cpu1)
     split = {k.split("[")[0]: round(cpu1[k] - cpu0.get(k, 0.0), 2) for k in cpu1 if cpu1[k] - cpu0.get(k, 0.0) > 0.05}
+    # the /healthz samples for --trace (k, sent, answered: CLOCK_MONOTONIC µs, as the writes)
+    health_lines = [f"# burst {t0 * 1e6:.1f} {t_end * 1e6:.1f}"] + [
+        f"{k} {at * 1e6:.1f} {(at + h / 1000) * 1e6:.1f}" for k, (h, at) in enumerate(zip(health, health_at, strict=True))]
+    # /healthz while votes were being acknowledged (a sample started before the last answer) and after (the drain)
+    in_burst = [h for h, at in zip(health, health_at, strict=True) if at < t_end]
+    after = [h for h, at in zip(health, health_at, strict=True) if at >= t_end]
     out: dict[str, object] = {
+        "health_burst": in_burst, "health_after": after, "health_lines": health_lines,
         "server_cpu_split_s": split, "wall": wall, "drain": drain, "errors": errors, "health": health,
         "health_bad": health_bad, "server_cpu": server_cpu, "client_cpu": client_cpu, "loop_cpu": loop_cpu}
     if wrk:
@@ -491,6 +507,13 @@ def run(main: Coroutine[Any, Any, dict[str, object]]) -> dict[str, object]:
     return uvloop.run(main)
 
 
+def _summary(values: list[float]) -> str:
+    """``n=…, p50=…, p99=…, max=…`` (ms) of some /healthz samples."""
+    if not values:
+        return "n=0"
+    return f"n={len(values)} p50={pct(values, 0.5):.1f} p99={pct(values, 0.99):.1f} max={max(values):.1f}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repo", type=Path, default=HERE, help="checkout whose `synth-agent serve` is measured")
@@ -546,6 +569,8 @@ def main() -> None:
         "healthz_samples": len(health), "healthz_p50_ms": round(statistics.median(health), 1),
         "healthz_p99_ms": round(pct(health, 0.99), 1), "healthz_max_ms": round(max(health), 1),
         "healthz_not_200": res["health_bad"],
+        # the same samples split: while votes were acknowledged, and after the last answer (the drain)
+        "healthz_burst": _summary(res["health_burst"]), "healthz_after_burst": _summary(res["health_after"]),
         "server_cpu_ms_per_vote": round(res["server_cpu"] / max(acked, 1) * 1000, 2),
         # the server's event-loop thread alone, during the writes (parsing, validation, journal hand-off, answers)
         "loop_cpu_ms_per_vote": round(res["loop_cpu"] / max(acked, 1) * 1000, 2),
@@ -564,6 +589,7 @@ def main() -> None:
     if res["errors"]:
         print("  first errors:", res["errors"][:5])
     if args.trace:
+        Path(f"{args.trace}.healthz").write_text("\n".join(res["health_lines"]) + "\n")
         for line in trace_summary(read_trace(args.trace), args.writers):
             print("  " + line)
     if args.json:
