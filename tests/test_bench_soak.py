@@ -96,3 +96,15 @@ def test_restarts_are_read_from_the_change_of_child() -> None:
     assert (restart["server_before_mb"], restart["server_max_during_mb"], restart["server_after_mb"]) == (310.0, 350.0, 320.0)
     assert (restart["chroma_before_mb"], restart["chroma_after_mb"], restart["spare_max_mb"]) == (150.0, 120.0, 80.0)
     assert soak.chroma_restarts(samples[:3]) == []
+
+
+def test_requests_in_flight_around_a_restart_are_reported_apart() -> None:
+    soak = _soak()
+    mix = soak.Mix("http://x", 1, 0)
+    mix.done = [(1.0, 1.1, "persona"), (9.0, 11.5, "persona"), (12.0, 12.2, "vote"), (30.0, 30.1, "persona")]
+    mix.error_log = [(10.5, "chat", "ServerDisconnectedError: Server disconnected", True), (40.0, "vote", "500 b''", False)]
+    out = soak.around_restarts(mix, [{"copy_from_s": 10.0, "at_s": 15.0}])
+    assert out["windows_s"] == [[8.0, 15.0]]
+    assert out["latency_near_n_p50_max_ms"] == {"persona": [1, 2500.0, 2500.0], "vote": [1, 200.0, 200.0]}
+    assert set(out["latency_elsewhere_p99_max_ms"]) == {"persona"}
+    assert out["errors_near"] == 1
