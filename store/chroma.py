@@ -1822,8 +1822,7 @@ class ChromaStore(BaseStore):
             raise ValueError("compaction needs the store's own ledger file (a local directory, or ledger=<file>)")
         if self.path is not None and not self._owns_dir:
             raise ValueError(f"the store in {self.path} is served by another process (synth-agent serve or worker); "
-                             "stop that process to compact now, or set SYNTH_AGENT_COMPACT_RATIO for it to compact on "
-                             "its own")
+                             "it compacts on its own (SYNTH_AGENT_COMPACT_RATIO, default 1); stop it to compact now")
         sub = _Submission([], task=lambda: self._compact_now(progress))
         with self._cv:
             if self._closing:
