@@ -16,6 +16,14 @@ minute, disk MB/min and RSS and disk KB per stored vote. A write-heavy mix canno
 votes must live somewhere: Chroma keeps its HNSW indexes in memory, and what deletes give back
 is measured, not assumed); a mix that writes nothing new must be (``--then-mix`` without vote/ab).
 ``--malloc-trim`` shows what malloc held free at the end; ``--tracemalloc`` where Python grew.
+
+Processes are keyed by role, not name: ``server``, ``chroma`` (the child the server's state file
+names) and ``chroma-spare`` (the next child, started during a compaction's copy; also named
+``chroma``). Each change of child is a compaction's restart: the report lists them with the RSS
+before, during and right after, the latency of requests in flight around them against the rest,
+and every failed request (when it was sent, and whether it went out on a reused keep-alive
+connection: only those can meet a server closing an idle connection). The server's log is copied
+to ``<out>/serve.log``.
 RSS is not a timing figure: run it without the bench lock, and note the load it prints.
 
     .venv/bin/python bench/soak.py                               # 10 minutes, this checkout
@@ -33,12 +41,14 @@ import json
 import os
 import pickle
 import random
+import shutil
 import signal
 import statistics
 import subprocess
 import sys
 import time
 from collections import defaultdict
+from contextvars import ContextVar
 from pathlib import Path
 from urllib.parse import quote
 
@@ -95,21 +105,19 @@ def traced_python(python: str, out: Path) -> str:
     return str(wrapper)
 
 
-def malloc_trim(root: int) -> dict[str, list[float]]:
-    """RSS (MB) of each process before and after glibc's ``malloc_trim(0)``, called in it through gdb.
+def malloc_trim(root: int, chroma_pid: int | None = None) -> dict[str, list[float]]:
+    """RSS (MB) of each process (by role) before and after glibc's ``malloc_trim(0)``, called in it through gdb.
 
     What a trim gives back is memory malloc held free (fragmentation, idle arenas), not data.
     """
-    out: dict[str, list[float]] = {}
-    before = rss_mb(root)
+    before = rss_mb(root, chroma_pid)
     for key in before:
         pid = key[key.index("[") + 1 : -1]
         subprocess.run(["gdb", "-p", pid, "-batch", "-ex", "call (int) malloc_trim(0)"], capture_output=True,
                        timeout=120, check=False)
-    after = rss_mb(root)
-    for key, mb in before.items():
-        out[key.split("[")[0]] = [round(mb, 1), round(after.get(key, float("nan")), 1)]
-    return out
+    after = rss_mb(root, chroma_pid)
+    b, a = by_role(before), by_role({k: v for k, v in after.items() if k in before})
+    return {role: [round(mb, 1), round(a.get(role, float("nan")), 1)] for role, mb in b.items()}
 
 
 KINDS = {"chat": 0.38, "vote": 0.25, "ab": 0.10, "rerank": 0.05, "judge": 0.05, "persona": 0.15}
@@ -129,8 +137,25 @@ def parse_mix(text: str) -> dict[str, float]:
     return {k: v / total for k, v in out.items()}
 
 
-def rss_mb(root: int) -> dict[str, float]:
-    """Resident memory (MB) of ``root`` and of each descendant, by ``name[pid]``."""
+def serving_chroma_pid(home: Path | None) -> int | None:
+    """The pid of the Chroma child the server serves its store with (the state file it writes), if any."""
+    if home is None:
+        return None
+    try:
+        return int(json.loads((home / "chroma" / "synth_agent_server.json").read_text())["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def rss_mb(root: int, chroma_pid: int | None = None) -> dict[str, float]:
+    """Resident memory (MB) of ``root`` and of each descendant, by ``role[pid]``.
+
+    Roles: ``server`` (``root``), ``chroma`` (the Chroma child serving the store: ``chroma_pid``,
+    from :func:`serving_chroma_pid`), ``chroma-spare`` (another Chroma process while that one is
+    alive: the next child started during a compaction's copy, named ``chroma`` too), else the
+    process name. Keyed by name alone, the spare and the child (both ``chroma``) would overwrite
+    each other, and the per-process split would follow whichever came last.
+    """
     parents: dict[int, int] = {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -138,29 +163,50 @@ def rss_mb(root: int) -> dict[str, float]:
             parents[int(pid)] = int(raw[raw.rindex(b")") + 2 :].split()[1])
         except (OSError, ValueError, IndexError):
             continue
-    out: dict[str, float] = {}
+    found: list[tuple[int, str, float, bool]] = []  # (pid, name, MB, runs chromadb)
     todo = [root]
     while todo:
         pid = todo.pop()
         try:
             status = Path(f"/proc/{pid}/status").read_text()
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:
             continue
         name = next(line.split()[1] for line in status.splitlines() if line.startswith("Name:"))
         kb = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")), 0)
-        out[f"{name}[{pid}]"] = kb / 1024
+        found.append((pid, name, kb / 1024, pid != root and (name == "chroma" or b"chroma" in cmdline)))
         todo += [p for p, pp in parents.items() if pp == pid]
+    serving_alive = any(pid == chroma_pid for pid, *_ in found)
+    out: dict[str, float] = {}
+    for pid, name, mb, chroma in found:
+        if pid == root:
+            role = "server"
+        elif chroma:
+            # before the state file names a child, or between the old child's end and the new one's heartbeat,
+            # the one Chroma process there is counts as the child
+            role = "chroma" if pid == chroma_pid or not serving_alive else "chroma-spare"
+        else:
+            role = name
+        out[f"{role}[{pid}]"] = mb
     return out
 
 
-def smaps_mb(root: int) -> dict[str, dict[str, float]]:
+def by_role(sample: dict[str, float]) -> dict[str, float]:
+    """``role[pid] -> MB`` summed by role."""
+    out: dict[str, float] = defaultdict(float)
+    for key, mb in sample.items():
+        out[key.split("[")[0]] += mb
+    return dict(out)
+
+
+def smaps_mb(root: int, chroma_pid: int | None = None) -> dict[str, dict[str, float]]:
     """Anonymous vs file-backed resident memory (MB) of ``root`` and each descendant, from ``smaps_rollup``.
 
     Anonymous is the heap (malloc arenas, Python objects, HNSW indexes); file-backed is mapped code and
     files (shared libraries, the ONNX model, SQLite if mmapped): the part that is data cannot hide there.
     """
     out: dict[str, dict[str, float]] = {}
-    for key in rss_mb(root):
+    for key in rss_mb(root, chroma_pid):
         pid = key[key.index("[") + 1 : -1]
         try:
             text = Path(f"/proc/{pid}/smaps_rollup").read_text()
@@ -251,6 +297,32 @@ def slope_mb_per_min(points: list[tuple[float, float]]) -> float:
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / den if den else float("nan")
 
 
+_CONNECTION_REUSED: ContextVar[list[bool | None] | None] = ContextVar("connection_reused", default=None)
+"""Per request task: whether aiohttp sent it on a pooled keep-alive connection (True) or a new one (False)."""
+
+
+def connection_trace():  # type: ignore[no-untyped-def]
+    """aiohttp trace hooks that record, per request task, whether its connection was reused from the pool.
+
+    A request on a connection the server closes as it goes out fails with ``ServerDisconnectedError``
+    or ``ClientOSError`` (reset): only a reused connection can meet that race, never a new one.
+    """
+    import aiohttp
+
+    async def reused(*_: object) -> None:
+        if (flag := _CONNECTION_REUSED.get()) is not None:
+            flag[0] = True
+
+    async def created(*_: object) -> None:
+        if (flag := _CONNECTION_REUSED.get()) is not None:
+            flag[0] = False
+
+    trace = aiohttp.TraceConfig()
+    trace.on_connection_reuseconn.append(reused)
+    trace.on_connection_create_end.append(created)
+    return trace
+
+
 class Mix:
     """The traffic: users, what was acknowledged, latency and errors per kind."""
 
@@ -265,6 +337,9 @@ class Mix:
         self.n = 0
         self.t0 = time.perf_counter()
         self.live: dict[str, int] = defaultdict(int)  # user -> votes acknowledged since their last delete
+        self.done: list[tuple[float, float, str]] = []  # (sent, answered, kind), seconds since t0, requests answered ok
+        # (sent s, kind, error, whether the request went out on a pooled keep-alive connection)
+        self.error_log: list[tuple[float, str, str, bool | None]] = []
 
     def expected(self) -> dict[str, set[str]]:
         """Acknowledged votes that must be stored: sent after every delete of their user had answered."""
@@ -280,6 +355,8 @@ class Mix:
 
     async def one(self, session, kind: str) -> None:  # type: ignore[no-untyped-def]
         self.n += 1
+        reused: list[bool | None] = [None]
+        _CONNECTION_REUSED.set(reused)  # this task's: set by the session's trace hooks
         user = self.rng.choice(self.users)
         seg = quote(user, safe="")
         t = time.perf_counter()
@@ -315,7 +392,7 @@ class Mix:
                     await r.read()
                     ok = r.status in (200, 404)
                     if not ok:
-                        self.errors[kind].append(str(r.status))
+                        self._error(kind, str(r.status), t)
             else:  # delete
                 async with session.delete(f"/v1/users/{seg}") as r:
                     await r.read()
@@ -324,18 +401,24 @@ class Mix:
                     if ok:
                         self.live[user] = 0
                     if not ok:
-                        self.errors[kind].append(str(r.status))
+                        self._error(kind, str(r.status), t)
         except Exception as exc:  # noqa: BLE001 - a soak counts failures, it does not stop on them
-            self.errors[kind].append(type(exc).__name__)
+            self._error(kind, type(exc).__name__, t, f": {exc}")
             return
         if ok:
-            self.lat[kind].append((time.perf_counter() - t) * 1000)
+            answered = time.perf_counter()
+            self.lat[kind].append((answered - t) * 1000)
+            self.done.append((t - self.t0, answered - self.t0, kind))
+
+    def _error(self, kind: str, what: str, sent: float, detail: str = "") -> None:
+        self.errors[kind].append(what)
+        self.error_log.append((round(sent - self.t0, 2), kind, (what + detail)[:200], (_CONNECTION_REUSED.get() or [None])[0]))
 
     async def _post(self, session, path: str, body: dict[str, object]):  # type: ignore[no-untyped-def]
         async with session.post(path, json=body) as r:
             data = await r.read()
             if r.status != 200:
-                self.errors[path.split("/")[2]].append(f"{r.status} {data[:100]!r}")
+                self._error(path.split("/")[2], f"{r.status} {data[:100]!r}", time.perf_counter())
                 return None
             return json.loads(data) or True
 
@@ -351,8 +434,11 @@ class Trace:
         self.trim: dict[str, list[float]] | None = None
         self.hnsw: list[tuple[float, int, int, float]] = []  # (t, slots, live items, MB) of Chroma's HNSW
 
+    def chroma_pid(self) -> int | None:
+        return serving_chroma_pid(self.home)
+
     def sample(self, now: float, pid: int, mix: Mix) -> None:
-        self.smaps.append((now, smaps_mb(pid)))
+        self.smaps.append((now, smaps_mb(pid, self.chroma_pid())))
         self.data.append((now, sum(mix.live.values()), disk_mb(self.home)))
         self.written.append((now, float(len(mix.acked))))
         self.hnsw.append((now, *hnsw_state(self.home)))
@@ -371,13 +457,17 @@ async def drive(args: argparse.Namespace, url: str, pid: int) -> tuple[Mix, list
     tasks: set[asyncio.Task[None]] = set()
     timeout = aiohttp.ClientTimeout(total=300)
     headers = {"Authorization": f"Bearer {KEY}"}
-    async with aiohttp.ClientSession(base_url=url, headers=headers, timeout=timeout) as session:
+    # aiohttp's default pool (100 connections, idle ones reused for 15 s) unless --client-keepalive says otherwise
+    connector = aiohttp.TCPConnector(**({"keepalive_timeout": args.client_keepalive} if args.client_keepalive else {}))
+    async with aiohttp.ClientSession(base_url=url, headers=headers, timeout=timeout, connector=connector,
+                                     trace_configs=[connection_trace()]) as session:
         t0 = time.monotonic()
+        mix.t0 = time.perf_counter()  # request times and samples share one origin
         next_sample = 0.0
         i = 0
         while (now := time.monotonic() - t0) < args.duration:
             if now >= next_sample:
-                samples.append((now, rss_mb(pid)))
+                samples.append((now, rss_mb(pid, trace.chroma_pid())))
                 trace.sample(now, pid, mix)
                 next_sample += 5.0
                 done = sum(len(v) for v in mix.lat.values())
@@ -394,10 +484,12 @@ async def drive(args: argparse.Namespace, url: str, pid: int) -> tuple[Mix, list
             i += 1
             await asyncio.sleep(max(0.0, t0 + i / args.rate - time.monotonic()))
         await asyncio.gather(*tasks)
-        samples.append((end := time.monotonic() - t0, rss_mb(pid)))
+        samples.append((end := time.monotonic() - t0, rss_mb(pid, trace.chroma_pid())))
         trace.sample(end, pid, mix)
         if args.malloc_trim:
-            trace.trim = await asyncio.to_thread(malloc_trim, pid)
+            trace.trim = await asyncio.to_thread(malloc_trim, pid, trace.chroma_pid())
+    if trace.home is not None and (log := trace.home.parent / "serve.log").exists():
+        shutil.copyfile(log, args.out / "serve.log")  # the server's warnings (a failed compaction shows there)
     return mix, samples, trace
 
 
@@ -414,6 +506,68 @@ def halves(samples: list[tuple[float, dict[str, float]]], warmup: float) -> dict
         out[name] = [round(slope_mb_per_min([(t, sum(v for k, v in s.items() if k.split("[")[0] == name))
                                              for t, s in part]), 3) for part in parts]
     return out
+
+
+def chroma_restarts(samples: list[tuple[float, dict[str, float]]]) -> list[dict[str, object]]:
+    """Each change of the serving Chroma child in the samples (a compaction's restart), with RSS around it.
+
+    ``copy_from_s``: the first sample of the run-up that shows the spare (the copy had begun), else the
+    last sample of the old child; ``at_s``: the first sample of the new child. ``before``: the last sample
+    without a spare before that; ``after``: the first sample of the new child without a spare.
+    """
+    def child(sample: dict[str, float]) -> int | None:
+        return next((int(k[k.index("[") + 1 : -1]) for k in sample if k.startswith("chroma[")), None)
+
+    def spare(sample: dict[str, float]) -> bool:
+        return any(k.startswith("chroma-spare[") for k in sample)
+
+    out: list[dict[str, object]] = []
+    last: int | None = None
+    for i, (t, sample) in enumerate(samples):
+        pid = child(sample)
+        if pid is None:
+            continue
+        if last is not None and pid != last:
+            j = i - 1
+            while j > 0 and (spare(samples[j][1]) or child(samples[j][1]) is None):
+                j -= 1  # back to the last sample before the spare: before the copy
+            k = i
+            while k < len(samples) - 1 and spare(samples[k][1]):
+                k += 1
+            run_up = [s for s in samples[j + 1 : i] if spare(s[1])]
+            roles = [by_role(s) for _, s in samples[j : k + 1]]
+            out.append({
+                "copy_from_s": round(run_up[0][0] if run_up else samples[i - 1][0], 1), "at_s": round(t, 1),
+                "server_before_mb": round(roles[0].get("server", 0.0), 1),
+                "server_max_during_mb": round(max(r.get("server", 0.0) for r in roles), 1),
+                "server_after_mb": round(roles[-1].get("server", 0.0), 1),
+                "chroma_before_mb": round(roles[0].get("chroma", 0.0), 1),
+                "chroma_after_mb": round(roles[-1].get("chroma", 0.0), 1),
+                "spare_max_mb": round(max(r.get("chroma-spare", 0.0) for r in roles), 1),
+            })
+        last = pid
+    return out
+
+
+def around_restarts(mix: Mix, restarts: list[dict[str, object]], margin: float = 2.0) -> dict[str, object]:
+    """Latency of the requests in flight during a restart's run-up (copy + restart) against all others;
+    errors of requests sent then. A window is ``copy_from_s - margin`` to ``at_s`` (samples are 5 s apart)."""
+    windows = [(float(r["copy_from_s"]) - margin, float(r["at_s"])) for r in restarts]  # type: ignore[arg-type]
+
+    def near(a: float, b: float) -> bool:
+        return any(a <= hi and b >= lo for lo, hi in windows)
+
+    lat_near: dict[str, list[float]] = defaultdict(list)
+    lat_else: dict[str, list[float]] = defaultdict(list)
+    for sent, answered, kind in mix.done:
+        (lat_near if near(sent, answered) else lat_else)[kind].append((answered - sent) * 1000)
+    return {
+        "windows_s": [[round(a, 1), round(b, 1)] for a, b in windows],
+        "latency_near_n_p50_max_ms": {k: [len(v), round(statistics.median(v), 1), round(max(v), 1)]
+                                      for k, v in sorted(lat_near.items())},
+        "latency_elsewhere_p99_max_ms": {k: [round(pct(v, 0.99), 1), round(max(v), 1)] for k, v in sorted(lat_else.items())},
+        "errors_near": sum(1 for sent, *_ in mix.error_log if near(sent, sent)),
+    }
 
 
 def data_report(samples: list[tuple[float, dict[str, float]]], trace: Trace, warmup: float) -> dict[str, object]:
@@ -518,6 +672,8 @@ def main() -> None:
     ap.add_argument("--malloc-trim", action="store_true",
                     help="at the end, call malloc_trim(0) in the server and Chroma processes (gdb) and report "
                          "RSS before/after: memory malloc held free, not data")
+    ap.add_argument("--client-keepalive", type=float, default=None,
+                    help="seconds the load generator keeps an idle connection for reuse (default: aiohttp's, 15 s)")
     ap.add_argument("--tracemalloc", action="store_true",
                     help="run the server under tracemalloc; from the warm-up on, the allocation sites that grew "
                          "most go to <out>/tracemalloc.jsonl every 60 s (slows the server: diagnosis only)")
@@ -558,7 +714,7 @@ def main() -> None:
             for u, ids in list(lost.items())[:3]
         },
         "rss_start_mb": round(totals[0][1], 1), "rss_end_mb": round(totals[-1][1], 1),
-        "rss_by_process_end_mb": {k.split("[")[0]: round(v, 1) for k, v in samples[-1][1].items()},
+        "rss_by_process_end_mb": {k: round(v, 1) for k, v in by_role(samples[-1][1]).items()},
         "rss_slope_after_warmup_mb_per_min": round(slope_mb_per_min(after), 3),
         "rss_slope_whole_run_mb_per_min": round(slope_mb_per_min(totals), 3),
         # Levelling off shows as a smaller slope in the second half of the measured window than in the first.
@@ -568,13 +724,19 @@ def main() -> None:
                                           for t, s in samples if t >= args.warmup]), 3)
             for name in sorted({k.split("[")[0] for _, s in samples for k in s})},
     }
+    restarts = chroma_restarts(samples)
+    report["chroma_restarts"] = restarts
+    report["server_rss_after_each_restart_mb"] = [r["server_after_mb"] for r in restarts]
+    report["around_restarts"] = around_restarts(mix, restarts)
+    # each failed request: (sent, s into the run; kind; what; sent on a reused keep-alive connection?)
+    report["error_log"] = mix.error_log[:30]
     report.update(data_report(samples, trace, args.warmup))
     if trace.trim is not None:
         report["malloc_trim_rss_before_after_mb"] = trace.trim
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "soak.json").write_text(json.dumps({**report, "rss_samples": totals, "rss_samples_by_process": [
-        (t, {k.split("[")[0]: round(v, 1) for k, v in s.items()}) for t, s in samples],
-        "smaps_samples": [(t, {k.split("[")[0]: {kk: round(vv, 2) for kk, vv in v.items()} for k, v in s.items()})
+        (t, {k: round(v, 1) for k, v in s.items()}) for t, s in samples],  # role[pid]
+        "smaps_samples": [(t, {k: {kk: round(vv, 2) for kk, vv in v.items()} for k, v in s.items()})
                           for t, s in trace.smaps],
         "data_samples": trace.data, "hnsw_samples": trace.hnsw, "load_before": load0, "load_after": os.getloadavg()}, indent=2))
     plot(samples, args.out / "soak.png", f"soak: {args.rate:g} req/s, {repo.name}")

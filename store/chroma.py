@@ -98,8 +98,9 @@ from langgraph.store.base import (
     validate_op_namespace,
 )
 
-from store.clients import directory_client, http_client
+from store.clients import close_client, directory_client, http_client
 from store.ledger import LEDGER_FILE, KeyLedger, Ledger, owner_alive
+from store.malloc import malloc_trim_function
 from store.reader import generation_names, index_members, is_generation_name, open_records
 from store.sealing import Codec, SealError
 
@@ -454,6 +455,8 @@ class ChromaStore(BaseStore):
         batches given to ``intake.append`` (``PreferenceMemory`` does so for votes) are acknowledged once
         journaled, and stored by a background drain."""
         attached = False
+        self._owns_client = client is None
+        """This store made its chromadb client (and closes it in :meth:`close`); a client given to it is the caller's."""
         if client is None:
             if host is not None:
                 client = http_client(host, port or 8000)
@@ -475,6 +478,8 @@ class ChromaStore(BaseStore):
             if path is not None:
                 self._open_intake(intake, owner=not attached)
         except BaseException:
+            if self._owns_client:
+                close_client(client)
             if self._own_lock is not None:
                 self._own_lock.release()
             raise
@@ -633,8 +638,10 @@ class ChromaStore(BaseStore):
                 **kw,
             )
         except BaseException:
+            close_client(client)
             server.stop()
             raise
+        store._owns_client = True
         store.restart_after_compact = restart_after_compact
         store.path = Path(path)
         try:
@@ -1873,8 +1880,7 @@ class ChromaStore(BaseStore):
             raise ValueError("compaction needs the store's own ledger file (a local directory, or ledger=<file>)")
         if self.path is not None and not self._owns_dir:
             raise ValueError(f"the store in {self.path} is served by another process (synth-agent serve or worker); "
-                             "stop that process to compact now, or set SYNTH_AGENT_COMPACT_RATIO for it to compact on "
-                             "its own")
+                             "it compacts on its own (SYNTH_AGENT_COMPACT_RATIO, default 1); stop it to compact now")
         sub = _Submission([], task=lambda: self._compact_now(progress))
         with self._cv:
             if self._closing:
@@ -2144,6 +2150,8 @@ class ChromaStore(BaseStore):
             self._pool.shutdown(wait=True)
         if self.ledger is not None:
             self.ledger.close()
+        if self._owns_client:
+            close_client(self.client)
         if self._server is not None:
             self._server.stop()
         if self._own_lock is not None:
@@ -2192,14 +2200,8 @@ def _give_back_free_memory() -> None:
     up in steps of 35-60 MB while the Python heap stayed at 52 MB; a ``malloc_trim`` after each
     round held it flat at 212 MB (docs/store.md, "Compaction"). ctypes releases the GIL for the call.
     """
-    import ctypes
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        trim = ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # musl
+    trim = malloc_trim_function()
+    if trim is None:
         return
     t = time.perf_counter()
     trim(0)

@@ -8,6 +8,7 @@ chromadb at import time (``chromadb`` alone takes 1.4–1.8 s to import on a 2-c
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -45,3 +46,14 @@ def directory_client(path: Path) -> tuple[Any, DirectoryLock | None, bool]:
         if lock is not None:
             lock.release()
         raise
+
+
+def close_client(client: Any) -> None:
+    """Close a chromadb client this package made (its HTTP session, or its share of a local System).
+
+    chromadb 1.5.9 shares one System per persistent directory between the clients of a process and
+    counts them: ``close()`` stops it only when the last client of that directory closes, so another
+    store of this process on the same directory keeps working. An HTTP client has a System of its own.
+    """
+    with contextlib.suppress(Exception):  # closing must not hide what the caller is doing (or raise twice)
+        client.close()

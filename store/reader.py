@@ -27,6 +27,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from store.clients import close_client
 from store.ledger import LEDGER_FILE, KeyLedger, Ledger
 from store.sealing import Codec, SealError
 
@@ -92,10 +93,12 @@ class StoreReader:
         except BaseException:
             if ledger is not None:
                 ledger.close()
+            close_client(client)
             if lock is not None:
                 lock.release()
             raise
         ledger.close()
+        close_client(client)  # the full store opens its own
         if lock is not None:
             lock.release()
         return None
@@ -162,8 +165,9 @@ class StoreReader:
         }
 
     def close(self) -> None:
-        """Close the ledger and give the directory back (Chroma's client needs no closing)."""
+        """Close the ledger and the chromadb client, and give the directory back."""
         self.ledger.close()
+        close_client(self.client)
         if self._lock is not None:
             self._lock.release()
             self._lock = None

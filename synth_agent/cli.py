@@ -472,7 +472,7 @@ app.add_typer(store_app, name="store", short_help="Store maintenance (compact)."
 def store_compact(ctx: typer.Context) -> None:
     """Copy the live records into new collections and drop the old ones (frees what deletes left behind).
 
-    Refused while `synth-agent serve` or `worker` owns the store (stop it, or set SYNTH_AGENT_COMPACT_RATIO).
+    Refused while `synth-agent serve` or `worker` owns the store (it compacts on its own: SYNTH_AGENT_COMPACT_RATIO).
     """
     from synth_agent.services import open_store
 

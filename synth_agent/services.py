@@ -77,12 +77,23 @@ def open_store(settings: Settings, *, reindex: bool = False, server: bool = Fals
     return ChromaStore(path=str(settings.home / "chroma"), embedding_function=ef, reindex=reindex)
 
 
+DEFAULT_COMPACT_RATIO = 1.0
+"""``SYNTH_AGENT_COMPACT_RATIO`` when unset: ``serve`` and ``worker`` compact their store once the records
+deleted since the last compaction equal the live ones (and are at least 2,000), then restart their
+Chroma child. Chroma's HNSW index never reuses a deleted record's slot, so without compaction its
+memory follows every record ever written; with 1 it holds at most about twice the live records'.
+Measured in a 25-minute soak with a compaction every ~3 minutes: server and Chroma flat after
+warm-up, 0 errors, no acknowledged vote missing; in an 18-minute one Chroma flat, the server
++0.6 MB/min (docs/store.md, "Compaction on by default").
+The price: writes wait for the copy (~2-3 s for a few thousand records), reads for the restart
+(~1-2 s), and the next Chroma child (~60-90 MB) runs alongside the old one during the copy."""
+
+
 def _compact_setting() -> float:
     """``SYNTH_AGENT_COMPACT_RATIO``: a server compacts its store once records deleted since the last
     compaction reach this share of the live ones, then restarts its Chroma process (docs/store.md,
-    "Compaction"). Default 0 (never): in the soak it flattened Chroma's memory but cost read latency
-    and 8 connection errors not yet explained."""
-    raw = os.environ.get("SYNTH_AGENT_COMPACT_RATIO", "0").strip()
+    "Compaction"). Unset or empty: :data:`DEFAULT_COMPACT_RATIO`; 0: never."""
+    raw = os.environ.get("SYNTH_AGENT_COMPACT_RATIO", "").strip() or str(DEFAULT_COMPACT_RATIO)
     try:
         ratio = float(raw)
     except ValueError:

@@ -21,6 +21,7 @@ from typing import Any, Literal, Self, TypeVar
 import httpx
 import uvicorn
 
+from store.malloc import malloc_trim_function
 from synth_agent.runner import freeze_heap
 
 T = TypeVar("T")
@@ -134,7 +135,10 @@ class MallocTrimmer(threading.Thread):
         self.interval = interval
         self.durations: list[float] = []
         self._stop_event = threading.Event()
-        self._trim = ctypes.CDLL("libc.so.6").malloc_trim
+        trim = malloc_trim_function()
+        if trim is None:
+            raise OSError("glibc's malloc_trim is not available in this process")
+        self._trim = trim
 
     def run(self) -> None:
         while not self._stop_event.wait(self.interval):
@@ -152,7 +156,7 @@ def start_malloc_trimmer(interval: float) -> MallocTrimmer | None:
         return None
     try:
         trimmer = MallocTrimmer(interval)
-    except (OSError, AttributeError):
+    except OSError:  # not glibc
         return None
     trimmer.start()
     return trimmer

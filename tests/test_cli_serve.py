@@ -4,11 +4,13 @@ for its owner's user, from loopback, while that server runs (synth_agent.local_s
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -95,6 +97,27 @@ def test_reads_through_serve_match_the_in_process_reads_without_chromadb(served:
     assert rc == 0 and len(out.splitlines()) == 12 and Vote.model_validate_json(out.splitlines()[0]).user_id == users[0]
     # another tenant's namespace is another tenant's: empty, through the server too
     assert cli(srv.home, sim, "--tenant", "other", "votes", "--json", "--user", users[0])[1] == ""
+
+
+def test_an_idle_keep_alive_connection_is_not_closed_after_uvicorns_default_5_s(served: Any) -> None:
+    """A client that reuses a pooled connection idle for 6 s (aiohttp keeps them 15 s, httpx 5 s) finds it open:
+    with uvicorn's 5 s the server closed it, and a request sent as it closed failed (the soak's connection errors)."""
+    srv, _ = served
+    conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=30)
+    try:
+        conn.request("GET", "/healthz")
+        first = conn.getresponse()
+        first.read()
+        assert first.status == 200
+        assert conn.sock is not None
+        local = conn.sock.getsockname()
+        time.sleep(6)
+        conn.request("GET", "/healthz")  # on the same socket: http.client reconnects only once it knows it closed
+        again = conn.getresponse()
+        again.read()
+        assert again.status == 200 and conn.sock.getsockname() == local
+    finally:
+        conn.close()
 
 
 def test_forget_through_serve_erases_what_the_server_holds(served: Any, sim: SimEndpoint) -> None:

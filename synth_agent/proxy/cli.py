@@ -28,6 +28,19 @@ def _settings(ctx: typer.Context, chroma_host: str | None, chroma_port: int | No
     return settings.model_copy(update=update) if update else settings
 
 
+SERVE_KEEP_ALIVE_S = 75
+"""Seconds ``serve`` keeps an idle keep-alive connection open (uvicorn's default: 5).
+
+A client that reuses a pooled connection just as the server closes it for idleness sends its
+request into a closing socket: ``ServerDisconnectedError`` / ``ClientOSError`` (connection reset)
+in aiohttp, ``RemoteProtocolError`` in httpx, and a POST is not retried. Common clients keep idle
+connections for reuse up to 15 s (aiohttp), 5 s (httpx, so the OpenAI SDK), 4 s (Node's undici),
+60 s (nginx's upstream keepalive, AWS ALB); a server that waits longer than its client never
+closes a connection the client may be about to use. With 5 s, the soak's aiohttp load generator
+saw 2-8 such errors per run (docs/store.md, "Compaction": the soak's connection errors).
+"""
+
+
 def _serve(app: Any, proxy: Any, home: Path, *, log_level: str, access_log: bool) -> None:
     """Run the proxy with uvicorn on a socket bound here, published for the local CLI while it serves.
 
@@ -55,7 +68,8 @@ def _serve(app: Any, proxy: Any, home: Path, *, log_level: str, access_log: bool
                         erases_checkpoints=proxy.synthesis == "inline" and not proxy.queue)
     state.local_token = published.token if published else None
     server = uvicorn.Server(uvicorn.Config(freeze_heap_after_startup(app), host=proxy.host, port=proxy.port,
-                                           log_level=log_level, access_log=access_log))
+                                           log_level=log_level, access_log=access_log,
+                                           timeout_keep_alive=SERVE_KEEP_ALIVE_S))
     listeners = accept_listeners(sock)  # more than one connection accepted per loop turn
     try:
         server.run(sockets=listeners)
