@@ -58,6 +58,8 @@ sys.path.insert(0, str(HERE))
 
 from vote_write import KEY, measure, pct  # noqa: E402
 
+from store.server import recorded_pid  # noqa: E402
+
 TRACEMALLOC_LAUNCHER = """\
 # Written by bench/soak.py --tracemalloc: runs `python -m synth_agent.cli ...` with tracemalloc on and,
 # from the end of the warm-up on, appends every 60 s the allocation sites that grew most (JSON lines).
@@ -139,12 +141,7 @@ def parse_mix(text: str) -> dict[str, float]:
 
 def serving_chroma_pid(home: Path | None) -> int | None:
     """The pid of the Chroma child the server serves its store with (the state file it writes), if any."""
-    if home is None:
-        return None
-    try:
-        return int(json.loads((home / "chroma" / "synth_agent_server.json").read_text())["pid"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    return None if home is None else recorded_pid(home / "chroma")
 
 
 def rss_mb(root: int, chroma_pid: int | None = None) -> dict[str, float]:

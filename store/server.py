@@ -118,12 +118,18 @@ def running_server(path: Path) -> tuple[str, int] | None:
     return host, port
 
 
+def recorded_pid(path: Path) -> int | None:
+    """The pid of the Chroma child recorded in ``path``'s state file (alive or not), if one is recorded."""
+    try:
+        return int(json.loads((path / STATE_FILE).read_text())["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _stop_orphan(path: Path) -> None:
     """A server recorded in the state file whose owner is gone (we hold the lock now): stop it."""
-    try:
-        state = json.loads((path / STATE_FILE).read_text())
-        pid = int(state["pid"])
-    except (OSError, ValueError, KeyError, TypeError):
+    pid = recorded_pid(path)
+    if pid is None:
         return
     if _pid_alive(pid):
         try:
@@ -400,5 +406,5 @@ class LocalChromaServer:
 
 
 __all__ = [
-    "DirectoryLock", "LocalChromaServer", "StoreBusyError", "attach_or_lock", "child_env", "chroma_cli", "running_server",
+    "DirectoryLock", "LocalChromaServer", "StoreBusyError", "attach_or_lock", "child_env", "chroma_cli", "recorded_pid", "running_server",
 ]
