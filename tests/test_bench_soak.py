@@ -9,7 +9,6 @@ process while that child lives). A small process tree stands in for ``serve`` an
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -18,19 +17,18 @@ from typing import Any
 
 import pytest
 
+try:
+    from tests.scripts import load_script
+except ImportError:  # tests/ is not a package: pytest puts tests/ itself on sys.path
+    from scripts import load_script  # type: ignore[no-redef]
+
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "soak.py"
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 
 
 def _soak() -> Any:
-    sys.path.insert(0, str(BENCH.parent))
-    spec = importlib.util.spec_from_file_location("soak_bench", BENCH)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(BENCH, "soak_bench", siblings=True)
 
 
 _CHROMA_LIKE = """\

@@ -10,10 +10,8 @@ records what arrives. Skipped where wrk is not installed (``apt-get install -y w
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
-import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -21,18 +19,18 @@ from typing import Any
 
 import pytest
 
+try:
+    from tests.scripts import load_script
+except ImportError:  # tests/ is not a package: pytest puts tests/ itself on sys.path
+    from scripts import load_script  # type: ignore[no-redef]
+
 pytestmark = pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed")
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "vote_write.py"
 
 
 def _bench() -> Any:
-    spec = importlib.util.spec_from_file_location("vote_write_bench", BENCH)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(BENCH, "vote_write_bench")
 
 
 class _Recorder(BaseHTTPRequestHandler):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import math
 import re
 from pathlib import Path
@@ -11,15 +10,16 @@ from types import ModuleType
 
 import pytest
 
+try:
+    from tests.scripts import load_script
+except ImportError:  # tests/ is not a package: pytest puts tests/ itself on sys.path
+    from scripts import load_script  # type: ignore[no-redef]
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 def load(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(EXAMPLES / f"{name}.py", f"example_{name}")
 
 
 @pytest.fixture(autouse=True)
