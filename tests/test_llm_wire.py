@@ -264,3 +264,26 @@ def test_https_and_the_aiohttp_setting_keep_aiohttp() -> None:
     assert asyncio.run(make(base_url="https://api.example.com/v1")) == (False, True)
     assert asyncio.run(make(base_url="http://localhost:1/v1", transport="aiohttp")) == (False, True)
     assert asyncio.run(make(base_url="http://localhost:1/v1")) == (True, False)
+
+
+async def test_a_second_answer_to_one_request_is_never_read_as_the_next_ones() -> None:
+    log: list = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        if n == 0:  # two answers to the first request, in one write
+            await read_request(reader)
+            a, b = completion("first"), completion("stray")
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(a) + a
+                         + b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(b) + b)  # fmt: skip
+            await writer.drain()
+            await reader.read()
+            return
+        await keep_alive(lambda body: completion(orjson.loads(body)["messages"][0]["content"]), log)(reader, writer, n)
+
+    srv = Server(handler)
+    async with srv as url:
+        t = LeanTransport(EndpointConfig(base_url=url, probe_server=False))
+        texts = [(await t.chat({"messages": [{"role": "user", "content": q}]}, want_logprobs=False)).text
+                 for q in ("q1", "q2", "q3")]  # fmt: skip
+        await t.aclose()
+    assert texts == ["first", "q2", "q3"] and srv.connections == 2

@@ -86,6 +86,9 @@ class _Connection(asyncio.Protocol):
         except httptools.HttpParserError as e:
             self._fail(WireError(f"malformed HTTP answer: {e}"))
             self.close()
+            return
+        if self._waiter is not None and self._waiter.done():
+            self._parser = None  # answered: bytes before the next request are out of step
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -97,6 +100,11 @@ class _Connection(asyncio.Protocol):
                 self._fail(WireError(f"the server closed the connection before answering{reason}"))
 
     # ---------------------------------------------------------------- httptools callbacks
+
+    def on_message_begin(self) -> None:
+        if self._waiter is not None and self._waiter.done():  # a second answer to one request: out of step
+            self.keep_alive = False
+            self.close()
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers[name.decode("latin-1").lower()] = value.decode("latin-1")
@@ -115,13 +123,13 @@ class _Connection(asyncio.Protocol):
         if waiter is None or waiter.done() or parser is None:
             return
         self.keep_alive = not self.closed and parser.should_keep_alive()
-        self._parser = None
         body = b"".join(self._body) if len(self._body) != 1 else self._body[0]
         encoding = self._headers.get("content-encoding", "").strip().lower()
         if encoding in ("gzip", "deflate", "x-gzip"):
             try:
                 body = zlib.decompress(body, 47)  # 32 + 15: a gzip or zlib header, either one
             except zlib.error as e:
+                self.keep_alive = False
                 self._fail(WireError(f"undecodable {encoding} body: {e}"))
                 return
         waiter.set_result((self._status, self._headers, body))
