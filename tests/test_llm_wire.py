@@ -287,3 +287,26 @@ async def test_a_second_answer_to_one_request_is_never_read_as_the_next_ones() -
                  for q in ("q1", "q2", "q3")]  # fmt: skip
         await t.aclose()
     assert texts == ["first", "q2", "q3"] and srv.connections == 2
+
+
+async def test_a_ramp_up_of_new_connections_resolves_the_host_once() -> None:
+    log: list = []
+    srv = Server(keep_alive(lambda body: completion("ok"), log))
+    loop = asyncio.get_running_loop()
+    calls: list[str] = []
+    real = loop.getaddrinfo
+
+    async def counting(host, *args, **kw):  # type: ignore[no-untyped-def]
+        calls.append(host)
+        return await real(host, *args, **kw)
+
+    loop.getaddrinfo = counting  # type: ignore[method-assign]
+    try:
+        async with srv as url:
+            wire = WireClient(url.replace("127.0.0.1", "localhost"), {}, timeout=5)
+            got = await asyncio.gather(*(wire.request("POST", "/v1/chat/completions", b"{}") for _ in range(16)))
+            wire.close()
+    finally:
+        del loop.getaddrinfo
+    assert [g[0] for g in got] == [200] * 16 and srv.connections == 16
+    assert calls == ["localhost"]

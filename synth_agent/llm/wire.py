@@ -28,13 +28,19 @@ Not here: TLS, proxies, redirects, cookies, ``Expect: 100-continue``. ``https://
 from __future__ import annotations
 
 import asyncio
+import socket
+import time
 import zlib
 from collections.abc import Mapping
 from urllib.parse import urlsplit
 
 import httptools
 
-__all__ = ["WireClient", "WireError", "plain_http"]
+__all__ = ["DNS_TTL", "WireClient", "WireError", "plain_http"]
+
+DNS_TTL = 300.0
+"""Seconds the endpoint's resolved addresses are reused for new connections (aiohttp's default too); a failed
+connection to every address resolves again."""
 
 
 class WireError(ConnectionError):
@@ -185,6 +191,8 @@ class WireClient:
         self._fixed = "".join(f"{k}: {v}\r\n" for k, v in fixed.items()).encode("latin-1")
         self._idle: list[_Connection] = []
         self._open: set[_Connection] = set()
+        self._resolving: asyncio.Future[list[tuple[int, str, int]]] | None = None
+        self._resolved_until = 0.0
         self.closed = False
 
     def head(self, method: str, path: str, length: int | None) -> bytes:
@@ -227,12 +235,48 @@ class WireClient:
             if not conn.closed:
                 return conn, True
             self._open.discard(conn)
-        _, conn = await asyncio.get_running_loop().create_connection(_Connection, self.host, self.port)
+        conn = await self._connect()
         if self.closed:  # closed while we connected
             conn.close()
             raise WireError("the client is closed")
         self._open.add(conn)
         return conn, False
+
+    async def _addresses(self) -> list[tuple[int, str, int]]:
+        """(family, address, port) of the endpoint, resolved once per :data:`DNS_TTL` and shared by concurrent
+        new connections (a ramp-up to 64 connections asks the resolver once, not 64 times)."""
+        loop = asyncio.get_running_loop()
+        if self._resolving is None or time.monotonic() > self._resolved_until:
+            self._resolving = asyncio.ensure_future(self._resolve(loop))
+            self._resolved_until = time.monotonic() + DNS_TTL
+        resolving = self._resolving
+        try:
+            return await asyncio.shield(resolving)
+        except OSError:
+            if self._resolving is resolving:
+                self._resolving = None
+            raise
+
+    async def _resolve(self, loop: asyncio.AbstractEventLoop) -> list[tuple[int, str, int]]:
+        infos = await loop.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
+        out: list[tuple[int, str, int]] = []
+        for family, _, _, _, addr in infos:
+            entry = (int(family), str(addr[0]), int(addr[1]))
+            if entry not in out:
+                out.append(entry)
+        return out
+
+    async def _connect(self) -> _Connection:
+        loop = asyncio.get_running_loop()
+        error: OSError = WireError(f"{self.host} resolved to no address")
+        for family, address, port in await self._addresses():
+            try:
+                _, conn = await loop.create_connection(_Connection, address, port, family=family)
+                return conn
+            except OSError as e:
+                error = e
+        self._resolving = None  # none took it: resolve again next time
+        raise error
 
     def close(self) -> None:
         """Close every connection (requests still waiting on one fail with :class:`WireError`)."""
