@@ -248,6 +248,7 @@ class WireClient:
         loop = asyncio.get_running_loop()
         if self._resolving is None or time.monotonic() > self._resolved_until:
             self._resolving = asyncio.ensure_future(self._resolve(loop))
+            self._resolving.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved, waited or not
             self._resolved_until = time.monotonic() + DNS_TTL
         resolving = self._resolving
         try:
