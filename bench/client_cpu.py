@@ -2,8 +2,9 @@
 
 Both rows run the whole client layer (limiter, retries, counters, JSON-mode parse check)
 with the cache off, so every call is an HTTP request; only the transport differs
-(``EndpointConfig.transport``: ``lean`` = aiohttp + orjson, ``langchain`` = ChatOpenAI over the
-openai SDK and httpx). Requests are real judge prompts (persona + 4 demos, ~3.5k tokens)
+(``EndpointConfig.transport``: ``lean`` = our HTTP/1.1 wire client (synth_agent/llm/wire.py) + orjson,
+``lean-aiohttp`` = the same over aiohttp (``transport="aiohttp"``, what ``lean`` was before 2026-12-02),
+``langchain`` = ChatOpenAI over the openai SDK and httpx). Requests are real judge prompts (persona + 4 demos, ~3.5k tokens)
 sent to the simulator in its own process, so the simulator's CPU is not counted: the
 figure is this process's CPU time (all threads) divided by requests. Variants are
 interleaved over ``--rounds`` and the median is printed. Reference rows show the bare
@@ -111,7 +112,8 @@ async def aiohttp_run(url: str, msgs: list[list[dict[str, str]]], concurrency: i
 
 
 VARIANTS: dict[str, tuple[str, Runner]] = {
-    "lean": ("LLMClient, lean backend (aiohttp + orjson)", client_runner("lean")),
+    "lean": ("LLMClient, lean backend (wire client + orjson)", client_runner("lean")),
+    "lean-aiohttp": ("LLMClient, lean backend over aiohttp", client_runner("aiohttp")),
     "langchain": ("LLMClient, ChatOpenAI backend", client_runner("langchain")),
     "sdk": ("reference: bare openai AsyncOpenAI, no client layer", sdk_run),
     "httpx": ("reference: bare httpx, no client layer", httpx_run),
@@ -146,7 +148,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=1000)
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--variants", default="lean,langchain,sdk,httpx,aiohttp")
+    ap.add_argument("--variants", default="lean,lean-aiohttp,langchain,sdk,httpx,aiohttp")
     ap.add_argument("--profile", choices=list(VARIANTS), help="print a cProfile of one variant instead")
     ap.add_argument("--top", type=int, default=40)
     args = ap.parse_args()

@@ -352,6 +352,12 @@ def main() -> None:
               f"{(many['client_cpu_s'] + many['sim_cpu_s']) / cores:.2f}",
               f"{n_req * args.latency_ms / 1000 / args.concurrency:.2f}", f"{one['wall_s']:.2f}", f"{load:.2f}")  # fmt: skip
     console.print(a)
+    # Per round: the first 20-user round is the slowest in every run; these say which process paid for it.
+    console.print("per round, 1 user wall / N users wall (s), client / simulator CPU ms per request of the N users: "
+                  + "; ".join(f"{o['wall_s']:.2f} / {m['wall_s']:.2f}, "
+                              f"{1000 * m['client_cpu_s'] / (m['requests'] * args.users):.2f} / "
+                              f"{1000 * m['sim_cpu_s'] / (m['requests'] * args.users):.2f}"
+                              for o, m in zip(ones, manys, strict=True)))  # fmt: skip
     console.print("Client CPU is this bench process's (the fits, the LLM client and the bench's own bookkeeping); "
                   "the CPU floor assumes both processes spread perfectly over every core and nothing else runs.")  # fmt: skip
 

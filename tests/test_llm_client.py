@@ -95,7 +95,7 @@ def ep(sim: SimEndpoint) -> SimEndpoint:
     return sim
 
 
-@pytest.fixture(params=["lean", "langchain"])
+@pytest.fixture(params=["lean", "aiohttp", "langchain"])
 def transport(request: pytest.FixtureRequest) -> str:
     return request.param
 

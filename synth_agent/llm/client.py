@@ -129,8 +129,10 @@ class EndpointConfig(BaseModel):
         description="the call sites prefix_warmup_tokens applies to; by default a fit's (background work), so "
         "live judgments and chat never wait for another request",
     )
-    transport: Literal["lean", "langchain"] = Field(
-        default="lean", description="lean: aiohttp wire client; langchain: ChatOpenAI (slower, LangChain callbacks)"
+    transport: Literal["lean", "aiohttp", "langchain"] = Field(
+        default="lean",
+        description="lean: our HTTP/1.1 wire client for http:// endpoints (synth_agent/llm/wire.py), aiohttp for "
+        "https://; aiohttp: aiohttp for every endpoint; langchain: ChatOpenAI (slower, LangChain callbacks)",
     )
 
     @classmethod

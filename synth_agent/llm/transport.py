@@ -6,9 +6,11 @@ body and turns the answer into a :class:`~synth_agent.llm.base.Completion` or a
 typed :class:`~synth_agent.llm.errors.LLMError`. Two ship:
 
 * :class:`LeanTransport` (``EndpointConfig.transport="lean"``, the default) speaks the
-  Chat Completions wire format directly over ``aiohttp`` with ``orjson``. The judge and
-  the fit make thousands of calls, and on a 2-core machine the client's CPU per call
-  is the ceiling: ``bench/client_cpu.py`` measures it against the alternatives.
+  Chat Completions wire format directly with ``orjson``: over our own HTTP/1.1 client
+  (:mod:`~synth_agent.llm.wire`) for ``http://`` endpoints, over ``aiohttp`` for ``https://``
+  ones (and for every endpoint with ``transport="aiohttp"``). The judge and the fit make
+  thousands of calls, and on a 2-core machine the client's CPU per call is the ceiling:
+  ``bench/client_cpu.py`` measures it against the alternatives.
 * :class:`LangChainTransport` (``transport="langchain"``) goes through langchain-openai's
   ``ChatOpenAI`` (message conversion, callbacks, the openai SDK and httpx): use it when
   you want LangChain's tracing on judge calls. Chat models users hand to the middleware
@@ -17,8 +19,10 @@ typed :class:`~synth_agent.llm.errors.LLMError`. Two ship:
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
+from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
@@ -31,6 +35,7 @@ from synth_agent.llm.errors import (
     UnparseableResponseError,
     error_for_status,
 )
+from synth_agent.llm.wire import WireClient, plain_http
 
 if TYPE_CHECKING:
     from synth_agent.llm.client import EndpointConfig
@@ -149,31 +154,48 @@ def _error_from_body(status: int, raw: bytes, headers: Mapping[str, str]) -> LLM
 
 
 class LeanTransport:
-    """Chat Completions over one ``aiohttp`` session (bound to the event loop that created it)."""
+    """Chat Completions over our own HTTP/1.1 wire (:mod:`~synth_agent.llm.wire`) for ``http://`` endpoints,
+    over one ``aiohttp`` session for the rest (``https://``) or when ``transport="aiohttp"``.
+
+    Bound to the event loop that created it. Both paths send the same bytes as the body and the same
+    ``Authorization`` and ``Content-Type`` headers, and map failures to the same :class:`LLMError` types.
+    """
 
     def __init__(self, config: EndpointConfig) -> None:
         self.config = config
-        # The headers and the total timeout are the session's defaults rather than per-call arguments:
-        # aiohttp then copies one header set per request instead of merging two (~1.2 of ~1.4 us saved).
-        # The URL stays a str: yarl caches parsed strings, and URL(URL) measured slower (0.56 vs 0.38 us).
         self._url = config.base_url.rstrip("/") + "/chat/completions"
         self._headers = {"Authorization": f"Bearer {config.api_key}", "Content-Type": "application/json"}
-        # No pool limit: the limiter decides how many requests are in flight, so a request never
-        # waits for a connection after its timeout started.
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300), raise_for_status=False,
-            headers=self._headers, timeout=aiohttp.ClientTimeout(total=config.timeout),
-        )  # fmt: skip
+        self._wire: WireClient | None = None
+        self._session: aiohttp.ClientSession | None = None
+        if config.transport != "aiohttp" and plain_http(self._url):
+            self._wire = WireClient(self._url, self._headers, timeout=config.timeout)
+            self._path = urlsplit(self._url).path or "/"
+            self._root = _origin(self._url)
+        else:
+            # The headers and the total timeout are the session's defaults rather than per-call arguments:
+            # aiohttp then copies one header set per request instead of merging two (~1.2 of ~1.4 us saved).
+            # The URL stays a str: yarl caches parsed strings, and URL(URL) measured slower (0.56 vs 0.38 us).
+            # No pool limit: the limiter decides how many requests are in flight, so a request never
+            # waits for a connection after its timeout started.
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300), raise_for_status=False,
+                headers=self._headers, timeout=aiohttp.ClientTimeout(total=config.timeout),
+            )  # fmt: skip
 
     async def chat(self, body: dict[str, Any], *, want_logprobs: bool) -> Completion:
         data = orjson.dumps(body)
+        headers: Mapping[str, str]
         try:
-            async with self._session.post(self._url, data=data) as r:
-                raw = await r.read()
-                status, headers = r.status, r.headers
+            if self._wire is not None:
+                status, headers, raw = await self._wire.request("POST", self._path, data)
+            else:
+                assert self._session is not None
+                async with self._session.post(self._url, data=data) as r:
+                    raw = await r.read()
+                    status, headers = r.status, r.headers
         except TimeoutError as e:  # aiohttp's ServerTimeoutError / ConnectionTimeoutError are TimeoutErrors
             raise LLMTimeoutError(f"no answer within {self.config.timeout:g} s ({type(e).__name__})", cause=e) from e
-        except aiohttp.ClientError as e:
+        except (aiohttp.ClientError, OSError) as e:  # the wire's WireError is a ConnectionError
             raise UnavailableError(f"{type(e).__name__}: {e}"[:300], cause=e) from e
         if status >= 400:
             raise _error_from_body(status, raw, headers)
@@ -186,22 +208,40 @@ class LeanTransport:
         return parse_chat_completion(obj, default_model=self.config.model, want_logprobs=want_logprobs)
 
     async def get_json(self, url: str) -> Any:
+        timeout = min(2.0, self.config.timeout)
         try:
-            async with self._session.get(url, timeout=aiohttp.ClientTimeout(total=min(2.0, self.config.timeout))) as r:
+            if self._wire is not None:
+                if _origin(url) != self._root:
+                    return None  # the probes ask the endpoint's own server only
+                async with asyncio.timeout(timeout):
+                    status, _, raw = await self._wire.request("GET", urlsplit(url).path or "/")
+                return orjson.loads(raw) if status == 200 else None
+            assert self._session is not None
+            async with self._session.get(url, timeout=aiohttp.ClientTimeout(total=timeout)) as r:
                 if r.status != 200:
                     return None
                 return orjson.loads(await r.read())
-        except (TimeoutError, aiohttp.ClientError, orjson.JSONDecodeError, ValueError):
+        except (TimeoutError, aiohttp.ClientError, OSError, orjson.JSONDecodeError, ValueError):
             return None
 
     async def aclose(self) -> None:
-        await self._session.close()
+        if self._wire is not None:
+            self._wire.close()
+        if self._session is not None:
+            await self._session.close()
 
     def abandon(self) -> None:
-        """Drop the connections of a session whose event loop is gone (nothing can be awaited there)."""
-        connector = self._session.connector
+        """Drop the connections of a transport whose event loop is gone (nothing can be awaited there)."""
+        if self._wire is not None:
+            self._wire.abandon()
+        connector = self._session.connector if self._session is not None else None
         if connector is not None and not connector.closed:
             connector._close()  # the synchronous part of close(): the sockets' loop no longer runs
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parts = urlsplit(url)
+    return parts.scheme, (parts.hostname or "").lower(), parts.port
 
 
 class LangChainTransport:
