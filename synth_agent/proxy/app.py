@@ -152,6 +152,7 @@ class ProxyApp(FastAPI):
             if self._direct(scope):
                 if self._direct_stack is None:
                     self._direct_stack = self._build_direct_stack(self._direct_route)  # type: ignore[arg-type]
+                await self.state.proxy.turns.share()  # a vote write: within this loop turn's budget
                 await self._direct_stack(scope, receive, send)
                 return
         await super().__call__(scope, receive, send)

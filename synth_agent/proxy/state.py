@@ -17,6 +17,7 @@ from synth_agent.proxy.errors import ProxyError
 from synth_agent.proxy.metrics import ProxyMetrics
 from synth_agent.proxy.schemas import ApiModels
 from synth_agent.proxy.settings import ProxySettings
+from synth_agent.proxy.turns import TurnBudget
 from synth_agent.proxy.upstream import Upstream
 from synth_agent.proxy.worker import StorePoller
 from synth_agent.scheduler import SynthesisScheduler
@@ -57,6 +58,8 @@ class ProxyState:
     local_token: str | None = None
     """The token ``synth-agent serve`` published for the local CLI (:mod:`synth_agent.local_service`)."""
     background: set[asyncio.Task[Any]] = field(default_factory=set)
+    turns: TurnBudget = field(default_factory=TurnBudget)
+    """Vote writes' share of each event-loop iteration (:mod:`synth_agent.proxy.turns`)."""
     _persona_reads: dict[tuple[str, str], asyncio.Future[PersonaProfile | None]] = field(default_factory=dict)
 
     def ready(self) -> tuple[TenantMemories, Personalizer, Upstream, ChatBackend]:
