@@ -568,6 +568,9 @@ class ChromaStore(BaseStore):
         self._memory_journal: dict[str, tuple[str, dict[str, Any]]] = {}
         self._known_ns: set[str] = set()
         self._queue: collections.deque[_Submission] = collections.deque()
+        # Writes in ``_queue``, kept as it changes (under ``_cv``) so health() reads it without the lock
+        # and without walking a queue of thousands of submissions on every probe.
+        self._queued_writes = 0
         self._cv = threading.Condition()
         self._closing = False
         self._consecutive_failures = 0
@@ -1288,6 +1291,7 @@ class ChromaStore(BaseStore):
             if self._closing:
                 raise RuntimeError("this ChromaStore is closed")
             self._queue.extend(subs)
+            self._queued_writes += sum(len(sub.writes) for sub in subs)
             self._embed_jobs.extend(jobs)
             self._cv.notify_all()
         return [sub.future for sub in subs]
@@ -1412,12 +1416,15 @@ class ChromaStore(BaseStore):
         take: list[_Submission] = []
         n = 0
         if self._queue and self._queue[0].task is not None:
-            return [self._queue.popleft()]
+            sub = self._queue.popleft()
+            self._queued_writes -= len(sub.writes)
+            return [sub]
         while (self._queue and self._queue[0].todo == 0 and self._queue[0].task is None
                and (not take or n + len(self._queue[0].writes) <= self.max_commit)):
             sub = self._queue.popleft()
             take.append(sub)
             n += len(sub.writes)
+        self._queued_writes -= n
         return take
 
     def _probe(self) -> None:
@@ -2118,8 +2125,7 @@ class ChromaStore(BaseStore):
         """Cheap, non-blocking health: never waits on Chroma or on a commit in flight."""
         writer_ok = self._writer.is_alive() and not self._closing
         server_ok = self._server is None or self._server.alive()
-        with self._cv:
-            pending = sum(len(s.writes) for s in self._queue)
+        pending = self._queued_writes  # an int read: no lock, never waits on the writer
         ok = writer_ok and server_ok and self._consecutive_failures < 3
         out: dict[str, Any] = {"ok": ok, "pending_writes": pending, "commits": self.stats.commits}
         if self.intake is not None:

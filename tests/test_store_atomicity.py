@@ -199,10 +199,20 @@ async def test_reads_do_not_wait_for_a_commit_in_flight(tmp_path: Path, minilm: 
         hits = await asyncio.wait_for(store.asearch(("r",), query="already", limit=5), timeout=30)
         assert got is not None and [h.key for h in hits] == ["a"]  # b is not visible before its commit point
         assert store.health()["ok"] and store.health()["pending_writes"] == 0
+        # writes queued behind the blocked commit are counted (health reads a running count, no lock)
+        queued = [asyncio.create_task(store.abatch([PutOp(("r",), k, {"text": k}) for k in keys]))
+                  for keys in (["c", "d"], ["e"])]
+        for _ in range(3000):
+            if store.health()["pending_writes"] == 3:
+                break
+            await asyncio.sleep(0.01)
+        assert store.health()["pending_writes"] == 3
     finally:
         block.release.set()
     await write
+    await asyncio.gather(*queued)
     assert await store.aget(("r",), "b") is not None
+    assert store.health()["pending_writes"] == 0
     store.close()
 
 
