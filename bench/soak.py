@@ -17,6 +17,17 @@ votes must live somewhere: Chroma keeps its HNSW indexes in memory, and what del
 is measured, not assumed); a mix that writes nothing new must be (``--then-mix`` without vote/ab).
 ``--malloc-trim`` shows what malloc held free at the end; ``--tracemalloc`` where Python grew.
 
+``--tracemalloc`` starts tracing when the warm-up ends (the warm-up runs untraced, at full speed), so a
+snapshot holds what was allocated since and is still alive: its traced total first rises as objects
+made before (caches, in-flight work) are replaced, then levels off unless something accumulates. Each
+minute ``<out>/tracemalloc.jsonl`` gets the traced total and the top sites (by line; with
+``SOAK_TRACEMALLOC_FRAMES=N`` > 1 also by whole traceback, ``top_tb``), and every 5 minutes the whole
+snapshot goes to ``tracemalloc.jsonl.<s>.snap`` (``tracemalloc.Snapshot.load``; diff two of them to see
+what grew in between). Tracing is costly: with 8 frames the server kept up with ``--rate 6``, not 15
+(at 15 the requests piled up in the server and their objects were most of what grew), and each snapshot
+holds the GIL for seconds (latencies of a traced run mean nothing; neither does its RSS, which carries
+the traces themselves). Session 29's run and how to read it: docs/store.md, "Memory".
+
 Processes are keyed by role, not name: ``server``, ``chroma`` (the child the server's state file
 names) and ``chroma-spare`` (the next child, started during a compaction's copy; also named
 ``chroma``). Each change of child is a compaction's restart: the report lists them with the RSS
@@ -61,30 +72,42 @@ from vote_write import KEY, measure, pct  # noqa: E402
 from store.server import recorded_pid  # noqa: E402
 
 TRACEMALLOC_LAUNCHER = """\
-# Written by bench/soak.py --tracemalloc: runs `python -m synth_agent.cli ...` with tracemalloc on and,
-# from the end of the warm-up on, appends every 60 s the allocation sites that grew most (JSON lines).
-import json, os, runpy, sys, threading, time, tracemalloc
+# Written by bench/soak.py --tracemalloc: runs `python -m synth_agent.cli ...`; from the end of the warm-up on,
+# with tracemalloc on, appends every 60 s the allocation sites that grew most (JSON lines).
+import json, linecache, os, runpy, sys, threading, time, tracemalloc
 
 OUT = os.environ["SOAK_TRACEMALLOC_OUT"]
-tracemalloc.start(int(os.environ.get("SOAK_TRACEMALLOC_FRAMES", "1")))
+FRAMES = int(os.environ.get("SOAK_TRACEMALLOC_FRAMES", "1"))
 
 def watch():
     while not os.path.exists(os.environ["SOAK_TRACEMALLOC_GO"]):  # soak.py creates it when the warm-up ends
         time.sleep(1)
+    # Traced from the end of the warm-up only: what a snapshot holds is what was allocated since and is still
+    # alive, and the warm-up (model loading, the first requests) runs at full speed.
+    tracemalloc.start(FRAMES)
     base, t0 = tracemalloc.take_snapshot(), time.monotonic()
-    filters = [tracemalloc.Filter(False, tracemalloc.__file__)]
+    filters = [tracemalloc.Filter(False, tracemalloc.__file__), tracemalloc.Filter(False, linecache.__file__)]
     base = base.filter_traces(filters)
+    base.dump(f"{OUT}.0.snap")
+    n = 0
     while True:
         time.sleep(60)
         snap = tracemalloc.take_snapshot().filter_traces(filters)
         diff = snap.compare_to(base, "lineno")
+        rec = {
+            "t_after_warmup_s": round(time.monotonic() - t0),
+            "traced_mb": round(tracemalloc.get_traced_memory()[0] / 1e6, 2),
+            "growth_mb": round(sum(d.size_diff for d in diff) / 1e6, 3),
+            "top": [[str(d.traceback), round(d.size_diff / 1e3, 1), d.count_diff] for d in diff[:30]],
+        }
+        if FRAMES > 1:  # whole tracebacks (innermost frame first), grouped by traceback
+            rec["top_tb"] = [[list(d.traceback.format(most_recent_first=True)), round(d.size_diff / 1e3, 1),
+                              d.count_diff] for d in snap.compare_to(base, "traceback")[:15]]
         with open(OUT, "a") as fh:
-            fh.write(json.dumps({
-                "t_after_warmup_s": round(time.monotonic() - t0),
-                "traced_mb": round(tracemalloc.get_traced_memory()[0] / 1e6, 2),
-                "growth_mb": round(sum(d.size_diff for d in diff) / 1e6, 3),
-                "top": [[str(d.traceback), round(d.size_diff / 1e3, 1), d.count_diff] for d in diff[:30]],
-            }) + "\\n")
+            fh.write(json.dumps(rec) + "\\n")
+        n += 1
+        if n % 5 == 0:  # a whole snapshot every 5 minutes, for offline diffs (tracemalloc.Snapshot.load)
+            snap.dump(f"{OUT}.{rec['t_after_warmup_s']}.snap")
 
 threading.Thread(target=watch, daemon=True, name="soak-tracemalloc").start()
 sys.argv = ["synth_agent.cli", *sys.argv[1:]]
@@ -672,8 +695,9 @@ def main() -> None:
     ap.add_argument("--client-keepalive", type=float, default=None,
                     help="seconds the load generator keeps an idle connection for reuse (default: aiohttp's, 15 s)")
     ap.add_argument("--tracemalloc", action="store_true",
-                    help="run the server under tracemalloc; from the warm-up on, the allocation sites that grew "
-                         "most go to <out>/tracemalloc.jsonl every 60 s (slows the server: diagnosis only)")
+                    help="trace the server's Python allocations from the end of the warm-up: the sites that grew "
+                         "most go to <out>/tracemalloc.jsonl every 60 s, whole snapshots every 5 min "
+                         "(slows the server: diagnosis only, see above)")
     args = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: stop the server and simulator we started
     repo = args.repo.resolve()
@@ -681,8 +705,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     if args.tracemalloc:
         python = traced_python(python, args.out.resolve())
-        for stale in ("tracemalloc.go", "tracemalloc.jsonl"):
-            (args.out / stale).unlink(missing_ok=True)
+        for stale in [args.out / "tracemalloc.go", *args.out.glob("tracemalloc.jsonl*")]:
+            stale.unlink(missing_ok=True)
     load0 = os.getloadavg()
     (mix, samples, trace), stored = measure(repo, python, "inline", lambda url, pid: asyncio.run(drive(args, url, pid)),
                                      seed=args.seed, sim_latency_ms=args.sim_latency_ms)

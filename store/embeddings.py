@@ -153,6 +153,11 @@ class MiniLMEmbeddings(Embeddings):
             opts.intra_op_num_threads = threads
         # Busy-waiting worker threads burn the cores a loaded server needs for everything else.
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # No memory arena: ONNX Runtime's CPU arena keeps the high-water mark of every (batch, length) shape it
+        # has run and never gives it back, so a server's RSS steps up whenever a larger group commit or longer
+        # texts come along (soak of 2026-12-02, session 29: arena ~145 MB after 64-text batches, tensors freed to
+        # malloc without it; docs/store.md "Memory").
+        opts.enable_cpu_mem_arena = False
         self._session = ort.InferenceSession(self.model_path, sess_options=opts, providers=["CPUExecutionProvider"])
         self._inputs = {i.name for i in self._session.get_inputs()}
         self._lock = threading.Lock()

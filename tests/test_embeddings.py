@@ -75,6 +75,18 @@ def test_thread_safe_under_concurrent_use() -> None:
         assert _cos(a, b) > 0.9999
 
 
+def test_the_session_keeps_no_memory_arena() -> None:
+    """ONNX Runtime's CPU arena would keep the high-water mark of every batch shape for the process's life.
+
+    With it a serving process's RSS steps up with each larger group commit or longer text and no
+    ``malloc_trim`` can give it back (docs/store.md, "Memory", session 29); without it the tensors
+    go back to malloc after each run.
+    """
+    emb = shared_minilm()
+    emb.embed_documents([f"text {i} " * (i % 9 + 1) for i in range(70)])
+    assert emb._session.get_session_options().enable_cpu_mem_arena is False
+
+
 def test_chroma_calling_convention() -> None:
     emb = shared_minilm()
     assert emb(["abc"]) == emb.embed_documents(["abc"])
