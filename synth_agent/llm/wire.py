@@ -31,7 +31,7 @@ import asyncio
 import socket
 import time
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from urllib.parse import urlsplit
 
 import httptools
@@ -281,16 +281,16 @@ class WireClient:
 
     def close(self) -> None:
         """Close every connection (requests still waiting on one fail with :class:`WireError`)."""
-        self.closed = True
-        self._idle.clear()
-        for conn in list(self._open):
-            conn.close()
-        self._open.clear()
+        self._end(_Connection.close)
 
     def abandon(self) -> None:
         """Drop every connection of a client whose event loop is gone (nothing can be awaited there)."""
+        self._end(_Connection.abort)
+
+    def _end(self, end: Callable[[_Connection], None]) -> None:
+        """No more requests; ``end`` each open connection."""
         self.closed = True
         self._idle.clear()
         for conn in list(self._open):
-            conn.abort()
+            end(conn)
         self._open.clear()
