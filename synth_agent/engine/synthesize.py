@@ -125,6 +125,17 @@ class FitConfig:
     (train and validation, the most recent ``max_context_demos``) as a labelled demo, no search."""
     max_context_demos: int = 16
     """With ``demo_votes="context"``: at most this many demos (the most recent votes)."""
+    step1: Literal["largest", "race"] = "largest"
+    """How step 1 picks among its candidate sets (:meth:`Synthesizer.bootstrap_candidates`). "largest" (the
+    default since 2026-12-02) — the set with the most verified traces, then the most demos, judging nothing;
+    "race" — the paper's: the set the default judge gets most validation votes right with, ties to more traces.
+    Step 1's winner is step 3's first candidate (winning ties) and the ``"demos"`` configuration. Why "largest":
+    the race scores sets with a judge that is not the one served (no persona) on the same four or five
+    validation votes step 3 races on, so beyond its preference for more traces it mostly picks noise, and it
+    was a quarter of a 12-vote fit's prompt tokens. Step 3 still validates the set with the persona judge
+    against random rivals, and cross-validation still guards what is served. On the paired gate (24 × 25,
+    seeds 0–4 and 5–9, 3 fold shuffles) it is as accurate as "race" for ~20% fewer prompt tokens per fit, but
+    the served demo set is about one demo larger (docs/llm.md, "What a fit costs with selection")."""
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     """Cross-validated choice of the served configuration and the per-user guard (issue 16); see
     :mod:`synth_agent.engine.selection`. ``SelectionConfig(enabled=False)`` serves persona + demos always."""
@@ -148,6 +159,8 @@ class FitConfig:
             raise ValueError("demo_votes must be 'search' or 'context'")
         if self.score_mode not in ("cot", "logprob"):
             raise ValueError("score_mode must be 'cot' or 'logprob'")
+        if self.step1 not in ("largest", "race"):
+            raise ValueError("step1 must be 'largest' or 'race'")
         if not self.full_refit_growth >= 0:
             raise ValueError("full_refit_growth must be >= 0")
         for name in ("n_trials", "n_demo_candidates", "candidate_wave", "max_persona_examples", "persona_max_tokens",
@@ -396,6 +409,11 @@ def _demo_chars(demos: Sequence[Demo]) -> int:
     )
 
 
+def _n_traces(demos: Sequence[Demo]) -> int:
+    """Demos of a set that are traces (with the judge's reasoning), not bare labels."""
+    return sum(1 for d in demos if d.reasoning is not None)
+
+
 def _demo_key(demos: Sequence[Demo]) -> tuple[tuple[str, bool, bool], ...]:
     return tuple((d.vote_id, d.chosen_first, d.reasoning is not None) for d in demos)
 
@@ -574,9 +592,32 @@ class Synthesizer:
         ledger: JudgmentLedger | None = None,
     ) -> RaceResult[Judge]:
         """Race step 1's candidates with the default judge; ties go to more traces, then the earlier set."""
-        n_traces = [sum(1 for d in c if d.reasoning is not None) for c in candidates]
+        n_traces = [_n_traces(c) for c in candidates]
         judge = self._default_scorer(llm or self.llm, ledger)
         return await self._race(judge, val, candidates, priority=lambda i: (n_traces[i], -i))
+
+    async def pick_bootstrap(
+        self,
+        val: Sequence[Vote],
+        candidates: Sequence[Sequence[Demo]],
+        traces: Sequence[Trace],
+        *,
+        llm: ChatBackend | None = None,
+        ledger: JudgmentLedger | None = None,
+    ) -> tuple[int, float, int]:
+        """Step 1's winner by :attr:`FitConfig.step1`: (index, validation accuracy, judgments made).
+
+        "race": :meth:`rank_bootstrap` (the zero-shot candidate's accuracy when it wins). "largest": the
+        candidate with the most verified traces, then the most demos, then the earliest; nothing is judged,
+        and the accuracy is the default judge's on the validation votes as their traces recorded it.
+        """
+        if self.config.step1 == "race":
+            result = await self.rank_bootstrap(val, candidates, llm=llm, ledger=ledger)
+            return result.best, result.accuracy, result.judgments
+        best = max(range(len(candidates)), key=lambda i: (_n_traces(candidates[i]), len(candidates[i]), -i))
+        by_vote = {t.vote_id: t for t in traces}
+        judged = [by_vote[v.id].verified for v in val if v.id in by_vote and by_vote[v.id].predicted != "tie"]
+        return best, (sum(judged) / len(judged) if judged else 0.0), 0
 
     def _default_scorer(self, llm: ChatBackend, ledger: JudgmentLedger | None) -> Judge:
         return Judge(llm, call_site="bootstrap_score", mode=self.config.score_mode,
@@ -622,18 +663,18 @@ class Synthesizer:
             progress("candidates", 0, len(cand_list))
         if ledger is not None:  # the validation traces are the zero-shot candidate's verdicts in their order
             _seed_default(self._default_scorer(llm or self.llm, ledger), val, traces)
-        result = await self.rank_bootstrap(val, cand_list, llm=llm, ledger=ledger)
+        won, accuracy, judgments = await self.pick_bootstrap(val, cand_list, traces, llm=llm, ledger=ledger)
         if progress:
             progress("candidates", len(cand_list), len(cand_list))
-        best = cand_list[result.best]
+        best = cand_list[won]
         return BootstrapOutcome(
             traces=traces,
             persona_trace_ids=self._persona_ids([*train, *val], traces, best),
             demos=list(best),
-            accuracy=result.accuracy,
+            accuracy=accuracy,
             candidates_scored=len(cand_list),
             reused_traces=reused,
-            judgments=result.judgments,
+            judgments=judgments,
         )
 
     # ------------------------------------------------------------------ step 2
@@ -1042,6 +1083,8 @@ class Synthesizer:
         if out["selection"].get("orders") == 2:
             del out["selection"]["orders"]
         out["selection"].pop("stop_early", None)  # stopping early never changes what is served
+        if out["step1"] == "race":  # added with "largest" the default: profiles fitted before carry no key
+            del out["step1"]
         return out
 
     async def _save(self, profile: PersonaProfile, *, since: int) -> PersonaProfile:
@@ -1301,10 +1344,12 @@ class Synthesizer:
         # Step 1's opener (the zero-shot candidate) needs no traces: judge it while the traces are made. The
         # validation votes' traces are the zero-shot judge's verdicts in the bootstrap order (the same prompt):
         # the opener leaves those orders to them, and they are recorded in the ledger for the race.
+        # ("largest" judges nothing in step 1: no opener.)
         scorer = self._default_scorer(llm, ledger)
         by_trace = scorer.mode == "cot"
         opener = asyncio.ensure_future(self._judge_all(
-            scorer, val, skip=(lambda v, cf: cf == self._order(v, "bootstrap")) if by_trace else None
+            scorer, val if self.config.step1 == "race" else (),
+            skip=(lambda v, cf: cf == self._order(v, "bootstrap")) if by_trace else None,
         ))  # fmt: skip
         try:
             traces, reused = await self.verify(user_id, [*train, *val], progress=progress, llm=llm)
@@ -1321,19 +1366,19 @@ class Synthesizer:
         persona_ids = self._persona_ids([*train, *val], traces, ())
         try:
             async with asyncio.TaskGroup() as tg:  # one failing cancels the other
-                ranking = tg.create_task(self.rank_bootstrap(val, cand_list, llm=llm, ledger=ledger))
+                ranking = tg.create_task(self.pick_bootstrap(val, cand_list, traces, llm=llm, ledger=ledger))
                 writing = tg.create_task(
                     self.write_persona([*train, *val], traces, persona_ids, llm=llm, rationales=rationales)
                 )
         except BaseExceptionGroup as group:
             raise group.exceptions[0] from None
-        ranked, persona = ranking.result(), writing.result()
+        (won, accuracy, judgments), persona = ranking.result(), writing.result()
         if progress:
             progress("candidates", len(cand_list), len(cand_list))
             progress("persona", 1, 1)
         boot = BootstrapOutcome(
-            traces=traces, persona_trace_ids=persona_ids, demos=list(cand_list[ranked.best]),
-            accuracy=ranked.accuracy, candidates_scored=len(cand_list), reused_traces=reused,
-            judgments=ranked.judgments,
+            traces=traces, persona_trace_ids=persona_ids, demos=list(cand_list[won]),
+            accuracy=accuracy, candidates_scored=len(cand_list), reused_traces=reused,
+            judgments=judgments,
         )  # fmt: skip
         return boot, persona
