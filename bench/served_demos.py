@@ -2,7 +2,7 @@
 
 A fit's prompt tokens are paid once; the served demos are paid again by every live judgment with the
 profile (the proxy's judge, ``synth-agent eval``): each carries the demos' turns. A change that makes fits
-cheaper by choosing larger demo sets (``FitConfig(step1="largest")``) moves cost from the fit to serving,
+cheaper by choosing larger demo sets (``FitConfig(step1=...)``, docs/llm.md) moves cost from the fit to serving,
 so both are printed side by side. Users are fitted one at a time against :class:`SimBackend` (no HTTP,
 no latency: token counts are the simulator's, chars / 4, and do not depend on load).
 

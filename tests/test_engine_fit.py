@@ -446,10 +446,12 @@ async def test_raced_selection_equals_scoring_every_candidate(population):
         assert sel.demos == demo_cands[dbest] and sel.accuracy == dscores[dbest] / len(val)
 
 
-async def test_step1_largest_judges_nothing_and_seeds_step3_with_the_set_of_most_traces(population):
-    """``step1="largest"`` (the default) asks no judgment in step 1: its winner is the candidate with the most
-    traces, then the most demos, and step 3 starts from it; ``step1="race"`` judges the candidates on validation."""
-    for uid in population.user_ids[3:6]:
+async def test_step1_most_traces_judges_nothing_and_seeds_step3_with_the_smallest_set_of_most_traces(population):
+    """``step1="most_traces"`` (the default) asks no judgment in step 1: its winner is the candidate with the most
+    traces, then the FEWEST demos (not the most: every served judgment carries them), and step 3 starts from it;
+    ``step1="race"`` judges the candidates on validation."""
+    tie_broken = 0
+    for uid in population.user_ids[:8]:
         votes = population.votes(uid, 12)
         llm = SimBackend()
         synth = Synthesizer(llm, None, FitConfig(seed=0))
@@ -457,23 +459,27 @@ async def test_step1_largest_judges_nothing_and_seeds_step3_with_the_set_of_most
         assert llm.stats.site("bootstrap_score").requests == 0
         train, val = split_votes(votes, synth.config.train_fraction)
         cands = synth.bootstrap_candidates(uid, train, fit.traces)
-        largest = max(cands, key=lambda c: (sum(d.reasoning is not None for d in c), len(c)))
-        assert fit.bootstrap_demos == largest and largest
-        assert synth.demo_candidates(uid, train, fit.traces, fit.bootstrap_demos)[0] == largest
+        most = max(sum(d.reasoning is not None for d in c) for c in cands)
+        tied = [c for c in cands if sum(d.reasoning is not None for d in c) == most]
+        smallest = min(tied, key=len)
+        assert fit.bootstrap_demos == smallest and smallest
+        tie_broken += len(smallest) < max(len(c) for c in tied)
+        assert synth.demo_candidates(uid, train, fit.traces, fit.bootstrap_demos)[0] == smallest
         verified = [t.verified for t in fit.traces if t.vote_id in {v.id for v in val}]
         assert fit.profile.meta["bootstrap_accuracy"] == sum(verified) / len(verified)
-        raced_llm = SimBackend()
-        await Synthesizer(raced_llm, None, FitConfig(seed=0, step1="race")).fit(uid, votes)
-        assert raced_llm.stats.site("bootstrap_score").requests > 0
+    assert tie_broken  # some user has sets of equally many traces but different sizes: the tie-break is exercised
+    raced_llm = SimBackend()
+    await Synthesizer(raced_llm, None, FitConfig(seed=0, step1="race")).fit(uid, votes)
+    assert raced_llm.stats.site("bootstrap_score").requests > 0
 
 
 def test_step1_race_keeps_the_config_key_of_profiles_fitted_before_it_was_a_knob():
     """Profiles fitted before ``step1`` existed raced step 1 and carry no such key: "race" leaves it out (so their
-    refits stay incremental under ``step1="race"``); "largest" is another configuration, so it is in the key."""
+    refits stay incremental under ``step1="race"``); "most_traces" is another configuration, so it is in the key."""
     raced = Synthesizer(SimBackend(), None, FitConfig(step1="race"))
-    largest = Synthesizer(SimBackend(), None, FitConfig())
-    assert "step1" not in raced._result_config() and largest._result_config()["step1"] == "largest"
-    assert raced.config_key() != largest.config_key()
+    most = Synthesizer(SimBackend(), None, FitConfig())
+    assert "step1" not in raced._result_config() and most._result_config()["step1"] == "most_traces"
+    assert raced.config_key() != most.config_key()
 
 
 async def test_persona_writer_trims_examples_when_the_endpoint_reports_a_context_overflow(population):

@@ -125,17 +125,20 @@ class FitConfig:
     (train and validation, the most recent ``max_context_demos``) as a labelled demo, no search."""
     max_context_demos: int = 16
     """With ``demo_votes="context"``: at most this many demos (the most recent votes)."""
-    step1: Literal["largest", "race"] = "largest"
-    """How step 1 picks among its candidate sets (:meth:`Synthesizer.bootstrap_candidates`). "largest" (the
-    default since 2026-12-02) — the set with the most verified traces, then the most demos, judging nothing;
+    step1: Literal["most_traces", "race"] = "most_traces"
+    """How step 1 picks among its candidate sets (:meth:`Synthesizer.bootstrap_candidates`). "most_traces" (the
+    default since 2026-12-02) — the set with the most verified traces, then the fewest demos, judging nothing;
     "race" — the paper's: the set the default judge gets most validation votes right with, ties to more traces.
-    Step 1's winner is step 3's first candidate (winning ties) and the ``"demos"`` configuration. Why "largest":
-    the race scores sets with a judge that is not the one served (no persona) on the same four or five
-    validation votes step 3 races on, so beyond its preference for more traces it mostly picks noise, and it
-    was a quarter of a 12-vote fit's prompt tokens. Step 3 still validates the set with the persona judge
-    against random rivals, and cross-validation still guards what is served. On the paired gate (24 × 25,
-    seeds 0–4 and 5–9, 3 fold shuffles) it is as accurate as "race" for ~20% fewer prompt tokens per fit, but
-    the served demo set is about one demo larger (docs/llm.md, "What a fit costs with selection")."""
+    Step 1's winner is step 3's first candidate (winning ties) and the ``"demos"`` configuration. Why no race:
+    it scores sets with a judge that is not the one served (no persona) on the same four or five validation
+    votes step 3 races on, so beyond its preference for more traces it mostly picks noise, and it was a quarter
+    of a 12-vote fit's prompt tokens. Step 3 still validates the set with the persona judge against random
+    rivals, and cross-validation still guards what is served. Why the fewest demos among equally many traces:
+    the extras are bare labels, and step 1's pick often wins step 3 and is served, so every live judgment carries
+    its demos; taking the most demos instead (tried the same day) served ~0.5 more demos per profile and passed
+    the same gate no better. On the paired gate (24 × 25, seeds 0–4 and 5–9, 3 fold shuffles) "most_traces" is
+    as accurate as "race" for ~20% fewer prompt tokens per fit; the served set is ~0.5 demo larger
+    (docs/llm.md, "What a fit costs with selection")."""
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     """Cross-validated choice of the served configuration and the per-user guard (issue 16); see
     :mod:`synth_agent.engine.selection`. ``SelectionConfig(enabled=False)`` serves persona + demos always."""
@@ -159,8 +162,8 @@ class FitConfig:
             raise ValueError("demo_votes must be 'search' or 'context'")
         if self.score_mode not in ("cot", "logprob"):
             raise ValueError("score_mode must be 'cot' or 'logprob'")
-        if self.step1 not in ("largest", "race"):
-            raise ValueError("step1 must be 'largest' or 'race'")
+        if self.step1 not in ("most_traces", "race"):
+            raise ValueError("step1 must be 'most_traces' or 'race'")
         if not self.full_refit_growth >= 0:
             raise ValueError("full_refit_growth must be >= 0")
         for name in ("n_trials", "n_demo_candidates", "candidate_wave", "max_persona_examples", "persona_max_tokens",
@@ -607,14 +610,14 @@ class Synthesizer:
     ) -> tuple[int, float, int]:
         """Step 1's winner by :attr:`FitConfig.step1`: (index, validation accuracy, judgments made).
 
-        "race": :meth:`rank_bootstrap` (the zero-shot candidate's accuracy when it wins). "largest": the
-        candidate with the most verified traces, then the most demos, then the earliest; nothing is judged,
+        "race": :meth:`rank_bootstrap` (the zero-shot candidate's accuracy when it wins). "most_traces": the
+        candidate with the most verified traces, then the fewest demos, then the earliest; nothing is judged,
         and the accuracy is the default judge's on the validation votes as their traces recorded it.
         """
         if self.config.step1 == "race":
             result = await self.rank_bootstrap(val, candidates, llm=llm, ledger=ledger)
             return result.best, result.accuracy, result.judgments
-        best = max(range(len(candidates)), key=lambda i: (_n_traces(candidates[i]), len(candidates[i]), -i))
+        best = max(range(len(candidates)), key=lambda i: (_n_traces(candidates[i]), -len(candidates[i]), -i))
         by_vote = {t.vote_id: t for t in traces}
         judged = [by_vote[v.id].verified for v in val if v.id in by_vote and by_vote[v.id].predicted != "tie"]
         return best, (sum(judged) / len(judged) if judged else 0.0), 0
@@ -1083,7 +1086,7 @@ class Synthesizer:
         if out["selection"].get("orders") == 2:
             del out["selection"]["orders"]
         out["selection"].pop("stop_early", None)  # stopping early never changes what is served
-        if out["step1"] == "race":  # added with "largest" the default: profiles fitted before carry no key
+        if out["step1"] == "race":  # added with "most_traces" the default: profiles fitted before carry no key
             del out["step1"]
         return out
 
@@ -1344,7 +1347,7 @@ class Synthesizer:
         # Step 1's opener (the zero-shot candidate) needs no traces: judge it while the traces are made. The
         # validation votes' traces are the zero-shot judge's verdicts in the bootstrap order (the same prompt):
         # the opener leaves those orders to them, and they are recorded in the ledger for the race.
-        # ("largest" judges nothing in step 1: no opener.)
+        # ("most_traces" judges nothing in step 1: no opener.)
         scorer = self._default_scorer(llm, ledger)
         by_trace = scorer.mode == "cot"
         opener = asyncio.ensure_future(self._judge_all(
