@@ -15,7 +15,9 @@ still guarantees:
   store submission (one atomic commit).
 * **Idempotent.** Create-only by item id: ``append`` says ``False`` for an id that is
   already journaled or already stored in Chroma (checked in that order, and rows leave
-  the journal only after their Chroma commit, so no id is ever missed in between).
+  the journal only after their Chroma commit, so no id is ever missed in between). "Stored
+  in Chroma" is answered by the ledger's file where it can (no data key: not stored; the key
+  Chroma last confirmed: stored) and by Chroma otherwise (:meth:`IntakeJournal._stored`).
 * **Sealed and erasable** like the ledger: rows hold keyed tokens (item id, namespace
   token) and a blob sealed under a data key kept in the ledger (one per 2,048 rows or 5 s);
   ``secure_delete`` zeroes deleted rows; :meth:`IntakeJournal.purge` (forget) deletes a
