@@ -15,7 +15,9 @@ still guarantees:
   store submission (one atomic commit).
 * **Idempotent.** Create-only by item id: ``append`` says ``False`` for an id that is
   already journaled or already stored in Chroma (checked in that order, and rows leave
-  the journal only after their Chroma commit, so no id is ever missed in between).
+  the journal only after their Chroma commit, so no id is ever missed in between). "Stored
+  in Chroma" is answered by the ledger's file where it can (no data key: not stored; the key
+  Chroma last confirmed: stored) and by Chroma otherwise (:meth:`IntakeJournal._stored`).
 * **Sealed and erasable** like the ledger: rows hold keyed tokens (item id, namespace
   token) and a blob sealed under a data key kept in the ledger (one per 2,048 rows or 5 s);
   ``secure_delete`` zeroes deleted rows; :meth:`IntakeJournal.purge` (forget) deletes a
@@ -44,10 +46,12 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import hashlib
 import logging
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -116,6 +120,11 @@ def _settle(answers: list[tuple[_Append, Any, bool]]) -> None:
         asyncio.get_running_loop().call_soon(_settle, answers[_WAVE:])
 
 
+def _digest(key: bytes) -> bytes:
+    """Tells two data keys apart without keeping either (see :meth:`IntakeJournal._stored`)."""
+    return hashlib.blake2b(key, digest_size=16).digest()
+
+
 @dataclass
 class _Flight:
     seqs: list[int]
@@ -161,6 +170,8 @@ class IntakeJournal:
         # too (the drain is woken once rows are committed, by ``_journal``).
         self._acv = threading.Condition(self._cv._lock)  # type: ignore[attr-defined]
         self._appends: list[_Append] = []
+        self._gathering = False  # the appender waits for a group to fill (see _gather): wake it only when full
+        self._group_end = 0.0
         self._flights: dict[int, _Flight] = {}
         # The writes of batches journaled by this process, as the appender prepared them (the drain
         # then neither opens the rows nor validates them again), at most ``cache_limit`` writes;
@@ -168,6 +179,9 @@ class IntakeJournal:
         self._prepared: dict[int, list[_Write]] = {}
         self._cached = 0
         self.cache_limit = 4 * window
+        self._confirmed: OrderedDict[str, bytes] = OrderedDict()  # item id -> key digest, see _stored
+        self.lookups = 0
+        """Item ids the appender asked Chroma about (the rest the ledger answered; see :meth:`_stored`)."""
         self._retry_at: dict[int, float] = {}
         self._attempts: dict[int, int] = {}
         self._key: tuple[str, bytes] | None = None
@@ -208,7 +222,8 @@ class IntakeJournal:
             self.backlog += n  # reserved now, so concurrent appends cannot overshoot the limit
             self._last_append = time.monotonic()
             self._appends.append(req)
-            self._acv.notify()
+            if not self._gathering or len(self._appends) >= self.GATHER_MIN:
+                self._acv.notify()
         # A cancelled caller does not cancel the journaling (the batch may be durable already): its
         # answer is dropped, like a reply to a client that hung up.
         return await req.future
@@ -226,6 +241,34 @@ class IntakeJournal:
     per group, half of it in the Chroma lookup, and requests queued for the appender); a group's callers
     are answered in one loop iteration (``_WAVE``, :func:`_settle`)."""
 
+    GATHER = 0.010
+    """Seconds after its previous group within which the appender waits for ``GATHER_MIN`` requests."""
+    GATHER_MIN = 64
+
+    def _gather(self) -> None:
+        """Under ``_acv``, while a burst is on: wait until ``GATHER_MIN`` requests are queued, at most until
+        ``GATHER`` seconds after the previous group ended.
+
+        Why: once the appender no longer asked Chroma per group (:meth:`_stored`), a group took ~8 ms and
+        the appender took whatever had come in meanwhile, ~9 requests; its fixed cost per group
+        (transaction, lookups, fsync, one wake-up of the event loop) then came back every 9 votes, and
+        its CPU per vote did not fall. Waiting for more keeps groups at ~30-50 under a burst:
+        0.15 instead of 0.32-0.36 ms of appender CPU per vote, and the event loop's own CPU per vote
+        fell too (fewer wake-ups); docs/store.md, 2026-12-02 session 30. A request that comes in
+        after a quiet spell (the previous group ended ``GATHER`` ago) is taken at once, so only a
+        request arriving while others are being acknowledged waits, at most ``GATHER``.
+        """
+        deadline = self._group_end + self.GATHER
+        self._gathering = True
+        try:
+            while len(self._appends) < self.GATHER_MIN and not self._closing:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._acv.wait(left)
+        finally:
+            self._gathering = False
+
     def _append_loop(self) -> None:
         while True:
             with self._acv:
@@ -233,6 +276,7 @@ class IntakeJournal:
                     self._acv.wait()
                 if not self._appends:
                     return
+                self._gather()
                 # At most GROUP requests per transaction (answered together, see _settle)
                 reqs, self._appends = self._appends[: self.GROUP], self._appends[self.GROUP :]
             answers: list[tuple[_Append, Any, bool]] = []
@@ -245,6 +289,7 @@ class IntakeJournal:
                 answers += [(r, exc, True) for r in reqs if id(r) not in answered]
             finally:
                 self._reply(answers)
+                self._group_end = time.monotonic()
 
     @staticmethod
     def _reply(answers: list[tuple[_Append, Any, bool]]) -> None:
@@ -308,7 +353,7 @@ class IntakeJournal:
                     journaled.update(r[0] for r in self._conn.execute(
                         f"SELECT iid FROM rows WHERE iid IN ({','.join('?' * len(chunk))})", chunk))
                 # Not journaled: either new, or already drained (its row leaves only after its commit).
-                stored = store._stored_ids([i for i in iids if i not in journaled])
+                stored = self._stored([i for i in iids if i not in journaled])
                 taken = journaled | stored
                 rows: list[tuple[int, str, str, str, float]] = []
                 docs: list[tuple[str, dict[str, Any]]] = []
@@ -351,6 +396,52 @@ class IntakeJournal:
             self._cv.notify_all()
         self._key_rows += inserted
         return out
+
+    CONFIRMED = 16_384
+    """Item ids remembered as stored (with a digest of their data key), see :meth:`_stored`."""
+
+    def _stored(self, iids: list[str]) -> set[str]:
+        """Which of ``iids`` (none journaled) are stored in Chroma, asking Chroma only what the ledger cannot tell.
+
+        Why: that question cost an HTTP call to the Chroma child per group, about half of the appender's
+        time per group under a burst (py-spy, docs/store.md, 2026-12-02 session 30). The ledger answers
+        most of it, read from its file (another process may have destroyed keys; its cache would not know):
+
+        * **No data key: not stored.** A sealed store makes an item's key (durably) before the item
+          reaches Chroma, and destroys it only after the item left Chroma (delete: ``_erase``; a failed
+          commit: ``_rollback``); a crash in between is rolled back the same way when the store opens.
+          So an item in Chroma always has its key (every sealed layout has had one key per item id).
+          New votes, nearly every id of a burst, end here.
+        * **The same key as when Chroma last said "stored": stored.** Keys are random: an item deleted
+          (key destroyed) and made again has another key, so an unchanged key means the item was not
+          deleted since (or is being deleted right now: then this create-only put is answered as
+          coming just before that delete, as a Chroma lookup a moment earlier would have). The key is
+          read before Chroma is asked, so an item whose key was made after that look is never
+          remembered with it. The users' registration puts, repeated by every vote request, end here.
+        * Anything else (a key, nothing remembered, or another key): Chroma is asked, as before.
+
+        Only ids and key digests are remembered (in memory, under ``_lock``), at most :attr:`CONFIRMED`
+        and dropped on any forget (:meth:`purge`).
+        """
+        if not iids:
+            return set()
+        ledger = self.store.ledger
+        present = getattr(ledger, "present", None)
+        if present is None:  # a ledger without a direct file read: Chroma answers everything
+            return self.store._stored_ids(iids)
+        keys = {i: _digest(k) for i, k in present(iids).items()}
+        known = {i for i, d in keys.items() if self._confirmed.get(i) == d}
+        ask = [i for i in keys if i not in known]
+        found = self.store._stored_ids(ask) if ask else set()
+        self.lookups += len(ask)
+        for i in found:
+            self._confirmed[i] = keys[i]
+            self._confirmed.move_to_end(i)
+        for i in known:
+            self._confirmed.move_to_end(i)
+        while len(self._confirmed) > self.CONFIRMED:
+            self._confirmed.popitem(last=False)
+        return known | found
 
     _INSERT_ROWS = 128
     """Rows per ``INSERT`` statement of :meth:`_insert` (6 parameters each: well under SQLite's 999)."""
@@ -655,6 +746,7 @@ class IntakeJournal:
                     sel += self._conn.execute(
                         f"SELECT seq, batch, n FROM rows WHERE iid IN ({','.join('?' * len(iids))})", iids).fetchall()
                 found = {s: n for s, _, n in sel}
+                self._confirmed.clear()  # nothing of a forgotten user stays remembered (see _stored)
                 seqs = list(found)
                 for start in range(0, len(seqs), 500):
                     chunk = seqs[start : start + 500]

@@ -569,3 +569,113 @@ def test_a_group_is_sealed_with_one_urandom_and_inserted_with_few_statements(
             assert sorted(stored_ids(store, "acme", u)) == sorted(f"v{i}" for i in range(10) if users[i % 2] == u)
     finally:
         store.close()
+
+
+def test_the_appender_asks_chroma_only_about_ids_the_ledger_cannot_rule_out(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """"Already stored?" is answered by the ledger where it can: an id without a data key is not stored
+    (new votes), an id whose key is the one it had when Chroma last said "stored" still is (the users'
+    registration puts); Chroma is asked about the rest. The answers stay the same: new votes added,
+    stored and journaled ones duplicates, every vote stored once."""
+    store = open_store(tmp_path / "chroma")
+    try:
+        intake = store.intake
+        assert intake is not None
+        asked: list[str] = []
+        lookup = store._stored_ids
+
+        def counting(ids: Any) -> set[str]:
+            asked.extend(ids)
+            return lookup(ids)
+
+        monkeypatch.setattr(store, "_stored_ids", counting)
+        mem = PreferenceMemory(store, "acme")
+        res = asyncio.run(mem.add_votes([vote(i) for i in range(5)]))
+        assert (res.added, res.duplicates) == (5, 0)
+        assert asked == []  # nothing had a key: the user's registration and the votes are all new
+        assert intake.wait_drained(60)
+
+        res = asyncio.run(mem.add_votes([vote(5)]))
+        assert (res.added, res.duplicates) == (1, 0)
+        assert len(asked) == 1  # the registration (stored, keyed): Chroma confirms it once
+        res = asyncio.run(mem.add_votes([vote(6)]))
+        assert (res.added, res.duplicates) == (1, 0)
+        assert len(asked) == 1  # same key as when confirmed: not asked again
+        res = asyncio.run(mem.add_votes([vote(2), vote(3)]))  # stored votes: keyed, asked, duplicates
+        assert (res.added, res.duplicates) == (0, 2)
+        assert len(asked) == 3
+        assert intake.wait_drained(60)
+        assert sorted(stored_ids(store, "acme", "ana@x.io")) == sorted(f"v{i}" for i in range(7))
+    finally:
+        store.close()
+
+
+def test_a_vote_deleted_by_another_process_is_stored_again(tmp_path: Path) -> None:
+    """Another process deletes a stored vote (item, then its key, in the shared ledger file): this process's
+    ledger cache and its memory of confirmed ids still hold the old key, but the appender reads the file,
+    so the vote sent again is new and journaled again (not answered "already stored" and lost)."""
+    from store.ledger import LEDGER_FILE, Ledger
+
+    path = tmp_path / "chroma"
+    store = open_store(path)
+    try:
+        intake = store.intake
+        assert intake is not None
+        mem = PreferenceMemory(store, "acme")
+        assert asyncio.run(mem.add_votes([vote(1)])).added == 1
+        assert intake.wait_drained(60)
+        assert asyncio.run(mem.add_votes([vote(1)])).duplicates == 1  # confirmed by Chroma, remembered
+        iid = store._iid(mem._user_ns("ana@x.io", "votes"), "v1")
+        assert iid in intake._confirmed and store.ledger is not None and store.ledger.keys([iid])
+        store._items.delete(ids=[iid])  # "another process": its writer deletes the item, then the key
+        other = Ledger(path / LEDGER_FILE)
+        try:
+            assert other.destroy([iid]) == 1
+        finally:
+            other.close()
+        assert store.ledger.keys([iid])  # this process's cache still has it
+        hold(store)
+        res = asyncio.run(mem.add_votes([vote(1)]))
+        assert (res.added, res.duplicates) == (1, 0)
+        assert [it.key for it in intake.pending(mem._user_ns("ana@x.io", "votes"))] == ["v1"]  # journaled
+        release(store)
+    finally:
+        store.close()
+
+
+def test_under_a_burst_the_appender_waits_for_a_fuller_group(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Right after a group (a burst is on) the appender waits, up to ``GATHER`` seconds, for ``GATHER_MIN``
+    requests and journals them as one group; after a quiet spell a lone request is taken at once."""
+    store = open_store(tmp_path / "chroma")
+    try:
+        hold(store)
+        intake = store.intake
+        assert intake is not None
+        groups: list[int] = []
+        journal = intake._journal
+
+        def counting(reqs: Any) -> Any:
+            groups.append(len(reqs))
+            return journal(reqs)
+
+        monkeypatch.setattr(intake, "_journal", counting)
+        monkeypatch.setattr(intake, "GATHER", 3600.0)
+        monkeypatch.setattr(intake, "GATHER_MIN", 3)
+        mem = PreferenceMemory(store, "acme")
+        intake._group_end = -1e9  # quiet since forever: taken at once, though GATHER is an hour
+        assert asyncio.run(asyncio.wait_for(mem.add_votes([vote(0)]), 60)).added == 1
+        assert groups == [1]
+
+        async def burst() -> list[Any]:  # the previous group just ended: one request, a pause, two more
+            first = asyncio.ensure_future(mem.add_votes([vote(1)]))
+            await asyncio.sleep(0.3)
+            rest = [asyncio.ensure_future(mem.add_votes([vote(i)])) for i in (2, 3)]
+            return await asyncio.wait_for(asyncio.gather(first, *rest), 60)
+
+        assert [r.added for r in asyncio.run(burst())] == [1, 1, 1]
+        assert groups == [1, 3]
+        release(store)
+        assert intake.wait_drained(60)
+        assert sorted(stored_ids(store, "acme", "ana@x.io")) == [f"v{i}" for i in range(4)]
+    finally:
+        store.close()
