@@ -271,3 +271,27 @@ async def test_a_client_that_hangs_up_during_the_latency_is_noticed_and_not_coun
             assert (await http.post("/chat/completions", json=body)).status_code == 200
     s = ep.stats()
     assert s["completions"] == 3 and s["in_flight"] == 0
+
+
+async def test_the_hang_up_check_reads_a_ready_disconnect_and_never_waits() -> None:
+    """``_gone`` steps ``receive()`` once: a disconnect already there is seen; otherwise it returns at once,
+    closing the suspended ``receive()`` (so it leaves no waiter behind) and starting no task."""
+    from synth_agent.sim.server import _gone
+
+    gone = asyncio.Event()
+    left: list[str] = []
+
+    async def receive() -> dict[str, str]:  # as uvicorn's: wait for an event, then the client is gone
+        try:
+            await gone.wait()
+            return {"type": "http.disconnect"}
+        finally:
+            left.append("left")
+
+    tasks = len(asyncio.all_tasks())
+    assert _gone(receive) is False
+    assert left == ["left"] and len(asyncio.all_tasks()) == tasks  # closed at once, nothing scheduled
+    gone.set()
+    assert _gone(receive) is True
+    future: asyncio.Future[dict[str, str]] = asyncio.get_running_loop().create_future()
+    assert _gone(lambda: future) is False  # an awaitable that is no coroutine: not stepped
