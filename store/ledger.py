@@ -150,6 +150,7 @@ class Ledger:
         self._conn = connect_erasable(self.path)
         self._conn.executescript(_SCHEMA)
         self._cache: OrderedDict[str, bytes] = OrderedDict()
+        self._seen_version = self._data_version()
         self._secret: bytes | None = None
         self.owner = process_owner()
 
@@ -173,6 +174,7 @@ class Ledger:
         out: dict[str, bytes] = {}
         missing: list[str] = []
         with self._lock:
+            self._drop_stale_cache()
             for kid in kids:
                 key = self._cache.get(kid)
                 if key is None:
@@ -288,6 +290,24 @@ class Ledger:
         """Copy the WAL into the database file and truncate it (after deleting anything sensitive)."""
         with self._lock:
             self._truncate_wal()
+
+    def _data_version(self) -> int:
+        return int(self._conn.execute("PRAGMA data_version").fetchone()[0])
+
+    def _drop_stale_cache(self) -> None:
+        """Under ``_lock``: forget every cached key once another connection has committed to the file.
+
+        Why: another process (a ``forget`` or an ingest next to a running server) may have destroyed a
+        key this process still caches; :meth:`ensure_keys` would then seal a re-created item under the
+        destroyed key, with no row in the file, and the item could never be read again. SQLite's
+        ``PRAGMA data_version`` changes exactly when another connection has committed since the last
+        look (our own commits do not change it), and costs no disk read, so the cache stays valid
+        between such commits and is dropped after them.
+        """
+        version = self._data_version()
+        if version != self._seen_version:
+            self._seen_version = version
+            self._cache.clear()
 
     def _remember(self, kid: str, key: bytes) -> None:
         self._cache[kid] = key

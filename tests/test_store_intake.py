@@ -612,8 +612,9 @@ def test_the_appender_asks_chroma_only_about_ids_the_ledger_cannot_rule_out(
 
 def test_a_vote_deleted_by_another_process_is_stored_again(tmp_path: Path) -> None:
     """Another process deletes a stored vote (item, then its key, in the shared ledger file): this process's
-    ledger cache and its memory of confirmed ids still hold the old key, but the appender reads the file,
-    so the vote sent again is new and journaled again (not answered "already stored" and lost)."""
+    memory of confirmed ids still holds the old key, but the appender reads the file, so the vote sent again
+    is new and journaled again (not answered "already stored" and lost); and the ledger's key cache notices the
+    other process's commit, so the drain seals the re-created vote under a new key the file holds: it reads back."""
     from store.ledger import LEDGER_FILE, Ledger
 
     path = tmp_path / "chroma"
@@ -633,14 +634,29 @@ def test_a_vote_deleted_by_another_process_is_stored_again(tmp_path: Path) -> No
             assert other.destroy([iid]) == 1
         finally:
             other.close()
-        assert store.ledger.keys([iid])  # this process's cache still has it
+        assert not store.ledger.keys([iid])  # the cache saw the other connection's commit
         hold(store)
         res = asyncio.run(mem.add_votes([vote(1)]))
         assert (res.added, res.duplicates) == (1, 0)
         assert [it.key for it in intake.pending(mem._user_ns("ana@x.io", "votes"))] == ["v1"]  # journaled
         release(store)
+        assert intake.wait_drained(60)
+        assert store.ledger.keys([iid]) and other_key_rows(path / LEDGER_FILE, iid) == 1  # a key the file holds
+        got = store.get(mem._user_ns("ana@x.io", "votes"), "v1")
+        assert got is not None and "question 1" in str(got.value)  # readable, not sealed under a destroyed key
     finally:
         store.close()
+
+
+def other_key_rows(ledger_file: Path, kid: str) -> int:
+    """Rows for ``kid`` in the ledger file, as another process reading it would see them."""
+    import sqlite3
+
+    conn = sqlite3.connect(ledger_file)
+    try:
+        return int(conn.execute("SELECT count(*) FROM keys WHERE kid = ?", (kid,)).fetchone()[0])
+    finally:
+        conn.close()
 
 
 def test_under_a_burst_the_appender_waits_for_a_fuller_group(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
