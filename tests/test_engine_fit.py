@@ -473,6 +473,24 @@ async def test_step1_most_traces_judges_nothing_and_seeds_step3_with_the_smalles
     assert raced_llm.stats.site("bootstrap_score").requests > 0
 
 
+async def test_step1_most_traces_without_a_verified_trace_starts_step3_from_zero_shot(population, monkeypatch):
+    """A user none of whose traces verified has two step-1 sets, zero-shot and labels-only (no traces in either):
+    ``"most_traces"`` takes zero-shot (the fewest demos), judges nothing, and the fit still completes, step 3
+    racing labelled rivals against it, and saves a profile whose served configuration the guard chose."""
+    uid = population.user_ids[0]
+    votes = population.votes(uid, 12)
+    monkeypatch.setattr(Synthesizer, "_usable", lambda self, train, traces: [])  # no trace may be a demo
+    llm = SimBackend()
+    synth = Synthesizer(llm, None, FitConfig(seed=0))
+    fit = await synth.fit(uid, votes)
+    train, _ = split_votes(votes, synth.config.train_fraction)
+    cands = synth.bootstrap_candidates(uid, train, fit.traces)
+    assert [len(c) for c in cands][0] == 0 and len(cands) == 2 and len(cands[1]) > 0
+    assert fit.bootstrap_demos == [] and llm.stats.site("bootstrap_score").requests == 0
+    assert llm.stats.site("demo_select").requests > 0  # step 3 still raced rivals against the zero-shot set
+    assert fit.profile is not None and all(d.reasoning is None for d in fit.profile.demos)
+
+
 def test_step1_race_keeps_the_config_key_of_profiles_fitted_before_it_was_a_knob():
     """Profiles fitted before ``step1`` existed raced step 1 and carry no such key: "race" leaves it out (so their
     refits stay incremental under ``step1="race"``); "most_traces" is another configuration, so it is in the key."""
