@@ -405,7 +405,8 @@ class IntakeJournal:
 
         Why: that question cost an HTTP call to the Chroma child per group, about half of the appender's
         time per group under a burst (py-spy, docs/store.md, 2026-12-02 session 30). The ledger answers
-        most of it, read from its file (another process may have destroyed keys; its cache would not know):
+        most of it (:meth:`~store.ledger.Ledger.keys` drops its cache once another process has written the
+        file, so a key another process destroyed is absent):
 
         * **No data key: not stored.** A sealed store makes an item's key (durably) before the item
           reaches Chroma, and destroys it only after the item left Chroma (delete: ``_erase``; a failed
@@ -426,10 +427,9 @@ class IntakeJournal:
         if not iids:
             return set()
         ledger = self.store.ledger
-        present = getattr(ledger, "present", None)
-        if present is None:  # a ledger without a direct file read: Chroma answers everything
+        if ledger is None:  # an unsealed store keeps no keys: Chroma answers everything
             return self.store._stored_ids(iids)
-        keys = {i: _digest(k) for i, k in present(iids).items()}
+        keys = {i: _digest(k) for i, k in ledger.keys(iids).items()}
         known = {i for i, d in keys.items() if self._confirmed.get(i) == d}
         ask = [i for i in keys if i not in known]
         found = self.store._stored_ids(ask) if ask else set()

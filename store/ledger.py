@@ -190,18 +190,6 @@ class Ledger:
                     self._remember(kid, bytes(key))
         return out
 
-    def present(self, kids: Sequence[str]) -> dict[str, bytes]:
-        """The data keys among ``kids`` as the file holds them now (no cache: a key that another process
-        destroyed is absent here, though :meth:`keys` may still remember it)."""
-        out: dict[str, bytes] = {}
-        with self._lock:
-            for start in range(0, len(kids), 500):
-                chunk = list(kids[start : start + 500])
-                marks = ",".join("?" * len(chunk))
-                out.update((kid, bytes(key)) for kid, key in
-                           self._conn.execute(f"SELECT kid, key FROM keys WHERE kid IN ({marks})", chunk))
-        return out
-
     def ensure_keys(self, kids: Iterable[str], members: Mapping[str, Sequence[str]] | None = None) -> dict[str, bytes]:
         """Keys for ``kids``, making (durably, in one transaction) those that do not exist yet.
 
