@@ -201,7 +201,8 @@ def create_app(
     override what ``settings`` would open (tests, embedding the proxy in a larger app).
     ``keys``: the key ring (default: ``SYNTH_AGENT_API_KEYS`` + ``--keys-file``); refused if
     empty unless ``proxy.no_auth``. ``upstream_trace_configs``: aiohttp request tracing on the
-    upstream session (what the upstream was sent, timings).
+    upstream session (what the upstream was sent, timings); given any, the upstream goes through
+    aiohttp whatever ``proxy.upstream_transport`` says (the traces hook aiohttp's machinery).
     """
     settings = settings or Settings()
     proxy = proxy or ProxySettings()
@@ -256,6 +257,7 @@ def create_app(
                     retries=proxy.upstream_retries,
                     backoff=proxy.upstream_backoff,
                     backoff_max=proxy.upstream_backoff_max,
+                    transport=proxy.upstream_transport,
                 ),
                 on_retry=lambda _: metrics.upstream_retries.inc(),
                 on_error=lambda kind: metrics.upstream_errors.labels(kind).inc(),
