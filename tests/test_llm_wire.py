@@ -310,3 +310,175 @@ async def test_a_ramp_up_of_new_connections_resolves_the_host_once() -> None:
         del loop.getaddrinfo
     assert [g[0] for g in got] == [200] * 16 and srv.connections == 16
     assert calls == ["localhost"]
+
+
+# ---------------------------------------------------------------- streamed bodies (the proxy's SSE relay)
+
+
+def sse(text: str) -> bytes:
+    return b"data: " + orjson.dumps({"choices": [{"delta": {"content": text}}]}) + b"\n\n"
+
+
+async def test_a_stream_is_read_as_it_arrives_and_its_connection_is_reused() -> None:
+    go_on = asyncio.Event()
+    log: list = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        log.append(await read_request(reader))
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+        first = sse("Hello")
+        writer.write(b"%x\r\n" % len(first) + first + b"\r\n")
+        await writer.drain()
+        await go_on.wait()  # the client must have the first event before the server sends more
+        for part in (sse(" there"), b"data: [DONE]\n\n"):
+            writer.write(b"%x\r\n" % len(part) + part + b"\r\n")
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        await keep_alive(lambda body: completion("after"), log)(reader, writer, n)
+
+    srv = Server(handler)
+    async with srv as url:
+        wire = WireClient(url, {"Authorization": "Bearer k"}, timeout=5, body_headers={"Content-Type": "application/json"})
+        answer = await wire.stream("POST", "/v1/chat/completions", b'{"stream": true}')
+        assert answer.status == 200 and answer.headers["content-type"] == "text/event-stream"
+        got = []
+        async for chunk in answer.chunks():
+            got.append(chunk)
+            go_on.set()
+        assert got[0] == sse("Hello") and b"".join(got) == sse("Hello") + sse(" there") + b"data: [DONE]\n\n"
+        assert len(wire._idle) == 1  # read to its end: back in the pool
+        status, _, body = await wire.request("POST", "/v1/chat/completions", b"{}")
+        assert status == 200 and body == completion("after")
+        status, _, _ = await wire.request("GET", "/v1/models")
+        wire.close()
+    assert srv.connections == 1
+    line, headers, _ = log[0]
+    assert line == "POST /v1/chat/completions HTTP/1.1" and headers["content-type"] == "application/json"
+    assert headers["authorization"] == "Bearer k" and headers["content-length"] == "16"
+    line, headers, _ = log[2]  # a GET carries neither a body nor the body's headers
+    assert line == "GET /v1/models HTTP/1.1" and "content-type" not in headers and "content-length" not in headers
+
+
+async def test_a_close_delimited_and_a_gzip_stream_are_read_whole() -> None:
+    events = b"".join(sse(w) for w in ("a", "b", "c")) + b"data: [DONE]\n\n"
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        await read_request(reader)
+        if n == 0:
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\n" + events)
+            await writer.drain()
+            return  # the close ends the answer
+        z = gzip.compress(events)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: %d\r\n\r\n" % len(z))
+        for i in range(0, len(z), 7):  # a few bytes at a time
+            writer.write(z[i:i + 7])
+            await writer.drain()
+        await reader.read()
+
+    async with Server(handler) as url:
+        wire = WireClient(url, {}, timeout=5)
+        for _ in range(2):
+            answer = await wire.stream("POST", "/v1/chat/completions", b"{}")
+            assert answer.status == 200 and await answer.read() == events
+        assert len(wire._idle) == 1  # the gzip answer's connection (framed, kept); the first closed
+        wire.close()
+
+
+async def test_a_stream_that_breaks_off_or_stalls_fails_and_closes_its_connection() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        await read_request(reader)
+        part = sse("Hello")
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + b"%x\r\n" % len(part) + part + b"\r\n")
+        await writer.drain()
+        if n == 0:
+            return  # closed mid-answer: no last chunk
+        await asyncio.sleep(1)  # stalls past the client's timeout
+
+    async with Server(handler) as url:
+        wire = WireClient(url, {}, timeout=0.2)
+        for error in (WireError, TimeoutError):
+            answer = await wire.stream("POST", "/v1/chat/completions", b"{}")
+            got = []
+            with pytest.raises(error):
+                async for chunk in answer.chunks():
+                    got.append(chunk)
+            assert got == [sse("Hello")]
+            assert not wire._idle and not wire._open
+        wire.close()
+
+
+async def test_a_stream_closed_before_its_end_drops_its_connection() -> None:
+    log: list = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        if n == 0:
+            await read_request(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b"x" * 10)
+            await writer.drain()
+            await reader.read()
+            return
+        await keep_alive(lambda body: completion("ok"), log)(reader, writer, n)
+
+    srv = Server(handler)
+    async with srv as url:
+        wire = WireClient(url, {}, timeout=5)
+        answer = await wire.stream("POST", "/v1/chat/completions", b"{}")
+        answer.close()  # the client went away: the rest of the answer must not meet the next request
+        answer.close()
+        assert not wire._idle and not wire._open
+        status, _, body = await wire.request("POST", "/v1/chat/completions", b"{}")
+        assert status == 200 and body == completion("ok") and srv.connections == 2
+        wire.close()
+
+
+async def test_a_slow_reader_pauses_the_connection_and_still_gets_every_byte() -> None:
+    from synth_agent.llm import wire as wire_module
+
+    size = 4 * wire_module.STREAM_BUFFER
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
+        for i in range(size // 4096):
+            writer.write(bytes([i % 251]) * 4096)
+        await writer.drain()
+        await reader.read()
+
+    async with Server(handler) as url:
+        wire = WireClient(url, {}, timeout=5)
+        answer = await wire.stream("GET", "/big")
+        await asyncio.sleep(0.2)  # everything sent; the client stopped reading past STREAM_BUFFER (plus one read)
+        conn = answer._conn
+        assert conn is not None and conn._paused and wire_module.STREAM_BUFFER < conn._buffered < size
+        body = await answer.read()
+        assert len(body) == size and body == b"".join(bytes([i % 251]) * 4096 for i in range(size // 4096))
+        wire.close()
+
+
+async def test_a_limit_bounds_the_connections_and_a_waiting_request_times_out() -> None:
+    release = asyncio.Event()
+    log: list = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        await release.wait()
+        await keep_alive(lambda body: completion("ok"), log)(reader, writer, n)
+
+    srv = Server(handler)
+    async with srv as url:
+        wire = WireClient(url, {}, timeout=5, limit=2)
+        tasks = [asyncio.ensure_future(wire.request("POST", "/v1/chat/completions", b"{}")) for _ in range(6)]
+        await asyncio.sleep(0.1)
+        assert len(wire._open) == 2
+        release.set()
+        assert [t[0] for t in await asyncio.gather(*tasks)] == [200] * 6
+        assert srv.connections == 2
+        stream = await wire.stream("POST", "/v1/chat/completions", b"{}")
+        other = await wire.stream("POST", "/v1/chat/completions", b"{}")  # both slots are taken until closed
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.1):
+                await wire.request("POST", "/v1/chat/completions", b"{}")
+        stream.close()
+        await other.read()
+        status, _, _ = await wire.request("POST", "/v1/chat/completions", b"{}")
+        assert status == 200
+        wire.close()

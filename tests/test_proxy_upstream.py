@@ -60,6 +60,9 @@ async def chat(request: Request) -> Any:
     async def events() -> AsyncIterator[bytes]:
         yield _chunk("Hello")
         yield _chunk(" there")
+        if mode == "done":
+            yield b"data: [DONE]\n\n"
+            return
         if mode == "break":
             raise RuntimeError("the upstream dies mid-stream")
         await asyncio.sleep(3)  # "stall": longer than the proxy's upstream timeout
@@ -78,8 +81,9 @@ class World:
     state: ProxyState
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+@pytest.fixture(scope="module", params=["lean", "aiohttp"])
+def world(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    """The proxy in front of the misbehaving upstream, over each upstream transport (``lean``: the wire client)."""
     upstream_app = Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"]),
                                      Route("/healthz", healthz)])
     with ThreadedServer(upstream_app, name="fake-upstream") as up:
@@ -87,11 +91,13 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         app = create_app(
             Settings(base_url=up.base_url, home=tmp_path_factory.mktemp("home")),
             ProxySettings(api_keys=f"acme:{KEY}", synthesis="off", key_rate_limit=0, upstream_timeout=0.5,
-                          upstream_retries=0),
+                          upstream_retries=0, upstream_transport=request.param),
             store=InMemoryStore(), llm=llm,
         )
         with ProxyServer(app, close=[llm]) as srv:
             state: ProxyState = app.state.proxy
+            assert state.upstream is not None
+            assert state.upstream.transport == ("wire" if request.param == "lean" else "aiohttp")
             srv.call(state.memories("acme").save_persona(  # type: ignore[misc]
                 PersonaProfile(user_id=USER, persona="The user prefers short answers.")))
             yield World(srv, state)
@@ -125,6 +131,65 @@ def test_a_stream_that_breaks_off_ends_with_an_error_event(world: World, mode: s
     metrics = httpx.get(f"{world.srv.url}/metrics").text
     kind = code.removeprefix("upstream_")
     assert any(line.startswith(f'synth_proxy_upstream_errors_total{{kind="{kind}"}}') for line in metrics.splitlines())
+
+
+def test_streams_and_answers_reuse_upstream_connections(world: World) -> None:
+    upstream = world.state.upstream
+    assert upstream is not None
+    body = {"model": "m", "user": USER, "messages": [{"role": "user", "content": "hi"}]}
+    for stream in (False, True, False, True):
+        with httpx.stream("POST", f"{world.srv.base_url}/chat/completions", headers=H, timeout=10,
+                          json={**body, "stream": stream, "mode": "echo" if not stream else "done"}) as r:
+            assert r.status_code == 200
+            text = r.read().decode()
+        if stream:
+            assert text.endswith("data: [DONE]\n\n") and '"error"' not in text
+    if upstream._wire is not None:  # one request at a time: one connection, kept between them
+        assert len(upstream._wire._open) == 1 and len(upstream._wire._idle) == 1
+
+
+@pytest.mark.parametrize("transport", ["lean", "aiohttp"])
+def test_shutdown_closes_the_upstream_connections(transport: str, tmp_path: Any) -> None:
+    upstream_app = Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"]), Route("/healthz", healthz)])
+    with ThreadedServer(upstream_app, name="fake-upstream") as up:
+        llm = LLMClient(EndpointConfig(base_url=up.base_url))
+        app = create_app(
+            Settings(base_url=up.base_url, home=tmp_path),
+            ProxySettings(api_keys=f"acme:{KEY}", synthesis="off", upstream_transport=transport),
+            store=InMemoryStore(), llm=llm,
+        )
+        with ProxyServer(app, close=[llm]) as srv:
+            r = httpx.post(f"{srv.base_url}/chat/completions", headers=H, timeout=10,
+                           json={"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+            assert r.status_code == 200
+            upstream = app.state.proxy.upstream
+            assert upstream is not None
+            wire, session = upstream._wire, upstream._session
+            assert (wire is not None and len(wire._open) == 1) if transport == "lean" else session is not None
+        if wire is not None:
+            assert wire.closed and not wire._open
+        else:
+            assert session is not None and session.closed
+
+
+@pytest.mark.parametrize("setting", ["lean", "aiohttp"])
+def test_the_upstream_transport_follows_the_url_the_setting_and_traces(setting: str) -> None:
+    import aiohttp
+
+    from synth_agent.proxy.upstream import Upstream, UpstreamConfig
+
+    def which(url: str, **kw: Any) -> str:
+        return Upstream(UpstreamConfig(base_url=url, api_key="k", transport=setting), **kw).transport
+
+    lean = setting == "lean"
+    assert which("http://127.0.0.1:8000/v1") == ("wire" if lean else "aiohttp")
+    assert which("https://api.openai.com/v1") == "aiohttp"
+    assert which("http://127.0.0.1:8000/v1", trace_configs=[aiohttp.TraceConfig()]) == "aiohttp"
+    with pytest.raises(ValueError, match="transport"):
+        Upstream(UpstreamConfig(base_url="http://x/v1", api_key="k", transport="h2"))
+    assert ProxySettings(upstream_transport=setting).upstream_transport == setting  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        ProxySettings(upstream_transport="h2")  # type: ignore[arg-type]
 
 
 def test_concurrent_persona_misses_share_one_store_read(world: World) -> None:

@@ -93,13 +93,14 @@ class ProxyApp(FastAPI):
     The route stays declared (OpenAPI; ``HEAD`` and other methods take the normal path).
     """
 
-    _direct_route: APIRoute | None = None
-    _direct_stack: Any = None
+    _direct_routes: dict[str, APIRoute] | None = None  # path -> route answered past FastAPI's layers (POST)
+    _direct_stacks: dict[str, Any] | None = None
 
     def serve_directly(self, route: APIRoute) -> None:
         """Answer ``POST`` on ``route``'s path through the user middleware and the exception handlers only.
 
-        For the proxy's hottest request (``POST /v1/votes``, one per vote): between the user
+        For the proxy's hottest requests (``POST /v1/votes``, one per vote, and ``POST /v1/chat/completions``,
+        since 2026-12-02): between the user
         middleware and the route's handler FastAPI and Starlette add their error, telemetry,
         body-limit, exception and exit-stack layers, route matching over every included router,
         and ``request_response``'s own exception wrapper and exit stacks — about a third of the
@@ -110,14 +111,14 @@ class ProxyApp(FastAPI):
         (``ProxyError``, validation and HTTP errors answer as on every route), and the scope keys
         the router sets (``app``, ``router``, ``route``, ``endpoint``, ``path_params``). The
         route's handler must not need FastAPI's solver (no dependencies with ``yield``, no files):
-        :class:`~synth_agent.proxy.routes.votes` ``VotesRoute`` solves its own. The full stack is
+        :func:`~synth_agent.proxy.routes.common.direct_json_route` routes solve their own. The full stack is
         still taken when FastAPI's native OpenTelemetry is enabled, with an app-wide
         ``max_body_size`` or a ``root_path`` (so those keep their behaviour), and for other methods.
         """
         if getattr(route, "max_body_size", None) is not None or getattr(route, "dependencies", None):
             return  # a route-level body limit or dependency is FastAPI's to apply: the full stack
-        self._direct_route = route
-        self._direct_stack = None
+        self._direct_routes = {**(self._direct_routes or {}), route.path: route}
+        self._direct_stacks = {}
 
     def _build_direct_stack(self, route: APIRoute) -> Any:
         handler = route.get_route_handler()
@@ -138,22 +139,27 @@ class ProxyApp(FastAPI):
             app = cls(app, *args, **kwargs)
         return app
 
-    def _direct(self, scope: Any) -> bool:
-        route = self._direct_route
-        return (route is not None and scope["method"] == "POST" and scope["path"] == route.path
-                and not scope.get("root_path") and not self.root_path and self.max_body_size is None
-                and not _native_telemetry_on(self))
+    def _direct(self, scope: Any) -> APIRoute | None:
+        routes = self._direct_routes
+        if routes is None or scope["method"] != "POST" or (route := routes.get(scope["path"])) is None:
+            return None
+        if scope.get("root_path") or self.root_path or self.max_body_size is not None or _native_telemetry_on(self):
+            return None
+        return route
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "http":
             if scope["path"] == "/healthz" and scope["method"] == "GET":
                 await _answer_health(self.state.proxy, scope, send)
                 return
-            if self._direct(scope):
-                if self._direct_stack is None:
-                    self._direct_stack = self._build_direct_stack(self._direct_route)  # type: ignore[arg-type]
-                await self.state.proxy.turns.share()  # a vote write: within this loop turn's budget
-                await self._direct_stack(scope, receive, send)
+            if (route := self._direct(scope)) is not None:
+                stacks = self._direct_stacks
+                assert stacks is not None
+                if (stack := stacks.get(route.path)) is None:
+                    stack = stacks[route.path] = self._build_direct_stack(route)
+                if getattr(route, "turn_budget", False):
+                    await self.state.proxy.turns.share()  # a vote write: within this loop turn's budget
+                await stack(scope, receive, send)
                 return
         await super().__call__(scope, receive, send)
 
@@ -201,7 +207,8 @@ def create_app(
     override what ``settings`` would open (tests, embedding the proxy in a larger app).
     ``keys``: the key ring (default: ``SYNTH_AGENT_API_KEYS`` + ``--keys-file``); refused if
     empty unless ``proxy.no_auth``. ``upstream_trace_configs``: aiohttp request tracing on the
-    upstream session (what the upstream was sent, timings).
+    upstream session (what the upstream was sent, timings); given any, the upstream goes through
+    aiohttp whatever ``proxy.upstream_transport`` says (the traces hook aiohttp's machinery).
     """
     settings = settings or Settings()
     proxy = proxy or ProxySettings()
@@ -256,6 +263,7 @@ def create_app(
                     retries=proxy.upstream_retries,
                     backoff=proxy.upstream_backoff,
                     backoff_max=proxy.upstream_backoff_max,
+                    transport=proxy.upstream_transport,
                 ),
                 on_retry=lambda _: metrics.upstream_retries.inc(),
                 on_error=lambda kind: metrics.upstream_errors.labels(kind).inc(),

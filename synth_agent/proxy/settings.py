@@ -4,6 +4,7 @@
 |---|---|---|
 | ``SYNTH_AGENT_UPSTREAM_BASE_URL`` | where chat completions are forwarded | ``OPENAI_BASE_URL`` |
 | ``SYNTH_AGENT_UPSTREAM_API_KEY`` | key sent upstream (clients' keys are never forwarded) | ``OPENAI_API_KEY`` |
+| ``SYNTH_AGENT_UPSTREAM_TRANSPORT`` | ``lean``: the project's HTTP/1.1 client for an ``http://`` upstream (aiohttp for ``https://``); ``aiohttp``: aiohttp for every upstream | ``lean`` |
 | ``SYNTH_AGENT_MODEL_MAP`` | ``client-model=upstream-model,...``; ``*`` matches any model | forward as is |
 | ``SYNTH_AGENT_API_KEYS`` | ``tenantA:key1,tenantB:key2`` | unset |
 | ``SYNTH_AGENT_KEYS_FILE`` | JSON or TOML key file (see :mod:`synth_agent.proxy.auth`) | unset |
@@ -57,6 +58,9 @@ class ProxySettings(BaseSettings):
     upstream_retries: int = Field(default=3, ge=0)
     upstream_backoff: float = Field(default=0.05, ge=0, description="first retry delay, doubled per attempt")
     upstream_backoff_max: float = Field(default=2.0, ge=0)
+    upstream_transport: Literal["lean", "aiohttp"] = Field(
+        default="lean", description="lean: own HTTP/1.1 client for http:// upstreams (aiohttp for https://); aiohttp"
+    )
 
     api_keys: str | None = None
     keys_file: Path | None = None

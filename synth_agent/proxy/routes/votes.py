@@ -1,70 +1,34 @@
 """Votes and A/B pairs: ``POST /v1/votes``, ``POST /v1/ab``, ``POST /v1/ab/{token}/vote``."""
 
 import asyncio
-from collections.abc import Callable, Coroutine
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Path, Request, Response
-from fastapi.exceptions import RequestValidationError
+from fastapi import APIRouter, Body, Path
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
-from pydantic import TypeAdapter, ValidationError
+from pydantic import TypeAdapter
 
 from graphs.chat import VoteError
 from store.intake import IntakeFull
 from synth_agent.engine.selection import served_persona
 from synth_agent.ingest import parse_vote
 from synth_agent.models import Message, Vote, parse_timestamp, vote_checks
-from synth_agent.proxy.deps import JsonCaller, PinnedUser, State, resolve_user, solve_json_write
+from synth_agent.proxy.deps import JsonCaller, PinnedUser, State, resolve_user
 from synth_agent.proxy.errors import ProxyError, responses
-from synth_agent.proxy.guard import PARSED_BODY
-from synth_agent.proxy.routes.common import generation_body, raw_messages, user_turn, with_persona
+from synth_agent.proxy.routes.common import (
+    direct_json_route,
+    generation_body,
+    raw_messages,
+    user_turn,
+    with_persona,
+)
 from synth_agent.proxy.schemas import EXAMPLES, ABPair, ABVoteReceipt, ApiModels, VoteBatchResult
-
-_MISSING = object()
 
 
 def _votes_route(votes_body: TypeAdapter[Any]) -> type[APIRoute]:
-    """The route class of ``POST /v1/votes``: declared as usual (the OpenAPI schema is FastAPI's), solved directly.
-
-    A vote write is the proxy's hottest request; FastAPI's generic per-request machinery
-    (walking the dependency tree, extracting every parameter kind of every dependency, a second
-    JSON parse of a body :class:`~synth_agent.proxy.guard.BodyGuard` already parsed) took about
-    a third of the event loop's time per vote. This handler runs the same dependencies
-    (:func:`~synth_agent.proxy.deps.solve_json_write`) and validates the body once, with one
-    ``TypeAdapter`` of the declared body type applied to the value ``BodyGuard`` parsed, raising
-    the same errors in the same order as FastAPI would, then calls the declared endpoint.
-    """
-
-    class VotesRoute(APIRoute):
-        serve_directly = True
-        """:meth:`synth_agent.proxy.app.ProxyApp.serve_directly` may answer it past FastAPI's own layers."""
-
-        def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-            endpoint = self.endpoint
-
-            async def handler(request: Request) -> Response:
-                st, caller, pinned, errors = await solve_json_write(request)
-                value = request.scope.get("state", {}).get(PARSED_BODY, _MISSING)
-                if value is _MISSING:  # no body, or not parsed as JSON (another media type): as FastAPI would
-                    value = await request.body() or _MISSING
-                payload = None
-                if value is _MISSING:
-                    errors.append({"type": "missing", "loc": ("body",), "msg": "Field required", "input": None})
-                else:
-                    try:
-                        payload = votes_body.validate_python(value, from_attributes=True)  # as FastAPI
-                    except ValidationError as exc:
-                        errors += [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]
-                if errors:
-                    raise RequestValidationError(errors, body=None if value is _MISSING else value)
-                response = await endpoint(st=st, caller=caller, pinned=pinned, payload=payload)
-                assert isinstance(response, Response)
-                return response
-
-            return handler
-
-    return VotesRoute
+    """The route class of ``POST /v1/votes``: solved directly (:func:`~synth_agent.proxy.routes.common.direct_json_route`),
+    its requests started within the loop turn's budget."""
+    return direct_json_route(votes_body, "payload", "VotesRoute", share_turns=True)
 
 
 def _checked_vote(item: Any, user_id: str) -> Vote | None:
