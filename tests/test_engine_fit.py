@@ -481,7 +481,7 @@ async def test_step1_most_traces_without_a_verified_trace_starts_step3_from_zero
     votes = population.votes(uid, 12)
     monkeypatch.setattr(Synthesizer, "_usable", lambda self, train, traces: [])  # no trace may be a demo
     llm = SimBackend()
-    synth = Synthesizer(llm, None, FitConfig(seed=0))
+    synth = Synthesizer(llm, None, FitConfig(seed=0, race_demos="always"))  # the guard serves this user no demos
     fit = await synth.fit(uid, votes)
     train, _ = split_votes(votes, synth.config.train_fraction)
     cands = synth.bootstrap_candidates(uid, train, fit.traces)
@@ -576,7 +576,7 @@ async def test_context_demos_are_every_context_vote_labelled_and_cross_validatio
     uid = population.user_ids[5]
     votes = population.votes(uid, 14)
     llm = _Recording()
-    cfg = FitConfig(seed=0, demo_votes="context", max_context_demos=12)
+    cfg = FitConfig(seed=0, demo_votes="context", max_context_demos=12, race_demos="always")
     res = await Synthesizer(llm, None, cfg).fit(uid, votes, save=False)
     assert res.profile is not None
     demos = res.profile.demos
@@ -602,3 +602,82 @@ def test_persona_writer_v3_names_the_note_the_engine_writes_for_a_bare_choice():
     assert NO_NOTE.strip("()") in text
     msgs = prompts.persona_messages([], version="persona_writer.v3")
     assert msgs[0]["content"] == text
+
+
+async def test_step3_races_only_where_the_guard_serves_its_demos(population):
+    """``race_demos="served"`` (the default): cross-validation decides first; a user the guard serves persona + demos
+    gets exactly the demos racing alongside it gives ("always"), a user it serves the default gets step 3's first
+    candidate unraced and no step-3 request. The guard's evidence and decision do not change."""
+    kinds = {"raced": 0, "unraced": 0}
+    for uid in population.user_ids[:12]:
+        votes = population.votes(uid, 14)
+        lazy_llm, always_llm = SimBackend(), SimBackend()
+        lazy = await Synthesizer(lazy_llm, None, FitConfig(seed=0)).fit(uid, votes, save=False)
+        always = await Synthesizer(always_llm, None, FitConfig(seed=0, race_demos="always")).fit(uid, votes, save=False)
+        assert lazy.profile is not None and always.profile is not None
+        assert lazy.profile.meta["selection"] == always.profile.meta["selection"]
+        assert lazy.profile.persona == always.profile.persona
+        if lazy.profile.meta["selection"]["served"] == "persona_demos":
+            kinds["raced"] += 1
+            assert lazy.profile.meta["demos_status"] == "selected"
+            assert lazy.profile.demos == always.profile.demos
+            assert lazy.profile.val_accuracy == always.profile.val_accuracy
+            assert lazy_llm.stats.site("demo_select").requests == always_llm.stats.site("demo_select").requests > 0
+        else:
+            kinds["unraced"] += 1
+            assert lazy.profile.meta["demos_status"] == "unraced" and lazy.profile.val_accuracy is None
+            assert lazy_llm.stats.site("demo_select").requests == 0 < always_llm.stats.site("demo_select").requests
+            train, val = split_votes(votes, 0.7)
+            assert lazy.profile.demos == Synthesizer(SimBackend(), None, FitConfig(seed=0)).unraced_demos(
+                uid, train, val, lazy.traces, lazy.bootstrap_demos
+            )
+            assert lazy.profile.demos  # step 1's pick, or a labelled set: something to race from later
+            assert lazy.usage["prompt_tokens"] < always.usage["prompt_tokens"]
+    assert kinds["raced"] and kinds["unraced"]  # the population holds both kinds of user
+
+
+async def test_a_refit_that_turns_to_persona_demos_races_the_demos_the_fit_skipped(population, monkeypatch):
+    """An incremental refit of a profile whose demos were never raced: while the guard still serves the default
+    nothing is raced; once it serves persona + demos, the refit runs step 3 — the current persona, the profile's
+    demos (step 1's pick) first, on the refit's split — and saves the winner as selected."""
+    from dataclasses import replace
+
+    from synth_agent.engine.selection import Selection
+
+    mem = memory()
+    synth = Synthesizer(SimBackend(), mem, FitConfig(seed=0))
+    for uid in population.user_ids:
+        votes = population.votes(uid, 16)
+        await mem.add_votes(votes[:12])
+        first = await synth.fit(uid)
+        if first.profile is not None and first.profile.meta["demos_status"] == "unraced":
+            break
+    else:
+        pytest.fail("no user of the population is served the default")
+    await mem.add_votes(votes[12:])
+    plan = synth.plan(votes, first.profile)
+    assert plan.new, "the refit is incremental"
+    sel = Selection.from_meta(first.profile.meta["selection"])
+    assert await synth.refit_demos(uid, plan, sel) is None  # still the default: nothing to race
+    turned = replace(sel, served="persona_demos")
+    raced = await synth.refit_demos(uid, plan, turned)
+    assert raced is not None and raced.candidates_scored > 1
+    traces, _ = await synth.verify(uid, [*plan.train, *plan.val])  # stored by now: in the split's order
+    expect = await Synthesizer(SimBackend(), None, FitConfig(seed=0)).select_demos(
+        uid, first.profile.persona, plan.train, plan.val, traces, seed_demos=first.profile.demos
+    )
+    assert raced.demos == expect.demos and raced.accuracy == expect.accuracy
+    # through fit(): the refit's guard turns (forced here), so the saved version carries raced demos
+    real_update = Synthesizer.update
+
+    async def update_then_turn(self, *a, **k):  # type: ignore[no-untyped-def]
+        out = await real_update(self, *a, **k)
+        return replace(out, served="persona_demos") if out is not None else None
+
+    monkeypatch.setattr(Synthesizer, "update", update_then_turn)
+    llm = SimBackend()
+    second = await Synthesizer(llm, mem, FitConfig(seed=0)).fit(uid)
+    assert second.profile is not None and second.profile.meta["refit"]["kind"] == "incremental"
+    assert second.profile.meta["demos_status"] == "selected" and second.profile.demos == raced.demos
+    assert second.profile.val_accuracy == raced.accuracy and llm.stats.site("demo_select").requests > 0
+    assert second.profile.persona == first.profile.persona

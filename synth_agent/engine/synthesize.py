@@ -148,6 +148,16 @@ class FitConfig:
     persona and demos — unless the new votes show them stale (:meth:`Synthesizer.update`); needs selection."""
     full_refit_growth: float = 0.5
     """A full refit once the user's context votes exceed the last full fit's by more than this fraction."""
+    race_demos: Literal["served", "always"] = "served"
+    """When step 3 races demo sets: "served" (the default) — only when the guard serves persona + demos. A fit
+    then cross-validates first and, for a user the guard serves the default (or persona only), keeps step 1's
+    pick as the profile's demos unraced (``meta["demos_status"] == "unraced"``) and makes no step-3 request;
+    an incremental refit that turns to serving persona + demos races them then (:meth:`Synthesizer.refit_demos`).
+    What is served is the same as with "always": the race is deterministic and shares no judgment with
+    cross-validation. The price: the two no longer run at once, so a fit that does serve persona + demos takes
+    the race's round trips longer. "always" — race in every fit, alongside cross-validation (before 2026-12-02;
+    ``synth-agent eval`` uses it, since it scores persona + demos for every user). Not part of the fit key:
+    switching it never makes a profile refit (docs/llm.md, "Step 3 only where its demos are served")."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.train_fraction < 1.0:
@@ -164,6 +174,8 @@ class FitConfig:
             raise ValueError("score_mode must be 'cot' or 'logprob'")
         if self.step1 not in ("most_traces", "race"):
             raise ValueError("step1 must be 'most_traces' or 'race'")
+        if self.race_demos not in ("served", "always"):
+            raise ValueError("race_demos must be 'served' or 'always'")
         if not self.full_refit_growth >= 0:
             raise ValueError("full_refit_growth must be >= 0")
         for name in ("n_trials", "n_demo_candidates", "candidate_wave", "max_persona_examples", "persona_max_tokens",
@@ -805,6 +817,17 @@ class Synthesizer:
                 candidates.append(chosen)
         return candidates or [[]]
 
+    def _demo_pool(self, train: Sequence[Vote], val: Sequence[Vote]) -> list[Vote]:
+        return [*train, *val] if self.config.demo_votes == "context" else list(train)
+
+    def unraced_demos(
+        self, user_id: str, train: Sequence[Vote], val: Sequence[Vote], traces: Sequence[Trace],
+        seed_demos: Sequence[Demo] = (),
+    ) -> list[Demo]:
+        """The demos a fit keeps when step 3 does not race (:attr:`FitConfig.race_demos`): its first candidate —
+        step 1's pick when it has demos, else the first random set; with ``demo_votes="context"`` the context votes."""
+        return self.demo_candidates(user_id, self._demo_pool(train, val), traces, seed_demos)[0]
+
     def _persona_judge(self, persona: str, llm: ChatBackend, ledger: JudgmentLedger | None) -> Judge:
         return Judge(llm, persona=persona, call_site="demo_select", mode=self.config.score_mode,
                      ledger=ledger if ledger is not None else JudgmentLedger())  # fmt: skip
@@ -827,8 +850,7 @@ class Synthesizer:
         Candidates: see :meth:`demo_candidates`; ``seed_demos`` (step 1's winner) wins ties.
         """
         llm = llm or self.llm
-        pool = [*train, *val] if self.config.demo_votes == "context" else train
-        candidates = self.demo_candidates(user_id, pool, traces, seed_demos or ())
+        candidates = self.demo_candidates(user_id, self._demo_pool(train, val), traces, seed_demos or ())
         if progress:
             progress("demos", 0, len(candidates))
         result = await self._race(self._persona_judge(persona, llm, ledger), val, candidates)
@@ -1061,9 +1083,12 @@ class Synthesizer:
             return None
         return sel.extend(ids, new, z=sc.z, prior=prior, candidates=sc.candidates)
 
-    def updated_profile(self, plan: FitPlan, selection: Selection, usage: dict[str, int]) -> PersonaProfile:
+    def updated_profile(
+        self, plan: FitPlan, selection: Selection, usage: dict[str, int], raced: DemoOutcome | None = None
+    ) -> PersonaProfile:
         """The profile an incremental refit saves: the current persona and demos, with the new votes and the
-        extended selection (``meta["refit"]`` says what was kept)."""
+        extended selection (``meta["refit"]`` says what was kept); ``raced``: the demos :meth:`refit_demos` raced
+        for it (they replace step 1's unraced pick)."""
         current = plan.current
         assert current is not None
         transient = ("fit_id", "run_id", "synthesis_thread", "usage", "refit")
@@ -1076,7 +1101,35 @@ class Synthesizer:
             refit={"kind": "incremental", "from_version": current.version, "new_vote_ids": [v.id for v in plan.new]},
             **selection_meta(selection, boot),
         )  # fmt: skip
-        return current.model_copy(update={"vote_ids": [v.id for v in (*plan.train, *plan.val)], "meta": meta})
+        update: dict[str, Any] = {"vote_ids": [v.id for v in (*plan.train, *plan.val)], "meta": meta}
+        if raced is not None:
+            meta["demos_status"] = "selected"
+            update.update(demos=raced.demos, val_accuracy=raced.accuracy)
+        return current.model_copy(update=update)
+
+    def races_demos(self, selection: Selection | None) -> bool:
+        """Whether a fit with this selection runs step 3's race (:attr:`FitConfig.race_demos`)."""
+        return self.config.race_demos == "always" or selection is None or selection.served == "persona_demos"
+
+    async def refit_demos(
+        self,
+        user_id: str,
+        plan: FitPlan,
+        selection: Selection,
+        *,
+        llm: ChatBackend | None = None,
+        ledger: JudgmentLedger | None = None,
+    ) -> DemoOutcome | None:
+        """Step 3 for an incremental refit whose guard now serves persona + demos while the current profile's demos
+        were never raced (``demos_status == "unraced"``): the race the full fit skipped, with the current persona,
+        step 1's pick (the profile's demos) first, on the refit's split. None when nothing is to race."""
+        current = plan.current
+        if current is None or current.meta.get("demos_status") != "unraced" or not self.races_demos(selection):
+            return None
+        llm = llm or self.llm
+        traces, _ = await self.verify(user_id, [*plan.train, *plan.val], llm=llm, call_site="refit")
+        return await self.select_demos(user_id, current.persona, plan.train, plan.val, traces,
+                                       seed_demos=current.demos, llm=llm, ledger=ledger)  # fmt: skip
 
     # ------------------------------------------------------------------ all steps
     def _result_config(self) -> dict[str, Any]:
@@ -1086,6 +1139,7 @@ class Synthesizer:
         if out["selection"].get("orders") == 2:
             del out["selection"]["orders"]
         out["selection"].pop("stop_early", None)  # stopping early never changes what is served
+        out.pop("race_demos", None)  # nor does racing only where demos are served
         if out["step1"] == "race":  # added with "most_traces" the default: profiles fitted before carry no key
             del out["step1"]
         return out
@@ -1123,7 +1177,7 @@ class Synthesizer:
         sel = meta.get("selection")
         if (
             current.model != self.llm.model or meta.get("config_key") != self.config_key() or demoted(current)
-            or meta.get("demos_status") != "selected" or not isinstance(sel, dict)
+            or meta.get("demos_status") not in ("selected", "unraced") or not isinstance(sel, dict)
             or not sel.get("per_vote")
             or sorted([*(sel.get("vote_ids") or []), *(sel.get("skipped") or [])]) != sorted(current.vote_ids)
             or (sel.get("skipped") and not sel.get("fold_ids"))  # stopped early before the folds were kept
@@ -1218,11 +1272,12 @@ class Synthesizer:
                 progress("refit", 0, len(plan.new))
             prior = await tenant_prior(self.memory, user_id, cfg.selection) if self.memory is not None else {}
             updated = await self.update(user_id, plan, llm=llm, ledger=ledger, prior=prior)
+            raced = await self.refit_demos(user_id, plan, updated, llm=llm, ledger=ledger) if updated else None
             if progress:
                 progress("refit", len(plan.new), len(plan.new))
             if updated is not None:
                 usage = {**llm.usage(), "judgments_reused": ledger.hits, "judgments_new": ledger.misses}
-                profile = self.updated_profile(plan, updated, usage)
+                profile = self.updated_profile(plan, updated, usage, raced)
                 if save and self.memory is not None:
                     await ledger.save(self.memory, user_id, self.llm.model, keep_unused=True)
                     profile = await self._save(profile, since=current.version)
@@ -1265,19 +1320,27 @@ class Synthesizer:
 
         # Cross-validation needs neither step 3's demos nor the fit's persona: both run at once (their prompts
         # share no ledger key, so the judgments and the result are those of running them one after the other).
-        try:
-            async with asyncio.TaskGroup() as tg:  # one failing cancels the other
-                demos_task = tg.create_task(step_three())
-                select_task = tg.create_task(selecting())
-        except BaseExceptionGroup as group:
-            raise group.exceptions[0] from None
-        sel, selection = demos_task.result(), select_task.result()
+        unraced = False
+        if cfg.race_demos == "served" and cfg.selection.enabled:
+            # Step 3 only where its demos are served: cross-validation first (it decides), then the race or not.
+            selection = await selecting()
+            unraced = not self.races_demos(selection)
+            sel = (DemoOutcome(self.unraced_demos(user_id, train, val, boot.traces, boot.demos), float("nan"), 0)
+                   if unraced else await step_three())  # fmt: skip
+        else:
+            try:
+                async with asyncio.TaskGroup() as tg:  # one failing cancels the other
+                    demos_task = tg.create_task(step_three())
+                    select_task = tg.create_task(selecting())
+            except BaseExceptionGroup as group:
+                raise group.exceptions[0] from None
+            sel, selection = demos_task.result(), select_task.result()
         usage = {**llm.usage(), "judgments_reused": ledger.hits, "judgments_new": ledger.misses}
         profile = PersonaProfile(
             user_id=user_id,
             persona=persona,
             demos=sel.demos,
-            val_accuracy=None if demo_error else sel.accuracy,
+            val_accuracy=None if demo_error or unraced else sel.accuracy,
             model=self.llm.model,
             prompt_version=cfg.persona_prompt_version,
             vote_ids=[v.id for v in (*train, *val)],
@@ -1295,7 +1358,7 @@ class Synthesizer:
                 "fit_key": None if demo_error else key,  # a persona without its demos is not "unchanged"
                 "config_key": self.config_key(),
                 "full_fit_votes": n_context,
-                "demos_status": "failed" if demo_error else "selected",
+                "demos_status": "failed" if demo_error else "unraced" if unraced else "selected",
                 **({"demo_error": demo_error} if demo_error else {}),
                 **selection_meta(selection, boot.demos),
             },
@@ -1310,6 +1373,8 @@ class Synthesizer:
         summary = (
             f"saved WITHOUT demos: the demo step failed ({demo_error}); the next fit retries it"
             if demo_error
+            else f"serves {selection.served if selection else 'persona_demos'}; demos not raced"
+            if unraced
             else f"validation accuracy {sel.accuracy:.0%}"
         )
         return FitResult(
