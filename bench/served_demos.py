@@ -7,12 +7,12 @@ so both are printed side by side. Users are fitted one at a time against :class:
 no latency: token counts are the simulator's, chars / 4, and do not depend on load).
 
     python bench/served_demos.py [--seeds 0,1] [--users 24] [--votes 12] [--config step1=race] ...
-    python bench/served_demos.py --tenant --config race_demos=always   # fits see their tenant's prior
+    python bench/served_demos.py --tenant --config race_demos=served   # fits see their tenant's prior
 
 ``--tenant``: each seed's users are fitted one after another into one store, so from the ninth user on each fit
 applies the tenant prior the earlier users' selections give (``SelectionConfig.min_prior_users``), as in a
 deployment; without it every fit is alone (no prior: the guard serves persona + demos to fewer users).
-The last columns split the fits by what the guard serves: since ``FitConfig.race_demos="served"`` a fit that
+The last columns split the fits by what the guard serves: with ``FitConfig(race_demos="served")`` a fit that
 serves the default skips step 3's race, so the two kinds of fit cost differently.
 
 Each ``--config KEY=VALUE`` (repeatable) is one more arm next to the defaults; ``--arm 'JSON'`` gives an arm

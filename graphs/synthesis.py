@@ -1,4 +1,7 @@
-"""The synthesis graph: load_votes → bootstrap → persona → demos → select → save, one node per step.
+"""The synthesis graph: load_votes → bootstrap → persona → select → demos → save, one node per step.
+
+``select`` runs before ``demos``: with ``FitConfig(race_demos="served")`` step 3 races demo sets only where the
+guard serves persona + demos; for the other users ``demos`` keeps an unraced set and asks nothing.
 
 A user who only added a few votes since a fit with the same configuration goes load_votes → refit instead: the
 engine's incremental refit judges the new votes alone and saves, or (the new votes show the persona stale) hands
@@ -138,7 +141,7 @@ class SynthesisState(SynthesisInput, SynthesisOutput, total=False):
     reused_traces: int
     demos: list[dict[str, Any]]
     demos_status: str
-    """"selected" (step 3 raced them) or "unraced" (step 1's pick: the guard serves no demos; FitConfig.race_demos)."""
+    """"selected" (step 3 raced them) or "unraced" (the guard serves no demos; FitConfig(race_demos="served"))."""
     selection: dict[str, Any] | None
     new_ids: list[str]
     base_version: int
@@ -374,12 +377,11 @@ def build_synthesis_graph(
             ledger = await JudgmentLedger.load(memory, user, backend.model)
             prior = await tenant_prior(memory, user, cfg.selection)
             sel = await synth.update(user, plan, llm=llm, ledger=ledger, prior=prior)
-            raced = await synth.refit_demos(user, plan, sel, llm=llm, ledger=ledger) if sel is not None else None
             await ledger.save(memory, user, backend.model, keep_unused=True)
             usage = _usage(state, "refit", llm)
             if sel is None:
                 return {"new_ids": [], "usage": usage}  # stale: the full fit follows (traces and judgments kept)
-            profile = synth.updated_profile(plan, sel, _total_usage(usage), raced)
+            profile = synth.updated_profile(plan, sel, _total_usage(usage))
         thread = (config.get("configurable") or {}).get("thread_id")
         profile.meta.update(synthesis_thread=thread, run_id=state.get("run_id", ""), fit_id=fit_id)
         saved = await memory.save_persona(profile, since=state.get("base_version"))
@@ -433,8 +435,8 @@ def build_synthesis_graph(
             llm = CountingBackend(backend)
             synth = Synthesizer(backend, None, cfg)
             if not synth.races_demos(Selection.from_meta(sel) if (sel := state.get("selection")) else None):
-                # the guard serves no demos: step 3's first candidate, unraced (a refit that serves them races then)
-                kept = synth.unraced_demos(user, train, val, _traces(state), seed)
+                # the guard serves no demos: cross-validation's recipe on all train votes, unraced (next fit: full)
+                kept = synth.unraced_demos(user, train, val, _traces(state))
                 return {"demos": [d.model_dump(mode="json") for d in kept], "val_accuracy": None,
                         "demos_status": "unraced"}  # fmt: skip
             ledger = await JudgmentLedger.load(memory, user, backend.model)
@@ -537,7 +539,7 @@ def build_synthesis_graph(
     builder.add_conditional_edges("load_votes", after_load, ["refit", "bootstrap", END])
     builder.add_conditional_edges("refit", after_refit, ["bootstrap", END])
     builder.add_edge("bootstrap", "persona")
-    # select before demos: step 3 races only where the guard serves its demos (FitConfig.race_demos)
+    # select before demos: with FitConfig(race_demos="served") step 3 races only where the guard serves its demos
     builder.add_edge("persona", "select")
     builder.add_edge("select", "demos")
     builder.add_edge("demos", "save")

@@ -255,7 +255,8 @@ async def test_refit_after_a_few_new_votes_judges_only_them_and_extends_the_guar
     mem = memory()
     await mem.add_votes(votes[:12])
     llm = SimBackend()
-    synth = Synthesizer(llm, mem, FitConfig(seed=0))
+    # "always": the guard serves this user the default, and a profile with unraced demos is refitted in full
+    synth = Synthesizer(llm, mem, FitConfig(seed=0, race_demos="always"))
     first = await synth.fit(uid)
     asked = llm.stats.total().requests
     await mem.add_votes(votes[12:])
@@ -299,7 +300,8 @@ async def test_an_incremental_refit_after_stopping_early_extends_what_judging_ev
         for stop in (True, False):
             mem = memory()
             await mem.add_votes(votes[:12])
-            synth = Synthesizer(SimBackend(), mem, FitConfig(seed=0, selection=SelectionConfig(stop_early=stop)))
+            # "always": profiles with unraced demos (users served the default) are refitted in full
+            synth = Synthesizer(SimBackend(), mem, FitConfig(seed=0, race_demos="always", selection=SelectionConfig(stop_early=stop)))
             first = await synth.fit(uid)
             await mem.add_votes(votes[12:])
             got[stop] = (first.profile.meta["selection"], (await synth.fit(uid)).profile)
@@ -605,14 +607,15 @@ def test_persona_writer_v3_names_the_note_the_engine_writes_for_a_bare_choice():
 
 
 async def test_step3_races_only_where_the_guard_serves_its_demos(population):
-    """``race_demos="served"`` (the default): cross-validation decides first; a user the guard serves persona + demos
-    gets exactly the demos racing alongside it gives ("always"), a user it serves the default gets step 3's first
-    candidate unraced and no step-3 request. The guard's evidence and decision do not change."""
+    """``race_demos="served"``: cross-validation decides first; a user the guard serves persona + demos
+    gets exactly the demos racing alongside it gives ("always"), a user it serves the default gets the set
+    cross-validation's recipe draws from all train votes, unraced, and no step-3 request. The guard's evidence and
+    decision do not change."""
     kinds = {"raced": 0, "unraced": 0}
     for uid in population.user_ids[:12]:
         votes = population.votes(uid, 14)
         lazy_llm, always_llm = SimBackend(), SimBackend()
-        lazy = await Synthesizer(lazy_llm, None, FitConfig(seed=0)).fit(uid, votes, save=False)
+        lazy = await Synthesizer(lazy_llm, None, FitConfig(seed=0, race_demos="served")).fit(uid, votes, save=False)
         always = await Synthesizer(always_llm, None, FitConfig(seed=0, race_demos="always")).fit(uid, votes, save=False)
         assert lazy.profile is not None and always.profile is not None
         assert lazy.profile.meta["selection"] == always.profile.meta["selection"]
@@ -628,24 +631,17 @@ async def test_step3_races_only_where_the_guard_serves_its_demos(population):
             assert lazy.profile.meta["demos_status"] == "unraced" and lazy.profile.val_accuracy is None
             assert lazy_llm.stats.site("demo_select").requests == 0 < always_llm.stats.site("demo_select").requests
             train, val = split_votes(votes, 0.7)
-            assert lazy.profile.demos == Synthesizer(SimBackend(), None, FitConfig(seed=0)).unraced_demos(
-                uid, train, val, lazy.traces, lazy.bootstrap_demos
-            )
-            assert lazy.profile.demos  # step 1's pick, or a labelled set: something to race from later
+            recipe = Synthesizer(SimBackend(), None, FitConfig(seed=0))  # cross-validation's recipe, on all of train
+            assert lazy.profile.demos == recipe.demo_candidates(uid, train, lazy.traces)[0] and lazy.profile.demos
             assert lazy.usage["prompt_tokens"] < always.usage["prompt_tokens"]
     assert kinds["raced"] and kinds["unraced"]  # the population holds both kinds of user
 
 
-async def test_a_refit_that_turns_to_persona_demos_races_the_demos_the_fit_skipped(population, monkeypatch):
-    """An incremental refit of a profile whose demos were never raced: while the guard still serves the default
-    nothing is raced; once it serves persona + demos, the refit runs step 3 — the current persona, the profile's
-    demos (step 1's pick) first, on the refit's split — and saves the winner as selected."""
-    from dataclasses import replace
-
-    from synth_agent.engine.selection import Selection
-
+async def test_a_profile_with_unraced_demos_is_refitted_in_full(population):
+    """An incremental refit judges new votes with the profile's demos; unraced ones are not what a fit serving
+    persona + demos would have, so such a profile's next fit is a full one (which races where it now serves them)."""
     mem = memory()
-    synth = Synthesizer(SimBackend(), mem, FitConfig(seed=0))
+    synth = Synthesizer(SimBackend(), mem, FitConfig(seed=0, race_demos="served"))
     for uid in population.user_ids:
         votes = population.votes(uid, 16)
         await mem.add_votes(votes[:12])
@@ -655,29 +651,10 @@ async def test_a_refit_that_turns_to_persona_demos_races_the_demos_the_fit_skipp
     else:
         pytest.fail("no user of the population is served the default")
     await mem.add_votes(votes[12:])
-    plan = synth.plan(votes, first.profile)
-    assert plan.new, "the refit is incremental"
-    sel = Selection.from_meta(first.profile.meta["selection"])
-    assert await synth.refit_demos(uid, plan, sel) is None  # still the default: nothing to race
-    turned = replace(sel, served="persona_demos")
-    raced = await synth.refit_demos(uid, plan, turned)
-    assert raced is not None and raced.candidates_scored > 1
-    traces, _ = await synth.verify(uid, [*plan.train, *plan.val])  # stored by now: in the split's order
-    expect = await Synthesizer(SimBackend(), None, FitConfig(seed=0)).select_demos(
-        uid, first.profile.persona, plan.train, plan.val, traces, seed_demos=first.profile.demos
-    )
-    assert raced.demos == expect.demos and raced.accuracy == expect.accuracy
-    # through fit(): the refit's guard turns (forced here), so the saved version carries raced demos
-    real_update = Synthesizer.update
-
-    async def update_then_turn(self, *a, **k):  # type: ignore[no-untyped-def]
-        out = await real_update(self, *a, **k)
-        return replace(out, served="persona_demos") if out is not None else None
-
-    monkeypatch.setattr(Synthesizer, "update", update_then_turn)
-    llm = SimBackend()
-    second = await Synthesizer(llm, mem, FitConfig(seed=0)).fit(uid)
-    assert second.profile is not None and second.profile.meta["refit"]["kind"] == "incremental"
-    assert second.profile.meta["demos_status"] == "selected" and second.profile.demos == raced.demos
-    assert second.profile.val_accuracy == raced.accuracy and llm.stats.site("demo_select").requests > 0
-    assert second.profile.persona == first.profile.persona
+    assert synth.plan(votes, first.profile).new == []  # not incremental
+    always = Synthesizer(SimBackend(), mem, FitConfig(seed=0, race_demos="always"))
+    selected = first.profile.model_copy(update={"meta": {**first.profile.meta, "demos_status": "selected"}})
+    assert always.plan(votes, selected).new  # the same profile with raced demos would refit incrementally
+    second = await synth.fit(uid)
+    assert second.status == "fitted" and "refit" not in second.profile.meta
+    assert second.profile.meta["full_fit_votes"] == 16

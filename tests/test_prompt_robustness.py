@@ -147,7 +147,7 @@ async def test_fit_keeps_the_persona_when_the_demo_step_fails() -> None:
     uid = pop.user_ids[0]
     mem = PreferenceMemory(InMemoryStore(), tenant="t1")
     await mem.add_votes(pop.votes(uid, 10))
-    # race_demos="always": this user is served the default, so with "served" step 3 would never run
+    # race_demos="always" (the default), named: this user is served the default, so with "served" step 3 never runs
     result = await Synthesizer(FailingDemoStep(5), mem, FitConfig(seed=1, race_demos="always")).fit(uid)
     assert result.status == "fitted" and result.profile is not None
     assert result.demo_error is not None and "503" in result.demo_error

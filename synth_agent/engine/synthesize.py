@@ -148,16 +148,21 @@ class FitConfig:
     persona and demos — unless the new votes show them stale (:meth:`Synthesizer.update`); needs selection."""
     full_refit_growth: float = 0.5
     """A full refit once the user's context votes exceed the last full fit's by more than this fraction."""
-    race_demos: Literal["served", "always"] = "served"
-    """When step 3 races demo sets: "served" (the default) — only when the guard serves persona + demos. A fit
-    then cross-validates first and, for a user the guard serves the default (or persona only), keeps step 1's
-    pick as the profile's demos unraced (``meta["demos_status"] == "unraced"``) and makes no step-3 request;
-    an incremental refit that turns to serving persona + demos races them then (:meth:`Synthesizer.refit_demos`).
-    What is served is the same as with "always": the race is deterministic and shares no judgment with
-    cross-validation. The price: the two no longer run at once, so a fit that does serve persona + demos takes
-    the race's round trips longer. "always" — race in every fit, alongside cross-validation (before 2026-12-02;
-    ``synth-agent eval`` uses it, since it scores persona + demos for every user). Not part of the fit key:
-    switching it never makes a profile refit (docs/llm.md, "Step 3 only where its demos are served")."""
+    race_demos: Literal["always", "served"] = "always"
+    """When step 3 races demo sets: "always" (the default) — in every fit, alongside cross-validation; "served" —
+    only when the guard serves persona + demos, for deployments where a fit's prompt tokens are the cost. A fit
+    then cross-validates first and, for a user the guard serves the default (or persona only), keeps the set
+    cross-validation's recipe draws from all train votes as the profile's demos, unraced
+    (``meta["demos_status"] == "unraced"``, no validation accuracy), and makes no step-3 request;
+    its next fit is a full one (an incremental refit judges new votes with the profile's demos, and unraced ones
+    would skew that evidence: ``bench/refit_accuracy.py`` served -0.93 points when they did).
+    What a first fit serves is the same as with "always": the race is deterministic and shares no judgment with
+    cross-validation (tested user by user). The prices: a fit that does serve persona + demos runs the race after
+    cross-validation instead of alongside (longer), a guard later re-applied under another prior (``synth-agent
+    eval`` does: it races for every user) would serve unraced demos, and refits of those users are full. Why not
+    the default: on ``bench/refit_accuracy.py`` what the refits served came out 1.2 points lower [-2.64, +0.23]
+    (docs/llm.md, "Step 3 only where its demos are served"). Not part of the fit key: switching it never makes
+    a profile refit."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.train_fraction < 1.0:
@@ -820,13 +825,12 @@ class Synthesizer:
     def _demo_pool(self, train: Sequence[Vote], val: Sequence[Vote]) -> list[Vote]:
         return [*train, *val] if self.config.demo_votes == "context" else list(train)
 
-    def unraced_demos(
-        self, user_id: str, train: Sequence[Vote], val: Sequence[Vote], traces: Sequence[Trace],
-        seed_demos: Sequence[Demo] = (),
-    ) -> list[Demo]:
-        """The demos a fit keeps when step 3 does not race (:attr:`FitConfig.race_demos`): its first candidate —
-        step 1's pick when it has demos, else the first random set; with ``demo_votes="context"`` the context votes."""
-        return self.demo_candidates(user_id, self._demo_pool(train, val), traces, seed_demos)[0]
+    def unraced_demos(self, user_id: str, train: Sequence[Vote], val: Sequence[Vote], traces: Sequence[Trace]) -> list[Demo]:
+        """The demos a fit keeps when step 3 does not race (:attr:`FitConfig.race_demos`): the set cross-validation's
+        recipe draws (step 3's first random candidate, :meth:`_fold_judges`) from the whole training pool, so an
+        incremental refit's persona + demos judgments score the recipe cross-validation scored; with
+        ``demo_votes="context"`` the context votes."""
+        return self.demo_candidates(user_id, self._demo_pool(train, val), traces)[0]
 
     def _persona_judge(self, persona: str, llm: ChatBackend, ledger: JudgmentLedger | None) -> Judge:
         return Judge(llm, persona=persona, call_site="demo_select", mode=self.config.score_mode,
@@ -1083,12 +1087,9 @@ class Synthesizer:
             return None
         return sel.extend(ids, new, z=sc.z, prior=prior, candidates=sc.candidates)
 
-    def updated_profile(
-        self, plan: FitPlan, selection: Selection, usage: dict[str, int], raced: DemoOutcome | None = None
-    ) -> PersonaProfile:
+    def updated_profile(self, plan: FitPlan, selection: Selection, usage: dict[str, int]) -> PersonaProfile:
         """The profile an incremental refit saves: the current persona and demos, with the new votes and the
-        extended selection (``meta["refit"]`` says what was kept); ``raced``: the demos :meth:`refit_demos` raced
-        for it (they replace step 1's unraced pick)."""
+        extended selection (``meta["refit"]`` says what was kept)."""
         current = plan.current
         assert current is not None
         transient = ("fit_id", "run_id", "synthesis_thread", "usage", "refit")
@@ -1101,35 +1102,11 @@ class Synthesizer:
             refit={"kind": "incremental", "from_version": current.version, "new_vote_ids": [v.id for v in plan.new]},
             **selection_meta(selection, boot),
         )  # fmt: skip
-        update: dict[str, Any] = {"vote_ids": [v.id for v in (*plan.train, *plan.val)], "meta": meta}
-        if raced is not None:
-            meta["demos_status"] = "selected"
-            update.update(demos=raced.demos, val_accuracy=raced.accuracy)
-        return current.model_copy(update=update)
+        return current.model_copy(update={"vote_ids": [v.id for v in (*plan.train, *plan.val)], "meta": meta})
 
     def races_demos(self, selection: Selection | None) -> bool:
         """Whether a fit with this selection runs step 3's race (:attr:`FitConfig.race_demos`)."""
         return self.config.race_demos == "always" or selection is None or selection.served == "persona_demos"
-
-    async def refit_demos(
-        self,
-        user_id: str,
-        plan: FitPlan,
-        selection: Selection,
-        *,
-        llm: ChatBackend | None = None,
-        ledger: JudgmentLedger | None = None,
-    ) -> DemoOutcome | None:
-        """Step 3 for an incremental refit whose guard now serves persona + demos while the current profile's demos
-        were never raced (``demos_status == "unraced"``): the race the full fit skipped, with the current persona,
-        step 1's pick (the profile's demos) first, on the refit's split. None when nothing is to race."""
-        current = plan.current
-        if current is None or current.meta.get("demos_status") != "unraced" or not self.races_demos(selection):
-            return None
-        llm = llm or self.llm
-        traces, _ = await self.verify(user_id, [*plan.train, *plan.val], llm=llm, call_site="refit")
-        return await self.select_demos(user_id, current.persona, plan.train, plan.val, traces,
-                                       seed_demos=current.demos, llm=llm, ledger=ledger)  # fmt: skip
 
     # ------------------------------------------------------------------ all steps
     def _result_config(self) -> dict[str, Any]:
@@ -1177,7 +1154,7 @@ class Synthesizer:
         sel = meta.get("selection")
         if (
             current.model != self.llm.model or meta.get("config_key") != self.config_key() or demoted(current)
-            or meta.get("demos_status") not in ("selected", "unraced") or not isinstance(sel, dict)
+            or meta.get("demos_status") != "selected" or not isinstance(sel, dict)
             or not sel.get("per_vote")
             or sorted([*(sel.get("vote_ids") or []), *(sel.get("skipped") or [])]) != sorted(current.vote_ids)
             or (sel.get("skipped") and not sel.get("fold_ids"))  # stopped early before the folds were kept
@@ -1223,7 +1200,8 @@ class Synthesizer:
         save: bool = True,
         force: bool = False,
     ) -> FitResult:
-        """Bootstrap → persona → demos for one user; saves a new persona version when ``save``.
+        """Bootstrap → persona → cross-validated selection → demos for one user; saves a new persona version when
+        ``save``. With ``race_demos="served"`` step 3 races only where the guard serves persona + demos.
 
         Votes default to the user's stored votes. Nothing is saved unless every step
         succeeded, so a cancelled or failed fit leaves the current persona untouched.
@@ -1272,12 +1250,11 @@ class Synthesizer:
                 progress("refit", 0, len(plan.new))
             prior = await tenant_prior(self.memory, user_id, cfg.selection) if self.memory is not None else {}
             updated = await self.update(user_id, plan, llm=llm, ledger=ledger, prior=prior)
-            raced = await self.refit_demos(user_id, plan, updated, llm=llm, ledger=ledger) if updated else None
             if progress:
                 progress("refit", len(plan.new), len(plan.new))
             if updated is not None:
                 usage = {**llm.usage(), "judgments_reused": ledger.hits, "judgments_new": ledger.misses}
-                profile = self.updated_profile(plan, updated, usage, raced)
+                profile = self.updated_profile(plan, updated, usage)
                 if save and self.memory is not None:
                     await ledger.save(self.memory, user_id, self.llm.model, keep_unused=True)
                     profile = await self._save(profile, since=current.version)
@@ -1325,7 +1302,7 @@ class Synthesizer:
             # Step 3 only where its demos are served: cross-validation first (it decides), then the race or not.
             selection = await selecting()
             unraced = not self.races_demos(selection)
-            sel = (DemoOutcome(self.unraced_demos(user_id, train, val, boot.traces, boot.demos), float("nan"), 0)
+            sel = (DemoOutcome(self.unraced_demos(user_id, train, val, boot.traces), float("nan"), 0)
                    if unraced else await step_three())  # fmt: skip
         else:
             try:
