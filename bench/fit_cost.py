@@ -147,6 +147,7 @@ async def fit_once(ep: SimProcess, uid: str, votes: list | None, cfg: FitConfig,
     out["wall_s"] = wall
     out["version"] = res.profile.version if res.profile else None
     out["status"] = res.status
+    out["served_config"] = (res.profile.meta.get("selection") or {}).get("served", "-") if res.profile else "-"
     out["steps"] = {s: by_site.get(s, {}).get("prompt_tokens", 0) for s in STEPS}
     out["steps"]["(logprob scoring)"] = sum(v["prompt_tokens"] for k, v in by_site.items() if k.endswith(":logprob"))
     out["step_requests"] = {s: by_site.get(s, {}).get("requests", 0) for s in STEPS}
@@ -294,6 +295,9 @@ def main() -> None:
               f"{med('completion_tokens'):,.0f}",
               f"{med('wall_s'):.2f} ({max(s['wall_s'] for s in solo):.2f})")  # fmt: skip
     console.print(t)
+    # what the guard serves can decide what a fit costs (FitConfig(race_demos="served"): step 3 only for p+d)
+    console.print("per user (served: requests, prompt tokens, wall): " + "; ".join(
+        f"{s['served_config']}: {s['requests']}, {s['prompt_tokens']:,}, {s['wall_s']:.2f} s" for s in solo))
     steps = Table(title="Where the requests and prompt tokens went, per step (call site), median per fit; the "
                         "refits of the next table in the last rows. persona: the fit's persona and one per "
                         "cross-validation fold; select: cross-validated selection's judgments and traces")  # fmt: skip

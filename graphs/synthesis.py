@@ -1,4 +1,7 @@
-"""The synthesis graph: load_votes → bootstrap → persona → demos → select → save, one node per step.
+"""The synthesis graph: load_votes → bootstrap → persona → select → demos → save, one node per step.
+
+``select`` runs before ``demos``: with ``FitConfig(race_demos="served")`` step 3 races demo sets only where the
+guard serves persona + demos; for the other users ``demos`` keeps an unraced set and asks nothing.
 
 A user who only added a few votes since a fit with the same configuration goes load_votes → refit instead: the
 engine's incremental refit judges the new votes alone and saves, or (the new votes show the persona stale) hands
@@ -76,7 +79,7 @@ __all__ = [
 
 log = logging.getLogger("synth_agent.graphs.synthesis")
 
-NODES = ("load_votes", "refit", "bootstrap", "persona", "demos", "select", "save")
+NODES = ("load_votes", "refit", "bootstrap", "persona", "select", "demos", "save")
 """Every node; a run visits ``refit`` (then ends) or the full-fit path ``bootstrap`` … ``save``, or both when
 the incremental refit finds the persona stale."""
 
@@ -117,7 +120,8 @@ class SynthesisOutput(TypedDict, total=False):
     n_votes: int
     persona: str
     bootstrap_accuracy: float
-    val_accuracy: float
+    val_accuracy: float | None
+    """Step 3's validation accuracy; None when the demos were not raced (the guard serves none)."""
     profile: dict[str, Any] | None
     usage: dict[str, dict[str, int]]
 
@@ -136,6 +140,8 @@ class SynthesisState(SynthesisInput, SynthesisOutput, total=False):
     bootstrap_demos: list[dict[str, Any]]
     reused_traces: int
     demos: list[dict[str, Any]]
+    demos_status: str
+    """"selected" (step 3 raced them) or "unraced" (the guard serves no demos; FitConfig(race_demos="served"))."""
     selection: dict[str, Any] | None
     new_ids: list[str]
     base_version: int
@@ -318,7 +324,8 @@ def build_synthesis_graph(
             "votes": [v.model_dump(mode="json") for v in (*train, *val)],
             "train_ids": [v.id for v in train], "val_ids": [v.id for v in val],
             "traces": [], "persona_trace_ids": [], "bootstrap_demos": [], "bootstrap_accuracy": 0.0,
-            "reused_traces": 0, "persona": "", "demos": [], "val_accuracy": 0.0, "profile": None, "usage": {},
+            "reused_traces": 0, "persona": "", "demos": [], "demos_status": "selected", "val_accuracy": 0.0,
+            "profile": None, "usage": {},
             "selection": None, "new_ids": [v.id for v in plan.new],
             "base_version": current.version if current is not None else 0,
         }
@@ -423,9 +430,15 @@ def build_synthesis_graph(
         train, val = _votes(state)
         seed = [Demo.model_validate(d) for d in state.get("bootstrap_demos", [])]
         memory = deps.memory(tenant, runtime.store)
+        cfg = deps.config(config)
         async with deps.llm() as backend:
             llm = CountingBackend(backend)
-            synth = Synthesizer(backend, None, deps.config(config))
+            synth = Synthesizer(backend, None, cfg)
+            if not synth.races_demos(Selection.from_meta(sel) if (sel := state.get("selection")) else None):
+                # the guard serves no demos: cross-validation's recipe on all train votes, unraced (next fit: full)
+                kept = synth.unraced_demos(user, train, val, _traces(state))
+                return {"demos": [d.model_dump(mode="json") for d in kept], "val_accuracy": None,
+                        "demos_status": "unraced"}  # fmt: skip
             ledger = await JudgmentLedger.load(memory, user, backend.model)
             out = await synth.select_demos(user, state["persona"], train, val, _traces(state), seed_demos=seed, llm=llm,
                                            ledger=ledger)
@@ -433,6 +446,7 @@ def build_synthesis_graph(
         return {
             "demos": [d.model_dump(mode="json") for d in out.demos],
             "val_accuracy": out.accuracy,
+            "demos_status": "selected",
             "usage": _usage(state, "demos", llm),
         }
 
@@ -493,7 +507,7 @@ def build_synthesis_graph(
                     "fit_key": state.get("fit_key"),
                     "config_key": config_key,
                     "full_fit_votes": len(state.get("train_ids", [])) + len(state.get("val_ids", [])),
-                    "demos_status": "selected",
+                    "demos_status": state.get("demos_status", "selected"),
                     **selection_meta(
                         Selection.from_meta(sel) if (sel := state.get("selection")) else None,
                         [Demo.model_validate(d) for d in state.get("bootstrap_demos", [])],
@@ -506,7 +520,9 @@ def build_synthesis_graph(
         return {
             "status": "fitted",
             "profile": saved.model_dump(mode="json"),
-            "message": f"persona v{saved.version} for {user!r} (validation accuracy {saved.val_accuracy or 0:.0%})",
+            "message": f"persona v{saved.version} for {user!r} ("
+                       + (f"validation accuracy {saved.val_accuracy:.0%})" if saved.val_accuracy is not None
+                          else f"serves {(saved.meta.get('selection') or {}).get('served')}; demos not raced)"),
         }
 
     builder = StateGraph(
@@ -523,9 +539,10 @@ def build_synthesis_graph(
     builder.add_conditional_edges("load_votes", after_load, ["refit", "bootstrap", END])
     builder.add_conditional_edges("refit", after_refit, ["bootstrap", END])
     builder.add_edge("bootstrap", "persona")
-    builder.add_edge("persona", "demos")
-    builder.add_edge("demos", "select")
-    builder.add_edge("select", "save")
+    # select before demos: with FitConfig(race_demos="served") step 3 races only where the guard serves its demos
+    builder.add_edge("persona", "select")
+    builder.add_edge("select", "demos")
+    builder.add_edge("demos", "save")
     builder.add_edge("save", END)
     return builder.compile(checkpointer=checkpointer, store=store, name=name)
 

@@ -619,7 +619,8 @@ def fit(
         elif r.profile is None:
             table.add_row(escape(u), f"[yellow]{escape(r.message)}[/]", "-", "-")
         else:
-            table.add_row(escape(u), f"persona v{r.profile.version}", f"{r.profile.val_accuracy:.0%}",
+            acc = r.profile.val_accuracy  # None: the demos were not raced (the guard serves no demos)
+            table.add_row(escape(u), f"persona v{r.profile.version}", f"{acc:.0%}" if acc is not None else "-",
                           str(r.usage.get("llm_requests", 0)))
     out.print(table)
     if failed:

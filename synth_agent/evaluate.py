@@ -202,6 +202,9 @@ async def evaluate_user(
     need_fit = {"persona", "demos", "persona_demos", "persona_demos_logprob", "served"} & set(methods)
     if "served" not in methods:
         config = _unselected(config)
+    # persona + demos is scored for every user, and "served" re-applies the guard under another prior: race
+    # step 3 for everyone, as a fit that serves persona + demos does
+    config = replace(config, race_demos="always")
     fit: FitResult | None = None
     if need_fit:
         fit = await Synthesizer(llm, None, config).fit(user_id, context, save=False)

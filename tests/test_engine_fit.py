@@ -255,7 +255,8 @@ async def test_refit_after_a_few_new_votes_judges_only_them_and_extends_the_guar
     mem = memory()
     await mem.add_votes(votes[:12])
     llm = SimBackend()
-    synth = Synthesizer(llm, mem, FitConfig(seed=0))
+    # "always": the guard serves this user the default, and a profile with unraced demos is refitted in full
+    synth = Synthesizer(llm, mem, FitConfig(seed=0, race_demos="always"))
     first = await synth.fit(uid)
     asked = llm.stats.total().requests
     await mem.add_votes(votes[12:])
@@ -299,7 +300,8 @@ async def test_an_incremental_refit_after_stopping_early_extends_what_judging_ev
         for stop in (True, False):
             mem = memory()
             await mem.add_votes(votes[:12])
-            synth = Synthesizer(SimBackend(), mem, FitConfig(seed=0, selection=SelectionConfig(stop_early=stop)))
+            # "always": profiles with unraced demos (users served the default) are refitted in full
+            synth = Synthesizer(SimBackend(), mem, FitConfig(seed=0, race_demos="always", selection=SelectionConfig(stop_early=stop)))
             first = await synth.fit(uid)
             await mem.add_votes(votes[12:])
             got[stop] = (first.profile.meta["selection"], (await synth.fit(uid)).profile)
@@ -481,7 +483,7 @@ async def test_step1_most_traces_without_a_verified_trace_starts_step3_from_zero
     votes = population.votes(uid, 12)
     monkeypatch.setattr(Synthesizer, "_usable", lambda self, train, traces: [])  # no trace may be a demo
     llm = SimBackend()
-    synth = Synthesizer(llm, None, FitConfig(seed=0))
+    synth = Synthesizer(llm, None, FitConfig(seed=0, race_demos="always"))  # the guard serves this user no demos
     fit = await synth.fit(uid, votes)
     train, _ = split_votes(votes, synth.config.train_fraction)
     cands = synth.bootstrap_candidates(uid, train, fit.traces)
@@ -576,7 +578,7 @@ async def test_context_demos_are_every_context_vote_labelled_and_cross_validatio
     uid = population.user_ids[5]
     votes = population.votes(uid, 14)
     llm = _Recording()
-    cfg = FitConfig(seed=0, demo_votes="context", max_context_demos=12)
+    cfg = FitConfig(seed=0, demo_votes="context", max_context_demos=12, race_demos="always")
     res = await Synthesizer(llm, None, cfg).fit(uid, votes, save=False)
     assert res.profile is not None
     demos = res.profile.demos
@@ -602,3 +604,57 @@ def test_persona_writer_v3_names_the_note_the_engine_writes_for_a_bare_choice():
     assert NO_NOTE.strip("()") in text
     msgs = prompts.persona_messages([], version="persona_writer.v3")
     assert msgs[0]["content"] == text
+
+
+async def test_step3_races_only_where_the_guard_serves_its_demos(population):
+    """``race_demos="served"``: cross-validation decides first; a user the guard serves persona + demos
+    gets exactly the demos racing alongside it gives ("always"), a user it serves the default gets the set
+    cross-validation's recipe draws from all train votes, unraced, and no step-3 request. The guard's evidence and
+    decision do not change."""
+    kinds = {"raced": 0, "unraced": 0}
+    for uid in population.user_ids[:12]:
+        votes = population.votes(uid, 14)
+        lazy_llm, always_llm = SimBackend(), SimBackend()
+        lazy = await Synthesizer(lazy_llm, None, FitConfig(seed=0, race_demos="served")).fit(uid, votes, save=False)
+        always = await Synthesizer(always_llm, None, FitConfig(seed=0, race_demos="always")).fit(uid, votes, save=False)
+        assert lazy.profile is not None and always.profile is not None
+        assert lazy.profile.meta["selection"] == always.profile.meta["selection"]
+        assert lazy.profile.persona == always.profile.persona
+        if lazy.profile.meta["selection"]["served"] == "persona_demos":
+            kinds["raced"] += 1
+            assert lazy.profile.meta["demos_status"] == "selected"
+            assert lazy.profile.demos == always.profile.demos
+            assert lazy.profile.val_accuracy == always.profile.val_accuracy
+            assert lazy_llm.stats.site("demo_select").requests == always_llm.stats.site("demo_select").requests > 0
+        else:
+            kinds["unraced"] += 1
+            assert lazy.profile.meta["demos_status"] == "unraced" and lazy.profile.val_accuracy is None
+            assert lazy_llm.stats.site("demo_select").requests == 0 < always_llm.stats.site("demo_select").requests
+            train, val = split_votes(votes, 0.7)
+            recipe = Synthesizer(SimBackend(), None, FitConfig(seed=0))  # cross-validation's recipe, on all of train
+            assert lazy.profile.demos == recipe.demo_candidates(uid, train, lazy.traces)[0] and lazy.profile.demos
+            assert lazy.usage["prompt_tokens"] < always.usage["prompt_tokens"]
+    assert kinds["raced"] and kinds["unraced"]  # the population holds both kinds of user
+
+
+async def test_a_profile_with_unraced_demos_is_refitted_in_full(population):
+    """An incremental refit judges new votes with the profile's demos; unraced ones are not what a fit serving
+    persona + demos would have, so such a profile's next fit is a full one (which races where it now serves them)."""
+    mem = memory()
+    synth = Synthesizer(SimBackend(), mem, FitConfig(seed=0, race_demos="served"))
+    for uid in population.user_ids:
+        votes = population.votes(uid, 16)
+        await mem.add_votes(votes[:12])
+        first = await synth.fit(uid)
+        if first.profile is not None and first.profile.meta["demos_status"] == "unraced":
+            break
+    else:
+        pytest.fail("no user of the population is served the default")
+    await mem.add_votes(votes[12:])
+    assert synth.plan(votes, first.profile).new == []  # not incremental
+    always = Synthesizer(SimBackend(), mem, FitConfig(seed=0, race_demos="always"))
+    selected = first.profile.model_copy(update={"meta": {**first.profile.meta, "demos_status": "selected"}})
+    assert always.plan(votes, selected).new  # the same profile with raced demos would refit incrementally
+    second = await synth.fit(uid)
+    assert second.status == "fitted" and "refit" not in second.profile.meta
+    assert second.profile.meta["full_fit_votes"] == 16

@@ -74,6 +74,7 @@ async def test_full_run_saves_persona_with_json_state(llm: LLMClient) -> None:
     assert sel["n_judgments"] == sel["n_votes"] * 2 * 2 and sel["served"] in ("persona_demos", "default")
     assert saved.meta["synthesis_thread"] == synthesis_thread_id("acme", USER, "v1")
     assert len(saved.vote_ids) == 8 and saved.demos
+    assert saved.meta["demos_status"] == "selected"  # step 3 raced (FitConfig.race_demos="always", the default)
     # no new votes: the next run is a no-op that saves nothing
     events.clear()
     again = await SynthesisRunner(g, mems).run_state("acme", USER)
@@ -385,3 +386,32 @@ async def test_a_few_new_votes_take_the_refit_node_and_keep_the_persona(llm: LLM
     assert set(state["usage"]) == {"refit"}
     again = await SynthesisRunner(g, mems).run_state("t", USER)
     assert again["status"] == "unchanged"
+
+
+async def test_the_graph_skips_the_demo_race_where_the_guard_serves_no_demos_as_fit_does(llm: LLMClient) -> None:
+    """The select node runs before the demos node: with ``race_demos="served"``, for a user the guard serves the
+    default the demos node keeps an unraced set and asks nothing; the saved profile matches ``Synthesizer.fit``'s."""
+    from dataclasses import replace
+
+    from synth_agent.engine.synthesize import Synthesizer
+
+    pop = Population(8, seed=3)
+    store = InMemoryStore()
+    mems = TenantMemories(store)
+    lazy = replace(SMALL, race_demos="served")
+    g = build_synthesis_graph(llm=llm, memory_for=mems, fit_config=lazy, checkpointer=InMemorySaver())
+    for uid in pop.user_ids:
+        votes = pop.votes(uid, 12)
+        await mems("acme").add_votes(votes)
+        state = await SynthesisRunner(g, mems).run_state("acme", uid)
+        saved = await mems("acme").current_persona(uid)
+        assert saved is not None and state["status"] == "fitted"
+        if saved.meta["demos_status"] == "unraced":
+            break
+    else:
+        pytest.fail("the guard served persona + demos to every user")
+    assert "demos" not in state["usage"] and saved.val_accuracy is None and saved.demos
+    direct = await Synthesizer(llm, None, lazy).fit(uid, votes, save=False)
+    assert direct.profile is not None and direct.profile.meta["demos_status"] == "unraced"
+    assert direct.profile.demos == saved.demos and direct.profile.persona == saved.persona
+    assert direct.profile.meta["selection"] == saved.meta["selection"]

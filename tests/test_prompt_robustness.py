@@ -147,7 +147,8 @@ async def test_fit_keeps_the_persona_when_the_demo_step_fails() -> None:
     uid = pop.user_ids[0]
     mem = PreferenceMemory(InMemoryStore(), tenant="t1")
     await mem.add_votes(pop.votes(uid, 10))
-    result = await Synthesizer(FailingDemoStep(5), mem, FitConfig(seed=1)).fit(uid)
+    # race_demos="always" (the default), named: this user is served the default, so with "served" step 3 never runs
+    result = await Synthesizer(FailingDemoStep(5), mem, FitConfig(seed=1, race_demos="always")).fit(uid)
     assert result.status == "fitted" and result.profile is not None
     assert result.demo_error is not None and "503" in result.demo_error
     assert "WITHOUT demos" in result.message
@@ -156,7 +157,7 @@ async def test_fit_keeps_the_persona_when_the_demo_step_fails() -> None:
     assert saved.demos == [] and saved.val_accuracy is None
     assert saved.meta["demos_status"] == "failed" and "503" in saved.meta["demo_error"]
     # Not "unchanged": the next fit (server back) runs the demo step again and saves v2 with demos.
-    again = await Synthesizer(SimBackend(5), mem, FitConfig(seed=1)).fit(uid)
+    again = await Synthesizer(SimBackend(5), mem, FitConfig(seed=1, race_demos="always")).fit(uid)
     assert again.status == "fitted" and again.demo_error is None
     v2 = await mem.current_persona(uid)
     assert v2 is not None and v2.version == 2 and v2.meta["demos_status"] == "selected"

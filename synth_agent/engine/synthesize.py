@@ -148,6 +148,21 @@ class FitConfig:
     persona and demos — unless the new votes show them stale (:meth:`Synthesizer.update`); needs selection."""
     full_refit_growth: float = 0.5
     """A full refit once the user's context votes exceed the last full fit's by more than this fraction."""
+    race_demos: Literal["always", "served"] = "always"
+    """When step 3 races demo sets: "always" (the default) — in every fit, alongside cross-validation; "served" —
+    only when the guard serves persona + demos, for deployments where a fit's prompt tokens are the cost. A fit
+    then cross-validates first and, for a user the guard serves the default (or persona only), keeps the set
+    cross-validation's recipe draws from all train votes as the profile's demos, unraced
+    (``meta["demos_status"] == "unraced"``, no validation accuracy), and makes no step-3 request;
+    its next fit is a full one (an incremental refit judges new votes with the profile's demos, and unraced ones
+    would skew that evidence: ``bench/refit_accuracy.py`` served -0.93 points when they did).
+    What a first fit serves is the same as with "always": the race is deterministic and shares no judgment with
+    cross-validation (tested user by user). The prices: a fit that does serve persona + demos runs the race after
+    cross-validation instead of alongside (longer), a guard later re-applied under another prior (``synth-agent
+    eval`` does: it races for every user) would serve unraced demos, and refits of those users are full. Why not
+    the default: on ``bench/refit_accuracy.py`` what the refits served came out 1.2 points lower [-2.64, +0.23]
+    (docs/llm.md, "Step 3 only where its demos are served"). Not part of the fit key: switching it never makes
+    a profile refit."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.train_fraction < 1.0:
@@ -164,6 +179,8 @@ class FitConfig:
             raise ValueError("score_mode must be 'cot' or 'logprob'")
         if self.step1 not in ("most_traces", "race"):
             raise ValueError("step1 must be 'most_traces' or 'race'")
+        if self.race_demos not in ("served", "always"):
+            raise ValueError("race_demos must be 'served' or 'always'")
         if not self.full_refit_growth >= 0:
             raise ValueError("full_refit_growth must be >= 0")
         for name in ("n_trials", "n_demo_candidates", "candidate_wave", "max_persona_examples", "persona_max_tokens",
@@ -805,6 +822,16 @@ class Synthesizer:
                 candidates.append(chosen)
         return candidates or [[]]
 
+    def _demo_pool(self, train: Sequence[Vote], val: Sequence[Vote]) -> list[Vote]:
+        return [*train, *val] if self.config.demo_votes == "context" else list(train)
+
+    def unraced_demos(self, user_id: str, train: Sequence[Vote], val: Sequence[Vote], traces: Sequence[Trace]) -> list[Demo]:
+        """The demos a fit keeps when step 3 does not race (:attr:`FitConfig.race_demos`): the set cross-validation's
+        recipe draws (step 3's first random candidate, :meth:`_fold_judges`) from the whole training pool, so an
+        incremental refit's persona + demos judgments score the recipe cross-validation scored; with
+        ``demo_votes="context"`` the context votes."""
+        return self.demo_candidates(user_id, self._demo_pool(train, val), traces)[0]
+
     def _persona_judge(self, persona: str, llm: ChatBackend, ledger: JudgmentLedger | None) -> Judge:
         return Judge(llm, persona=persona, call_site="demo_select", mode=self.config.score_mode,
                      ledger=ledger if ledger is not None else JudgmentLedger())  # fmt: skip
@@ -827,8 +854,7 @@ class Synthesizer:
         Candidates: see :meth:`demo_candidates`; ``seed_demos`` (step 1's winner) wins ties.
         """
         llm = llm or self.llm
-        pool = [*train, *val] if self.config.demo_votes == "context" else train
-        candidates = self.demo_candidates(user_id, pool, traces, seed_demos or ())
+        candidates = self.demo_candidates(user_id, self._demo_pool(train, val), traces, seed_demos or ())
         if progress:
             progress("demos", 0, len(candidates))
         result = await self._race(self._persona_judge(persona, llm, ledger), val, candidates)
@@ -1078,6 +1104,10 @@ class Synthesizer:
         )  # fmt: skip
         return current.model_copy(update={"vote_ids": [v.id for v in (*plan.train, *plan.val)], "meta": meta})
 
+    def races_demos(self, selection: Selection | None) -> bool:
+        """Whether a fit with this selection runs step 3's race (:attr:`FitConfig.race_demos`)."""
+        return self.config.race_demos == "always" or selection is None or selection.served == "persona_demos"
+
     # ------------------------------------------------------------------ all steps
     def _result_config(self) -> dict[str, Any]:
         """The configuration a fitted profile depends on (how refits are done is not part of it). A knob added
@@ -1086,6 +1116,7 @@ class Synthesizer:
         if out["selection"].get("orders") == 2:
             del out["selection"]["orders"]
         out["selection"].pop("stop_early", None)  # stopping early never changes what is served
+        out.pop("race_demos", None)  # nor does racing only where demos are served
         if out["step1"] == "race":  # added with "most_traces" the default: profiles fitted before carry no key
             del out["step1"]
         return out
@@ -1169,7 +1200,8 @@ class Synthesizer:
         save: bool = True,
         force: bool = False,
     ) -> FitResult:
-        """Bootstrap → persona → demos for one user; saves a new persona version when ``save``.
+        """Bootstrap → persona → cross-validated selection → demos for one user; saves a new persona version when
+        ``save``. With ``race_demos="served"`` step 3 races only where the guard serves persona + demos.
 
         Votes default to the user's stored votes. Nothing is saved unless every step
         succeeded, so a cancelled or failed fit leaves the current persona untouched.
@@ -1265,19 +1297,27 @@ class Synthesizer:
 
         # Cross-validation needs neither step 3's demos nor the fit's persona: both run at once (their prompts
         # share no ledger key, so the judgments and the result are those of running them one after the other).
-        try:
-            async with asyncio.TaskGroup() as tg:  # one failing cancels the other
-                demos_task = tg.create_task(step_three())
-                select_task = tg.create_task(selecting())
-        except BaseExceptionGroup as group:
-            raise group.exceptions[0] from None
-        sel, selection = demos_task.result(), select_task.result()
+        unraced = False
+        if cfg.race_demos == "served" and cfg.selection.enabled:
+            # Step 3 only where its demos are served: cross-validation first (it decides), then the race or not.
+            selection = await selecting()
+            unraced = not self.races_demos(selection)
+            sel = (DemoOutcome(self.unraced_demos(user_id, train, val, boot.traces), float("nan"), 0)
+                   if unraced else await step_three())  # fmt: skip
+        else:
+            try:
+                async with asyncio.TaskGroup() as tg:  # one failing cancels the other
+                    demos_task = tg.create_task(step_three())
+                    select_task = tg.create_task(selecting())
+            except BaseExceptionGroup as group:
+                raise group.exceptions[0] from None
+            sel, selection = demos_task.result(), select_task.result()
         usage = {**llm.usage(), "judgments_reused": ledger.hits, "judgments_new": ledger.misses}
         profile = PersonaProfile(
             user_id=user_id,
             persona=persona,
             demos=sel.demos,
-            val_accuracy=None if demo_error else sel.accuracy,
+            val_accuracy=None if demo_error or unraced else sel.accuracy,
             model=self.llm.model,
             prompt_version=cfg.persona_prompt_version,
             vote_ids=[v.id for v in (*train, *val)],
@@ -1295,7 +1335,7 @@ class Synthesizer:
                 "fit_key": None if demo_error else key,  # a persona without its demos is not "unchanged"
                 "config_key": self.config_key(),
                 "full_fit_votes": n_context,
-                "demos_status": "failed" if demo_error else "selected",
+                "demos_status": "failed" if demo_error else "unraced" if unraced else "selected",
                 **({"demo_error": demo_error} if demo_error else {}),
                 **selection_meta(selection, boot.demos),
             },
@@ -1310,6 +1350,8 @@ class Synthesizer:
         summary = (
             f"saved WITHOUT demos: the demo step failed ({demo_error}); the next fit retries it"
             if demo_error
+            else f"serves {selection.served if selection else 'persona_demos'}; demos not raced"
+            if unraced
             else f"validation accuracy {sel.accuracy:.0%}"
         )
         return FitResult(
