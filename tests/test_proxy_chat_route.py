@@ -24,6 +24,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+try:
+    from tests.direct_client import direct_only_client
+except ImportError:  # run from inside tests/
+    from direct_client import direct_only_client  # type: ignore[no-redef]
 from synth_agent.config import Settings
 from synth_agent.models import PersonaProfile
 from synth_agent.proxy import ProxySettings, create_app
@@ -154,24 +158,17 @@ async def test_a_chat_skips_fastapis_own_layers_and_votes_still_do(upstream: str
     goes through them (and fails here)."""
     app = create_app(Settings(base_url=upstream, home=tmp_path),
                      ProxySettings(api_keys=f"acme:{KEY}", synthesis="off"), store=InMemoryStore())
-    async with app.router.lifespan_context(app):  # type: ignore[attr-defined]
-        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
-
-            async def broken(scope: Any, receive: Any, send: Any) -> None:
-                raise RuntimeError("FastAPI's stack was used")
-
-            app.middleware_stack = broken
-            r = await client.post("/v1/chat/completions", headers=H, content=chat())
-            assert r.status_code == 200 and r.headers["x-request-id"].startswith("req_")
-            bad = await client.post("/v1/chat/completions", headers=H, content=chat(messages="hi"))
-            assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_request"  # its handler
-            assert (await client.post("/v1/chat/completions", headers={"Content-Type": "application/json"},
-                                      content=chat())).status_code == 401
-            vote = {"user_id": ANA, "context": "q", "chosen": "a", "rejected": "b"}
-            assert (await client.post("/v1/votes", headers=H, content=json.dumps(vote).encode())).status_code == 200
-            assert (await client.get("/v1/models", headers=H)).status_code == 500  # not served directly
-            label = 'route="/v1/chat/completions"'
-            counted = [ln for ln in app.state.proxy.metrics.render().decode().splitlines()
-                       if ln.startswith("synth_proxy_requests_total") and label in ln]
-            assert any('status="200"' in ln and ln.endswith(" 1.0") for ln in counted), counted
+    async with direct_only_client(app) as client:
+        r = await client.post("/v1/chat/completions", headers=H, content=chat())
+        assert r.status_code == 200 and r.headers["x-request-id"].startswith("req_")
+        bad = await client.post("/v1/chat/completions", headers=H, content=chat(messages="hi"))
+        assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_request"  # its handler
+        assert (await client.post("/v1/chat/completions", headers={"Content-Type": "application/json"},
+                                  content=chat())).status_code == 401
+        vote = {"user_id": ANA, "context": "q", "chosen": "a", "rejected": "b"}
+        assert (await client.post("/v1/votes", headers=H, content=json.dumps(vote).encode())).status_code == 200
+        assert (await client.get("/v1/models", headers=H)).status_code == 500  # not served directly
+        label = 'route="/v1/chat/completions"'
+        counted = [ln for ln in app.state.proxy.metrics.render().decode().splitlines()
+                   if ln.startswith("synth_proxy_requests_total") and label in ln]
+        assert any('status="200"' in ln and ln.endswith(" 1.0") for ln in counted), counted

@@ -19,6 +19,10 @@ import pytest
 from fastapi.routing import APIRoute
 from langgraph.store.memory import InMemoryStore
 
+try:
+    from tests.direct_client import direct_only_client
+except ImportError:  # run from inside tests/
+    from direct_client import direct_only_client  # type: ignore[no-redef]
 from synth_agent.config import Settings
 from synth_agent.proxy import ProxySettings, create_app
 from synth_agent.proxy.routes import votes as votes_routes
@@ -132,29 +136,21 @@ async def test_a_vote_write_skips_fastapis_own_layers(tmp_path: Any) -> None:
     other request goes through them (and fails here)."""
     app = create_app(Settings(home=tmp_path), ProxySettings(api_keys=f"acme:{KEY}", synthesis="off"),
                      store=InMemoryStore())
-    async with app.router.lifespan_context(app):  # type: ignore[attr-defined]
-        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
-
-            async def broken(scope: Any, receive: Any, send: Any) -> None:
-                raise RuntimeError("FastAPI's stack was used")
-
-            app.middleware_stack = broken
-            r = await client.post("/v1/votes", headers=H, content=json.dumps(vote(id="d-1")).encode())
-            assert r.status_code == 200 and r.json()["added"] == 1
-            assert r.headers["x-request-id"].startswith("req_")
-            bad = await client.post("/v1/votes", headers=H, content=json.dumps(vote(chosen=5)).encode())
-            assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_request"  # its handler
-            assert (await client.post("/v1/votes", headers=H, content=b"{")).status_code == 400
-            assert (await client.post("/v1/votes", headers={"Content-Type": "application/json"},
-                                      content=json.dumps(vote()).encode())).status_code == 401
-            assert (await client.get("/v1/votes", headers=H)).status_code == 500  # not served directly
-            label = 'route="/v1/votes"'
-            counted = [ln for ln in app.state.proxy.metrics.render().decode().splitlines()
-                       if ln.startswith("synth_proxy_requests_total") and label in ln]
-            assert any('status="200"' in ln and ln.endswith(" 1.0") for ln in counted), counted
-            assert any('status="400"' in ln and ln.endswith(" 1.0") for ln in counted), counted  # "{": before routing, unmatched
-
+    async with direct_only_client(app) as client:
+        r = await client.post("/v1/votes", headers=H, content=json.dumps(vote(id="d-1")).encode())
+        assert r.status_code == 200 and r.json()["added"] == 1
+        assert r.headers["x-request-id"].startswith("req_")
+        bad = await client.post("/v1/votes", headers=H, content=json.dumps(vote(chosen=5)).encode())
+        assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_request"  # its handler
+        assert (await client.post("/v1/votes", headers=H, content=b"{")).status_code == 400
+        assert (await client.post("/v1/votes", headers={"Content-Type": "application/json"},
+                                  content=json.dumps(vote()).encode())).status_code == 401
+        assert (await client.get("/v1/votes", headers=H)).status_code == 500  # not served directly
+        label = 'route="/v1/votes"'
+        counted = [ln for ln in app.state.proxy.metrics.render().decode().splitlines()
+                   if ln.startswith("synth_proxy_requests_total") and label in ln]
+        assert any('status="200"' in ln and ln.endswith(" 1.0") for ln in counted), counted
+        assert any('status="400"' in ln and ln.endswith(" 1.0") for ln in counted), counted  # "{": before routing, unmatched
 
 # A body vote that ``VoteIn`` checked is not validated again (``_checked_vote``): the same ``Vote``
 # as ``parse_vote`` gives, or the ``parse_vote`` path (its refusals, in its words) for the rest.
