@@ -18,6 +18,13 @@ prompt tokens per user (the first fit's for scale).
 
     python bench/refit_accuracy.py                  # seeds 0-4, 24 users, 12 + 4 + 9 votes
     python bench/refit_accuracy.py --seeds 0 --new 2
+    python bench/refit_accuracy.py --tenant         # each arm one tenant: the fits apply its prior themselves
+
+``--tenant``: per seed and arm, all users live in one store and are fitted one after another (then all refitted
+one after another), so each fit applies the tenant prior the users fitted before it give, as in a deployment, and
+*served* is what the fit itself chose — nothing is re-applied afterwards. Use it where a change makes what a
+profile holds depend on that choice (``FitConfig(race_demos="served")``: the leave-one-out re-application would
+score unraced demos a fit under that prior would have raced).
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from store.memory import PreferenceMemory
 from synth_agent.engine import FitConfig, Judge, Synthesizer
 from synth_agent.engine.judge import count_correct
 from synth_agent.engine.selection import Selection, population_prior
+from synth_agent.engine.selection import served as served_configuration
 from synth_agent.models import PersonaProfile, Vote
 from synth_agent.sim.backend import SimBackend
 from synth_agent.sim.population import Population
@@ -74,6 +82,43 @@ async def one_user(llm: SimBackend, uid: str, votes: list[Vote], cfg: FitConfig,
     return out
 
 
+async def tenant_users(llm: SimBackend, pop: Population, cfg: FitConfig, args: argparse.Namespace,
+                       tenant: str) -> dict[str, dict[str, Any]]:  # fmt: skip
+    """``--tenant``: per arm one store for all users; first fits one after another, then the refits."""
+    n = args.first + args.new + args.held
+    votes = {u: pop.votes(u, n) for u in pop.user_ids}
+    out: dict[str, dict[str, Any]] = {u: {"profiles": {}, "usage": {}} for u in pop.user_ids}
+    for arm, arm_cfg in (("incremental", cfg), ("full", replace(cfg, incremental=False))):
+        mem = PreferenceMemory(InMemoryStore(), tenant=f"{tenant}-{arm}")
+        for stage, (lo, hi) in (("first", (0, args.first)), (arm, (args.first, args.first + args.new))):
+            for u in pop.user_ids:
+                await mem.add_votes(votes[u][lo:hi])
+                fit = await Synthesizer(llm, mem, arm_cfg).fit(u)
+                assert fit.profile is not None, fit.message
+                if stage != "first" or arm == "incremental":  # both arms' first fits are the same fits
+                    out[u]["profiles"][stage], out[u]["usage"][stage] = fit.profile, fit.usage
+    for u in pop.user_ids:
+        held = votes[u][args.first + args.new :]
+        r = out[u]
+        r["default"], r["judged"] = await count_correct(Judge(llm, call_site="eval_default"), held, both)
+        r["pd"] = {}
+        for arm in ARMS:
+            judge = Judge.from_profile(llm, r["profiles"][arm], guard=False, call_site="eval_pd")
+            r["pd"][arm], _ = await count_correct(judge, held, both)
+    return out
+
+
+def served_by_fit(users: dict[str, dict[str, Any]], arm: str) -> dict[str, int]:
+    """``--tenant``: per user, correct held-out judgments of what the fit itself chose to serve."""
+    out = {}
+    for u, r in users.items():
+        chosen = served_configuration(r["profiles"][arm])
+        if chosen not in ("persona_demos", "default"):
+            raise SystemExit(f"served {chosen!r}: this bench scores persona_demos and default only")
+        out[u] = r["pd"][arm] if chosen == "persona_demos" else r["default"]
+    return out
+
+
 def served_correct(users: dict[str, dict[str, Any]], arm: str, cfg: FitConfig) -> dict[str, int]:
     """Per user: correct held-out judgments of what the guard serves in ``arm`` (leave-one-out tenant prior)."""
     sc = cfg.selection
@@ -94,14 +139,18 @@ async def one_seed(seed: int, args: argparse.Namespace) -> dict[str, Any]:
     cfg = FitConfig(seed=seed, **OVERRIDES)  # type: ignore[arg-type]
     n = args.first + args.new + args.held
     t0 = time.perf_counter()
-    results = await asyncio.gather(*(
-        one_user(llm, u, pop.votes(u, n), cfg, args.first, args.new, f"s{seed}") for u in pop.user_ids
-    ))  # fmt: skip
-    users = dict(zip(pop.user_ids, results, strict=True))
+    if args.tenant:
+        users = await tenant_users(llm, pop, cfg, args, f"s{seed}")
+        results = list(users.values())
+    else:
+        results = await asyncio.gather(*(
+            one_user(llm, u, pop.votes(u, n), cfg, args.first, args.new, f"s{seed}") for u in pop.user_ids
+        ))  # fmt: skip
+        users = dict(zip(pop.user_ids, results, strict=True))
     judged = sum(r["judged"] for r in results)
     row: dict[str, Any] = {"seed": seed, "default": sum(r["default"] for r in results) / judged}
     for arm in ARMS:
-        served = served_correct(users, arm, cfg)
+        served = served_by_fit(users, arm) if args.tenant else served_correct(users, arm, cfg)
         row[arm] = {
             "served": sum(served.values()) / judged,
             "below": sum(1 for u in users if served[u] < users[u]["default"]),
@@ -125,6 +174,8 @@ def main() -> None:
     ap.add_argument("--held", type=int, default=9, help="held-out votes judged (both orders) per user")
     ap.add_argument("--config", action="append", default=[], metavar="KEY=VALUE",
                     help='FitConfig override, repeatable (e.g. --config \'selection={"stop_early": false}\')')
+    ap.add_argument("--tenant", action="store_true",
+                    help="one store per arm, users fitted in turn: each fit applies the tenant prior itself")
     ap.add_argument("--json", help="write every row (per user: served correct, default correct, judged) here")
     ap.add_argument("--against", metavar="JSON",
                     help="another run's --json (same seeds and users): print the paired per-user served difference "
@@ -133,7 +184,9 @@ def main() -> None:
     OVERRIDES.update(parse_overrides(args.config))
     rows = [asyncio.run(one_seed(s, args)) for s in args.seeds]
     print(f"{args.users} users per seed: first fit on {args.first} votes, refit after {args.new} more, "
-          f"{args.held} held-out votes judged in both orders; served = the guard's choice (leave-one-out prior)")
+          f"{args.held} held-out votes judged in both orders; served = "
+          + ("what each fit chose under its tenant's prior" if args.tenant
+             else "the guard's choice (leave-one-out prior)"))  # fmt: skip
     head = (f"{'seed':>4} {'default':>8} " + " ".join(f"{a + ' served':>18} {'below':>5} {'p+d':>6}" for a in ARMS)
             + f" {'kept':>5} {'req inc/full/first':>20} {'prompt tok inc/full/first':>28}")  # fmt: skip
     print(head)

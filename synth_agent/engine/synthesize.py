@@ -157,12 +157,12 @@ class FitConfig:
     its next fit is a full one (an incremental refit judges new votes with the profile's demos, and unraced ones
     would skew that evidence: ``bench/refit_accuracy.py`` served -0.93 points when they did).
     What a first fit serves is the same as with "always": the race is deterministic and shares no judgment with
-    cross-validation (tested user by user). The prices: a fit that does serve persona + demos runs the race after
-    cross-validation instead of alongside (longer), a guard later re-applied under another prior (``synth-agent
-    eval`` does: it races for every user) would serve unraced demos, and refits of those users are full. Why not
-    the default: on ``bench/refit_accuracy.py`` what the refits served came out 1.2 points lower [-2.64, +0.23]
-    (docs/llm.md, "Step 3 only where its demos are served"). Not part of the fit key: switching it never makes
-    a profile refit."""
+    cross-validation (tested user by user), and so does a full refit's (``bench/refit_accuracy.py --tenant``).
+    The prices: a fit that does serve persona + demos runs the race after cross-validation instead of alongside
+    (longer); a refit of an unraced profile is a full one, so fit-then-refit-after-a-few-votes costs more in all;
+    a guard re-applied later to stored evidence (``synth-agent eval`` races for every user for this reason) would
+    find unraced demos (docs/llm.md, "Step 3 only where its demos are served"). Not part of the fit key:
+    switching it never makes a profile refit."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.train_fraction < 1.0:
