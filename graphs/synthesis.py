@@ -377,11 +377,12 @@ def build_synthesis_graph(
             ledger = await JudgmentLedger.load(memory, user, backend.model)
             prior = await tenant_prior(memory, user, cfg.selection)
             sel = await synth.update(user, plan, llm=llm, ledger=ledger, prior=prior)
+            raced = await synth.refit_demos(user, plan, sel, llm=llm, ledger=ledger) if sel is not None else None
             await ledger.save(memory, user, backend.model, keep_unused=True)
             usage = _usage(state, "refit", llm)
             if sel is None:
                 return {"new_ids": [], "usage": usage}  # stale: the full fit follows (traces and judgments kept)
-            profile = synth.updated_profile(plan, sel, _total_usage(usage))
+            profile = synth.updated_profile(plan, sel, _total_usage(usage), raced)
         thread = (config.get("configurable") or {}).get("thread_id")
         profile.meta.update(synthesis_thread=thread, run_id=state.get("run_id", ""), fit_id=fit_id)
         saved = await memory.save_persona(profile, since=state.get("base_version"))
@@ -435,7 +436,8 @@ def build_synthesis_graph(
             llm = CountingBackend(backend)
             synth = Synthesizer(backend, None, cfg)
             if not synth.races_demos(Selection.from_meta(sel) if (sel := state.get("selection")) else None):
-                # the guard serves no demos: cross-validation's recipe on all train votes, unraced (next fit: full)
+                # the guard serves no demos: cross-validation's recipe on all train votes, unraced (a refit that
+                # serves them races then)
                 kept = synth.unraced_demos(user, train, val, _traces(state))
                 return {"demos": [d.model_dump(mode="json") for d in kept], "val_accuracy": None,
                         "demos_status": "unraced"}  # fmt: skip

@@ -255,7 +255,7 @@ async def test_refit_after_a_few_new_votes_judges_only_them_and_extends_the_guar
     mem = memory()
     await mem.add_votes(votes[:12])
     llm = SimBackend()
-    # "always": the guard serves this user the default, and a profile with unraced demos is refitted in full
+    # "always" (the default), named: the counts below assume step 3 raced in the first fit
     synth = Synthesizer(llm, mem, FitConfig(seed=0, race_demos="always"))
     first = await synth.fit(uid)
     asked = llm.stats.total().requests
@@ -300,7 +300,7 @@ async def test_an_incremental_refit_after_stopping_early_extends_what_judging_ev
         for stop in (True, False):
             mem = memory()
             await mem.add_votes(votes[:12])
-            # "always": profiles with unraced demos (users served the default) are refitted in full
+            # "always" (the default), named: the comparison assumes every profile's demos were raced
             synth = Synthesizer(SimBackend(), mem, FitConfig(seed=0, race_demos="always", selection=SelectionConfig(stop_early=stop)))
             first = await synth.fit(uid)
             await mem.add_votes(votes[12:])
@@ -637,9 +637,15 @@ async def test_step3_races_only_where_the_guard_serves_its_demos(population):
     assert kinds["raced"] and kinds["unraced"]  # the population holds both kinds of user
 
 
-async def test_a_profile_with_unraced_demos_is_refitted_in_full(population):
-    """An incremental refit judges new votes with the profile's demos; unraced ones are not what a fit serving
-    persona + demos would have, so such a profile's next fit is a full one (which races where it now serves them)."""
+async def test_a_refit_that_turns_to_persona_demos_races_the_demos_the_fit_skipped(population, monkeypatch):
+    """``race_demos="served"``: a profile with unraced demos is refitted incrementally like any other (the new votes
+    judged with its demos, the recipe cross-validation scored); while the guard still serves the default nothing is
+    raced, and once it serves persona + demos the refit runs step 3 as a full fit on the refit's split would — the
+    current persona, step 1's pick on that split first — and saves the winner as selected."""
+    from dataclasses import replace
+
+    from synth_agent.engine.selection import Selection
+
     mem = memory()
     synth = Synthesizer(SimBackend(), mem, FitConfig(seed=0, race_demos="served"))
     for uid in population.user_ids:
@@ -651,10 +657,31 @@ async def test_a_profile_with_unraced_demos_is_refitted_in_full(population):
     else:
         pytest.fail("no user of the population is served the default")
     await mem.add_votes(votes[12:])
-    assert synth.plan(votes, first.profile).new == []  # not incremental
-    always = Synthesizer(SimBackend(), mem, FitConfig(seed=0, race_demos="always"))
-    selected = first.profile.model_copy(update={"meta": {**first.profile.meta, "demos_status": "selected"}})
-    assert always.plan(votes, selected).new  # the same profile with raced demos would refit incrementally
-    second = await synth.fit(uid)
-    assert second.status == "fitted" and "refit" not in second.profile.meta
-    assert second.profile.meta["full_fit_votes"] == 16
+    plan = synth.plan(votes, first.profile)
+    assert plan.new, "the refit is incremental"
+    sel = Selection.from_meta(first.profile.meta["selection"])
+    assert await synth.refit_demos(uid, plan, sel) is None  # still the default: nothing to race
+    turned = replace(sel, served="persona_demos")
+    raced = await synth.refit_demos(uid, plan, turned)
+    assert raced is not None and raced.candidates_scored > 1
+    traces, _ = await synth.verify(uid, [*plan.train, *plan.val])  # stored by now: in the split's order
+    cands = synth.bootstrap_candidates(uid, plan.train, traces)  # step 1 on the refit's split
+    seed = cands[(await synth.pick_bootstrap(plan.val, cands, traces))[0]]
+    expect = await Synthesizer(SimBackend(), None, FitConfig(seed=0)).select_demos(
+        uid, first.profile.persona, plan.train, plan.val, traces, seed_demos=seed
+    )
+    assert raced.demos == expect.demos and raced.accuracy == expect.accuracy
+    # through fit(): the refit's guard turns (forced here), so the saved version carries raced demos
+    real_update = Synthesizer.update
+
+    async def update_then_turn(self, *a, **k):  # type: ignore[no-untyped-def]
+        out = await real_update(self, *a, **k)
+        return replace(out, served="persona_demos") if out is not None else None
+
+    monkeypatch.setattr(Synthesizer, "update", update_then_turn)
+    llm = SimBackend()
+    second = await Synthesizer(llm, mem, FitConfig(seed=0, race_demos="served")).fit(uid)
+    assert second.profile is not None and second.profile.meta["refit"]["kind"] == "incremental"
+    assert second.profile.meta["demos_status"] == "selected" and second.profile.demos == raced.demos
+    assert second.profile.val_accuracy == raced.accuracy and llm.stats.site("demo_select").requests > 0
+    assert second.profile.persona == first.profile.persona

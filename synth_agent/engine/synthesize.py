@@ -153,16 +153,16 @@ class FitConfig:
     only when the guard serves persona + demos, for deployments where a fit's prompt tokens are the cost. A fit
     then cross-validates first and, for a user the guard serves the default (or persona only), keeps the set
     cross-validation's recipe draws from all train votes as the profile's demos, unraced
-    (``meta["demos_status"] == "unraced"``, no validation accuracy), and makes no step-3 request;
-    its next fit is a full one (an incremental refit judges new votes with the profile's demos, and unraced ones
-    would skew that evidence: ``bench/refit_accuracy.py`` served -0.93 points when they did).
+    (``meta["demos_status"] == "unraced"``, no validation accuracy), and makes no step-3 request; an incremental
+    refit judges the new votes with those demos (the recipe cross-validation scored) and, where its guard now
+    serves persona + demos, races then (:meth:`Synthesizer.refit_demos`).
     What a first fit serves is the same as with "always": the race is deterministic and shares no judgment with
-    cross-validation (tested user by user), and so does a full refit's (``bench/refit_accuracy.py --tenant``).
-    The prices: a fit that does serve persona + demos runs the race after cross-validation instead of alongside
-    (longer); a refit of an unraced profile is a full one, so fit-then-refit-after-a-few-votes costs more in all;
-    a guard re-applied later to stored evidence (``synth-agent eval`` races for every user for this reason) would
-    find unraced demos (docs/llm.md, "Step 3 only where its demos are served"). Not part of the fit key:
-    switching it never makes a profile refit."""
+    cross-validation (tested user by user), and so does a full refit's (``bench/refit_accuracy.py --tenant``;
+    after an incremental refit -0.23 points [-1.46, +1.00]). The prices: a fit that does serve persona + demos
+    runs the race after cross-validation instead of alongside (longer), and a guard re-applied later to stored
+    evidence (``synth-agent eval`` races for every user for this reason) would find unraced demos (docs/llm.md,
+    "Step 3 only where its demos are served"). Not part of the fit key: switching it never makes a profile
+    refit."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.train_fraction < 1.0:
@@ -1087,9 +1087,12 @@ class Synthesizer:
             return None
         return sel.extend(ids, new, z=sc.z, prior=prior, candidates=sc.candidates)
 
-    def updated_profile(self, plan: FitPlan, selection: Selection, usage: dict[str, int]) -> PersonaProfile:
+    def updated_profile(
+        self, plan: FitPlan, selection: Selection, usage: dict[str, int], raced: DemoOutcome | None = None
+    ) -> PersonaProfile:
         """The profile an incremental refit saves: the current persona and demos, with the new votes and the
-        extended selection (``meta["refit"]`` says what was kept)."""
+        extended selection (``meta["refit"]`` says what was kept); ``raced``: the demos :meth:`refit_demos` raced
+        for it (they replace the unraced ones)."""
         current = plan.current
         assert current is not None
         transient = ("fit_id", "run_id", "synthesis_thread", "usage", "refit")
@@ -1102,7 +1105,33 @@ class Synthesizer:
             refit={"kind": "incremental", "from_version": current.version, "new_vote_ids": [v.id for v in plan.new]},
             **selection_meta(selection, boot),
         )  # fmt: skip
-        return current.model_copy(update={"vote_ids": [v.id for v in (*plan.train, *plan.val)], "meta": meta})
+        update: dict[str, Any] = {"vote_ids": [v.id for v in (*plan.train, *plan.val)], "meta": meta}
+        if raced is not None:
+            meta["demos_status"] = "selected"
+            update.update(demos=raced.demos, val_accuracy=raced.accuracy)
+        return current.model_copy(update=update)
+
+    async def refit_demos(
+        self,
+        user_id: str,
+        plan: FitPlan,
+        selection: Selection,
+        *,
+        llm: ChatBackend | None = None,
+        ledger: JudgmentLedger | None = None,
+    ) -> DemoOutcome | None:
+        """Step 3 for an incremental refit whose guard now serves persona + demos while the current profile's demos
+        were never raced (``demos_status == "unraced"``): the race a full fit on the refit's split would run — the
+        current persona, step 1's pick on that split first (:meth:`pick_bootstrap`). None when nothing is to race."""
+        current = plan.current
+        if current is None or current.meta.get("demos_status") != "unraced" or not self.races_demos(selection):
+            return None
+        llm = llm or self.llm
+        traces, _ = await self.verify(user_id, [*plan.train, *plan.val], llm=llm, call_site="refit")
+        cands = self.bootstrap_candidates(user_id, plan.train, traces)
+        won, _, _ = await self.pick_bootstrap(plan.val, cands, traces, llm=llm, ledger=ledger)
+        return await self.select_demos(user_id, current.persona, plan.train, plan.val, traces,
+                                       seed_demos=cands[won], llm=llm, ledger=ledger)  # fmt: skip
 
     def races_demos(self, selection: Selection | None) -> bool:
         """Whether a fit with this selection runs step 3's race (:attr:`FitConfig.race_demos`)."""
@@ -1154,7 +1183,7 @@ class Synthesizer:
         sel = meta.get("selection")
         if (
             current.model != self.llm.model or meta.get("config_key") != self.config_key() or demoted(current)
-            or meta.get("demos_status") != "selected" or not isinstance(sel, dict)
+            or meta.get("demos_status") not in ("selected", "unraced") or not isinstance(sel, dict)
             or not sel.get("per_vote")
             or sorted([*(sel.get("vote_ids") or []), *(sel.get("skipped") or [])]) != sorted(current.vote_ids)
             or (sel.get("skipped") and not sel.get("fold_ids"))  # stopped early before the folds were kept
@@ -1250,11 +1279,12 @@ class Synthesizer:
                 progress("refit", 0, len(plan.new))
             prior = await tenant_prior(self.memory, user_id, cfg.selection) if self.memory is not None else {}
             updated = await self.update(user_id, plan, llm=llm, ledger=ledger, prior=prior)
+            raced = await self.refit_demos(user_id, plan, updated, llm=llm, ledger=ledger) if updated else None
             if progress:
                 progress("refit", len(plan.new), len(plan.new))
             if updated is not None:
                 usage = {**llm.usage(), "judgments_reused": ledger.hits, "judgments_new": ledger.misses}
-                profile = self.updated_profile(plan, updated, usage)
+                profile = self.updated_profile(plan, updated, usage, raced)
                 if save and self.memory is not None:
                     await ledger.save(self.memory, user_id, self.llm.model, keep_unused=True)
                     profile = await self._save(profile, since=current.version)
