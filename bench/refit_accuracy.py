@@ -74,12 +74,18 @@ async def one_user(llm: SimBackend, uid: str, votes: list[Vote], cfg: FitConfig,
         out["usage"]["first"] = first.usage
         out["profiles"][arm] = refit.profile
         out["usage"][arm] = refit.usage
+    await judge_held(llm, out, held)
+    return out
+
+
+async def judge_held(llm: SimBackend, out: dict[str, Any], held: list[Vote]) -> None:
+    """Into ``out``: the default judge's correct held-out judgments (``default``, of ``judged``) and, per arm,
+    those of the arm's profile as fitted (persona + demos, no guard: ``pd``)."""
     out["default"], out["judged"] = await count_correct(Judge(llm, call_site="eval_default"), held, both)
     out["pd"] = {}
     for arm in ARMS:
         p: PersonaProfile = out["profiles"][arm]
         out["pd"][arm], _ = await count_correct(Judge.from_profile(llm, p, guard=False, call_site="eval_pd"), held, both)
-    return out
 
 
 async def tenant_users(llm: SimBackend, pop: Population, cfg: FitConfig, args: argparse.Namespace,
@@ -98,13 +104,7 @@ async def tenant_users(llm: SimBackend, pop: Population, cfg: FitConfig, args: a
                 if stage != "first" or arm == "incremental":  # both arms' first fits are the same fits
                     out[u]["profiles"][stage], out[u]["usage"][stage] = fit.profile, fit.usage
     for u in pop.user_ids:
-        held = votes[u][args.first + args.new :]
-        r = out[u]
-        r["default"], r["judged"] = await count_correct(Judge(llm, call_site="eval_default"), held, both)
-        r["pd"] = {}
-        for arm in ARMS:
-            judge = Judge.from_profile(llm, r["profiles"][arm], guard=False, call_site="eval_pd")
-            r["pd"][arm], _ = await count_correct(judge, held, both)
+        await judge_held(llm, out[u], votes[u][args.first + args.new :])
     return out
 
 

@@ -59,7 +59,7 @@ def direct_json_route(body_type: TypeAdapter[Any], param: str, name: str, *, sha
 
             async def handler(request: Request) -> Response:
                 st, caller, pinned, errors = await solve_json_write(request)
-                value = request.scope.get("state", {}).get(PARSED_BODY, _MISSING)
+                value = _parsed_body(request)
                 if value is _MISSING:  # no body, or not parsed as JSON (another media type): as FastAPI would
                     value = await request.body() or _MISSING
                 payload = None
@@ -85,10 +85,15 @@ def direct_json_route(body_type: TypeAdapter[Any], param: str, name: str, *, sha
     return DirectRoute
 
 
+def _parsed_body(request: Request) -> Any:
+    """The JSON body :class:`~synth_agent.proxy.guard.BodyGuard` parsed (strictly, once), or ``_MISSING``."""
+    return request.scope.get("state", {}).get(PARSED_BODY, _MISSING)
+
+
 async def client_json(request: Request) -> Any:
-    """The request's JSON body as the client sent it: as :class:`~synth_agent.proxy.guard.BodyGuard` parsed it
-    (strictly, once), else parsed here."""
-    value = request.scope.get("state", {}).get(PARSED_BODY, _MISSING)
+    """The request's JSON body as the client sent it: as :class:`~synth_agent.proxy.guard.BodyGuard` parsed it,
+    else parsed here."""
+    value = _parsed_body(request)
     return await request.json() if value is _MISSING else value
 
 
